@@ -1,0 +1,189 @@
+"""Command line: ``tunsup`` and ``python -m tunsup``.
+
+Heavy imports (trio, pyroute2) happen inside the commands that need them, so
+that client commands stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+
+from ._errors import ConfigError, ExitCode
+
+DNS_CHOICES = ("auto", "resolved", "resolvconf", "file", "none")
+CAP_NET_ADMIN = 12
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(
+        prog="tunsup",
+        description="Crash-safe tunnel supervisor: runs WireGuard tunnels (wg-quick files) "
+        "through wireguard-go and always gives the host back as it found it.",
+        epilog="Exit codes: 0 clean; 1 runtime failure, host restored; 2 usage or config "
+        "error, nothing applied; 3 teardown incomplete.",
+    )
+    p.add_argument("--version", action="version", version=f"tunsup {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run tunnels in the foreground until SIGTERM/SIGINT",
+        description="Bring up every tunnel (wg-quick .conf files and/or the [[tunnel]] "
+        "entries of a TOML file), supervise them, and tear everything down on "
+        "SIGTERM or SIGINT.",
+    )
+    run.add_argument("confs", nargs="*", metavar="CONF.conf", help="wg-quick configuration file")
+    run.add_argument("-c", "--config", metavar="FILE", help="supervisor TOML file")
+    run.add_argument("--state-dir", metavar="DIR", help="state directory (default /var/lib/tunsup)")
+    run.add_argument("--runtime-dir", metavar="DIR", help="runtime directory (default /run/tunsup)")
+    run.add_argument("--dns", choices=DNS_CHOICES, help="DNS backend (default: auto)")
+    run.add_argument("--resolv-conf", metavar="PATH", help="file rewritten by the file DNS backend")
+    run.add_argument("--debug", action="store_true", help="log debug messages")
+
+    check = sub.add_parser(
+        "check",
+        help="validate .conf or .toml files (exit 0 or 2)",
+        description="Validate wg-quick .conf files and supervisor .toml files without "
+        "touching the host.",
+    )
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    demo = sub.add_parser(
+        "demo",
+        help="bring a tunnel up between two throwaway namespaces, ping, tear down",
+        description="Create two network namespaces joined by a veth pair, run tunsup in "
+        "each with generated keys, ping across the tunnel, print status and timings, "
+        "stop, verify that nothing is left behind, and remove the namespaces. Needs root.",
+    )
+    demo.add_argument("--debug", action="store_true", help="show tunsup's own log lines")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "check":
+            return _check(args.files)
+        if args.command == "demo":
+            from .demo import main as demo_main
+
+            return demo_main(debug=args.debug)
+    except ConfigError as exc:
+        print(f"tunsup: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    raise AssertionError(args.command)
+
+
+def _check(files: Sequence[str]) -> int:
+    from .config import load_supervisor_config
+    from .wgquick import load_conf
+
+    status = ExitCode.OK
+    for path in files:
+        try:
+            if path.endswith(".toml"):
+                cfg = load_supervisor_config(path)
+                for entry in cfg.tunnels:
+                    load_conf(entry.config)
+                print(f"{path}: ok ({len(cfg.tunnels)} tunnel(s))")
+            else:
+                spec = load_conf(path)
+                routes = len(spec.allowed_ips)
+                print(f"{path}: ok (interface {spec.name}, {len(spec.peers)} peer(s), "
+                      f"{routes} allowed IP prefix(es))")
+        except ConfigError as exc:
+            print(f"{exc}", file=sys.stderr)
+            status = ExitCode.USAGE
+    return status
+
+
+def _has_net_admin() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) & (1 << CAP_NET_ADMIN))
+    except OSError:
+        pass
+    return os.geteuid() == 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import apply_overrides, config_for_confs, load_supervisor_config
+    from .wgquick import load_conf
+
+    if not args.confs and not args.config:
+        print("tunsup run: give at least one CONF.conf or -c FILE", file=sys.stderr)
+        return ExitCode.USAGE
+    overrides = {
+        "state_dir": args.state_dir,
+        "runtime_dir": args.runtime_dir,
+        "dns_backend": args.dns,
+        "resolv_conf": args.resolv_conf,
+    }
+    extra = config_for_confs(args.confs)
+    if args.config:
+        cfg = load_supervisor_config(args.config)
+        taken = {t.name: t.config for t in cfg.tunnels}
+        for entry in extra.tunnels:
+            if entry.name in taken:
+                raise ConfigError(entry.config, None,
+                                  f"interface {entry.name} is already defined by {taken[entry.name]}")
+        import attrs
+
+        cfg = attrs.evolve(cfg, tunnels=cfg.tunnels + extra.tunnels)
+    else:
+        cfg = extra
+    cfg = apply_overrides(cfg, **overrides)
+    if not cfg.tunnels:
+        print(f"tunsup run: {args.config} defines no [[tunnel]]", file=sys.stderr)
+        return ExitCode.USAGE
+    specs = [load_conf(entry.config) for entry in cfg.tunnels]
+
+    # Everything below is checked before anything is applied.
+    if not _has_net_admin():
+        print("tunsup run: needs root (CAP_NET_ADMIN) to configure interfaces", file=sys.stderr)
+        return ExitCode.USAGE
+    for entry in cfg.tunnels:
+        if shutil.which(entry.helper[0]) is None:
+            print(f"tunsup run: helper {entry.helper[0]!r} not found in PATH "
+                  "(install it: apt-get install wireguard-go)", file=sys.stderr)
+            return ExitCode.USAGE
+    if cfg.dns.backend == "file" and not os.path.isdir(os.path.dirname(
+            os.path.abspath(cfg.dns.resolv_conf))):
+        print(f"tunsup run: directory of {cfg.dns.resolv_conf} does not exist", file=sys.stderr)
+        return ExitCode.USAGE
+
+    import trio
+
+    from ._log import setup_logging, stop_logging
+    from .engine import Supervisor
+    from .host import real_host
+    from .tunnel import Tunnel, TunnelOptions
+
+    setup_logging(debug=args.debug)
+    try:
+        host = real_host(resolv_conf=cfg.dns.resolv_conf)
+        tunnels = [
+            Tunnel(spec, host, TunnelOptions(
+                helper=entry.helper,
+                stop_grace=entry.stop_grace,
+                start_timeout=entry.start_timeout,
+                stop_timeout=cfg.stop_timeout,
+                dns_backend=cfg.dns.backend,
+            ))
+            for spec, entry in zip(specs, cfg.tunnels, strict=True)
+        ]
+        code = trio.run(Supervisor(tunnels, host).run)
+    finally:
+        stop_logging()
+    return int(code)

@@ -1,0 +1,679 @@
+"""The supervisor configuration (``tunsup run -c tunsup.toml``).
+
+Example::
+
+    state_dir = "/var/lib/tunsup"      # optional
+    runtime_dir = "/run/tunsup"        # optional
+    stop_timeout = 30.0                # optional: bound on the whole teardown, seconds
+
+    [dns]
+    backend = "auto"                   # auto | resolved | resolvconf | file | none
+    resolv_conf = "/etc/resolv.conf"   # used by the file backend
+
+    [[tunnel]]
+    config = "wg0.conf"                # relative to this file's directory
+    helper = ["wireguard-go", "-f"]    # optional; the interface name is appended
+    stop_grace = 2.0                   # optional: helper SIGTERM -> SIGKILL, seconds
+    start_timeout = 10.0               # optional: bound on the helper becoming ready
+
+The models are frozen attrs classes that validate themselves, so a value of
+these types is valid however it was made.  One private cattrs converter maps
+TOML documents to models and back.  Every problem in a file is reported as a
+:class:`~tunsup._errors.ConfigError` (``FILE:LINE: message``) naming the first
+offending key and the line where it appears; no traceback or exception group
+escapes :func:`load_supervisor_config` or :func:`from_dict`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import difflib
+import math
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeAlias
+
+import attrs
+import cattrs
+from cattrs.errors import (
+    AttributeValidationNote,
+    ForbiddenExtraKeysError,
+    IterableValidationNote,
+)
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+from ._errors import ConfigError
+
+__all__ = [
+    "DEFAULT_HELPER",
+    "DEFAULT_RESOLV_CONF",
+    "DEFAULT_RUNTIME_DIR",
+    "DEFAULT_START_TIMEOUT",
+    "DEFAULT_STATE_DIR",
+    "DEFAULT_STOP_GRACE",
+    "DEFAULT_STOP_TIMEOUT",
+    "DNS_BACKENDS",
+    "DnsBackend",
+    "DnsSettings",
+    "SupervisorConfig",
+    "TunnelEntry",
+    "apply_overrides",
+    "config_for_confs",
+    "from_dict",
+    "load_supervisor_config",
+    "to_dict",
+]
+
+DnsBackend: TypeAlias = Literal["auto", "resolved", "resolvconf", "file", "none"]
+DNS_BACKENDS: tuple[DnsBackend, ...] = typing.get_args(DnsBackend)
+
+DEFAULT_STATE_DIR = "/var/lib/tunsup"
+DEFAULT_RUNTIME_DIR = "/run/tunsup"
+DEFAULT_STOP_TIMEOUT = 30.0
+DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
+DEFAULT_HELPER: tuple[str, ...] = ("wireguard-go", "-f")
+DEFAULT_STOP_GRACE = 2.0
+DEFAULT_START_TIMEOUT = 10.0
+
+#: wg-quick's rule for interface names (the stem of the ``.conf`` file).
+_IFACE_NAME = re.compile(r"[a-zA-Z0-9_=+.-]{1,15}")
+
+#: A location in a document: table keys and array indexes, e.g. ``("tunnel", 1, "config")``.
+_Path: TypeAlias = tuple["str | int", ...]
+
+
+class _Invalid(ValueError):
+    """A value broke a rule; raised by the models' validators and the converter's hooks.
+
+    ``where`` is the location of the value relative to the object being built
+    (attribute names of that object, then indexes/keys); ``requirement`` reads
+    after the key's name ("must be a number > 0").
+    """
+
+    def __init__(self, where: _Path, requirement: str) -> None:
+        self.where = where
+        self.requirement = requirement
+        name = ".".join(str(p) for p in where)
+        super().__init__(f"{name} {requirement}" if name else requirement)
+
+
+# --------------------------------------------------------------------------- validators
+
+
+def _number(*, strict: bool) -> Callable[[object, attrs.Attribute[float], object], None]:
+    """A finite number ``> 0`` (strict) or ``>= 0``; booleans are not numbers."""
+    bound = "> 0" if strict else ">= 0"
+
+    def check(_inst: object, attribute: attrs.Attribute[float], value: object) -> None:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+            or (strict and value == 0)
+        ):
+            raise _Invalid((attribute.name,), f"must be a number {bound}")
+
+    return check
+
+
+def _check_path(_inst: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise _Invalid((attribute.name,), "must be a non-empty path")
+
+
+def _check_backend(_inst: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if value not in DNS_BACKENDS:
+        allowed = ", ".join(repr(b) for b in DNS_BACKENDS)
+        raise _Invalid((attribute.name,), f"must be one of {allowed}")
+
+
+def _check_argv(_inst: object, attribute: attrs.Attribute[tuple[str, ...]], value: object) -> None:
+    if (
+        not isinstance(value, tuple)
+        or not value
+        or not all(isinstance(a, str) and a and "\0" not in a for a in value)
+    ):
+        raise _Invalid((attribute.name,), "must be a non-empty array of non-empty strings")
+
+
+def _check_conf(_inst: object, attribute: attrs.Attribute[str], value: object) -> None:
+    _check_path(_inst, attribute, value)
+    assert isinstance(value, str)
+    base = os.path.basename(value)
+    if not base.endswith(".conf"):
+        raise _Invalid((attribute.name,), "must be a path ending in '.conf'")
+    stem = base[: -len(".conf")]
+    if not _IFACE_NAME.fullmatch(stem):
+        raise _Invalid(
+            (attribute.name,),
+            f"names interface {stem!r} (the file stem), which is not 1-15 characters"
+            " from A-Z a-z 0-9 _ = + . -",
+        )
+    if not os.path.isabs(value):
+        raise _Invalid((attribute.name,), "must be an absolute path")
+
+
+def _check_tunnels(
+    _inst: object, attribute: attrs.Attribute[tuple[TunnelEntry, ...]], value: object
+) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(t, TunnelEntry) for t in value):
+        raise _Invalid((attribute.name,), "must be a tuple of TunnelEntry")
+    seen: dict[str, int] = {}
+    for index, tunnel in enumerate(value):
+        first = seen.setdefault(tunnel.name, index)
+        if first != index:
+            raise _Invalid(
+                (attribute.name, index, "config"),
+                f"gives interface name {tunnel.name!r} again"
+                f" (already used by [[tunnel]] #{first + 1})",
+            )
+
+
+# --------------------------------------------------------------------------- models
+
+
+@attrs.frozen(kw_only=True)
+class DnsSettings:
+    """The ``[dns]`` table."""
+
+    backend: DnsBackend = attrs.field(default="auto", validator=_check_backend)
+    #: The file rewritten by the ``file`` backend (tests point it elsewhere).
+    resolv_conf: str = attrs.field(default=DEFAULT_RESOLV_CONF, validator=_check_path)
+
+
+@attrs.frozen
+class TunnelEntry:
+    """One ``[[tunnel]]``: a wg-quick file and how to run its helper."""
+
+    #: Absolute path of the wg-quick ``.conf`` file; its stem is the interface name.
+    config: str = attrs.field(validator=_check_conf)
+    #: Helper argv; the interface name is appended.
+    helper: tuple[str, ...] = attrs.field(default=DEFAULT_HELPER, validator=_check_argv)
+    #: Seconds between the helper's SIGTERM and SIGKILL.
+    stop_grace: float = attrs.field(default=DEFAULT_STOP_GRACE, validator=_number(strict=False))
+    #: Bound, in seconds, on the helper becoming ready (its UAPI socket appearing).
+    start_timeout: float = attrs.field(
+        default=DEFAULT_START_TIMEOUT, validator=_number(strict=True)
+    )
+
+    @property
+    def name(self) -> str:
+        """The interface name: the stem of the ``.conf`` file."""
+        return os.path.basename(self.config)[: -len(".conf")]
+
+
+@attrs.frozen(kw_only=True)
+class SupervisorConfig:
+    """The whole supervisor configuration."""
+
+    state_dir: str = attrs.field(default=DEFAULT_STATE_DIR, validator=_check_path)
+    runtime_dir: str = attrs.field(default=DEFAULT_RUNTIME_DIR, validator=_check_path)
+    #: Overall bound, in seconds, on teardown.
+    stop_timeout: float = attrs.field(default=DEFAULT_STOP_TIMEOUT, validator=_number(strict=True))
+    dns: DnsSettings = attrs.field(factory=DnsSettings)
+    #: ``[[tunnel]]`` entries, in file order; interface names are unique.
+    tunnels: tuple[TunnelEntry, ...] = attrs.field(default=(), validator=_check_tunnels)
+
+
+#: Attribute name -> TOML key, where they differ.
+_TOML_NAMES: dict[object, dict[str, str]] = {SupervisorConfig: {"tunnels": "tunnel"}}
+
+
+def _toml_name(cls: object, attribute: str) -> str:
+    return _TOML_NAMES.get(cls, {}).get(attribute, attribute)
+
+
+# --------------------------------------------------------------------------- converter
+
+_converter = cattrs.Converter(forbid_extra_keys=True)
+
+
+def _passthrough(value: Any, _type: Any) -> Any:
+    """Leave a scalar as it is: the models' validators judge it (no coercion)."""
+    return value
+
+
+def _structure_float(value: Any, _type: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _structure_argv(value: Any, _type: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def _table_hook(cls: type[Any], what: str) -> Callable[[Any, Any], Any]:
+    inner: Callable[[Any, Any], Any] = make_dict_structure_fn(cls, _converter)
+
+    def structure(value: Any, type_: Any) -> Any:
+        if not isinstance(value, Mapping):
+            raise _Invalid((), f"must be {what}")
+        return inner(value, type_)
+
+    return structure
+
+
+_converter.register_structure_hook(str, _passthrough)
+_converter.register_structure_hook(float, _structure_float)
+_converter.register_structure_hook_func(lambda t: t == DnsBackend, _passthrough)
+_converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_argv)
+_converter.register_structure_hook(DnsSettings, _table_hook(DnsSettings, "a table"))
+_converter.register_structure_hook(TunnelEntry, _table_hook(TunnelEntry, "a table"))
+_structure_tunnel_items = _converter.get_structure_hook(tuple[TunnelEntry, ...])
+
+
+def _structure_tunnels(value: Any, type_: Any) -> Any:
+    if not isinstance(value, list | tuple):
+        raise _Invalid((), "must be an array of tables ([[tunnel]])")
+    return _structure_tunnel_items(value, type_)
+
+
+_converter.register_structure_hook_func(lambda t: t == tuple[TunnelEntry, ...], _structure_tunnels)
+_converter.register_structure_hook(
+    SupervisorConfig,
+    make_dict_structure_fn(SupervisorConfig, _converter, tunnels=override(rename="tunnel")),
+)
+_converter.register_unstructure_hook(
+    SupervisorConfig,
+    make_dict_unstructure_fn(SupervisorConfig, _converter, tunnels=override(rename="tunnel")),
+)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def to_dict(cfg: SupervisorConfig) -> dict[str, Any]:
+    """The TOML document of ``cfg``: only dicts, lists, strings and floats (JSON-safe)."""
+    result: dict[str, Any] = _converter.unstructure(cfg)
+    return result
+
+
+def from_dict(d: Mapping[str, Any], path: str | os.PathLike[str]) -> SupervisorConfig:
+    """Build a config from a parsed TOML document.
+
+    ``path`` names the file in messages; relative ``config`` entries are
+    resolved against its directory.  Raises :class:`ConfigError` (without a
+    line number).
+    """
+    return _from_document(d, os.fspath(path), None)
+
+
+def load_supervisor_config(path: str | os.PathLike[str]) -> SupervisorConfig:
+    """Read, parse and validate a supervisor TOML file; raises :class:`ConfigError`."""
+    where = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(where, None, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad_line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(where, bad_line, "not valid UTF-8") from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line, message = _describe_toml_error(str(exc), text)
+        raise ConfigError(where, line, message) from None
+    except RecursionError:
+        raise ConfigError(where, None, "invalid TOML: nested too deeply") from None
+    return _from_document(document, where, text)
+
+
+def apply_overrides(
+    cfg: SupervisorConfig,
+    *,
+    state_dir: str | None = None,
+    runtime_dir: str | None = None,
+    dns_backend: DnsBackend | None = None,
+    resolv_conf: str | None = None,
+) -> SupervisorConfig:
+    """``cfg`` with the given command-line values in place of the file's.
+
+    ``None`` leaves a value as it is.  An invalid value raises ``ValueError``.
+    """
+    changes: dict[str, Any] = {}
+    if state_dir is not None:
+        changes["state_dir"] = state_dir
+    if runtime_dir is not None:
+        changes["runtime_dir"] = runtime_dir
+    dns_changes: dict[str, Any] = {}
+    if dns_backend is not None:
+        dns_changes["backend"] = dns_backend
+    if resolv_conf is not None:
+        dns_changes["resolv_conf"] = resolv_conf
+    if dns_changes:
+        changes["dns"] = attrs.evolve(cfg.dns, **dns_changes)
+    return attrs.evolve(cfg, **changes) if changes else cfg
+
+
+def config_for_confs(
+    conf_paths: Iterable[str | os.PathLike[str]],
+    *,
+    state_dir: str | None = None,
+    runtime_dir: str | None = None,
+    dns_backend: DnsBackend | None = None,
+    resolv_conf: str | None = None,
+) -> SupervisorConfig:
+    """A default config running one tunnel per wg-quick file (``tunsup run A.conf B.conf``).
+
+    Relative paths are made absolute against the working directory.  A bad
+    path raises :class:`ConfigError` naming it.
+    """
+    tunnels: list[TunnelEntry] = []
+    names: dict[str, str] = {}
+    for conf in conf_paths:
+        given = os.fspath(conf)
+        try:
+            tunnel = TunnelEntry(config=os.path.abspath(given) if given else given)
+        except _Invalid as exc:
+            raise ConfigError(given, None, f"tunnel file {exc.requirement}") from None
+        if tunnel.name in names:
+            raise ConfigError(
+                given,
+                None,
+                f"interface name {tunnel.name!r} is already used by {names[tunnel.name]}",
+            )
+        names[tunnel.name] = given
+        tunnels.append(tunnel)
+    cfg = SupervisorConfig(tunnels=tuple(tunnels))
+    return apply_overrides(
+        cfg,
+        state_dir=state_dir,
+        runtime_dir=runtime_dir,
+        dns_backend=dns_backend,
+        resolv_conf=resolv_conf,
+    )
+
+
+# --------------------------------------------------------------------------- structuring
+
+
+def _from_document(d: object, path: str, text: str | None) -> SupervisorConfig:
+    if not isinstance(d, Mapping):
+        raise ConfigError(path, None, "the document must be a table")
+    document = _resolve_configs(d, os.path.dirname(os.path.abspath(path)))
+    try:
+        result: SupervisorConfig = _converter.structure(document, SupervisorConfig)
+    except Exception as exc:
+        located, message = _explain(exc, document)
+        line = _TomlLocator(text).line_of(located) if text is not None else None
+        raise ConfigError(path, line, message) from None
+    return result
+
+
+def _resolve_configs(d: Mapping[str, Any], base: str) -> dict[str, Any]:
+    """A shallow copy of ``d`` whose relative ``[[tunnel]] config`` paths are absolute."""
+    document = dict(d)
+    tunnels = document.get("tunnel")
+    if isinstance(tunnels, list):
+        resolved: list[Any] = []
+        for entry in tunnels:
+            config = entry.get("config") if isinstance(entry, Mapping) else None
+            if isinstance(config, str) and config and not os.path.isabs(config):
+                entry = {**entry, "config": os.path.normpath(os.path.join(base, config))}
+            resolved.append(entry)
+        document["tunnel"] = resolved
+    return document
+
+
+def _explain(exc: BaseException, document: Mapping[str, Any]) -> tuple[_Path, str]:
+    """The location (for the line lookup) and message of the first leaf error of ``exc``."""
+    path: list[str | int] = []
+    owner: object = SupervisorConfig  # the class being built at the current level
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        if isinstance(exc, cattrs.ClassValidationError):
+            owner = exc.cl
+        child = exc.exceptions[0]
+        for note in getattr(child, "__notes__", ()):
+            if isinstance(note, AttributeValidationNote):
+                path.append(_toml_name(owner, note.name))
+                break
+            if isinstance(note, IterableValidationNote):
+                path.append(note.index)
+                break
+        exc = child
+    if isinstance(exc, ForbiddenExtraKeysError):
+        here = tuple(path)
+        table = _lookup(document, here)
+        extra = [k for k in table if k in exc.extra_fields] if isinstance(table, Mapping) else []
+        key = extra[0] if extra else sorted(exc.extra_fields)[0]
+        allowed = [_toml_name(exc.cl, a.name) for a in attrs.fields(exc.cl)]
+        message = f"unknown key {key!r}"
+        if here:
+            message += f" in {_table_label(here)}"
+        close = difflib.get_close_matches(key, allowed, n=1)
+        if close:
+            message += f"; did you mean {close[0]!r}?"
+        return (*here, key), message
+    if isinstance(exc, _Invalid):
+        where = list(exc.where)
+        if where and isinstance(where[0], str):
+            # Validators name attributes of the class under construction.
+            where[0] = _toml_name(owner, where[0])
+        full = (*path, *where)
+        return full, f"{_label(full)} {exc.requirement}"
+    if isinstance(exc, KeyError) and path:
+        # A required key is missing; ``path`` ends with it.
+        *table, key = path
+        return tuple(table), f"{_context(tuple(table))}missing required key {key!r}"
+    full = tuple(path)
+    return full, f"{_label(full)} is invalid ({type(exc).__name__}: {exc})"
+
+
+def _lookup(document: Any, path: _Path) -> Any:
+    for part in path:
+        try:
+            document = document[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return document
+
+
+def _table_label(path: _Path) -> str:
+    """``[dns]``, ``[[tunnel]] #2``, ``[a.b]``."""
+    if path and isinstance(path[-1], int):
+        names = ".".join(str(p) for p in path[:-1] if isinstance(p, str))
+        return f"[[{names}]] #{path[-1] + 1}"
+    return "[" + ".".join(str(p) for p in path) + "]"
+
+
+def _context(table: _Path) -> str:
+    return f"{_table_label(table)}: " if table else ""
+
+
+def _label(path: _Path) -> str:
+    """How to name the value at ``path`` at the start of a message."""
+    if not path:
+        return "the document"
+    if isinstance(path[-1], int):
+        return _table_label(path)
+    return f"{_context(path[:-1])}{path[-1]}"
+
+
+_TOML_POSITION = re.compile(r"^(?P<what>.*?)\s*\(at line (?P<line>\d+), column (?P<col>\d+)\)$")
+_STRING = re.compile(r"'([^'\\]*)'")
+_KEY_TUPLE = re.compile(r"\((?:'[^'\\]*',\s*)+(?:'[^'\\]*')?\)")
+_TOML_AT_END = re.compile(r"^(?P<what>.*?)\s*\(at end of document\)$")
+
+
+def _describe_toml_error(message: str, text: str) -> tuple[int | None, str]:
+    """Line and clean message of a ``TOMLDecodeError``."""
+
+    def clean(what: str) -> str:
+        if len(what) > 1 and what[0].isupper() and what[1].islower():
+            what = what[0].lower() + what[1:]
+        # tomllib names keys as Python tuples: ('tunnel', 'sub') -> 'tunnel.sub'
+        what = _KEY_TUPLE.sub(lambda m: repr(".".join(_STRING.findall(m[0]))), what)
+        return f"invalid TOML: {what}"
+
+    if m := _TOML_POSITION.match(message):
+        return int(m["line"]), f"{clean(m['what'])} (column {m['col']})"
+    if m := _TOML_AT_END.match(message):
+        last_line = max(1, len(text.split("\n")) - (1 if text.endswith("\n") else 0))
+        return last_line, f"{clean(m['what'])} (at end of file)"
+    return None, clean(message)
+
+
+# --------------------------------------------------------------------------- locator
+
+
+class _TomlLocator:
+    """Finds the line where a key or table of a (valid) TOML text is defined.
+
+    tomllib keeps no positions, so this scans the text: table headers (with a
+    counter per array of tables), ``key = value`` lines with bare, quoted or
+    dotted keys, and values only far enough to skip strings, comments and
+    multi-line arrays.  Keys inside inline tables are not indexed; a lookup
+    falls back to the nearest enclosing key or table that is.
+    """
+
+    _BARE = re.compile(r"[A-Za-z0-9_-]+")
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._newlines = [i for i, c in enumerate(text) if c == "\n"]
+        self._lines: dict[_Path, int] = {}
+        self._arrays: dict[_Path, int] = {}
+        with contextlib.suppress(IndexError, ValueError):  # not valid TOML: keep what we found
+            self._scan()
+
+    def line_of(self, path: _Path) -> int | None:
+        """The line defining ``path``, or the nearest enclosing definition; ``None`` at top."""
+        while path:
+            if path in self._lines:
+                return self._lines[path]
+            path = path[:-1]
+        return None
+
+    def _line_at(self, pos: int) -> int:
+        return bisect.bisect_left(self._newlines, pos) + 1
+
+    def _record(self, path: _Path, pos: int) -> None:
+        self._lines.setdefault(path, self._line_at(pos))
+
+    def _scan(self) -> None:
+        text = self._text
+        table: _Path = ()
+        i = 0
+        while i < len(text):
+            c = text[i]
+            if c in " \t\r\n":
+                i += 1
+            elif c == "#":
+                i = self._end_of_line(i)
+            elif c == "[":
+                start = i
+                is_array = text.startswith("[[", i)
+                parts, i = self._key(i + (2 if is_array else 1))
+                i = text.index("]]" if is_array else "]", i) + (2 if is_array else 1)
+                if is_array:
+                    parent = self._doc_path(parts[:-1])
+                    array = (*parent, parts[-1])
+                    index = self._arrays.get(array, 0)
+                    self._arrays[array] = index + 1
+                    table = (*array, index)
+                    self._record(array, start)
+                else:
+                    table = self._doc_path(parts)
+                self._record(table, start)
+            else:
+                start = i
+                parts, i = self._key(i)
+                for n in range(1, len(parts) + 1):
+                    self._record((*table, *parts[:n]), start)
+                i = self._skip_value(text.index("=", i) + 1)
+
+    def _doc_path(self, parts: Sequence[str]) -> _Path:
+        """Header key parts -> document path (arrays of tables resolve to their last element)."""
+        path: _Path = ()
+        for part in parts:
+            path = (*path, part)
+            if path in self._arrays:
+                path = (*path, self._arrays[path] - 1)
+        return path
+
+    def _end_of_line(self, i: int) -> int:
+        end = self._text.find("\n", i)
+        return len(self._text) if end < 0 else end
+
+    def _key(self, i: int) -> tuple[list[str], int]:
+        """Parse a (dotted) key at ``i``; return its parts and the position after it."""
+        text = self._text
+        parts: list[str] = []
+        while True:
+            while text[i] in " \t":
+                i += 1
+            if text[i] == '"':
+                end = self._basic_string_end(i)
+                token = text[i:end]
+                try:
+                    parts.append(tomllib.loads(f"k = {token}")["k"])
+                except tomllib.TOMLDecodeError:
+                    parts.append(token[1:-1])
+                i = end
+            elif text[i] == "'":
+                end = text.index("'", i + 1)
+                parts.append(text[i + 1 : end])
+                i = end + 1
+            else:
+                m = self._BARE.match(text, i)
+                if m is None:
+                    raise ValueError("not a key")
+                parts.append(m.group())
+                i = m.end()
+            while i < len(text) and text[i] in " \t":
+                i += 1
+            if i < len(text) and text[i] == ".":
+                i += 1
+                continue
+            return parts, i
+
+    def _basic_string_end(self, i: int) -> int:
+        """Position after the single-line basic string starting at ``i``."""
+        text = self._text
+        i += 1
+        while text[i] != '"':
+            i += 2 if text[i] == "\\" else 1
+        return i + 1
+
+    def _skip_value(self, i: int) -> int:
+        """Skip a value starting at ``i``; return the position after its line ends."""
+        text = self._text
+        depth = 0
+        while i < len(text):
+            c = text[i]
+            if text.startswith('"""', i) or text.startswith("'''", i):
+                quote = text[i : i + 3]
+                i += 3
+                while not text.startswith(quote, i):
+                    i += 2 if quote == '"""' and text[i] == "\\" else 1
+                    if i >= len(text):
+                        raise ValueError("unterminated string")
+                i += 3
+                while i < len(text) and text[i] == quote[0]:  # up to two quotes end the content
+                    i += 1
+            elif c == '"':
+                i = self._basic_string_end(i)
+            elif c == "'":
+                i = text.index("'", i + 1) + 1
+            elif c == "#":
+                i = self._end_of_line(i)
+            elif c in "[{":
+                depth += 1
+                i += 1
+            elif c in "]}":
+                depth -= 1
+                i += 1
+            elif c == "\n" and depth <= 0:
+                return i + 1
+            else:
+                i += 1
+        return i

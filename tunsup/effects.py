@@ -1,0 +1,396 @@
+"""Host changes as plain records with inverses.
+
+Each effect is a frozen attrs value (so that it can be logged and, later,
+journaled) with three coroutines:
+
+* ``apply(ctx)`` makes the change and returns the *record* to push on the
+  undo stack — often a refined copy saying what was really created (a
+  route that already existed is not ours and is never removed);
+* ``undo(ctx)`` reverses a record; it is idempotent: what is already gone
+  is fine;
+* ``abort(ctx)`` cleans up after an ``apply`` that failed or was
+  cancelled half-way (by default the same as ``undo``).
+
+Timeouts: every host operation below carries its own timeout (see the
+adapters); ``undo_timeout`` bounds a whole undo step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from ._errors import HostError
+from .host import HelperHandle, Host
+from .host.dns import DnsBackend, DnsState
+from .model import IPAddress, IPInterface, IPNetwork
+
+Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
+
+
+@attrs.define
+class EffectContext:
+    """What effects need at run time; not part of any record."""
+
+    host: Host
+    log: Log
+    #: Background tasks of helpers (watchers, log pumps) run here.
+    nursery: trio.Nursery
+    stop_grace: float = 2.0
+    hook_timeout: float = 60.0
+    #: Live helper handles by pid (records only hold pid + start time).
+    helpers: dict[int, HelperHandle] = attrs.field(factory=dict)
+
+
+class Effect:
+    """Base class of effect records."""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        raise NotImplementedError
+
+    async def undo(self, ctx: EffectContext) -> None:
+        raise NotImplementedError
+
+    async def abort(self, ctx: EffectContext) -> None:
+        await self.undo(ctx)
+
+    def undo_timeout(self, ctx: EffectContext) -> float:
+        return 10.0
+
+
+def expand_hook(command: str, ifname: str) -> str:
+    """wg-quick's ``%i`` substitution."""
+    return command.replace("%i", ifname)
+
+
+@attrs.frozen
+class Hooks(Effect):
+    """A pair of hook lists: ``up`` runs on apply, ``down`` on undo.
+
+    Bring-up pushes (PreUp, PostDown) first and (PostUp, PreDown) last, so
+    the exact-reverse undo gives wg-quick's order.  A failed ``up`` list
+    does not run its ``down`` list.
+    """
+
+    ifname: str
+    up_name: str
+    up: tuple[str, ...]
+    down_name: str
+    down: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"{self.up_name}/{self.down_name} hooks of {self.ifname}"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        for command in self.up:
+            await ctx.host.run_hook(expand_hook(command, self.ifname), _as_logger(ctx.log),
+                                    ctx.hook_timeout)
+        return self
+
+    async def undo(self, ctx: EffectContext) -> None:
+        failed = []
+        for command in self.down:
+            try:
+                await ctx.host.run_hook(expand_hook(command, self.ifname), _as_logger(ctx.log),
+                                        ctx.hook_timeout)
+            except HostError as exc:
+                ctx.log.error("%s hook failed: %s", self.down_name, exc)
+                failed.append(str(exc))
+        if failed:
+            raise HostError(f"{len(failed)} {self.down_name} hook(s) failed: {failed[0]}")
+
+    async def abort(self, ctx: EffectContext) -> None:
+        pass
+
+    def undo_timeout(self, ctx: EffectContext) -> float:
+        return ctx.hook_timeout * max(1, len(self.down)) + 1
+
+
+@attrs.frozen
+class StartHelper(Effect):
+    """Start the data-plane helper; its record is a :class:`HelperRunning`."""
+
+    ifname: str
+    argv: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"helper {' '.join(self.argv)}"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        handle = await ctx.host.start_helper(ctx.nursery, self.argv, log=_as_logger(ctx.log),
+                                             env=ctx.host.env)
+        ctx.helpers[handle.pid] = handle
+        ctx.log.info("started helper %s (pid %d)", self.argv[0], handle.pid)
+        return HelperRunning(self.ifname, self.argv, handle.pid, handle.start_time)
+
+    async def abort(self, ctx: EffectContext) -> None:
+        pass  # start_helper either returns a running helper or starts nothing
+
+
+@attrs.frozen
+class HelperRunning(Effect):
+    """A helper process, identified by pid *and* start time."""
+
+    ifname: str
+    argv: tuple[str, ...]
+    pid: int
+    start_time: int | None
+
+    def describe(self) -> str:
+        return f"helper {self.argv[0]} (pid {self.pid})"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        return self
+
+    async def undo(self, ctx: EffectContext) -> None:
+        handle = ctx.helpers.get(self.pid)
+        if handle is None:
+            raise HostError(f"no handle for helper pid {self.pid}")
+        reaped = await handle.stop(ctx.stop_grace)
+        if not reaped:
+            handle.close()
+            raise HostError(f"helper pid {self.pid} could not be reaped after SIGKILL")
+        ctx.helpers.pop(self.pid, None)
+        ctx.log.info("helper pid %d stopped: %s", self.pid, handle.describe_exit())
+
+    def undo_timeout(self, ctx: EffectContext) -> float:
+        return ctx.stop_grace + 6.0
+
+
+@attrs.frozen
+class Link(Effect):
+    """A link tunsup owns (created by its helper or by tunsup).
+
+    Undo sets it down, then deletes it: sockets bound to it get
+    ENETUNREACH at once instead of breaking silently.  A failing "down" is
+    logged, never fatal.  Bringing the link up has no inverse of its own;
+    this one covers it, right before the delete.
+    """
+
+    name: str
+    index: int
+
+    def describe(self) -> str:
+        return f"link {self.name}"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        found = await ctx.host.net.link_name(self.index)
+        if found != self.name:
+            raise HostError(f"link {self.name} (#{self.index}) is not there")
+        return self
+
+    async def undo(self, ctx: EffectContext) -> None:
+        try:
+            await ctx.host.net.set_link_up(self.index, False)
+        except HostError as exc:
+            ctx.log.warning("setting %s down failed (deleting it anyway): %s", self.name, exc)
+        if await ctx.host.net.delete_link(self.index, self.name):
+            ctx.log.info("link %s set down and deleted", self.name)
+        else:
+            ctx.log.info("link %s already gone", self.name)
+
+    async def abort(self, ctx: EffectContext) -> None:
+        pass  # apply only adopts a link; the helper effect owns its creation
+
+
+@attrs.frozen
+class ConfigureWireguard(Effect):
+    """Configure the device over UAPI.  The request holds key material, so
+    it is kept out of ``repr`` and out of the pushed record."""
+
+    ifname: str
+    request: bytes = attrs.field(repr=False)
+    timeout: float = 10.0
+
+    def describe(self) -> str:
+        return f"WireGuard configuration of {self.ifname}"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        from .uapi import socket_path, uapi_set
+
+        await uapi_set(socket_path(self.ifname, ctx.host.uapi_dir), self.request,
+                       timeout=self.timeout)
+        return WireguardConfigured(self.ifname)
+
+    async def abort(self, ctx: EffectContext) -> None:
+        pass
+
+
+@attrs.frozen
+class WireguardConfigured(Effect):
+    """Nothing to undo: the configuration lives in the helper, which stops."""
+
+    ifname: str
+
+    def describe(self) -> str:
+        return f"WireGuard configuration of {self.ifname}"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        return self
+
+    async def undo(self, ctx: EffectContext) -> None:
+        pass
+
+
+@attrs.frozen
+class Address(Effect):
+    ifname: str
+    index: int
+    address: IPInterface
+    #: False when the address was already there: then it is never removed.
+    owned: bool = True
+
+    def describe(self) -> str:
+        return f"address {self.address} on {self.ifname}"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        created = await ctx.host.net.add_address(self.index, self.address)
+        if not created:
+            ctx.log.warning("address %s already on %s; leaving it alone", self.address,
+                            self.ifname)
+        else:
+            ctx.log.info("address %s added", self.address)
+        return attrs.evolve(self, owned=created)
+
+    async def undo(self, ctx: EffectContext) -> None:
+        if self.owned:
+            await ctx.host.net.delete_address(self.index, self.address)
+
+
+@attrs.frozen
+class Mtu(Effect):
+    ifname: str
+    index: int
+    mtu: int
+
+    def describe(self) -> str:
+        return f"MTU {self.mtu} on {self.ifname}"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        await ctx.host.net.set_mtu(self.index, self.mtu)
+        ctx.log.info("MTU %d set", self.mtu)
+        return self
+
+    async def undo(self, ctx: EffectContext) -> None:
+        pass  # the link it was set on is deleted by the Link effect
+
+    async def abort(self, ctx: EffectContext) -> None:
+        pass
+
+
+@attrs.frozen
+class LinkUp(Effect):
+    ifname: str
+    index: int
+
+    def describe(self) -> str:
+        return f"{self.ifname} up"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        await ctx.host.net.set_link_up(self.index, True)
+        ctx.log.info("link %s up", self.ifname)
+        return self
+
+    async def undo(self, ctx: EffectContext) -> None:
+        pass  # see Link: down happens right before the delete
+
+    async def abort(self, ctx: EffectContext) -> None:
+        pass
+
+
+@attrs.frozen
+class Routes(Effect):
+    """Routes through the tunnel, installed and removed in bulk."""
+
+    ifname: str
+    index: int
+    table: int
+    prefixes: tuple[IPNetwork, ...]
+
+    def describe(self) -> str:
+        return f"{len(self.prefixes)} route(s) via {self.ifname} in table {self.table}"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        started = trio.current_time()
+        result = await ctx.host.net.add_routes(self.index, self.prefixes, table=self.table)
+        elapsed = trio.current_time() - started
+        for net in result.existed:
+            ctx.log.warning("route %s already exists in table %d; not ours, left alone",
+                            net, self.table)
+        ctx.log.info("%d route(s) added to table %d in %.1f ms", len(result.added), self.table,
+                     elapsed * 1000)
+        return attrs.evolve(self, prefixes=tuple(result.added))
+
+    async def undo(self, ctx: EffectContext) -> None:
+        if not self.prefixes:
+            return
+        started = trio.current_time()
+        n = await ctx.host.net.delete_routes(self.index, self.prefixes, table=self.table)
+        ctx.log.info("%d route(s) removed in %.1f ms", n,
+                     (trio.current_time() - started) * 1000)
+
+    def undo_timeout(self, ctx: EffectContext) -> float:
+        return 60.0
+
+
+@attrs.frozen
+class Dns(Effect):
+    ifname: str
+    backend: str
+    servers: tuple[IPAddress, ...]
+    search: tuple[str, ...]
+    timeout: float = 10.0
+    #: Set on the pushed record: what the backend needs to revert.
+    state: DnsState | None = None
+
+    def describe(self) -> str:
+        return f"DNS of {self.ifname} ({self.backend})"
+
+    def _backend(self, ctx: EffectContext) -> DnsBackend:
+        backend = ctx.host.dns_backend(self.backend)
+        return backend  # type: ignore[return-value]
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        backend = self._backend(ctx)
+        state = await backend.apply(self.ifname, self.servers, self.search, timeout=self.timeout)
+        ctx.log.info("DNS set via %s: %s", backend.name,
+                     " ".join(map(str, [*self.servers, *self.search])))
+        return attrs.evolve(self, state=state)
+
+    async def undo(self, ctx: EffectContext) -> None:
+        if self.state is None:
+            return
+        if await self._backend(ctx).revert(self.state, timeout=self.timeout):
+            ctx.log.info("DNS restored")
+
+    async def abort(self, ctx: EffectContext) -> None:
+        pass  # a backend's apply leaves the original in place when it fails
+
+
+def _as_logger(log: Log) -> logging.Logger:
+    return log if isinstance(log, logging.Logger) else log.logger
+
+
+def select_routes(
+    prefixes: Sequence[IPNetwork], existing: Sequence[IPNetwork]
+) -> tuple[IPNetwork, ...]:
+    """The prefixes that need a route, as wg-quick decides: every AllowedIPs
+    prefix once, except those already covered by a route through the tunnel
+    (``existing``: the prefix routes of its addresses).
+
+    Narrower prefixes covered by a wider one *of the list* are kept: a
+    route on another link between the two lengths would otherwise win.
+    """
+    covering = [(c.version, c) for c in existing]
+    chosen: list[IPNetwork] = []
+    for net in dict.fromkeys(prefixes):
+        if any(v == net.version and net.subnet_of(c) for v, c in covering):  # type: ignore[arg-type]
+            continue
+        chosen.append(net)
+    return tuple(chosen)

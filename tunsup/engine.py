@@ -1,0 +1,123 @@
+"""The supervisor: root nursery, signals, start and stop of every tunnel.
+
+:class:`Supervisor` is single-use.  ``run()`` installs SIGTERM/SIGINT
+handling, starts each tunnel with ``nursery.start`` (which returns once the
+tunnel is up), tells systemd it is ready, and then waits.  A signal cancels
+the root scope; a failing tunnel cancels it too.  Either way every tunnel
+unwinds its effects (shielded, bounded by its stop timeout) before ``run``
+returns an :class:`ExitCode`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator, Sequence
+
+import trio
+
+from . import sdnotify
+from ._errors import ExitCode
+from .host import Host
+from .tunnel import Tunnel
+
+log = logging.getLogger("tunsup")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Supervisor:
+    """Runs a set of tunnels until a stop signal or a failure."""
+
+    def __init__(self, tunnels: Sequence[Tunnel], host: Host, *, handle_signals: bool = True):
+        self.tunnels = list(tunnels)
+        self.host = host
+        self._handle_signals = handle_signals
+        self._used = False
+        self._failed = False
+        self._cancel_scope: trio.CancelScope | None = None
+        self.ready = trio.Event()
+        self.stop_reason: str | None = None
+
+    def stop(self, reason: str = "stop requested") -> None:
+        """Ask a running supervisor to stop (cancels first; ``run`` waits
+        for the teardown).  Before ``run`` starts it, ``run`` returns at once."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    async def run(self) -> ExitCode:
+        """Bring every tunnel up, then supervise until stopped.
+
+        Returns OK after a clean stop, FAILURE when a tunnel failed but the
+        host was restored, TEARDOWN_INCOMPLETE when some undo step failed.
+        Cancelling the caller's scope acts like a stop.  A second call raises
+        ``RuntimeError``.
+        """
+        if self._used:
+            raise RuntimeError("a Supervisor can run only once")
+        self._used = True
+        signals = STOP_SIGNALS if self._handle_signals else ()
+        try:
+            # The signal receiver stays installed until teardown is over, so
+            # a second SIGINT cannot interrupt it with KeyboardInterrupt.
+            with trio.open_signal_receiver(*signals) as receiver:
+                async with trio.open_nursery() as root:
+                    self._cancel_scope = root.cancel_scope
+                    if self.stop_reason is not None:
+                        root.cancel_scope.cancel()
+                    if signals:
+                        root.start_soon(self._watch_signals, receiver)
+                    await self._start_all(root)
+        except* Exception as group:
+            # Tunnels have already unwound; record why we ended.
+            self._failed = True
+            for exc in _leaves(group):
+                log.error("%s", exc, exc_info=not _expected(exc))
+        finally:
+            sdnotify.notify("STOPPING=1")
+            with trio.CancelScope(shield=True):
+                await self.host.net.close()
+        return self._exit_code()
+
+    async def _start_all(self, root: trio.Nursery) -> None:
+        sdnotify.notify("STATUS=bringing up tunnels")
+        for tunnel in self.tunnels:
+            log.info("starting tunnel %s from %s", tunnel.name, tunnel.spec.source)
+            await root.start(tunnel.run)
+        names = ", ".join(t.name for t in self.tunnels)
+        log.info("ready: %d tunnel(s) up (%s)", len(self.tunnels), names)
+        self.ready.set()
+        sdnotify.notify("READY=1", f"STATUS={len(self.tunnels)} tunnel(s) up: {names}")
+
+    async def _watch_signals(self, receiver: AsyncIterator[int]) -> None:
+        async for signum in receiver:
+            name = signal.Signals(signum).name
+            if self.stop_reason is None:
+                log.info("received %s: stopping", name)
+                sdnotify.notify("STOPPING=1", f"STATUS=stopping ({name})")
+            self.stop(f"received {name}")
+
+    def _exit_code(self) -> ExitCode:
+        if any(t.report is not None and not t.report.complete for t in self.tunnels):
+            return ExitCode.TEARDOWN_INCOMPLETE
+        if self._failed or any(t.failure is not None for t in self.tunnels):
+            return ExitCode.FAILURE
+        return ExitCode.OK
+
+
+def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
+    out: list[Exception] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out.extend(_leaves(exc))
+        else:
+            out.append(exc)
+    return out
+
+
+def _expected(exc: BaseException) -> bool:
+    from ._errors import TunsupError
+
+    return isinstance(exc, TunsupError)

@@ -1,0 +1,201 @@
+"""Helper processes: spawn, log capture, TERM -> grace -> KILL, reap.
+
+A helper (wireguard-go) runs in the foreground in its own session and
+process group, with stdout/stderr captured line by line into tunsup's log.
+A watcher task reaps it the moment it exits (trio waits on a pidfd), so
+there is never a zombie and the engine learns of an exit at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+import trio
+
+from ._errors import HostError
+
+#: How many of a helper's last output lines are kept for error messages.
+TAIL_LINES = 20
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (``/proc/PID/stat``
+    field 22), or None if there is no such process.  Together with the pid
+    it identifies a process across pid reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
+class HelperProcess:
+    """A running helper; created by :func:`start_helper`."""
+
+    def __init__(self, proc: trio.Process, argv: Sequence[str], log: logging.Logger) -> None:
+        self._proc = proc
+        self.argv = tuple(argv)
+        self.pid: int = proc.pid
+        self.start_time: int | None = process_start_time(proc.pid)
+        self.log = log
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.exited = trio.Event()
+        self._pumps_done = trio.Event()
+        self._open_pumps = 0
+        self.returncode: int | None = None
+        self._scopes: list[trio.CancelScope] = []
+
+    async def _shielded(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        # The watcher and pumps must outlive a cancellation of the tunnel
+        # they belong to: teardown needs them to see the helper exit.  They
+        # end when the helper exits (EOF) or when close() cancels them.
+        scope = trio.CancelScope(shield=True)
+        self._scopes.append(scope)
+        with scope:
+            await fn(*args)
+
+    def close(self) -> None:
+        """Stop the watcher and log pumps (after :meth:`stop`, or when
+        giving up on the helper)."""
+        for scope in self._scopes:
+            scope.cancel()
+
+    async def _watch(self) -> None:
+        try:
+            self.returncode = await self._proc.wait()
+        finally:
+            if self.returncode is not None:
+                self.exited.set()
+
+    async def _pump(self, stream: trio.abc.ReceiveStream, label: str) -> None:
+        buf = b""
+        try:
+            while True:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    self._emit(line, label)
+            if buf:
+                self._emit(buf, label)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        finally:
+            self._open_pumps -= 1
+            if self._open_pumps == 0:
+                self._pumps_done.set()
+
+    def _emit(self, raw: bytes, label: str) -> None:
+        text = raw.decode("utf-8", "replace").rstrip()
+        if not text:
+            return
+        prog = os.path.basename(self.argv[0])
+        if text[0] in "│┌└":
+            # wireguard-go's boxed banner about the kernel module: noise.
+            self.log.debug("[%s %s] %s", prog, label, text)
+            return
+        self.tail.append(text)
+        self.log.info("[%s %s] %s", prog, label, text)
+
+    def describe_exit(self) -> str:
+        rc = self.returncode
+        if rc is None:
+            status = "is still running"
+        elif rc < 0:
+            status = f"was killed by {signal.Signals(-rc).name}"
+        else:
+            status = f"exited with status {rc}"
+        tail = " | ".join(list(self.tail)[-3:])
+        return f"helper {self.argv[0]} (pid {self.pid}) {status}" + (
+            f"; last output: {tail}" if tail else ""
+        )
+
+    # --- stopping -----------------------------------------------------------
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the helper's process group (it leads its own)."""
+        if self.exited.is_set():
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            self._proc.send_signal(sig)
+
+    async def stop(self, grace: float, *, kill_wait: float = 5.0) -> bool:
+        """SIGTERM, wait up to ``grace`` seconds, SIGKILL, wait for the reap.
+
+        Returns True once the helper is reaped, False if it could not be
+        reaped within ``kill_wait`` after SIGKILL (which only happens for a
+        process stuck in the kernel).  Not cancellable by design: callers
+        run it from a shielded teardown with its own deadline; an outer
+        deadline that fires anyway raises ``trio.Cancelled`` as usual.
+        """
+        if not self.exited.is_set():
+            self.signal(signal.SIGTERM)
+            with trio.move_on_after(grace):
+                await self.exited.wait()
+        if not self.exited.is_set():
+            self.log.warning(
+                "helper pid %d still running %gs after SIGTERM; sending SIGKILL", self.pid, grace
+            )
+            self.signal(signal.SIGKILL)
+            with trio.move_on_after(kill_wait):
+                await self.exited.wait()
+        if self.exited.is_set():
+            # Output left in the pipes is short; give the pumps a moment to
+            # log it, then close them (a grandchild could hold the pipes open).
+            with trio.move_on_after(0.5):
+                await self._pumps_done.wait()
+            self.close()
+            return True
+        return False
+
+
+async def start_helper(
+    nursery: trio.Nursery,
+    argv: Sequence[str],
+    *,
+    log: logging.Logger,
+    env: Mapping[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
+) -> HelperProcess:
+    """Spawn ``argv`` in its own session with captured output.
+
+    The watcher and log-pump tasks run in ``nursery``.  Raises
+    :class:`HostError` when the program cannot be started.  Does not wait
+    for anything besides the spawn itself.
+    """
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    try:
+        proc = await trio.lowlevel.open_process(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            env=full_env,
+            pass_fds=tuple(pass_fds),
+        )
+    except OSError as exc:
+        raise HostError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
+    helper = HelperProcess(proc, argv, log)
+    nursery.start_soon(helper._shielded, helper._watch)
+    for stream, label in ((proc.stdout, "out"), (proc.stderr, "err")):
+        if stream is not None:
+            helper._open_pumps += 1
+            nursery.start_soon(helper._shielded, helper._pump, stream, label)
+    return helper

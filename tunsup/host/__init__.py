@@ -1,0 +1,88 @@
+"""Adapters between the engine and the machine: netlink, DNS, processes.
+
+The engine talks to the host only through a :class:`Host`, so that tests
+(and users testing their own integrations) can substitute an in-memory
+host.  Adapters know nothing about tunnels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Protocol
+
+import attrs
+import trio
+
+from ..model import IPAddress, IPInterface, IPNetwork
+
+
+class RouteBatch(Protocol):
+    added: tuple[IPNetwork, ...]
+    existed: tuple[IPNetwork, ...]
+
+
+class NetOps(Protocol):
+    """Link, address and route operations (see :mod:`tunsup.host.netlink`)."""
+
+    async def link_index(self, name: str) -> int | None: ...
+    async def link_name(self, index: int) -> str | None: ...
+    async def set_link_up(self, index: int, up: bool) -> None: ...
+    async def set_mtu(self, index: int, mtu: int) -> None: ...
+    async def delete_link(self, index: int, name: str) -> bool: ...
+    async def add_address(self, index: int, iface: IPInterface) -> bool: ...
+    async def delete_address(self, index: int, iface: IPInterface) -> bool: ...
+    async def route_mtu(self, dst: IPAddress | None) -> int | None: ...
+    async def link_routes(self, index: int, table: int) -> list[IPNetwork]: ...
+    async def add_routes(
+        self, index: int, prefixes: Sequence[IPNetwork], *, table: int
+    ) -> RouteBatch: ...
+    async def delete_routes(
+        self, index: int, prefixes: Sequence[IPNetwork], *, table: int
+    ) -> int: ...
+    async def close(self) -> None: ...
+
+
+class HelperHandle(Protocol):
+    """A running helper process (see :class:`tunsup.helpers.HelperProcess`)."""
+
+    pid: int
+    start_time: int | None
+    returncode: int | None
+    exited: trio.Event
+
+    def describe_exit(self) -> str: ...
+    async def stop(self, grace: float) -> bool: ...
+    def close(self) -> None: ...
+
+
+StartHelper = Callable[..., Awaitable[HelperHandle]]
+RunHook = Callable[[str, logging.Logger, float], Awaitable[None]]
+
+
+@attrs.define
+class Host:
+    """Everything the engine may touch on the machine."""
+
+    net: NetOps
+    start_helper: StartHelper
+    run_hook: RunHook
+    #: Returns the DNS backend for a configured kind (not "none").
+    dns_backend: Callable[[str], object]
+    uapi_dir: str = "/var/run/wireguard"
+    env: Mapping[str, str] = attrs.field(factory=dict)
+
+
+def real_host(*, resolv_conf: str = "/etc/resolv.conf") -> Host:
+    """The host this process runs on (its network namespace)."""
+    from ..helpers import start_helper
+    from ..hooks import run_hook
+    from .dns import select_backend
+    from .netlink import NetlinkHost
+
+    return Host(
+        net=NetlinkHost(),
+        start_helper=start_helper,
+        run_hook=run_hook,
+        dns_backend=lambda kind: select_backend(kind, resolv_conf=resolv_conf),
+    )

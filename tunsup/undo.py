@@ -1,0 +1,124 @@
+"""The undo stack: one cleanup path for stop, failed start and crash.
+
+Every host change is an :class:`~tunsup.effects.Effect`.  ``apply`` runs it
+and pushes the record it returns; when the stack unwinds (normal stop,
+failure during start, or a runtime failure) every record is undone in exact
+reverse order, shielded from cancellation and bounded by a deadline, each
+step by its own timeout.  A failing step is logged and the rest still run.
+
+An *observer* hears about every intent, application and undo; the crash-safe
+journal plugs in there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Protocol
+
+import attrs
+import trio
+
+if TYPE_CHECKING:
+    from .effects import Effect, EffectContext
+
+
+class StackObserver(Protocol):
+    async def intent(self, effect: Effect) -> None: ...
+    async def applied(self, intent: Effect, record: Effect) -> None: ...
+    async def undone(self, record: Effect) -> None: ...
+
+
+@attrs.frozen
+class TeardownReport:
+    """What unwinding achieved."""
+
+    undone: tuple[str, ...] = ()
+    #: One line per step that failed or was not reached; empty = complete.
+    failures: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        return not self.failures
+
+
+class EffectStack:
+    """Applies effects and undoes them in reverse.  Single use."""
+
+    def __init__(
+        self,
+        ctx: EffectContext,
+        *,
+        log: logging.Logger | logging.LoggerAdapter[logging.Logger],
+        observer: StackObserver | None = None,
+    ) -> None:
+        self._ctx = ctx
+        self._log = log
+        self._observer = observer
+        self._records: list[Effect] = []
+        self._unwound = False
+
+    @property
+    def records(self) -> tuple[Effect, ...]:
+        return tuple(self._records)
+
+    async def apply(self, effect: Effect) -> Effect:
+        """Apply ``effect`` and push the record of what it did.
+
+        If applying fails or is cancelled, the effect's ``abort`` cleans up
+        whatever part of it may have happened (shielded, bounded by its undo
+        timeout) before the exception propagates; the stack itself is left
+        for the caller to unwind.
+        """
+        if self._unwound:
+            raise RuntimeError("effect stack already unwound")
+        if self._observer is not None:
+            await self._observer.intent(effect)
+        try:
+            record = await effect.apply(self._ctx)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(effect.undo_timeout(self._ctx)):
+                try:
+                    await effect.abort(self._ctx)
+                except Exception as exc:
+                    self._log.error("cleaning up after failed %s: %s", effect.describe(), exc)
+            raise
+        self._records.append(record)
+        if self._observer is not None:
+            await self._observer.applied(effect, record)
+        return record
+
+    async def unwind(self, timeout: float) -> TeardownReport:
+        """Undo every record in reverse order; never raises.
+
+        Runs shielded from outside cancellation: it returns once every
+        step has run or ``timeout`` seconds have passed, whichever is
+        first; steps not reached by then are reported as failures.
+        """
+        self._unwound = True
+        undone: list[str] = []
+        failures: list[str] = []
+        deadline = trio.current_time() + timeout if math.isfinite(timeout) else math.inf
+        with trio.CancelScope(shield=True, deadline=deadline):
+            while self._records:
+                record = self._records[-1]
+                what = record.describe()
+                try:
+                    with trio.fail_after(record.undo_timeout(self._ctx)):
+                        await record.undo(self._ctx)
+                except trio.TooSlowError:
+                    failures.append(f"undo {what}: timed out")
+                    self._log.error("undo %s: timed out", what)
+                except Exception as exc:
+                    failures.append(f"undo {what}: {exc}")
+                    self._log.error("undo %s failed: %s", what, exc)
+                else:
+                    undone.append(what)
+                    self._log.debug("undone: %s", what)
+                    if self._observer is not None:
+                        await self._observer.undone(record)
+                self._records.pop()
+        for record in reversed(self._records):
+            failures.append(f"undo {record.describe()}: stop deadline reached first")
+            self._log.error("not undone (stop deadline reached): %s", record.describe())
+        return TeardownReport(tuple(undone), tuple(failures))
