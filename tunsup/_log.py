@@ -22,7 +22,8 @@ class _Formatter(logging.Formatter):
         # "tunsup.wg0" -> "wg0", "tunsup" -> "tunsup", "tunsup.dns" -> "dns"
         short = name.split(".", 1)[1] if name.startswith("tunsup.") else name
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        line = f"{stamp}.{int(record.msecs):03d} {record.levelname:<7} {short}: {record.getMessage()}"
+        level = f"{record.levelname:<7}"
+        line = f"{stamp}.{int(record.msecs):03d} {level} {short}: {record.getMessage()}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

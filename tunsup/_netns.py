@@ -136,7 +136,7 @@ def _clean(obj: Any) -> Any:
 def _ip_json(ns: str, *args: str) -> list[Any]:
     out = ip("-j", *args, ns=ns)
     data = json.loads(out) if out.strip() else []
-    return sorted((json.dumps(_clean(x), sort_keys=True) for x in data))  # type: ignore[return-value]
+    return sorted(json.dumps(_clean(x), sort_keys=True) for x in data)
 
 
 def snapshot(ns: str, files: Sequence[str] = ()) -> dict[str, Any]:

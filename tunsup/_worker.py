@@ -14,6 +14,7 @@ change happened before it unwinds, then the cancellation propagates.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -54,10 +55,8 @@ class _Job(Generic[T]):
         self.result = outcome.capture(self.fn)
         with self._lock:
             self._state = _DONE
-        try:
+        with contextlib.suppress(trio.RunFinishedError):
             self.token.run_sync_soon(self.done.set)
-        except trio.RunFinishedError:
-            pass
 
 
 class SerialWorker:

@@ -136,8 +136,8 @@ def _run(args: argparse.Namespace) -> int:
         taken = {t.name: t.config for t in cfg.tunnels}
         for entry in extra.tunnels:
             if entry.name in taken:
-                raise ConfigError(entry.config, None,
-                                  f"interface {entry.name} is already defined by {taken[entry.name]}")
+                raise ConfigError(entry.config, None, f"interface {entry.name} is already "
+                                  f"defined by {taken[entry.name]}")
         import attrs
 
         cfg = attrs.evolve(cfg, tunnels=cfg.tunnels + extra.tunnels)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import socket
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 from types import FrameType
 
 from . import _netns
+from ._service import ServiceFailed, ServiceProcess
 from .keys import Key
 from .uapi import parse_get
 
@@ -54,64 +54,10 @@ def _conf(private: Key, address: str, peer_public: Key, allowed: str, endpoint: 
     return "\n".join(line for line in lines if line is not None) + "\n"
 
 
-class _Service:
-    """One ``tunsup run`` inside a namespace, with its own NOTIFY_SOCKET."""
-
-    def __init__(self, ns: str, conf: str, workdir: str, label: str, resolv: str) -> None:
-        self.label = label
-        self.notify_path = os.path.join(workdir, f"{label}.notify")
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(self.notify_path)
-        self.log_path = os.path.join(workdir, f"{label}.log")
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
-        env = dict(os.environ, NOTIFY_SOCKET=self.notify_path)
-        argv = [sys.executable, "-m", "tunsup", "run", conf, "--dns", "file",
-                "--resolv-conf", resolv, "--state-dir", os.path.join(workdir, f"{label}.state"),
-                "--runtime-dir", os.path.join(workdir, f"{label}.run")]
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(_netns.ns_exec_argv(ns, argv), stdout=self._log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        self.ready_after: float | None = None
-
-    def wait_ready(self, deadline: float) -> None:
-        while True:
-            remaining = deadline - time.monotonic()
-            if self.proc.poll() is not None:
-                raise DemoFailed(f"tunsup ({self.label}) exited with {self.proc.returncode} "
-                                 "before it was ready")
-            if remaining <= 0:
-                raise DemoFailed(f"tunsup ({self.label}) not ready within {READY_TIMEOUT:g} s")
-            self.notify.settimeout(min(remaining, 0.5))
-            try:
-                msg = self.notify.recv(4096).decode()
-            except TimeoutError:
-                continue
-            if "READY=1" in msg.split("\n"):
-                self.ready_after = time.monotonic() - self.started
-                return
-
-    def stop(self) -> tuple[int | None, float]:
-        started = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None, time.monotonic() - started
-        return code, time.monotonic() - started
-
-    def log_tail(self, n: int = 15) -> str:
-        with open(self.log_path, "rb") as f:
-            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-n:])
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-        self.notify.close()
+def _run_args(conf: str, resolv: str, workdir: str, label: str) -> list[str]:
+    return [conf, "--dns", "file", "--resolv-conf", resolv,
+            "--state-dir", os.path.join(workdir, f"{label}.state"),
+            "--runtime-dir", os.path.join(workdir, f"{label}.run")]
 
 
 def _uapi_status(ifname: str) -> str:
@@ -170,7 +116,7 @@ def _demo(debug: bool) -> int:
     tag = f"{os.getpid() % 100000}"
     ns_a, ns_b = f"tsdemo-{tag}-a", f"tsdemo-{tag}-b"
     if_a, if_b = f"tsd{tag}a", f"tsd{tag}b"
-    services: list[_Service] = []
+    services: list[ServiceProcess] = []
     workdir = tempfile.mkdtemp(prefix="tunsup-demo-")
     t0 = time.monotonic()
     ok = False
@@ -204,11 +150,12 @@ def _demo(debug: bool) -> int:
             before = {ns: _netns.snapshot(ns, [r]) for ns, r in ((ns_a, resolv_a),
                                                                   (ns_b, resolv_b))}
             _say("3. starting `tunsup run` in each namespace")
-            services.append(_Service(ns_a, conf_a, workdir, "a", resolv_a))
-            services.append(_Service(ns_b, conf_b, workdir, "b", resolv_b))
-            deadline = time.monotonic() + READY_TIMEOUT
+            for label, ns, conf, resolv in (("a", ns_a, conf_a, resolv_a),
+                                            ("b", ns_b, conf_b, resolv_b)):
+                services.append(ServiceProcess(ns, _run_args(conf, resolv, workdir, label),
+                                               workdir, label))
             for svc in services:
-                svc.wait_ready(deadline)
+                svc.wait_ready(READY_TIMEOUT)
                 _say(f"   tunsup ({svc.label}) ready after {svc.ready_after:.2f} s "
                      "(process start included)")
 
@@ -234,7 +181,7 @@ def _demo(debug: bool) -> int:
 
             _say("6. stopping both with SIGTERM")
             for svc in services:
-                code, took = svc.stop()
+                code, took = svc.stop(timeout=STOP_TIMEOUT)
                 _say(f"   tunsup ({svc.label}) exited {code} after {took * 1000:.0f} ms")
                 if code != 0:
                     raise DemoFailed(f"tunsup ({svc.label}) exited {code}")
@@ -255,14 +202,15 @@ def _demo(debug: bool) -> int:
             _say("   links, addresses, routes (all tables), rules and resolv.conf: identical; "
                  "no process left")
             ok = True
-    except DemoFailed as exc:
+    except (DemoFailed, ServiceFailed) as exc:
         print(f"tunsup demo: FAILED: {exc}", file=sys.stderr)
         for svc in services:
-            print(f"--- tunsup ({svc.label}) log, last lines:\n{svc.log_tail()}", file=sys.stderr)
+            print(f"--- tunsup ({svc.label}) log, last lines:\n{svc.output_tail()}",
+                  file=sys.stderr)
     finally:
         for svc in services:
             if debug:
-                print(f"--- tunsup ({svc.label}) log:\n{svc.log_tail(200)}", file=sys.stderr)
+                print(f"--- tunsup ({svc.label}) log:\n{svc.output()}", file=sys.stderr)
             svc.close()
         shutil.rmtree(workdir, ignore_errors=True)
     if ok:

@@ -158,6 +158,14 @@ class HelperRunning(Effect):
             raise HostError(f"helper pid {self.pid} could not be reaped after SIGKILL")
         ctx.helpers.pop(self.pid, None)
         ctx.log.info("helper pid %d stopped: %s", self.pid, handle.describe_exit())
+        # A helper that was killed leaves its UAPI socket file behind.
+        from .uapi import socket_path
+
+        stale = trio.Path(socket_path(self.ifname, ctx.host.uapi_dir))
+        with trio.move_on_after(2):
+            if await stale.is_socket():
+                await stale.unlink(missing_ok=True)
+                ctx.log.info("removed stale UAPI socket %s", stale)
 
     def undo_timeout(self, ctx: EffectContext) -> float:
         return ctx.stop_grace + 6.0

@@ -19,8 +19,10 @@ def notify(*lines: str) -> bool:
     if address.startswith("@"):
         address = "\0" + address[1:]
     payload = "\n".join(lines).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        with contextlib.suppress(OSError):
-            sock.sendto(payload, socket.MSG_DONTWAIT, address)
-            return True
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
+        contextlib.suppress(OSError),
+    ):
+        sock.sendto(payload, socket.MSG_DONTWAIT, address)
+        return True
     return False

@@ -56,6 +56,8 @@ class EffectStack:
         self._log = log
         self._observer = observer
         self._records: list[Effect] = []
+        #: Aborts of half-applied effects that failed: reported by unwind.
+        self._abort_failures: list[str] = []
         self._unwound = False
 
     @property
@@ -77,11 +79,17 @@ class EffectStack:
         try:
             record = await effect.apply(self._ctx)
         except BaseException:
-            with trio.CancelScope(shield=True), trio.move_on_after(effect.undo_timeout(self._ctx)):
+            what = effect.describe()
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + effect.undo_timeout(self._ctx)
                 try:
                     await effect.abort(self._ctx)
                 except Exception as exc:
-                    self._log.error("cleaning up after failed %s: %s", effect.describe(), exc)
+                    self._abort_failures.append(f"clean up after failed {what}: {exc}")
+                    self._log.error("cleaning up after failed %s: %s", what, exc)
+            if scope.cancelled_caught:
+                self._abort_failures.append(f"clean up after failed {what}: timed out")
+                self._log.error("cleaning up after failed %s: timed out", what)
             raise
         self._records.append(record)
         if self._observer is not None:
@@ -97,7 +105,7 @@ class EffectStack:
         """
         self._unwound = True
         undone: list[str] = []
-        failures: list[str] = []
+        failures: list[str] = list(self._abort_failures)
         deadline = trio.current_time() + timeout if math.isfinite(timeout) else math.inf
         with trio.CancelScope(shield=True, deadline=deadline):
             while self._records:

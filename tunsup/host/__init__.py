@@ -18,8 +18,10 @@ from ..model import IPAddress, IPInterface, IPNetwork
 
 
 class RouteBatch(Protocol):
-    added: tuple[IPNetwork, ...]
-    existed: tuple[IPNetwork, ...]
+    @property
+    def added(self) -> tuple[IPNetwork, ...]: ...
+    @property
+    def existed(self) -> tuple[IPNetwork, ...]: ...
 
 
 class NetOps(Protocol):

@@ -1,0 +1,208 @@
+"""The undo stack: exact reverse order, failures isolated, aborts, deadlines.
+
+Effects here are tiny in-memory ones that change a shared "host" list; the
+stack under test is the real one.  Runs under trio's MockClock, so
+timeouts cost no wall time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tunsup._errors import HostError
+from tunsup.effects import Effect, EffectContext
+from tunsup.undo import EffectStack, TeardownReport
+
+log = logging.getLogger("test.undo")
+
+
+@attrs.define
+class World:
+    objects: list[str] = attrs.field(factory=list)
+    events: list[str] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class Thing(Effect):
+    world: World = attrs.field(eq=False)
+    name: str
+    fail_apply: bool = False
+    fail_undo: bool = False
+    hang_undo: bool = False
+    apply_delay: float = 0.0
+
+    def describe(self) -> str:
+        return f"thing {self.name}"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        self.world.events.append(f"apply {self.name}")
+        self.world.objects.append(self.name)  # the change happens first ...
+        if self.apply_delay:
+            await trio.sleep(self.apply_delay)
+        if self.fail_apply:  # ... then the failure: abort must clean up
+            raise HostError(f"{self.name} failed")
+        return self
+
+    async def undo(self, ctx: EffectContext) -> None:
+        self.world.events.append(f"undo {self.name}")
+        if self.hang_undo:
+            await trio.sleep_forever()
+        if self.fail_undo:
+            raise HostError(f"cannot undo {self.name}")
+        if self.name in self.world.objects:
+            self.world.objects.remove(self.name)
+
+    def undo_timeout(self, ctx: EffectContext) -> float:
+        return 5.0
+
+
+def run(fn: Any) -> Any:
+    return trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def ctx_for(nursery: trio.Nursery) -> EffectContext:
+    return EffectContext(host=None, log=log, nursery=nursery)  # type: ignore[arg-type]
+
+
+def test_undo_runs_in_exact_reverse_order() -> None:
+    world = World()
+
+    async def main() -> TeardownReport:
+        async with trio.open_nursery() as nursery:
+            stack = EffectStack(ctx_for(nursery), log=log)
+            for name in "abcd":
+                await stack.apply(Thing(world, name))
+            return await stack.unwind(30)
+
+    report = run(main)
+    assert report.complete
+    assert world.objects == []
+    assert world.events[4:] == ["undo d", "undo c", "undo b", "undo a"]
+    assert report.undone == ("thing d", "thing c", "thing b", "thing a")
+
+
+def test_failed_step_is_reported_and_the_rest_still_run() -> None:
+    world = World()
+
+    async def main() -> TeardownReport:
+        async with trio.open_nursery() as nursery:
+            stack = EffectStack(ctx_for(nursery), log=log)
+            await stack.apply(Thing(world, "a"))
+            await stack.apply(Thing(world, "b", fail_undo=True))
+            await stack.apply(Thing(world, "c", hang_undo=True))
+            await stack.apply(Thing(world, "d"))
+            return await stack.unwind(60)
+
+    report = run(main)
+    assert not report.complete
+    assert report.failures == ("undo thing c: timed out", "undo thing b: cannot undo b")
+    assert world.objects == ["b", "c"]  # a and d undone despite b and c
+    assert world.events[-4:] == ["undo d", "undo c", "undo b", "undo a"]
+
+
+def test_failed_apply_is_aborted_and_not_pushed() -> None:
+    world = World()
+
+    async def main() -> TeardownReport:
+        async with trio.open_nursery() as nursery:
+            stack = EffectStack(ctx_for(nursery), log=log)
+            await stack.apply(Thing(world, "a"))
+            with pytest.raises(HostError):
+                await stack.apply(Thing(world, "b", fail_apply=True))
+            assert [r.describe() for r in stack.records] == ["thing a"]
+            return await stack.unwind(30)
+
+    report = run(main)
+    assert report.complete and world.objects == []
+
+
+def test_cancel_during_apply_aborts_then_unwind_restores() -> None:
+    world = World()
+
+    async def main() -> TeardownReport | None:
+        async with trio.open_nursery() as nursery:
+            stack = EffectStack(ctx_for(nursery), log=log)
+            with trio.move_on_after(1):
+                await stack.apply(Thing(world, "a"))
+                await stack.apply(Thing(world, "b", apply_delay=10))  # cancelled mid-way
+            return await stack.unwind(30)
+
+    report = run(main)
+    assert report is not None and report.complete
+    assert world.objects == []
+    assert "undo b" in world.events  # the abort of the half-applied effect
+
+
+def test_unwind_is_shielded_but_bounded_by_its_deadline() -> None:
+    world = World()
+
+    async def main() -> tuple[TeardownReport, float]:
+        async with trio.open_nursery() as nursery:
+            stack = EffectStack(ctx_for(nursery), log=log)
+            await stack.apply(Thing(world, "a"))
+            await stack.apply(Thing(world, "b", hang_undo=True))
+            await stack.apply(Thing(world, "c"))
+            start = trio.current_time()
+            with trio.CancelScope() as outer:
+                outer.cancel()  # already cancelled: unwind must still run
+                report = await stack.unwind(3)
+            return report, trio.current_time() - start
+
+    report, took = run(main)
+    assert took == pytest.approx(3)
+    assert world.objects == ["a", "b"]
+    # Listed in the order they would have been undone.
+    assert report.failures == ("undo thing b: stop deadline reached first",
+                               "undo thing a: stop deadline reached first")
+
+
+def test_apply_after_unwind_is_refused() -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            stack = EffectStack(ctx_for(nursery), log=log)
+            await stack.unwind(1)
+            with pytest.raises(RuntimeError):
+                await stack.apply(Thing(World(), "x"))
+
+    run(main)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    plan=st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans()), max_size=8),
+    cancel_at=st.one_of(st.none(), st.floats(min_value=0, max_value=20)),
+)
+def test_whatever_fails_every_undoable_change_is_undone(
+    plan: list[tuple[bool, bool, bool]], cancel_at: float | None
+) -> None:
+    """Invariant: after unwind, only effects whose undo itself failed remain,
+    and the report names exactly those."""
+    world = World()
+
+    async def main() -> TeardownReport:
+        async with trio.open_nursery() as nursery:
+            stack = EffectStack(ctx_for(nursery), log=log)
+            with trio.move_on_after(cancel_at if cancel_at is not None else 1e9):
+                try:
+                    for i, (fail_apply, fail_undo, slow) in enumerate(plan):
+                        await stack.apply(Thing(world, f"e{i}", fail_apply=fail_apply,
+                                                fail_undo=fail_undo,
+                                                apply_delay=3.0 if slow else 0.0))
+                except HostError:
+                    pass
+            return await stack.unwind(1e6)
+
+    report = run(main)
+    stuck = {f"thing {name}" for name in world.objects}
+    named = {f.split(":")[0].removeprefix("undo ").removeprefix("clean up after failed ")
+             for f in report.failures}
+    assert named == stuck
+    assert report.complete == (not world.objects)

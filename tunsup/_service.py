@@ -1,0 +1,115 @@
+"""Drive a ``tunsup run`` process from outside, as an operator would.
+
+Used by the demo, the integration tests and the benchmarks.  Synchronous;
+readiness is learned the way systemd learns it: ``READY=1`` on a private
+``NOTIFY_SOCKET``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+from . import _netns
+
+
+class ServiceFailed(Exception):
+    """The service exited or did not become ready in time."""
+
+
+class ServiceProcess:
+    """One ``python -m tunsup run ...`` inside namespace ``ns``."""
+
+    def __init__(
+        self,
+        ns: str | None,
+        run_args: Sequence[str],
+        workdir: str,
+        label: str,
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.label = label
+        self.notify_path = os.path.join(workdir, f"{label}.notify")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(self.notify_path)
+        self.log_path = os.path.join(workdir, f"{label}.log")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
+        full_env = dict(os.environ, NOTIFY_SOCKET=self.notify_path, **(env or {}))
+        argv = [sys.executable, "-m", "tunsup", "run", *run_args]
+        if ns is not None:
+            argv = _netns.ns_exec_argv(ns, argv)
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=full_env)
+        self.ready_after: float | None = None
+        self.notifications: list[str] = []
+
+    def wait_ready(self, timeout: float = 30.0) -> float:
+        """Wait for ``READY=1``; return seconds since the process started."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ServiceFailed(
+                    f"tunsup ({self.label}) exited with {self.proc.returncode} before it "
+                    f"was ready:\n{self.output_tail()}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServiceFailed(f"tunsup ({self.label}) not ready within {timeout:g} s:\n"
+                                    f"{self.output_tail()}")
+            self.notify.settimeout(min(remaining, 0.2))
+            try:
+                msg = self.notify.recv(65536).decode()
+            except TimeoutError:
+                continue
+            self.notifications.append(msg)
+            if "READY=1" in msg.split("\n"):
+                self.ready_after = time.monotonic() - self.started
+                return self.ready_after
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM,
+             timeout: float = 30.0) -> tuple[int | None, float]:
+        """Send ``sig`` and wait for the exit: (exit code or None, seconds)."""
+        started = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.wait_exit(timeout)
+        return code, time.monotonic() - started
+
+    def wait_exit(self, timeout: float = 30.0) -> int | None:
+        """Exit code, or None if it had to be killed after ``timeout``."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+    def output(self) -> str:
+        self._log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def output_tail(self, n: int = 20) -> str:
+        return "\n".join(self.output().splitlines()[-n:])
+
+    def close(self) -> None:
+        """Stop the service if still running (SIGTERM, then SIGKILL)."""
+        if self.proc.poll() is None:
+            self.stop(signal.SIGTERM, timeout=15)
+        self._log.close()
+        self.notify.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.notify_path)
+
+    def __enter__(self) -> ServiceProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,652 @@
+"""Bulk route installation over a raw rtnetlink socket.
+
+Why this module exists: installing the routes of a tunnel is a hot path (a
+full-tunnel or split-tunnel config can carry thousands of prefixes).  Measured
+on the development machine, in a scratch namespace with a TUN device:
+
+* pyroute2, one ``route("add")`` call per route: about 1.8k routes/s;
+* ``ip -batch``: about 61k routes/s;
+* this module (struct-packed ``RTM_NEWROUTE`` messages, many per ``send()``,
+  every ACK read and checked): over 100k routes/s, i.e. 10,000 routes added
+  in well under 100 ms.
+
+It is synchronous and uses only the standard library (no trio, no pyroute2):
+callers run it in a worker thread.  The socket is opened in the calling
+thread's network namespace.
+
+What it checks:
+
+* every request carries ``NLM_F_ACK`` and a unique sequence number; the reply
+  loop reads until every sequence number of a chunk is accounted for, and
+  looks at the errno of every ACK (several ACKs per ``recv`` are handled);
+* the receive buffer is raised (``SO_RCVBUFFORCE`` when permitted, else
+  ``SO_RCVBUF``) and the chunk size is derived from the buffer actually
+  granted, so that the kernel does not drop ACKs; if it does anyway
+  (``ENOBUFS`` on ``recv``) that is a hard error: the routes whose ACK was lost
+  are reported as *uncertain*, never guessed;
+* ``NETLINK_CAP_ACK`` and ``NETLINK_EXT_ACK`` are requested when available;
+  the kernel's extended-ACK message text is included in errors;
+* a socket timeout bounds every ``recv`` so a wedged kernel cannot hang the
+  worker thread forever.
+
+Ownership rules (see DESIGN.md, "only what tunsup created is owned"):
+
+* ``add_routes`` creates routes with ``NLM_F_CREATE | NLM_F_EXCL``.  A route
+  that already exists with the same key (``EEXIST``) belongs to someone else
+  and is reported in ``existed``, not in ``added``.  Any other error rolls back
+  (deletes) the routes this call added, then raises ``RouteBatchError``.
+* ``delete_routes`` sends ``RTM_DELROUTE`` with the device, table, protocol
+  (``RTPROT_STATIC``) and scope of our routes, so the kernel only matches a
+  route on our device with our protocol.  Already-gone routes (``ESRCH``,
+  ``ENOENT``) are fine, so deleting is idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Final, TypeAlias
+
+import attrs
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+__all__ = [
+    "ROUTE_PROTOCOL",
+    "IPNetwork",
+    "RouteBatchError",
+    "RouteBatchResult",
+    "add_routes",
+    "delete_routes",
+    "encode_route",
+    "parse_acks",
+]
+
+# --- kernel constants (include/uapi/linux/{netlink,rtnetlink}.h) -------------
+
+NETLINK_ROUTE: Final = 0
+SOL_NETLINK: Final = 270
+NETLINK_CAP_ACK: Final = 10
+NETLINK_EXT_ACK: Final = 11
+SO_SNDBUFFORCE: Final = 32
+SO_RCVBUFFORCE: Final = 33
+
+NLMSG_NOOP: Final = 1
+NLMSG_ERROR: Final = 2
+NLMSG_DONE: Final = 3
+
+NLM_F_REQUEST: Final = 0x01
+NLM_F_ACK: Final = 0x04
+NLM_F_EXCL: Final = 0x200
+NLM_F_CREATE: Final = 0x400
+# Flags of an NLMSG_ERROR reply.
+NLM_F_CAPPED: Final = 0x100
+NLM_F_ACK_TLVS: Final = 0x200
+
+NLMSGERR_ATTR_MSG: Final = 1
+NLA_TYPE_MASK: Final = 0x3FFF
+
+RTM_NEWROUTE: Final = 24
+RTM_DELROUTE: Final = 25
+
+RTN_UNICAST: Final = 1
+RT_SCOPE_UNIVERSE: Final = 0
+RT_SCOPE_LINK: Final = 253
+RT_TABLE_UNSPEC: Final = 0
+
+RTA_DST: Final = 1
+RTA_OIF: Final = 4
+RTA_PRIORITY: Final = 6
+RTA_TABLE: Final = 15
+
+#: Protocol of every route this module creates (``RTPROT_STATIC``, shown as
+#: ``proto static``); deletions only match routes with this protocol.
+ROUTE_PROTOCOL: Final = 4
+
+#: The metric the kernel gives an IPv6 route that has none (IP6_RT_PRIO_USER).
+#: We send it explicitly so that a deletion matches exactly that metric.
+IPV6_DEFAULT_METRIC: Final = 1024
+
+ADD_FLAGS: Final = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+DELETE_FLAGS: Final = NLM_F_REQUEST | NLM_F_ACK
+
+# --- tuning -------------------------------------------------------------------
+
+#: Upper bound of messages per ``send()``.  Measured with 10k routes: 64 to
+#: 1024 messages per chunk all run at the same speed (one ``recv`` per ACK and
+#: the kernel's own work dominate); 256 keeps the queue of ACKs, and so the
+#: receive buffer needed (about 830 bytes per ACK), small.
+CHUNK_MAX = 256
+#: Receive buffer asked for.  Memory is only charged while ACKs are queued.
+RCVBUF_WANTED = 4 << 20
+SNDBUF_WANTED = 1 << 20
+#: Conservative estimate of the receive-buffer charge (skb truesize) of one
+#: ACK, used to size chunks from the buffer actually granted.  Measured: about
+#: 830 bytes; the margin covers error ACKs with extended-ACK text.
+ACK_TRUESIZE = 1536
+#: Seconds any single ``recv``/``send`` may block waiting for the kernel.
+#: (Nothing bounds a ``send`` stuck on the kernel's RTNL lock; the caller's
+#: worker-thread timeout covers that.)
+TIMEOUT = 10.0
+
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_NLMSGERR = struct.Struct("=i")  # error, followed by the offending nlmsghdr
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family dst_len src_len tos table proto scope type flags
+_RTATTR = struct.Struct("=HH")
+_TIMEVAL = struct.Struct("@ll")
+_RTA_U32 = struct.Struct("=HHI")
+#: A whole capped ACK: nlmsghdr, error, then the request's nlmsghdr.
+_ACK = struct.Struct("=IHHIIi16x")
+_HDR_LEN: Final = _NLMSGHDR.size
+_ERR_LEN: Final = _NLMSGERR.size
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+# --- public types ------------------------------------------------------------
+
+
+@attrs.frozen
+class RouteBatchResult:
+    """Outcome of ``add_routes``.
+
+    ``added`` are the routes this call created (ours, to be deleted on
+    teardown); ``existed`` had the same key already (someone else's: never
+    delete them).
+    """
+
+    added: tuple[IPNetwork, ...]
+    existed: tuple[IPNetwork, ...]
+
+
+class RouteBatchError(OSError):
+    """A route operation failed.
+
+    ``errno`` is the kernel's error, ``prefix`` the (first) failing prefix,
+    ``extack`` the kernel's extended-ACK text when it gave one, ``failed`` how
+    many routes failed, and ``uncertain`` the routes whose ACK was lost (their
+    state is unknown; only with ``ENOBUFS`` or a timeout).  ``str()`` is a one
+    line message such as ``route 10.1.2.0/24 table 254: No such device``.
+    """
+
+    def __init__(
+        self,
+        err: int,
+        message: str,
+        *,
+        prefix: IPNetwork | None,
+        table: int,
+        extack: str | None = None,
+        failed: int = 1,
+        uncertain: tuple[IPNetwork, ...] = (),
+    ) -> None:
+        super().__init__(err, message)
+        self.message = message
+        self.prefix = prefix
+        self.table = table
+        self.extack = extack
+        self.failed = failed
+        self.uncertain = uncertain
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- encoding and parsing -----------------------------------------------------
+
+
+def encode_route(
+    prefix: IPNetwork,
+    *,
+    ifindex: int,
+    table: int,
+    metric: int | None = None,
+    seq: int = 0,
+    delete: bool = False,
+) -> bytes:
+    """One ``RTM_NEWROUTE`` (or, with ``delete``, ``RTM_DELROUTE``) message.
+
+    Unicast route to ``prefix`` via device ``ifindex`` (``RTA_OIF``), protocol
+    ``ROUTE_PROTOCOL``, scope link for IPv4 (as ``ip route add P dev X``) and
+    universe for IPv6.  ``rtm_table`` holds ``table`` when it fits in a byte
+    and ``RT_TABLE_UNSPEC`` otherwise; ``RTA_TABLE`` always carries it.
+    ``RTA_DST`` is omitted for a default route (prefix length 0);
+    ``RTA_PRIORITY`` is present only when ``metric`` is given.
+    """
+    plen = prefix.prefixlen
+    addr = prefix.network_address.packed if plen else b""
+    shape = _route_struct(len(addr), metric is not None)
+    if delete:
+        mtype, flags = RTM_DELROUTE, DELETE_FLAGS
+    else:
+        mtype, flags = RTM_NEWROUTE, ADD_FLAGS
+    if prefix.version == 4:
+        family, scope = socket.AF_INET, RT_SCOPE_LINK
+    else:
+        family, scope = socket.AF_INET6, RT_SCOPE_UNIVERSE
+    args: list[int | bytes] = [
+        shape.size, mtype, flags, seq & 0xFFFFFFFF, 0,
+        family, plen, 0, 0, table if table < 256 else RT_TABLE_UNSPEC,
+        ROUTE_PROTOCOL, scope, RTN_UNICAST, 0,
+        8, RTA_TABLE, table,
+    ]
+    if addr:
+        args += (4 + len(addr), RTA_DST, addr)
+    args += (8, RTA_OIF, ifindex)
+    if metric is not None:
+        args += (8, RTA_PRIORITY, metric)
+    return shape.pack(*args)
+
+
+_ROUTE_STRUCTS: dict[tuple[int, bool], struct.Struct] = {}
+
+
+def _route_struct(addr_len: int, with_metric: bool) -> struct.Struct:
+    """The layout of a route message: nlmsghdr, rtmsg, RTA_TABLE, [RTA_DST],
+    RTA_OIF, [RTA_PRIORITY].  Every part is a multiple of 4 bytes, so no
+    padding is needed between them."""
+    key = (addr_len, with_metric)
+    shape = _ROUTE_STRUCTS.get(key)
+    if shape is None:
+        fmt = "=IHHII" + "BBBBBBBBI" + "HHI"
+        if addr_len:
+            fmt += f"HH{addr_len}s"
+        fmt += "HHI"
+        if with_metric:
+            fmt += "HHI"
+        shape = _ROUTE_STRUCTS[key] = struct.Struct(fmt)
+    return shape
+
+
+def _iter_acks(buf: bytes | bytearray | memoryview) -> Iterator[tuple[int, int, str | None]]:
+    off, end = 0, len(buf)
+    while off < end:
+        if end - off < _HDR_LEN:
+            raise ValueError(f"truncated netlink header at offset {off}")
+        length, mtype, flags, seq, _pid = _NLMSGHDR.unpack_from(buf, off)
+        if length < _HDR_LEN or off + length > end:
+            raise ValueError(f"bad netlink message length {length} at offset {off}")
+        if mtype == NLMSG_ERROR:
+            if length < _HDR_LEN + _ERR_LEN + _HDR_LEN:
+                raise ValueError(f"truncated NLMSG_ERROR at offset {off}")
+            (err,) = _NLMSGERR.unpack_from(buf, off + _HDR_LEN)
+            msg: str | None = None
+            if flags & NLM_F_ACK_TLVS:
+                if flags & NLM_F_CAPPED:
+                    inner = _HDR_LEN
+                else:
+                    inner = _NLMSGHDR.unpack_from(buf, off + _HDR_LEN + _ERR_LEN)[0]
+                msg = _extack_msg(buf, off + _align4(_HDR_LEN + _ERR_LEN + inner), off + length)
+            yield seq, -err, msg
+        off += _align4(length)
+
+
+def _extack_msg(buf: bytes | bytearray | memoryview, off: int, end: int) -> str | None:
+    while off + _RTATTR.size <= end:
+        alen, atype = _RTATTR.unpack_from(buf, off)
+        if alen < _RTATTR.size or off + alen > end:
+            break
+        if atype & NLA_TYPE_MASK == NLMSGERR_ATTR_MSG:
+            raw = bytes(buf[off + _RTATTR.size : off + alen])
+            return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+        off += _align4(alen)
+    return None
+
+
+def parse_acks(buf: bytes | bytearray | memoryview) -> list[tuple[int, int, str | None]]:
+    """``(seq, errno, extack message or None)`` of every ``NLMSG_ERROR`` in
+    ``buf`` (errno 0 is a success ACK).  Other message types are skipped; a
+    malformed buffer raises ``ValueError``."""
+    return list(_iter_acks(buf))
+
+
+# --- the socket ---------------------------------------------------------------
+
+
+class _AcksLost(Exception):
+    """ACKs of a chunk were dropped (ENOBUFS) or never came (timeout)."""
+
+    def __init__(self, err: int, results: list[tuple[int, str | None] | None]) -> None:
+        super().__init__(err)
+        self.err = err
+        self.results = results
+
+
+class _RtnlSocket:
+    def __init__(self) -> None:
+        sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
+        )
+        try:
+            for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(SOL_NETLINK, opt, 1)
+            rcvbuf = _raise_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, RCVBUF_WANTED)
+            sndbuf = _raise_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, SNDBUF_WANTED)
+            sock.bind((0, 0))
+            # A kernel-side timeout (SO_RCVTIMEO) rather than settimeout():
+            # Python would poll() before every recv, doubling the syscalls.
+            tv = _TIMEVAL.pack(int(TIMEOUT), int(TIMEOUT % 1 * 1_000_000))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        # The kernel charges each queued ACK's truesize against the buffer and
+        # drops ACKs beyond it; keep a whole chunk's ACKs well inside it.
+        self.chunk = max(8, min(CHUNK_MAX, rcvbuf // ACK_TRUESIZE))
+        self.max_bytes = max(4096, sndbuf // 2 - 256)
+        self.seq = 0
+        self._buf = bytearray(1 << 16)
+        self._view = memoryview(self._buf)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> _RtnlSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def chunks(self, nets: Sequence[IPNetwork]) -> Iterator[Sequence[IPNetwork]]:
+        # Route messages are at most 80 bytes; 96 per message is a safe bound.
+        step = max(1, min(self.chunk, self.max_bytes // 96))
+        for i in range(0, len(nets), step):
+            yield nets[i : i + step]
+
+    def exchange(
+        self,
+        nets: Sequence[IPNetwork],
+        *,
+        ifindex: int,
+        table: int,
+        metric4: int | None,
+        metric6: int | None,
+        delete: bool,
+    ) -> list[tuple[int, str | None]]:
+        """Send one message per prefix in one datagram; return ``(errno,
+        extack)`` per prefix, in order."""
+        count = len(nets)
+        first = (self.seq + 1) & 0xFFFFFFFF
+        msgs = []
+        seq = first
+        for net in nets:
+            metric = metric4 if net.version == 4 else metric6
+            msgs.append(
+                encode_route(net, ifindex=ifindex, table=table, metric=metric, seq=seq,
+                             delete=delete)
+            )
+            seq = (seq + 1) & 0xFFFFFFFF
+        self.seq = (first + count - 1) & 0xFFFFFFFF
+        data = b"".join(msgs)
+        results: list[tuple[int, str | None] | None] = [None] * count
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:  # SO_SNDTIMEO expired
+            raise _AcksLost(errno.ETIMEDOUT, results) from None
+        if sent != len(data):  # netlink datagrams are all or nothing
+            raise OSError(errno.EMSGSIZE, f"netlink send: {sent} of {len(data)} bytes sent")
+        remaining = count
+        while remaining:
+            try:
+                n = self.sock.recv_into(self._buf)
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                raise _AcksLost(errno.ETIMEDOUT, results) from None
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                # ACKs were dropped.  The kernel handles a datagram's messages
+                # synchronously inside send(), so every ACK that survived is
+                # queued by now: collect them to narrow the uncertain set.
+                self._drain(results, first, count)
+                raise _AcksLost(errno.ENOBUFS, results) from None
+            if n == _ACK.size:
+                # Fast path: one capped ACK without TLVs (the common success).
+                _len, mtype, flags, seq, _pid, err = _ACK.unpack_from(self._buf)
+                if mtype == NLMSG_ERROR and not flags & NLM_F_ACK_TLVS:
+                    i = (seq - first) & 0xFFFFFFFF
+                    if i < count and results[i] is None:
+                        results[i] = (-err, None)
+                        remaining -= 1
+                    continue
+            remaining -= self._record(self._view[:n], results, first, count)
+        return [r for r in results if r is not None]
+
+    def _record(
+        self,
+        view: memoryview,
+        results: list[tuple[int, str | None] | None],
+        first: int,
+        count: int,
+    ) -> int:
+        got = 0
+        for seq, err, msg in _iter_acks(view):
+            i = (seq - first) & 0xFFFFFFFF
+            if i < count and results[i] is None:
+                results[i] = (err, msg)
+                got += 1
+        return got
+
+    def _drain(
+        self, results: list[tuple[int, str | None] | None], first: int, count: int
+    ) -> None:
+        while True:
+            try:
+                n = self.sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    continue
+                return
+            self._record(self._view[:n], results, first, count)
+
+
+def _raise_buffer(sock: socket.socket, force_opt: int, opt: int, size: int) -> int:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force_opt, size)
+    except OSError:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+    return int(sock.getsockopt(socket.SOL_SOCKET, opt))
+
+
+# --- operations ---------------------------------------------------------------
+
+
+def _check(ifindex: int, table: int, metric: int | None) -> None:
+    if not 0 < ifindex <= 0x7FFFFFFF:
+        raise ValueError(f"bad ifindex {ifindex!r}")
+    if not 0 < table <= 0xFFFFFFFF:
+        raise ValueError(f"bad route table {table!r} (1..2**32-1)")
+    if metric is not None and not 0 <= metric <= 0xFFFFFFFF:
+        raise ValueError(f"bad route metric {metric!r}")
+
+
+def _unique(prefixes: Iterable[IPNetwork]) -> list[IPNetwork]:
+    seen: set[IPNetwork] = set()
+    nets: list[IPNetwork] = []
+    for net in prefixes:
+        if not isinstance(net, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            raise TypeError(f"not an IP network: {net!r}")
+        if net not in seen:
+            seen.add(net)
+            nets.append(net)
+    return nets
+
+
+def _metrics(metric: int | None) -> tuple[int | None, int]:
+    return metric, IPV6_DEFAULT_METRIC if metric is None else metric
+
+
+def _describe(verb: str, net: IPNetwork | None, table: int, err: int, extack: str | None) -> str:
+    what = f"{verb}{net} table {table}" if net is not None else f"{verb.strip()} table {table}"
+    text = os.strerror(err)
+    return f"{what}: {text} ({extack})" if extack else f"{what}: {text}"
+
+
+def add_routes(
+    ifindex: int,
+    prefixes: Sequence[IPNetwork],
+    *,
+    table: int,
+    metric: int | None = None,
+) -> RouteBatchResult:
+    """Add a unicast route via device ``ifindex`` to each prefix (IPv4 and
+    IPv6 may be mixed; duplicates are sent once).
+
+    Returns which routes were created (ours) and which already existed with
+    the same key (not ours).  On any other error the routes created by this
+    call are deleted again and ``RouteBatchError`` is raised.  IPv6 routes
+    without ``metric`` get the kernel's default metric, 1024, explicitly.
+    """
+    _check(ifindex, table, metric)
+    nets = _unique(prefixes)
+    added: list[IPNetwork] = []
+    existed: list[IPNetwork] = []
+    if not nets:
+        return RouteBatchResult((), ())
+    metric4, metric6 = _metrics(metric)
+    try:
+        with _RtnlSocket() as nl:
+            for chunk in nl.chunks(nets):
+                try:
+                    results = nl.exchange(chunk, ifindex=ifindex, table=table,
+                                          metric4=metric4, metric6=metric6, delete=False)
+                except _AcksLost as lost:
+                    _sort_lost(chunk, lost, added, existed)
+                    raise _lost_error("route ", chunk, lost, table) from None
+                failure: tuple[IPNetwork, int, str | None] | None = None
+                failed = 0
+                for net, (err, extack) in zip(chunk, results, strict=True):
+                    if err == 0:
+                        added.append(net)
+                    elif err == errno.EEXIST:
+                        existed.append(net)
+                    else:
+                        failed += 1
+                        if failure is None:
+                            failure = (net, err, extack)
+                if failure is not None:
+                    net, err, extack = failure
+                    message = _describe("route ", net, table, err, extack)
+                    if failed > 1:
+                        message += f"; {failed} routes failed"
+                    raise RouteBatchError(err, message, prefix=net, table=table,
+                                          extack=extack, failed=failed)
+    except BaseException as exc:
+        if added:
+            _roll_back(exc, ifindex, added, table, metric)
+        raise
+    return RouteBatchResult(tuple(added), tuple(existed))
+
+
+def _sort_lost(
+    chunk: Sequence[IPNetwork],
+    lost: _AcksLost,
+    added: list[IPNetwork],
+    existed: list[IPNetwork],
+) -> None:
+    for net, res in zip(chunk, lost.results, strict=True):
+        if res is not None and res[0] == 0:
+            added.append(net)
+        elif res is not None and res[0] == errno.EEXIST:
+            existed.append(net)
+
+
+def _lost_error(
+    verb: str, chunk: Sequence[IPNetwork], lost: _AcksLost, table: int
+) -> RouteBatchError:
+    uncertain = tuple(net for net, res in zip(chunk, lost.results, strict=True) if res is None)
+    why = "ACKs dropped by the kernel" if lost.err == errno.ENOBUFS else "no ACK in time"
+    message = (
+        f"{verb.strip()} batch table {table}: {os.strerror(lost.err)}: {why}; "
+        f"the state of {len(uncertain)} routes is unknown"
+    )
+    return RouteBatchError(lost.err, message, prefix=uncertain[0] if uncertain else None,
+                           table=table, failed=len(uncertain), uncertain=uncertain)
+
+
+def _roll_back(
+    exc: BaseException, ifindex: int, added: list[IPNetwork], table: int, metric: int | None
+) -> None:
+    try:
+        delete_routes(ifindex, added, table=table, metric=metric)
+    except Exception as rb_exc:
+        exc.add_note(f"rolling back {len(added)} added routes failed: {rb_exc}")
+    else:
+        exc.add_note(f"rolled back {len(added)} routes added by this call")
+
+
+def delete_routes(
+    ifindex: int,
+    prefixes: Sequence[IPNetwork],
+    *,
+    table: int,
+    metric: int | None = None,
+) -> int:
+    """Delete our routes: those via ``ifindex`` in ``table`` with protocol
+    ``ROUTE_PROTOCOL`` (and, for IPv4, scope link).  Pass the ``metric`` given
+    to ``add_routes``.
+
+    Routes already gone are fine, so this is idempotent.  Returns how many
+    routes were deleted.  On other errors it goes on with the rest, then
+    raises ``RouteBatchError`` naming the first failure and how many failed.
+    """
+    _check(ifindex, table, metric)
+    nets = _unique(prefixes)
+    if not nets:
+        return 0
+    metric4, metric6 = _metrics(metric)
+    deleted = 0
+    failed = 0
+    first: tuple[IPNetwork, int, str | None] | None = None
+    uncertain: list[IPNetwork] = []
+    results_opt: list[tuple[int, str | None] | None]
+    with _RtnlSocket() as nl:
+        for chunk in nl.chunks(nets):
+            try:
+                results = nl.exchange(chunk, ifindex=ifindex, table=table,
+                                      metric4=metric4, metric6=metric6, delete=True)
+            except _AcksLost as lost:
+                if lost.err != errno.ENOBUFS:  # a timeout: do not wait on every chunk
+                    raise _lost_error("deleting route ", chunk, lost, table) from None
+                results_opt = lost.results
+            else:
+                results_opt = list(results)
+            for net, res in zip(chunk, results_opt, strict=True):
+                if res is None:
+                    uncertain.append(net)
+                    continue
+                err, extack = res
+                if err == 0:
+                    deleted += 1
+                elif err not in (errno.ESRCH, errno.ENOENT):
+                    failed += 1
+                    if first is None:
+                        first = (net, err, extack)
+    if first is not None:
+        net, err, extack = first
+        message = _describe("deleting route ", net, table, err, extack)
+        message += f"; {failed} of {len(nets)} deletions failed"
+        if uncertain:
+            message += f", {len(uncertain)} unacknowledged"
+        raise RouteBatchError(err, message, prefix=net, table=table, extack=extack,
+                              failed=failed, uncertain=tuple(uncertain))
+    if uncertain:
+        message = (
+            f"deleting routes table {table}: {os.strerror(errno.ENOBUFS)}: ACKs dropped by "
+            f"the kernel; the state of {len(uncertain)} routes is unknown"
+        )
+        raise RouteBatchError(errno.ENOBUFS, message, prefix=uncertain[0], table=table,
+                              failed=len(uncertain), uncertain=tuple(uncertain))
+    return deleted

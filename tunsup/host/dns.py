@@ -1,0 +1,772 @@
+"""DNS for a tunnel: set at bring-up, reverted at teardown.
+
+Three backends, chosen by :func:`select_backend`:
+
+``file``
+    Rewrites a ``resolv.conf`` (``/etc/resolv.conf`` by default) with a
+    backup of the exact original bytes and mode kept in the state record.
+``resolvconf``
+    ``resolvconf -a tun.IFACE -m 0 -x`` with the rendered file on stdin, as
+    wg-quick does; reverted with ``resolvconf -d tun.IFACE -f``.
+``resolved``
+    systemd-resolved per-link DNS through ``resolvectl dns/domain/
+    default-route``; reverted with ``resolvectl revert IFACE``.
+
+:meth:`DnsBackend.apply` returns a frozen, plain-data state record
+(:data:`DnsState`) and reverting needs nothing but that record
+(:func:`revert_state`; any backend's ``revert`` accepts any state), so that the
+record can be journalled and the change undone after a crash, even when
+``auto`` would now pick another backend.
+
+Nothing here blocks the trio thread: file I/O runs in worker threads,
+commands through :func:`trio.run_process`, everything under a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from typing import ClassVar, Protocol, TypeAlias
+
+import attrs
+import outcome
+import trio
+
+from .._errors import HostError
+from ..model import IPAddress
+
+__all__ = [
+    "DEFAULT_RESOLV_CONF",
+    "NEW_FILE_MODE",
+    "RESOLVED_VARLINK_SOCKET",
+    "DnsBackend",
+    "DnsError",
+    "DnsState",
+    "FileBackend",
+    "FileDnsState",
+    "ResolvconfBackend",
+    "ResolvconfDnsState",
+    "ResolvedBackend",
+    "ResolvedDnsState",
+    "backend_for_state",
+    "render_resolv_conf",
+    "revert_state",
+    "select_backend",
+]
+
+log = logging.getLogger("tunsup.dns")
+
+DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
+#: systemd-resolved's varlink socket; its presence means resolved is running.
+#: Read at call time by :func:`select_backend` (tests point it elsewhere).
+RESOLVED_VARLINK_SOCKET = "/run/systemd/resolve/io.systemd.Resolve"
+#: Mode of a resolv.conf that tunsup creates because none existed.
+NEW_FILE_MODE = 0o644
+
+#: ``rename`` over these errors means "cannot replace this path" (a bind
+#: mount, as ``ip netns exec`` makes of /etc/resolv.conf): rewrite in place.
+_RENAME_REFUSED = frozenset({errno.EBUSY, errno.EXDEV, errno.EPERM})
+#: Creating the temporary file failed this way: the directory is not
+#: writable, but the file itself may be (a bind mount on a read-only /etc).
+_TEMP_REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+_STDERR_LINES = 3
+
+
+class DnsError(HostError):
+    """Setting or reverting DNS failed or timed out."""
+
+
+# --- state records ------------------------------------------------------------
+
+
+@attrs.frozen
+class FileDnsState:
+    """What the file backend changed.
+
+    ``path`` is the real path (symlinks resolved once, at apply time): a
+    ``resolv.conf`` that is a symlink has its *target* rewritten and
+    restored, and the symlink itself is left as it is.
+    """
+
+    path: str
+    #: Exact bytes before tunsup wrote the file; None: it did not exist.
+    original: bytes | None
+    #: Exact bytes tunsup wrote.
+    written: bytes
+    #: Permission bits of the original (:data:`NEW_FILE_MODE` for a new file).
+    mode: int
+
+
+@attrs.frozen
+class ResolvconfDnsState:
+    """What the resolvconf backend added: interface record ``tun.IFACE``."""
+
+    ifname: str
+    record: str
+
+
+@attrs.frozen
+class ResolvedDnsState:
+    """The link whose systemd-resolved settings were changed."""
+
+    ifname: str
+
+
+DnsState: TypeAlias = FileDnsState | ResolvconfDnsState | ResolvedDnsState
+
+
+class DnsBackend(Protocol):
+    """A way of setting a tunnel's DNS servers and search domains."""
+
+    @property
+    def name(self) -> str:
+        """``"file"``, ``"resolvconf"`` or ``"resolved"``."""
+        ...
+
+    async def apply(
+        self,
+        ifname: str,
+        servers: Sequence[IPAddress],
+        search: Sequence[str],
+        *,
+        timeout: float,
+    ) -> DnsState:
+        """Set DNS; return what :meth:`revert` needs.
+
+        On failure, timeout (:class:`DnsError`) or cancellation nothing is
+        left applied (or its rollback is under way, see the backends).
+        """
+        ...
+
+    async def revert(self, state: DnsState, *, timeout: float) -> bool:
+        """Undo ``state`` (of any backend; see :func:`revert_state`).
+
+        True: reverted, or nothing was left to revert.  False: deliberately
+        left alone (logged as a warning).  Raises :class:`DnsError`.
+        Cancellation: a file revert finishes in its abandoned worker thread;
+        a command is terminated.
+        """
+        ...
+
+
+# --- rendering and validation -------------------------------------------------
+
+
+def _check_ifname(ifname: str) -> None:
+    # Linux's dev_valid_name(), plus no control characters: the name ends up
+    # in a file comment, a resolvconf record name and command lines.
+    if (
+        not 0 < len(ifname.encode()) <= 15
+        or ifname in (".", "..")
+        or any(c in "/:" or c.isspace() or not c.isprintable() for c in ifname)
+    ):
+        raise ValueError(f"invalid interface name {ifname!r}")
+
+
+def _check_domain(domain: str) -> None:
+    if not 0 < len(domain) <= 254 or any(
+        c in "#;" or c.isspace() or not c.isprintable() for c in domain
+    ):
+        raise ValueError(f"invalid DNS search domain {domain!r}")
+
+
+def _check_request(ifname: str, servers: Sequence[IPAddress], search: Sequence[str]) -> None:
+    _check_ifname(ifname)
+    if not servers:
+        raise ValueError(f"{ifname}: no DNS servers to set")
+    for domain in search:
+        _check_domain(domain)
+
+
+def render_resolv_conf(ifname: str, servers: Sequence[IPAddress], search: Sequence[str]) -> bytes:
+    """The ``resolv.conf`` text for a tunnel.
+
+    Routing-only domains (``~example.com``, ``~.``) mean nothing to a plain
+    resolver and are left out of the ``search`` line; the line is omitted
+    when no search domain remains.  All servers are written (glibc uses
+    the first three).  Raises ValueError for an invalid interface name or
+    domain (whitespace or ``#``/``;`` would change the file's meaning) or
+    an empty server list.
+    """
+    _check_request(ifname, servers, search)
+    lines = [f"# Generated by tunsup for {ifname}; restored when the tunnel stops"]
+    lines += [f"nameserver {server}" for server in servers]
+    domains = [d for d in search if not d.startswith("~")]
+    if domains:
+        lines.append("search " + " ".join(domains))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _describe(ifname: str, servers: Sequence[IPAddress], search: Sequence[str]) -> str:
+    text = f"{ifname}: DNS " + ", ".join(map(str, servers))
+    if search:
+        text += " search " + " ".join(search)
+    return text
+
+
+# --- file backend: synchronous parts (worker threads only) --------------------
+
+#: Serializes every file operation of this module, so that a rollback queued
+#: behind an abandoned apply (see :meth:`FileBackend.apply`) runs after it.
+_file_lock = threading.Lock()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync(fd: int) -> None:
+    os.fsync(fd)
+
+
+def _replace(src: str, dst: str) -> None:
+    os.replace(src, dst)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # some file systems cannot sync directories
+            raise
+    finally:
+        os.close(fd)
+
+
+def _read(path: str) -> tuple[bytes | None, int]:
+    """Bytes and permission bits of ``path``; (None, NEW_FILE_MODE) if missing."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - fstat needs the open file
+    except FileNotFoundError:
+        return None, NEW_FILE_MODE
+    with f:
+        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+        return f.read(), mode
+
+
+def _replace_atomically(path: str, data: bytes, mode: int) -> bool:
+    """Temp file + fsync + rename + directory fsync.  False: the rename (or
+    the temp file) was refused in a way that an in-place rewrite may avoid;
+    ``path`` is then untouched."""
+    directory = os.path.dirname(path) or "."
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tunsup-", dir=directory)
+    except OSError as exc:
+        if exc.errno in _TEMP_REFUSED:
+            log.debug("%s: cannot create a temporary file beside it (%s)", path, exc.strerror)
+            return False
+        raise
+    try:
+        try:
+            os.fchmod(fd, mode)
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(path)
+                with contextlib.suppress(PermissionError):
+                    os.fchown(fd, st.st_uid, st.st_gid)
+            _write_all(fd, data)
+            _fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            _replace(tmp, path)
+        except OSError as exc:
+            if exc.errno in _RENAME_REFUSED:
+                log.debug("%s: cannot rename over it (%s)", path, exc.strerror)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                return False
+            raise
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+    return True
+
+
+def _rewrite_in_place(path: str, data: bytes, previous: bytes | None) -> None:
+    """Truncate and rewrite ``path``; on failure put ``previous`` back."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)  # fails before truncating
+    try:
+        try:
+            _write_all(fd, data)
+            _fsync(fd)
+        except OSError as exc:
+            if previous is None:
+                raise
+            try:
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                _write_all(fd, previous)
+                _fsync(fd)
+            except OSError as exc2:
+                raise DnsError(
+                    f"{path}: rewriting in place failed ({exc.strerror}) and its previous "
+                    f"content could not be put back ({exc2.strerror}); the file may be damaged"
+                ) from exc
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: str, data: bytes, mode: int, previous: bytes | None) -> None:
+    """Replace the content of ``path`` atomically, or in place where it
+    cannot be replaced.  When this raises, ``path`` holds ``previous``."""
+    if _replace_atomically(path, data, mode):
+        return
+    log.debug("%s: rewriting it in place instead (bind mount?)", path)
+    _rewrite_in_place(path, data, previous)
+
+
+def _os_error(path: str, what: str, exc: OSError) -> DnsError:
+    return DnsError(f"{what} {path}: {exc.strerror or exc}")
+
+
+def _apply_file_sync(path: str, content: bytes) -> FileDnsState:
+    real = os.path.realpath(path)
+    try:
+        original, mode = _read(real)
+    except OSError as exc:
+        raise _os_error(real, "cannot read", exc) from exc
+    try:
+        _write_file(real, content, mode, original)
+    except OSError as exc:
+        raise _os_error(real, "cannot write", exc) from exc
+    return FileDnsState(path=real, original=original, written=content, mode=mode)
+
+
+def _revert_file_sync(state: FileDnsState) -> bool:
+    path = state.path
+    try:
+        current, _ = _read(path)
+        if current == state.original:
+            log.debug("%s: already as it was", path)
+            return True
+        if current != state.written:
+            log.warning("leaving %s alone: it changed since tunsup wrote it", path)
+            return False
+        if state.original is None:
+            os.unlink(path)
+            _fsync_dir(os.path.dirname(path) or ".")
+            log.info("removed %s (it did not exist before)", path)
+        else:
+            _write_file(path, state.original, state.mode, state.written)
+            log.info("restored %s", path)
+        return True
+    except OSError as exc:
+        raise _os_error(path, "cannot restore", exc) from exc
+
+
+@attrs.define
+class _FileApplyJob:
+    """An apply running in a worker thread, and what it did."""
+
+    path: str
+    content: bytes
+    abandoned: bool = False
+    state: FileDnsState | None = None
+
+    def run(self) -> FileDnsState | None:
+        with _file_lock:
+            if self.abandoned:
+                return None
+            self.state = _apply_file_sync(self.path, self.content)
+            return self.state
+
+    def rollback(self) -> None:
+        """Queued behind :meth:`run` once the caller stopped waiting for it."""
+        with _file_lock:
+            state, self.state = self.state, None
+            if state is not None:
+                log.info("%s: rolling back an abandoned DNS change", state.path)
+                _revert_file_sync(state)
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        trio.lowlevel.start_thread_soon(self.rollback, _log_rollback, name="tunsup-dns-rollback")
+
+
+def _log_rollback(result: outcome.Outcome[None]) -> None:
+    if isinstance(result, outcome.Error):
+        log.warning("rolling back an abandoned DNS change failed: %s", result.error)
+
+
+def _locked_revert(state: FileDnsState) -> bool:
+    with _file_lock:
+        return _revert_file_sync(state)
+
+
+@attrs.frozen
+class FileBackend:
+    """Writes ``path`` (a resolv.conf) and restores its exact bytes and mode."""
+
+    path: str = DEFAULT_RESOLV_CONF
+    name: ClassVar[str] = "file"
+
+    async def apply(
+        self,
+        ifname: str,
+        servers: Sequence[IPAddress],
+        search: Sequence[str],
+        *,
+        timeout: float,
+    ) -> FileDnsState:
+        """Write the rendered file over ``self.path`` (its symlink target, if
+        it is a symlink): temp file, fsync, rename, directory fsync; where the
+        rename is refused (EBUSY/EXDEV/EPERM: a bind mount), an in-place
+        rewrite.  The original mode (owner where possible) is kept, 0644 for
+        a new file.  If the write fails the original is intact (or was put
+        back) before :class:`DnsError` is raised.
+
+        Cancellation or timeout: the worker thread cannot be interrupted, so
+        it is abandoned and a rollback is queued behind it; once the write
+        finishes it is reverted (as :meth:`revert` would).  Cancelled
+        propagates at once; a timeout raises :class:`DnsError`.
+        """
+        content = render_resolv_conf(ifname, servers, search)
+        job = _FileApplyJob(self.path, content)
+        try:
+            with trio.fail_after(timeout):
+                state = await trio.to_thread.run_sync(
+                    job.run, abandon_on_cancel=True, thread_name="tunsup-dns"
+                )
+        except DnsError:
+            raise
+        except trio.TooSlowError:
+            job.abandon()
+            raise DnsError(
+                f"{ifname}: writing {self.path} timed out after {timeout:g}s; "
+                "the change is rolled back in the background"
+            ) from None
+        except BaseException:
+            job.abandon()
+            raise
+        assert state is not None  # only None when abandoned
+        log.info("%s via file %s", _describe(ifname, servers, search), state.path)
+        return state
+
+    async def revert(self, state: DnsState, *, timeout: float) -> bool:
+        """See :func:`revert_state`."""
+        return await revert_state(state, timeout=timeout)
+
+
+async def _revert_file(state: FileDnsState, timeout: float) -> bool:
+    """Revert in a worker thread.  Cancellation or timeout abandons the
+    thread, which still finishes the revert (it compares contents first, so
+    it is safe whenever it runs)."""
+    try:
+        with trio.fail_after(timeout):
+            return await trio.to_thread.run_sync(
+                functools.partial(_locked_revert, state),
+                abandon_on_cancel=True,
+                thread_name="tunsup-dns",
+            )
+    except trio.TooSlowError:
+        raise DnsError(
+            f"restoring {state.path} timed out after {timeout:g}s; it continues in the background"
+        ) from None
+
+
+# --- commands -----------------------------------------------------------------
+
+
+async def _run(argv: Sequence[str], stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """Run a command, capturing its output.  The caller bounds the time; on
+    cancellation trio terminates (later kills) the process and waits for it."""
+    try:
+        return await trio.run_process(
+            list(argv), stdin=stdin, capture_stdout=True, capture_stderr=True, check=False
+        )
+    except OSError as exc:
+        raise DnsError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
+
+
+def _first_lines(data: bytes) -> str:
+    lines = [ln.strip() for ln in data.decode(errors="replace").splitlines() if ln.strip()]
+    text = " / ".join(lines[:_STDERR_LINES])
+    if len(lines) > _STDERR_LINES:
+        text += " ..."
+    return text
+
+
+def _failed(argv: Sequence[str], proc: subprocess.CompletedProcess[bytes]) -> DnsError:
+    output = _first_lines(proc.stderr) or _first_lines(proc.stdout) or "no output"
+    return DnsError(f"{' '.join(argv)} exited with status {proc.returncode}: {output}")
+
+
+async def _rollback(argv: Sequence[str], timeout: float) -> None:
+    """Run a rollback command, shielded from cancellation and bounded by
+    ``timeout``; failures are logged, never raised."""
+    with trio.move_on_after(timeout, shield=True) as scope:
+        try:
+            proc = await _run(argv)
+        except DnsError as exc:
+            log.warning("rollback failed: %s", exc)
+            return
+        if proc.returncode != 0:
+            log.warning("rollback failed: %s", _failed(argv, proc))
+        else:
+            log.debug("rolled back: %s", " ".join(argv))
+    if scope.cancelled_caught:
+        log.warning("rollback timed out after %gs: %s", timeout, " ".join(argv))
+
+
+def _link_exists(ifname: str) -> bool:
+    try:
+        socket.if_nametoindex(ifname)  # one ioctl, does not block
+    except OSError:
+        return False
+    return True
+
+
+# --- resolvconf backend -------------------------------------------------------
+
+
+@attrs.frozen
+class ResolvconfBackend:
+    """``resolvconf`` (openresolv or Debian's), as wg-quick uses it."""
+
+    cmd: str = "resolvconf"
+    name: ClassVar[str] = "resolvconf"
+
+    async def apply(
+        self,
+        ifname: str,
+        servers: Sequence[IPAddress],
+        search: Sequence[str],
+        *,
+        timeout: float,
+    ) -> ResolvconfDnsState:
+        """``resolvconf -a tun.IFACE -m 0 -x`` with the rendered file on stdin.
+
+        A non-zero exit raises :class:`DnsError` with the command's stderr.
+        On failure, timeout or cancellation (once the command was started)
+        ``resolvconf -d tun.IFACE -f`` runs, shielded and bounded by
+        ``timeout``, before the error (or Cancelled) propagates.
+        """
+        content = render_resolv_conf(ifname, servers, search)
+        record = f"tun.{ifname}"
+        argv = [self.cmd, "-a", record, "-m", "0", "-x"]
+        rollback = False
+        try:
+            with trio.fail_after(timeout):
+                rollback = True
+                try:
+                    proc = await _run(argv, content)
+                except DnsError:
+                    rollback = False  # never started
+                    raise
+                if proc.returncode != 0:
+                    raise _failed(argv, proc)
+            rollback = False
+        except trio.TooSlowError:
+            raise DnsError(f"{' '.join(argv)} timed out after {timeout:g}s") from None
+        finally:
+            if rollback:
+                await _rollback([self.cmd, "-d", record, "-f"], timeout)
+        log.info("%s via resolvconf (record %s)", _describe(ifname, servers, search), record)
+        return ResolvconfDnsState(ifname=ifname, record=record)
+
+    async def revert(self, state: DnsState, *, timeout: float) -> bool:
+        """See :func:`revert_state` (this backend's command is used)."""
+        return await revert_state(state, timeout=timeout, resolvconf_cmd=self.cmd)
+
+
+async def _revert_resolvconf(state: ResolvconfDnsState, cmd: str, timeout: float) -> bool:
+    """``resolvconf -d``; on cancellation the command is terminated."""
+    argv = [cmd, "-d", state.record, "-f"]
+    try:
+        with trio.fail_after(timeout):
+            proc = await _run(argv)
+    except trio.TooSlowError:
+        raise DnsError(f"{' '.join(argv)} timed out after {timeout:g}s") from None
+    if proc.returncode != 0:
+        raise _failed(argv, proc)
+    log.info("%s: DNS record %s removed via resolvconf", state.ifname, state.record)
+    return True
+
+
+# --- systemd-resolved backend -------------------------------------------------
+
+
+@attrs.frozen
+class ResolvedBackend:
+    """systemd-resolved per-link settings through ``resolvectl``."""
+
+    cmd: str = "resolvectl"
+    name: ClassVar[str] = "resolved"
+
+    async def apply(
+        self,
+        ifname: str,
+        servers: Sequence[IPAddress],
+        search: Sequence[str],
+        *,
+        timeout: float,
+    ) -> ResolvedDnsState:
+        """``resolvectl dns IFACE S...``, ``resolvectl domain IFACE D...``
+        (``~.`` without search domains, so the tunnel's servers answer every
+        query) and ``resolvectl default-route IFACE true`` (its failure is
+        ignored: old versions lack it).
+
+        If anything after the first command fails or times out, or on
+        cancellation once a command was started, ``resolvectl revert IFACE``
+        runs, shielded and bounded by ``timeout``, before the error (or
+        Cancelled) propagates.
+        """
+        _check_request(ifname, servers, search)
+        dns_argv = [self.cmd, "dns", ifname, *map(str, servers)]
+        domain_argv = [self.cmd, "domain", ifname, *(search or ["~."])]
+        route_argv = [self.cmd, "default-route", ifname, "true"]
+        rollback = False
+        try:
+            with trio.fail_after(timeout):
+                rollback = True
+                try:
+                    proc = await _run(dns_argv)
+                except DnsError:
+                    rollback = False  # never started
+                    raise
+                if proc.returncode != 0:
+                    rollback = False  # nothing was set
+                    raise _failed(dns_argv, proc)
+                proc = await _run(domain_argv)
+                if proc.returncode != 0:
+                    raise _failed(domain_argv, proc)
+                proc = await _run(route_argv)
+                if proc.returncode != 0:
+                    log.debug("%s: ignored: %s", ifname, _failed(route_argv, proc))
+            rollback = False
+        except trio.TooSlowError:
+            raise DnsError(f"{ifname}: resolvectl timed out after {timeout:g}s") from None
+        finally:
+            if rollback:
+                await _rollback([self.cmd, "revert", ifname], timeout)
+        log.info("%s via systemd-resolved", _describe(ifname, servers, search))
+        return ResolvedDnsState(ifname=ifname)
+
+    async def revert(self, state: DnsState, *, timeout: float) -> bool:
+        """See :func:`revert_state` (this backend's command is used)."""
+        return await revert_state(state, timeout=timeout, resolvectl_cmd=self.cmd)
+
+
+_GONE_MARKERS = ("no such device", "not found", "unknown interface")
+
+
+async def _revert_resolved(state: ResolvedDnsState, cmd: str, timeout: float) -> bool:
+    """``resolvectl revert``; on cancellation the command is terminated."""
+    argv = [cmd, "revert", state.ifname]
+    try:
+        with trio.fail_after(timeout):
+            proc = await _run(argv)
+    except trio.TooSlowError:
+        raise DnsError(f"{' '.join(argv)} timed out after {timeout:g}s") from None
+    if proc.returncode == 0:
+        log.info("%s: DNS settings reverted in systemd-resolved", state.ifname)
+        return True
+    stderr = proc.stderr.decode(errors="replace").lower()
+    if any(m in stderr for m in _GONE_MARKERS) or not _link_exists(state.ifname):
+        # resolved forgets a link's settings when the link goes away.
+        log.debug("%s: link gone, nothing to revert (%s)", state.ifname, _failed(argv, proc))
+        return True
+    raise _failed(argv, proc)
+
+
+# --- dispatch and selection ---------------------------------------------------
+
+
+async def revert_state(
+    state: DnsState,
+    *,
+    timeout: float,
+    resolvconf_cmd: str = "resolvconf",
+    resolvectl_cmd: str = "resolvectl",
+) -> bool:
+    """Undo what an apply recorded in ``state``; needs nothing else.
+
+    File: if the file still holds what tunsup wrote, the original bytes and
+    mode are put back the same atomic way (or the file is removed if it did
+    not exist); if it already holds the original (or is absent and was
+    absent), True; if it changed since, it is left alone (warning) and
+    False is returned.  resolvconf: ``resolvconf -d tun.IFACE -f``; a
+    non-zero exit raises :class:`DnsError`.  resolved: ``resolvectl revert
+    IFACE``; a failure once the link is gone counts as reverted (resolved
+    drops a vanished link's settings).
+
+    Timeout raises :class:`DnsError`.  Cancellation: a file revert continues
+    in its (abandoned) worker thread; a command is terminated.
+    """
+    if isinstance(state, FileDnsState):
+        return await _revert_file(state, timeout)
+    if isinstance(state, ResolvconfDnsState):
+        return await _revert_resolvconf(state, resolvconf_cmd, timeout)
+    if isinstance(state, ResolvedDnsState):
+        return await _revert_resolved(state, resolvectl_cmd, timeout)
+    raise TypeError(f"not a DNS state record: {state!r}")
+
+
+def backend_for_state(
+    state: DnsState, *, resolvconf_cmd: str = "resolvconf", resolvectl_cmd: str = "resolvectl"
+) -> DnsBackend:
+    """The backend that produced ``state`` (for recovery and messages)."""
+    if isinstance(state, FileDnsState):
+        return FileBackend(state.path)
+    if isinstance(state, ResolvconfDnsState):
+        return ResolvconfBackend(resolvconf_cmd)
+    return ResolvedBackend(resolvectl_cmd)
+
+
+def select_backend(
+    kind: str,
+    *,
+    resolv_conf: str = DEFAULT_RESOLV_CONF,
+    resolvconf_cmd: str = "resolvconf",
+    resolvectl_cmd: str = "resolvectl",
+    resolved_socket: str | None = None,
+) -> DnsBackend:
+    """The backend for a configured kind: ``auto``, ``resolved``,
+    ``resolvconf`` or ``file``.
+
+    An explicit kind is returned as is (a missing command shows at apply).
+    ``auto``: ``resolved`` if systemd-resolved runs (its varlink socket,
+    ``resolved_socket`` or :data:`RESOLVED_VARLINK_SOCKET`, exists) and
+    ``resolvectl_cmd`` is on PATH; else ``resolvconf`` if on PATH; else
+    ``file``.  ``none`` (no DNS changes) is the caller's business and, like
+    an unknown kind, raises ValueError.
+    """
+    if kind == "file":
+        return FileBackend(resolv_conf)
+    if kind == "resolvconf":
+        return ResolvconfBackend(resolvconf_cmd)
+    if kind == "resolved":
+        return ResolvedBackend(resolvectl_cmd)
+    if kind == "none":
+        raise ValueError("DNS backend 'none' means no backend; the caller skips DNS")
+    if kind != "auto":
+        raise ValueError(
+            f"unknown DNS backend {kind!r} (expected auto, resolved, resolvconf or file)"
+        )
+    sock = RESOLVED_VARLINK_SOCKET if resolved_socket is None else resolved_socket
+    chosen: DnsBackend
+    if os.path.exists(sock) and shutil.which(resolvectl_cmd):
+        chosen = ResolvedBackend(resolvectl_cmd)
+    elif shutil.which(resolvconf_cmd):
+        chosen = ResolvconfBackend(resolvconf_cmd)
+    else:
+        chosen = FileBackend(resolv_conf)
+    log.debug("DNS backend auto: %s", chosen.name)
+    return chosen

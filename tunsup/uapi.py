@@ -1,0 +1,462 @@
+"""WireGuard cross-platform UAPI client (``get=1`` / ``set=1``).
+
+The user-space helper (wireguard-go) listens on ``/var/run/wireguard/IFACE.sock``
+and speaks a line protocol of ``key=value`` pairs; a request and a reply each
+end with a blank line, and every reply ends with ``errno=N``
+(https://www.wireguard.com/xplatform/).  tunsup speaks it directly, so the
+``wg`` binary is never needed.
+
+All socket I/O is trio-native and bounded by a deadline: a helper that accepts
+a connection and never answers (e.g. because it is SIGSTOPped) costs at most
+``timeout`` seconds, never a blocked event loop.  Key material appears only in
+the bytes sent to the socket: never in logs, exception messages or ``repr``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import ipaddress
+import logging
+import os
+from collections.abc import Callable, Mapping
+
+import attrs
+import trio
+
+from ._errors import HostError
+from .keys import Key
+from .model import IPNetwork, TunnelSpec
+
+__all__ = [
+    "MAX_REPLY",
+    "UAPI_DIR",
+    "DeviceStatus",
+    "PeerStatus",
+    "UapiError",
+    "parse_get",
+    "render_set",
+    "socket_path",
+    "uapi_get",
+    "uapi_set",
+    "wait_for_socket",
+]
+
+log = logging.getLogger(__name__)
+
+UAPI_DIR = "/var/run/wireguard"
+
+#: Largest reply accepted from a UAPI socket.  A peer with 10,000 allowed IPs
+#: gives ~300 KB, so this is far above any real configuration while still
+#: bounding memory against a misbehaving server.
+MAX_REPLY = 16 * 1024 * 1024
+
+_RECV_CHUNK = 64 * 1024
+_RETRY_FIRST = 0.002
+_RETRY_MAX = 0.05
+_IFNAMSIZ = 16
+
+
+class UapiError(HostError):
+    """A UAPI exchange failed: no socket, no answer in time, ``errno != 0``
+    or a malformed reply.
+
+    ``errno`` is the value the server reported (wireguard-go sends negative
+    numbers, e.g. ``-22``), or ``None`` when the failure is not a reported
+    error.  The message never contains key material.
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+@attrs.frozen
+class PeerStatus:
+    """One peer as reported by ``get=1`` (the preshared key is not kept)."""
+
+    public_key: Key
+    #: ``IP:port`` or ``[IPv6]:port`` as reported, ``None`` when unknown.
+    endpoint: str | None
+    allowed_ips: tuple[IPNetwork, ...]
+    #: Unix time in seconds of the last handshake, ``None`` if never.
+    last_handshake: float | None
+    rx_bytes: int
+    tx_bytes: int
+    #: Seconds, ``None`` when off.
+    persistent_keepalive: int | None
+
+
+@attrs.frozen
+class DeviceStatus:
+    """A device as reported by ``get=1`` (the private key is not kept)."""
+
+    listen_port: int | None
+    fwmark: int | None
+    peers: tuple[PeerStatus, ...]
+
+
+def socket_path(ifname: str, uapi_dir: str = UAPI_DIR) -> str:
+    """Path of the UAPI socket of interface ``ifname``.
+
+    Raises :class:`ValueError` for a name that is not a valid interface name
+    (so a name can never point outside ``uapi_dir``).
+    """
+    if (
+        not ifname
+        or len(ifname) >= _IFNAMSIZ
+        or ifname in (".", "..")
+        or any(c in ifname for c in "/\0")
+        or any(c.isspace() for c in ifname)
+    ):
+        raise ValueError(f"invalid interface name {ifname!r}")
+    return os.path.join(uapi_dir, f"{ifname}.sock")
+
+
+# --------------------------------------------------------------------- render
+
+
+def _format_endpoint(host: str, port: int, index: int) -> str:
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"endpoint of peer #{index} is not an IP address: {host!r}") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"endpoint of peer #{index} has an invalid port {port}")
+    if isinstance(addr, ipaddress.IPv6Address):
+        return f"[{addr}]:{port}"
+    return f"{addr}:{port}"
+
+
+def render_set(spec: TunnelSpec, endpoints: Mapping[Key, tuple[str, int]]) -> bytes:
+    """The full ``set=1`` request that configures the device from scratch.
+
+    Device lines: ``private_key`` (if any), ``listen_port`` (if any),
+    ``fwmark`` (``0`` when unset, so a previous mark is cleared),
+    ``replace_peers=true``; then for each peer ``public_key``,
+    ``preshared_key`` (if any), ``endpoint`` taken from ``endpoints`` (a
+    resolved IP string and port keyed by the peer's public key; a peer absent
+    from the mapping gets no endpoint), ``persistent_keepalive_interval`` (if
+    any), ``replace_allowed_ips=true`` and its ``allowed_ip`` lines.  Ends
+    with the terminating blank line.
+
+    Raises :class:`ValueError` for an endpoint that is not an IP address and
+    port (the message names the peer by position, never by key).
+    """
+    lines = ["set=1"]
+    if spec.private_key is not None:
+        lines.append(f"private_key={spec.private_key.hex()}")
+    if spec.listen_port is not None:
+        lines.append(f"listen_port={spec.listen_port}")
+    lines.append(f"fwmark={spec.fwmark or 0}")
+    lines.append("replace_peers=true")
+    for index, peer in enumerate(spec.peers, 1):
+        lines.append(f"public_key={peer.public_key.hex()}")
+        if peer.preshared_key is not None:
+            lines.append(f"preshared_key={peer.preshared_key.hex()}")
+        resolved = endpoints.get(peer.public_key)
+        if resolved is not None:
+            host, port = resolved
+            lines.append(f"endpoint={_format_endpoint(host, port, index)}")
+        if peer.persistent_keepalive is not None:
+            lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
+        lines.append("replace_allowed_ips=true")
+        lines.extend(f"allowed_ip={net}" for net in peer.allowed_ips)
+    return ("\n".join(lines) + "\n\n").encode("ascii")
+
+
+# ---------------------------------------------------------------------- parse
+
+
+def _describe_errno(value: int) -> str:
+    code = abs(value)
+    name = _errno.errorcode.get(code)
+    if name is None:
+        return f"errno={value}"
+    return f"errno={value} ({name}: {os.strerror(code)})"
+
+
+def _reply_lines(text: str) -> list[tuple[int, str, str]]:
+    """``(line number, key, value)`` up to the first blank line.
+
+    Raises :class:`UapiError` for a line without ``=`` (without quoting it:
+    it could hold key material) and for a reply without ``errno``.
+    """
+    out: list[tuple[int, str, str]] = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if line == "":
+            break
+        key, sep, value = line.partition("=")
+        if not sep or not key:
+            raise UapiError(f"malformed UAPI reply: line {number} is not key=value")
+        out.append((number, key, value))
+    return out
+
+
+def _check_errno(pairs: list[tuple[int, str, str]], what: str) -> None:
+    for number, key, value in pairs:
+        if key == "errno":
+            try:
+                code = int(value)
+            except ValueError:
+                raise UapiError(
+                    f"malformed UAPI reply: line {number}: errno is not an integer"
+                ) from None
+            if code != 0:
+                raise UapiError(f"UAPI {what} failed: {_describe_errno(code)}", errno=code)
+            return
+    raise UapiError(f"malformed UAPI reply to {what}: no errno line")
+
+
+def _int(number: int, key: str, value: str) -> int:
+    try:
+        result = int(value, 10)
+    except ValueError:
+        raise UapiError(f"malformed UAPI reply: line {number}: {key} is not an integer") from None
+    if result < 0:
+        raise UapiError(f"malformed UAPI reply: line {number}: {key} is negative")
+    return result
+
+
+def _key(number: int, key: str, value: str) -> Key:
+    try:
+        raw = bytes.fromhex(value)
+        return Key(raw)
+    except ValueError:
+        raise UapiError(
+            f"malformed UAPI reply: line {number}: {key} is not a 32-byte hex key"
+        ) from None
+
+
+@attrs.define
+class _PeerBuilder:
+    public_key: Key
+    endpoint: str | None = None
+    allowed_ips: list[IPNetwork] = attrs.Factory(list)
+    handshake_sec: int = 0
+    handshake_nsec: int = 0
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    keepalive: int = 0
+
+    def build(self) -> PeerStatus:
+        handshake: float | None = None
+        if self.handshake_sec or self.handshake_nsec:
+            handshake = self.handshake_sec + self.handshake_nsec / 1e9
+        return PeerStatus(
+            public_key=self.public_key,
+            endpoint=self.endpoint,
+            allowed_ips=tuple(self.allowed_ips),
+            last_handshake=handshake,
+            rx_bytes=self.rx_bytes,
+            tx_bytes=self.tx_bytes,
+            persistent_keepalive=self.keepalive or None,
+        )
+
+
+_DEVICE_KEYS = frozenset({"private_key", "listen_port", "fwmark"})
+
+
+def parse_get(text: str) -> DeviceStatus:
+    """Parse the reply to ``get=1``.
+
+    Reads up to the first blank line (or the end of ``text``).  Unknown keys
+    are ignored (forward compatibility); the private and preshared keys are
+    read past and not kept.  Raises :class:`UapiError` when the reply has
+    ``errno != 0`` (``.errno`` set) or is malformed; messages name the line
+    and key, never the value.
+    """
+    pairs = _reply_lines(text)
+    _check_errno(pairs, "get")
+    listen_port: int | None = None
+    fwmark: int | None = None
+    peers: list[_PeerBuilder] = []
+    for number, key, value in pairs:
+        if key == "errno":
+            break
+        if key == "public_key":
+            peers.append(_PeerBuilder(_key(number, key, value)))
+            continue
+        if not peers:
+            if key == "listen_port":
+                listen_port = _int(number, key, value) or None
+            elif key == "fwmark":
+                fwmark = _int(number, key, value) or None
+            elif key == "private_key":
+                _key(number, key, value)  # validated, not kept
+            continue
+        peer = peers[-1]
+        if key in _DEVICE_KEYS:
+            raise UapiError(f"malformed UAPI reply: line {number}: {key} inside a peer")
+        if key == "endpoint":
+            peer.endpoint = value or None
+        elif key == "allowed_ip":
+            try:
+                peer.allowed_ips.append(ipaddress.ip_network(value, strict=False))
+            except ValueError:
+                raise UapiError(
+                    f"malformed UAPI reply: line {number}: allowed_ip {value!r} is not a prefix"
+                ) from None
+        elif key == "last_handshake_time_sec":
+            peer.handshake_sec = _int(number, key, value)
+        elif key == "last_handshake_time_nsec":
+            peer.handshake_nsec = _int(number, key, value)
+        elif key == "rx_bytes":
+            peer.rx_bytes = _int(number, key, value)
+        elif key == "tx_bytes":
+            peer.tx_bytes = _int(number, key, value)
+        elif key == "persistent_keepalive_interval":
+            peer.keepalive = _int(number, key, value)
+        elif key == "preshared_key":
+            _key(number, key, value)  # validated, not kept
+        elif key == "protocol_version":
+            _int(number, key, value)
+    return DeviceStatus(
+        listen_port=listen_port,
+        fwmark=fwmark,
+        peers=tuple(p.build() for p in peers),
+    )
+
+
+# ------------------------------------------------------------------------ I/O
+
+
+async def _connect(path: str) -> trio.SocketStream:
+    try:
+        return await trio.open_unix_socket(path)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UapiError(f"cannot connect to UAPI socket {path}: {reason}") from None
+
+
+async def _read_reply(stream: trio.SocketStream, path: str, what: str, note: str) -> bytes:
+    """Bytes up to and including the first blank line, at most MAX_REPLY."""
+    limit = MAX_REPLY
+    buf = bytearray()
+    while True:
+        try:
+            chunk = await stream.receive_some(_RECV_CHUNK)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise UapiError(
+                f"UAPI {what} on {path}: connection broken while reading the reply{note}"
+            ) from exc
+        if not chunk:
+            raise UapiError(
+                f"UAPI {what} on {path}: connection closed before the end of the reply{note}"
+            )
+        start = max(0, len(buf) - 1)
+        buf += chunk
+        end = buf.find(b"\n\n", start)
+        if end >= 0 and end + 2 <= limit:
+            return bytes(buf[: end + 2])
+        if len(buf) > limit:
+            raise UapiError(f"UAPI {what} on {path}: reply exceeds {limit} bytes")
+
+
+async def _exchange(path: str, request: bytes, what: str) -> str:
+    """Send ``request``, read the reply up to its blank line, close.
+
+    No deadline of its own: callers wrap it in ``trio.fail_after``.
+    """
+    stream = await _connect(path)
+    async with stream:
+        note = ""
+        try:
+            await stream.send_all(request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # The server may have answered (e.g. errno=-22) and closed before
+            # reading the whole request: prefer its answer if there is one.
+            note = f" (sending the request failed: {exc.__cause__ or exc})"
+        reply = await _read_reply(stream, path, what, note)
+    try:
+        return reply.decode("ascii")
+    except UnicodeDecodeError:
+        raise UapiError(f"UAPI {what} on {path}: reply is not ASCII text") from None
+
+
+async def uapi_set(path: str, request: bytes, *, timeout: float) -> None:
+    """Send a ``set=1`` request (see :func:`render_set`) and check ``errno``.
+
+    Connects, sends, reads the reply up to its blank line and closes, all
+    within ``timeout`` seconds.  Raises :class:`UapiError` when the socket is
+    missing or refuses, the server does not answer within ``timeout``, the
+    reply is malformed or too large, or reports ``errno != 0``.
+
+    Cancellation: cancellable at every step; a cancellation from outside
+    propagates as ``trio.Cancelled`` (the connection is closed).  If it
+    lands after the request was sent, the server may have applied it.
+    """
+    if not request.startswith(b"set=1\n") or not request.endswith(b"\n\n"):
+        raise ValueError("a UAPI set request starts with 'set=1' and ends with a blank line")
+    try:
+        with trio.fail_after(timeout):
+            reply = await _exchange(path, request, "set")
+    except trio.TooSlowError:
+        raise UapiError(f"UAPI socket {path} did not answer within {timeout:g}s") from None
+    _check_errno(_reply_lines(reply), "set")
+    log.debug("uapi set on %s: ok (%d bytes sent)", path, len(request))
+
+
+async def uapi_get(path: str, *, timeout: float) -> DeviceStatus:
+    """Send ``get=1`` and parse the reply (see :func:`parse_get`).
+
+    Connects, sends, reads the reply up to its blank line (at most
+    :data:`MAX_REPLY` bytes) and closes, all within ``timeout`` seconds.
+    Raises :class:`UapiError` as :func:`uapi_set` does.
+
+    Cancellation: cancellable at every step; a cancellation from outside
+    propagates as ``trio.Cancelled`` (the connection is closed); ``get`` has
+    no side effects on the device.
+    """
+    try:
+        with trio.fail_after(timeout):
+            reply = await _exchange(path, b"get=1\n\n", "get")
+    except trio.TooSlowError:
+        raise UapiError(f"UAPI socket {path} did not answer within {timeout:g}s") from None
+    return parse_get(reply)
+
+
+_RETRYABLE = (FileNotFoundError, ConnectionRefusedError)
+
+
+async def wait_for_socket(
+    path: str,
+    *,
+    timeout: float,
+    give_up: Callable[[], str | None] | None = None,
+) -> None:
+    """Wait until a ``connect()`` to the UAPI socket at ``path`` succeeds.
+
+    A missing file (or directory) and ``ECONNREFUSED`` (a stale socket file)
+    are retried with sleeps growing from 2 ms to 50 ms; any other ``OSError``
+    fails at once.  ``give_up`` is called after each failed attempt: a
+    non-``None`` return (e.g. ``"helper exited with status 1"``) aborts with
+    ``UapiError(reason)``.  The connection used for the check is closed at
+    once.  Raises ``UapiError("... did not appear within Xs")`` after
+    ``timeout`` seconds.
+
+    Cancellation: cancellable at every step (only sleeps and a non-blocking
+    connect); a cancellation from outside propagates as ``trio.Cancelled``
+    and leaves nothing open.
+    """
+    delay = _RETRY_FIRST
+    try:
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    stream = await trio.open_unix_socket(path)
+                except _RETRYABLE:
+                    pass
+                except OSError as exc:
+                    why = exc.strerror or type(exc).__name__
+                    raise UapiError(f"cannot connect to UAPI socket {path}: {why}") from None
+                else:
+                    stream.socket.close()
+                    return
+                if give_up is not None:
+                    reason = give_up()
+                    if reason is not None:
+                        raise UapiError(reason)
+                await trio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+    except trio.TooSlowError:
+        raise UapiError(f"UAPI socket {path} did not appear within {timeout:g}s") from None
