@@ -341,3 +341,47 @@ def test_unresolvable_endpoint_fails_before_any_change(pair: Pair) -> None:
     assert svc.wait_exit(5) == 1
     assert "cannot resolve endpoint no-such-host.invalid:1" in svc.output()
     assert_restored(pair, pair.ns_a, before)
+
+
+def test_stop_during_start_cancels_the_wait_and_restores(pair: Pair) -> None:
+    """SIGTERM while the start is parked waiting for the helper's UAPI socket:
+    the wait is cancelled at once and what was applied is undone."""
+    if_a = unique("tsa")
+    pair.conf_a(if_a, extra="PreUp = true")
+    toml = pair.workdir / "t.toml"
+    # A helper that never opens its UAPI socket.
+    toml.write_text(f'[[tunnel]]\nconfig = "{if_a}.conf"\n'
+                    'helper = ["sh", "-c", "sleep 600", "--"]\nstart_timeout = 300\n')
+    before = pair.snapshot(pair.ns_a)
+    svc = pair.run(pair.ns_a, "-c", str(toml))
+    # Wait until the helper runs, then stop.
+    deadline = 200
+    while "started helper sh" not in svc.output() and deadline:
+        svc.notify.settimeout(0.05)
+        try:
+            svc.notify.recv(4096)
+        except TimeoutError:
+            deadline -= 1
+    assert "started helper sh" in svc.output()
+    code, took = svc.stop(signal.SIGTERM, timeout=30)
+    assert code == 0, svc.output()
+    assert took < 10  # the 300 s start timeout did not apply
+    assert_restored(pair, pair.ns_a, before)
+
+
+def test_helper_ignoring_sigterm_is_killed_after_grace(pair: Pair) -> None:
+    if_a = unique("tsa")
+    pair.conf_a(if_a)
+    toml = pair.workdir / "t.toml"
+    # sh ignores SIGTERM and outlives wireguard-go: only SIGKILL ends it.
+    toml.write_text(f'[[tunnel]]\nconfig = "{if_a}.conf"\nstop_grace = 0.5\n'
+                    'helper = ["sh", "-c", "trap \\"\\" TERM; wireguard-go -f \\"$0\\"; '
+                    'sleep 600"]\n')
+    before = pair.snapshot(pair.ns_a)
+    svc = pair.run(pair.ns_a, "-c", str(toml))
+    svc.wait_ready()
+    code, _ = svc.stop(timeout=30)
+    assert code == 0, svc.output()
+    assert "still running 0.5s after SIGTERM; sending SIGKILL" in svc.output()
+    assert "killed by SIGKILL" in svc.output()
+    assert_restored(pair, pair.ns_a, before)

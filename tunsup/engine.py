@@ -10,6 +10,7 @@ returns an :class:`ExitCode`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Sequence
@@ -62,12 +63,14 @@ class Supervisor:
         try:
             # The signal receiver stays installed until teardown is over, so
             # a second SIGINT cannot interrupt it with KeyboardInterrupt.
-            with trio.open_signal_receiver(*signals) as receiver:
+            receiver_cm = (trio.open_signal_receiver(*signals) if signals
+                           else contextlib.nullcontext(None))
+            with receiver_cm as receiver:
                 async with trio.open_nursery() as root:
                     self._cancel_scope = root.cancel_scope
                     if self.stop_reason is not None:
                         root.cancel_scope.cancel()
-                    if signals:
+                    if receiver is not None:
                         root.start_soon(self._watch_signals, receiver)
                     await self._start_all(root)
         except* Exception as group:
