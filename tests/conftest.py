@@ -55,7 +55,7 @@ def unique(prefix: str) -> str:
 
 
 def _ours(names: set[str]) -> set[str]:
-    return {n for n in names if TAG in n}
+    return {n for n in names if f"{TAG}x" in n}
 
 
 def _wireguard_go_pids() -> set[int]:
@@ -76,7 +76,7 @@ def _wireguard_go_pids() -> set[int]:
                     cmdline = f.read().decode(errors="replace")
             except OSError:
                 continue
-            if TAG in cmdline:
+            if f"{TAG}x" in cmdline:
                 pids.add(int(entry))
     return pids
 

@@ -35,6 +35,8 @@ from tunsup.uapi import (
     wait_for_socket,
 )
 
+from .conftest import unique
+
 PRIV = Key(bytes(range(32)))
 PUB1 = Key(bytes([0x11] * 32))
 PSK = Key(bytes([0x22] * 32))
@@ -612,9 +614,8 @@ def by_key(status: DeviceStatus) -> dict[Key, PeerStatus]:
 @pytest.mark.netns
 @needs_wireguard_go
 def test_wireguard_go_roundtrip(tmp_path: Path) -> None:
-    pid = os.getpid()
-    ns = f"tsu-uapi-{pid}"
-    ifname = f"tsu{pid % 10000}u"
+    ns = unique("tsu-uapi-")
+    ifname = unique("tsu")
     path = socket_path(ifname)
     log_path = tmp_path / "wireguard-go.log"
     spawned: list[int] = []
@@ -702,8 +703,8 @@ def test_wireguard_go_roundtrip(tmp_path: Path) -> None:
 def test_wait_for_socket_sees_wireguard_go_exit(tmp_path: Path) -> None:
     """A helper that fails at start-up (an interface name longer than 15
     characters) aborts the wait through give_up, long before the timeout."""
-    ns = f"tsu-uapi-x-{os.getpid()}"
-    ifname = f"tsu-too-long-{os.getpid()}"
+    ns = unique("tsu-uapi-")
+    ifname = unique("tsu-too-long-")
     path = os.path.join(uapi.UAPI_DIR, f"{ifname}.sock")
     spawned: list[int] = []
 

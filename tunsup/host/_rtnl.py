@@ -50,7 +50,7 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Final, TypeAlias
 
 import attrs
@@ -399,7 +399,7 @@ class _RtnlSocket:
         remaining = count
         while remaining:
             try:
-                n = self.sock.recv_into(self._buf)
+                n, (sender, _groups) = self.sock.recvfrom_into(self._buf)
             except BlockingIOError:  # SO_RCVTIMEO expired
                 raise _AcksLost(errno.ETIMEDOUT, results) from None
             except OSError as exc:
@@ -410,6 +410,8 @@ class _RtnlSocket:
                 # queued by now: collect them to narrow the uncertain set.
                 self._drain(results, first, count)
                 raise _AcksLost(errno.ENOBUFS, results) from None
+            if sender != 0:  # not from the kernel: never trust it as an ACK
+                continue
             if n == _ACK.size:
                 # Fast path: one capped ACK without TLVs (the common success).
                 _len, mtype, flags, seq, _pid, err = _ACK.unpack_from(self._buf)
@@ -442,14 +444,17 @@ class _RtnlSocket:
     ) -> None:
         while True:
             try:
-                n = self.sock.recv_into(self._buf, 0, socket.MSG_DONTWAIT)
+                n, (sender, _groups) = self.sock.recvfrom_into(
+                    self._buf, 0, socket.MSG_DONTWAIT
+                )
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     continue
                 return
-            self._record(self._view[:n], results, first, count)
+            if sender == 0:
+                self._record(self._view[:n], results, first, count)
 
 
 def _raise_buffer(sock: socket.socket, force_opt: int, opt: int, size: int) -> int:
@@ -473,16 +478,11 @@ def _check(ifindex: int, table: int, metric: int | None) -> None:
         raise ValueError(f"bad route metric {metric!r}")
 
 
-def _unique(prefixes: Iterable[IPNetwork]) -> list[IPNetwork]:
-    seen: set[IPNetwork] = set()
-    nets: list[IPNetwork] = []
+def _unique(prefixes: Sequence[IPNetwork]) -> list[IPNetwork]:
     for net in prefixes:
         if not isinstance(net, ipaddress.IPv4Network | ipaddress.IPv6Network):
             raise TypeError(f"not an IP network: {net!r}")
-        if net not in seen:
-            seen.add(net)
-            nets.append(net)
-    return nets
+    return list(dict.fromkeys(prefixes))
 
 
 def _metrics(metric: int | None) -> tuple[int | None, int]:
@@ -525,7 +525,7 @@ def add_routes(
                                           metric4=metric4, metric6=metric6, delete=False)
                 except _AcksLost as lost:
                     _sort_lost(chunk, lost, added, existed)
-                    raise _lost_error("route ", chunk, lost, table) from None
+                    raise _lost_error("adding routes", chunk, lost, table) from None
                 failure: tuple[IPNetwork, int, str | None] | None = None
                 failed = 0
                 for net, (err, extack) in zip(chunk, results, strict=True):
@@ -570,7 +570,7 @@ def _lost_error(
     uncertain = tuple(net for net, res in zip(chunk, lost.results, strict=True) if res is None)
     why = "ACKs dropped by the kernel" if lost.err == errno.ENOBUFS else "no ACK in time"
     message = (
-        f"{verb.strip()} batch table {table}: {os.strerror(lost.err)}: {why}; "
+        f"{verb} table {table}: {os.strerror(lost.err)}: {why}; "
         f"the state of {len(uncertain)} routes is unknown"
     )
     return RouteBatchError(lost.err, message, prefix=uncertain[0] if uncertain else None,
@@ -620,7 +620,7 @@ def delete_routes(
                                       metric4=metric4, metric6=metric6, delete=True)
             except _AcksLost as lost:
                 if lost.err != errno.ENOBUFS:  # a timeout: do not wait on every chunk
-                    raise _lost_error("deleting route ", chunk, lost, table) from None
+                    raise _lost_error("deleting routes", chunk, lost, table) from None
                 results_opt = lost.results
             else:
                 results_opt = list(results)
