@@ -25,6 +25,10 @@ from .conftest import needs_wireguard, unique
 
 pytestmark = [needs_wireguard, pytest.mark.netns]
 
+#: The blocking guard: every tunsup run here logs any trio step over 50 ms
+#: as an error, and the fixture fails the test if one shows up.
+STEP_GUARD = {"TUNSUP_STEP_LIMIT_MS": "50"}
+
 
 @attrs.define
 class Pair:
@@ -82,7 +86,7 @@ AllowedIPs = 10.200.0.1/32, fd00:200::1/128
         svc = ServiceProcess(ns, [*args, "--dns", dns, "--resolv-conf", resolv,
                                   "--state-dir", str(self.workdir / f"{label}.state"),
                                   "--runtime-dir", str(self.workdir / f"{label}.run")],
-                             str(self.workdir), label)
+                             str(self.workdir), label, env=STEP_GUARD)
         self.services.append(svc)
         return svc
 
@@ -102,6 +106,9 @@ def pair(netns: Callable[[str], str], tmp_path: Path) -> Iterator[Pair]:
     finally:
         for svc in p.services:
             svc.close()
+    slow = [line for svc in p.services for line in svc.output().splitlines()
+            if "slow trio step" in line]
+    assert not slow, "the trio thread was blocked:\n" + "\n".join(slow)
 
 
 def assert_restored(pair: Pair, ns: str, before: dict[str, object]) -> None:
@@ -281,7 +288,8 @@ stop_grace = 1.0
 config = "{Path(conf_c).name}"
 """)
     before = pair.snapshot(pair.ns_a)
-    svc = ServiceProcess(pair.ns_a, ["-c", str(toml)], str(pair.workdir), "toml")
+    svc = ServiceProcess(pair.ns_a, ["-c", str(toml)], str(pair.workdir), "toml",
+                         env=STEP_GUARD)
     pair.services.append(svc)
     svc.wait_ready()
     names = {link["ifname"] for link in routes(pair.ns_a, "link", "show")}

@@ -11,8 +11,12 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ._errors import ConfigError, ExitCode
+
+if TYPE_CHECKING:
+    from ._instrument import StepTimer
 
 DNS_CHOICES = ("auto", "resolved", "resolvconf", "file", "none")
 CAP_NET_ADMIN = 12
@@ -117,6 +121,18 @@ def _has_net_admin() -> bool:
     return os.geteuid() == 0
 
 
+def _step_timer(debug: bool) -> StepTimer | None:
+    """The blocking guard: on with --debug (100 ms) or TUNSUP_STEP_LIMIT_MS."""
+    from ._instrument import StepTimer
+
+    limit = os.environ.get("TUNSUP_STEP_LIMIT_MS")
+    if limit:
+        import logging
+
+        return StepTimer(float(limit) / 1000, level=logging.ERROR)
+    return StepTimer(0.1) if debug else None
+
+
 def _run(args: argparse.Namespace) -> int:
     from .config import apply_overrides, config_for_confs, load_supervisor_config
     from .wgquick import load_conf
@@ -183,7 +199,11 @@ def _run(args: argparse.Namespace) -> int:
             ))
             for spec, entry in zip(specs, cfg.tunnels, strict=True)
         ]
-        code = trio.run(Supervisor(tunnels, host).run)
+        timer = _step_timer(args.debug)
+        code = trio.run(Supervisor(tunnels, host).run,
+                        instruments=[timer] if timer is not None else [])
+        if timer is not None:
+            timer.report()
     finally:
         stop_logging()
     return int(code)
