@@ -35,12 +35,13 @@ def test_a_supervisor_runs_once() -> None:
     trio.run(main)
 
 
-def test_stop_before_run_returns_at_once() -> None:
+def test_a_start_after_stop_is_an_error() -> None:
     async def main() -> None:
         host = _host()
         sup = Supervisor([], host, handle_signals=False)
         sup.stop("test")
-        assert await sup.run() == ExitCode.OK
-        assert host.net.closed == 1  # type: ignore[attr-defined]
+        with pytest.raises(RuntimeError, match="stopped before it started"):
+            await sup.run()
+        assert host.net.closed == 0  # type: ignore[attr-defined]
 
     trio.run(main)

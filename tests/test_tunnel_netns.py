@@ -7,10 +7,12 @@ asserts the snapshot is identical after tunsup exits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -126,6 +128,18 @@ def ping(ns: str, address: str, count: int = 2) -> subprocess.CompletedProcess[s
 def routes(ns: str, *args: str) -> list[dict[str, object]]:
     out = _netns.ip("-j", *args, ns=ns)
     return json.loads(out) if out.strip() else []
+
+
+def wait_for_output(svc: ServiceProcess, text: str, timeout: float = 30) -> None:
+    """Block until ``text`` shows up in the service's log (polls its file;
+    the notify socket's recv timeout paces the loop)."""
+    deadline = time.monotonic() + timeout
+    while text not in svc.output():
+        assert time.monotonic() < deadline, f"{text!r} not seen:\n{svc.output_tail()}"
+        assert svc.proc.poll() is None or text in svc.output(), svc.output_tail()
+        svc.notify.settimeout(0.02)
+        with contextlib.suppress(TimeoutError):
+            svc.notify.recv(4096)
 
 
 def test_tunnel_up_ping_and_sigterm_restores_everything(pair: Pair) -> None:
@@ -367,15 +381,7 @@ def test_stop_during_start_cancels_the_wait_and_restores(pair: Pair) -> None:
                     'helper = ["sh", "-c", "sleep 600", "--"]\nstart_timeout = 300\n')
     before = pair.snapshot(pair.ns_a)
     svc = pair.run(pair.ns_a, "-c", str(toml))
-    # Wait until the helper runs, then stop.
-    deadline = 200
-    while "started helper sh" not in svc.output() and deadline:
-        svc.notify.settimeout(0.05)
-        try:
-            svc.notify.recv(4096)
-        except TimeoutError:
-            deadline -= 1
-    assert "started helper sh" in svc.output()
+    wait_for_output(svc, "started helper sh")  # parked in the UAPI wait now
     code, took = svc.stop(signal.SIGTERM, timeout=30)
     assert code == 0, svc.output()
     assert took < 10  # the 300 s start timeout did not apply
@@ -398,3 +404,98 @@ def test_helper_ignoring_sigterm_is_killed_after_grace(pair: Pair) -> None:
     assert "still running 0.5s after SIGTERM; sending SIGKILL" in svc.output()
     assert "killed by SIGKILL" in svc.output()
     assert_restored(pair, pair.ns_a, before)
+
+
+def test_second_signal_during_teardown_does_not_interrupt_it(pair: Pair) -> None:
+    if_a = unique("tsa")
+    started = pair.workdir / "predown-started"
+    release = pair.workdir / "release"
+    # PreDown waits (on a file, not a clock) so the second signal lands
+    # while teardown is in progress.
+    conf = pair.conf_a(if_a, extra=f"DNS = 10.200.0.53\nPreDown = touch {started}; "
+                                   f"while [ ! -e {release} ]; do sleep 0.05; done")
+    before = pair.snapshot(pair.ns_a)
+    svc = pair.run(pair.ns_a, conf)
+    svc.wait_ready()
+    svc.proc.send_signal(signal.SIGTERM)
+    wait_for_output(svc, "running hook: touch")
+    while not started.exists():
+        wait_for_output(svc, "running hook")
+    svc.proc.send_signal(signal.SIGINT)
+    wait_for_output(svc, "received SIGINT: already stopping")
+    release.touch()
+    assert svc.wait_exit(30) == 0, svc.output()
+    assert "Traceback" not in svc.output()
+    assert_restored(pair, pair.ns_a, before)
+
+
+def test_sighup_stops_cleanly(pair: Pair) -> None:
+    if_a = unique("tsa")
+    conf = pair.conf_a(if_a, extra="DNS = 10.200.0.53")
+    before = pair.snapshot(pair.ns_a)
+    svc = pair.run(pair.ns_a, conf)
+    svc.wait_ready()
+    assert svc.stop(signal.SIGHUP)[0] == 0, svc.output()
+    assert_restored(pair, pair.ns_a, before)
+
+
+def test_hung_predown_hook_cannot_starve_the_rest_of_teardown(pair: Pair) -> None:
+    if_a = unique("tsa")
+    pair.conf_a(if_a, allowed="10.200.0.2/32, 198.51.100.0/24",
+                extra="DNS = 10.200.0.53\nPreDown = sleep 600")
+    toml = pair.workdir / "t.toml"
+    toml.write_text(f'stop_timeout = 2\n[[tunnel]]\nconfig = "{if_a}.conf"\n')
+    before = pair.snapshot(pair.ns_a)
+    svc = pair.run(pair.ns_a, "-c", str(toml))
+    svc.wait_ready()
+    code, took = svc.stop(timeout=60)
+    assert code == 3, svc.output()  # the hook's failure is reported ...
+    assert "undo PostUp/PreDown hooks" in svc.output() and "timed out" in svc.output()
+    assert took < 20
+    assert_restored(pair, pair.ns_a, before)  # ... and everything else was undone
+
+
+def test_same_name_in_another_namespace_is_refused_and_left_alone(pair: Pair) -> None:
+    """wireguard-go's UAPI socket directory is shared by all namespaces: a
+    tunnel of the same name elsewhere must be refused, not disturbed."""
+    if_a = unique("tsa")
+    conf = pair.conf_a(if_a)
+    svc_b = pair.run(pair.ns_b, conf, label="b")
+    svc_b.wait_ready()
+    before = pair.snapshot(pair.ns_a)
+    svc_a = pair.run(pair.ns_a, conf, label="a")
+    assert svc_a.wait_exit(30) == 1
+    assert "already runs" in svc_a.output()
+    assert_restored(pair, pair.ns_a, before)
+    assert svc_b.proc.poll() is None  # the other one still runs ...
+    assert os.path.exists(_netns.wireguard_socket(if_a))  # ... with its socket
+    assert svc_b.stop()[0] == 0
+
+
+def test_existing_address_elsewhere_survives(pair: Pair) -> None:
+    if_a = unique("tsa")
+    _netns.ip("address", "add", "10.200.0.1/24", "dev", "veth0", ns=pair.ns_a)
+    conf = pair.conf_a(if_a)
+    before = pair.snapshot(pair.ns_a)
+    svc = pair.run(pair.ns_a, conf)
+    svc.wait_ready()
+    assert svc.stop()[0] == 0
+    assert_restored(pair, pair.ns_a, before)
+    addrs = routes(pair.ns_a, "address", "show", "dev", "veth0")[0]["addr_info"]
+    assert "10.200.0.1" in [a["local"] for a in addrs]
+
+
+def test_backgrounded_hook_does_not_hold_up_the_start(pair: Pair) -> None:
+    if_a = unique("tsa")
+    done = pair.workdir / "background-done"
+    gate = pair.workdir / "gate"
+    conf = pair.conf_a(if_a, extra=f"PostUp = (while [ ! -e {gate} ]; do sleep 0.05; done; "
+                                   f"touch {done}) &")
+    svc = pair.run(pair.ns_a, conf)
+    svc.wait_ready()
+    assert not done.exists()  # up while the background job still runs
+    gate.touch()
+    assert svc.stop()[0] == 0
+    while _netns.ip("netns", "pids", pair.ns_a).split():
+        wait_for_output(svc, "tunnel down")
+    assert done.exists()

@@ -103,7 +103,7 @@ def test_failed_step_is_reported_and_the_rest_still_run() -> None:
 
     report = run(main)
     assert not report.complete
-    assert report.failures == ("undo thing c: timed out", "undo thing b: cannot undo b")
+    assert report.failures == ("undo thing c: timed out after 5 s", "undo thing b: cannot undo b")
     assert world.objects == ["b", "c"]  # a and d undone despite b and c
     assert world.events[-4:] == ["undo d", "undo c", "undo b", "undo a"]
 
@@ -141,7 +141,7 @@ def test_cancel_during_apply_aborts_then_unwind_restores() -> None:
     assert "undo b" in world.events  # the abort of the half-applied effect
 
 
-def test_unwind_is_shielded_but_bounded_by_its_deadline() -> None:
+def test_unwind_is_shielded_and_a_hung_step_does_not_starve_the_rest() -> None:
     world = World()
 
     async def main() -> tuple[TeardownReport, float]:
@@ -157,11 +157,50 @@ def test_unwind_is_shielded_but_bounded_by_its_deadline() -> None:
             return report, trio.current_time() - start
 
     report, took = run(main)
+    # b used the whole stop budget; a still got its last chance after it.
     assert took == pytest.approx(3)
+    assert world.objects == ["b"]
+    assert report.failures == ("undo thing b: timed out after 3 s",)
+
+
+def test_steps_past_the_deadline_get_a_last_chance_each() -> None:
+    world = World()
+
+    async def main() -> tuple[TeardownReport, float]:
+        async with trio.open_nursery() as nursery:
+            stack = EffectStack(ctx_for(nursery), log=log)
+            await stack.apply(Thing(world, "a", hang_undo=True))
+            await stack.apply(Thing(world, "b", hang_undo=True))
+            await stack.apply(Thing(world, "c"))
+            start = trio.current_time()
+            report = await stack.unwind(2)
+            return report, trio.current_time() - start
+
+    report, took = run(main)
     assert world.objects == ["a", "b"]
-    # Listed in the order they would have been undone.
-    assert report.failures == ("undo thing b: stop deadline reached first",
-                               "undo thing a: stop deadline reached first")
+    assert report.failures == ("undo thing b: timed out after 2 s",
+                               "undo thing a: timed out after 1 s")
+    assert took == pytest.approx(3)  # the deadline plus one last chance
+
+
+@attrs.frozen
+class HangingAbort(Thing):
+    async def abort(self, ctx: EffectContext) -> None:
+        await trio.sleep_forever()
+
+
+def test_an_abort_that_hangs_is_bounded_and_reported() -> None:
+    world = World()
+
+    async def main() -> TeardownReport:
+        async with trio.open_nursery() as nursery:
+            stack = EffectStack(ctx_for(nursery), log=log)
+            with pytest.raises(HostError):
+                await stack.apply(HangingAbort(world, "x", fail_apply=True))
+            return await stack.unwind(30)
+
+    report = run(main)
+    assert report.failures == ("clean up after failed thing x: timed out",)
 
 
 def test_apply_after_unwind_is_refused() -> None:

@@ -62,29 +62,56 @@ def test_timeout_raises_host_error_and_skips_queued_job() -> None:
     worker.close()
 
 
-def test_cancelled_caller_waits_for_a_running_job() -> None:
-    """A job already running when its caller is cancelled completes before
-    the cancellation propagates: the caller always knows the outcome."""
+def test_cancelled_caller_gets_the_outcome_of_a_running_job() -> None:
+    """A job already running when its caller is cancelled completes, and the
+    caller gets its result (so it can record the host change); the
+    cancellation then arrives at the caller's next checkpoint."""
     worker = SerialWorker("t")
     started, release = threading.Event(), threading.Event()
-    done: list[str] = []
+    seen: list[str] = []
 
-    def job() -> None:
+    def job() -> str:
         started.set()
         release.wait()
-        done.append("job")
+        return "created"
 
     async def main() -> None:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
+
                 async def caller() -> None:
-                    await worker.call(job, timeout=10, what="job")
+                    seen.append(await worker.call(job, timeout=10, what="job"))
+                    try:
+                        await trio.lowlevel.checkpoint()
+                    except trio.Cancelled:
+                        seen.append("cancelled")
+                        raise
 
                 nursery.start_soon(caller)
                 await trio.to_thread.run_sync(started.wait)
                 scope.cancel()
                 threading.Timer(0.2, release.set).start()
-        assert done == ["job"]
+        assert seen == ["created", "cancelled"]
 
     trio.run(main)
+    worker.close()
+
+
+def test_cancelled_caller_skips_a_queued_job() -> None:
+    worker = SerialWorker("t")
+    release = threading.Event()
+    ran: list[str] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: worker.call(release.wait, timeout=10, what="block"))
+            await trio.sleep(0.05)
+            with trio.move_on_after(0.05) as scope:
+                await worker.call(lambda: ran.append("queued"), timeout=10, what="queued")
+            assert scope.cancelled_caught
+            release.set()
+        await worker.call(lambda: None, timeout=5, what="flush")
+
+    trio.run(main)
+    assert ran == []
     worker.close()

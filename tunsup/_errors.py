@@ -13,7 +13,7 @@ class ExitCode(enum.IntEnum):
     FAILURE = 1
     #: Usage or configuration error; nothing was applied.
     USAGE = 2
-    #: Teardown incomplete; leftovers are recorded for ``tunsup cleanup``.
+    #: Teardown incomplete: some undo step failed; the log names each one.
     TEARDOWN_INCOMPLETE = 3
 
 

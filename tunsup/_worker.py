@@ -6,10 +6,12 @@ non-thread-safe resource (a netlink socket) is only ever touched from one
 thread.
 
 Cancellation: a job that has not started yet when its caller is cancelled is
-skipped, so nothing happens on the host behind the caller's back.  A job that
-is already running cannot be interrupted; the caller waits for it (shielded,
-bounded by the job's timeout) so that the caller knows whether the host
-change happened before it unwinds, then the cancellation propagates.
+skipped, so nothing happens on the host behind the caller's back, and
+``trio.Cancelled`` propagates.  A job that is already running cannot be
+interrupted; the caller waits for it (shielded, bounded by the job's
+timeout) and gets its result, exactly as ``trio.to_thread.run_sync`` does
+without ``abandon_on_cancel``: the caller learns what happened on the host
+(and records it) and the cancellation is delivered at its next checkpoint.
 """
 
 from __future__ import annotations
@@ -84,8 +86,9 @@ class SerialWorker:
 
         Raises :class:`HostError` if it does not finish within ``timeout``
         seconds (the job is skipped if it had not started).  On cancellation:
-        see the module docstring — a running job is waited for (at most
-        ``timeout``), then ``trio.Cancelled`` propagates.
+        see the module docstring — a queued job is skipped and
+        ``trio.Cancelled`` raised; a running one is waited for (at most
+        ``timeout``) and its outcome returned or raised.
         """
         job: _Job[T] = _Job(fn, trio.lowlevel.current_trio_token())
         self._ensure_thread()
@@ -97,10 +100,14 @@ class SerialWorker:
             job.try_skip()
             raise HostError(f"{what}: no answer within {timeout:g} s") from None
         except trio.Cancelled:
-            if not job.try_skip():
-                with trio.CancelScope(shield=True), trio.move_on_after(timeout):
-                    await job.done.wait()
-            raise
+            if job.try_skip():
+                raise
+            with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+                await job.done.wait()
+            if job.result is None:
+                raise
+            # Fall through: the host change happened; the caller must know.
+            # Its scope is still cancelled, so the next checkpoint raises.
         assert job.result is not None
         return job.result.unwrap()
 

@@ -90,8 +90,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     old = signal.signal(signal.SIGTERM, handler)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    except KeyboardInterrupt:
+        # Interrupted: stay deaf to further signals until the process exits,
+        # so a repeated Ctrl-C or SIGTERM cannot cut the exit short.
+        _ignore_stop_signals()
+        raise
+    signal.signal(signal.SIGTERM, old)
 
 
 def main(*, debug: bool = False) -> int:
@@ -112,6 +116,19 @@ def main(*, debug: bool = False) -> int:
         return 130
 
 
+def _close_services(services: list[ServiceProcess], debug: bool) -> None:
+    for svc in services:
+        if debug:
+            print(f"--- tunsup ({svc.label}) log:\n{svc.output()}", file=sys.stderr)
+        svc.close()
+
+
+def _ignore_stop_signals() -> None:
+    """During clean-up a second Ctrl-C must not abort it half-way."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _demo(debug: bool) -> int:
     tag = f"{os.getpid() % 100000}"
     ns_a, ns_b = f"tsdemo-{tag}-a", f"tsdemo-{tag}-b"
@@ -121,7 +138,13 @@ def _demo(debug: bool) -> int:
     t0 = time.monotonic()
     ok = False
     try:
-        with _netns.scratch_namespaces(ns_a, ns_b):
+        with contextlib.ExitStack() as cleanup:
+            cleanup.enter_context(_netns.scratch_namespaces(ns_a, ns_b))
+            # Unwound last-in first-out: signals are ignored first, then the
+            # services are stopped (SIGTERM: tunsup tears down), and only
+            # then are the namespaces deleted.
+            cleanup.callback(_close_services, services, debug)
+            cleanup.callback(_ignore_stop_signals)
             _say(f"1. namespaces {ns_a} and {ns_b}, joined by a veth pair "
                  "(192.0.2.1 <-> 192.0.2.2)")
             _netns.add_veth_pair(ns_a, "veth-a", ns_b, "veth-b")
@@ -208,10 +231,6 @@ def _demo(debug: bool) -> int:
             print(f"--- tunsup ({svc.label}) log, last lines:\n{svc.output_tail()}",
                   file=sys.stderr)
     finally:
-        for svc in services:
-            if debug:
-                print(f"--- tunsup ({svc.label}) log:\n{svc.output()}", file=sys.stderr)
-            svc.close()
         shutil.rmtree(workdir, ignore_errors=True)
     if ok:
         _say(f"8. namespaces removed. Demo passed in {time.monotonic() - t0:.1f} s.")

@@ -152,23 +152,34 @@ class HelperRunning(Effect):
         handle = ctx.helpers.get(self.pid)
         if handle is None:
             raise HostError(f"no handle for helper pid {self.pid}")
-        reaped = await handle.stop(ctx.stop_grace)
+        # Keep a second of the step's budget for SIGKILL and the reap: past
+        # the stop deadline the grace shrinks to nothing.
+        left = trio.current_effective_deadline() - trio.current_time()
+        grace = max(0.0, min(ctx.stop_grace, left - 1.0))
+        reaped = await handle.stop(grace)
         if not reaped:
             handle.close()
             raise HostError(f"helper pid {self.pid} could not be reaped after SIGKILL")
         ctx.helpers.pop(self.pid, None)
         ctx.log.info("helper pid %d stopped: %s", self.pid, handle.describe_exit())
-        # A helper that was killed leaves its UAPI socket file behind.
-        from .uapi import socket_path
-
-        stale = trio.Path(socket_path(self.ifname, ctx.host.uapi_dir))
-        with trio.move_on_after(2):
-            if await stale.is_socket():
-                await stale.unlink(missing_ok=True)
-                ctx.log.info("removed stale UAPI socket %s", stale)
+        await _remove_stale_socket(ctx, self.ifname)
 
     def undo_timeout(self, ctx: EffectContext) -> float:
         return ctx.stop_grace + 6.0
+
+
+async def _remove_stale_socket(ctx: EffectContext, ifname: str) -> None:
+    """A killed helper leaves its UAPI socket file behind.  The directory is
+    shared by every namespace, so the file is removed only when nobody
+    listens on it any more (another namespace's wireguard-go may use the
+    same name)."""
+    from .uapi import listener_pid, socket_path
+
+    path = trio.Path(socket_path(ifname, ctx.host.uapi_dir))
+    with trio.move_on_after(2):
+        if await path.is_socket() and await listener_pid(str(path)) is None:
+            await path.unlink(missing_ok=True)
+            ctx.log.info("removed stale UAPI socket %s", path)
 
 
 @attrs.frozen
@@ -195,7 +206,7 @@ class Link(Effect):
 
     async def undo(self, ctx: EffectContext) -> None:
         try:
-            await ctx.host.net.set_link_up(self.index, False)
+            await ctx.host.net.set_link_up(self.index, False, name=self.name)
         except HostError as exc:
             ctx.log.warning("setting %s down failed (deleting it anyway): %s", self.name, exc)
         if await ctx.host.net.delete_link(self.index, self.name):
@@ -360,21 +371,26 @@ class Dns(Effect):
     def describe(self) -> str:
         return f"DNS of {self.ifname} ({self.backend})"
 
-    def _backend(self, ctx: EffectContext) -> DnsBackend:
-        backend = ctx.host.dns_backend(self.backend)
-        return backend  # type: ignore[return-value]
+    async def _backend(self, ctx: EffectContext) -> DnsBackend:
+        # "auto" looks at the machine (files, PATH): off the trio thread.
+        with trio.fail_after(self.timeout):
+            backend = await trio.to_thread.run_sync(ctx.host.dns_backend, self.backend)
+        return backend
 
     async def apply(self, ctx: EffectContext) -> Effect:
-        backend = self._backend(ctx)
+        backend = await self._backend(ctx)
         state = await backend.apply(self.ifname, self.servers, self.search, timeout=self.timeout)
         ctx.log.info("DNS set via %s: %s", backend.name,
                      " ".join(map(str, [*self.servers, *self.search])))
-        return attrs.evolve(self, state=state)
+        # Record the backend actually used: "auto" could pick another one
+        # at undo time if the machine changed meanwhile.
+        return attrs.evolve(self, backend=backend.name, state=state)
 
     async def undo(self, ctx: EffectContext) -> None:
         if self.state is None:
             return
-        if await self._backend(ctx).revert(self.state, timeout=self.timeout):
+        backend = await self._backend(ctx)
+        if await backend.revert(self.state, timeout=self.timeout):
             ctx.log.info("DNS restored")
 
     async def abort(self, ctx: EffectContext) -> None:

@@ -18,13 +18,15 @@ from collections.abc import AsyncIterator, Sequence
 import trio
 
 from . import sdnotify
-from ._errors import ExitCode
+from ._errors import ExitCode, TunsupError
 from .host import Host
 from .tunnel import Tunnel
 
 log = logging.getLogger("tunsup")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: SIGHUP stops too: a foreground ``run`` whose terminal or ssh session goes
+#: away must still tear down.  (Reload on SIGHUP comes with the control plane.)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Supervisor:
@@ -41,8 +43,9 @@ class Supervisor:
         self.stop_reason: str | None = None
 
     def stop(self, reason: str = "stop requested") -> None:
-        """Ask a running supervisor to stop (cancels first; ``run`` waits
-        for the teardown).  Before ``run`` starts it, ``run`` returns at once."""
+        """Ask a running supervisor to stop: it cancels first (interrupting a
+        start in progress), then ``run`` waits for the teardown.  Stopping a
+        supervisor that has not run makes its ``run`` an error."""
         if self.stop_reason is None:
             self.stop_reason = reason
         if self._cancel_scope is not None:
@@ -53,35 +56,44 @@ class Supervisor:
 
         Returns OK after a clean stop, FAILURE when a tunnel failed but the
         host was restored, TEARDOWN_INCOMPLETE when some undo step failed.
-        Cancelling the caller's scope acts like a stop.  A second call raises
-        ``RuntimeError``.
+        Cancelling the caller's scope acts like a stop.  Single use: a
+        second call, or a call after :meth:`stop`, raises ``RuntimeError``.
         """
         if self._used:
             raise RuntimeError("a Supervisor can run only once")
+        if self.stop_reason is not None:
+            raise RuntimeError(f"supervisor was stopped before it started ({self.stop_reason})")
         self._used = True
         signals = STOP_SIGNALS if self._handle_signals else ()
         try:
-            # The signal receiver stays installed until teardown is over, so
-            # a second SIGINT cannot interrupt it with KeyboardInterrupt.
             receiver_cm = (trio.open_signal_receiver(*signals) if signals
                            else contextlib.nullcontext(None))
+            # The receiver, and the task draining it, outlive the tunnels'
+            # teardown: a second SIGINT/SIGTERM meanwhile is logged, never
+            # redelivered to interrupt the teardown or kill the process.
             with receiver_cm as receiver:
-                async with trio.open_nursery() as root:
-                    self._cancel_scope = root.cancel_scope
-                    if self.stop_reason is not None:
-                        root.cancel_scope.cancel()
+                async with trio.open_nursery() as outer:
                     if receiver is not None:
-                        root.start_soon(self._watch_signals, receiver)
-                    await self._start_all(root)
+                        outer.start_soon(self._watch_signals, receiver)
+                    try:
+                        async with trio.open_nursery() as root:
+                            self._cancel_scope = root.cancel_scope
+                            await self._start_all(root)
+                    finally:
+                        outer.cancel_scope.cancel()
         except* Exception as group:
             # Tunnels have already unwound; record why we ended.
             self._failed = True
             for exc in _leaves(group):
-                log.error("%s", exc, exc_info=not _expected(exc))
+                if not isinstance(exc, TunsupError):
+                    log.error("unexpected error: %s", exc, exc_info=exc)
         finally:
             sdnotify.notify("STOPPING=1")
             with trio.CancelScope(shield=True):
-                await self.host.net.close()
+                try:
+                    await self.host.net.close()
+                except Exception as exc:
+                    log.warning("closing the netlink worker: %s", exc)
         return self._exit_code()
 
     async def _start_all(self, root: trio.Nursery) -> None:
@@ -100,7 +112,9 @@ class Supervisor:
             if self.stop_reason is None:
                 log.info("received %s: stopping", name)
                 sdnotify.notify("STOPPING=1", f"STATUS=stopping ({name})")
-            self.stop(f"received {name}")
+                self.stop(f"received {name}")
+            else:
+                log.info("received %s: already stopping, teardown continues", name)
 
     def _exit_code(self) -> ExitCode:
         if any(t.report is not None and not t.report.complete for t in self.tunnels):
@@ -120,7 +134,3 @@ def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
     return out
 
 
-def _expected(exc: BaseException) -> bool:
-    from ._errors import TunsupError
-
-    return isinstance(exc, TunsupError)

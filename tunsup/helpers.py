@@ -44,7 +44,8 @@ class HelperProcess:
         self._proc = proc
         self.argv = tuple(argv)
         self.pid: int = proc.pid
-        self.start_time: int | None = process_start_time(proc.pid)
+        #: Set by start_helper (read from /proc off the trio thread).
+        self.start_time: int | None = None
         self.log = log
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.exited = trio.Event()
@@ -105,7 +106,8 @@ class HelperProcess:
             self.log.debug("[%s %s] %s", prog, label, text)
             return
         self.tail.append(text)
-        self.log.info("[%s %s] %s", prog, label, text)
+        level = logging.WARNING if text.startswith("ERROR") else logging.INFO
+        self.log.log(level, "[%s %s] %s", prog, label, text)
 
     def describe_exit(self) -> str:
         rc = self.returncode
@@ -193,6 +195,7 @@ async def start_helper(
     except OSError as exc:
         raise HostError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
     helper = HelperProcess(proc, argv, log)
+    helper.start_time = await trio.to_thread.run_sync(process_start_time, proc.pid)
     nursery.start_soon(helper._shielded, helper._watch)
     for stream, label in ((proc.stdout, "out"), (proc.stderr, "err")):
         if stream is not None:

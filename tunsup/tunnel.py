@@ -13,6 +13,8 @@ from __future__ import annotations
 import enum
 import ipaddress
 import logging
+import os
+import signal
 import socket
 
 import attrs
@@ -34,7 +36,7 @@ from .effects import (
     StartHelper,
     select_routes,
 )
-from .host import Host
+from .host import HelperHandle, Host
 from .keys import Key
 from .model import IPAddress, TunnelSpec
 from .undo import EffectStack, StackObserver, TeardownReport
@@ -139,13 +141,16 @@ class Tunnel:
             except BaseException as exc:
                 if not isinstance(exc, trio.Cancelled):
                     self.failure = exc
+                    self.log.error("%s failed: %s", "tunnel" if "up" in self.timings
+                                   else "start", exc)
                 raise
             finally:
                 self._set_state(TunnelState.STOPPING)
                 stop_started = trio.current_time()
                 self.report = await stack.unwind(self.options.stop_timeout)
                 for handle in ctx.helpers.values():
-                    handle.close()
+                    # Only when its undo failed: never leave it running.
+                    await _last_resort_kill(handle, self.log)
                 self.timings["down"] = trio.current_time() - stop_started
                 if self.report.complete:
                     self.log.info("tunnel down in %.0f ms; host restored",
@@ -160,8 +165,16 @@ class Tunnel:
         spec, net, opts = self.spec, self.host.net, self.options
         if await net.link_index(spec.name) is not None:
             raise HostError(
-                f"interface {spec.name} already exists; another tunnel or a crashed run "
-                "may own it (remove it with 'ip link del' or 'tunsup cleanup')"
+                f"interface {spec.name} already exists; another tunnel or an earlier run "
+                f"may own it (check with 'ip link show {spec.name}')"
+            )
+        sock = uapi.socket_path(spec.name, self.host.uapi_dir)
+        other = await uapi.listener_pid(sock)
+        if other is not None:
+            # wireguard-go's socket directory is shared by every namespace.
+            raise HostError(
+                f"a WireGuard device named {spec.name} already runs (pid {other}, maybe in "
+                f"another network namespace): its UAPI socket {sock} is in use"
             )
         endpoints = await self._resolve_endpoints()
 
@@ -170,11 +183,13 @@ class Tunnel:
         record = await stack.apply(StartHelper(spec.name, (*opts.helper, spec.name)))
         pid = record.pid  # type: ignore[attr-defined]
         handle = ctx.helpers[pid]
-        await uapi.wait_for_socket(
-            uapi.socket_path(spec.name, self.host.uapi_dir),
+        listener = await uapi.wait_for_socket(
+            sock,
             timeout=opts.start_timeout,
             give_up=lambda: handle.describe_exit() if handle.exited.is_set() else None,
         )
+        if not await _in_process_group(listener, pid):
+            raise HostError(f"UAPI socket {sock} belongs to pid {listener}, not to our helper")
         index = await net.link_index(spec.name)
         if index is None:
             raise HostError(f"helper did not create interface {spec.name}")
@@ -240,3 +255,30 @@ class Tunnel:
         if best == 0:
             best = await self.host.net.route_mtu(None) or 0
         return (best or DEFAULT_LINK_MTU) - WIREGUARD_OVERHEAD
+
+
+async def _in_process_group(pid: int, leader: int) -> bool:
+    """Whether ``pid`` is ``leader`` or in its process group (a helper may be
+    a wrapper that runs wireguard-go as a child)."""
+    if pid == leader:
+        return True
+
+    def pgid() -> int | None:
+        try:
+            return os.getpgid(pid)
+        except ProcessLookupError:
+            return None
+
+    return await trio.to_thread.run_sync(pgid) == leader
+
+
+async def _last_resort_kill(handle: HelperHandle, log: logging.Logger) -> None:
+    """SIGKILL a helper whose undo did not stop it, wait briefly, and stop
+    watching it.  Shielded: it runs at the end of teardown."""
+    with trio.CancelScope(shield=True):
+        if not handle.exited.is_set():
+            log.error("helper pid %d still running after teardown: SIGKILL", handle.pid)
+            handle.signal(signal.SIGKILL)
+            with trio.move_on_after(1.0):
+                await handle.exited.wait()
+        handle.close()

@@ -18,6 +18,8 @@ import errno as _errno
 import ipaddress
 import logging
 import os
+import socket
+import struct
 from collections.abc import Callable, Mapping
 
 import attrs
@@ -418,13 +420,40 @@ async def uapi_get(path: str, *, timeout: float) -> DeviceStatus:
 _RETRYABLE = (FileNotFoundError, ConnectionRefusedError)
 
 
+def _peer_pid(stream: trio.SocketStream) -> int:
+    creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                     struct.calcsize("3i"))
+    pid, _uid, _gid = struct.unpack("3i", creds)
+    return int(pid)
+
+
+async def listener_pid(path: str, *, timeout: float = 2.0) -> int | None:
+    """The pid listening on the UAPI socket at ``path``, or None when no
+    process is (no file, or a stale one that refuses connections).
+
+    Cancellation: cancellable; nothing is left open.
+    """
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_unix_socket(path)
+    except (*_RETRYABLE, trio.TooSlowError):
+        return None
+    try:
+        return _peer_pid(stream)
+    finally:
+        stream.socket.close()
+
+
 async def wait_for_socket(
     path: str,
     *,
     timeout: float,
     give_up: Callable[[], str | None] | None = None,
-) -> None:
-    """Wait until a ``connect()`` to the UAPI socket at ``path`` succeeds.
+) -> int:
+    """Wait until a ``connect()`` to the UAPI socket at ``path`` succeeds;
+    return the pid of the process listening on it (``SO_PEERCRED``), so the
+    caller can check it is its own helper (the socket directory is shared by
+    every network namespace).
 
     A missing file (or directory) and ``ECONNREFUSED`` (a stale socket file)
     are retried with sleeps growing from 2 ms to 50 ms; any other ``OSError``
@@ -450,8 +479,9 @@ async def wait_for_socket(
                     why = exc.strerror or type(exc).__name__
                     raise UapiError(f"cannot connect to UAPI socket {path}: {why}") from None
                 else:
+                    pid = _peer_pid(stream)
                     stream.socket.close()
-                    return
+                    return pid
                 if give_up is not None:
                     reason = give_up()
                     if reason is not None:

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from .effects import Effect, EffectContext
 
 
+#: Seconds every undo step gets even after the stop deadline has passed.
+LAST_CHANCE = 1.0
+
+
 class StackObserver(Protocol):
     async def intent(self, effect: Effect) -> None: ...
     async def applied(self, intent: Effect, record: Effect) -> None: ...
@@ -99,24 +103,30 @@ class EffectStack:
     async def unwind(self, timeout: float) -> TeardownReport:
         """Undo every record in reverse order; never raises.
 
-        Runs shielded from outside cancellation: it returns once every
-        step has run or ``timeout`` seconds have passed, whichever is
-        first; steps not reached by then are reported as failures.
+        Runs shielded from outside cancellation.  Each step gets its own
+        undo timeout, capped by what is left of ``timeout``; once that is
+        spent, every remaining step still gets a last chance of
+        :data:`LAST_CHANCE` seconds (a route delete or a SIGKILL takes
+        milliseconds), so one slow step — a hanging PreDown hook — cannot
+        leave the rest of the host unrestored.  Whole bound: ``timeout``
+        plus ``LAST_CHANCE`` per step.
         """
         self._unwound = True
         undone: list[str] = []
         failures: list[str] = list(self._abort_failures)
         deadline = trio.current_time() + timeout if math.isfinite(timeout) else math.inf
-        with trio.CancelScope(shield=True, deadline=deadline):
+        with trio.CancelScope(shield=True):
             while self._records:
-                record = self._records[-1]
+                record = self._records.pop()
                 what = record.describe()
+                remaining = deadline - trio.current_time()
+                budget = max(min(record.undo_timeout(self._ctx), remaining), LAST_CHANCE)
                 try:
-                    with trio.fail_after(record.undo_timeout(self._ctx)):
+                    with trio.fail_after(budget):
                         await record.undo(self._ctx)
                 except trio.TooSlowError:
-                    failures.append(f"undo {what}: timed out")
-                    self._log.error("undo %s: timed out", what)
+                    failures.append(f"undo {what}: timed out after {budget:.3g} s")
+                    self._log.error("undo %s: timed out after %.3g s", what, budget)
                 except Exception as exc:
                     failures.append(f"undo {what}: {exc}")
                     self._log.error("undo %s failed: %s", what, exc)
@@ -124,9 +134,6 @@ class EffectStack:
                     undone.append(what)
                     self._log.debug("undone: %s", what)
                     if self._observer is not None:
-                        await self._observer.undone(record)
-                self._records.pop()
-        for record in reversed(self._records):
-            failures.append(f"undo {record.describe()}: stop deadline reached first")
-            self._log.error("not undone (stop deadline reached): %s", record.describe())
+                        with trio.move_on_after(LAST_CHANCE):
+                            await self._observer.undone(record)
         return TeardownReport(tuple(undone), tuple(failures))

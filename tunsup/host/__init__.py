@@ -8,6 +8,7 @@ host.  Adapters know nothing about tunnels.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
@@ -15,6 +16,7 @@ import attrs
 import trio
 
 from ..model import IPAddress, IPInterface, IPNetwork
+from .dns import DnsBackend
 
 
 class RouteBatch(Protocol):
@@ -29,7 +31,7 @@ class NetOps(Protocol):
 
     async def link_index(self, name: str) -> int | None: ...
     async def link_name(self, index: int) -> str | None: ...
-    async def set_link_up(self, index: int, up: bool) -> None: ...
+    async def set_link_up(self, index: int, up: bool, *, name: str | None = None) -> bool: ...
     async def set_mtu(self, index: int, mtu: int) -> None: ...
     async def delete_link(self, index: int, name: str) -> bool: ...
     async def add_address(self, index: int, iface: IPInterface) -> bool: ...
@@ -54,6 +56,7 @@ class HelperHandle(Protocol):
     exited: trio.Event
 
     def describe_exit(self) -> str: ...
+    def signal(self, sig: signal.Signals) -> None: ...
     async def stop(self, grace: float) -> bool: ...
     def close(self) -> None: ...
 
@@ -70,7 +73,7 @@ class Host:
     start_helper: StartHelper
     run_hook: RunHook
     #: Returns the DNS backend for a configured kind (not "none").
-    dns_backend: Callable[[str], object]
+    dns_backend: Callable[[str], DnsBackend]
     uapi_dir: str = "/var/run/wireguard"
     env: Mapping[str, str] = attrs.field(factory=dict)
 

@@ -29,6 +29,8 @@ T = TypeVar("T")
 CALL_TIMEOUT = 5.0
 #: Bound on a bulk route batch (100k routes take ~1 s here).
 BULK_TIMEOUT = 60.0
+#: Bound on a routing table dump (a router may hold a full table).
+DUMP_TIMEOUT = 30.0
 
 _GONE = {errno.ENODEV, errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL}
 
@@ -118,11 +120,21 @@ class NetlinkHost:
 
         return await self._call(f"read MTU of link #{index}", fn)
 
-    async def set_link_up(self, index: int, up: bool) -> None:
+    async def set_link_up(self, index: int, up: bool, *, name: str | None = None) -> bool:
+        """Set link ``index`` up or down.  With ``name``, only if the index
+        still belongs to a link of that name (indexes are reused); returns
+        False when it does not."""
         state = "up" if up else "down"
-        await self._call(
-            f"set link #{index} {state}", lambda ipr: ipr.link("set", index=index, state=state)
-        )
+
+        def fn(ipr: Any) -> bool:
+            if name is not None:
+                links = ipr.get_links(index)
+                if not links or links[0].get_attr("IFLA_IFNAME") != name:
+                    return False
+            ipr.link("set", index=index, state=state)
+            return True
+
+        return await self._call(f"set link {name or f'#{index}'} {state}", fn)
 
     async def set_mtu(self, index: int, mtu: int) -> None:
         await self._call(
@@ -218,7 +230,7 @@ class NetlinkHost:
             return int(links[0].get_attr("IFLA_MTU")) if links else None
 
         what = f"look up route to {dst}" if dst else "look up default route"
-        return await self._call(what, fn)
+        return await self._call(what, fn, DUMP_TIMEOUT)
 
     async def link_routes(self, index: int, table: int) -> list[IPNetwork]:
         """Prefixes of the routes through link ``index`` in ``table``."""
@@ -233,22 +245,28 @@ class NetlinkHost:
                     nets.append(ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False))
             return nets
 
-        return await self._call(f"list routes of link #{index}", fn)
+        return await self._call(f"list routes of link #{index}", fn, DUMP_TIMEOUT)
 
     async def add_routes(
         self, index: int, prefixes: Sequence[IPNetwork], *, table: int
     ) -> _rtnl.RouteBatchResult:
         """Install routes in bulk; see :func:`tunsup.host._rtnl.add_routes`."""
-        return await self._worker.call(
-            lambda: _rtnl.add_routes(index, prefixes, table=table),
-            timeout=BULK_TIMEOUT,
-            what=f"add {len(prefixes)} routes",
-        )
+        try:
+            return await self._worker.call(
+                lambda: _rtnl.add_routes(index, prefixes, table=table),
+                timeout=BULK_TIMEOUT,
+                what=f"add {len(prefixes)} routes",
+            )
+        except _rtnl.RouteBatchError as exc:
+            raise HostError(f"adding routes failed: {exc}") from exc
 
     async def delete_routes(self, index: int, prefixes: Sequence[IPNetwork], *, table: int) -> int:
         """Remove routes in bulk; already-gone routes are fine."""
-        return await self._worker.call(
-            lambda: _rtnl.delete_routes(index, prefixes, table=table),
-            timeout=BULK_TIMEOUT,
-            what=f"delete {len(prefixes)} routes",
-        )
+        try:
+            return await self._worker.call(
+                lambda: _rtnl.delete_routes(index, prefixes, table=table),
+                timeout=BULK_TIMEOUT,
+                what=f"delete {len(prefixes)} routes",
+            )
+        except _rtnl.RouteBatchError as exc:
+            raise HostError(f"removing routes failed: {exc}") from exc
