@@ -307,8 +307,9 @@ stop_grace = 1.0
 config = "{Path(conf_c).name}"
 """)
     before = pair.snapshot(pair.ns_a)
-    svc = ServiceProcess(pair.ns_a, ["-c", str(toml)], str(pair.workdir), "toml",
-                         env=STEP_GUARD)
+    svc = ServiceProcess(pair.ns_a, ["-c", str(toml), "--state-dir", str(pair.workdir / "st"),
+                                     "--runtime-dir", str(pair.workdir / "rt")],
+                         str(pair.workdir), "toml", env=STEP_GUARD)
     pair.services.append(svc)
     svc.wait_ready()
     names = {link["ifname"] for link in routes(pair.ns_a, "link", "show")}

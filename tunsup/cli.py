@@ -50,6 +50,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resolv-conf", metavar="PATH", help="file rewritten by the file DNS backend")
     run.add_argument("--debug", action="store_true", help="log debug messages")
 
+    cleanup = sub.add_parser(
+        "cleanup",
+        help="undo what a crashed or killed run left behind",
+        description="Replay, in reverse, the journal of every dead tunsup instance in the "
+        "state directory: stop orphaned helpers (only if pid and start time match), "
+        "remove the routes, addresses and links tunsup created, restore DNS. Exit 0 when "
+        "the host is restored, 3 when something could not be undone, 1 when a live "
+        "instance owns the state.",
+    )
+    cleanup.add_argument("-c", "--config", metavar="FILE", help="supervisor TOML file")
+    cleanup.add_argument("--state-dir", metavar="DIR",
+                         help="state directory (default /var/lib/tunsup)")
+    cleanup.add_argument("--dry-run", action="store_true",
+                         help="print what would be undone, object by object; change nothing")
+    cleanup.add_argument("--debug", action="store_true", help="log debug messages")
+
     check = sub.add_parser(
         "check",
         help="validate .conf or .toml files (exit 0 or 2)",
@@ -77,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "check":
             return _check(args.files)
+        if args.command == "cleanup":
+            return _cleanup(args)
         if args.command == "demo":
             from .demo import main as demo_main
 
@@ -179,16 +197,30 @@ def _run(args: argparse.Namespace) -> int:
         print(f"tunsup run: directory of {cfg.dns.resolv_conf} does not exist", file=sys.stderr)
         return ExitCode.USAGE
 
+    from . import instance
+
+    try:
+        lock = instance.acquire(cfg.runtime_dir, cfg.state_dir)
+    except instance.LockHeld as exc:
+        print(f"tunsup run: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    except OSError as exc:
+        print(f"tunsup run: cannot lock {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return ExitCode.USAGE
+
     import trio
 
     from ._log import setup_logging, stop_logging
     from .engine import Supervisor
     from .host import real_host
+    from .journal import Journal, JournalObserver
     from .tunnel import Tunnel, TunnelOptions
 
     setup_logging(debug=args.debug)
     try:
-        host = real_host(resolv_conf=cfg.dns.resolv_conf)
+        journal = Journal(cfg.state_dir, lock.pid, lock.start_time)
+        host = real_host(resolv_conf=cfg.dns.resolv_conf,
+                         route_progress=lambda n: journal.fault.total("routes", n))
         tunnels = [
             Tunnel(spec, host, TunnelOptions(
                 helper=entry.helper,
@@ -196,14 +228,84 @@ def _run(args: argparse.Namespace) -> int:
                 start_timeout=entry.start_timeout,
                 stop_timeout=cfg.stop_timeout,
                 dns_backend=cfg.dns.backend,
-            ))
+            ), observer=JournalObserver(journal, spec.name))
             for spec, entry in zip(specs, cfg.tunnels, strict=True)
         ]
         timer = _step_timer(args.debug)
-        code = trio.run(Supervisor(tunnels, host).run,
+        code = trio.run(Supervisor(tunnels, host, journal=journal).run,
                         instruments=[timer] if timer is not None else [])
         if timer is not None:
             timer.report()
     finally:
+        lock.release()
         stop_logging()
     return int(code)
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    from .config import DEFAULT_STATE_DIR, load_supervisor_config
+
+    state_dir = args.state_dir
+    if state_dir is None:
+        state_dir = load_supervisor_config(args.config).state_dir if args.config \
+            else DEFAULT_STATE_DIR
+    if not os.path.isdir(state_dir):
+        print(f"tunsup cleanup: {state_dir} does not exist: nothing to clean up")
+        return ExitCode.OK
+    if not _has_net_admin() and not args.dry_run:
+        print("tunsup cleanup: needs root (CAP_NET_ADMIN)", file=sys.stderr)
+        return ExitCode.USAGE
+
+    from . import instance
+
+    try:
+        lock_fd = instance.lock_state(state_dir)
+    except instance.LockHeld as exc:
+        print(f"tunsup cleanup: a live instance owns {state_dir}: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+
+    import trio
+
+    from ._log import setup_logging, stop_logging
+    from .host import real_host
+    from .recovery import recover
+
+    setup_logging(debug=args.debug)
+    try:
+        host = real_host()
+
+        async def main() -> object:
+            try:
+                return await recover(state_dir, host, dry_run=args.dry_run,
+                                     out=lambda line: print(line, flush=True))
+            finally:
+                with trio.CancelScope(shield=True):
+                    await host.net.close()
+
+        report = trio.run(main)
+    finally:
+        os.close(lock_fd)
+        stop_logging()
+    from .recovery import RecoveryReport
+
+    assert isinstance(report, RecoveryReport)
+    for line in report.undone:
+        print(f"undone: {line}")
+    for line in report.failures:
+        print(f"NOT undone: {line}", file=sys.stderr)
+    for name in report.quarantined:
+        print(f"damaged journal kept aside as {name}", file=sys.stderr)
+    if report.live:
+        print("tunsup cleanup: live instance(s) own: " + ", ".join(report.live), file=sys.stderr)
+        return ExitCode.FAILURE
+    if not report.complete:
+        if report.unreadable:
+            print(f"tunsup cleanup: {report.unreadable} journal record(s) were unreadable; "
+                  "what they described may still be on the host", file=sys.stderr)
+        return ExitCode.TEARDOWN_INCOMPLETE
+    if not args.dry_run:
+        if report.recovered:
+            print(f"host restored ({len(report.undone)} object(s) undone)")
+        else:
+            print("nothing to clean up")
+    return ExitCode.OK

@@ -9,7 +9,11 @@ journaled) with three coroutines:
 * ``undo(ctx)`` reverses a record; it is idempotent: what is already gone
   is fine;
 * ``abort(ctx)`` cleans up after an ``apply`` that failed or was
-  cancelled half-way (by default the same as ``undo``).
+  cancelled half-way (by default the same as ``undo``); crash recovery also
+  uses it for an intent whose outcome was never recorded;
+* ``prepare(ctx)`` (optional) computes, before anything changes, what undo
+  will need (the original resolv.conf bytes), so the intent recorded in the
+  crash-safe journal is enough to undo a half-applied change.
 
 Timeouts: every host operation below carries its own timeout (see the
 adapters); ``undo_timeout`` bounds a whole undo step.
@@ -43,6 +47,12 @@ class EffectContext:
     hook_timeout: float = 60.0
     #: Live helper handles by pid (records only hold pid + start time).
     helpers: dict[int, HelperHandle] = attrs.field(factory=dict)
+    #: Crash recovery: undoing a dead instance's journal.  Helpers are then
+    #: not our children; they are found by pid *and* start time.
+    recovering: bool = False
+    #: Recovery: start time (clock ticks since boot) of the dead instance,
+    #: to find a helper it started but did not get to record.
+    instance_start: int | None = None
 
 
 class Effect:
@@ -50,6 +60,9 @@ class Effect:
 
     def describe(self) -> str:
         raise NotImplementedError
+
+    async def prepare(self, ctx: EffectContext) -> Effect:
+        return self
 
     async def apply(self, ctx: EffectContext) -> Effect:
         raise NotImplementedError
@@ -130,7 +143,21 @@ class StartHelper(Effect):
         return HelperRunning(self.ifname, self.argv, handle.pid, handle.start_time)
 
     async def abort(self, ctx: EffectContext) -> None:
-        pass  # start_helper either returns a running helper or starts nothing
+        # Live: start_helper either returns a running helper or starts
+        # nothing.  Recovery: the instance may have died between the spawn
+        # and its record; find the helper by its exact command line, started
+        # after the dead instance itself.
+        if not ctx.recovering or ctx.instance_start is None:
+            return
+        from .helpers import find_processes, terminate_foreign
+
+        for pid, start in await trio.to_thread.run_sync(
+            find_processes, self.argv, ctx.instance_start
+        ):
+            ctx.log.info("stopping unrecorded helper %s (pid %d)", self.argv[0], pid)
+            if not await terminate_foreign(pid, start, grace=ctx.stop_grace):
+                raise HostError(f"helper pid {pid} did not exit after SIGKILL")
+        await _remove_stale_socket(ctx, self.ifname)
 
 
 @attrs.frozen
@@ -151,7 +178,8 @@ class HelperRunning(Effect):
     async def undo(self, ctx: EffectContext) -> None:
         handle = ctx.helpers.get(self.pid)
         if handle is None:
-            raise HostError(f"no handle for helper pid {self.pid}")
+            await self._undo_foreign(ctx)
+            return
         # Keep a second of the step's budget for SIGKILL and the reap: past
         # the stop deadline the grace shrinks to nothing.
         left = trio.current_effective_deadline() - trio.current_time()
@@ -162,6 +190,23 @@ class HelperRunning(Effect):
             raise HostError(f"helper pid {self.pid} could not be reaped after SIGKILL")
         ctx.helpers.pop(self.pid, None)
         ctx.log.info("helper pid %d stopped: %s", self.pid, handle.describe_exit())
+        await _remove_stale_socket(ctx, self.ifname)
+
+    async def _undo_foreign(self, ctx: EffectContext) -> None:
+        """Recovery: the helper is not our child.  It is signalled only if
+        its pid still has the recorded start time (never a reused pid)."""
+        from .helpers import process_start_time, terminate_foreign
+
+        start = await trio.to_thread.run_sync(process_start_time, self.pid)
+        if start is None or self.start_time is None or start != self.start_time:
+            ctx.log.info("helper pid %d is gone%s", self.pid,
+                         "" if start is None else " (pid reused by another process: left alone)")
+        else:
+            left = trio.current_effective_deadline() - trio.current_time()
+            grace = max(0.0, min(ctx.stop_grace, left - 1.0))
+            if not await terminate_foreign(self.pid, start, grace=grace):
+                raise HostError(f"helper pid {self.pid} did not exit after SIGKILL")
+            ctx.log.info("orphaned helper pid %d stopped", self.pid)
         await _remove_stale_socket(ctx, self.ifname)
 
     def undo_timeout(self, ctx: EffectContext) -> float:
@@ -214,8 +259,9 @@ class Link(Effect):
         else:
             ctx.log.info("link %s already gone", self.name)
 
-    async def abort(self, ctx: EffectContext) -> None:
-        pass  # apply only adopts a link; the helper effect owns its creation
+    # abort = undo: apply only adopts the link the helper created (the
+    # bring-up checked that no link of that name existed before); if the
+    # outcome was not recorded, undo's name check keeps it safe.
 
 
 @attrs.frozen
@@ -224,7 +270,8 @@ class ConfigureWireguard(Effect):
     it is kept out of ``repr`` and out of the pushed record."""
 
     ifname: str
-    request: bytes = attrs.field(repr=False)
+    #: Key material: never in repr, never journaled (metadata "secret").
+    request: bytes = attrs.field(default=b"", repr=False, metadata={"secret": True})
     timeout: float = 10.0
 
     def describe(self) -> str:
@@ -377,6 +424,12 @@ class Dns(Effect):
             backend = await trio.to_thread.run_sync(ctx.host.dns_backend, self.backend)
         return backend
 
+    async def prepare(self, ctx: EffectContext) -> Effect:
+        backend = await self._backend(ctx)
+        state = await backend.prepare(self.ifname, self.servers, self.search,
+                                      timeout=self.timeout)
+        return attrs.evolve(self, backend=backend.name, state=state)
+
     async def apply(self, ctx: EffectContext) -> Effect:
         backend = await self._backend(ctx)
         state = await backend.apply(self.ifname, self.servers, self.search, timeout=self.timeout)
@@ -394,7 +447,11 @@ class Dns(Effect):
             ctx.log.info("DNS restored")
 
     async def abort(self, ctx: EffectContext) -> None:
-        pass  # a backend's apply leaves the original in place when it fails
+        # Live: a backend's apply leaves the original in place when it fails.
+        # Recovery: the prepared state says what would have been written;
+        # revert restores only if the file holds exactly that.
+        if ctx.recovering:
+            await self.undo(ctx)
 
 
 def _as_logger(log: Log) -> logging.Logger:

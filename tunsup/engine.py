@@ -20,6 +20,7 @@ import trio
 from . import sdnotify
 from ._errors import ExitCode, TunsupError
 from .host import Host
+from .journal import Journal
 from .tunnel import Tunnel
 
 log = logging.getLogger("tunsup")
@@ -32,9 +33,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 class Supervisor:
     """Runs a set of tunnels until a stop signal or a failure."""
 
-    def __init__(self, tunnels: Sequence[Tunnel], host: Host, *, handle_signals: bool = True):
+    def __init__(self, tunnels: Sequence[Tunnel], host: Host, *, handle_signals: bool = True,
+                 journal: Journal | None = None):
         self.tunnels = list(tunnels)
         self.host = host
+        #: Crash-safe record of applied effects; also means: recover what
+        #: dead instances left in its state directory before starting.
+        self.journal = journal
         self._handle_signals = handle_signals
         self._used = False
         self._failed = False
@@ -78,6 +83,7 @@ class Supervisor:
                     try:
                         async with trio.open_nursery() as root:
                             self._cancel_scope = root.cancel_scope
+                            await self._recover()
                             await self._start_all(root)
                     finally:
                         outer.cancel_scope.cancel()
@@ -90,11 +96,38 @@ class Supervisor:
         finally:
             sdnotify.notify("STOPPING=1")
             with trio.CancelScope(shield=True):
+                await self._close_journal()
                 try:
                     await self.host.net.close()
                 except Exception as exc:
                     log.warning("closing the netlink worker: %s", exc)
         return self._exit_code()
+
+    async def _recover(self) -> None:
+        """Undo what dead instances left, before anything else."""
+        if self.journal is None:
+            return
+        from .recovery import recover
+
+        report = await recover(self.journal.state_dir, self.host,
+                               me=(self.journal.pid, self.journal.start_time))
+        if report.recovered:
+            log.info("recovered %d journal(s) of dead instance(s): %d object(s) undone",
+                     len(report.recovered), len(report.undone))
+        for failure in report.failures:
+            log.error("recovery: %s (left for 'tunsup cleanup')", failure)
+
+    async def _close_journal(self) -> None:
+        if self.journal is None:
+            return
+        clean = all(t.report is None or t.report.complete for t in self.tunnels)
+        try:
+            await self.journal.close(remove=clean)
+        except Exception as exc:
+            log.warning("closing the journal: %s", exc)
+        if not clean:
+            log.error("leftovers are recorded in %s: run 'tunsup cleanup' to retry",
+                      self.journal.path)
 
     async def _start_all(self, root: trio.Nursery) -> None:
         sdnotify.notify("STATUS=bringing up tunnels")

@@ -202,3 +202,68 @@ async def start_helper(
             helper._open_pumps += 1
             nursery.start_soon(helper._shielded, helper._pump, stream, label)
     return helper
+
+
+# --- helpers that are not our children (crash recovery) ----------------------
+
+
+def find_processes(argv: Sequence[str], started_after: int) -> list[tuple[int, int]]:
+    """(pid, start time) of live processes running exactly ``argv`` that
+    started at or after ``started_after`` (clock ticks since boot).
+    Blocking (reads /proc): call it from a worker thread."""
+    want = b"\0".join(a.encode() for a in argv) + b"\0"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read() != want:
+                    continue
+        except OSError:
+            continue
+        start = process_start_time(pid)
+        if start is not None and start >= started_after and not _is_zombie(pid):
+            found.append((pid, start))
+    return found
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return True
+    return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] in (b"Z", b"X")
+
+
+async def terminate_foreign(pid: int, start_time: int, *, grace: float,
+                            kill_wait: float = 5.0) -> bool:
+    """SIGTERM, grace, SIGKILL a process that is not our child — only if
+    ``pid`` still has ``start_time`` (a reused pid is never signalled).
+
+    Signals go through a pidfd opened *before* the start time is checked, so
+    the check and the signals refer to the same process.  Waits (without
+    polling) for the pidfd to report the exit.  Returns True when the
+    process is gone (or was never there).  Cancellable at every wait; the
+    pidfd is always closed.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        if await trio.to_thread.run_sync(process_start_time, pid) != start_time:
+            return True  # exited, and the pid now names another process
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
+            try:
+                signal.pidfd_send_signal(pidfd, sig)
+            except ProcessLookupError:
+                return True
+            with trio.move_on_after(wait):
+                await trio.lowlevel.wait_readable(pidfd)
+                return True
+        return False
+    finally:
+        os.close(pidfd)

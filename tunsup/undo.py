@@ -40,6 +40,8 @@ class TeardownReport:
     undone: tuple[str, ...] = ()
     #: One line per step that failed or was not reached; empty = complete.
     failures: tuple[str, ...] = ()
+    #: The records whose undo failed, in undo order (what is left).
+    remaining: tuple[Effect, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -68,6 +70,14 @@ class EffectStack:
     def records(self) -> tuple[Effect, ...]:
         return tuple(self._records)
 
+    def adopt(self, records: list[Effect]) -> None:
+        """Push records applied by someone else, in the order they were
+        applied: crash recovery unwinds a dead instance's journal through
+        this same stack."""
+        if self._unwound:
+            raise RuntimeError("effect stack already unwound")
+        self._records.extend(records)
+
     async def apply(self, effect: Effect) -> Effect:
         """Apply ``effect`` and push the record of what it did.
 
@@ -78,6 +88,7 @@ class EffectStack:
         """
         if self._unwound:
             raise RuntimeError("effect stack already unwound")
+        effect = await effect.prepare(self._ctx)
         if self._observer is not None:
             await self._observer.intent(effect)
         try:
@@ -114,26 +125,34 @@ class EffectStack:
         self._unwound = True
         undone: list[str] = []
         failures: list[str] = list(self._abort_failures)
+        remaining: list[Effect] = []
         deadline = trio.current_time() + timeout if math.isfinite(timeout) else math.inf
         with trio.CancelScope(shield=True):
             while self._records:
                 record = self._records.pop()
                 what = record.describe()
-                remaining = deadline - trio.current_time()
-                budget = max(min(record.undo_timeout(self._ctx), remaining), LAST_CHANCE)
+                left = deadline - trio.current_time()
+                budget = max(min(record.undo_timeout(self._ctx), left), LAST_CHANCE)
                 try:
                     with trio.fail_after(budget):
                         await record.undo(self._ctx)
                 except trio.TooSlowError:
                     failures.append(f"undo {what}: timed out after {budget:.3g} s")
+                    remaining.append(record)
                     self._log.error("undo %s: timed out after %.3g s", what, budget)
                 except Exception as exc:
                     failures.append(f"undo {what}: {exc}")
+                    remaining.append(record)
                     self._log.error("undo %s failed: %s", what, exc)
                 else:
                     undone.append(what)
                     self._log.debug("undone: %s", what)
                     if self._observer is not None:
-                        with trio.move_on_after(LAST_CHANCE):
-                            await self._observer.undone(record)
-        return TeardownReport(tuple(undone), tuple(failures))
+                        try:
+                            with trio.move_on_after(LAST_CHANCE):
+                                await self._observer.undone(record)
+                        except Exception as exc:
+                            # The host is restored; only the journal lags (a
+                            # later recovery finds the object gone: fine).
+                            self._log.warning("journal: %s", exc)
+        return TeardownReport(tuple(undone), tuple(failures), tuple(remaining))

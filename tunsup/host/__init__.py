@@ -78,7 +78,8 @@ class Host:
     env: Mapping[str, str] = attrs.field(factory=dict)
 
 
-def real_host(*, resolv_conf: str = "/etc/resolv.conf") -> Host:
+def real_host(*, resolv_conf: str = "/etc/resolv.conf",
+              route_progress: Callable[[int], None] | None = None) -> Host:
     """The host this process runs on (its network namespace)."""
     from ..helpers import start_helper
     from ..hooks import run_hook
@@ -86,7 +87,7 @@ def real_host(*, resolv_conf: str = "/etc/resolv.conf") -> Host:
     from .netlink import NetlinkHost
 
     return Host(
-        net=NetlinkHost(),
+        net=NetlinkHost(route_progress=route_progress),
         start_helper=start_helper,
         run_hook=run_hook,
         dns_backend=lambda kind: select_backend(kind, resolv_conf=resolv_conf),

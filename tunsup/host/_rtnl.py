@@ -50,7 +50,7 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final, TypeAlias
 
 import attrs
@@ -501,9 +501,11 @@ def add_routes(
     *,
     table: int,
     metric: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> RouteBatchResult:
     """Add a unicast route via device ``ifindex`` to each prefix (IPv4 and
-    IPv6 may be mixed; duplicates are sent once).
+    IPv6 may be mixed; duplicates are sent once).  ``progress``, if given,
+    is called with the number of routes handled so far after each chunk.
 
     Returns which routes were created (ours) and which already existed with
     the same key (not ours).  On any other error the routes created by this
@@ -544,6 +546,8 @@ def add_routes(
                         message += f"; {failed} routes failed"
                     raise RouteBatchError(err, message, prefix=net, table=table,
                                           extack=extack, failed=failed)
+                if progress is not None:
+                    progress(len(added) + len(existed))
     except BaseException as exc:
         if added:
             _roll_back(exc, ifindex, added, table, metric)

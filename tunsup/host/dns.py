@@ -134,6 +134,21 @@ class DnsBackend(Protocol):
         """``"file"``, ``"resolvconf"`` or ``"resolved"``."""
         ...
 
+    async def prepare(
+        self,
+        ifname: str,
+        servers: Sequence[IPAddress],
+        search: Sequence[str],
+        *,
+        timeout: float,
+    ) -> DnsState:
+        """What :meth:`revert` will need, computed *before* anything changes
+        (for the file backend: the original bytes), so that a crash-safe
+        journal can record it ahead of :meth:`apply`.  Changes nothing.
+        Cancellable; raises :class:`DnsError` on failure or timeout.
+        """
+        ...
+
     async def apply(
         self,
         ifname: str,
@@ -417,6 +432,28 @@ class FileBackend:
     path: str = DEFAULT_RESOLV_CONF
     name: ClassVar[str] = "file"
 
+    async def prepare(
+        self, ifname: str, servers: Sequence[IPAddress], search: Sequence[str], *,
+        timeout: float,
+    ) -> FileDnsState:
+        """Read the original bytes and mode (off the trio thread, under
+        ``timeout``); see :meth:`DnsBackend.prepare`.  Cancellable."""
+        content = render_resolv_conf(ifname, servers, search)
+
+        def read() -> FileDnsState:
+            real = os.path.realpath(self.path)
+            try:
+                original, mode = _read(real)
+            except OSError as exc:
+                raise _os_error(real, "cannot read", exc) from exc
+            return FileDnsState(path=real, original=original, written=content, mode=mode)
+
+        try:
+            with trio.fail_after(timeout):
+                return await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise DnsError(f"{ifname}: reading {self.path} timed out after {timeout:g}s") from None
+
     async def apply(
         self,
         ifname: str,
@@ -585,6 +622,14 @@ class ResolvconfBackend:
         """See :func:`revert_state` (this backend's command is used)."""
         return await revert_state(state, timeout=timeout, resolvconf_cmd=self.cmd)
 
+    async def prepare(
+        self, ifname: str, servers: Sequence[IPAddress], search: Sequence[str], *,
+        timeout: float,
+    ) -> ResolvconfDnsState:
+        """See :meth:`DnsBackend.prepare`; nothing to read."""
+        _check_request(ifname, servers, search)
+        return ResolvconfDnsState(ifname=ifname, record=f"tun.{ifname}")
+
 
 async def _revert_resolvconf(state: ResolvconfDnsState, cmd: str, timeout: float) -> bool:
     """``resolvconf -d``; on cancellation the command is terminated."""
@@ -657,6 +702,14 @@ class ResolvedBackend:
             if rollback:
                 await _rollback([self.cmd, "revert", ifname], timeout)
         log.info("%s via systemd-resolved", _describe(ifname, servers, search))
+        return ResolvedDnsState(ifname=ifname)
+
+    async def prepare(
+        self, ifname: str, servers: Sequence[IPAddress], search: Sequence[str], *,
+        timeout: float,
+    ) -> ResolvedDnsState:
+        """See :meth:`DnsBackend.prepare`; nothing to read."""
+        _check_request(ifname, servers, search)
         return ResolvedDnsState(ifname=ifname)
 
     async def revert(self, state: DnsState, *, timeout: float) -> bool:

@@ -47,10 +47,14 @@ def _code(exc: BaseException) -> int | None:
 class NetlinkHost:
     """Real netlink operations for the namespace the process runs in."""
 
-    def __init__(self, *, timeout: float = CALL_TIMEOUT) -> None:
+    def __init__(self, *, timeout: float = CALL_TIMEOUT,
+                 route_progress: Callable[[int], None] | None = None) -> None:
         self._worker = SerialWorker("tunsup-netlink")
         self._timeout = timeout
         self._ipr: Any = None
+        #: Called (on the worker thread) as a bulk route batch progresses;
+        #: the crash-test fault point hooks in here.
+        self._route_progress = route_progress
 
     # --- plumbing -----------------------------------------------------------
 
@@ -253,7 +257,8 @@ class NetlinkHost:
         """Install routes in bulk; see :func:`tunsup.host._rtnl.add_routes`."""
         try:
             return await self._worker.call(
-                lambda: _rtnl.add_routes(index, prefixes, table=table),
+                lambda: _rtnl.add_routes(index, prefixes, table=table,
+                                         progress=self._route_progress),
                 timeout=BULK_TIMEOUT,
                 what=f"add {len(prefixes)} routes",
             )

@@ -1,0 +1,425 @@
+"""Crash-safe write-ahead journal of host changes.
+
+Before an effect is applied its *intent* is appended and fsync'd; once it
+is applied its *record* is appended; once it is undone, that too.  After a
+crash (SIGKILL, power cut) the journal says exactly what may be on the host,
+and recovery (:mod:`tunsup.recovery`) undoes it with the same undo code as a
+normal stop.
+
+Format: one record per line, ``CRC32HEX JSON\\n``, appended to
+``STATE_DIR/journal-PID-START.log`` (file mode 0600, directory 0700).  The
+first record names the owning process by pid *and* start time.  A torn last
+line (a crash mid-write) or garbage is detected by the checksum; readable
+records are still used.  Appends and fsyncs run on a worker thread, never on
+the trio thread.
+
+Key material is never journaled (fields with ``metadata={"secret": True}``
+are left out).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import time
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+from . import effects
+from ._worker import SerialWorker
+from .effects import Effect
+from .host.dns import DnsState, FileDnsState, ResolvconfDnsState, ResolvedDnsState
+from .model import IPAddress, IPInterface, IPNetwork
+
+log = logging.getLogger("tunsup.journal")
+
+JOURNAL_PREFIX = "journal-"
+JOURNAL_SUFFIX = ".log"
+FORMAT_VERSION = 1
+#: Bound on one append + fsync.
+APPEND_TIMEOUT = 10.0
+
+# --- effects <-> JSON ---------------------------------------------------------
+
+EFFECT_KINDS: dict[str, type[Effect]] = {
+    cls.__name__: cls
+    for cls in (
+        effects.Hooks, effects.StartHelper, effects.HelperRunning, effects.Link,
+        effects.ConfigureWireguard, effects.WireguardConfigured, effects.Address,
+        effects.Mtu, effects.LinkUp, effects.Routes, effects.Dns,
+    )
+}
+_DNS_KINDS: dict[str, type[Any]] = {
+    "file": FileDnsState, "resolvconf": ResolvconfDnsState, "resolved": ResolvedDnsState,
+}
+
+_conv = cattrs.Converter(forbid_extra_keys=True)
+
+
+def _dns_state_out(state: DnsState | None) -> dict[str, Any] | None:
+    if state is None:
+        return None
+    kind = next(k for k, c in _DNS_KINDS.items() if isinstance(state, c))
+    return {"type": kind, **_conv.unstructure(state)}
+
+
+def _dns_state_in(value: Any, _: Any) -> DnsState | None:
+    if value is None:
+        return None
+    value = dict(value)
+    cls = _DNS_KINDS[value.pop("type")]
+    state: DnsState = _conv.structure(value, cls)
+    return state
+
+
+def _structure_with(parse: Any) -> Any:
+    def structure(value: Any, _type: Any) -> Any:
+        return parse(value)
+
+    return structure
+
+
+def _register(conv: cattrs.Converter) -> None:
+    conv.register_unstructure_hook(bytes, lambda b: base64.b64encode(b).decode())
+    conv.register_structure_hook(bytes, lambda v, _: base64.b64decode(v, validate=True))
+    parsers: list[tuple[Any, Any]] = [(IPInterface, ipaddress.ip_interface),
+                                      (IPNetwork, ipaddress.ip_network),
+                                      (IPAddress, ipaddress.ip_address)]
+    for union, parse in parsers:
+        conv.register_unstructure_hook(union, str)
+        conv.register_structure_hook(union, _structure_with(parse))
+    for ip_class in (ipaddress.IPv4Interface, ipaddress.IPv6Interface, ipaddress.IPv4Network,
+                     ipaddress.IPv6Network, ipaddress.IPv4Address, ipaddress.IPv6Address):
+        conv.register_unstructure_hook(ip_class, str)
+    dns_type: Any = DnsState | None
+    conv.register_unstructure_hook(dns_type, _dns_state_out)
+    conv.register_structure_hook(dns_type, _dns_state_in)
+    for cls in EFFECT_KINDS.values():
+        fields: Any = attrs.fields(cls)  # type: ignore[arg-type]
+        secret: dict[str, Any] = {f.name: override(omit=True) for f in fields
+                                  if f.metadata.get("secret")}
+        conv.register_unstructure_hook(cls, make_dict_unstructure_fn(cls, conv, **secret))
+        conv.register_structure_hook(cls, make_dict_structure_fn(cls, conv, **secret))
+
+
+_register(_conv)
+
+
+def effect_to_dict(effect: Effect) -> dict[str, Any]:
+    """A JSON-ready dict: ``{"kind": ClassName, ...fields}`` (no secrets)."""
+    return {"kind": type(effect).__name__, **_conv.unstructure(effect, type(effect))}
+
+
+def effect_from_dict(data: dict[str, Any]) -> Effect:
+    """The inverse of :func:`effect_to_dict`; raises ValueError if invalid."""
+    data = dict(data)
+    cls = EFFECT_KINDS.get(str(data.pop("kind", "")))
+    if cls is None:
+        raise ValueError("unknown effect kind")
+    try:
+        return _conv.structure(data, cls)
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"invalid {cls.__name__} record: {exc}") from None
+
+
+# --- the file format ----------------------------------------------------------
+
+
+def encode_line(entry: dict[str, Any]) -> bytes:
+    payload = json.dumps(entry, separators=(",", ":"), sort_keys=True).encode()
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def decode_line(line: bytes) -> dict[str, Any] | None:
+    """The entry of one line, or None if it is torn or corrupt."""
+    if not line.endswith(b"\n") or len(line) < 11 or line[8:9] != b" ":
+        return None
+    payload = line[9:-1]
+    try:
+        if int(line[:8], 16) != zlib.crc32(payload):
+            return None
+        entry = json.loads(payload)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def journal_name(pid: int, start_time: int) -> str:
+    return f"{JOURNAL_PREFIX}{pid}-{start_time}{JOURNAL_SUFFIX}"
+
+
+def list_journals(state_dir: str) -> list[str]:
+    """Paths of the journals in ``state_dir`` (blocking; use a thread)."""
+    try:
+        names = os.listdir(state_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.join(state_dir, n) for n in names
+                  if n.startswith(JOURNAL_PREFIX) and n.endswith(JOURNAL_SUFFIX))
+
+
+def ensure_state_dir(state_dir: str) -> None:
+    """Create ``state_dir`` with mode 0700 (blocking)."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+
+
+# --- reading ------------------------------------------------------------------
+
+
+@attrs.frozen
+class Step:
+    """One effect of a journal: its intent and what became of it."""
+
+    seq: int
+    tunnel: str
+    intent: Effect
+    record: Effect | None = None
+    undone: bool = False
+
+    @property
+    def pending(self) -> Effect | None:
+        """What still needs undoing: the applied record, or the intent of an
+        effect whose outcome was never recorded (undone through ``abort``)."""
+        if self.undone:
+            return None
+        return self.record if self.record is not None else PendingIntent(self.intent)
+
+
+@attrs.frozen
+class JournalContents:
+    path: str
+    pid: int | None
+    start_time: int | None
+    steps: tuple[Step, ...]
+    #: Unreadable lines: (line number, why).
+    damaged: tuple[tuple[int, str], ...] = ()
+    #: Only the last line was unreadable: a write torn by the crash.
+    torn_tail: bool = False
+
+    def pending(self) -> list[tuple[Step, Effect]]:
+        """Steps still to undo, in the order they were applied."""
+        return [(s, e) for s in self.steps if (e := s.pending) is not None]
+
+
+@attrs.frozen
+class PendingIntent(Effect):
+    """An intent without a recorded outcome: undone with the effect's
+    ``abort`` (idempotent, and safe whether or not the change happened)."""
+
+    intent: Effect
+
+    def describe(self) -> str:
+        return f"{self.intent.describe()} (possibly half-applied)"
+
+    async def undo(self, ctx: effects.EffectContext) -> None:
+        await self.intent.abort(ctx)
+
+    def undo_timeout(self, ctx: effects.EffectContext) -> float:
+        return self.intent.undo_timeout(ctx)
+
+
+def read_journal(path: str) -> JournalContents:
+    """Parse a journal (blocking).  Never raises for bad content: unreadable
+    lines are reported in ``damaged``; an unreadable file gives no steps."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.readlines()
+    except OSError as exc:
+        return JournalContents(path, None, None, (), ((0, f"cannot read: {exc.strerror}"),))
+    pid = start = None
+    steps: dict[int, Step] = {}
+    damaged: list[tuple[int, str]] = []
+    for number, line in enumerate(lines, 1):
+        entry = decode_line(line)
+        if entry is None:
+            damaged.append((number, "torn or corrupt record"))
+            continue
+        try:
+            op = entry["op"]
+            if op == "open":
+                pid, start = int(entry["pid"]), int(entry["start_time"])
+            elif op == "intent":
+                seq = int(entry["seq"])
+                steps[seq] = Step(seq, str(entry["tunnel"]), effect_from_dict(entry["effect"]))
+            elif op == "applied":
+                seq = int(entry["seq"])
+                steps[seq] = attrs.evolve(steps[seq], record=effect_from_dict(entry["record"]))
+            elif op == "undone":
+                seq = int(entry["seq"])
+                steps[seq] = attrs.evolve(steps[seq], undone=True)
+            else:
+                damaged.append((number, f"unknown record {op!r}"))
+        except (KeyError, ValueError, TypeError) as exc:
+            damaged.append((number, f"unusable record: {exc}"))
+    torn = bool(damaged) and len(damaged) == 1 and damaged[0][0] == len(lines)
+    return JournalContents(path, pid, start, tuple(steps[k] for k in sorted(steps)),
+                           tuple(damaged), torn)
+
+
+# --- writing ------------------------------------------------------------------
+
+
+class Journal:
+    """The append side, for one running instance.  Appends are serialized
+    on a worker thread; each is written with O_APPEND and fsync'd before
+    :meth:`append` returns."""
+
+    def __init__(self, state_dir: str, pid: int, start_time: int) -> None:
+        self.path = os.path.join(state_dir, journal_name(pid, start_time))
+        self.state_dir = state_dir
+        self.pid = pid
+        self.start_time = start_time
+        self._worker = SerialWorker("tunsup-journal")
+        self._fd: int | None = None
+        self._seq = 0
+        self.appends = 0
+        self.fault = FaultPoint.from_env()
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _append_sync(self, data: bytes) -> None:
+        if self._fd is None:
+            ensure_state_dir(self.state_dir)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o600)
+            header = encode_line({"op": "open", "pid": self.pid, "start_time": self.start_time,
+                                  "version": FORMAT_VERSION, "created": time.time()})
+            os.write(self._fd, header)
+            dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        written = os.write(self._fd, data)
+        if written != len(data):
+            raise OSError(f"short write to {self.path}")
+        os.fsync(self._fd)
+
+    async def append(self, entry: dict[str, Any]) -> None:
+        """Append one entry durably.  Cancellation: a queued append is
+        skipped; one being written completes (see SerialWorker)."""
+        data = encode_line(entry)
+        await self._worker.call(lambda: self._append_sync(data), timeout=APPEND_TIMEOUT,
+                                what=f"append to {self.path}")
+        self.appends += 1
+
+    async def close(self, *, remove: bool) -> None:
+        """Close the file; with ``remove`` (everything was undone) delete it."""
+
+        def job() -> None:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            if remove:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+
+        try:
+            await self._worker.call(job, timeout=APPEND_TIMEOUT, what=f"close {self.path}")
+        finally:
+            self._worker.close()
+
+
+class JournalObserver:
+    """Connects one tunnel's :class:`~tunsup.undo.EffectStack` to the journal."""
+
+    def __init__(self, journal: Journal, tunnel: str) -> None:
+        self.journal = journal
+        self.tunnel = tunnel
+        self._seqs: dict[int, int] = {}
+        self._pending_intent: dict[int, int] = {}
+
+    async def intent(self, effect: Effect) -> None:
+        seq = self.journal.next_seq()
+        self._pending_intent[id(effect)] = seq
+        await self.journal.append({"op": "intent", "seq": seq, "tunnel": self.tunnel,
+                                   "effect": effect_to_dict(effect)})
+        self.journal.fault.hit("intent")
+
+    async def applied(self, intent: Effect, record: Effect) -> None:
+        seq = self._pending_intent.pop(id(intent))
+        self._seqs[id(record)] = seq
+        await self.journal.append({"op": "applied", "seq": seq, "record": effect_to_dict(record)})
+        self.journal.fault.hit("applied")
+
+    async def undone(self, record: Effect) -> None:
+        seq = self._seqs.pop(id(record), None)
+        if seq is not None:
+            await self.journal.append({"op": "undone", "seq": seq})
+
+
+class RecoveryObserver:
+    """Marks steps of a dead instance's journal undone as recovery goes."""
+
+    def __init__(self, journal: Journal, seqs: dict[int, int]) -> None:
+        self.journal = journal
+        self._seqs = seqs
+
+    async def intent(self, effect: Effect) -> None:  # pragma: no cover - never applies
+        raise AssertionError("recovery applies nothing")
+
+    async def applied(self, intent: Effect, record: Effect) -> None:  # pragma: no cover
+        raise AssertionError("recovery applies nothing")
+
+    async def undone(self, record: Effect) -> None:
+        seq = self._seqs.get(id(record))
+        if seq is not None:
+            await self.journal.append({"op": "undone", "seq": seq})
+
+
+# --- fault points (tests only) ------------------------------------------------
+
+#: Test-only: ``intent:N`` / ``applied:N`` SIGKILL the process right after the
+#: Nth intent / applied record is durable; ``routes:K`` after K routes of a
+#: bulk batch were installed.  Off unless set; never set it in production.
+FAULT_ENV = "TUNSUP_CRASH_AT"
+
+
+@attrs.define
+class FaultPoint:
+    kind: str | None = None
+    n: int = 0
+    seen: dict[str, int] = attrs.field(factory=dict)
+
+    @classmethod
+    def from_env(cls) -> FaultPoint:
+        spec = os.environ.get(FAULT_ENV, "")
+        kind, _, n = spec.partition(":")
+        if kind not in ("intent", "applied", "routes") or not n.isdigit():
+            return cls()
+        return cls(kind, int(n))
+
+    def hit(self, kind: str) -> None:
+        """Count one ``kind`` event; crash on the Nth."""
+        if self.kind == kind:
+            self.seen[kind] = self.seen.get(kind, 0) + 1
+            self._check(self.seen[kind])
+
+    def total(self, kind: str, total: int) -> None:
+        """Report a running total (routes installed); crash once it reaches N."""
+        if self.kind == kind:
+            self._check(total)
+
+    def _check(self, count: int) -> None:
+        if count >= self.n:
+            # stderr directly: the log writer thread would die with us.
+            os.write(2, f"{FAULT_ENV}={self.kind}:{self.n}: SIGKILL (test fault point)\n".encode())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def iter_pending(contents: JournalContents) -> Iterator[Effect]:
+    for _, effect in contents.pending():
+        yield effect
