@@ -36,10 +36,15 @@ class ServiceProcess:
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.label = label
-        self.notify_path = os.path.join(workdir, f"{label}.notify")
+        # A second run with the same label (a restart) gets its own files.
+        stem, n = label, 1
+        while os.path.exists(os.path.join(workdir, f"{stem}.notify")):
+            n += 1
+            stem = f"{label}.{n}"
+        self.notify_path = os.path.join(workdir, f"{stem}.notify")
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(self.notify_path)
-        self.log_path = os.path.join(workdir, f"{label}.log")
+        self.log_path = os.path.join(workdir, f"{stem}.log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         full_env = dict(os.environ, NOTIFY_SOCKET=self.notify_path, **(env or {}))
         argv = [sys.executable, "-m", "tunsup", "run", *run_args]

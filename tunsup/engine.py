@@ -111,6 +111,8 @@ class Supervisor:
 
         report = await recover(self.journal.state_dir, self.host,
                                me=(self.journal.pid, self.journal.start_time))
+        for line in report.undone:
+            log.info("recovery: undone %s", line)
         if report.recovered:
             log.info("recovered %d journal(s) of dead instance(s): %d object(s) undone",
                      len(report.recovered), len(report.undone))

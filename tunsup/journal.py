@@ -350,6 +350,7 @@ class JournalObserver:
         self.journal.fault.hit("intent")
 
     async def applied(self, intent: Effect, record: Effect) -> None:
+        self.journal.fault.hit("effect")  # applied, not yet recorded
         seq = self._pending_intent.pop(id(intent))
         self._seqs[id(record)] = seq
         await self.journal.append({"op": "applied", "seq": seq, "record": effect_to_dict(record)})
@@ -382,9 +383,11 @@ class RecoveryObserver:
 
 # --- fault points (tests only) ------------------------------------------------
 
-#: Test-only: ``intent:N`` / ``applied:N`` SIGKILL the process right after the
-#: Nth intent / applied record is durable; ``routes:K`` after K routes of a
-#: bulk batch were installed.  Off unless set; never set it in production.
+#: Test-only: ``intent:N`` SIGKILLs the process right after the Nth intent is
+#: durable (before the change), ``effect:N`` right after the Nth change is
+#: made (before it is recorded), ``applied:N`` right after its record is
+#: durable; ``routes:K`` once K routes of a bulk batch are installed.  Off
+#: unless set; never set it in production.
 FAULT_ENV = "TUNSUP_CRASH_AT"
 
 
@@ -398,7 +401,7 @@ class FaultPoint:
     def from_env(cls) -> FaultPoint:
         spec = os.environ.get(FAULT_ENV, "")
         kind, _, n = spec.partition(":")
-        if kind not in ("intent", "applied", "routes") or not n.isdigit():
+        if kind not in ("intent", "effect", "applied", "routes") or not n.isdigit():
             return cls()
         return cls(kind, int(n))
 

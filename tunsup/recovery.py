@@ -126,8 +126,6 @@ async def _undo(contents: JournalContents, pending: list[Effect], host: Host,
         stack.adopt(pending)
         report = await stack.unwind(timeout)
         nursery.cancel_scope.cancel()
-    for line in report.undone:
-        log.info("undone: %s", line)
     return report
 
 
