@@ -466,9 +466,35 @@ def test_to_dict_shape() -> None:
                 "helper": ["wireguard-go", "-f"],
                 "stop_grace": 2.0,
                 "start_timeout": 10.0,
+                "kill_switch": False,
+                "lan": "direct",
+                "resolve_interval": 60.0,
             }
         ],
     }
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("kill_switch = \"yes\"", "kill_switch must be true or false"),
+    ("kill_switch = 1", "kill_switch must be true or false"),
+    ("lan = \"lan\"", "lan must be one of 'direct', 'tunnel'"),
+    ("resolve_interval = -1", "resolve_interval must be a number >= 0"),
+])
+def test_full_tunnel_options_are_validated(tmp_path: Path, line: str, message: str) -> None:
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'[[tunnel]]\nconfig = "wg0.conf"\n{line}\n')
+    with pytest.raises(ConfigError) as info:
+        load_supervisor_config(toml)
+    assert str(info.value).startswith(f"{toml}:3: ")
+    assert message in str(info.value)
+
+
+def test_full_tunnel_options_load(tmp_path: Path) -> None:
+    toml = tmp_path / "t.toml"
+    toml.write_text('[[tunnel]]\nconfig = "wg0.conf"\nkill_switch = true\nlan = "tunnel"\n'
+                    "resolve_interval = 0\n")
+    (entry,) = load_supervisor_config(toml).tunnels
+    assert (entry.kill_switch, entry.lan, entry.resolve_interval) == (True, "tunnel", 0.0)
 
 
 # ----------------------------------------------------------------------------- models

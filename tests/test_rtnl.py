@@ -250,7 +250,7 @@ def test_argument_checks() -> None:
     with pytest.raises(ValueError):
         add_routes(1, [net("10.0.0.0/8")], table=0)
     with pytest.raises(ValueError):
-        delete_routes(0, [net("10.0.0.0/8")], table=254)
+        delete_routes(-1, [net("10.0.0.0/8")], table=254)
     with pytest.raises(ValueError):
         add_routes(1, [net("10.0.0.0/8")], table=254, metric=-1)
     with pytest.raises(TypeError):
@@ -381,6 +381,25 @@ def test_table_above_255_and_metric(scratch: Scratch) -> None:
     assert s.run(lambda: delete_routes(s.idx, nets[2:], table=1234, metric=78)) == 0
     assert s.run(lambda: delete_routes(s.idx, nets, table=1234, metric=77)) == 4
     assert s.routes("dev", s.dev) == []
+
+
+@pytest.mark.netns
+def test_unreachable_routes_for_the_kill_switch(scratch: Scratch) -> None:
+    s = scratch
+    nets = [net("0.0.0.0/0"), net("::/0"), net("198.51.100.0/24")]
+    metric = 0xFFFFFFF0
+    result = s.run(lambda: add_routes(_rtnl.UNREACHABLE, nets, table=4321, metric=metric))
+    assert result.added == tuple(nets)
+    routes = s.routes("table", "4321")
+    assert {(r["type"], r["dst"], r["metric"], r["protocol"]) for r in routes} == {
+        ("unreachable", "default", metric, "static"),
+        ("unreachable", "198.51.100.0/24", metric, "static")}
+    assert len(routes) == 3
+    # A device route to the same prefix at a better metric coexists and wins.
+    assert s.run(lambda: add_routes(s.idx, nets[:1], table=4321)).added == (nets[0],)
+    assert s.run(lambda: delete_routes(s.idx, nets[:1], table=4321)) == 1
+    assert s.run(lambda: delete_routes(_rtnl.UNREACHABLE, nets, table=4321, metric=metric)) == 3
+    assert s.routes("table", "4321") == []
 
 
 @pytest.mark.netns

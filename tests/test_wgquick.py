@@ -282,6 +282,13 @@ def test_peer_values() -> None:
     assert spec.allowed_ips == (v4("10.0.0.0/24"), v6("2001:db8::1/128"))
 
 
+def test_default_route_allowed_with_table_auto_for_full_tunnel() -> None:
+    spec = parse_conf(conf("[Interface]\n[Peer]\nPublicKey = {k2}\n"
+                           "AllowedIPs = 0.0.0.0/0, ::/0\n"), PATH)
+    assert spec.table == "auto"
+    assert spec.allowed_ips == (v4("0.0.0.0/0"), v6("::/0"))
+
+
 def test_default_route_allowed_with_explicit_table() -> None:
     for table in ("off", "main", "51820"):
         spec = parse_conf(
@@ -298,10 +305,6 @@ PEER = "[Peer]\nPublicKey = {k2}\n"
 
 LABEL64 = "x" * 30 + "-" + "y" * 33
 
-FULL_TUNNEL = (
-    "AllowedIPs 0.0.0.0/0 with Table = auto needs full-tunnel policy routing, "
-    "which tunsup does not support yet; set Table = off or Table = <number>"
-)
 
 ERRORS: list[tuple[str, int | None, str]] = [
     # structure
@@ -406,11 +409,7 @@ ERRORS: list[tuple[str, int | None, str]] = [
      "AllowedIPs = 10.1.0.0/16\nAllowedIPs = 10.0.0.9/24\n", 10,
      "AllowedIPs 10.0.0.0/24 is already given at line 6 for the [Peer] at line 4; "
      "a network can route to one peer only"),
-    (HEAD + PEER + "AllowedIPs = 10.0.0.0/8, 0.0.0.0/0\n", 5, FULL_TUNNEL),
-    (HEAD + "Table = auto\n" + PEER + "AllowedIPs = ::/0\n", 6,
-     FULL_TUNNEL.replace("0.0.0.0/0", "::/0")),
-    # a [Peer] before [Interface]: known once [Interface] has ended
-    (PEER + "AllowedIPs = 0.0.0.0/0\n[Interface]\nAddress = 10.0.0.1\n", 3, FULL_TUNNEL),
+    # a [Peer] before [Interface] is fine
     (PEER + "AllowedIPs = 0.0.0.0/0\n[Interface]\nTable = off\n", None, "<no error>"),
 ]  # fmt: skip
 
@@ -514,7 +513,7 @@ LEAKY: list[str] = [
     "[Interface]\n[Peer]\nPresharedKey = {key}\nAllowedIP = 10.0.0.0/8\n",
     "[Interface]\n[Peer]\nPresharedKey = {key}\n",
     "[Interface]\n[Peer]\nPresharedKey = {key}\nPresharedKey = {key}\n",
-    "[Interface]\n[Peer]\nPublicKey = {key}\nAllowedIPs = 0.0.0.0/0\n",
+    "[Interface]\n[Peer]\nPublicKey = {key}\nAllowedIPs = 0.0.0.0/0, 10.0.0.0/33\n",
     "[Interface]\n[Peer]\nPublicKey = {key}\nAllowedIPs = 10.0.0.0/8\n[Peer]\n"
     "PublicKey = {other}\nAllowedIPs = 10.0.0.0/8\n",
     "[Interface]\nPrivateKey = {key}\nMTU = 1000\nAddress = ::1\n",

@@ -139,9 +139,14 @@ def _ip_json(ns: str, *args: str) -> list[Any]:
     return sorted(json.dumps(_clean(x), sort_keys=True) for x in data)
 
 
+#: Sysctls a tunnel may change (full-tunnel routing).
+SNAPSHOT_SYSCTLS = ("net.ipv4.conf.all.src_valid_mark",)
+
+
 def snapshot(ns: str, files: Sequence[str] = ()) -> dict[str, Any]:
     """What a tunnel may change in ``ns``: links, addresses, routes of every
-    table, policy rules (both families), and the bytes of ``files``."""
+    table, policy rules (both families), a few sysctls, and the bytes of
+    ``files``."""
     snap: dict[str, Any] = {
         "links": _ip_json(ns, "link", "show"),
         "addresses": _ip_json(ns, "address", "show"),
@@ -150,6 +155,10 @@ def snapshot(ns: str, files: Sequence[str] = ()) -> dict[str, Any]:
         "rules4": _ip_json(ns, "-4", "rule", "show"),
         "rules6": _ip_json(ns, "-6", "rule", "show"),
     }
+    for key in SNAPSHOT_SYSCTLS:
+        res = subprocess.run(ns_exec_argv(ns, ["sysctl", "-n", key]), capture_output=True,
+                             text=True, timeout=30, check=False)
+        snap[f"sysctl:{key}"] = res.stdout.strip()
     for path in files:
         try:
             with open(path, "rb") as f:

@@ -228,6 +228,9 @@ def _run(args: argparse.Namespace) -> int:
                 start_timeout=entry.start_timeout,
                 stop_timeout=cfg.stop_timeout,
                 dns_backend=cfg.dns.backend,
+                kill_switch=entry.kill_switch,
+                lan=entry.lan,
+                resolve_interval=entry.resolve_interval,
             ), observer=JournalObserver(journal, spec.name))
             for spec, entry in zip(specs, cfg.tunnels, strict=True)
         ]

@@ -78,6 +78,9 @@ DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 DEFAULT_HELPER: tuple[str, ...] = ("wireguard-go", "-f")
 DEFAULT_STOP_GRACE = 2.0
 DEFAULT_START_TIMEOUT = 10.0
+DEFAULT_RESOLVE_INTERVAL = 60.0
+LanMode: TypeAlias = Literal["direct", "tunnel"]
+LAN_MODES: tuple[LanMode, ...] = typing.get_args(LanMode)
 
 #: wg-quick's rule for interface names (the stem of the ``.conf`` file).
 _IFACE_NAME = re.compile(r"[a-zA-Z0-9_=+.-]{1,15}")
@@ -129,6 +132,17 @@ def _check_path(_inst: object, attribute: attrs.Attribute[str], value: object) -
 def _check_backend(_inst: object, attribute: attrs.Attribute[str], value: object) -> None:
     if value not in DNS_BACKENDS:
         allowed = ", ".join(repr(b) for b in DNS_BACKENDS)
+        raise _Invalid((attribute.name,), f"must be one of {allowed}")
+
+
+def _check_bool(_inst: object, attribute: attrs.Attribute[bool], value: object) -> None:
+    if not isinstance(value, bool):
+        raise _Invalid((attribute.name,), "must be true or false")
+
+
+def _check_lan(_inst: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if value not in LAN_MODES:
+        allowed = ", ".join(repr(m) for m in LAN_MODES)
         raise _Invalid((attribute.name,), f"must be one of {allowed}")
 
 
@@ -200,6 +214,16 @@ class TunnelEntry:
     start_timeout: float = attrs.field(
         default=DEFAULT_START_TIMEOUT, validator=_number(strict=True)
     )
+    #: Fail closed: while the tunnel is configured (and after a crash, until
+    #: cleanup), its traffic is dropped rather than sent outside it.
+    kill_switch: bool = attrs.field(default=False, validator=_check_bool)
+    #: Directly connected networks: keep them reachable directly ("direct"),
+    #: or send them through the tunnel too ("tunnel").
+    lan: LanMode = attrs.field(default="direct", validator=_check_lan)
+    #: Seconds between re-resolutions of hostname endpoints; 0 disables.
+    resolve_interval: float = attrs.field(
+        default=DEFAULT_RESOLVE_INTERVAL, validator=_number(strict=False)
+    )
 
     @property
     def name(self) -> str:
@@ -262,6 +286,8 @@ def _table_hook(cls: type[Any], what: str) -> Callable[[Any, Any], Any]:
 _converter.register_structure_hook(str, _passthrough)
 _converter.register_structure_hook(float, _structure_float)
 _converter.register_structure_hook_func(lambda t: t == DnsBackend, _passthrough)
+_converter.register_structure_hook_func(lambda t: t == LanMode, _passthrough)
+_converter.register_structure_hook(bool, _passthrough)
 _converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_argv)
 _converter.register_structure_hook(DnsSettings, _table_hook(DnsSettings, "a table"))
 _converter.register_structure_hook(TunnelEntry, _table_hook(TunnelEntry, "a table"))

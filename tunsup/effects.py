@@ -28,7 +28,7 @@ import attrs
 import trio
 
 from ._errors import HostError
-from .host import HelperHandle, Host
+from .host import HelperHandle, Host, PolicyRule
 from .host.dns import DnsBackend, DnsState
 from .model import IPAddress, IPInterface, IPNetwork
 
@@ -475,3 +475,108 @@ def select_routes(
             continue
         chosen.append(net)
     return tuple(chosen)
+
+
+@attrs.frozen
+class Rule(Effect):
+    """A policy rule (full-tunnel routing)."""
+
+    ifname: str
+    rule: PolicyRule
+    #: False when an identical rule already existed: never removed then.
+    owned: bool = True
+
+    def describe(self) -> str:
+        return f"rule {self.rule}"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        created = await ctx.host.net.add_rule(self.rule)
+        if created:
+            ctx.log.info("added %s", self.rule)
+        else:
+            ctx.log.warning("%s already exists; not ours, left alone", self.rule)
+        return attrs.evolve(self, owned=created)
+
+    async def undo(self, ctx: EffectContext) -> None:
+        if self.owned and await ctx.host.net.delete_rule(self.rule):
+            ctx.log.info("removed %s", self.rule)
+
+
+@attrs.frozen
+class Sysctl(Effect):
+    """A ``net.*`` sysctl, put back at undo if tunsup changed it and nobody
+    changed it since."""
+
+    ifname: str
+    key: str
+    value: str
+    #: The value before; None when tunsup did not change it.
+    previous: str | None = None
+
+    def describe(self) -> str:
+        return f"sysctl {self.key}={self.value}"
+
+    async def prepare(self, ctx: EffectContext) -> Effect:
+        current = await ctx.host.net.read_sysctl(self.key)
+        return attrs.evolve(self, previous=None if current == self.value else current)
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        if self.previous is not None:
+            await ctx.host.net.write_sysctl(self.key, self.value)
+            ctx.log.info("sysctl %s=%s (was %s)", self.key, self.value, self.previous)
+        return self
+
+    async def undo(self, ctx: EffectContext) -> None:
+        if self.previous is None:
+            return
+        current = await ctx.host.net.read_sysctl(self.key)
+        if current == self.previous:
+            return  # never changed (a crash before the write), or already back
+        if current != self.value:
+            ctx.log.warning("leaving %s=%s alone: it changed since tunsup set it",
+                            self.key, current)
+            return
+        await ctx.host.net.write_sysctl(self.key, self.previous)
+        ctx.log.info("sysctl %s restored to %s", self.key, self.previous)
+
+
+#: Metric of the kill switch's fail-closed routes: worse than any real one.
+KILL_SWITCH_METRIC = 0xFFFFFFF0
+
+
+@attrs.frozen
+class KillSwitch(Effect):
+    """``unreachable`` routes, at the worst metric, for everything the
+    tunnel carries.  While the tunnel's own routes exist they win; when the
+    tunnel link disappears (helper killed, tunsup killed) these remain, so
+    traffic fails instead of leaving through another interface.  They are
+    not tied to any link: they outlive tunsup until ``cleanup`` or a stop.
+    """
+
+    ifname: str
+    table: int
+    prefixes: tuple[IPNetwork, ...]
+
+    def describe(self) -> str:
+        return f"kill switch of {self.ifname} ({len(self.prefixes)} unreachable route(s), " \
+               f"table {self.table})"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        from .host._rtnl import UNREACHABLE
+
+        result = await ctx.host.net.add_routes(UNREACHABLE, self.prefixes, table=self.table,
+                                               metric=KILL_SWITCH_METRIC)
+        ctx.log.info("kill switch: %d unreachable route(s) in table %d", len(result.added),
+                     self.table)
+        return attrs.evolve(self, prefixes=tuple(result.added))
+
+    async def undo(self, ctx: EffectContext) -> None:
+        from .host._rtnl import UNREACHABLE
+
+        if self.prefixes:
+            await ctx.host.net.delete_routes(UNREACHABLE, self.prefixes, table=self.table,
+                                             metric=KILL_SWITCH_METRIC)
+            ctx.log.info("kill switch removed")
+
+    def undo_timeout(self, ctx: EffectContext) -> float:
+        return 60.0

@@ -56,7 +56,8 @@ EFFECT_KINDS: dict[str, type[Effect]] = {
     for cls in (
         effects.Hooks, effects.StartHelper, effects.HelperRunning, effects.Link,
         effects.ConfigureWireguard, effects.WireguardConfigured, effects.Address,
-        effects.Mtu, effects.LinkUp, effects.Routes, effects.Dns,
+        effects.Mtu, effects.LinkUp, effects.Routes, effects.Dns, effects.Rule,
+        effects.Sysctl, effects.KillSwitch,
     )
 }
 _DNS_KINDS: dict[str, type[Any]] = {

@@ -32,13 +32,12 @@ from .effects import (
     Link,
     LinkUp,
     Mtu,
-    Routes,
     StartHelper,
-    select_routes,
 )
 from .host import HelperHandle, Host
 from .keys import Key
 from .model import IPAddress, TunnelSpec
+from .routing import apply_routing, plan_routing
 from .undo import EffectStack, StackObserver, TeardownReport
 
 #: wg-quick's MTU rule: path MTU towards the endpoints minus this overhead.
@@ -77,6 +76,10 @@ class TunnelOptions:
     dns_backend: str = "auto"
     resolve_timeout: float = 10.0
     hook_timeout: float = 60.0
+    kill_switch: bool = False
+    lan: str = "direct"
+    #: Seconds between re-resolutions of hostname endpoints; 0: never.
+    resolve_interval: float = 60.0
 
 
 class Tunnel:
@@ -100,6 +103,10 @@ class Tunnel:
         self.failure: BaseException | None = None
         self.timings: dict[str, float] = {}
         self._observer = observer
+        self._endpoints: dict[Key, tuple[str, int]] = {}
+        #: Background work of an up tunnel (endpoint re-resolution); cancelled
+        #: before teardown starts.
+        self._background = trio.CancelScope()
 
     @property
     def name(self) -> str:
@@ -137,6 +144,7 @@ class Tunnel:
                 self._set_state(TunnelState.UP)
                 self.log.info("tunnel up in %.0f ms", self.timings["up"] * 1000)
                 task_status.started(self)
+                nursery.start_soon(self._run_background)
                 await self._supervise(ctx, helper_pid)
             except BaseException as exc:
                 if not isinstance(exc, trio.Cancelled):
@@ -145,6 +153,7 @@ class Tunnel:
                                    else "start", exc)
                 raise
             finally:
+                self._background.cancel()
                 self._set_state(TunnelState.STOPPING)
                 stop_started = trio.current_time()
                 self.report = await stack.unwind(self.options.stop_timeout)
@@ -176,7 +185,8 @@ class Tunnel:
                 f"a WireGuard device named {spec.name} already runs (pid {other}, maybe in "
                 f"another network namespace): its UAPI socket {sock} is in use"
             )
-        endpoints = await self._resolve_endpoints()
+        endpoints = self._endpoints = await self._resolve_endpoints()
+        plan = await plan_routing(spec, net, self.log)
 
         if spec.pre_up or spec.post_down:
             await stack.apply(Hooks(spec.name, "PreUp", spec.pre_up, "PostDown", spec.post_down))
@@ -194,18 +204,15 @@ class Tunnel:
         if index is None:
             raise HostError(f"helper did not create interface {spec.name}")
         await stack.apply(Link(spec.name, index))
-        await stack.apply(ConfigureWireguard(spec.name, uapi.render_set(spec, endpoints)))
+        configured = attrs.evolve(spec, fwmark=plan.fwmark)
+        await stack.apply(ConfigureWireguard(spec.name, uapi.render_set(configured, endpoints)))
         for address in spec.addresses:
             await stack.apply(Address(spec.name, index, address))
         mtu = spec.mtu or await self._auto_mtu([ip for ip, _ in endpoints.values()])
         await stack.apply(Mtu(spec.name, index, mtu))
         await stack.apply(LinkUp(spec.name, index))
-        table = spec.route_table
-        if table is not None:
-            existing = await net.link_routes(index, table)
-            prefixes = select_routes(spec.allowed_ips, existing)
-            if prefixes:
-                await stack.apply(Routes(spec.name, index, table, prefixes))
+        await apply_routing(stack, plan, spec, index, net, self.log,
+                            kill_switch=opts.kill_switch, lan=opts.lan)
         if (spec.dns_servers or spec.dns_search) and opts.dns_backend != "none":
             await stack.apply(Dns(spec.name, opts.dns_backend, spec.dns_servers, spec.dns_search))
         if spec.post_up or spec.pre_down:
@@ -216,6 +223,53 @@ class Tunnel:
         handle = ctx.helpers[helper_pid]
         await handle.exited.wait()
         raise HelperExited(f"{self.name}: {handle.describe_exit()}")
+
+    async def _run_background(self) -> None:
+        with self._background:
+            await self._watch_endpoints()
+
+    async def _watch_endpoints(self) -> None:
+        """Re-resolve hostname endpoints every ``resolve_interval`` seconds
+        and update a changed peer over UAPI.  Failures are logged, never
+        fatal.  Runs until cancelled (before teardown)."""
+        interval = self.options.resolve_interval
+        named = [p for p in self.spec.peers if p.endpoint is not None
+                 and not _is_ip(p.endpoint.host)]
+        if not named or interval <= 0:
+            return
+        sock = uapi.socket_path(self.spec.name, self.host.uapi_dir)
+        while True:
+            await trio.sleep(interval)
+            for peer in named:
+                assert peer.endpoint is not None
+                try:
+                    address = await self._resolve(peer.endpoint.host, peer.endpoint.port)
+                except (OSError, trio.TooSlowError) as exc:
+                    self.log.warning("re-resolving %s failed: %s", peer.endpoint.host,
+                                     exc or "timed out")
+                    continue
+                old = self._endpoints.get(peer.public_key)
+                if old is not None and old[0] == address:
+                    continue
+                self.log.info("endpoint %s changed: %s -> %s", peer.endpoint.host,
+                              old[0] if old else "none", address)
+                try:
+                    await uapi.uapi_set(sock, uapi.render_endpoint_update(
+                        peer.public_key, address, peer.endpoint.port), timeout=5)
+                except HostError as exc:
+                    self.log.warning("updating the endpoint of %s failed: %s",
+                                     peer.endpoint.host, exc)
+                    continue
+                self._endpoints[peer.public_key] = (address, peer.endpoint.port)
+
+    async def _resolve(self, host: str, port: int) -> str:
+        """One address for ``host`` (getaddrinfo in a worker thread) under
+        ``resolve_timeout``.  Cancellable."""
+        with trio.fail_after(self.options.resolve_timeout):
+            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        if not infos:
+            raise OSError(f"no address for {host}")
+        return str(infos[0][4][0])
 
     async def _resolve_endpoints(self) -> dict[Key, tuple[str, int]]:
         """Peer endpoints as (IP, port); hostnames are resolved in a worker
@@ -231,16 +285,12 @@ class Tunnel:
             except ValueError:
                 pass
             try:
-                with trio.fail_after(self.options.resolve_timeout):
-                    infos = await trio.socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_DGRAM)
+                addr = await self._resolve(ep.host, ep.port)
             except (OSError, trio.TooSlowError) as exc:
                 reason = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
                 raise HostError(
                     f"{self.spec.source}:{peer.line}: cannot resolve endpoint {ep}: {reason}"
                 ) from None
-            if not infos:
-                raise HostError(f"{self.spec.source}:{peer.line}: no address for endpoint {ep}")
-            addr = str(infos[0][4][0])
             self.log.info("endpoint %s resolved to %s", ep.host, addr)
             resolved[peer.public_key] = (addr, ep.port)
         return resolved
@@ -282,3 +332,11 @@ async def _last_resort_kill(handle: HelperHandle, log: logging.Logger) -> None:
             with trio.move_on_after(1.0):
                 await handle.exited.wait()
         handle.close()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -169,6 +169,12 @@ def render_set(spec: TunnelSpec, endpoints: Mapping[Key, tuple[str, int]]) -> by
 # ---------------------------------------------------------------------- parse
 
 
+def render_endpoint_update(public_key: Key, host: str, port: int) -> bytes:
+    """A ``set=1`` request changing only one peer's endpoint."""
+    return (f"set=1\npublic_key={public_key.hex()}\nupdate_only=true\n"
+            f"endpoint={_format_endpoint(host, port, 0)}\n\n").encode()
+
+
 def _describe_errno(value: int) -> str:
     code = abs(value)
     name = _errno.errorcode.get(code)

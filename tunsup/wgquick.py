@@ -286,7 +286,6 @@ def _allowed_ips(p: _Parser, sec: _Peer, value: str, line: int) -> None:
                 f"for the [Peer] at line {owner.line}; a network can route to one peer only"
             )
         sec.allowed_ips.setdefault(net, line)
-        p.check_default_route(net, line)
 
 
 def _endpoint(p: _Parser, sec: _Peer, value: str, line: int) -> None:
@@ -456,25 +455,6 @@ class _Parser:
                     f"MTU {sec.mtu} is below 1280, the minimum for IPv6 "
                     f"(the Address at line {v6[0]} is IPv6)",
                 )
-            # Peers read before [Interface]: their routes can be checked only now.
-            for peer in self.peers:
-                for net, ln in peer.allowed_ips.items():
-                    self.check_default_route(net, ln)
-
-    def check_default_route(self, net: IPNetwork, line: int) -> None:
-        """Reject a default route while ``Table = auto`` (known once [Interface] ends)."""
-        if (
-            net.prefixlen == 0
-            and self.interface_done
-            and self.interface is not None
-            and self.interface.table == "auto"
-        ):
-            raise ConfigError(
-                self.path,
-                line,
-                f"AllowedIPs {net} with Table = auto needs full-tunnel policy routing, "
-                "which tunsup does not support yet; set Table = off or Table = <number>",
-            )
 
     def _spec(self, name: str, i: _Interface) -> TunnelSpec:
         return TunnelSpec(

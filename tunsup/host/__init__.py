@@ -26,6 +26,28 @@ class RouteBatch(Protocol):
     def existed(self) -> tuple[IPNetwork, ...]: ...
 
 
+@attrs.frozen
+class PolicyRule:
+    """An ``ip rule``: ``[not] fwmark M`` (mask all ones) or
+    ``suppress_prefixlength N``, looking up ``table``, at ``priority``."""
+
+    family: int  # 4 or 6
+    priority: int
+    table: int
+    fwmark: int | None = None
+    invert: bool = False
+    suppress_prefixlength: int | None = None
+
+    def __str__(self) -> str:
+        parts = [f"ip -{self.family} rule {self.priority}:"]
+        if self.fwmark is not None:
+            parts.append(("not " if self.invert else "") + f"fwmark {self.fwmark:#x}")
+        parts.append(f"lookup {self.table}")
+        if self.suppress_prefixlength is not None:
+            parts.append(f"suppress_prefixlength {self.suppress_prefixlength}")
+        return " ".join(parts)
+
+
 class NetOps(Protocol):
     """Link, address and route operations (see :mod:`tunsup.host.netlink`)."""
 
@@ -38,12 +60,19 @@ class NetOps(Protocol):
     async def delete_address(self, index: int, iface: IPInterface) -> bool: ...
     async def route_mtu(self, dst: IPAddress | None) -> int | None: ...
     async def link_routes(self, index: int, table: int) -> list[IPNetwork]: ...
+    async def connected_networks(self) -> list[tuple[IPNetwork, str, int]]: ...
     async def add_routes(
-        self, index: int, prefixes: Sequence[IPNetwork], *, table: int
+        self, index: int, prefixes: Sequence[IPNetwork], *, table: int, metric: int | None = None
     ) -> RouteBatch: ...
     async def delete_routes(
-        self, index: int, prefixes: Sequence[IPNetwork], *, table: int
+        self, index: int, prefixes: Sequence[IPNetwork], *, table: int, metric: int | None = None
     ) -> int: ...
+    async def rules(self, family: int) -> list[PolicyRule]: ...
+    async def add_rule(self, rule: PolicyRule) -> bool: ...
+    async def delete_rule(self, rule: PolicyRule) -> bool: ...
+    async def table_in_use(self, table: int) -> bool: ...
+    async def read_sysctl(self, key: str) -> str: ...
+    async def write_sysctl(self, key: str, value: str) -> None: ...
     async def close(self) -> None: ...
 
 

@@ -96,6 +96,10 @@ RTM_NEWROUTE: Final = 24
 RTM_DELROUTE: Final = 25
 
 RTN_UNICAST: Final = 1
+RTN_UNREACHABLE: Final = 7
+#: Pass as ``ifindex`` for an ``unreachable`` route (no device): the kill
+#: switch's fail-closed routes.
+UNREACHABLE: Final = 0
 RT_SCOPE_UNIVERSE: Final = 0
 RT_SCOPE_LINK: Final = 253
 RT_TABLE_UNSPEC: Final = 0
@@ -219,47 +223,50 @@ def encode_route(
     universe for IPv6.  ``rtm_table`` holds ``table`` when it fits in a byte
     and ``RT_TABLE_UNSPEC`` otherwise; ``RTA_TABLE`` always carries it.
     ``RTA_DST`` is omitted for a default route (prefix length 0);
-    ``RTA_PRIORITY`` is present only when ``metric`` is given.
+    ``RTA_PRIORITY`` is present only when ``metric`` is given.  With
+    ``ifindex=UNREACHABLE`` the route is of type ``unreachable`` (scope
+    universe, no device).
     """
     plen = prefix.prefixlen
     addr = prefix.network_address.packed if plen else b""
-    shape = _route_struct(len(addr), metric is not None)
+    with_oif = ifindex != UNREACHABLE
+    shape = _route_struct(len(addr), metric is not None, with_oif)
     if delete:
         mtype, flags = RTM_DELROUTE, DELETE_FLAGS
     else:
         mtype, flags = RTM_NEWROUTE, ADD_FLAGS
-    if prefix.version == 4:
-        family, scope = socket.AF_INET, RT_SCOPE_LINK
-    else:
-        family, scope = socket.AF_INET6, RT_SCOPE_UNIVERSE
+    family = socket.AF_INET if prefix.version == 4 else socket.AF_INET6
+    scope = RT_SCOPE_LINK if prefix.version == 4 and with_oif else RT_SCOPE_UNIVERSE
     args: list[int | bytes] = [
         shape.size, mtype, flags, seq & 0xFFFFFFFF, 0,
         family, plen, 0, 0, table if table < 256 else RT_TABLE_UNSPEC,
-        ROUTE_PROTOCOL, scope, RTN_UNICAST, 0,
+        ROUTE_PROTOCOL, scope, RTN_UNICAST if with_oif else RTN_UNREACHABLE, 0,
         8, RTA_TABLE, table,
     ]
     if addr:
         args += (4 + len(addr), RTA_DST, addr)
-    args += (8, RTA_OIF, ifindex)
+    if with_oif:
+        args += (8, RTA_OIF, ifindex)
     if metric is not None:
         args += (8, RTA_PRIORITY, metric)
     return shape.pack(*args)
 
 
-_ROUTE_STRUCTS: dict[tuple[int, bool], struct.Struct] = {}
+_ROUTE_STRUCTS: dict[tuple[int, bool, bool], struct.Struct] = {}
 
 
-def _route_struct(addr_len: int, with_metric: bool) -> struct.Struct:
+def _route_struct(addr_len: int, with_metric: bool, with_oif: bool = True) -> struct.Struct:
     """The layout of a route message: nlmsghdr, rtmsg, RTA_TABLE, [RTA_DST],
-    RTA_OIF, [RTA_PRIORITY].  Every part is a multiple of 4 bytes, so no
+    [RTA_OIF], [RTA_PRIORITY].  Every part is a multiple of 4 bytes, so no
     padding is needed between them."""
-    key = (addr_len, with_metric)
+    key = (addr_len, with_metric, with_oif)
     shape = _ROUTE_STRUCTS.get(key)
     if shape is None:
         fmt = "=IHHII" + "BBBBBBBBI" + "HHI"
         if addr_len:
             fmt += f"HH{addr_len}s"
-        fmt += "HHI"
+        if with_oif:
+            fmt += "HHI"
         if with_metric:
             fmt += "HHI"
         shape = _ROUTE_STRUCTS[key] = struct.Struct(fmt)
@@ -470,7 +477,7 @@ def _raise_buffer(sock: socket.socket, force_opt: int, opt: int, size: int) -> i
 
 
 def _check(ifindex: int, table: int, metric: int | None) -> None:
-    if not 0 < ifindex <= 0x7FFFFFFF:
+    if not 0 <= ifindex <= 0x7FFFFFFF:
         raise ValueError(f"bad ifindex {ifindex!r}")
     if not 0 < table <= 0xFFFFFFFF:
         raise ValueError(f"bad route table {table!r} (1..2**32-1)")

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from .._errors import HostError
 from .._worker import SerialWorker
 from ..model import IPAddress, IPInterface, IPNetwork
-from . import _rtnl
+from . import PolicyRule, _rtnl
 
 T = TypeVar("T")
 
@@ -251,13 +252,37 @@ class NetlinkHost:
 
         return await self._call(f"list routes of link #{index}", fn, DUMP_TIMEOUT)
 
+    async def connected_networks(self) -> list[tuple[IPNetwork, str, int]]:
+        """Directly connected networks (main-table routes of protocol kernel,
+        scope link): (network, device name, device index)."""
+
+        def fn(ipr: Any) -> list[tuple[IPNetwork, str, int]]:
+            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            out: list[tuple[IPNetwork, str, int]] = []
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for r in ipr.get_routes(family=family, table=254):
+                    kernel_unicast = r["proto"] == 2 and r["type"] == 1
+                    # IPv4 connected routes are scope link; IPv6 ones universe.
+                    if not kernel_unicast or (family == socket.AF_INET and r["scope"] != 253):
+                        continue
+                    dst, oif = r.get_attr("RTA_DST"), r.get_attr("RTA_OIF")
+                    if dst is None or oif is None:
+                        continue
+                    net = ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False)
+                    if net.is_link_local or net.is_multicast:
+                        continue
+                    out.append((net, str(names.get(oif, oif)), int(oif)))
+            return out
+
+        return await self._call("list connected networks", fn, DUMP_TIMEOUT)
+
     async def add_routes(
-        self, index: int, prefixes: Sequence[IPNetwork], *, table: int
+        self, index: int, prefixes: Sequence[IPNetwork], *, table: int, metric: int | None = None
     ) -> _rtnl.RouteBatchResult:
         """Install routes in bulk; see :func:`tunsup.host._rtnl.add_routes`."""
         try:
             return await self._worker.call(
-                lambda: _rtnl.add_routes(index, prefixes, table=table,
+                lambda: _rtnl.add_routes(index, prefixes, table=table, metric=metric,
                                          progress=self._route_progress),
                 timeout=BULK_TIMEOUT,
                 what=f"add {len(prefixes)} routes",
@@ -265,13 +290,124 @@ class NetlinkHost:
         except _rtnl.RouteBatchError as exc:
             raise HostError(f"adding routes failed: {exc}") from exc
 
-    async def delete_routes(self, index: int, prefixes: Sequence[IPNetwork], *, table: int) -> int:
+    async def delete_routes(self, index: int, prefixes: Sequence[IPNetwork], *, table: int,
+                            metric: int | None = None) -> int:
         """Remove routes in bulk; already-gone routes are fine."""
         try:
             return await self._worker.call(
-                lambda: _rtnl.delete_routes(index, prefixes, table=table),
+                lambda: _rtnl.delete_routes(index, prefixes, table=table, metric=metric),
                 timeout=BULK_TIMEOUT,
                 what=f"delete {len(prefixes)} routes",
             )
         except _rtnl.RouteBatchError as exc:
             raise HostError(f"removing routes failed: {exc}") from exc
+
+    # --- policy rules -------------------------------------------------------
+
+    async def rules(self, family: int) -> list[PolicyRule]:
+        """The policy rules of one family (4 or 6), in priority order.  Only
+        the selectors tunsup uses are decoded."""
+
+        def fn(ipr: Any) -> list[PolicyRule]:
+            out = []
+            for r in ipr.get_rules(family=_AF[family]):
+                suppress = r.get_attr("FRA_SUPPRESS_PREFIXLEN")
+                mark = r.get_attr("FRA_FWMARK")
+                out.append(PolicyRule(
+                    family=family,
+                    priority=int(r.get_attr("FRA_PRIORITY") or 0),
+                    table=int(r.get_attr("FRA_TABLE") or r["table"]),
+                    fwmark=int(mark) if mark is not None else None,
+                    invert=bool(r["flags"] & _FIB_RULE_INVERT),
+                    suppress_prefixlength=None if suppress in (None, 0xFFFFFFFF)
+                    else int(suppress),
+                ))
+            return sorted(out, key=lambda x: x.priority)
+
+        return await self._call(f"list IPv{family} rules", fn, DUMP_TIMEOUT)
+
+    async def add_rule(self, rule: PolicyRule) -> bool:
+        """Add ``rule``; False if an identical one already exists (then it
+        is not ours)."""
+
+        def fn(ipr: Any) -> bool:
+            try:
+                ipr.rule("add", **_rule_args(rule))
+            except Exception as exc:
+                if _code(exc) == errno.EEXIST:
+                    return False
+                raise
+            return True
+
+        return await self._call(f"add {rule}", fn)
+
+    async def delete_rule(self, rule: PolicyRule) -> bool:
+        """Delete exactly ``rule``; False if it is already gone."""
+
+        def fn(ipr: Any) -> bool:
+            try:
+                ipr.rule("del", **_rule_args(rule))
+            except Exception as exc:
+                if _code(exc) in _GONE:
+                    return False
+                raise
+            return True
+
+        return await self._call(f"delete {rule}", fn)
+
+    async def table_in_use(self, table: int) -> bool:
+        """Whether any route (either family) or rule refers to ``table``."""
+
+        def fn(ipr: Any) -> bool:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                if ipr.get_routes(family=family, table=table):
+                    return True
+                for r in ipr.get_rules(family=family):
+                    if int(r.get_attr("FRA_TABLE") or r["table"]) == table:
+                        return True
+            return False
+
+        return await self._call(f"check routing table {table}", fn, DUMP_TIMEOUT)
+
+    # --- sysctl -------------------------------------------------------------
+
+    async def read_sysctl(self, key: str) -> str:
+        """Value of a ``net.*`` sysctl (``net.ipv4.conf.all.src_valid_mark``)."""
+        path = _sysctl_path(key)
+
+        def fn(_ipr: Any) -> str:
+            with open(path) as f:
+                return f.read().strip()
+
+        return await self._call(f"read {key}", fn)
+
+    async def write_sysctl(self, key: str, value: str) -> None:
+        path = _sysctl_path(key)
+
+        def fn(_ipr: Any) -> None:
+            with open(path, "w") as f:
+                f.write(value)
+
+        await self._call(f"set {key}={value}", fn)
+
+
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_FIB_RULE_INVERT = 0x2
+
+
+def _rule_args(rule: PolicyRule) -> dict[str, Any]:
+    args: dict[str, Any] = {"family": _AF[rule.family], "priority": rule.priority,
+                            "table": rule.table, "action": "FR_ACT_TO_TBL"}
+    if rule.fwmark is not None:
+        args.update(fwmark=rule.fwmark, fwmask=0xFFFFFFFF)
+    if rule.invert:
+        args["flags"] = _FIB_RULE_INVERT
+    if rule.suppress_prefixlength is not None:
+        args["suppress_prefixlen"] = rule.suppress_prefixlength
+    return args
+
+
+def _sysctl_path(key: str) -> str:
+    if not key.startswith("net.") or "/" in key or ".." in key:
+        raise ValueError(f"not a net sysctl: {key!r}")
+    return "/proc/sys/" + key.replace(".", "/")

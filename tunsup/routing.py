@@ -1,0 +1,144 @@
+"""Which routes and policy rules a tunnel needs, pushed as effects.
+
+Plain tunnels get one route per AllowedIPs prefix in the main table (or the
+``Table =`` one).  A *full tunnel* — AllowedIPs containing ``0.0.0.0/0`` or
+``::/0`` with ``Table = auto`` — is routed as wg-quick does it: the default
+route goes into its own table T (51820 or the next free one, or the
+``FwMark``), the helper marks its own UDP packets with fwmark T, and per
+family two rules send everything else to T::
+
+    not fwmark T lookup T               (WireGuard's own packets skip the tunnel)
+    lookup main suppress_prefixlength 0 (main-table routes but its default win)
+
+The second rule keeps directly connected networks (the LAN) reachable;
+``lan = "tunnel"`` leaves it out, so the LAN goes through the tunnel too.
+``net.ipv4.conf.all.src_valid_mark`` is set to 1 (restored at stop if
+tunsup changed it).
+
+The kill switch adds ``unreachable`` routes at the worst metric for all of
+it: they are not tied to the tunnel's link, so when the link disappears
+(helper killed, tunsup killed) traffic fails instead of leaking.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import trio
+
+from ._errors import HostError
+from .effects import KillSwitch, Routes, Rule, Sysctl, select_routes
+from .host import NetOps, PolicyRule
+from .model import RT_TABLE_MAIN, IPNetwork, TunnelSpec
+from .undo import EffectStack
+
+#: wg-quick's first choice of table and fwmark for a full tunnel.
+FIRST_POLICY_TABLE = 51820
+SRC_VALID_MARK = "net.ipv4.conf.all.src_valid_mark"
+
+
+@attrs.frozen
+class RoutingPlan:
+    #: Table of the ordinary (non-default) routes; None: ``Table = off``.
+    table: int | None
+    #: Full tunnel: the table holding the default route(s).
+    policy_table: int | None = None
+    #: The helper's fwmark (full tunnel: the policy table unless FwMark is set).
+    fwmark: int | None = None
+    #: The default prefixes (0.0.0.0/0, ::/0) of a full tunnel.
+    defaults: tuple[IPNetwork, ...] = ()
+
+    @property
+    def full_tunnel(self) -> bool:
+        return self.policy_table is not None
+
+
+async def plan_routing(spec: TunnelSpec, net: NetOps, log: logging.Logger) -> RoutingPlan:
+    """Decide tables and fwmark (before the helper is configured).  Reads
+    the host only; cancellable."""
+    defaults = tuple(n for n in spec.allowed_ips if n.prefixlen == 0)
+    if spec.table != "auto" or not defaults:
+        return RoutingPlan(spec.route_table, fwmark=spec.fwmark)
+    table = spec.fwmark
+    if table is None:
+        table = FIRST_POLICY_TABLE
+        while await net.table_in_use(table):
+            table += 1
+    log.info("full tunnel: default route(s) in table %d, fwmark %#x", table, table)
+    return RoutingPlan(RT_TABLE_MAIN, table, table, defaults)
+
+
+async def apply_routing(
+    stack: EffectStack,
+    plan: RoutingPlan,
+    spec: TunnelSpec,
+    index: int,
+    net: NetOps,
+    log: logging.Logger,
+    *,
+    kill_switch: bool = False,
+    lan: str = "direct",
+) -> None:
+    """Push the route, rule, sysctl and kill-switch effects of ``plan``.
+    Cancellable between effects (each is undone by the stack)."""
+    name = spec.name
+    if plan.table is not None:
+        ordinary = [n for n in spec.allowed_ips if n.prefixlen != 0 or not plan.full_tunnel]
+        existing = await net.link_routes(index, plan.table)
+        connected = [(n, dev) for n, dev, oif in await net.connected_networks() if oif != index]
+        # Pure computation, but O(AllowedIPs): kept off the trio thread.
+        prefixes = await trio.to_thread.run_sync(
+            lambda: _reconcile_lan(select_routes(ordinary, existing), connected, log, lan))
+        if kill_switch and prefixes:
+            await stack.apply(KillSwitch(name, plan.table, prefixes))
+        if prefixes:
+            await stack.apply(Routes(name, index, plan.table, prefixes))
+    if plan.policy_table is None:
+        return
+    table = plan.policy_table
+    if kill_switch:
+        await stack.apply(KillSwitch(name, table, plan.defaults))
+    await stack.apply(Routes(name, index, table, plan.defaults))
+    for family in sorted({n.version for n in plan.defaults}):
+        lowest = min((r.priority for r in await net.rules(family) if r.priority > 0),
+                     default=32766)
+        if lowest < 3:
+            raise HostError(f"no free IPv{family} rule priority below {lowest}")
+        await stack.apply(Rule(name, PolicyRule(family, lowest - 1, table, fwmark=table,
+                                                invert=True)))
+        if lan == "direct":
+            await stack.apply(Rule(name, PolicyRule(family, lowest - 2, RT_TABLE_MAIN,
+                                                    suppress_prefixlength=0)))
+        else:
+            log.info("lan = tunnel: directly connected IPv%d networks go through the tunnel",
+                     family)
+    if any(n.version == 4 for n in plan.defaults):
+        await stack.apply(Sysctl(name, SRC_VALID_MARK, "1"))
+
+
+def _reconcile_lan(prefixes: tuple[IPNetwork, ...], connected: list[tuple[IPNetwork, str]],
+                   log: logging.Logger, lan: str) -> tuple[IPNetwork, ...]:
+    """AllowedIPs that fall inside a directly connected network would cut
+    part of the LAN off: by default they are not routed (logged)."""
+    kept = []
+    for prefix in prefixes:
+        inside = [(n, dev) for n, dev in connected
+                  if n.version == prefix.version and prefix.subnet_of(n)]  # type: ignore[arg-type]
+        covers = [(n, dev) for n, dev in connected
+                  if n.version == prefix.version and n.subnet_of(prefix)  # type: ignore[arg-type]
+                  and n != prefix]
+        for lan_net, dev in covers:
+            log.info("LAN %s on %s stays directly reachable (more specific than AllowedIPs %s)",
+                     lan_net, dev, prefix)
+        if inside:
+            lan_net, dev = inside[0]
+            if lan == "direct":
+                log.warning("AllowedIPs %s lies inside the directly connected network %s on "
+                            "%s: not routed through the tunnel, so the LAN stays reachable "
+                            "(lan = \"tunnel\" routes it anyway)", prefix, lan_net, dev)
+                continue
+            log.info("AllowedIPs %s lies inside the LAN %s on %s: routed through the tunnel "
+                     "(lan = \"tunnel\")", prefix, lan_net, dev)
+        kept.append(prefix)
+    return tuple(kept)
