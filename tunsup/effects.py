@@ -284,7 +284,8 @@ class OwnedTun(Effect):
 
 async def _down_and_delete(ctx: EffectContext, index: int, name: str) -> None:
     """Set link ``index`` down (a failure is logged, not fatal), then delete
-    it; both only while the index still names ``name``."""
+    it; both only while the index still names ``name``.  Cancellation: see
+    the netlink worker (a call already running completes first)."""
     try:
         await ctx.host.net.set_link_up(index, False, name=name)
     except HostError as exc:
@@ -318,6 +319,9 @@ class HelperGeneration(Effect):
         return self
 
     async def undo(self, ctx: EffectContext) -> None:
+        """Unwind the current generation within what is left of this step's
+        budget.  The nested unwind is shielded like any other: cancellation
+        does not interrupt it."""
         stack = ctx.generations.pop(self.ifname, None)
         if stack is None:
             return

@@ -27,7 +27,8 @@ import os
 import signal
 import socket
 import time
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 import attrs
 import trio
@@ -58,6 +59,12 @@ from .host import HelperHandle, Host
 from .keys import Key
 from .model import IPAddress, TunnelSpec
 from .undo import EffectStack, StackObserver, TeardownReport
+
+T = TypeVar("T")
+
+#: Above this many AllowedIPs, per-prefix work (rendering the UAPI request,
+#: choosing routes: ~2 us per prefix) runs in a worker thread.
+CPU_BOUND_PREFIXES = 1000
 
 #: wg-quick's MTU rule: path MTU towards the endpoints minus this overhead.
 WIREGUARD_OVERHEAD = 80
@@ -302,6 +309,9 @@ class Tunnel:
     # ------------------------------------------------------------------ bring-up
 
     async def _bring_up(self, stack: EffectStack, ctx: EffectContext) -> None:
+        """Checks, then every effect of the bring-up onto ``stack`` (the
+        helper's generation onto a nested one).  Cancellable at every step;
+        what was applied stays on the stacks for the caller's unwind."""
         spec, net, opts = self.spec, self.host.net, self.options
         if await net.link_index(spec.name) is not None:
             raise HostError(
@@ -317,7 +327,7 @@ class Tunnel:
                 f"another network namespace): its UAPI socket {sock} is in use"
             )
         endpoints = await self._resolve_endpoints()
-        self._request = uapi.render_set(spec, endpoints)
+        self._request = await _cpu_bound(len(spec.allowed_ips), uapi.render_set, spec, endpoints)
         self._mtu = spec.mtu or await self._auto_mtu([ip for ip, _ in endpoints.values()])
 
         if spec.pre_up or spec.post_down:
@@ -387,7 +397,8 @@ class Tunnel:
         table = spec.route_table
         if table is not None:
             existing = await net.link_routes(index, table)
-            prefixes = select_routes(spec.allowed_ips, existing)
+            prefixes = await _cpu_bound(len(spec.allowed_ips), select_routes, spec.allowed_ips,
+                                        existing)
             if prefixes:
                 await stack.apply(Routes(spec.name, index, table, prefixes))
         if (spec.dns_servers or spec.dns_search) and opts.dns_backend != "none":
@@ -549,6 +560,16 @@ class Tunnel:
         if best == 0:
             best = await self.host.net.route_mtu(None) or 0
         return (best or DEFAULT_LINK_MTU) - WIREGUARD_OVERHEAD
+
+
+async def _cpu_bound(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, in a worker thread when ``size`` (a prefix count) is
+    above :data:`CPU_BOUND_PREFIXES`, so that a long computation does not
+    hold the trio thread.  Cancellation: delivered once the thread is done
+    (it only computes, for milliseconds); nothing is left behind."""
+    if size <= CPU_BOUND_PREFIXES:
+        return fn(*args)
+    return await trio.to_thread.run_sync(fn, *args)
 
 
 def _only_cancelled(exc: BaseException) -> bool:
