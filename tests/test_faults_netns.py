@@ -14,17 +14,21 @@ a stand-in), in namespaces the tests create.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tunsup import _netns
+from tunsup._service import ServiceProcess
 from tunsup.tun import header_for_version
 
 from . import test_tunnel_netns
@@ -68,15 +72,17 @@ def proc_state(pid: int) -> str:
     return stat[stat.rindex(")") + 2]
 
 
-def wait_until(svc: object, predicate: object, what: str, timeout: float = 30) -> None:
-    """Wait for a condition of the system (not a clock): the service's
-    notify socket paces the loop, as in ``wait_for_output``."""
-    assert callable(predicate)
+def wait_until(svc: ServiceProcess, predicate: Callable[[], bool], what: str,
+               timeout: float = 30) -> None:
+    """Wait for a condition of the system (not a clock); the service's
+    notify socket paces the checks, as in ``wait_for_output``."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        wait_for_output(svc, "", timeout=1)  # type: ignore[arg-type]
-        time.sleep(0.005)
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n" + (
+            svc.output_tail())
+        svc.notify.settimeout(0.005)
+        with contextlib.suppress(TimeoutError):
+            svc.notify.recv(4096)
 
 
 class Capture:
@@ -94,7 +100,7 @@ class Capture:
 
     def outgoing_ipv4_dsts(self) -> list[str]:
         """Destinations of the IPv4 packets sent out since the last call."""
-        dsts = []
+        dsts: list[str] = []
         while True:
             try:
                 frame, addr = self.sock.recvfrom(65535)
@@ -120,7 +126,8 @@ def send_udp(ns: str, dsts: list[str], count: int) -> None:
 
 
 def tun_tx(ns: str, ifname: str) -> tuple[int, int]:
-    stats = routes(ns, "-s", "link", "show", "dev", ifname)[0]["stats64"]["tx"]
+    link: Any = routes(ns, "-s", "link", "show", "dev", ifname)[0]
+    stats = link["stats64"]["tx"]
     return int(stats["packets"]), int(stats["dropped"])
 
 

@@ -492,7 +492,7 @@ def test_whatever_happens_the_host_is_restored(
             await trio.sleep(max(0.0, stop_at - now))
             sup.stop()
 
-        out = run_supervisor(fake, [options(restart=policy, tun_mode=mode,  # type: ignore[arg-type]
+        out = run_supervisor(fake, [options(restart=policy, tun_mode=mode,
                                             probe_interval=3.0, probe_timeout=1.0)], driver)
         assert out.code in (ExitCode.OK, ExitCode.FAILURE)
         tunnel = out.tunnels[0]
