@@ -292,6 +292,21 @@ def test_crash_loop_is_bounded_then_the_tunnel_fails_and_run_exits_1(
     assert_host_restored(fake)
 
 
+def test_an_owned_tun_deleted_from_outside_fails_the_tunnel_at_once(fake: FakeHost) -> None:
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        link = fake.net.by_name("wgt0")
+        assert link is not None
+        del fake.net.links[link.index]  # ip link del, behind tunsup's back
+        fake.current.die(1, "ERROR: TUN closed")
+        await trio.sleep_forever()
+
+    out = run_supervisor(fake, [options()], driver)
+    assert out.code == ExitCode.FAILURE
+    assert len(fake.started) == 1  # no pointless restarts
+    assert "TUN device wgt0 was deleted" in str(out.tunnels[0].failure)
+    assert_host_restored(fake)
+
+
 def test_stop_during_a_backoff_returns_at_once_and_cleanly(fake: FakeHost) -> None:
     policy = RestartPolicy(backoff_initial=600.0, backoff_max=600.0)
 

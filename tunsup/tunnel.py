@@ -445,6 +445,10 @@ class Tunnel:
             self.log.warning("restarting the helper in %.2f s (failure %d of at most %d "
                              "within %g s)", delay, failures, policy.max_restarts, policy.window)
             await trio.sleep(delay)
+            if (self.options.tun_mode == "owned"
+                    and await self.host.net.link_name(self._tun_index) != self.name):
+                # Deleted from outside: no helper can bring it back.
+                raise HelperExited(f"TUN device {self.name} was deleted; giving up")
             try:
                 handle = await self._start_generation(self._new_generation(ctx), ctx)
             except HostError as exc:
