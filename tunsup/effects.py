@@ -242,7 +242,8 @@ class CreateTun(Effect):
         # No checkpoint from here on: the fd is known to the context as soon
         # as it exists, and the record is pushed right after.
         ctx.tun_fds[self.name] = device.fd
-        ctx.log.info("TUN device %s created (persistent, owned by tunsup)", self.name)
+        ctx.log.info("TUN device %s created (persistent, owned by tunsup; %s)", self.name,
+                     "packet-information header" if self.packet_info else "IFF_NO_PI")
         return OwnedTun(self.name, device.index)
 
     async def abort(self, ctx: EffectContext) -> None:
