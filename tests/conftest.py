@@ -44,6 +44,19 @@ needs_wireguard = pytest.mark.skipif(
 )
 
 
+#: The worst trio step each ``tunsup run`` of the integration tests logged at
+#: exit: (milliseconds, task, test).  Summarised at the end of the session.
+WORST_STEPS: list[tuple[float, str, str]] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if WORST_STEPS:
+        ms, task, test = max(WORST_STEPS)
+        terminalreporter.write_line(
+            f"blocking guard: worst trio step over {len(WORST_STEPS)} tunsup run(s): "
+            f"{ms:.1f} ms (task {task}, in {test})")
+
+
 #: In every name a test creates, so that the leak check only looks at this
 #: run's objects (another test run may be going on at the same time).
 TAG = f"{os.getpid() % 10000}"

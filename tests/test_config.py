@@ -9,7 +9,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tunsup._errors import ConfigError
@@ -18,6 +18,9 @@ from tunsup.config import (
     DEFAULT_RUNTIME_DIR,
     DEFAULT_STATE_DIR,
     DNS_BACKENDS,
+    ON_FAILURE,
+    TUN_HEADERS,
+    TUN_MODES,
     DnsSettings,
     SupervisorConfig,
     TunnelEntry,
@@ -33,6 +36,7 @@ FULL_EXAMPLE = """\
 state_dir = "/srv/tunsup/state"      # optional
 runtime_dir = "/srv/tunsup/run"      # optional
 stop_timeout = 12.5
+on_failure = "keep-running"
 
 [dns]
 backend = "file"
@@ -52,6 +56,14 @@ helper = [
 ]
 stop_grace = 0
 start_timeout = 3
+tun = "helper"
+probe_interval = 10
+probe_timeout = 0.5
+restart_max = 0
+restart_window = 120
+backoff_initial = 0
+backoff_max = 1.5
+backoff_reset = 300
 
 [[tunnel]]
 config = "/etc/wireguard/wg2.conf"
@@ -83,6 +95,7 @@ def test_full_example(tmp_path: Path) -> None:
         state_dir="/srv/tunsup/state",
         runtime_dir="/srv/tunsup/run",
         stop_timeout=12.5,
+        on_failure="keep-running",
         dns=DnsSettings(backend="file", resolv_conf="/tmp/test-resolv.conf"),
         tunnels=(
             TunnelEntry(config=str(tmp_path / "wg0.conf")),
@@ -91,6 +104,14 @@ def test_full_example(tmp_path: Path) -> None:
                 helper=("/usr/local/bin/boringtun", "--foreground"),
                 stop_grace=0.0,
                 start_timeout=3.0,
+                tun="helper",
+                probe_interval=10.0,
+                probe_timeout=0.5,
+                restart_max=0,
+                restart_window=120.0,
+                backoff_initial=0.0,
+                backoff_max=1.5,
+                backoff_reset=300.0,
             ),
             TunnelEntry(config="/etc/wireguard/wg2.conf"),
         ),
@@ -99,6 +120,9 @@ def test_full_example(tmp_path: Path) -> None:
     assert all(os.path.isabs(t.config) for t in cfg.tunnels)
     assert type(cfg.tunnels[1].start_timeout) is float
     assert type(cfg.tunnels[1].helper) is tuple
+    assert type(cfg.tunnels[1].probe_interval) is float
+    assert type(cfg.tunnels[1].restart_max) is int
+    assert [t.tun_mode for t in cfg.tunnels] == ["owned", "helper", "owned"]
 
 
 def test_relative_toml_path_resolves_against_its_directory(
@@ -123,9 +147,18 @@ def test_defaults(tmp_path: Path) -> None:
     cfg = load_supervisor_config(write(tmp_path, '[dns]\n[[tunnel]]\nconfig = "/x/wg0.conf"\n'))
     (tunnel,) = cfg.tunnels
     assert tunnel == TunnelEntry(
-        config="/x/wg0.conf", helper=DEFAULT_HELPER, stop_grace=2.0, start_timeout=10.0
+        config="/x/wg0.conf", helper=DEFAULT_HELPER, stop_grace=2.0, start_timeout=10.0,
+        tun="auto", tun_header="auto", probe_interval=5.0, probe_timeout=1.0, restart_max=5,
+        restart_window=60.0, backoff_initial=0.2, backoff_max=30.0, backoff_reset=30.0,
     )
     assert DEFAULT_HELPER == ("wireguard-go", "-f")
+    assert cfg.on_failure == "exit"
+    # "auto": tunsup owns the TUN for wireguard-go, not for other helpers.
+    assert tunnel.tun_mode == "owned"
+    assert TunnelEntry(config="/x/wg0.conf", helper=("/opt/wg/wireguard-go",)).tun_mode == "owned"
+    assert TunnelEntry(config="/x/wg0.conf", helper=("boringtun",)).tun_mode == "helper"
+    assert TunnelEntry(config="/x/wg0.conf", helper=("boringtun",), tun="owned").tun_mode == (
+        "owned")
 
 
 def test_quoted_and_dotted_keys(tmp_path: Path) -> None:
@@ -262,6 +295,90 @@ ERROR_CASES = [
         id="duplicate-interface",
     ),
     pytest.param(
+        '[[tunnel]]\nconfig = "a.conf"\ntun = "mine"\n',
+        3,
+        "[[tunnel]] #1: tun must be one of 'auto', 'owned', 'helper'",
+        id="bad-tun-mode",
+    ),
+    pytest.param(
+        '[[tunnel]]\nconfig = "a.conf"\ntun_header = true\n',
+        3,
+        "[[tunnel]] #1: tun_header must be one of 'auto', 'pi', 'none'",
+        id="bad-tun-header",
+    ),
+    pytest.param(
+        'on_failure = "restart"\n',
+        1,
+        "on_failure must be one of 'exit', 'keep-running'",
+        id="bad-on-failure",
+    ),
+    pytest.param(
+        TUNNELS_2 + "probe_interval = 0\n",
+        6,
+        "[[tunnel]] #2: probe_interval must be a number > 0",
+        id="zero-probe-interval",
+    ),
+    pytest.param(
+        '[[tunnel]]\nconfig = "a.conf"\nprobe_timeout = -1\n',
+        3,
+        "[[tunnel]] #1: probe_timeout must be a number > 0",
+        id="negative-probe-timeout",
+    ),
+    pytest.param(
+        '[[tunnel]]\nconfig = "a.conf"\nrestart_max = 2.5\n',
+        3,
+        "[[tunnel]] #1: restart_max must be an integer >= 0",
+        id="fractional-restart-max",
+    ),
+    pytest.param(
+        '[[tunnel]]\nconfig = "a.conf"\nrestart_max = "3"\n',
+        3,
+        "[[tunnel]] #1: restart_max must be an integer >= 0",
+        id="string-restart-max",
+    ),
+    pytest.param(
+        '[[tunnel]]\nconfig = "a.conf"\nrestart_max = -1\n',
+        3,
+        "[[tunnel]] #1: restart_max must be an integer >= 0",
+        id="negative-restart-max",
+    ),
+    pytest.param(
+        '[[tunnel]]\nconfig = "a.conf"\nrestart_max = false\n',
+        3,
+        "[[tunnel]] #1: restart_max must be an integer >= 0",
+        id="bool-restart-max",
+    ),
+    pytest.param(
+        '[[tunnel]]\nconfig = "a.conf"\nrestart_window = 0\n',
+        3,
+        "[[tunnel]] #1: restart_window must be a number > 0",
+        id="zero-restart-window",
+    ),
+    pytest.param(
+        '[[tunnel]]\nconfig = "a.conf"\nbackoff_initial = 5\n\nbackoff_max = 2\n',
+        5,
+        "[[tunnel]] #1: backoff_max must be >= backoff_initial (5)",
+        id="backoff-max-below-initial",
+    ),
+    pytest.param(
+        '[[tunnel]]\nconfig = "a.conf"\nbackoff_initial = 50\n',
+        1,  # backoff_max is not in the file: its table is named
+        "[[tunnel]] #1: backoff_max must be >= backoff_initial (50)",
+        id="backoff-initial-above-default-max",
+    ),
+    pytest.param(
+        '[[tunnel]]\nconfig = "a.conf"\nbackoff_reset = inf\n',
+        3,
+        "[[tunnel]] #1: backoff_reset must be a number > 0",
+        id="inf-backoff-reset",
+    ),
+    pytest.param(
+        '[[tunnel]]\nconfig = "a.conf"\nrestart_mx = 1\n',
+        3,
+        "unknown key 'restart_mx' in [[tunnel]] #1; did you mean 'restart_max'?",
+        id="misspelt-restart-max",
+    ),
+    pytest.param(
         '[tunnel]\nconfig = "a.conf"\n',
         1,
         "tunnel must be an array of tables ([[tunnel]])",
@@ -356,6 +473,7 @@ def test_from_dict_errors_have_no_line() -> None:
     assert str(info.value) == "cfg.toml: the document must be a table"
 
 
+@settings(suppress_health_check=[HealthCheck.too_slow])  # a cold first run can be slow
 @given(
     st.dictionaries(
         st.sampled_from(["state_dir", "stop_timeout", "dns", "tunnel", "junk"]),
@@ -433,6 +551,16 @@ def supervisor_configs(draw: st.DrawFn) -> SupervisorConfig:
             helper=tuple(draw(st.lists(paths, min_size=1, max_size=3))),
             stop_grace=draw(non_negative),
             start_timeout=draw(positive),
+            tun=draw(st.sampled_from(TUN_MODES)),
+            tun_header=draw(st.sampled_from(TUN_HEADERS)),
+            probe_interval=draw(positive),
+            probe_timeout=draw(positive),
+            restart_max=draw(st.integers(min_value=0, max_value=2**40)),
+            restart_window=draw(positive),
+            backoff_initial=(initial := draw(non_negative)),
+            backoff_max=draw(st.floats(min_value=max(initial, 1e-300), allow_nan=False,
+                                       allow_infinity=False)),
+            backoff_reset=draw(positive),
         )
         for stem in stems
     )
@@ -440,6 +568,7 @@ def supervisor_configs(draw: st.DrawFn) -> SupervisorConfig:
         state_dir=draw(paths),
         runtime_dir=draw(paths),
         stop_timeout=draw(positive),
+        on_failure=draw(st.sampled_from(ON_FAILURE)),
         dns=DnsSettings(backend=draw(st.sampled_from(DNS_BACKENDS)), resolv_conf=draw(paths)),
         tunnels=tunnels,
     )
@@ -449,7 +578,7 @@ def supervisor_configs(draw: st.DrawFn) -> SupervisorConfig:
 def test_round_trip(cfg: SupervisorConfig) -> None:
     document = to_dict(cfg)
     assert from_dict(document, "/anywhere/tunsup.toml") == cfg
-    # JSON-safe: only dicts, lists, strings and finite floats.
+    # JSON-safe: only dicts, lists, strings, integers and finite floats.
     assert from_dict(json.loads(json.dumps(document, allow_nan=False)), "x.toml") == cfg
 
 
@@ -459,6 +588,7 @@ def test_to_dict_shape() -> None:
         "state_dir": "/var/lib/tunsup",
         "runtime_dir": "/run/tunsup",
         "stop_timeout": 30.0,
+        "on_failure": "exit",
         "dns": {"backend": "auto", "resolv_conf": "/etc/resolv.conf"},
         "tunnel": [
             {
@@ -469,6 +599,15 @@ def test_to_dict_shape() -> None:
                 "kill_switch": False,
                 "lan": "direct",
                 "resolve_interval": 60.0,
+                "tun": "auto",
+                "tun_header": "auto",
+                "probe_interval": 5.0,
+                "probe_timeout": 1.0,
+                "restart_max": 5,
+                "restart_window": 60.0,
+                "backoff_initial": 0.2,
+                "backoff_max": 30.0,
+                "backoff_reset": 30.0,
             }
         ],
     }
@@ -509,6 +648,12 @@ def test_models_validate_on_construction() -> None:
         TunnelEntry(config="/a/wg0.conf", start_timeout=math.inf)
     with pytest.raises(ValueError, match="backend must be one of"):
         DnsSettings(backend="bogus")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="backoff_max must be >= backoff_initial"):
+        TunnelEntry(config="/a/wg0.conf", backoff_initial=2.0, backoff_max=1.0)
+    with pytest.raises(ValueError, match="restart_max must be an integer >= 0"):
+        TunnelEntry(config="/a/wg0.conf", restart_max=True)
+    with pytest.raises(ValueError, match="on_failure must be one of"):
+        SupervisorConfig(on_failure="ignore")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="gives interface name 'wg0' again"):
         SupervisorConfig(
             tunnels=(TunnelEntry(config="/a/wg0.conf"), TunnelEntry(config="/b/wg0.conf"))

@@ -25,10 +25,10 @@ from .test_tunnel_netns import STEP_GUARD, assert_restored, ping
 
 pytestmark = [needs_wireguard, pytest.mark.netns]
 
-#: Effects of the bring-up below, in order: PreUp/PostDown hooks, helper,
-#: link, WireGuard configuration, 2 addresses, MTU, link up, routes, DNS,
-#: PostUp/PreDown hooks.
-STEPS = 11
+#: Effects of the bring-up below, in order: PreUp/PostDown hooks, the owned
+#: TUN, the helper generation (helper, WireGuard configuration, MTU), link,
+#: 2 addresses, link up, routes, DNS, PostUp/PreDown hooks.
+STEPS = 13
 #: 600 routes go in chunks of 256: a crash after 300 lands mid-batch.
 N_ROUTES = 600
 
@@ -165,8 +165,9 @@ def test_dry_run_changes_nothing_and_lists_every_object(crash: Crash) -> None:
     assert dry.returncode == 0
     lines = [ln.strip() for ln in dry.stdout.splitlines() if ln.startswith("  undo")]
     assert lines[0] == f"undo PostUp/PreDown hooks of {crash.ifname}"
-    assert lines[-2].startswith("undo helper wireguard-go (pid")
+    assert lines[-2] == f"undo TUN device {crash.ifname}"
     assert lines[-1] == f"undo PreUp/PostDown hooks of {crash.ifname}"
+    assert any(ln.startswith("undo helper wireguard-go (pid") for ln in lines)
     assert any(f"{N_ROUTES} route(s) via {crash.ifname}" in ln for ln in lines)
     assert any(ln.startswith(f"undo DNS of {crash.ifname} (file)") for ln in lines)
     assert crash.snapshot() == crashed

@@ -232,13 +232,17 @@ def test_allowed_ips_inside_the_lan_are_kept_direct(net: Net) -> None:
 
 
 @pytest.mark.parametrize("allowed", ["0.0.0.0/0, ::/0", "198.51.100.0/24, 2001:db8:100::/48"])
-@pytest.mark.parametrize("kill_switch", [True, False])
+@pytest.mark.parametrize(("kill_switch", "tun"), [(True, "helper"), (False, "helper"),
+                                                  (True, "owned")])
 def test_kill_switch_holds_after_tunsup_and_helper_are_killed(net: Net, kill_switch: bool,
-                                                              allowed: str) -> None:
+                                                              tun: str, allowed: str) -> None:
+    """With the helper-created TUN the link dies with the helper: only the
+    kill switch stops the leak.  With tunsup's own persistent TUN the link and
+    its routes outlive both processes, and packets wait in the TUN."""
     before = net.snapshot()
     server = net.start_server()
     server.wait_ready()
-    client = net.start_client(allowed=allowed, kill_switch=kill_switch)
+    client = net.start_client(allowed=allowed, kill_switch=kill_switch, tun=tun)
     client.wait_ready()
     assert ping(net.a, TARGET4)
     # tunsup dies, then its helper: the tunnel link and its routes are gone.
@@ -247,7 +251,12 @@ def test_kill_switch_holds_after_tunsup_and_helper_are_killed(net: Net, kill_swi
     client.proc.send_signal(signal.SIGKILL)
     assert client.wait_exit(10) == -signal.SIGKILL
     subprocess.run(["kill", "-9", helper], check=False)
-    wait_until(lambda: net.if_a not in _netns.ip("-o", "link", "show", ns=net.a))
+    if tun == "helper":
+        wait_until(lambda: net.if_a not in _netns.ip("-o", "link", "show", ns=net.a))
+    else:
+        wait_until(lambda: not Path(f"/proc/{helper}").exists()
+                   or "State:\tZ" in Path(f"/proc/{helper}/status").read_text())
+        assert net.if_a in _netns.ip("-o", "link", "show", ns=net.a)
     if kill_switch:
         # Fail closed: nothing reaches the targets, neither ping nor UDP.
         assert not ping(net.a, TARGET4) and not ping(net.a, TARGET6)
@@ -255,6 +264,7 @@ def test_kill_switch_holds_after_tunsup_and_helper_are_killed(net: Net, kill_swi
         assert udp_source_seen(net, TARGET6, wait=2) == ""
         table = "51820" if "/0" in allowed else "main"
         assert "unreachable" in _netns.ip("route", "show", "table", table, ns=net.a)
+        # (owned: the TUN still holds the routes; nothing reads it any more)
     else:
         # The control: without a kill switch the traffic leaks over the LAN.
         assert ping(net.a, TARGET4)

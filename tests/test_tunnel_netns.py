@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -23,7 +24,7 @@ from tunsup import _netns
 from tunsup._service import ServiceFailed, ServiceProcess
 from tunsup.keys import Key
 
-from .conftest import needs_wireguard, unique
+from .conftest import WORST_STEPS, needs_wireguard, unique
 
 pytestmark = [needs_wireguard, pytest.mark.netns]
 
@@ -96,8 +97,12 @@ AllowedIPs = 10.200.0.1/32, fd00:200::1/128
         return _netns.snapshot(ns, [self.resolv("a" if ns == self.ns_a else "b")])
 
 
+_WORST_STEP = re.compile(r"worst trio step: ([\d.]+) ms \(task (.*)\)")
+
+
 @pytest.fixture
-def pair(netns: Callable[[str], str], tmp_path: Path) -> Iterator[Pair]:
+def pair(netns: Callable[[str], str], tmp_path: Path,
+         request: pytest.FixtureRequest) -> Iterator[Pair]:
     ns_a, ns_b = netns("tsa"), netns("tsb")
     _netns.add_veth_pair(ns_a, "veth0", ns_b, "veth0")
     _netns.ip("address", "add", "192.0.2.1/24", "dev", "veth0", ns=ns_a)
@@ -108,6 +113,9 @@ def pair(netns: Callable[[str], str], tmp_path: Path) -> Iterator[Pair]:
     finally:
         for svc in p.services:
             svc.close()
+    for svc in p.services:
+        for m in _WORST_STEP.finditer(svc.output()):
+            WORST_STEPS.append((float(m.group(1)), m.group(2), request.node.name))
     slow = [line for svc in p.services for line in svc.output().splitlines()
             if "slow trio step" in line]
     assert not slow, "the trio thread was blocked:\n" + "\n".join(slow)
@@ -341,18 +349,27 @@ def test_helper_that_exits_at_start_fails_cleanly(pair: Pair) -> None:
     assert_restored(pair, pair.ns_a, before)
 
 
-def test_helper_killed_while_up_fails_and_restores(pair: Pair) -> None:
+def helper_pids(ns: str) -> list[int]:
+    return [int(p) for p in _netns.ip("netns", "pids", ns).split()
+            if Path(f"/proc/{p}/comm").read_text().startswith("wireguard")]
+
+
+def test_helper_killed_with_restarts_off_fails_and_restores(pair: Pair) -> None:
+    """restart_max = 0: the first death fails the tunnel; exit 1, host restored."""
     if_a = unique("tsa")
-    conf = pair.conf_a(if_a, allowed="10.200.0.2/32, 198.51.100.0/24", extra="DNS = 10.200.0.53")
+    pair.conf_a(if_a, allowed="10.200.0.2/32, 198.51.100.0/24", extra="DNS = 10.200.0.53")
+    toml = pair.workdir / "t.toml"
+    toml.write_text(f'[[tunnel]]\nconfig = "{if_a}.conf"\nrestart_max = 0\n')
     before = pair.snapshot(pair.ns_a)
-    svc = pair.run(pair.ns_a, conf)
+    svc = pair.run(pair.ns_a, "-c", str(toml))
     svc.wait_ready()
-    pids = _netns.ip("netns", "pids", pair.ns_a).split()
-    helper = [p for p in pids if Path(f"/proc/{p}/comm").read_text().startswith("wireguard")]
-    assert len(helper) == 1
-    os.kill(int(helper[0]), signal.SIGKILL)
+    (helper,) = helper_pids(pair.ns_a)
+    os.kill(helper, signal.SIGKILL)
     assert svc.wait_exit(30) == 1, svc.output()
-    assert "killed by SIGKILL" in svc.output()
+    out = svc.output()
+    assert "killed by SIGKILL" in out
+    assert "helper failed 1 times within 60 s (restart_max = 0); giving up" in out
+    assert "no tunnel is left: exiting" in out
     assert_restored(pair, pair.ns_a, before)
 
 

@@ -212,6 +212,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from ._log import setup_logging, stop_logging
     from .engine import Supervisor
+    from .helpers import RestartPolicy
     from .host import real_host
     from .journal import Journal, JournalObserver
     from .tunnel import Tunnel, TunnelOptions
@@ -231,11 +232,22 @@ def _run(args: argparse.Namespace) -> int:
                 kill_switch=entry.kill_switch,
                 lan=entry.lan,
                 resolve_interval=entry.resolve_interval,
+                tun_mode=entry.tun_mode,
+                tun_header=entry.tun_header,
+                probe_interval=entry.probe_interval,
+                probe_timeout=entry.probe_timeout,
+                restart=RestartPolicy(
+                    max_restarts=entry.restart_max,
+                    window=entry.restart_window,
+                    backoff_initial=entry.backoff_initial,
+                    backoff_max=entry.backoff_max,
+                    reset_after=entry.backoff_reset,
+                ),
             ), observer=JournalObserver(journal, spec.name))
             for spec, entry in zip(specs, cfg.tunnels, strict=True)
         ]
         timer = _step_timer(args.debug)
-        code = trio.run(Supervisor(tunnels, host, journal=journal).run,
+        code = trio.run(Supervisor(tunnels, host, journal=journal, on_failure=cfg.on_failure).run,
                         instruments=[timer] if timer is not None else [])
         if timer is not None:
             timer.report()

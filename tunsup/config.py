@@ -10,11 +10,22 @@ Example::
     backend = "auto"                   # auto | resolved | resolvconf | file | none
     resolv_conf = "/etc/resolv.conf"   # used by the file backend
 
+    on_failure = "exit"                # optional: "exit" | "keep-running" once no tunnel is left
+
     [[tunnel]]
     config = "wg0.conf"                # relative to this file's directory
     helper = ["wireguard-go", "-f"]    # optional; the interface name is appended
+    tun = "auto"                       # optional: "owned" | "helper" | "auto"
+    tun_header = "auto"                # optional: "pi" | "none" | "auto" (owned TUN framing)
     stop_grace = 2.0                   # optional: helper SIGTERM -> SIGKILL, seconds
     start_timeout = 10.0               # optional: bound on the helper becoming ready
+    probe_interval = 5.0               # optional: seconds between UAPI probes
+    probe_timeout = 1.0                # optional: a probe slower than this degrades the tunnel
+    restart_max = 5                    # optional: helper restarts allowed within restart_window
+    restart_window = 60.0              # optional: seconds
+    backoff_initial = 0.2              # optional: first restart delay, seconds (doubles)
+    backoff_max = 30.0                 # optional: cap on the restart delay, seconds
+    backoff_reset = 30.0               # optional: healthy seconds that reset the backoff
 
 The models are frozen attrs classes that validate themselves, so a value of
 these types is valid however it was made.  One private cattrs converter maps
@@ -49,17 +60,30 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 from ._errors import ConfigError
 
 __all__ = [
+    "DEFAULT_BACKOFF_INITIAL",
+    "DEFAULT_BACKOFF_MAX",
+    "DEFAULT_BACKOFF_RESET",
     "DEFAULT_HELPER",
+    "DEFAULT_PROBE_INTERVAL",
+    "DEFAULT_PROBE_TIMEOUT",
     "DEFAULT_RESOLV_CONF",
+    "DEFAULT_RESTART_MAX",
+    "DEFAULT_RESTART_WINDOW",
     "DEFAULT_RUNTIME_DIR",
     "DEFAULT_START_TIMEOUT",
     "DEFAULT_STATE_DIR",
     "DEFAULT_STOP_GRACE",
     "DEFAULT_STOP_TIMEOUT",
     "DNS_BACKENDS",
+    "ON_FAILURE",
+    "TUN_HEADERS",
+    "TUN_MODES",
     "DnsBackend",
     "DnsSettings",
+    "OnFailure",
     "SupervisorConfig",
+    "TunHeader",
+    "TunMode",
     "TunnelEntry",
     "apply_overrides",
     "config_for_confs",
@@ -70,6 +94,17 @@ __all__ = [
 
 DnsBackend: TypeAlias = Literal["auto", "resolved", "resolvconf", "file", "none"]
 DNS_BACKENDS: tuple[DnsBackend, ...] = typing.get_args(DnsBackend)
+#: Who creates the TUN device: tunsup ("owned", handed to the helper as a
+#: fd), the helper itself ("helper"), or "auto": owned for wireguard-go.
+TunMode: TypeAlias = Literal["auto", "owned", "helper"]
+TUN_MODES: tuple[TunMode, ...] = typing.get_args(TunMode)
+#: Framing of an owned TUN's fd: "pi" (packet-information header), "none"
+#: (IFF_NO_PI), or "auto": asked of wireguard-go (by release), else "none".
+TunHeader: TypeAlias = Literal["auto", "pi", "none"]
+TUN_HEADERS: tuple[TunHeader, ...] = typing.get_args(TunHeader)
+#: What ``run`` does once no tunnel is left running after failures.
+OnFailure: TypeAlias = Literal["exit", "keep-running"]
+ON_FAILURE: tuple[OnFailure, ...] = typing.get_args(OnFailure)
 
 DEFAULT_STATE_DIR = "/var/lib/tunsup"
 DEFAULT_RUNTIME_DIR = "/run/tunsup"
@@ -81,6 +116,13 @@ DEFAULT_START_TIMEOUT = 10.0
 DEFAULT_RESOLVE_INTERVAL = 60.0
 LanMode: TypeAlias = Literal["direct", "tunnel"]
 LAN_MODES: tuple[LanMode, ...] = typing.get_args(LanMode)
+DEFAULT_PROBE_INTERVAL = 5.0
+DEFAULT_PROBE_TIMEOUT = 1.0
+DEFAULT_RESTART_MAX = 5
+DEFAULT_RESTART_WINDOW = 60.0
+DEFAULT_BACKOFF_INITIAL = 0.2
+DEFAULT_BACKOFF_MAX = 30.0
+DEFAULT_BACKOFF_RESET = 30.0
 
 #: wg-quick's rule for interface names (the stem of the ``.conf`` file).
 _IFACE_NAME = re.compile(r"[a-zA-Z0-9_=+.-]{1,15}")
@@ -120,6 +162,27 @@ def _number(*, strict: bool) -> Callable[[object, attrs.Attribute[float], object
             or (strict and value == 0)
         ):
             raise _Invalid((attribute.name,), f"must be a number {bound}")
+
+    return check
+
+
+def _check_count(_inst: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _Invalid((attribute.name,), "must be an integer >= 0")
+
+
+def _check_backoff_max(inst: object, attribute: attrs.Attribute[float], value: object) -> None:
+    _number(strict=True)(inst, attribute, value)
+    initial = getattr(inst, "backoff_initial", 0.0)
+    assert isinstance(value, int | float)
+    if value < initial:
+        raise _Invalid((attribute.name,), f"must be >= backoff_initial ({initial:g})")
+
+
+def _one_of(allowed: tuple[str, ...]) -> Callable[[object, attrs.Attribute[str], object], None]:
+    def check(_inst: object, attribute: attrs.Attribute[str], value: object) -> None:
+        if value not in allowed:
+            raise _Invalid((attribute.name,), "must be one of " + ", ".join(map(repr, allowed)))
 
     return check
 
@@ -224,11 +287,44 @@ class TunnelEntry:
     resolve_interval: float = attrs.field(
         default=DEFAULT_RESOLVE_INTERVAL, validator=_number(strict=False)
     )
+    #: Who creates the TUN device (see :data:`TunMode`).
+    tun: TunMode = attrs.field(default="auto", validator=_one_of(TUN_MODES))
+    #: Framing of the owned TUN fd (see :data:`TunHeader`).
+    tun_header: TunHeader = attrs.field(default="auto", validator=_one_of(TUN_HEADERS))
+    #: Seconds between two probes of the helper over UAPI.
+    probe_interval: float = attrs.field(
+        default=DEFAULT_PROBE_INTERVAL, validator=_number(strict=True)
+    )
+    #: Deadline of one probe; a slower answer marks the tunnel degraded.
+    probe_timeout: float = attrs.field(
+        default=DEFAULT_PROBE_TIMEOUT, validator=_number(strict=True)
+    )
+    #: Helper restarts allowed within ``restart_window``; one more failure fails the tunnel.
+    restart_max: int = attrs.field(default=DEFAULT_RESTART_MAX, validator=_check_count)
+    restart_window: float = attrs.field(
+        default=DEFAULT_RESTART_WINDOW, validator=_number(strict=True)
+    )
+    #: First restart delay, seconds; it doubles with each restart (with jitter).
+    backoff_initial: float = attrs.field(
+        default=DEFAULT_BACKOFF_INITIAL, validator=_number(strict=False)
+    )
+    backoff_max: float = attrs.field(default=DEFAULT_BACKOFF_MAX, validator=_check_backoff_max)
+    #: Seconds a helper must stay healthy for the backoff to start over.
+    backoff_reset: float = attrs.field(
+        default=DEFAULT_BACKOFF_RESET, validator=_number(strict=True)
+    )
 
     @property
     def name(self) -> str:
         """The interface name: the stem of the ``.conf`` file."""
         return os.path.basename(self.config)[: -len(".conf")]
+
+    @property
+    def tun_mode(self) -> Literal["owned", "helper"]:
+        """``tun`` with "auto" resolved: owned for wireguard-go, else the helper's own."""
+        if self.tun != "auto":
+            return self.tun
+        return "owned" if os.path.basename(self.helper[0]).startswith("wireguard-go") else "helper"
 
 
 @attrs.frozen(kw_only=True)
@@ -239,6 +335,8 @@ class SupervisorConfig:
     runtime_dir: str = attrs.field(default=DEFAULT_RUNTIME_DIR, validator=_check_path)
     #: Overall bound, in seconds, on teardown.
     stop_timeout: float = attrs.field(default=DEFAULT_STOP_TIMEOUT, validator=_number(strict=True))
+    #: Once no tunnel is left running after failures: exit (1) or keep running.
+    on_failure: OnFailure = attrs.field(default="exit", validator=_one_of(ON_FAILURE))
     dns: DnsSettings = attrs.field(factory=DnsSettings)
     #: ``[[tunnel]]`` entries, in file order; interface names are unique.
     tunnels: tuple[TunnelEntry, ...] = attrs.field(default=(), validator=_check_tunnels)
@@ -284,9 +382,11 @@ def _table_hook(cls: type[Any], what: str) -> Callable[[Any, Any], Any]:
 
 
 _converter.register_structure_hook(str, _passthrough)
+_converter.register_structure_hook(int, _passthrough)
 _converter.register_structure_hook(float, _structure_float)
-_converter.register_structure_hook_func(lambda t: t == DnsBackend, _passthrough)
-_converter.register_structure_hook_func(lambda t: t == LanMode, _passthrough)
+_converter.register_structure_hook_func(
+    lambda t: t in (DnsBackend, TunMode, TunHeader, OnFailure, LanMode), _passthrough
+)
 _converter.register_structure_hook(bool, _passthrough)
 _converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_argv)
 _converter.register_structure_hook(DnsSettings, _table_hook(DnsSettings, "a table"))
@@ -315,7 +415,8 @@ _converter.register_unstructure_hook(
 
 
 def to_dict(cfg: SupervisorConfig) -> dict[str, Any]:
-    """The TOML document of ``cfg``: only dicts, lists, strings and floats (JSON-safe)."""
+    """The TOML document of ``cfg``: only dicts, lists, strings, integers and
+    floats (JSON-safe)."""
     result: dict[str, Any] = _converter.unstructure(cfg)
     return result
 

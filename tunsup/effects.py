@@ -22,7 +22,10 @@ adapters); ``undo_timeout`` bounds a whole undo step.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -31,6 +34,9 @@ from ._errors import HostError
 from .host import HelperHandle, Host, PolicyRule
 from .host.dns import DnsBackend, DnsState
 from .model import IPAddress, IPInterface, IPNetwork
+
+if TYPE_CHECKING:
+    from .undo import EffectStack
 
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
@@ -53,6 +59,10 @@ class EffectContext:
     #: Recovery: start time (clock ticks since boot) of the dead instance,
     #: to find a helper it started but did not get to record.
     instance_start: int | None = None
+    #: Open fds of the TUN devices tunsup owns, by interface name.
+    tun_fds: dict[str, int] = attrs.field(factory=dict)
+    #: The current helper generation of each tunnel (see HelperGeneration).
+    generations: dict[str, EffectStack] = attrs.field(factory=dict)
 
 
 class Effect:
@@ -127,17 +137,31 @@ class Hooks(Effect):
 
 @attrs.frozen
 class StartHelper(Effect):
-    """Start the data-plane helper; its record is a :class:`HelperRunning`."""
+    """Start the data-plane helper; its record is a :class:`HelperRunning`.
+
+    With ``pass_tun`` the helper gets the tunnel's owned TUN device (see
+    :class:`CreateTun`) as an inherited fd named by ``WG_TUN_FD``.  Every
+    helper gets ``WG_PROCESS_FOREGROUND=1`` (wireguard-go must not fork).
+    """
 
     ifname: str
     argv: tuple[str, ...]
+    pass_tun: bool = False
 
     def describe(self) -> str:
         return f"helper {' '.join(self.argv)}"
 
     async def apply(self, ctx: EffectContext) -> Effect:
+        env = {**ctx.host.env, "WG_PROCESS_FOREGROUND": "1"}
+        pass_fds: tuple[int, ...] = ()
+        if self.pass_tun:
+            fd = ctx.tun_fds.get(self.ifname)
+            if fd is None:
+                raise HostError(f"no TUN device of {self.ifname} to hand to the helper")
+            env["WG_TUN_FD"] = str(fd)
+            pass_fds = (fd,)
         handle = await ctx.host.start_helper(ctx.nursery, self.argv, log=_as_logger(ctx.log),
-                                             env=ctx.host.env)
+                                             env=env, pass_fds=pass_fds)
         ctx.helpers[handle.pid] = handle
         ctx.log.info("started helper %s (pid %d)", self.argv[0], handle.pid)
         return HelperRunning(self.ifname, self.argv, handle.pid, handle.start_time)
@@ -217,14 +241,153 @@ async def _remove_stale_socket(ctx: EffectContext, ifname: str) -> None:
     """A killed helper leaves its UAPI socket file behind.  The directory is
     shared by every namespace, so the file is removed only when nobody
     listens on it any more (another namespace's wireguard-go may use the
-    same name)."""
-    from .uapi import listener_pid, socket_path
+    same name).  Bounded (2 s); cancellable."""
+    from .uapi import socket_path
 
-    path = trio.Path(socket_path(ifname, ctx.host.uapi_dir))
+    path = socket_path(ifname, ctx.host.uapi_dir)
+
+    def unlink_if_socket() -> bool:
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+                return True
+        except FileNotFoundError:
+            pass
+        return False
+
     with trio.move_on_after(2):
-        if await path.is_socket() and await listener_pid(str(path)) is None:
-            await path.unlink(missing_ok=True)
+        try:
+            stream = await trio.open_unix_socket(path)
+        except ConnectionRefusedError:
+            pass  # a socket file nobody listens on: stale
+        except OSError:
+            return  # no file (the usual case: the helper removed it), or not ours to judge
+        else:
+            stream.socket.close()  # someone listens: not stale
+            return
+        if await trio.to_thread.run_sync(unlink_if_socket):
             ctx.log.info("removed stale UAPI socket %s", path)
+
+
+@attrs.frozen
+class CreateTun(Effect):
+    """tunsup creates the tunnel's TUN device itself (persistent, so that it
+    outlives any one helper); its record is an :class:`OwnedTun`.  The open
+    fd is kept in the context for the helpers, never in a record."""
+
+    name: str
+    #: Packets on the fd carry the packet-information header (no IFF_NO_PI).
+    packet_info: bool = False
+
+    def describe(self) -> str:
+        return f"TUN device {self.name}"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        device = await ctx.host.create_tun(self.name, packet_info=self.packet_info)
+        # No checkpoint from here on: the fd is known to the context as soon
+        # as it exists, and the record is pushed right after.
+        ctx.tun_fds[self.name] = device.fd
+        ctx.log.info("TUN device %s created (persistent, owned by tunsup; %s)", self.name,
+                     "packet-information header" if self.packet_info else "IFF_NO_PI")
+        return OwnedTun(self.name, device.index)
+
+    async def abort(self, ctx: EffectContext) -> None:
+        # create_tun is all or nothing (it rolls back when cancelled); only
+        # an fd already known to the context can be left to clean up.
+        # Recovery: the instance may have died between creating the
+        # persistent device and recording it; the bring-up had checked that
+        # no link of that name existed, so one that exists now is ours.
+        if ctx.recovering or self.name in ctx.tun_fds:
+            index = await ctx.host.net.link_index(self.name)
+            await OwnedTun(self.name, index or 0).undo(ctx)
+
+
+@attrs.frozen
+class OwnedTun(Effect):
+    """A persistent TUN device tunsup created.  Undo sets it down, deletes
+    it (unless already gone) and closes tunsup's fd on it."""
+
+    name: str
+    index: int
+
+    def describe(self) -> str:
+        return f"TUN device {self.name}"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        return self
+
+    async def undo(self, ctx: EffectContext) -> None:
+        fd = ctx.tun_fds.pop(self.name, None)
+        try:
+            if self.index and await ctx.host.net.link_name(self.index) == self.name:
+                await _down_and_delete(ctx, self.index, self.name)
+            else:
+                ctx.log.debug("TUN device %s already gone", self.name)
+        finally:
+            if fd is not None:
+                await ctx.host.close_tun(fd)
+
+    async def abort(self, ctx: EffectContext) -> None:
+        pass
+
+
+async def _down_and_delete(ctx: EffectContext, index: int, name: str) -> None:
+    """Set link ``index`` down (a failure is logged, not fatal), then delete
+    it; both only while the index still names ``name``.  Cancellation: see
+    the netlink worker (a call already running completes first)."""
+    try:
+        await ctx.host.net.set_link_up(index, False, name=name)
+    except HostError as exc:
+        ctx.log.warning("setting %s down failed (deleting it anyway): %s", name, exc)
+    if await ctx.host.net.delete_link(index, name):
+        ctx.log.info("link %s set down and deleted", name)
+    else:
+        ctx.log.info("link %s already gone", name)
+
+
+@attrs.frozen
+class HelperGeneration(Effect):
+    """The helper and what depends on it, kept on a nested effect stack.
+
+    The tunnel applies the helper, the wait for its UAPI socket and its
+    configuration (in helper-created-TUN mode also the link and everything
+    on it) to an :class:`~tunsup.undo.EffectStack` held in
+    ``ctx.generations``; this record stands for it on the tunnel's stack.
+    When the helper dies, supervision unwinds that stack and applies a new
+    generation to a fresh one, while the records around this one (the owned
+    TUN below it, addresses and routes above it) stay in place.  Undo
+    unwinds whatever generation is current.
+    """
+
+    ifname: str
+
+    def describe(self) -> str:
+        return f"helper generation of {self.ifname}"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        return self
+
+    async def undo(self, ctx: EffectContext) -> None:
+        """Unwind the current generation within what is left of this step's
+        budget.  The nested unwind is shielded like any other: cancellation
+        does not interrupt it."""
+        stack = ctx.generations.pop(self.ifname, None)
+        if stack is None:
+            return
+        left = trio.current_effective_deadline() - trio.current_time()
+        report = await stack.unwind(max(left, 0.0))
+        if not report.complete:
+            raise HostError("; ".join(report.failures))
+
+    async def abort(self, ctx: EffectContext) -> None:
+        pass
+
+    def undo_timeout(self, ctx: EffectContext) -> float:
+        from .undo import LAST_CHANCE
+
+        stack = ctx.generations.get(self.ifname)
+        records = stack.records if stack is not None else ()
+        return sum(r.undo_timeout(ctx) + LAST_CHANCE for r in records) + LAST_CHANCE
 
 
 @attrs.frozen
@@ -250,14 +413,7 @@ class Link(Effect):
         return self
 
     async def undo(self, ctx: EffectContext) -> None:
-        try:
-            await ctx.host.net.set_link_up(self.index, False, name=self.name)
-        except HostError as exc:
-            ctx.log.warning("setting %s down failed (deleting it anyway): %s", self.name, exc)
-        if await ctx.host.net.delete_link(self.index, self.name):
-            ctx.log.info("link %s set down and deleted", self.name)
-        else:
-            ctx.log.info("link %s already gone", self.name)
+        await _down_and_delete(ctx, self.index, self.name)
 
     # abort = undo: apply only adopts the link the helper created (the
     # bring-up checked that no link of that name existed before); if the

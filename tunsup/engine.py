@@ -3,9 +3,14 @@
 :class:`Supervisor` is single-use.  ``run()`` installs SIGTERM/SIGINT
 handling, starts each tunnel with ``nursery.start`` (which returns once the
 tunnel is up), tells systemd it is ready, and then waits.  A signal cancels
-the root scope; a failing tunnel cancels it too.  Either way every tunnel
-unwinds its effects (shielded, bounded by its stop timeout) before ``run``
-returns an :class:`ExitCode`.
+the root scope; a tunnel that fails to start cancels it too.  Either way
+every tunnel unwinds its effects (shielded, bounded by its stop timeout)
+before ``run`` returns an :class:`ExitCode`.
+
+A tunnel that fails while running (its helper keeps dying) is torn down on
+its own; the others keep running.  Once no tunnel is left, ``run`` returns
+(exit code 1) unless ``on_failure`` is ``"keep-running"``, in which case it
+waits for a stop.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import trio
 
 from . import sdnotify
 from ._errors import ExitCode, TunsupError
+from .config import OnFailure
 from .host import Host
 from .journal import Journal
-from .tunnel import Tunnel
+from .tunnel import Tunnel, TunnelState
 
 log = logging.getLogger("tunsup")
 
@@ -34,12 +40,13 @@ class Supervisor:
     """Runs a set of tunnels until a stop signal or a failure."""
 
     def __init__(self, tunnels: Sequence[Tunnel], host: Host, *, handle_signals: bool = True,
-                 journal: Journal | None = None):
+                 journal: Journal | None = None, on_failure: OnFailure = "exit"):
         self.tunnels = list(tunnels)
         self.host = host
         #: Crash-safe record of applied effects; also means: recover what
         #: dead instances left in its state directory before starting.
         self.journal = journal
+        self.on_failure = on_failure
         self._handle_signals = handle_signals
         self._used = False
         self._failed = False
@@ -135,11 +142,38 @@ class Supervisor:
         sdnotify.notify("STATUS=bringing up tunnels")
         for tunnel in self.tunnels:
             log.info("starting tunnel %s from %s", tunnel.name, tunnel.spec.source)
-            await root.start(tunnel.run)
+            await root.start(self._run_tunnel, tunnel)
         names = ", ".join(t.name for t in self.tunnels)
         log.info("ready: %d tunnel(s) up (%s)", len(self.tunnels), names)
         self.ready.set()
         sdnotify.notify("READY=1", f"STATUS={len(self.tunnels)} tunnel(s) up: {names}")
+        if self.on_failure == "keep-running":
+            # The root nursery would otherwise end with its last tunnel.
+            await trio.sleep_forever()
+
+    async def _run_tunnel(self, tunnel: Tunnel, *,
+                          task_status: trio.TaskStatus[Tunnel] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run one tunnel.  A failure at start propagates (and stops every
+        tunnel); a failure once up has already been torn down and logged by
+        the tunnel, so it ends only this task.  Cancellable: cancellation
+        tears the tunnel down (see :meth:`Tunnel.run`)."""
+        try:
+            await tunnel.run(task_status=task_status)
+        except* TunsupError:
+            if not tunnel.was_up:
+                raise
+        running = [t for t in self.tunnels
+                   if t.state not in (TunnelState.STOPPED, TunnelState.FAILED)]
+        names = ", ".join(t.name for t in running)
+        sdnotify.notify(f"STATUS=tunnel {tunnel.name} failed; {len(running)} tunnel(s) left"
+                        + (f": {names}" if names else ""))
+        if running:
+            log.error("tunnel %s failed; %d tunnel(s) still running", tunnel.name, len(running))
+        elif self.on_failure == "exit":
+            log.error("tunnel %s failed and no tunnel is left: exiting", tunnel.name)
+        else:
+            log.error("tunnel %s failed and no tunnel is left; staying up "
+                      "(on_failure = keep-running)", tunnel.name)
 
     async def _watch_signals(self, receiver: AsyncIterator[int]) -> None:
         async for signum in receiver:

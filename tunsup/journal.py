@@ -57,7 +57,8 @@ EFFECT_KINDS: dict[str, type[Effect]] = {
         effects.Hooks, effects.StartHelper, effects.HelperRunning, effects.Link,
         effects.ConfigureWireguard, effects.WireguardConfigured, effects.Address,
         effects.Mtu, effects.LinkUp, effects.Routes, effects.Dns, effects.Rule,
-        effects.Sysctl, effects.KillSwitch,
+        effects.Sysctl, effects.KillSwitch, effects.CreateTun, effects.OwnedTun,
+        effects.HelperGeneration,
     )
 }
 _DNS_KINDS: dict[str, type[Any]] = {

@@ -42,6 +42,8 @@ SRC_VALID_MARK = "net.ipv4.conf.all.src_valid_mark"
 class RoutingPlan:
     #: Table of the ordinary (non-default) routes; None: ``Table = off``.
     table: int | None
+    #: The ordinary prefixes to route, after LAN reconciliation.
+    ordinary: tuple[IPNetwork, ...] = ()
     #: Full tunnel: the table holding the default route(s).
     policy_table: int | None = None
     #: The helper's fwmark (full tunnel: the policy table unless FwMark is set).
@@ -54,52 +56,50 @@ class RoutingPlan:
         return self.policy_table is not None
 
 
-async def plan_routing(spec: TunnelSpec, net: NetOps, log: logging.Logger) -> RoutingPlan:
-    """Decide tables and fwmark (before the helper is configured).  Reads
-    the host only; cancellable."""
+async def plan_routing(spec: TunnelSpec, net: NetOps, log: logging.Logger,
+                       lan: str = "direct") -> RoutingPlan:
+    """Decide tables, fwmark and which prefixes to route (before anything
+    is applied).  Reads the host only; cancellable."""
     defaults = tuple(n for n in spec.allowed_ips if n.prefixlen == 0)
-    if spec.table != "auto" or not defaults:
-        return RoutingPlan(spec.route_table, fwmark=spec.fwmark)
+    full = spec.table == "auto" and bool(defaults)
+    ordinary: tuple[IPNetwork, ...] = ()
+    if spec.route_table is not None:
+        wanted = tuple(n for n in spec.allowed_ips if n.prefixlen != 0 or not full)
+        connected = [(n, dev) for n, dev, _ in await net.connected_networks()]
+        # Pure computation, but O(AllowedIPs): kept off the trio thread.
+        ordinary = await trio.to_thread.run_sync(_reconcile_lan, wanted, connected, log, lan)
+    if not full:
+        return RoutingPlan(spec.route_table, ordinary, fwmark=spec.fwmark)
     table = spec.fwmark
     if table is None:
         table = FIRST_POLICY_TABLE
         while await net.table_in_use(table):
             table += 1
     log.info("full tunnel: default route(s) in table %d, fwmark %#x", table, table)
-    return RoutingPlan(RT_TABLE_MAIN, table, table, defaults)
+    return RoutingPlan(RT_TABLE_MAIN, ordinary, table, table, defaults)
 
 
-async def apply_routing(
+async def apply_policy(
     stack: EffectStack,
     plan: RoutingPlan,
     spec: TunnelSpec,
-    index: int,
     net: NetOps,
     log: logging.Logger,
     *,
     kill_switch: bool = False,
     lan: str = "direct",
 ) -> None:
-    """Push the route, rule, sysctl and kill-switch effects of ``plan``.
-    Cancellable between effects (each is undone by the stack)."""
+    """What is not tied to the tunnel's link and must outlive it (helper
+    restarts, a killed tunsup): the kill switch's unreachable routes, the
+    full tunnel's rules and sysctl.  Cancellable between effects."""
     name = spec.name
-    if plan.table is not None:
-        ordinary = [n for n in spec.allowed_ips if n.prefixlen != 0 or not plan.full_tunnel]
-        existing = await net.link_routes(index, plan.table)
-        connected = [(n, dev) for n, dev, oif in await net.connected_networks() if oif != index]
-        # Pure computation, but O(AllowedIPs): kept off the trio thread.
-        prefixes = await trio.to_thread.run_sync(
-            lambda: _reconcile_lan(select_routes(ordinary, existing), connected, log, lan))
-        if kill_switch and prefixes:
-            await stack.apply(KillSwitch(name, plan.table, prefixes))
-        if prefixes:
-            await stack.apply(Routes(name, index, plan.table, prefixes))
+    if kill_switch and plan.table is not None and plan.ordinary:
+        await stack.apply(KillSwitch(name, plan.table, plan.ordinary))
     if plan.policy_table is None:
         return
     table = plan.policy_table
     if kill_switch:
         await stack.apply(KillSwitch(name, table, plan.defaults))
-    await stack.apply(Routes(name, index, table, plan.defaults))
     for family in sorted({n.version for n in plan.defaults}):
         lowest = min((r.priority for r in await net.rules(family) if r.priority > 0),
                      default=32766)
@@ -115,6 +115,25 @@ async def apply_routing(
                      family)
     if any(n.version == 4 for n in plan.defaults):
         await stack.apply(Sysctl(name, SRC_VALID_MARK, "1"))
+
+
+async def apply_link_routes(
+    stack: EffectStack,
+    plan: RoutingPlan,
+    spec: TunnelSpec,
+    index: int,
+    net: NetOps,
+    log: logging.Logger,
+) -> None:
+    """The routes through the tunnel's link (they die with it).
+    Cancellable between effects."""
+    if plan.table is not None and plan.ordinary:
+        existing = await net.link_routes(index, plan.table)
+        prefixes = await trio.to_thread.run_sync(select_routes, plan.ordinary, existing)
+        if prefixes:
+            await stack.apply(Routes(spec.name, index, plan.table, prefixes))
+    if plan.policy_table is not None:
+        await stack.apply(Routes(spec.name, index, plan.policy_table, plan.defaults))
 
 
 def _reconcile_lan(prefixes: tuple[IPNetwork, ...], connected: list[tuple[IPNetwork, str]],

@@ -2,10 +2,20 @@
 
 :meth:`Tunnel.run` is meant for ``nursery.start``: it returns control (via
 ``task_status.started``) once the tunnel is up, then supervises the helper
-until cancelled.  Whatever ends it — cancellation, a failed step, the helper
-exiting — the effect stack unwinds in exact reverse order, shielded and
-bounded by ``stop_timeout``; :attr:`Tunnel.report` then says whether the
+until cancelled.  Whatever ends it — cancellation, a failed step, a helper
+that keeps dying — the effect stack unwinds in exact reverse order, shielded
+and bounded by ``stop_timeout``; :attr:`Tunnel.report` then says whether the
 host was fully restored.
+
+Supervision: while up, the helper is probed over UAPI every
+``probe_interval`` seconds, each probe under its own deadline; a probe that
+fails marks the tunnel *degraded* (with the reason) and a good one makes it
+*up* again.  A helper that exits is restarted after a backoff, through the
+same effect stack mechanism: the helper and what depends on it form a
+*generation* (a nested :class:`~tunsup.undo.EffectStack`, see
+:class:`~tunsup.effects.HelperGeneration`) that is unwound and applied anew.
+In owned-TUN mode the interface, its addresses and routes stay in place
+meanwhile, so nothing meant for the tunnel leaves another way.
 """
 
 from __future__ import annotations
@@ -16,29 +26,44 @@ import logging
 import os
 import signal
 import socket
+import time
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 import attrs
 import trio
+from trio_util import AsyncValue
 
+from . import tun as tun_adapter
 from . import uapi
 from ._errors import HelperExited, HostError
 from .config import DEFAULT_HELPER
 from .effects import (
     Address,
     ConfigureWireguard,
+    CreateTun,
     Dns,
     EffectContext,
+    HelperGeneration,
     Hooks,
     Link,
     LinkUp,
     Mtu,
+    OwnedTun,
     StartHelper,
 )
+from .helpers import RestartPolicy, RestartTracker
 from .host import HelperHandle, Host
 from .keys import Key
 from .model import IPAddress, TunnelSpec
-from .routing import apply_routing, plan_routing
+from .routing import RoutingPlan, apply_link_routes, apply_policy, plan_routing
 from .undo import EffectStack, StackObserver, TeardownReport
+
+T = TypeVar("T")
+
+#: Above this many AllowedIPs, per-prefix work (rendering the UAPI request,
+#: choosing routes: ~2 us per prefix) runs in a worker thread.
+CPU_BOUND_PREFIXES = 1000
 
 #: wg-quick's MTU rule: path MTU towards the endpoints minus this overhead.
 WIREGUARD_OVERHEAD = 80
@@ -49,8 +74,15 @@ class TunnelState(enum.Enum):
     NEW = "new"
     STARTING = "starting"
     UP = "up"
+    #: Up, but the last probe of the helper failed (see ``degraded_reason``).
+    DEGRADED = "degraded"
+    #: The helper died; waiting out the backoff or starting a new one.
+    RESTARTING = "restarting"
     STOPPING = "stopping"
+    #: Stopped on request, host fully restored.
     STOPPED = "stopped"
+    #: Ended by a failure (at start, or restarts exhausted) or with an
+    #: incomplete teardown; ``failure`` / ``report`` say which.
     FAILED = "failed"
 
 
@@ -58,7 +90,11 @@ class TunnelState(enum.Enum):
 TRANSITIONS: dict[TunnelState, frozenset[TunnelState]] = {
     TunnelState.NEW: frozenset({TunnelState.STARTING}),
     TunnelState.STARTING: frozenset({TunnelState.UP, TunnelState.STOPPING}),
-    TunnelState.UP: frozenset({TunnelState.STOPPING}),
+    TunnelState.UP: frozenset(
+        {TunnelState.DEGRADED, TunnelState.RESTARTING, TunnelState.STOPPING}),
+    TunnelState.DEGRADED: frozenset(
+        {TunnelState.UP, TunnelState.RESTARTING, TunnelState.STOPPING}),
+    TunnelState.RESTARTING: frozenset({TunnelState.UP, TunnelState.STOPPING}),
     TunnelState.STOPPING: frozenset({TunnelState.STOPPED, TunnelState.FAILED}),
     TunnelState.STOPPED: frozenset(),
     TunnelState.FAILED: frozenset(),
@@ -80,6 +116,60 @@ class TunnelOptions:
     lan: str = "direct"
     #: Seconds between re-resolutions of hostname endpoints; 0: never.
     resolve_interval: float = 60.0
+    #: "owned": tunsup creates a persistent TUN and hands it to the helper
+    #: (``WG_TUN_FD``); "helper": the helper creates its own.
+    tun_mode: Literal["owned", "helper"] = "owned"
+    #: Framing of the owned TUN's fd: "pi", "none", or "auto" (asks
+    #: wireguard-go its release; see :func:`tunsup.tun.detect_header`).
+    tun_header: Literal["auto", "pi", "none"] = "auto"
+    probe_interval: float = 5.0
+    probe_timeout: float = 1.0
+    restart: RestartPolicy = attrs.field(factory=RestartPolicy)
+
+
+@attrs.frozen
+class PeerProbe:
+    """One peer as the last probe saw it."""
+
+    public_key: str
+    endpoint: str | None
+    rx_bytes: int
+    tx_bytes: int
+    #: Unix time of the last handshake, None if never.
+    last_handshake: float | None
+
+
+@attrs.frozen
+class ProbeResult:
+    """Outcome of one UAPI probe."""
+
+    #: Unix time at which the probe ended.
+    at: float
+    #: Seconds it took.
+    took: float
+    #: Why it failed; None when the helper answered.
+    error: str | None = None
+    peers: tuple[PeerProbe, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@attrs.frozen
+class TunnelStatus:
+    """A snapshot of a tunnel for status reports: plain values only."""
+
+    name: str
+    state: str
+    tun_mode: str
+    helper_pid: int | None
+    #: Helper restarts since the tunnel came up.
+    restarts: int
+    degraded_reason: str | None
+    #: Why the tunnel ended, if it ended by a failure.
+    failure: str | None
+    last_probe: ProbeResult | None
 
 
 class Tunnel:
@@ -97,33 +187,85 @@ class Tunnel:
         self.host = host
         self.options = options or TunnelOptions()
         self.log = logging.getLogger(f"tunsup.{spec.name}")
-        self.state = TunnelState.NEW
+        self._state = AsyncValue(TunnelState.NEW)
         self.report: TeardownReport | None = None
         #: Why the tunnel ended, if it did not end by a stop.
         self.failure: BaseException | None = None
         self.timings: dict[str, float] = {}
+        #: Pid of the running helper, None while there is none.
+        self.helper_pid: int | None = None
+        self.restarts = 0
+        self.degraded_reason: str | None = None
+        self.last_probe: ProbeResult | None = None
+        self._probed = trio.Event()
         self._observer = observer
         self._endpoints: dict[Key, tuple[str, int]] = {}
         #: Background work of an up tunnel (endpoint re-resolution); cancelled
         #: before teardown starts.
         self._background = trio.CancelScope()
+        self._tracker = RestartTracker(self.options.restart)
+        # Fixed at bring-up, reused by every helper generation.
+        self._request = b""
+        self._mtu = 0
+        self._tun_index = 0
+        self._plan: RoutingPlan | None = None
 
     @property
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def state(self) -> TunnelState:
+        state: TunnelState = self._state.value
+        return state
+
+    @property
+    def was_up(self) -> bool:
+        """Whether the tunnel came up (its start succeeded)."""
+        return "up" in self.timings
+
+    @property
+    def status(self) -> TunnelStatus:
+        return TunnelStatus(
+            name=self.name,
+            state=self.state.value,
+            tun_mode=self.options.tun_mode,
+            helper_pid=self.helper_pid,
+            restarts=self.restarts,
+            degraded_reason=self.degraded_reason,
+            failure=str(self.failure) if self.failure is not None else None,
+            last_probe=self.last_probe,
+        )
+
     def _set_state(self, new: TunnelState) -> None:
         if new not in TRANSITIONS[self.state]:
             raise AssertionError(f"{self.name}: illegal transition {self.state} -> {new}")
-        self.state = new
+        self._state.value = new
+
+    async def wait_state(self, state: TunnelState) -> None:
+        """Wait until the tunnel is in ``state``.  Cancellable."""
+        await self._state.wait_value(state)
+
+    async def next_probe(self) -> ProbeResult:
+        """Wait for the next probe to end and return its result.  Cancellable."""
+        await self._probed.wait()
+        assert self.last_probe is not None
+        return self.last_probe
+
+    def _probe_ended(self, result: ProbeResult) -> None:
+        self.last_probe = result
+        self._probed.set()
+        self._probed = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[Tunnel] = trio.TASK_STATUS_IGNORED) -> None:
         """Bring the tunnel up, report started, supervise until cancelled.
 
-        Cancellation at any point (even half-way through the bring-up)
-        unwinds every applied effect before this returns.  Raises the error
-        that ended the tunnel (a :class:`HostError`, :class:`HelperExited`
-        ...) after unwinding.
+        Cancellation at any point (even half-way through the bring-up or
+        during a restart backoff) unwinds every applied effect before this
+        returns; the unwinding itself is shielded and bounded.  Raises the
+        error that ended the tunnel (a :class:`HostError` at start,
+        :class:`HelperExited` once restarts are exhausted ...) after
+        unwinding.
         """
         if self.state is not TunnelState.NEW:
             raise RuntimeError(f"tunnel {self.name} was already run")
@@ -139,38 +281,47 @@ class Tunnel:
             )
             stack = EffectStack(ctx, log=self.log, observer=self._observer)
             try:
-                helper_pid = await self._bring_up(stack, ctx)
+                await self._bring_up(stack, ctx)
                 self.timings["up"] = trio.current_time() - started
                 self._set_state(TunnelState.UP)
                 self.log.info("tunnel up in %.0f ms", self.timings["up"] * 1000)
                 task_status.started(self)
                 nursery.start_soon(self._run_background)
-                await self._supervise(ctx, helper_pid)
+                await self._supervise(ctx)
             except BaseException as exc:
-                if not isinstance(exc, trio.Cancelled):
+                if not _only_cancelled(exc):
                     self.failure = exc
-                    self.log.error("%s failed: %s", "tunnel" if "up" in self.timings
-                                   else "start", exc)
+                    self.log.error("%s failed: %s", "tunnel" if self.was_up else "start", exc)
                 raise
             finally:
                 self._background.cancel()
                 self._set_state(TunnelState.STOPPING)
                 stop_started = trio.current_time()
                 self.report = await stack.unwind(self.options.stop_timeout)
+                self.helper_pid = None
                 for handle in ctx.helpers.values():
                     # Only when its undo failed: never leave it running.
                     await _last_resort_kill(handle, self.log)
+                for fd in ctx.tun_fds.values():
+                    # Only when the TUN's undo failed before closing it.
+                    with trio.CancelScope(shield=True), trio.move_on_after(2):
+                        await self.host.close_tun(fd)
                 self.timings["down"] = trio.current_time() - stop_started
                 if self.report.complete:
                     self.log.info("tunnel down in %.0f ms; host restored",
                                   self.timings["down"] * 1000)
-                    self._set_state(TunnelState.STOPPED)
                 else:
                     self.log.error("teardown incomplete: %s", "; ".join(self.report.failures))
-                    self._set_state(TunnelState.FAILED)
+                self._set_state(TunnelState.STOPPED if self.report.complete
+                                and self.failure is None else TunnelState.FAILED)
                 nursery.cancel_scope.cancel()
 
-    async def _bring_up(self, stack: EffectStack, ctx: EffectContext) -> int:
+    # ------------------------------------------------------------------ bring-up
+
+    async def _bring_up(self, stack: EffectStack, ctx: EffectContext) -> None:
+        """Checks, then every effect of the bring-up onto ``stack`` (the
+        helper's generation onto a nested one).  Cancellable at every step;
+        what was applied stays on the stacks for the caller's unwind."""
         spec, net, opts = self.spec, self.host.net, self.options
         if await net.link_index(spec.name) is not None:
             raise HostError(
@@ -186,13 +337,46 @@ class Tunnel:
                 f"another network namespace): its UAPI socket {sock} is in use"
             )
         endpoints = self._endpoints = await self._resolve_endpoints()
-        plan = await plan_routing(spec, net, self.log)
+        self._plan = await plan_routing(spec, net, self.log, opts.lan)
+        self._request = await self._render_request()
+        self._mtu = spec.mtu or await self._auto_mtu([ip for ip, _ in endpoints.values()])
 
         if spec.pre_up or spec.post_down:
             await stack.apply(Hooks(spec.name, "PreUp", spec.pre_up, "PostDown", spec.post_down))
-        record = await stack.apply(StartHelper(spec.name, (*opts.helper, spec.name)))
-        pid = record.pid  # type: ignore[attr-defined]
+        await apply_policy(stack, self._plan, spec, net, self.log, kill_switch=opts.kill_switch,
+                           lan=opts.lan)
+        owned = opts.tun_mode == "owned"
+        if owned:
+            header = opts.tun_header
+            if header == "auto":
+                header = await tun_adapter.detect_header(opts.helper[0])
+            tun = await stack.apply(CreateTun(spec.name, packet_info=header == "pi"))
+            assert isinstance(tun, OwnedTun)
+            self._tun_index = tun.index
+        await stack.apply(HelperGeneration(spec.name))
+        await self._start_generation(self._new_generation(ctx), ctx)
+        if owned:
+            await stack.apply(Link(spec.name, self._tun_index))
+            await self._configure_link(stack, self._tun_index, set_mtu=False)
+
+    def _new_generation(self, ctx: EffectContext) -> EffectStack:
+        gen = EffectStack(ctx, log=self.log, observer=self._observer)
+        ctx.generations[self.name] = gen
+        return gen
+
+    async def _start_generation(self, gen: EffectStack, ctx: EffectContext) -> HelperHandle:
+        """Apply one helper generation to ``gen``: the helper, the wait for
+        its UAPI socket, its WireGuard configuration, then in owned mode the
+        MTU (wireguard-go resets the MTU of a TUN it is handed), in helper
+        mode the link and everything on it (they die with that helper).
+        Cancellable; what was applied stays on ``gen`` for its unwind."""
+        spec, net, opts = self.spec, self.host.net, self.options
+        owned = opts.tun_mode == "owned"
+        record = await gen.apply(StartHelper(spec.name, (*opts.helper, spec.name),
+                                             pass_tun=owned))
+        pid = int(record.pid)  # type: ignore[attr-defined]
         handle = ctx.helpers[pid]
+        sock = uapi.socket_path(spec.name, self.host.uapi_dir)
         listener = await uapi.wait_for_socket(
             sock,
             timeout=opts.start_timeout,
@@ -203,26 +387,160 @@ class Tunnel:
         index = await net.link_index(spec.name)
         if index is None:
             raise HostError(f"helper did not create interface {spec.name}")
-        await stack.apply(Link(spec.name, index))
-        configured = attrs.evolve(spec, fwmark=plan.fwmark)
-        await stack.apply(ConfigureWireguard(spec.name, uapi.render_set(configured, endpoints)))
+        if owned and index != self._tun_index:
+            raise HostError(f"interface {spec.name} is no longer the TUN device tunsup created")
+        if not owned:
+            await gen.apply(Link(spec.name, index))
+        await gen.apply(ConfigureWireguard(spec.name, self._request))
+        if owned:
+            await gen.apply(Mtu(spec.name, index, self._mtu))
+        else:
+            await self._configure_link(gen, index, set_mtu=True)
+        self.helper_pid = pid
+        return handle
+
+    async def _configure_link(self, stack: EffectStack, index: int, *, set_mtu: bool) -> None:
+        """Addresses, MTU, link up, routes, DNS, PostUp hooks.  Cancellable."""
+        spec, net, opts = self.spec, self.host.net, self.options
         for address in spec.addresses:
             await stack.apply(Address(spec.name, index, address))
-        mtu = spec.mtu or await self._auto_mtu([ip for ip, _ in endpoints.values()])
-        await stack.apply(Mtu(spec.name, index, mtu))
+        if set_mtu:
+            await stack.apply(Mtu(spec.name, index, self._mtu))
         await stack.apply(LinkUp(spec.name, index))
-        await apply_routing(stack, plan, spec, index, net, self.log,
-                            kill_switch=opts.kill_switch, lan=opts.lan)
+        assert self._plan is not None
+        await apply_link_routes(stack, self._plan, spec, index, net, self.log)
         if (spec.dns_servers or spec.dns_search) and opts.dns_backend != "none":
             await stack.apply(Dns(spec.name, opts.dns_backend, spec.dns_servers, spec.dns_search))
         if spec.post_up or spec.pre_down:
             await stack.apply(Hooks(spec.name, "PostUp", spec.post_up, "PreDown", spec.pre_down))
-        return int(pid)
 
-    async def _supervise(self, ctx: EffectContext, helper_pid: int) -> None:
-        handle = ctx.helpers[helper_pid]
-        await handle.exited.wait()
-        raise HelperExited(f"{self.name}: {handle.describe_exit()}")
+    # --------------------------------------------------------------- supervision
+
+    async def _supervise(self, ctx: EffectContext) -> None:
+        """Probe the helper and restart it when it dies, until cancelled or
+        until restarts are exhausted (raises :class:`HelperExited`).
+        Cancellation: immediate from every wait (probe, backoff, restart)."""
+        while True:
+            assert self.helper_pid is not None
+            handle = ctx.helpers[self.helper_pid]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._probe_loop)
+                nursery.start_soon(self._reset_backoff_when_healthy)
+                await handle.exited.wait()
+                nursery.cancel_scope.cancel()
+            await self._restart(ctx, handle)
+
+    async def _restart(self, ctx: EffectContext, dead: HelperHandle) -> None:
+        """Replace the dead helper's generation with a new one after a
+        backoff; raises :class:`HelperExited` when the policy gives up.
+        Cancellable at every wait; the unwinding of a generation is
+        shielded and bounded."""
+        died = trio.current_time()
+        self._set_state(TunnelState.RESTARTING)
+        self.helper_pid = None
+        # Reap it (its last output is logged meanwhile) and undo what
+        # depended on it; then say how it ended.
+        await self._end_generation(ctx)
+        self.log.warning("helper died while the tunnel was up: %s", dead.describe_exit())
+        policy = self.options.restart
+        while True:
+            delay = self._tracker.failure(trio.current_time())
+            failures = self._tracker.failures_in_window(trio.current_time())
+            if delay is None:
+                raise HelperExited(
+                    f"helper failed {failures} times within {policy.window:g} s "
+                    f"(restart_max = {policy.max_restarts}); giving up")
+            self.log.warning("restarting the helper in %.2f s (failure %d of at most %d "
+                             "within %g s)", delay, failures, policy.max_restarts, policy.window)
+            await trio.sleep(delay)
+            if (self.options.tun_mode == "owned"
+                    and await self.host.net.link_name(self._tun_index) != self.name):
+                # Deleted from outside: no helper can bring it back.
+                raise HelperExited(f"TUN device {self.name} was deleted; giving up")
+            try:
+                handle = await self._start_generation(self._new_generation(ctx), ctx)
+            except HostError as exc:
+                self.helper_pid = None
+                await self._end_generation(ctx)
+                self.log.warning("restart failed: %s", exc)
+                continue
+            break
+        self.restarts += 1
+        self.degraded_reason = None
+        self._set_state(TunnelState.UP)
+        self.log.info("helper restarted (pid %d, restart #%d): tunnel up again %.0f ms after "
+                      "the helper died", handle.pid, self.restarts,
+                      (trio.current_time() - died) * 1000)
+
+    async def _end_generation(self, ctx: EffectContext) -> None:
+        """Unwind the current helper generation (shielded, bounded by
+        ``stop_timeout``).  Raises :class:`HostError` if that was
+        incomplete: then the tunnel cannot be trusted to restart."""
+        gen = ctx.generations.get(self.name)
+        if gen is None:
+            return
+        report = await gen.unwind(self.options.stop_timeout)
+        if not report.complete:
+            raise HostError("cleaning up after the helper failed: " + "; ".join(report.failures))
+
+    async def _reset_backoff_when_healthy(self) -> None:
+        """Start the restart backoff over once the tunnel has been up for
+        ``reset_after`` seconds in a row.  Cancellable (ends with the
+        helper's generation)."""
+        if self._tracker.attempt == 0:
+            return
+        await self._state.wait_value(TunnelState.UP, held_for=self.options.restart.reset_after)
+        self._tracker.reset()
+        self.log.info("helper healthy for %g s: restart backoff reset",
+                      self.options.restart.reset_after)
+
+    async def _probe_loop(self) -> None:
+        """Probe now, then every ``probe_interval`` seconds.  Sleeps in
+        between (no polling).  Cancellable at once, also mid-probe."""
+        sock = uapi.socket_path(self.name, self.host.uapi_dir)
+        while True:
+            await self._probe(sock)
+            await trio.sleep(self.options.probe_interval)
+
+    async def _probe(self, sock: str) -> None:
+        """One ``get=1`` under ``probe_timeout``; updates ``last_probe`` and
+        moves the tunnel between up and degraded.  Cancellable."""
+        started = trio.current_time()
+        self.log.debug("probe: get=1 on %s", sock)
+        try:
+            device = await uapi.uapi_get(sock, timeout=self.options.probe_timeout)
+        except uapi.UapiError as exc:
+            reason = str(exc)
+            self._probe_ended(ProbeResult(at=time.time(), took=trio.current_time() - started,
+                                          error=reason))
+            if self.state is TunnelState.UP:
+                self.degraded_reason = reason
+                self._set_state(TunnelState.DEGRADED)
+                self.log.warning("tunnel degraded: probe failed: %s", reason)
+            elif self.degraded_reason != reason:
+                self.degraded_reason = reason
+                self.log.warning("still degraded: probe failed: %s", reason)
+            return
+        peers = tuple(
+            PeerProbe(p.public_key.to_base64(), p.endpoint, p.rx_bytes, p.tx_bytes,
+                      p.last_handshake)
+            for p in device.peers
+        )
+        took = trio.current_time() - started
+        self._probe_ended(ProbeResult(at=time.time(), took=took, peers=peers))
+        self.log.debug("probe answered in %.1f ms", took * 1000)
+        if self.state is TunnelState.DEGRADED:
+            self.degraded_reason = None
+            self._set_state(TunnelState.UP)
+            self.log.info("probe answered again: tunnel up")
+
+    async def _render_request(self) -> bytes:
+        """The UAPI configuration for the current endpoints, with the plan's
+        fwmark (rendering 10,000 allowed IPs is kept off the trio thread)."""
+        assert self._plan is not None
+        configured = attrs.evolve(self.spec, fwmark=self._plan.fwmark)
+        return await _cpu_bound(len(self.spec.allowed_ips), uapi.render_set, configured,
+                                self._endpoints)
 
     async def _run_background(self) -> None:
         with self._background:
@@ -261,6 +579,8 @@ class Tunnel:
                                      peer.endpoint.host, exc)
                     continue
                 self._endpoints[peer.public_key] = (address, peer.endpoint.port)
+                # A restarted helper must get the new address too.
+                self._request = await self._render_request()
 
     async def _resolve(self, host: str, port: int) -> str:
         """One address for ``host`` (getaddrinfo in a worker thread) under
@@ -305,6 +625,24 @@ class Tunnel:
         if best == 0:
             best = await self.host.net.route_mtu(None) or 0
         return (best or DEFAULT_LINK_MTU) - WIREGUARD_OVERHEAD
+
+
+async def _cpu_bound(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, in a worker thread when ``size`` (a prefix count) is
+    above :data:`CPU_BOUND_PREFIXES`, so that a long computation does not
+    hold the trio thread.  Cancellation: delivered once the thread is done
+    (it only computes, for milliseconds); nothing is left behind."""
+    if size <= CPU_BOUND_PREFIXES:
+        return fn(*args)
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    """Whether ``exc`` is a cancellation (possibly several, grouped by a
+    nursery) rather than a failure."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return isinstance(exc, trio.Cancelled)
 
 
 async def _in_process_group(pid: int, leader: int) -> bool:

@@ -15,6 +15,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from .. import tun
 from ..model import IPAddress, IPInterface, IPNetwork
 from .dns import DnsBackend
 
@@ -92,6 +93,11 @@ class HelperHandle(Protocol):
 
 StartHelper = Callable[..., Awaitable[HelperHandle]]
 RunHook = Callable[[str, logging.Logger, float], Awaitable[None]]
+#: Create a persistent TUN device: ``(name, *, packet_info)`` (see
+#: :func:`tunsup.tun.create_tun`).
+CreateTun = Callable[..., Awaitable[tun.TunDevice]]
+#: Close a TUN fd (see :func:`tunsup.tun.close_tun`).
+CloseTun = Callable[[int], Awaitable[None]]
 
 
 @attrs.define
@@ -105,6 +111,8 @@ class Host:
     dns_backend: Callable[[str], DnsBackend]
     uapi_dir: str = "/var/run/wireguard"
     env: Mapping[str, str] = attrs.field(factory=dict)
+    create_tun: CreateTun = tun.create_tun
+    close_tun: CloseTun = tun.close_tun
 
 
 def real_host(*, resolv_conf: str = "/etc/resolv.conf",

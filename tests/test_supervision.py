@@ -1,0 +1,517 @@
+"""Supervision under faults, against the in-memory host of ``fakehost``:
+restart policy, restarts through helper generations, crash loops, stops
+during a backoff, probes against a UAPI server that never answers, wedged
+helpers.  Everything runs under ``MockClock(autojump_threshold=0)``: time
+only passes when every task waits, so timings are exact and cost nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tunsup import ExitCode
+from tunsup.engine import Supervisor
+from tunsup.helpers import RestartPolicy, RestartTracker
+from tunsup.tunnel import TRANSITIONS, Tunnel, TunnelOptions, TunnelState
+
+from .fakehost import Behaviour, FakeHost, spec, uapi_dir
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeHost]:
+    with uapi_dir() as path:
+        yield FakeHost(path)
+
+
+def options(**changes: Any) -> TunnelOptions:
+    settings: dict[str, Any] = {
+        "helper": ("fake-wg",), "tun_header": "none", "stop_grace": 2.0,
+        "restart": RestartPolicy(backoff_initial=0.2, backoff_max=5.0)}
+    return TunnelOptions(**{**settings, **changes})
+
+
+Driver = Callable[[Supervisor, list[Tunnel]], Awaitable[None]]
+
+
+@attrs.define
+class Outcome:
+    code: ExitCode
+    #: Mock seconds from the driver's return (usually a stop) to run's
+    #: return; 0 when run returned first (the tunnel failed).
+    stop_took: float
+    tunnels: list[Tunnel]
+
+
+def run_supervisor(fake: FakeHost, opts: list[TunnelOptions], driver: Driver, *,
+                   on_failure: str = "exit", posts: tuple[str, ...] = ()) -> Outcome:
+    """Run a supervisor over tunnels wgt0, wgt1 ... with ``opts``; call
+    ``driver`` once it is ready; return when ``run`` returns."""
+
+    async def main() -> Outcome:
+        tunnels = [Tunnel(spec(f"wgt{i}", post_up=posts), fake.host, o)
+                   for i, o in enumerate(opts)]
+        sup = Supervisor(tunnels, fake.host, handle_signals=False,
+                         on_failure=on_failure)  # type: ignore[arg-type]
+        result: dict[str, Any] = {}
+        async with trio.open_nursery() as nursery:
+
+            async def runner() -> None:
+                result["code"] = await sup.run()
+                result["ended"] = trio.current_time()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(runner)
+            await sup.ready.wait()
+            await driver(sup, tunnels)
+            result["driver_done"] = trio.current_time()
+            await trio.sleep_forever()
+        ended = result["ended"]
+        return Outcome(result["code"], ended - result.get("driver_done", ended), tunnels)
+
+    outcome: Outcome = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return outcome
+
+
+def assert_host_restored(fake: FakeHost) -> None:
+    assert fake.net.links == {}, fake.net.links
+    assert fake.tun_fds == set(), "a TUN fd was left open"
+    assert fake.alive == set(), "a helper was left running"
+    assert all(h.exited.is_set() for h in fake.started)
+
+
+async def stop(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+    sup.stop("test")
+
+
+# ------------------------------------------------------------------ the policy
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
+    tracker = RestartTracker(RestartPolicy(max_restarts=100, window=1e9, backoff_initial=0.5,
+                                           backoff_max=4.0), random.Random(1))
+    bases = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    for i, base in enumerate(bases):
+        delay = tracker.failure(float(i))
+        assert delay is not None and base / 2 <= delay <= base
+    # Jitter: delays differ between trackers with different seeds.
+    other = RestartTracker(tracker.policy, random.Random(2))
+    assert other.failure(0.0) != RestartTracker(tracker.policy, random.Random(1)).failure(0.0)
+
+
+def test_limit_counts_failures_within_the_window() -> None:
+    tracker = RestartTracker(RestartPolicy(max_restarts=2, window=10.0), random.Random(0))
+    assert tracker.failure(0.0) is not None
+    assert tracker.failure(1.0) is not None
+    assert tracker.failure(2.0) is None  # third failure within 10 s
+    tracker = RestartTracker(RestartPolicy(max_restarts=2, window=10.0), random.Random(0))
+    assert tracker.failure(0.0) is not None
+    assert tracker.failure(1.0) is not None
+    assert tracker.failure(10.5) is not None  # the first one has left the window
+    assert tracker.failures_in_window(10.5) == 2
+
+
+def test_no_restarts_and_zero_backoff() -> None:
+    assert RestartTracker(RestartPolicy(max_restarts=0)).failure(0.0) is None
+    tracker = RestartTracker(RestartPolicy(backoff_initial=0.0, backoff_max=1.0))
+    assert tracker.failure(0.0) == 0.0
+
+
+def test_reset_starts_the_backoff_over() -> None:
+    tracker = RestartTracker(RestartPolicy(max_restarts=100, window=1.0, backoff_initial=1.0,
+                                           backoff_max=64.0), random.Random(3))
+    for i in range(5):
+        tracker.failure(float(i * 10))
+    assert tracker.base_delay(tracker.attempt) == 32.0
+    tracker.reset()
+    delay = tracker.failure(100.0)
+    assert delay is not None and 0.5 <= delay <= 1.0
+
+
+def test_huge_attempt_counts_do_not_overflow() -> None:
+    tracker = RestartTracker(RestartPolicy(backoff_initial=0.001, backoff_max=3600.0))
+    assert tracker.base_delay(10**6) == 3600.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(times=st.lists(st.floats(0, 1000, allow_nan=False), max_size=30),
+       max_restarts=st.integers(0, 6), window=st.floats(0.1, 100))
+def test_policy_never_allows_more_than_max_restarts_per_window(
+        times: list[float], max_restarts: int, window: float) -> None:
+    tracker = RestartTracker(RestartPolicy(max_restarts=max_restarts, window=window,
+                                           backoff_initial=0.1, backoff_max=10.0))
+    allowed: list[float] = []
+    for now in sorted(times):
+        delay = tracker.failure(now)
+        if delay is None:
+            break  # the tunnel has failed: no more restarts
+        assert 0.05 <= delay <= 10.0
+        allowed.append(now)
+        assert sum(1 for t in allowed if now - window < t <= now) <= max_restarts
+
+
+def test_backoff_sleep_is_exact_under_the_mock_clock(fake: FakeHost) -> None:
+    """A restart happens after the backoff, not before and not later."""
+    policy = RestartPolicy(max_restarts=5, backoff_initial=8.0, backoff_max=8.0)
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        died = trio.current_time()
+        fake.current.die(-9)
+        await tunnels[0].wait_state(TunnelState.RESTARTING)
+        await tunnels[0].wait_state(TunnelState.UP)
+        gap = fake.current.started_at - died
+        assert 4.0 <= gap <= 8.0  # equal jitter: [d/2, d]
+        sup.stop()
+
+    out = run_supervisor(fake, [options(restart=policy)], driver)
+    assert out.code == ExitCode.OK
+
+
+# --------------------------------------------------------------- state table
+
+
+def test_transition_table_reaches_an_end_from_every_state() -> None:
+    ends = {TunnelState.STOPPED, TunnelState.FAILED}
+    for state in TunnelState:
+        seen, todo = {state}, [state]
+        while todo:
+            for nxt in TRANSITIONS[todo.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        assert seen & ends, state
+    assert TunnelState.DEGRADED in TRANSITIONS[TunnelState.UP]
+    assert TunnelState.UP in TRANSITIONS[TunnelState.DEGRADED]
+
+
+# ------------------------------------------------------------------- restarts
+
+
+def test_owned_tun_is_handed_over_and_everything_is_undone(fake: FakeHost) -> None:
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        helper = fake.current
+        link = fake.net.by_name("wgt0")
+        assert link is not None and link.persistent and link.up and link.mtu == 1420
+        assert helper.env["WG_TUN_FD"] == str(helper.pass_fds[0])
+        assert helper.env["WG_PROCESS_FOREGROUND"] == "1"
+        assert helper.pass_fds[0] in fake.tun_fds
+        await tunnels[0].next_probe()
+        status = tunnels[0].status
+        assert (status.state, status.tun_mode, status.restarts) == ("up", "owned", 0)
+        assert status.last_probe is not None and status.last_probe.ok
+        assert status.last_probe.peers[0].rx_bytes == 100
+        sup.stop()
+
+    out = run_supervisor(fake, [options()], driver)
+    assert out.code == ExitCode.OK
+    assert out.tunnels[0].state is TunnelState.STOPPED
+    assert_host_restored(fake)
+
+
+def test_owned_tun_survives_a_helper_restart(fake: FakeHost) -> None:
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        link = fake.net.by_name("wgt0")
+        assert link is not None
+        before = attrs.asdict(link)
+        first = fake.current
+        first.die(-9, "killed")
+        await tunnels[0].wait_state(TunnelState.RESTARTING)
+        # During the restart the interface, its addresses and routes stay.
+        assert fake.net.links[link.index] is link and attrs.asdict(link) == before
+        await tunnels[0].wait_state(TunnelState.UP)
+        assert fake.current is not first and not first.signals  # reaped, not signalled
+        assert fake.net.deleted == []
+        assert attrs.asdict(link) == before
+        assert tunnels[0].status.restarts == 1
+        assert tunnels[0].helper_pid == fake.current.pid
+        # The new helper got the configuration again.
+        assert fake.requests.count("set=1") == 2
+        sup.stop()
+
+    out = run_supervisor(fake, [options()], driver)
+    assert out.code == ExitCode.OK
+    assert_host_restored(fake)
+
+
+def test_helper_mode_restart_rebuilds_the_link_and_reruns_its_hooks(fake: FakeHost) -> None:
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        old = fake.net.by_name("wgt0")
+        assert old is not None and not old.persistent
+        fake.current.die(2)
+        await tunnels[0].wait_state(TunnelState.RESTARTING)
+        await tunnels[0].wait_state(TunnelState.UP)
+        new = fake.net.by_name("wgt0")
+        assert new is not None and new.index != old.index
+        assert {str(a) for a in new.addresses} == {"10.9.0.1/24"}
+        assert new.up and new.mtu == 1420
+        assert {str(n) for _, n in new.routes} == {"198.51.100.0/24"}
+        assert "WG_TUN_FD" not in fake.current.env
+        sup.stop()
+
+    out = run_supervisor(fake, [options(tun_mode="helper")], driver, posts=("echo up",))
+    assert out.code == ExitCode.OK
+    # PostUp/PreDown belong to the helper's generation in this mode.
+    assert fake.hooks == ["echo up", "echo down", "echo up", "echo down"]
+    assert_host_restored(fake)
+
+
+def test_crash_loop_is_bounded_then_the_tunnel_fails_and_run_exits_1(
+        fake: FakeHost, caplog: pytest.LogCaptureFixture) -> None:
+    fake.default = Behaviour.CRASH
+    fake.plan = [Behaviour.OK]
+    policy = RestartPolicy(max_restarts=3, window=60.0, backoff_initial=0.5, backoff_max=10.0)
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        fake.current.die(1, "ERROR: lost it")
+        await trio.sleep_forever()  # run returns by itself
+
+    caplog.set_level(logging.INFO, logger="tunsup")
+    out = run_supervisor(fake, [options(restart=policy)], driver)
+    assert out.code == ExitCode.FAILURE
+    assert len(fake.started) == 1 + 3  # the first one, then exactly 3 restarts
+    tunnel = out.tunnels[0]
+    assert tunnel.state is TunnelState.FAILED
+    assert "helper failed 4 times within 60 s (restart_max = 3)" in str(tunnel.failure)
+    assert tunnel.report is not None and tunnel.report.complete
+    text = caplog.text
+    assert "exited with status 1; last output: ERROR: lost it" in text
+    assert text.count("restart failed: helper fake-wg") == 3
+    assert "exited with status 1; last output: ERROR: boom" in text
+    assert "no tunnel is left: exiting" in text
+    assert_host_restored(fake)
+
+
+def test_an_owned_tun_deleted_from_outside_fails_the_tunnel_at_once(fake: FakeHost) -> None:
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        link = fake.net.by_name("wgt0")
+        assert link is not None
+        del fake.net.links[link.index]  # ip link del, behind tunsup's back
+        fake.current.die(1, "ERROR: TUN closed")
+        await trio.sleep_forever()
+
+    out = run_supervisor(fake, [options()], driver)
+    assert out.code == ExitCode.FAILURE
+    assert len(fake.started) == 1  # no pointless restarts
+    assert "TUN device wgt0 was deleted" in str(out.tunnels[0].failure)
+    assert_host_restored(fake)
+
+
+def test_stop_during_a_backoff_returns_at_once_and_cleanly(fake: FakeHost) -> None:
+    policy = RestartPolicy(backoff_initial=600.0, backoff_max=600.0)
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        fake.current.die(-9)
+        await tunnels[0].wait_state(TunnelState.RESTARTING)
+        await trio.sleep(10)  # well inside the 300..600 s backoff
+        sup.stop()
+
+    wall = time.monotonic()
+    out = run_supervisor(fake, [options(restart=policy)], driver)
+    assert out.code == ExitCode.OK
+    assert out.stop_took == 0.0  # not one mock second: nothing waited
+    assert time.monotonic() - wall < 5
+    assert len(fake.started) == 1  # no restart happened
+    assert_host_restored(fake)
+
+
+def test_backoff_resets_after_the_helper_was_healthy(fake: FakeHost) -> None:
+    policy = RestartPolicy(max_restarts=10, window=1000.0, backoff_initial=4.0,
+                           backoff_max=64.0, reset_after=30.0)
+    gaps: list[float] = []
+
+    async def crash_and_wait(tunnel: Tunnel) -> None:
+        died = trio.current_time()
+        fake.current.die(-9)
+        await tunnel.wait_state(TunnelState.RESTARTING)
+        await tunnel.wait_state(TunnelState.UP)
+        gaps.append(fake.current.started_at - died)
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        await crash_and_wait(tunnels[0])   # base 4
+        await crash_and_wait(tunnels[0])   # base 8: not healthy long enough
+        await trio.sleep(31)
+        await crash_and_wait(tunnels[0])   # healthy 31 s: base 4 again
+        sup.stop()
+
+    out = run_supervisor(fake, [options(restart=policy)], driver)
+    assert out.code == ExitCode.OK
+    assert 2 <= gaps[0] <= 4 and 4 <= gaps[1] <= 8 and 2 <= gaps[2] <= 4, gaps
+    assert_host_restored(fake)
+
+
+def test_a_failed_tunnel_leaves_the_others_running(fake: FakeHost) -> None:
+    no_restarts = RestartPolicy(max_restarts=0)
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        victim = next(h for h in fake.started if h.ifname == "wgt0")
+        victim.die(1)
+        await tunnels[0].wait_state(TunnelState.FAILED)
+        assert fake.net.by_name("wgt0") is None
+        assert tunnels[1].state is TunnelState.UP and fake.net.by_name("wgt1") is not None
+        sup.stop()
+
+    out = run_supervisor(fake, [options(restart=no_restarts), options()], driver)
+    assert out.code == ExitCode.FAILURE  # one tunnel failed, host restored
+    assert out.tunnels[1].state is TunnelState.STOPPED
+    assert_host_restored(fake)
+
+
+def test_keep_running_after_the_last_tunnel_failed(fake: FakeHost) -> None:
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        fake.current.die(1)
+        await tunnels[0].wait_state(TunnelState.FAILED)
+        await trio.sleep(3600)  # run is still there
+        assert fake.net.links == {}
+        sup.stop()
+
+    out = run_supervisor(fake, [options(restart=RestartPolicy(max_restarts=0))], driver,
+                         on_failure="keep-running")
+    assert out.code == ExitCode.FAILURE
+    assert_host_restored(fake)
+
+
+# --------------------------------------------------------------------- probes
+
+
+def test_probe_against_a_server_that_never_answers_degrades_and_stop_is_unaffected(
+        fake: FakeHost) -> None:
+    fake.plan = [Behaviour.MUTE]
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        tunnel = tunnels[0]
+        start = trio.current_time()
+        await tunnel.wait_state(TunnelState.DEGRADED)
+        # The first probe went out at once and timed out after probe_timeout.
+        assert trio.current_time() - start == pytest.approx(1.5)
+        status = tunnel.status
+        assert status.state == "degraded"
+        assert status.degraded_reason is not None
+        assert "did not answer within 1.5s" in status.degraded_reason
+        assert status.last_probe is not None and not status.last_probe.ok
+        await trio.sleep(5.2)  # the next probe is now stuck in the server
+        sup.stop()
+
+    out = run_supervisor(fake, [options(probe_timeout=1.5, probe_interval=5.0)], driver)
+    assert out.code == ExitCode.OK
+    assert out.stop_took == 0.0  # the stuck probe was cancelled, nothing waited
+    assert_host_restored(fake)
+
+
+def test_a_good_probe_makes_a_degraded_tunnel_up_again(fake: FakeHost) -> None:
+    fake.plan = [Behaviour.MUTE]
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        tunnel = tunnels[0]
+        await tunnel.wait_state(TunnelState.DEGRADED)
+        fake.current.mute = False
+        await tunnel.wait_state(TunnelState.UP)
+        assert tunnel.degraded_reason is None
+        probe = tunnel.last_probe
+        assert probe is not None and probe.ok and probe.peers[0].tx_bytes == 200
+        sup.stop()
+
+    out = run_supervisor(fake, [options(probe_timeout=1.0, probe_interval=2.0)], driver)
+    assert out.code == ExitCode.OK
+    assert_host_restored(fake)
+
+
+def test_probes_sleep_between_runs(fake: FakeHost) -> None:
+    """One probe per interval: no polling."""
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        await trio.sleep(100)
+        sup.stop()
+
+    run_supervisor(fake, [options(probe_interval=5.0)], driver)
+    gets = fake.requests.count("get=1")
+    assert gets in (20, 21), gets  # at 0, 5, ..., 100 s
+    assert_host_restored(fake)
+
+
+# ------------------------------------------------------------- wedged helper
+
+
+def test_wedged_helper_stop_kills_after_the_grace_and_returns_in_bounds(
+        fake: FakeHost) -> None:
+    """The helper ignores SIGTERM and its UAPI never answers (stopped): the
+    stuck probe is cancelled, the host restored, the helper killed after
+    the grace; the stop takes the grace and no more."""
+    fake.plan = [Behaviour.MUTE]
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        fake.current.ignore_term = True
+        await trio.sleep(0.5)  # a probe is in flight (timeout 60 s)
+        sup.stop()
+
+    out = run_supervisor(fake, [options(probe_timeout=60.0, stop_grace=2.0)], driver)
+    assert out.code == ExitCode.OK
+    helper = fake.started[0]
+    assert helper.signals == [signal.SIGTERM, signal.SIGKILL]
+    assert out.stop_took == pytest.approx(2.0)
+    # The link went down and away before the helper was even signalled.
+    assert fake.net.deleted[0] == "wgt0"
+    assert_host_restored(fake)
+
+
+# ------------------------------------------------------- generated schedules
+
+EVENTS = st.sampled_from(["die", "crash-next", "mute", "unmute", "wedge"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    schedule=st.lists(st.tuples(st.floats(0, 40), EVENTS), max_size=8),
+    stop_at=st.floats(0, 60),
+    mode=st.sampled_from(["owned", "helper"]),
+    max_restarts=st.integers(0, 3),
+)
+def test_whatever_happens_the_host_is_restored(
+        schedule: list[tuple[float, str]], stop_at: float, mode: str,
+        max_restarts: int) -> None:
+    """Invariant: whatever faults arrive and whenever the stop comes, after
+    run returns the fake host equals its start, every helper is reaped, and
+    the stop took at most the grace."""
+    with uapi_dir() as path:
+        fake = FakeHost(path)
+        policy = RestartPolicy(max_restarts=max_restarts, window=30.0, backoff_initial=1.0,
+                               backoff_max=8.0, reset_after=10.0)
+
+        async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+            now = 0.0
+            events = sorted(schedule)
+            for at, what in events:
+                if at > stop_at:
+                    break
+                await trio.sleep(at - now)
+                now = at
+                helper = fake.current
+                if what == "die":
+                    helper.die(-9)
+                elif what == "crash-next":
+                    fake.plan.append(Behaviour.CRASH)
+                elif what in ("mute", "unmute"):
+                    helper.mute = what == "mute"
+                else:
+                    helper.ignore_term = True
+            await trio.sleep(max(0.0, stop_at - now))
+            sup.stop()
+
+        out = run_supervisor(fake, [options(restart=policy, tun_mode=mode,
+                                            probe_interval=3.0, probe_timeout=1.0)], driver)
+        assert out.code in (ExitCode.OK, ExitCode.FAILURE)
+        tunnel = out.tunnels[0]
+        assert tunnel.report is not None and tunnel.report.complete
+        assert (out.code == ExitCode.FAILURE) == (tunnel.failure is not None)
+        assert out.stop_took <= 2.0 + 1e-9
+        assert_host_restored(fake)
