@@ -460,6 +460,7 @@ def test_to_dict_shape() -> None:
         "runtime_dir": "/run/tunsup",
         "stop_timeout": 30.0,
         "dns": {"backend": "auto", "resolv_conf": "/etc/resolv.conf"},
+        "control": {"idle_timeout": 30.0, "request_timeout": 10.0},
         "tunnel": [
             {
                 "config": "/etc/wg/wg0.conf",

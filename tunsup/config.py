@@ -10,6 +10,11 @@ Example::
     backend = "auto"                   # auto | resolved | resolvconf | file | none
     resolv_conf = "/etc/resolv.conf"   # used by the file backend
 
+    [control]
+    group = "tunsup"                   # optional: group allowed on the control socket
+    idle_timeout = 30.0                # optional: close a control connection idle this long
+    request_timeout = 10.0             # optional: bound on status/logs requests
+
     [[tunnel]]
     config = "wg0.conf"                # relative to this file's directory
     helper = ["wireguard-go", "-f"]    # optional; the interface name is appended
@@ -57,6 +62,7 @@ __all__ = [
     "DEFAULT_STOP_GRACE",
     "DEFAULT_STOP_TIMEOUT",
     "DNS_BACKENDS",
+    "ControlConfig",
     "DnsBackend",
     "DnsSettings",
     "SupervisorConfig",
@@ -132,6 +138,18 @@ def _check_backend(_inst: object, attribute: attrs.Attribute[str], value: object
         raise _Invalid((attribute.name,), f"must be one of {allowed}")
 
 
+def _check_group(
+    _inst: object, attribute: attrs.Attribute[str | int | None], value: object
+) -> None:
+    if value is None:
+        return
+    if isinstance(value, str) and value and value.strip() == value and "\0" not in value:
+        return
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32 - 1:
+        return
+    raise _Invalid((attribute.name,), "must be a group name or a numeric group id")
+
+
 def _check_argv(_inst: object, attribute: attrs.Attribute[tuple[str, ...]], value: object) -> None:
     if (
         not isinstance(value, tuple)
@@ -186,6 +204,19 @@ class DnsSettings:
     resolv_conf: str = attrs.field(default=DEFAULT_RESOLV_CONF, validator=_check_path)
 
 
+@attrs.frozen(kw_only=True)
+class ControlConfig:
+    """The ``[control]`` table: the control socket ``runtime_dir/control.sock``."""
+
+    #: Group (name or id) whose members may use the control socket besides
+    #: root; the socket file gets this group and mode 0660.
+    group: str | int | None = attrs.field(default=None, validator=_check_group)
+    #: Seconds a connection may stay without a complete request.
+    idle_timeout: float = attrs.field(default=30.0, validator=_number(strict=True))
+    #: Bound, in seconds, on answering ``status`` and ``logs``.
+    request_timeout: float = attrs.field(default=10.0, validator=_number(strict=True))
+
+
 @attrs.frozen
 class TunnelEntry:
     """One ``[[tunnel]]``: a wg-quick file and how to run its helper."""
@@ -216,6 +247,7 @@ class SupervisorConfig:
     #: Overall bound, in seconds, on teardown.
     stop_timeout: float = attrs.field(default=DEFAULT_STOP_TIMEOUT, validator=_number(strict=True))
     dns: DnsSettings = attrs.field(factory=DnsSettings)
+    control: ControlConfig = attrs.field(factory=ControlConfig)
     #: ``[[tunnel]]`` entries, in file order; interface names are unique.
     tunnels: tuple[TunnelEntry, ...] = attrs.field(default=(), validator=_check_tunnels)
 
@@ -263,7 +295,13 @@ _converter.register_structure_hook(str, _passthrough)
 _converter.register_structure_hook(float, _structure_float)
 _converter.register_structure_hook_func(lambda t: t == DnsBackend, _passthrough)
 _converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_argv)
+_converter.register_structure_hook_func(lambda t: t == (str | int | None), _passthrough)
 _converter.register_structure_hook(DnsSettings, _table_hook(DnsSettings, "a table"))
+_converter.register_structure_hook(ControlConfig, _table_hook(ControlConfig, "a table"))
+_converter.register_unstructure_hook(
+    ControlConfig,
+    make_dict_unstructure_fn(ControlConfig, _converter, group=override(omit_if_default=True)),
+)
 _converter.register_structure_hook(TunnelEntry, _table_hook(TunnelEntry, "a table"))
 _structure_tunnel_items = _converter.get_structure_hook(tuple[TunnelEntry, ...])
 

@@ -99,6 +99,8 @@ class Tunnel:
         #: Why the tunnel ended, if it did not end by a stop.
         self.failure: BaseException | None = None
         self.timings: dict[str, float] = {}
+        #: The data-plane helper's pid, once the tunnel is up.
+        self.helper_pid: int | None = None
         self._observer = observer
 
     @property
@@ -132,7 +134,7 @@ class Tunnel:
             )
             stack = EffectStack(ctx, log=self.log, observer=self._observer)
             try:
-                helper_pid = await self._bring_up(stack, ctx)
+                helper_pid = self.helper_pid = await self._bring_up(stack, ctx)
                 self.timings["up"] = trio.current_time() - started
                 self._set_state(TunnelState.UP)
                 self.log.info("tunnel up in %.0f ms", self.timings["up"] * 1000)
