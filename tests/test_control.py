@@ -284,6 +284,12 @@ def test_logs_backlog_and_follow_until_the_exit_event(sockdir: str) -> None:
                                                    "failures": []}}
             assert await f.frame() is None
             assert hub.subscribers == 0
+            # A subscriber arriving while the service exits gets the event at once.
+            late = await Client.connect(server.path)
+            frame = await late.request("logs", 3, backlog=0, follow=True)
+            assert frame["result"] == {"backlog": 0, "follow": True}
+            assert (await late.frame() or {}).get("event", {}).get("complete") is True
+            assert await late.frame() is None
 
     run(main)
 

@@ -171,6 +171,36 @@ def test_notify_ready_status_watchdog_and_stopping(pair: Pair) -> None:
     assert svc.wait_exit(30) == 0
 
 
+def test_two_concurrent_stops_both_report_the_outcome(pair: Pair) -> None:
+    if_a = unique("tsa")
+    gate = pair.workdir / "gate"
+    before = pair.snapshot(pair.ns_a)
+    conf = pair.conf_a(if_a, extra=f"PreDown = while [ ! -e {gate} ]; do sleep 0.05; done")
+    svc, rt = start(pair, conf)
+    svc.wait_ready()
+    stops = [popen("stop", "--runtime-dir", rt)]
+    try:
+        wait_for_output(svc, "running hook")  # the teardown is under way, held by PreDown
+        stops.append(popen("stop", "--runtime-dir", rt))
+        second = stops[1].stdout
+        assert second is not None
+        assert select.select([second], [], [], 30)[0]
+        assert second.readline().startswith("stopping tunsup")  # subscribed, signalled
+        gate.touch()
+        outputs = [p.communicate(timeout=30)[0] for p in stops]
+    finally:
+        gate.touch()
+        for p in stops:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, out in zip(stops, outputs, strict=True):
+        assert p.returncode == 0, out
+        assert "teardown complete, host restored" in out
+    assert "received SIGTERM: already stopping" in svc.output()
+    assert_restored(pair, pair.ns_a, before)
+
+
 # ----------------------------------------------------------------------------- abuse
 
 

@@ -184,8 +184,8 @@ class ControlServer:
         self.settings = settings or ControlSettings()
         self._connections = 0
         self._followers: set[_Follower] = set()
-        self._accept_scope: trio.CancelScope | None = None
-        self._finished = False
+        #: Set by finish(): the service is exiting.
+        self._exit_event: dict[str, Any] | None = None
         self._inode: tuple[int, int] | None = None
         self._handlers: dict[str, Handler] = {
             "ping": self._op_ping,
@@ -238,19 +238,14 @@ class ControlServer:
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
-                with trio.CancelScope() as self._accept_scope:
-                    await self._accept_loop(sock, nursery)
-                # finish() ended the accept loop: connections still in
-                # flight (log followers flushing the exit event) end by
-                # themselves or when the caller cancels us.
+                await self._accept_loop(sock, nursery)
         finally:
             sock.close()
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await trio.to_thread.run_sync(_unlink_if_ours, self.path, self._inode)
 
     async def _accept_loop(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
-        """Accept connections and give each its own task until cancelled
-        (by :meth:`finish` or the end of :meth:`serve`)."""
+        """Accept connections and give each its own task until cancelled."""
         while True:
             try:
                 conn, _ = await sock.accept()
@@ -266,12 +261,11 @@ class ControlServer:
             nursery.start_soon(self._connection, conn)
 
     async def finish(self, event: dict[str, Any]) -> None:
-        """Stop accepting, send ``event`` (``{"type": "exit", ...}``) to every
-        log subscriber, and wait (at most ``finish_timeout`` seconds) until
-        they have it.  Cancellable; callers cancel :meth:`serve` afterwards."""
-        self._finished = True
-        if self._accept_scope is not None:
-            self._accept_scope.cancel()
+        """Send ``event`` (``{"type": "exit", ...}``) to every log subscriber
+        and wait (at most ``finish_timeout`` seconds) until they have it.
+        A subscriber arriving meanwhile (a second ``tunsup stop``) gets the
+        event at once.  Cancellable; callers cancel :meth:`serve` afterwards."""
+        self._exit_event = event
         followers = list(self._followers)
         for follower in followers:
             try:
@@ -442,8 +436,14 @@ class ControlServer:
             for entry in entries:
                 await conn.send({"log": entry})
             return
-        if self._finished:
-            await conn.send(proto.error(rid, proto.STOPPING, "the service is exiting"))
+        if self._exit_event is not None:
+            # The service is exiting: the backlog, then how it ended.
+            entries = self.hub.recent(backlog)
+            await conn.send(proto.response(rid, {"backlog": len(entries), "follow": True}))
+            for entry in entries:
+                await conn.send({"log": entry})
+            await conn.send({"event": self._exit_event})
+            conn.open = False
             return
         await self._follow(conn, rid, backlog)
 
