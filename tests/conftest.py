@@ -15,10 +15,17 @@ import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tunsup import _netns
 
 _counter = itertools.count()
+
+# In a fresh checkout (CI) Hypothesis builds its Unicode tables the first time
+# a text strategy runs (~1 s); its too_slow health check then fails whichever
+# test comes first, though input generation itself is not slow.
+settings.register_profile("tunsup", suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("tunsup")
 
 
 def _can_use_netns() -> str | None:
