@@ -413,3 +413,29 @@ def test_same_plan_ignores_line_numbers_only() -> None:
     assert same_plan(tunnel, spec("a", line=7), TunnelOptions())
     assert not same_plan(tunnel, spec("a", allowed="10.1.0.0/24"), TunnelOptions())
     assert not same_plan(tunnel, spec("a"), TunnelOptions(dns_backend="none"))
+
+
+def test_stop_cancels_a_reload_in_flight() -> None:
+    world = World()
+    gate = trio.Event()  # never set: the new tunnel's start parks
+    world.setups["new"] = lambda t: setattr(t, "gate", gate)
+    sup = world.supervisor("a", "old")
+    outcome: list[BaseException] = []
+
+    async def body() -> None:
+        async def reload() -> None:
+            try:
+                await sup.converge([(spec("a"), TunnelOptions()), (spec("new"), TunnelOptions())])
+            except Stopping as exc:
+                outcome.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reload)
+            await _wait_made(world, "new")  # "old" is down, "new" is starting
+            assert "down old" in world.journal
+            sup.stop("test")
+
+    assert run_with(sup, body) == ExitCode.OK
+    assert len(outcome) == 1
+    assert sorted(world.journal) == ["down a", "down new", "down old", "start a", "start new",
+                                     "start old"]

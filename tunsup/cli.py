@@ -29,8 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="tunsup",
         description="Crash-safe tunnel supervisor: runs WireGuard tunnels (wg-quick files) "
         "through wireguard-go and always gives the host back as it found it.",
-        epilog="Exit codes: 0 clean; 1 runtime failure, host restored; 2 usage or config "
-        "error, nothing applied; 3 teardown incomplete.",
+        epilog="Exit codes of run: 0 clean; 1 runtime failure, host restored; 2 usage or "
+        "config error, nothing applied; 3 teardown incomplete. Each command's --help gives "
+        "its own.",
     )
     p.add_argument("--version", action="version", version=f"tunsup {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
