@@ -83,7 +83,8 @@ class Client:
         await self.stream.send_all(proto.encode(data) if isinstance(data, dict) else data)
 
     async def frame(self) -> dict[str, Any] | None:
-        """The next frame, None at EOF.  Bounded: a missing answer fails."""
+        """The next frame, None at EOF.  Bounded: a missing answer fails the
+        test after 10 s.  Cancellable (buffered bytes are kept)."""
         with trio.fail_after(10):
             while b"\n" not in self.buf:
                 chunk = await self.stream.receive_some(65536)
