@@ -15,10 +15,17 @@ import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tunsup import _netns
 
 _counter = itertools.count()
+
+# In a fresh checkout (CI) Hypothesis builds its Unicode tables the first time
+# a text strategy runs (~1 s); its too_slow health check then fails whichever
+# test comes first, though input generation itself is not slow.
+settings.register_profile("tunsup", suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("tunsup")
 
 
 def _can_use_netns() -> str | None:
@@ -153,3 +160,21 @@ def netns() -> Iterator[Callable[[str], str]]:
     finally:
         for name in reversed(created):
             _netns.delete_namespace(name)
+
+
+@pytest.fixture(autouse=True)
+def _restore_tunsup_logging() -> Iterator[None]:
+    """Tests that run the CLI in-process set up tunsup's log writer (which
+    stops propagation to the root logger); undo that so that later tests'
+    ``caplog`` still sees tunsup's records."""
+    import logging
+
+    logger = logging.getLogger("tunsup")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    from tunsup._log import stop_logging
+
+    stop_logging()
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate

@@ -590,6 +590,7 @@ def test_to_dict_shape() -> None:
         "stop_timeout": 30.0,
         "on_failure": "exit",
         "dns": {"backend": "auto", "resolv_conf": "/etc/resolv.conf"},
+        "control": {"idle_timeout": 30.0, "request_timeout": 10.0},
         "tunnel": [
             {
                 "config": "/etc/wg/wg0.conf",

@@ -447,16 +447,6 @@ def test_second_signal_during_teardown_does_not_interrupt_it(pair: Pair) -> None
     assert_restored(pair, pair.ns_a, before)
 
 
-def test_sighup_stops_cleanly(pair: Pair) -> None:
-    if_a = unique("tsa")
-    conf = pair.conf_a(if_a, extra="DNS = 10.200.0.53")
-    before = pair.snapshot(pair.ns_a)
-    svc = pair.run(pair.ns_a, conf)
-    svc.wait_ready()
-    assert svc.stop(signal.SIGHUP)[0] == 0, svc.output()
-    assert_restored(pair, pair.ns_a, before)
-
-
 def test_hung_predown_hook_cannot_starve_the_rest_of_teardown(pair: Pair) -> None:
     if_a = unique("tsa")
     pair.conf_a(if_a, allowed="10.200.0.2/32, 198.51.100.0/24",

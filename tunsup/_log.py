@@ -1,52 +1,191 @@
-"""Logging set-up: lines go to stderr from a dedicated thread.
+"""Logging set-up: lines go to stderr from a dedicated thread, and into a
+bounded ring buffer that live subscribers can follow.
 
 The trio thread only puts records on a queue; a listener thread does the
 writing, so a stalled stderr consumer can never block the event loop (and
 with it SIGTERM handling and teardown).
+
+Every record also becomes a small dict (an *entry*: ``seq``, ``ts``,
+``level``, ``logger``, ``tunnel``, ``msg``) kept in :data:`HUB`, a ring of
+the last :data:`RING_SIZE` entries.  Subscribers (the control plane's
+``logs`` and ``stop`` streams) register a callback that gets every new
+entry, in order, from the thread that logged it; callbacks must not block
+and must not log.  Records logged through a tunnel's logger (its helper's
+output and hooks included) are tagged with the tunnel's name.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import json
 import logging
 import logging.handlers
 import queue
 import sys
-import time
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ._protocol import format_log
+
+#: How many recent entries ``tunsup logs`` can show.
+RING_SIZE = 1000
+
+Entry = dict[str, Any]
+Subscriber = Callable[[Entry], None]
 
 _listener: logging.handlers.QueueListener | None = None
+_hub_handler: logging.Handler | None = None
+
+
+def _short_name(name: str) -> str:
+    # "tunsup.wg0" -> "wg0", "tunsup" -> "tunsup", "tunsup.dns" -> "dns"
+    return name.split(".", 1)[1] if name.startswith("tunsup.") else name
+
+
+def entry_from_record(record: logging.LogRecord) -> Entry:
+    """The entry (JSON-safe dict) of a record; ``seq`` is set by the hub."""
+    msg = record.getMessage()
+    if record.exc_info:
+        msg += "\n" + logging.Formatter().formatException(record.exc_info)
+    return {
+        "seq": 0,
+        "ts": record.created,
+        "level": record.levelname,
+        "logger": _short_name(record.name),
+        "tunnel": getattr(record, "tunnel", None),
+        "msg": msg,
+    }
+
+
+class LogHub:
+    """A ring of recent entries plus live subscribers.  Thread-safe."""
+
+    def __init__(self, capacity: int = RING_SIZE) -> None:
+        # Re-entrant: a subscriber callback that (wrongly) logs must not
+        # deadlock the thread that logged.
+        self._lock = threading.RLock()
+        self._ring: collections.deque[Entry] = collections.deque(maxlen=capacity)
+        self._subscribers: dict[int, Subscriber] = {}
+        self._next_id = 0
+        self._seq = 0
+
+    def publish(self, entry: Entry) -> None:
+        """Number ``entry``, keep it, and hand it to every subscriber."""
+        with self._lock:
+            self._seq += 1
+            entry["seq"] = self._seq
+            self._ring.append(entry)
+            for callback in list(self._subscribers.values()):
+                # A broken subscriber must not break logging.
+                with contextlib.suppress(Exception):
+                    callback(entry)
+
+    def recent(self, n: int) -> list[Entry]:
+        """The last ``n`` entries, oldest first."""
+        with self._lock:
+            return list(self._ring)[-n:] if n > 0 else []
+
+    def subscribe(self, callback: Subscriber, backlog: int = 0) -> tuple[list[Entry], Callable[[],
+                                                                                       None]]:
+        """The last ``backlog`` entries and, atomically with them, a
+        subscription: every later entry goes to ``callback`` (no gap, no
+        duplicate).  Returns (backlog entries, unsubscribe function)."""
+        with self._lock:
+            key = self._next_id
+            self._next_id += 1
+            self._subscribers[key] = callback
+            past = list(self._ring)[-backlog:] if backlog > 0 else []
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._subscribers.pop(key, None)
+
+        return past, unsubscribe
+
+    @property
+    def subscribers(self) -> int:
+        with self._lock:
+            return len(self._subscribers)
+
+
+#: The process's hub, fed once :func:`setup_logging` has run.
+HUB = LogHub()
+
+
+class _HubHandler(logging.Handler):
+    def __init__(self, hub: LogHub) -> None:
+        super().__init__()
+        self.hub = hub
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.hub.publish(entry_from_record(record))
+        except Exception:
+            self.handleError(record)
 
 
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        name = record.name
-        # "tunsup.wg0" -> "wg0", "tunsup" -> "tunsup", "tunsup.dns" -> "dns"
-        short = name.split(".", 1)[1] if name.startswith("tunsup.") else name
-        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        level = f"{record.levelname:<7}"
-        line = f"{stamp}.{int(record.msecs):03d} {level} {short}: {record.getMessage()}"
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
+        return format_log(entry_from_record(record))
 
 
-def setup_logging(*, debug: bool = False) -> None:
-    """Route the ``tunsup`` loggers to stderr through a writer thread."""
-    global _listener
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line (``run --json-logs``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = entry_from_record(record)
+        del entry["seq"]
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class _TunnelTag(logging.Filter):
+    def __init__(self, tunnel: str) -> None:
+        super().__init__()
+        self.tunnel = tunnel
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.tunnel = self.tunnel
+        return True
+
+
+def tag_tunnel(logger: logging.Logger, tunnel: str) -> None:
+    """Tag every record logged through ``logger`` with ``tunnel``
+    (idempotent)."""
+    if not any(isinstance(f, _TunnelTag) for f in logger.filters):
+        logger.addFilter(_TunnelTag(tunnel))
+
+
+def setup_logging(*, debug: bool = False, json_lines: bool = False,
+                  hub: LogHub | None = HUB) -> None:
+    """Route the ``tunsup`` loggers to stderr through a writer thread, and
+    into ``hub``."""
+    global _listener, _hub_handler
     stop_logging()
     q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(_Formatter())
+    stream.setFormatter(_JsonFormatter() if json_lines else _Formatter())
     _listener = logging.handlers.QueueListener(q, stream, respect_handler_level=False)
     _listener.start()
     root = logging.getLogger("tunsup")
-    root.handlers[:] = [logging.handlers.QueueHandler(q)]
+    handlers: list[logging.Handler] = [logging.handlers.QueueHandler(q)]
+    if hub is not None:
+        _hub_handler = _HubHandler(hub)
+        handlers.append(_hub_handler)
+    root.handlers[:] = handlers
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     root.propagate = False
 
 
 def stop_logging() -> None:
     """Flush and stop the writer thread (at exit)."""
-    global _listener
+    global _listener, _hub_handler
     if _listener is not None:
         _listener.stop()
         _listener = None
+    if _hub_handler is not None:
+        root = logging.getLogger("tunsup")
+        if _hub_handler in root.handlers:
+            root.removeHandler(_hub_handler)
+        _hub_handler = None

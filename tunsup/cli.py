@@ -7,11 +7,12 @@ that client commands stay fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 from ._errors import ConfigError, ExitCode
 
@@ -29,18 +30,20 @@ def _parser() -> argparse.ArgumentParser:
         prog="tunsup",
         description="Crash-safe tunnel supervisor: runs WireGuard tunnels (wg-quick files) "
         "through wireguard-go and always gives the host back as it found it.",
-        epilog="Exit codes: 0 clean; 1 runtime failure, host restored; 2 usage or config "
-        "error, nothing applied; 3 teardown incomplete.",
+        epilog="Exit codes of run: 0 clean; 1 runtime failure, host restored; 2 usage or "
+        "config error, nothing applied; 3 teardown incomplete. Each command's --help gives "
+        "its own.",
     )
     p.add_argument("--version", action="version", version=f"tunsup {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser(
         "run",
-        help="run tunnels in the foreground until SIGTERM/SIGINT",
+        help="run tunnels in the foreground until SIGTERM/SIGINT (the service)",
         description="Bring up every tunnel (wg-quick .conf files and/or the [[tunnel]] "
-        "entries of a TOML file), supervise them, and tear everything down on "
-        "SIGTERM or SIGINT.",
+        "entries of a TOML file), supervise them, answer on the control socket "
+        "RUNTIME_DIR/control.sock, reload the configuration on SIGHUP, and tear "
+        "everything down on SIGTERM or SIGINT.",
     )
     run.add_argument("confs", nargs="*", metavar="CONF.conf", help="wg-quick configuration file")
     run.add_argument("-c", "--config", metavar="FILE", help="supervisor TOML file")
@@ -49,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dns", choices=DNS_CHOICES, help="DNS backend (default: auto)")
     run.add_argument("--resolv-conf", metavar="PATH", help="file rewritten by the file DNS backend")
     run.add_argument("--debug", action="store_true", help="log debug messages")
+    run.add_argument("--json-logs", action="store_true",
+                     help="write log lines to stderr as JSON objects (one per line)")
 
     cleanup = sub.add_parser(
         "cleanup",
@@ -73,7 +78,64 @@ def _parser() -> argparse.ArgumentParser:
         "touching the host.",
     )
     check.add_argument("files", nargs="+", metavar="FILE")
-    check.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    check.add_argument("--debug", action="store_true", help="print details of each file")
+
+    def client(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=description)
+        c.add_argument("-c", "--config", metavar="FILE",
+                       help="supervisor TOML file (for its runtime_dir)")
+        c.add_argument("--runtime-dir", metavar="DIR",
+                       help="runtime directory of the service (default /run/tunsup)")
+        c.add_argument("--debug", action="store_true",
+                       help="trace the control protocol on stderr")
+        return c
+
+    status = client(
+        "status", "show the running service and its tunnels",
+        "Show the service and, per tunnel, its state, helper pid, uptime, restarts and "
+        "per peer endpoint, last handshake and rx/tx bytes. Exit codes (LSB): 0 running, "
+        "1 dead but its pid file remains, 3 not running, 4 unknown (no permission or no "
+        "answer).")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    stop = client(
+        "stop", "stop the service, showing its teardown as it happens",
+        "Send SIGTERM to the service (found through its pid file; pid and start time are "
+        "verified), print its teardown as it happens and wait for it to exit. Exit codes: "
+        "0 stopped with a complete teardown (or not running), 3 teardown incomplete, "
+        "4 still running after --timeout (or not permitted to signal it).")
+    stop.add_argument("--timeout", type=float, default=90.0, metavar="S",
+                      help="seconds to wait for the exit (default 90)")
+    stop.add_argument("--force", action="store_true",
+                      help="after the timeout, SIGKILL the service and run crash recovery")
+    stop.add_argument("--state-dir", metavar="DIR", help="state directory (for --force)")
+
+    up = client(
+        "up", "bring up one more tunnel in the running service",
+        "Ask the running service to bring up the tunnel of a wg-quick file, without "
+        "touching the others. Exit codes: 0 up, 1 failed (host restored), 2 invalid file, "
+        "3 failed and teardown incomplete, 7 the service is not running.")
+    up.add_argument("conf", metavar="CONF.conf", help="wg-quick configuration file")
+
+    down = client(
+        "down", "take one tunnel of the running service down",
+        "Ask the running service to tear one tunnel down, without touching the others. "
+        "Exit codes: 0 down, 1 no such tunnel, 3 teardown incomplete, 7 the service is "
+        "not running.")
+    down.add_argument("name", metavar="NAME", help="tunnel (interface) name")
+
+    client("reload", "reload the configuration (as SIGHUP does)",
+           "Ask the running service to read its configuration again: new tunnels come up, "
+           "removed ones go down, changed ones are restarted, unchanged ones are untouched.")
+
+    logs = client(
+        "logs", "show the service's recent log lines",
+        "Print the service's recent log lines (helper output included, tagged by tunnel); "
+        "with -f, keep printing new ones as they come.")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-n", "--lines", type=int, default=100, metavar="N",
+                      help="how many recent lines (default 100)")
+    logs.add_argument("--json", action="store_true", help="one JSON object per line")
 
     demo = sub.add_parser(
         "demo",
@@ -86,15 +148,38 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def entry() -> NoReturn:
+    """The ``tunsup`` program: :func:`main`, then a fast exit.
+
+    Once ``main`` has returned, everything tunsup owns is closed and
+    flushed (the service has restored the host, removed its socket and pid
+    file, stopped its log writer), so the interpreter's finalization —
+    50 to 90 ms of module teardown with trio and pyroute2 loaded — is
+    skipped: ``tunsup stop`` waits for the process to exit.
+    """
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. `tunsup logs -f | head`
+        code = ExitCode.FAILURE
+    except KeyboardInterrupt:  # Ctrl-C in a client command
+        code = 130
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
             return _run(args)
         if args.command == "check":
-            return _check(args.files)
+            return _check(args.files, debug=args.debug)
         if args.command == "cleanup":
             return _cleanup(args)
+        if args.command in CLIENT_COMMANDS:
+            return _client(args)
         if args.command == "demo":
             from .demo import main as demo_main
 
@@ -105,7 +190,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
-def _check(files: Sequence[str]) -> int:
+CLIENT_COMMANDS = ("status", "stop", "up", "down", "reload", "logs")
+
+
+def _client(args: argparse.Namespace) -> int:
+    """The commands that talk to a running service (no trio, no pyroute2)."""
+    from . import client
+
+    runtime_dir = client.runtime_dir_of(args.runtime_dir, args.config)
+    if args.command == "status":
+        return client.status(runtime_dir, as_json=args.json, debug=args.debug)
+    if args.command == "stop":
+        if args.timeout <= 0:
+            print("tunsup stop: --timeout must be > 0", file=sys.stderr)
+            return ExitCode.USAGE
+        return client.stop(runtime_dir, timeout=args.timeout, force=args.force,
+                           cleanup=_cleanup_command(args), debug=args.debug)
+    if args.command == "up":
+        return client.up(runtime_dir, args.conf, debug=args.debug)
+    if args.command == "down":
+        return client.down(runtime_dir, args.name, debug=args.debug)
+    if args.command == "reload":
+        return client.reload(runtime_dir, debug=args.debug)
+    if args.command == "logs":
+        return client.logs(runtime_dir, lines=max(0, args.lines), follow=args.follow,
+                           as_json=args.json, debug=args.debug)
+    raise AssertionError(args.command)
+
+
+def _cleanup_command(args: argparse.Namespace) -> Callable[[], int] | None:
+    """What ``stop --force`` runs after SIGKILL: ``tunsup cleanup`` (crash
+    recovery) when this version has it, else None."""
+    choices = _subcommands()
+    if "cleanup" not in choices:
+        return None
+
+    def cleanup() -> int:
+        import subprocess
+
+        argv = [sys.executable, "-m", "tunsup", "cleanup"]
+        if args.config:
+            argv += ["-c", args.config]
+        if args.state_dir:
+            argv += ["--state-dir", args.state_dir]
+        return subprocess.run(argv, check=False).returncode
+
+    return cleanup
+
+
+def _subcommands() -> set[str]:
+    for action in _parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
+
+
+def _check(files: Sequence[str], *, debug: bool = False) -> int:
     from .config import load_supervisor_config
     from .wgquick import load_conf
 
@@ -117,6 +257,10 @@ def _check(files: Sequence[str]) -> int:
                 for entry in cfg.tunnels:
                     load_conf(entry.config)
                 print(f"{path}: ok ({len(cfg.tunnels)} tunnel(s))")
+                if debug:
+                    for entry in cfg.tunnels:
+                        print(f"  tunnel {entry.name}: {entry.config}, helper "
+                              f"{' '.join(entry.helper)}")
             else:
                 spec = load_conf(path)
                 routes = len(spec.allowed_ips)
@@ -152,8 +296,7 @@ def _step_timer(debug: bool) -> StepTimer | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config import apply_overrides, config_for_confs, load_supervisor_config
-    from .wgquick import load_conf
+    from .plan import ConfigSource, control_group
 
     if not args.confs and not args.config:
         print("tunsup run: give at least one CONF.conf or -c FILE", file=sys.stderr)
@@ -164,39 +307,29 @@ def _run(args: argparse.Namespace) -> int:
         "dns_backend": args.dns,
         "resolv_conf": args.resolv_conf,
     }
-    extra = config_for_confs(args.confs)
-    if args.config:
-        cfg = load_supervisor_config(args.config)
-        taken = {t.name: t.config for t in cfg.tunnels}
-        for entry in extra.tunnels:
-            if entry.name in taken:
-                raise ConfigError(entry.config, None, f"interface {entry.name} is already "
-                                  f"defined by {taken[entry.name]}")
-        import attrs
-
-        cfg = attrs.evolve(cfg, tunnels=cfg.tunnels + extra.tunnels)
-    else:
-        cfg = extra
-    cfg = apply_overrides(cfg, **overrides)
+    source = ConfigSource(tuple(args.confs), args.config, overrides)
+    loaded = source.load()
+    cfg = loaded.config
     if not cfg.tunnels:
         print(f"tunsup run: {args.config} defines no [[tunnel]]", file=sys.stderr)
         return ExitCode.USAGE
-    specs = [load_conf(entry.config) for entry in cfg.tunnels]
+    group = control_group(cfg, args.config)
 
     # Everything below is checked before anything is applied.
     if not _has_net_admin():
         print("tunsup run: needs root (CAP_NET_ADMIN) to configure interfaces", file=sys.stderr)
+        return ExitCode.USAGE
+    if cfg.dns.backend == "file" and not os.path.isdir(os.path.dirname(
+            os.path.abspath(cfg.dns.resolv_conf))):
+        print(f"tunsup run: directory of {cfg.dns.resolv_conf} does not exist", file=sys.stderr)
         return ExitCode.USAGE
     for entry in cfg.tunnels:
         if shutil.which(entry.helper[0]) is None:
             print(f"tunsup run: helper {entry.helper[0]!r} not found in PATH "
                   "(install it: apt-get install wireguard-go)", file=sys.stderr)
             return ExitCode.USAGE
-    if cfg.dns.backend == "file" and not os.path.isdir(os.path.dirname(
-            os.path.abspath(cfg.dns.resolv_conf))):
-        print(f"tunsup run: directory of {cfg.dns.resolv_conf} does not exist", file=sys.stderr)
-        return ExitCode.USAGE
 
+    # The instance lock (and the pid file, with pid and start time).
     from . import instance
 
     try:
@@ -210,45 +343,31 @@ def _run(args: argparse.Namespace) -> int:
 
     import trio
 
-    from ._log import setup_logging, stop_logging
-    from .engine import Supervisor
-    from .helpers import RestartPolicy
+    from ._log import HUB, setup_logging, stop_logging
+    from .control import ControlSettings
     from .host import real_host
     from .journal import Journal, JournalObserver
-    from .tunnel import Tunnel, TunnelOptions
+    from .service import options_for, run_service
+    from .tunnel import Tunnel
 
-    setup_logging(debug=args.debug)
+    setup_logging(debug=args.debug, json_lines=args.json_logs)
     try:
         journal = Journal(cfg.state_dir, lock.pid, lock.start_time)
         host = real_host(resolv_conf=cfg.dns.resolv_conf,
                          route_progress=lambda n: journal.fault.total("routes", n))
-        tunnels = [
-            Tunnel(spec, host, TunnelOptions(
-                helper=entry.helper,
-                stop_grace=entry.stop_grace,
-                start_timeout=entry.start_timeout,
-                stop_timeout=cfg.stop_timeout,
-                dns_backend=cfg.dns.backend,
-                kill_switch=entry.kill_switch,
-                lan=entry.lan,
-                resolve_interval=entry.resolve_interval,
-                tun_mode=entry.tun_mode,
-                tun_header=entry.tun_header,
-                probe_interval=entry.probe_interval,
-                probe_timeout=entry.probe_timeout,
-                restart=RestartPolicy(
-                    max_restarts=entry.restart_max,
-                    window=entry.restart_window,
-                    backoff_initial=entry.backoff_initial,
-                    backoff_max=entry.backoff_max,
-                    reset_after=entry.backoff_reset,
-                ),
-            ), observer=JournalObserver(journal, spec.name))
-            for spec, entry in zip(specs, cfg.tunnels, strict=True)
-        ]
+        tunnels = [Tunnel(spec, host, options_for(cfg, entry),
+                          observer=JournalObserver(journal, spec.name))
+                   for spec, entry in loaded.entries()]
+        settings = ControlSettings(group=group, idle_timeout=cfg.control.idle_timeout,
+                                   request_timeout=cfg.control.request_timeout)
         timer = _step_timer(args.debug)
-        code = trio.run(Supervisor(tunnels, host, journal=journal, on_failure=cfg.on_failure).run,
-                        instruments=[timer] if timer is not None else [])
+
+        async def service() -> int:
+            return await run_service(tunnels, host, source=source, loaded=loaded, hub=HUB,
+                                     settings=settings, journal=journal,
+                                     on_failure=cfg.on_failure)
+
+        code = trio.run(service, instruments=[timer] if timer is not None else [])
         if timer is not None:
             timer.report()
     finally:

@@ -11,6 +11,10 @@ Example::
     resolv_conf = "/etc/resolv.conf"   # used by the file backend
 
     on_failure = "exit"                # optional: "exit" | "keep-running" once no tunnel is left
+    [control]
+    group = "tunsup"                   # optional: group allowed on the control socket
+    idle_timeout = 30.0                # optional: close a control connection idle this long
+    request_timeout = 10.0             # optional: bound on status/logs requests
 
     [[tunnel]]
     config = "wg0.conf"                # relative to this file's directory
@@ -78,6 +82,7 @@ __all__ = [
     "ON_FAILURE",
     "TUN_HEADERS",
     "TUN_MODES",
+    "ControlConfig",
     "DnsBackend",
     "DnsSettings",
     "OnFailure",
@@ -207,6 +212,16 @@ def _check_lan(_inst: object, attribute: attrs.Attribute[str], value: object) ->
     if value not in LAN_MODES:
         allowed = ", ".join(repr(m) for m in LAN_MODES)
         raise _Invalid((attribute.name,), f"must be one of {allowed}")
+def _check_group(
+    _inst: object, attribute: attrs.Attribute[str | int | None], value: object
+) -> None:
+    if value is None:
+        return
+    if isinstance(value, str) and value and value.strip() == value and "\0" not in value:
+        return
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32 - 1:
+        return
+    raise _Invalid((attribute.name,), "must be a group name or a numeric group id")
 
 
 def _check_argv(_inst: object, attribute: attrs.Attribute[tuple[str, ...]], value: object) -> None:
@@ -261,6 +276,19 @@ class DnsSettings:
     backend: DnsBackend = attrs.field(default="auto", validator=_check_backend)
     #: The file rewritten by the ``file`` backend (tests point it elsewhere).
     resolv_conf: str = attrs.field(default=DEFAULT_RESOLV_CONF, validator=_check_path)
+
+
+@attrs.frozen(kw_only=True)
+class ControlConfig:
+    """The ``[control]`` table: the control socket ``runtime_dir/control.sock``."""
+
+    #: Group (name or id) whose members may use the control socket besides
+    #: root; the socket file gets this group and mode 0660.
+    group: str | int | None = attrs.field(default=None, validator=_check_group)
+    #: Seconds a connection may stay without a complete request.
+    idle_timeout: float = attrs.field(default=30.0, validator=_number(strict=True))
+    #: Bound, in seconds, on answering ``status`` and ``logs``.
+    request_timeout: float = attrs.field(default=10.0, validator=_number(strict=True))
 
 
 @attrs.frozen
@@ -338,6 +366,7 @@ class SupervisorConfig:
     #: Once no tunnel is left running after failures: exit (1) or keep running.
     on_failure: OnFailure = attrs.field(default="exit", validator=_one_of(ON_FAILURE))
     dns: DnsSettings = attrs.field(factory=DnsSettings)
+    control: ControlConfig = attrs.field(factory=ControlConfig)
     #: ``[[tunnel]]`` entries, in file order; interface names are unique.
     tunnels: tuple[TunnelEntry, ...] = attrs.field(default=(), validator=_check_tunnels)
 
@@ -389,7 +418,13 @@ _converter.register_structure_hook_func(
 )
 _converter.register_structure_hook(bool, _passthrough)
 _converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_argv)
+_converter.register_structure_hook_func(lambda t: t == (str | int | None), _passthrough)
 _converter.register_structure_hook(DnsSettings, _table_hook(DnsSettings, "a table"))
+_converter.register_structure_hook(ControlConfig, _table_hook(ControlConfig, "a table"))
+_converter.register_unstructure_hook(
+    ControlConfig,
+    make_dict_unstructure_fn(ControlConfig, _converter, group=override(omit_if_default=True)),
+)
 _converter.register_structure_hook(TunnelEntry, _table_hook(TunnelEntry, "a table"))
 _structure_tunnel_items = _converter.get_structure_hook(tuple[TunnelEntry, ...])
 

@@ -219,7 +219,8 @@ class HelperRunning(Effect):
     async def _undo_foreign(self, ctx: EffectContext) -> None:
         """Recovery: the helper is not our child.  It is signalled only if
         its pid still has the recorded start time (never a reused pid)."""
-        from .helpers import process_start_time, terminate_foreign
+        from .helpers import terminate_foreign
+        from .pidfile import process_start_time
 
         start = await trio.to_thread.run_sync(process_start_time, self.pid)
         if start is None or self.start_time is None or start != self.start_time:

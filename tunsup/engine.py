@@ -1,16 +1,23 @@
-"""The supervisor: root nursery, signals, start and stop of every tunnel.
+"""The supervisor: root nursery, signals, the set of running tunnels.
 
-:class:`Supervisor` is single-use.  ``run()`` installs SIGTERM/SIGINT
-handling, starts each tunnel with ``nursery.start`` (which returns once the
-tunnel is up), tells systemd it is ready, and then waits.  A signal cancels
-the root scope; a tunnel that fails to start cancels it too.  Either way
-every tunnel unwinds its effects (shielded, bounded by its stop timeout)
-before ``run`` returns an :class:`ExitCode`.
+:class:`Supervisor` is single-use.  ``run()`` installs signal handling
+(SIGTERM/SIGINT stop, SIGHUP reloads), starts each initial tunnel with
+``nursery.start`` (which returns once the tunnel is up), tells systemd it is
+ready, and then waits.  A signal cancels the root scope; a failing tunnel
+cancels it too.  Either way every tunnel unwinds its effects (shielded,
+bounded by its stop timeout) before ``run`` returns an :class:`ExitCode`.
 
-A tunnel that fails while running (its helper keeps dying) is torn down on
+A tunnel that fails once it was up (its helper keeps dying) is torn down on
 its own; the others keep running.  Once no tunnel is left, ``run`` returns
-(exit code 1) unless ``on_failure`` is ``"keep-running"``, in which case it
-waits for a stop.
+(exit code 1) unless ``on_failure`` is ``"keep-running"``.  With a journal,
+``run`` first recovers what dead instances left (see :mod:`tunsup.recovery`).
+
+While it runs, tunnels can be added (:meth:`Supervisor.add`), removed
+(:meth:`Supervisor.remove`) and the whole configured set replaced
+(:meth:`Supervisor.converge`, what a reload does).  Requests for one tunnel
+are serialized by a per-name lock.  Starts always run inside the root
+nursery, so a stop wins over everything in flight: it cancels first
+(starts in progress, reloads), then waits for every teardown.
 """
 
 from __future__ import annotations
@@ -18,41 +25,138 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
 
+import attrs
+import outcome
 import trio
 
 from . import sdnotify
 from ._errors import ExitCode, TunsupError
+from ._log import tag_tunnel
 from .config import OnFailure
 from .host import Host
 from .journal import Journal
-from .tunnel import Tunnel, TunnelState
+from .model import TunnelSpec
+from .tunnel import Tunnel, TunnelOptions
 
 log = logging.getLogger("tunsup")
 
-#: SIGHUP stops too: a foreground ``run`` whose terminal or ssh session goes
-#: away must still tear down.  (Reload on SIGHUP comes with the control plane.)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+T = TypeVar("T")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Reloads the configuration (see :meth:`Supervisor.converge`).
+RELOAD_SIGNAL = signal.SIGHUP
+
+#: Where a running tunnel came from: the configuration (TOML file or the
+#: command line; a reload manages these) or an ``up`` request (left alone
+#: by reloads).
+CONFIG = "config"
+CONTROL = "control"
+
+
+class Stopping(TunsupError):
+    """The supervisor is stopping (or not running): no new work."""
+
+
+class NoSuchTunnel(TunsupError):
+    pass
+
+
+class AlreadyRunning(TunsupError):
+    """A tunnel of that name runs with a different configuration."""
+
+
+class StartFailed(TunsupError):
+    """A tunnel failed to start; its ``report`` says whether the host was
+    restored."""
+
+    def __init__(self, tunnel: Tunnel, message: str) -> None:
+        super().__init__(message)
+        self.tunnel = tunnel
+
+
+@attrs.define(eq=False)
+class Slot:
+    """A tunnel the supervisor runs (starting, up or stopping)."""
+
+    tunnel: Tunnel
+    origin: str
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    done: trio.Event = attrs.field(factory=trio.Event)
+    #: Wall-clock time it came up.
+    up_since: float | None = None
+
+
+@attrs.frozen
+class ConvergeResult:
+    started: tuple[str, ...] = ()
+    stopped: tuple[str, ...] = ()
+    restarted: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    #: name -> why it could not be started (its host changes were undone).
+    failed: tuple[tuple[str, str], ...] = ()
+
+
+Plan = tuple[TunnelSpec, TunnelOptions]
+
+
+def same_plan(tunnel: Tunnel, spec: TunnelSpec, options: TunnelOptions) -> bool:
+    """Whether ``tunnel`` runs exactly ``spec`` with ``options`` (line
+    numbers, kept for messages only, do not count)."""
+    return _normalized(tunnel.spec) == _normalized(spec) and tunnel.options == options
+
+
+def _normalized(spec: TunnelSpec) -> TunnelSpec:
+    return attrs.evolve(spec, peers=tuple(attrs.evolve(p, line=0) for p in spec.peers))
 
 
 class Supervisor:
     """Runs a set of tunnels until a stop signal or a failure."""
 
-    def __init__(self, tunnels: Sequence[Tunnel], host: Host, *, handle_signals: bool = True,
-                 journal: Journal | None = None, on_failure: OnFailure = "exit"):
+    def __init__(
+        self,
+        tunnels: Sequence[Tunnel],
+        host: Host,
+        *,
+        handle_signals: bool = True,
+        persistent: bool = False,
+        reload: Callable[[], Awaitable[object]] | None = None,
+        make_tunnel: Callable[[TunnelSpec, TunnelOptions], Tunnel] | None = None,
+        journal: Journal | None = None,
+        on_failure: OnFailure = "exit",
+    ):
+        #: The tunnels to start first.
         self.tunnels = list(tunnels)
         self.host = host
         #: Crash-safe record of applied effects; also means: recover what
         #: dead instances left in its state directory before starting.
         self.journal = journal
         self.on_failure = on_failure
+        #: Every tunnel that ran, in start order (for the exit code).
+        self.history: list[Tunnel] = []
         self._handle_signals = handle_signals
+        #: Keep running when no tunnel is left (a service: ``up`` may add one).
+        self._persistent = persistent
+        self._reload = reload
+        self._make_tunnel = make_tunnel or (lambda spec, options: Tunnel(spec, host, options))
         self._used = False
         self._failed = False
         self._cancel_scope: trio.CancelScope | None = None
+        self._root: trio.Nursery | None = None
+        self._slots: dict[str, Slot] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self._converge_lock = trio.Lock()
         self.ready = trio.Event()
         self.stop_reason: str | None = None
+        #: "new", "starting", "running", "stopping", "stopped".
+        self.phase = "new"
+        #: Wall-clock time ``run`` started.
+        self.started_at: float | None = None
+
+    # ------------------------------------------------------------ public API
 
     def stop(self, reason: str = "stop requested") -> None:
         """Ask a running supervisor to stop: it cancels first (interrupting a
@@ -60,8 +164,54 @@ class Supervisor:
         supervisor that has not run makes its ``run`` an error."""
         if self.stop_reason is None:
             self.stop_reason = reason
+        if self._used and self.phase != "stopped":
+            self.phase = "stopping"
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
+
+    def slots(self) -> list[Slot]:
+        """The tunnels running now (starting, up or stopping), in start order."""
+        return list(self._slots.values())
+
+    async def add(self, spec: TunnelSpec, options: TunnelOptions, *,
+                  origin: str = CONTROL) -> tuple[Tunnel, bool]:
+        """Start a tunnel; return it once it is up, and whether it was
+        started (False: it already ran with this very configuration).
+
+        Raises :class:`AlreadyRunning` when a tunnel of that name runs with
+        another configuration, :class:`StartFailed` when it fails to start
+        (what it applied is undone first), :class:`Stopping` when the
+        supervisor stops meanwhile.  The start runs in the root nursery: a
+        stop cancels it; cancelling the caller abandons the wait, never the
+        start."""
+        return await self._in_root(lambda: self._add(spec, options, origin))
+
+    async def remove(self, name: str) -> Tunnel:
+        """Stop tunnel ``name`` (cancel, then wait for its teardown) and
+        return it; its ``report`` says whether the host was restored.
+
+        Waits for requests in flight for the same tunnel first.  Raises
+        :class:`NoSuchTunnel`, or :class:`Stopping` when a stop already took
+        it down.  Cancelling the caller abandons the wait,
+        never the teardown (which is shielded)."""
+        async with self._lock(name):
+            slot = self._slots.get(name)
+            if slot is None:
+                if self.stop_reason is not None:
+                    raise Stopping(f"the service is stopping; tunnel {name} is already down")
+                raise NoSuchTunnel(f"no tunnel named {name!r} is running")
+            await self._stop_slot(slot)
+            return slot.tunnel
+
+    async def converge(self, wanted: Sequence[Plan]) -> ConvergeResult:
+        """Make the configured tunnels be exactly ``wanted`` (a reload): new
+        ones come up, configured ones no longer wanted go down, changed ones
+        are restarted, unchanged ones are untouched.  Tunnels added with
+        :meth:`add` are left alone unless ``wanted`` names them.  A tunnel
+        that fails to start is reported in the result; the others go on.
+        Runs in the root nursery (a stop cancels it); raises
+        :class:`Stopping`."""
+        return await self._in_root(lambda: self._converge(wanted))
 
     async def run(self) -> ExitCode:
         """Bring every tunnel up, then supervise until stopped.
@@ -76,7 +226,9 @@ class Supervisor:
         if self.stop_reason is not None:
             raise RuntimeError(f"supervisor was stopped before it started ({self.stop_reason})")
         self._used = True
-        signals = STOP_SIGNALS if self._handle_signals else ()
+        self.phase = "starting"
+        self.started_at = time.time()
+        signals = (*STOP_SIGNALS, RELOAD_SIGNAL) if self._handle_signals else ()
         try:
             receiver_cm = (trio.open_signal_receiver(*signals) if signals
                            else contextlib.nullcontext(None))
@@ -89,10 +241,15 @@ class Supervisor:
                         outer.start_soon(self._watch_signals, receiver)
                     try:
                         async with trio.open_nursery() as root:
+                            self._root = root
                             self._cancel_scope = root.cancel_scope
                             await self._recover()
-                            await self._start_all(root)
+                            await self._start_all()
+                            if self._persistent or self.on_failure == "keep-running":
+                                await trio.sleep_forever()
                     finally:
+                        self._root = None
+                        self.phase = "stopping"
                         outer.cancel_scope.cancel()
         except* Exception as group:
             # Tunnels have already unwound; record why we ended.
@@ -101,6 +258,7 @@ class Supervisor:
                 if not isinstance(exc, TunsupError):
                     log.error("unexpected error: %s", exc, exc_info=exc)
         finally:
+            self.phase = "stopped"
             sdnotify.notify("STOPPING=1")
             with trio.CancelScope(shield=True):
                 await self._close_journal()
@@ -109,6 +267,8 @@ class Supervisor:
                 except Exception as exc:
                     log.warning("closing the netlink worker: %s", exc)
         return self._exit_code()
+
+    # ------------------------------------------------------------ internals
 
     async def _recover(self) -> None:
         """Undo what dead instances left, before anything else."""
@@ -129,7 +289,7 @@ class Supervisor:
     async def _close_journal(self) -> None:
         if self.journal is None:
             return
-        clean = all(t.report is None or t.report.complete for t in self.tunnels)
+        clean = all(t.report is None or t.report.complete for t in self.history)
         try:
             await self.journal.close(remove=clean)
         except Exception as exc:
@@ -138,59 +298,228 @@ class Supervisor:
             log.error("leftovers are recorded in %s: run 'tunsup cleanup' to retry",
                       self.journal.path)
 
-    async def _start_all(self, root: trio.Nursery) -> None:
+    def _lock(self, name: str) -> trio.Lock:
+        return self._locks.setdefault(name, trio.Lock())
+
+    async def _in_root(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn`` as a task of the root nursery (so that a stop cancels
+        it) and wait for its result.  Raises :class:`Stopping` when the
+        supervisor stops first.  Cancelling the caller abandons the wait;
+        the task goes on."""
+        root = self._root
+        if root is None or self.stop_reason is not None:
+            raise Stopping("the service is stopping" if self._used else "not running")
+        box: list[outcome.Outcome[T]] = []
+        done = trio.Event()
+
+        async def runner() -> None:
+            try:
+                box.append(outcome.Value(await fn()))
+            except Exception as exc:
+                box.append(outcome.Error(exc))
+            finally:
+                done.set()
+
+        try:
+            root.start_soon(runner)
+        except RuntimeError:  # the nursery is closing
+            raise Stopping("the service is stopping") from None
+        await done.wait()
+        if not box:
+            raise Stopping("interrupted: the service is stopping")
+        return box[0].unwrap()
+
+    async def _start_all(self) -> None:
+        """Start the initial tunnels one by one (a failure propagates and
+        stops the supervisor), then report ready.  Cancelled by a stop."""
         sdnotify.notify("STATUS=bringing up tunnels")
-        for tunnel in self.tunnels:
-            log.info("starting tunnel %s from %s", tunnel.name, tunnel.spec.source)
-            await root.start(self._run_tunnel, tunnel)
+        async with self._converge_lock:  # a reload waits for the initial start
+            for tunnel in self.tunnels:
+                log.info("starting tunnel %s from %s", tunnel.name, tunnel.spec.source)
+                async with self._lock(tunnel.name):
+                    await self._start(tunnel, CONFIG)
         names = ", ".join(t.name for t in self.tunnels)
         log.info("ready: %d tunnel(s) up (%s)", len(self.tunnels), names)
+        self.phase = "running"
         self.ready.set()
-        sdnotify.notify("READY=1", f"STATUS={len(self.tunnels)} tunnel(s) up: {names}")
-        if self.on_failure == "keep-running":
-            # The root nursery would otherwise end with its last tunnel.
-            await trio.sleep_forever()
+        sdnotify.notify("READY=1", self._status_line())
 
-    async def _run_tunnel(self, tunnel: Tunnel, *,
-                          task_status: trio.TaskStatus[Tunnel] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run one tunnel.  A failure at start propagates (and stops every
-        tunnel); a failure once up has already been torn down and logged by
-        the tunnel, so it ends only this task.  Cancellable: cancellation
-        tears the tunnel down (see :meth:`Tunnel.run`)."""
+    def _status_line(self) -> str:
+        up = [s.tunnel.name for s in self._slots.values() if s.up_since is not None]
+        return f"STATUS={len(up)} tunnel(s) up" + (f": {', '.join(up)}" if up else "")
+
+    def _announce(self) -> None:
+        if self.phase == "running":
+            sdnotify.notify(self._status_line())
+
+    async def _start(self, tunnel: Tunnel, origin: str) -> None:
+        """Start ``tunnel`` in the root nursery; return once it is up.  The
+        caller is a task of the root nursery holding the tunnel's lock.
+        Raises what ended the tunnel if it fails to start (after undo).
+        Cancelled by a stop (the tunnel unwinds before this returns)."""
+        assert self._root is not None
+        slot = Slot(tunnel, origin)
+        self._slots[tunnel.name] = slot
+        self.history.append(tunnel)
+        tag_tunnel(tunnel.log, tunnel.name)
         try:
-            await tunnel.run(task_status=task_status)
+            await self._root.start(self._run_slot, slot)
+        except BaseException:
+            if self._slots.get(tunnel.name) is slot:
+                del self._slots[tunnel.name]
+            raise
+        slot.up_since = time.time()
+
+    async def _run_slot(self, slot: Slot, *,
+                        task_status: trio.TaskStatus[Tunnel] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run a slot's tunnel until it ends; ``down`` cancels ``slot.scope``
+        (which ends it quietly), a stop cancels the root.  A failure at
+        start propagates to the starter; a failure once up (the tunnel has
+        already been torn down and logged) ends only this tunnel, and when
+        no tunnel is left the supervisor stops, unless ``on_failure`` is
+        ``"keep-running"``."""
+        tunnel = slot.tunnel
+        try:
+            with slot.scope:
+                await tunnel.run(task_status=task_status)
         except* TunsupError:
             if not tunnel.was_up:
                 raise
-        running = [t for t in self.tunnels
-                   if t.state not in (TunnelState.STOPPED, TunnelState.FAILED)]
-        names = ", ".join(t.name for t in running)
-        sdnotify.notify(f"STATUS=tunnel {tunnel.name} failed; {len(running)} tunnel(s) left"
-                        + (f": {names}" if names else ""))
-        if running:
-            log.error("tunnel %s failed; %d tunnel(s) still running", tunnel.name, len(running))
+            self._tunnel_failed(tunnel)
+        finally:
+            slot.done.set()
+            if self._slots.get(tunnel.name) is slot:
+                del self._slots[tunnel.name]
+            self._announce()
+
+    def _tunnel_failed(self, tunnel: Tunnel) -> None:
+        self._failed = True
+        left = [s.tunnel.name for s in self._slots.values() if s.tunnel is not tunnel]
+        sdnotify.notify(f"STATUS=tunnel {tunnel.name} failed; {len(left)} tunnel(s) left"
+                        + (f": {', '.join(left)}" if left else ""))
+        if left:
+            log.error("tunnel %s failed; %d tunnel(s) still running", tunnel.name, len(left))
         elif self.on_failure == "exit":
             log.error("tunnel %s failed and no tunnel is left: exiting", tunnel.name)
+            self.stop(f"tunnel {tunnel.name} failed")
         else:
             log.error("tunnel %s failed and no tunnel is left; staying up "
                       "(on_failure = keep-running)", tunnel.name)
 
+    async def _stop_slot(self, slot: Slot) -> None:
+        """Cancel a tunnel and wait for its (shielded) teardown.  Cancelling
+        the caller abandons the wait, never the teardown."""
+        log.info("stopping tunnel %s", slot.tunnel.name)
+        slot.scope.cancel()
+        await slot.done.wait()
+
+    async def _add(self, spec: TunnelSpec, options: TunnelOptions,
+                   origin: str) -> tuple[Tunnel, bool]:
+        """See :meth:`add`; runs in the root nursery (a stop cancels it)."""
+        async with self._lock(spec.name):
+            slot = self._slots.get(spec.name)
+            if slot is not None:
+                if same_plan(slot.tunnel, spec, options):
+                    return slot.tunnel, False
+                raise AlreadyRunning(f"tunnel {spec.name} already runs (from "
+                                     f"{slot.tunnel.spec.source}) with another configuration")
+            tunnel = self._make_tunnel(spec, options)
+            log.info("starting tunnel %s from %s", spec.name, spec.source)
+            try:
+                await self._start(tunnel, origin)
+            except Exception as exc:
+                raise StartFailed(tunnel, describe_error(exc)) from exc
+            self._announce()
+            return tunnel, True
+
+    async def _converge(self, wanted: Sequence[Plan]) -> ConvergeResult:
+        """See :meth:`converge`; runs in the root nursery (a stop cancels
+        it between and during starts; teardowns it began still complete)."""
+        want = {spec.name: (spec, options) for spec, options in wanted}
+        started: list[str] = []
+        stopped: list[str] = []
+        restarted: list[str] = []
+        unchanged: list[str] = []
+        failed: list[tuple[str, str]] = []
+        async with self._converge_lock:
+            for name in [n for n, s in self._slots.items() if s.origin == CONFIG]:
+                if name in want:
+                    continue
+                async with self._lock(name):
+                    slot = self._slots.get(name)
+                    if slot is not None and slot.origin == CONFIG:
+                        await self._stop_slot(slot)
+                        stopped.append(name)
+            for name, (spec, options) in want.items():
+                async with self._lock(name):
+                    slot = self._slots.get(name)
+                    if slot is not None and same_plan(slot.tunnel, spec, options):
+                        slot.origin = CONFIG
+                        unchanged.append(name)
+                        continue
+                    if slot is not None:
+                        log.info("tunnel %s changed: restarting it", name)
+                        await self._stop_slot(slot)
+                    tunnel = self._make_tunnel(spec, options)
+                    log.info("starting tunnel %s from %s", name, spec.source)
+                    try:
+                        await self._start(tunnel, CONFIG)
+                    except Exception as exc:
+                        failed.append((name, describe_error(exc)))
+                        continue
+                    (restarted if slot is not None else started).append(name)
+        self._announce()
+        return ConvergeResult(tuple(started), tuple(stopped), tuple(restarted),
+                              tuple(unchanged), tuple(failed))
+
     async def _watch_signals(self, receiver: AsyncIterator[int]) -> None:
+        """SIGTERM/SIGINT stop (once; later ones are logged), SIGHUP reloads.
+        Runs until cancelled, after the teardown."""
         async for signum in receiver:
             name = signal.Signals(signum).name
-            if self.stop_reason is None:
+            if signum == RELOAD_SIGNAL:
+                self._hangup()
+            elif self.stop_reason is None:
                 log.info("received %s: stopping", name)
                 sdnotify.notify("STOPPING=1", f"STATUS=stopping ({name})")
                 self.stop(f"received {name}")
             else:
                 log.info("received %s: already stopping, teardown continues", name)
 
+    def _hangup(self) -> None:
+        root = self._root
+        if self.stop_reason is not None or root is None:
+            log.info("received SIGHUP while stopping: ignored")
+        elif self._reload is None:
+            log.info("received SIGHUP: no configuration to reload")
+        else:
+            log.info("received SIGHUP: reloading the configuration")
+            root.start_soon(self._reload_task)
+
+    async def _reload_task(self) -> None:
+        """A reload started by SIGHUP, in the root nursery: a stop cancels it.
+        Errors are logged, never raised."""
+        assert self._reload is not None
+        try:
+            await self._reload()
+        except Stopping:
+            pass
+        except Exception as exc:
+            log.error("reload failed: %s", describe_error(exc))
+
     def _exit_code(self) -> ExitCode:
-        if any(t.report is not None and not t.report.complete for t in self.tunnels):
+        if any(t.report is not None and not t.report.complete for t in self.history):
             return ExitCode.TEARDOWN_INCOMPLETE
-        if self._failed or any(t.failure is not None for t in self.tunnels):
+        if self._failed:
             return ExitCode.FAILURE
         return ExitCode.OK
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an error that may be an exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe_error(e) for e in exc.exceptions)
+    return str(exc) or type(exc).__name__
 
 
 def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
@@ -201,5 +530,3 @@ def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
         else:
             out.append(exc)
     return out
-
-

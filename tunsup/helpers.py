@@ -21,23 +21,10 @@ import attrs
 import trio
 
 from ._errors import HostError
+from .pidfile import process_start_time as process_start_time
 
 #: How many of a helper's last output lines are kept for error messages.
 TAIL_LINES = 20
-
-
-def process_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (``/proc/PID/stat``
-    field 22), or None if there is no such process.  Together with the pid
-    it identifies a process across pid reuse."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = data[data.rindex(b")") + 2 :].split()
-    return int(fields[19])
 
 
 class HelperProcess:

@@ -1,80 +1,65 @@
-"""One running instance per state: an exclusive lock and a pid file.
+"""One running instance per state: exclusive locks, then the pid file.
 
 ``run`` holds ``flock`` locks on ``runtime_dir/tunsup.lock`` and
-``state_dir/tunsup.lock`` for its whole life and writes
-``runtime_dir/tunsup.pid`` as ``PID START_TIME``.  The kernel drops the locks
+``state_dir/tunsup.lock`` for its whole life and writes the pid file
+(:mod:`tunsup.pidfile`: pid *and* start time).  The kernel drops the locks
 when the process dies, however it dies, so a stale pid file never blocks a
-new start.  Liveness checks never trust a bare pid: pid *and* start time
-(``/proc/PID/stat`` field 22) must both match.
+new start, and liveness never trusts a bare pid.
 
-Synchronous: used before the event loop starts and by client commands.
+Synchronous: used before the event loop starts and by ``cleanup``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 
 import attrs
 
-from .helpers import process_start_time
+from . import pidfile
 
 LOCK_NAME = "tunsup.lock"
-PID_NAME = "tunsup.pid"
 
 
 class LockHeld(Exception):
     """Another live process holds the instance lock."""
 
-    def __init__(self, path: str, owner: tuple[int, int] | None) -> None:
+    def __init__(self, path: str, owner: pidfile.ProcessId | None) -> None:
         self.path = path
         self.owner = owner
-        who = f"pid {owner[0]}" if owner else "another process"
+        who = f"pid {owner.pid}" if owner else "another process"
         super().__init__(f"{who} already runs with this state (lock {path} is held)")
 
 
 def is_alive(pid: int, start_time: int) -> bool:
     """True when ``pid`` runs and started at ``start_time`` (not a reuse)."""
-    return process_start_time(pid) == start_time
-
-
-def read_pidfile(runtime_dir: str) -> tuple[int, int] | None:
-    """(pid, start time) from the pid file, or None if absent or unreadable."""
-    try:
-        with open(os.path.join(runtime_dir, PID_NAME)) as f:
-            pid, start = f.read().split()
-        return int(pid), int(start)
-    except (OSError, ValueError):
-        return None
-
-
-def running_instance(runtime_dir: str) -> tuple[int, int] | None:
-    """The live instance recorded in ``runtime_dir``, if any."""
-    owner = read_pidfile(runtime_dir)
-    return owner if owner is not None and is_alive(*owner) else None
+    return pidfile.ProcessId(pid, start_time).alive()
 
 
 @attrs.define
 class InstanceLock:
     runtime_dir: str
     state_dir: str
-    pid: int
-    start_time: int
+    me: pidfile.ProcessId
     _fds: list[int] = attrs.field(factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.me.pid
+
+    @property
+    def start_time(self) -> int:
+        return self.me.start_time
 
     def release(self) -> None:
         """Remove the pid file and drop the locks."""
-        pidfile = os.path.join(self.runtime_dir, PID_NAME)
-        if read_pidfile(self.runtime_dir) == (self.pid, self.start_time):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(pidfile)
+        pidfile.remove(self.runtime_dir, self.me)
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
 
 
-def _lock(directory: str, mode: int, owner_hint: str | None) -> int:
+def _lock(directory: str, mode: int, runtime_dir: str | None) -> int:
     os.makedirs(directory, mode=mode, exist_ok=True)
     path = os.path.join(directory, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -82,28 +67,22 @@ def _lock(directory: str, mode: int, owner_hint: str | None) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise LockHeld(path, running_instance(owner_hint) if owner_hint else None) from None
+        raise LockHeld(path, pidfile.running(runtime_dir) if runtime_dir else None) from None
     return fd
 
 
 def acquire(runtime_dir: str, state_dir: str) -> InstanceLock:
     """Take both locks and write the pid file; raises :class:`LockHeld`."""
-    pid = os.getpid()
-    start = process_start_time(pid)
-    assert start is not None
     fds = [_lock(runtime_dir, 0o755, runtime_dir)]
     try:
         fds.append(_lock(state_dir, 0o700, runtime_dir))
         os.chmod(state_dir, 0o700)
-        tmp = os.path.join(runtime_dir, f".{PID_NAME}.{pid}")
-        with open(tmp, "w") as f:
-            f.write(f"{pid} {start}\n")
-        os.replace(tmp, os.path.join(runtime_dir, PID_NAME))
+        me = pidfile.write(runtime_dir)
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
-    return InstanceLock(runtime_dir, state_dir, pid, start, fds)
+    return InstanceLock(runtime_dir, state_dir, me, fds)
 
 
 def lock_state(state_dir: str) -> int:

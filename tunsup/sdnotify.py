@@ -2,6 +2,9 @@
 
 A no-op unless ``NOTIFY_SOCKET`` is set.  Sends are non-blocking: a full
 queue on systemd's side drops the message rather than stalling the caller.
+The service sends ``READY=1`` once every tunnel is up, ``STATUS=`` lines,
+``STOPPING=1``, and ``WATCHDOG=1`` every :func:`watchdog_interval` seconds
+from a task of its event loop (so a wedged loop stops the pings).
 """
 
 from __future__ import annotations
@@ -26,3 +29,19 @@ def notify(*lines: str) -> bool:
         sock.sendto(payload, socket.MSG_DONTWAIT, address)
         return True
     return False
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings: half of ``WATCHDOG_USEC``, when
+    systemd asks this process for them (``WATCHDOG_PID`` unset or ours)."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    if not usec or not os.environ.get("NOTIFY_SOCKET"):
+        return None
+    pid = os.environ.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 2e6 if value > 0 else None

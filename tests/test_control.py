@@ -1,0 +1,427 @@
+"""The control server against a fake ops object: protocol, abuse, limits,
+log streams.  Real unix sockets, in-process; no network namespace needed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from tunsup import _protocol as proto
+from tunsup._log import LogHub
+from tunsup.control import ControlServer, ControlSettings, OpError
+
+from ._peer import exchange_as
+
+
+class FakeOps:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def status(self) -> dict[str, Any]:
+        self.calls.append("status")
+        return {"tunnels": [], "service": {"state": "running"}}
+
+    async def up(self, config: str) -> dict[str, Any]:
+        self.calls.append(f"up {config}")
+        if config.endswith("slow.conf"):
+            await trio.sleep_forever()
+        raise OpError(proto.CONFIG, f"{config}:3: bad key")
+
+    async def down(self, name: str) -> dict[str, Any]:
+        self.calls.append(f"down {name}")
+        raise OpError(proto.NOT_FOUND, f"no tunnel named {name!r} is running")
+
+    async def reload(self) -> dict[str, Any]:
+        return {"started": []}
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    """A short directory other users may traverse (for the uid tests)."""
+    path = tempfile.mkdtemp(prefix="tsctl", dir="/tmp")
+    os.chmod(path, 0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@asynccontextmanager
+async def serving(sockdir: str, hub: LogHub | None = None,
+                  **settings: Any) -> AsyncIterator[ControlServer]:
+    server = ControlServer(os.path.join(sockdir, "control.sock"), FakeOps(),
+                           hub or LogHub(), ControlSettings(**settings))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+class Client:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    @classmethod
+    async def connect(cls, path: str) -> Client:
+        return cls(await trio.open_unix_socket(path))
+
+    async def send(self, data: bytes | dict[str, Any]) -> None:
+        await self.stream.send_all(proto.encode(data) if isinstance(data, dict) else data)
+
+    async def frame(self) -> dict[str, Any] | None:
+        """The next frame, None at EOF.  Bounded: a missing answer fails the
+        test after 10 s.  Cancellable (buffered bytes are kept)."""
+        with trio.fail_after(10):
+            while b"\n" not in self.buf:
+                chunk = await self.stream.receive_some(65536)
+                if not chunk:
+                    return None
+                self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        frame: dict[str, Any] = json.loads(line)
+        return frame
+
+    async def request(self, op: str, rid: int = 1, **args: Any) -> dict[str, Any]:
+        await self.send({"id": rid, "op": op, **args})
+        frame = await self.frame()
+        assert frame is not None
+        return frame
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def run(fn: Any, *args: Any) -> None:
+    trio.run(fn, *args)
+
+
+def test_ops_answer_and_op_errors_keep_the_connection(sockdir: str) -> None:
+    async def main() -> None:
+        async with serving(sockdir) as server:
+            c = await Client.connect(server.path)
+            assert (await c.request("ping", 7))["result"]["pong"] is True
+            frame = await c.request("status", "s1")
+            assert frame == {"id": "s1", "ok": True,
+                             "result": {"tunnels": [], "service": {"state": "running"}}}
+            frame = await c.request("down", 2, name="wg9")
+            assert frame["ok"] is False and frame["error"]["code"] == proto.NOT_FOUND
+            frame = await c.request("up", 3, config="relative.conf")
+            assert frame["error"]["code"] == proto.BAD_ARGS
+            frame = await c.request("up", 4, config="/etc/wg/x.conf")
+            assert frame["error"] == {"code": proto.CONFIG, "message": "/etc/wg/x.conf:3: bad key"}
+            assert (await c.request("ping", 5))["ok"] is True  # still open
+            await c.aclose()
+
+    run(main)
+
+
+@pytest.mark.parametrize(("payload", "code", "rid"), [
+    (b"hello there\n", proto.BAD_FRAME, None),
+    (b"\xff\xfe\x00garbage\n", proto.BAD_FRAME, None),
+    (b"[1, 2]\n", proto.BAD_FRAME, None),
+    (b'{"op": "ping"}\n', proto.BAD_FRAME, None),
+    (b'{"id": true, "op": "ping"}\n', proto.BAD_FRAME, None),
+    (b'{"id": 1, "op": 5}\n', proto.BAD_FRAME, None),
+    (b'{"id": 9, "op": "format-disk"}\n', proto.UNKNOWN_OP, 9),
+])
+def test_protocol_errors_get_an_error_frame_and_a_close(sockdir: str, payload: bytes, code: str,
+                                                        rid: object) -> None:
+    async def main() -> None:
+        async with serving(sockdir) as server:
+            c = await Client.connect(server.path)
+            await c.send(payload + b'{"id": 2, "op": "ping"}\n')
+            frame = await c.frame()
+            assert frame is not None and frame["ok"] is False
+            assert frame["error"]["code"] == code and frame["id"] == rid
+            assert await c.frame() is None  # closed; the ping after it is not answered
+            other = await Client.connect(server.path)
+            assert (await other.request("ping"))["ok"] is True
+            assert server.ops.calls == []  # type: ignore[attr-defined]
+
+    run(main)
+
+
+@pytest.mark.parametrize("with_newline", [False, True])
+def test_an_oversized_frame_is_refused(sockdir: str, with_newline: bool) -> None:
+    async def main() -> None:
+        async with serving(sockdir) as server:
+            c = await Client.connect(server.path)
+            big = b'{"id": 1, "op": "ping", "pad": "' + b"x" * proto.MAX_REQUEST + b'"}'
+            async with trio.open_nursery() as nursery:
+                # The server answers before the client has sent it all.
+                async def send() -> None:
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        await c.send(big + (b"\n" if with_newline else b""))
+
+                nursery.start_soon(send)
+                frame = await c.frame()
+            assert frame is not None and frame["error"]["code"] == proto.TOO_LARGE
+            assert await c.frame() is None
+            other = await Client.connect(server.path)
+            assert (await other.request("ping"))["ok"] is True
+
+    run(main)
+
+
+def test_a_frame_of_exactly_the_limit_is_accepted(sockdir: str) -> None:
+    async def main() -> None:
+        async with serving(sockdir) as server:
+            head = b'{"id": 1, "op": "ping", "pad": "'
+            tail = b'"}\n'
+            pad = b"x" * (proto.MAX_REQUEST - len(head) - len(tail))
+            c = await Client.connect(server.path)
+            await c.send(head + pad + tail)
+            frame = await c.frame()
+            assert frame is not None and frame["ok"] is True
+
+    run(main)
+
+
+def test_a_half_written_frame_blocks_no_one_and_is_closed_when_idle(sockdir: str) -> None:
+    async def main() -> None:
+        async with serving(sockdir, idle_timeout=0.5) as server:
+            stuck = await Client.connect(server.path)
+            await stuck.send(b'{"id": 1, "op": "sta')
+            for rid in range(5):
+                other = await Client.connect(server.path)
+                assert (await other.request("status", rid))["ok"] is True
+                await other.aclose()
+            frame = await stuck.frame()  # the idle timeout fires
+            assert frame is not None and frame["error"]["code"] == proto.IDLE
+            assert "inside a frame" in frame["error"]["message"]
+            assert await stuck.frame() is None
+
+    run(main)
+
+
+def test_fifty_concurrent_clients(sockdir: str) -> None:
+    async def main() -> None:
+        async with serving(sockdir) as server:
+            clients = [await Client.connect(server.path) for _ in range(50)]
+            for i, c in enumerate(clients):
+                await c.send({"id": i, "op": "status"})
+            answers = [await c.frame() for c in clients]
+            assert [a["id"] for a in answers if a and a["ok"]] == list(range(50))
+            assert server.connections == 50
+            for c in clients:
+                await c.aclose()
+
+    run(main)
+
+
+def test_connections_beyond_the_limit_are_refused(sockdir: str) -> None:
+    async def main() -> None:
+        async with serving(sockdir, max_connections=2) as server:
+            kept = [await Client.connect(server.path) for _ in range(2)]
+            for c in kept:
+                assert (await c.request("ping"))["ok"] is True
+            extra = await Client.connect(server.path)
+            frame = await extra.frame()
+            assert frame is not None and frame["error"]["code"] == proto.BUSY
+            assert await extra.frame() is None
+            await kept[0].aclose()
+            with trio.fail_after(5):
+                while server.connections != 1:
+                    await trio.testing.wait_all_tasks_blocked()
+            again = await Client.connect(server.path)
+            assert (await again.request("ping"))["ok"] is True
+
+    run(main)
+
+
+def test_an_op_that_does_not_finish_gets_a_timeout_answer(sockdir: str) -> None:
+    async def main() -> None:
+        async with serving(sockdir, change_timeout=0.2) as server:
+            c = await Client.connect(server.path)
+            frame = await c.request("up", 1, config="/x/slow.conf")
+            assert frame["error"]["code"] == proto.TIMEOUT
+            assert (await c.request("ping", 2))["ok"] is True
+
+    run(main)
+
+
+def _entry(msg: str) -> dict[str, Any]:
+    return {"seq": 0, "ts": 0.0, "level": "INFO", "logger": "tunsup", "tunnel": None, "msg": msg}
+
+
+def test_logs_backlog_and_follow_until_the_exit_event(sockdir: str) -> None:
+    hub = LogHub(capacity=3)
+    for i in range(5):
+        hub.publish(_entry(f"old {i}"))
+
+    async def main() -> None:
+        async with serving(sockdir, hub) as server:
+            c = await Client.connect(server.path)
+            frame = await c.request("logs", 1, backlog=10)
+            assert frame["result"] == {"backlog": 3, "follow": False}
+            got = [await c.frame() for _ in range(3)]
+            assert [g["log"]["msg"] for g in got if g] == ["old 2", "old 3", "old 4"]
+
+            f = await Client.connect(server.path)
+            frame = await f.request("logs", 2, backlog=1, follow=True)
+            assert frame["result"] == {"backlog": 1, "follow": True}
+            assert (await f.frame()) == {"log": {**_entry("old 4"), "seq": 5}}
+            hub.publish(_entry("from the trio thread"))
+            await trio.to_thread.run_sync(hub.publish, _entry("from a worker thread"))
+            assert [(await f.frame() or {})["log"]["msg"] for _ in range(2)] == [
+                "from the trio thread", "from a worker thread"]
+            assert hub.subscribers == 1
+            await server.finish({"type": "exit", "code": 0, "complete": True, "failures": []})
+            assert (await f.frame()) == {"event": {"type": "exit", "code": 0, "complete": True,
+                                                   "failures": []}}
+            assert await f.frame() is None
+            assert hub.subscribers == 0
+            # A subscriber arriving while the service exits gets the event at once.
+            late = await Client.connect(server.path)
+            frame = await late.request("logs", 3, backlog=0, follow=True)
+            assert frame["result"] == {"backlog": 0, "follow": True}
+            assert (await late.frame() or {}).get("event", {}).get("complete") is True
+            assert await late.frame() is None
+
+    run(main)
+
+
+def test_a_follower_that_does_not_read_is_dropped(sockdir: str) -> None:
+    hub = LogHub()
+
+    async def main() -> None:
+        async with serving(sockdir, hub, follow_buffer=8) as server:
+            lazy = await Client.connect(server.path)
+            await lazy.send({"id": 1, "op": "logs", "backlog": 0, "follow": True})
+            with trio.fail_after(5):
+                while hub.subscribers != 1:
+                    await trio.testing.wait_all_tasks_blocked()
+            for i in range(20000):  # far more than the socket buffers hold
+                hub.publish(_entry(f"{i:05d} " + "x" * 2000))
+                if hub.subscribers == 0:
+                    break
+                if i % 64 == 0:
+                    await trio.testing.wait_all_tasks_blocked()
+            await trio.testing.wait_all_tasks_blocked()
+            assert hub.subscribers == 0
+            other = await Client.connect(server.path)
+            assert (await other.request("ping"))["ok"] is True
+
+    run(main)
+
+
+def test_logs_rejects_bad_arguments(sockdir: str) -> None:
+    async def main() -> None:
+        async with serving(sockdir) as server:
+            c = await Client.connect(server.path)
+            for args in ({"backlog": -1}, {"backlog": "x"}, {"follow": "yes"}):
+                frame = await c.request("logs", 1, **args)
+                assert frame["error"]["code"] == proto.BAD_ARGS
+
+    run(main)
+
+
+def test_socket_mode_group_and_removal(sockdir: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown the socket")
+
+    async def main() -> None:
+        path = os.path.join(sockdir, "control.sock")
+        async with serving(sockdir, group=65534):
+            st = os.stat(path)
+            assert stat.S_ISSOCK(st.st_mode)
+            assert stat.S_IMODE(st.st_mode) == 0o660
+            assert (st.st_uid, st.st_gid) == (0, 65534)
+            assert sorted(os.listdir(sockdir)) == ["control.sock"]
+        assert not os.path.exists(path)
+
+    run(main)
+
+
+def test_a_second_server_on_the_same_path_is_refused(sockdir: str) -> None:
+    async def main() -> None:
+        async with serving(sockdir) as first:
+            second = ControlServer(first.path, FakeOps(), LogHub())
+            with pytest.raises(OSError, match="another process serves"):
+                await second.serve()
+            c = await Client.connect(first.path)
+            assert (await c.request("ping"))["ok"] is True
+
+    run(main)
+
+
+def test_a_stale_socket_file_is_replaced(sockdir: str) -> None:
+    path = os.path.join(sockdir, "control.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()  # the file stays; nobody listens
+
+    async def main() -> None:
+        async with serving(sockdir) as server:
+            c = await Client.connect(server.path)
+            assert (await c.request("ping"))["ok"] is True
+
+    run(main)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch uid")
+
+
+@needs_root
+def test_peer_credentials(sockdir: str) -> None:
+    """A non-root peer: kept out by the file mode (0660); let in by a
+    loosened mode it gets the server's refusal; as a member of the
+    configured group it is served."""
+    ping = b'{"id": 1, "op": "ping"}\n'
+
+    async def main() -> None:
+        async with serving(sockdir) as server:
+            denied = await trio.to_thread.run_sync(exchange_as, 65534, 65534, server.path, ping)
+            assert denied == {"error": "PermissionError"}
+            os.chmod(server.path, 0o666)  # a mistake on the file system ...
+            refused = await trio.to_thread.run_sync(exchange_as, 65534, 65534, server.path, ping)
+            frame = json.loads(str(refused["reply"]))
+            assert frame["error"]["code"] == proto.FORBIDDEN  # ... the server still refuses
+            assert "uid 65534" in frame["error"]["message"]
+            c = await Client.connect(server.path)
+            assert (await c.request("ping"))["ok"] is True
+        async with serving(sockdir, group=65534) as server:
+            served = await trio.to_thread.run_sync(exchange_as, 65534, 65534, server.path, ping)
+            assert json.loads(str(served["reply"]))["result"]["pong"] is True
+            # A supplementary group counts too (SO_PEERGROUPS).
+            os.chmod(server.path, 0o666)
+            other = await trio.to_thread.run_sync(
+                lambda: exchange_as(65533, 100, server.path, ping, groups=[65534]))
+            assert json.loads(str(other["reply"]))["result"]["pong"] is True
+            # Group members may not name a wg-quick file: its hooks run as root.
+            up = b'{"id": 2, "op": "up", "config": "/etc/wg/x.conf"}\n'
+            refused = await trio.to_thread.run_sync(exchange_as, 65534, 65534, server.path, up)
+            frame = json.loads(str(refused["reply"]))
+            assert frame["id"] == 2 and frame["error"]["code"] == proto.FORBIDDEN
+            assert server.ops.calls == []  # type: ignore[attr-defined]
+            down = b'{"id": 3, "op": "down", "name": "wg0"}\n'
+            answered = await trio.to_thread.run_sync(exchange_as, 65534, 65534, server.path,
+                                                     down)
+            assert json.loads(str(answered["reply"]))["error"]["code"] == proto.NOT_FOUND
+
+    run(main)
+
+
+def test_serve_fails_early_for_a_path_too_long(tmp_path: Path) -> None:
+    path = str(tmp_path / ("x" * 120) / "control.sock")
+
+    async def main() -> None:
+        server = ControlServer(path, FakeOps(), LogHub())
+        with pytest.raises(OSError, match="too long"):
+            await server.serve()
+
+    run(main)

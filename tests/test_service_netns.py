@@ -1,0 +1,557 @@
+"""End-to-end control plane: a real service in a scratch namespace, driven
+with the real CLI (``tunsup status | stop | up | down | reload | logs``),
+sd_notify on a private socket, and hostile clients on its control socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tunsup import _netns
+from tunsup import _protocol as proto
+from tunsup._service import ServiceProcess
+from tunsup.keys import Key
+
+from ._peer import exchange_as
+from .conftest import needs_wireguard, unique
+from .test_tunnel_netns import STEP_GUARD, Pair, assert_restored, ping, routes, wait_for_output
+from .test_tunnel_netns import pair as _pair_fixture
+
+#: The two namespaces joined by veth, from the engine's end-to-end tests.
+pair = _pair_fixture
+
+pytestmark = [needs_wireguard, pytest.mark.netns]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tunsup(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI (a client command) in the root namespace."""
+    return subprocess.run([sys.executable, "-m", "tunsup", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, check=False)
+
+
+def popen(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "tunsup", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
+
+def start(pair: Pair, *args: str, label: str = "svc", runtime_dir: str | None = None,
+          env: dict[str, str] | None = None) -> tuple[ServiceProcess, str]:
+    """Like ``pair.run`` in namespace a, with a chosen runtime dir and env."""
+    rt = runtime_dir or str(pair.workdir / f"{label}.run")
+    svc = ServiceProcess(pair.ns_a, [*args, "--dns", "file", "--resolv-conf", pair.resolv("a"),
+                                     "--state-dir", str(pair.workdir / f"{label}.state"),
+                                     "--runtime-dir", rt],
+                         str(pair.workdir), label, env={**STEP_GUARD, **(env or {})})
+    pair.services.append(svc)
+    return svc, rt
+
+
+def status_json(rt: str) -> dict[str, Any]:
+    res = tunsup("status", "--json", "--runtime-dir", rt)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data: dict[str, Any] = json.loads(res.stdout)
+    return data
+
+
+def tunnels_by_name(rt: str) -> dict[str, dict[str, Any]]:
+    return {t["name"]: t for t in status_json(rt)["tunnels"]}
+
+
+def link_index(ns: str, name: str) -> int | None:
+    found = [link["ifindex"] for link in routes(ns, "link", "show") if link["ifname"] == name]
+    return found[0] if found else None
+
+
+def notifications(svc: ServiceProcess, until: str, timeout: float = 10) -> list[str]:
+    """Read notify datagrams until one line equals ``until``; all lines."""
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
+    while until not in lines:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"{until!r} not notified; got {lines}"
+        svc.notify.settimeout(remaining)
+        lines += svc.notify.recv(65536).decode().split("\n")
+    return lines
+
+
+def extra_conf(pair: Pair, name: str, subnet: int, allowed: str, extra: str = "") -> str:
+    """A tunnel of its own (own key, own address, no endpoint)."""
+    return pair.write_conf(name, f"""\
+[Interface]
+PrivateKey = {Key.generate_private().to_base64()}
+Address = 10.{subnet}.0.1/24
+{extra}
+
+[Peer]
+PublicKey = {Key.generate_private().public_key().to_base64()}
+AllowedIPs = {allowed}
+""")
+
+
+# ----------------------------------------------------------------------------- status, stop
+
+
+def test_status_shows_peer_counters_and_stop_streams_the_teardown(pair: Pair) -> None:
+    if_a, if_b = unique("tsa"), unique("tsb")
+    conf_a = pair.conf_a(if_a, allowed="10.200.0.2/32, 203.0.113.0/24",
+                         extra="DNS = 10.200.0.53")
+    before = pair.snapshot(pair.ns_a)
+    svc_b = pair.run(pair.ns_b, pair.conf_b(if_b), label="b")
+    svc_a, rt = start(pair, conf_a, label="a")
+    svc_b.wait_ready()
+    svc_a.wait_ready()
+    assert ping(pair.ns_a, "10.200.0.2").returncode == 0
+
+    data = status_json(rt)
+    assert data["running"] is True and data["service"]["state"] == "running"
+    assert data["service"]["pid"] == svc_a.proc.pid
+    (tunnel,) = data["tunnels"]
+    assert tunnel["name"] == if_a and tunnel["state"] == "up"
+    assert tunnel["restarts"] == 0 and tunnel["uptime"] > 0
+    helper = tunnel["helper_pid"]
+    assert Path(f"/proc/{helper}/comm").read_text().startswith("wireguard")
+    (peer,) = tunnel["peers"]
+    assert peer["public_key"] == pair.key_b.public_key().to_base64()
+    assert peer["endpoint"] == "192.0.2.2:51821"
+    assert peer["rx_bytes"] > 0 and peer["tx_bytes"] > 0
+    assert peer["last_handshake_age"] is not None and peer["last_handshake_age"] < 60
+
+    human = tunsup("status", "--runtime-dir", rt)
+    assert human.returncode == 0
+    assert if_a in human.stdout and " up " in human.stdout and "handshake" in human.stdout
+
+    stop = tunsup("stop", "--runtime-dir", rt)
+    assert stop.returncode == 0, stop.stdout + stop.stderr + svc_a.output()
+    out = stop.stdout
+    for line in (f"stopping tunsup (pid {svc_a.proc.pid})", "received SIGTERM: stopping",
+                 "DNS restored", "1 route(s) removed", f"link {if_a} set down and deleted",
+                 "tunnel down in", "teardown complete, host restored (exit code 0)"):
+        assert line in out, out
+    assert out.index("DNS restored") < out.index("route(s) removed") < out.index("set down")
+    assert svc_a.proc.poll() == 0  # stop returned after the exit (pidfd)
+    assert "STOPPING=1" in notifications(svc_a, "STOPPING=1")
+    assert_restored(pair, pair.ns_a, before)
+    assert tunsup("status", "--runtime-dir", rt).returncode == 3
+    # Socket and pid file removed; the lock file stays (removing a lock file
+    # races with the next run taking it).
+    assert set(os.listdir(rt)) <= {"tunsup.lock"}
+    again = tunsup("stop", "--runtime-dir", rt)
+    assert again.returncode == 0 and "not running" in again.stdout
+    assert svc_b.stop()[0] == 0
+
+
+def test_notify_ready_status_watchdog_and_stopping(pair: Pair) -> None:
+    if_a = unique("tsa")
+    svc, _ = start(pair, pair.conf_a(if_a), env={"WATCHDOG_USEC": "200000"})
+    svc.wait_ready()
+    ready = next(m for m in svc.notifications if "READY=1" in m.split("\n"))
+    assert f"STATUS=1 tunnel(s) up: {if_a}" in ready.split("\n")
+    # WATCHDOG=1 every 100 ms (half of WATCHDOG_USEC), from the event loop.
+    seen = 0
+    while seen < 3:
+        seen += notifications(svc, "WATCHDOG=1").count("WATCHDOG=1")
+    svc.proc.send_signal(signal.SIGTERM)
+    lines = notifications(svc, "STOPPING=1")
+    assert "STATUS=stopping (SIGTERM)" in lines
+    assert svc.wait_exit(30) == 0
+
+
+def test_two_concurrent_stops_both_report_the_outcome(pair: Pair) -> None:
+    if_a = unique("tsa")
+    gate = pair.workdir / "gate"
+    before = pair.snapshot(pair.ns_a)
+    conf = pair.conf_a(if_a, extra=f"PreDown = while [ ! -e {gate} ]; do sleep 0.05; done")
+    svc, rt = start(pair, conf)
+    svc.wait_ready()
+    stops = [popen("stop", "--runtime-dir", rt)]
+    try:
+        wait_for_output(svc, "running hook")  # the teardown is under way, held by PreDown
+        stops.append(popen("stop", "--runtime-dir", rt))
+        second = stops[1].stdout
+        assert second is not None
+        assert select.select([second], [], [], 30)[0]
+        assert second.readline().startswith("stopping tunsup")  # subscribed, signalled
+        gate.touch()
+        outputs = [p.communicate(timeout=30)[0] for p in stops]
+    finally:
+        gate.touch()
+        for p in stops:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, out in zip(stops, outputs, strict=True):
+        assert p.returncode == 0, out
+        assert "teardown complete, host restored" in out
+    assert "received SIGTERM: already stopping" in svc.output()
+    assert_restored(pair, pair.ns_a, before)
+
+
+# ----------------------------------------------------------------------------- abuse
+
+
+@pytest.fixture
+def open_runtime_dir() -> Iterator[str]:
+    """A short runtime dir that other users may traverse (for the uid
+    checks); the control socket itself stays 0660."""
+    path = tempfile.mkdtemp(prefix="tsrt", dir="/tmp")
+    os.chmod(path, 0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _raw(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    return sock
+
+
+def _read_frames(sock: socket.socket) -> list[dict[str, Any]]:
+    """Every frame until EOF (bounded by the socket timeout)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_control_socket_abuse_does_not_disturb_the_service(
+        pair: Pair, open_runtime_dir: str) -> None:
+    if_a = unique("tsa")
+    before = pair.snapshot(pair.ns_a)
+    svc, rt = start(pair, pair.conf_a(if_a), runtime_dir=open_runtime_dir)
+    svc.wait_ready()
+    path = proto.socket_path(rt)
+
+    with _raw(path) as s:  # garbage
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        frames = _read_frames(s)
+        assert [f["error"]["code"] for f in frames] == [proto.BAD_FRAME]
+    with _raw(path) as s:  # an unknown op
+        s.sendall(b'{"id": 3, "op": "reboot"}\n')
+        assert _read_frames(s) == [proto.error(3, proto.UNKNOWN_OP, "unknown op 'reboot'")]
+    with _raw(path) as s:  # an oversized frame
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(b"{" * (proto.MAX_REQUEST + 1))
+        assert [f["error"]["code"] for f in _read_frames(s)] == [proto.TOO_LARGE]
+
+    stuck = _raw(path)  # a half-written frame, left open through everything below
+    stuck.sendall(b'{"id": 1, "op": "stat')
+
+    clients = [_raw(path) for _ in range(50)]  # 50 at once
+    for i, c in enumerate(clients):
+        c.sendall(proto.encode({"id": i, "op": "status"}))
+    for i, c in enumerate(clients):
+        reply = json.loads(c.makefile("rb").readline())
+        assert reply["id"] == i and reply["ok"], reply
+        assert reply["result"]["tunnels"][0]["name"] == if_a
+        c.close()
+
+    # Another user: the 0660 socket keeps it out ...
+    ping_frame = b'{"id": 1, "op": "ping"}\n'
+    assert exchange_as(65534, 65534, path, ping_frame) == {"error": "PermissionError"}
+    # ... and were the file mode loosened, the server would still refuse.
+    os.chmod(path, 0o666)
+    refused = exchange_as(65534, 65534, path, ping_frame)
+    assert json.loads(str(refused["reply"]))["error"]["code"] == proto.FORBIDDEN
+    os.chmod(path, 0o660)
+    denied = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             "cat", pidfile_path(rt)], capture_output=True, check=False)
+    assert denied.returncode == 0  # the pid file stays readable for status
+
+    assert tunsup("status", "--runtime-dir", rt).returncode == 0  # still serving
+    started = time.monotonic()
+    stop = tunsup("stop", "--runtime-dir", rt)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert time.monotonic() - started < 10  # the stuck client did not hold it up
+    assert stuck.recv(65536) == b""  # closed at exit
+    stuck.close()
+    assert "Traceback" not in svc.output()
+    assert_restored(pair, pair.ns_a, before)
+
+
+def pidfile_path(rt: str) -> str:
+    return os.path.join(rt, "tunsup.pid")
+
+
+# ----------------------------------------------------------------------------- up / down
+
+
+def test_up_and_down_while_running_leave_the_other_tunnel_alone(pair: Pair) -> None:
+    if_a, if_c, if_x = unique("tsa"), unique("tsc"), unique("tsx")
+    before = pair.snapshot(pair.ns_a)
+    svc, rt = start(pair, pair.conf_a(if_a, allowed="10.200.0.2/32, 198.51.100.0/25"))
+    svc.wait_ready()
+    a_before = tunnels_by_name(rt)[if_a]
+    index_a = link_index(pair.ns_a, if_a)
+
+    conf_c = extra_conf(pair, if_c, 201, "198.51.100.128/25", extra="DNS = 10.201.0.53")
+    res = tunsup("up", conf_c, "--runtime-dir", rt)
+    assert res.returncode == 0 and f"tunnel {if_c} up" in res.stdout, res.stderr
+    assert link_index(pair.ns_a, if_c) is not None
+    assert "nameserver 10.201.0.53" in Path(pair.resolv("a")).read_text()
+    both = tunnels_by_name(rt)
+    assert both[if_c]["origin"] == "control" and both[if_c]["state"] == "up"
+    again = tunsup("up", conf_c, "--runtime-dir", rt)
+    assert again.returncode == 0 and "already up" in again.stdout
+
+    bad = pair.write_conf(unique("tsz"), "[Interface]\nListenPort = 99999\n")
+    res = tunsup("up", bad, "--runtime-dir", rt)
+    assert res.returncode == 2 and f"{bad}:2:" in res.stderr
+    _netns.ip("tuntap", "add", "dev", if_x, "mode", "tun", ns=pair.ns_a)
+    res = tunsup("up", extra_conf(pair, if_x, 202, "192.0.2.128/25"), "--runtime-dir", rt)
+    assert res.returncode == 1 and "already exists" in res.stderr
+    _netns.ip("link", "del", if_x, ns=pair.ns_a)
+    assert tunsup("down", "nosuch0", "--runtime-dir", rt).returncode == 1
+
+    res = tunsup("down", if_c, "--runtime-dir", rt)
+    assert res.returncode == 0 and "host restored" in res.stdout, res.stderr
+    assert link_index(pair.ns_a, if_c) is None
+    assert "10.201.0.53" not in Path(pair.resolv("a")).read_text()
+    after = tunnels_by_name(rt)
+    assert list(after) == [if_a]
+    assert after[if_a]["helper_pid"] == a_before["helper_pid"]  # untouched throughout
+    assert link_index(pair.ns_a, if_a) == index_a
+
+    assert tunsup("stop", "--runtime-dir", rt).returncode == 0
+    assert svc.proc.poll() == 0
+    assert_restored(pair, pair.ns_a, before)
+
+
+def _wait_file(svc: ServiceProcess, path: Path) -> None:
+    while not path.exists():
+        wait_for_output(svc, "running hook")
+
+
+def test_stop_wins_over_an_up_in_flight(pair: Pair) -> None:
+    if_a, if_d = unique("tsa"), unique("tsd")
+    gate, entered = pair.workdir / "gate", pair.workdir / "entered"
+    before = pair.snapshot(pair.ns_a)
+    svc, rt = start(pair, pair.conf_a(if_a))
+    svc.wait_ready()
+    conf_d = extra_conf(pair, if_d, 203, "198.51.100.0/24",
+                        extra=f"PreUp = touch {entered}; while [ ! -e {gate} ]; "
+                              "do sleep 0.05; done")
+    up = popen("up", conf_d, "--runtime-dir", rt)
+    try:
+        _wait_file(svc, entered)  # the start is parked in its PreUp hook
+        started = time.monotonic()
+        stop = tunsup("stop", "--runtime-dir", rt)
+        took = time.monotonic() - started
+        up_out, _ = up.communicate(timeout=30)
+    finally:
+        gate.touch()
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert stop.returncode == 0, stop.stdout + svc.output()
+    assert took < 10
+    assert up.returncode == 1 and "stopping" in up_out, up_out
+    assert "Traceback" not in svc.output()
+    assert_restored(pair, pair.ns_a, before)
+
+
+def test_down_racing_stop(pair: Pair) -> None:
+    """``down`` is half-way through a teardown when ``stop`` arrives: the
+    stop waits for it, both report success, the host is restored."""
+    if_a, if_b = unique("tsa"), unique("tsb")
+    gate, entered = pair.workdir / "gate", pair.workdir / "entered"
+    before = pair.snapshot(pair.ns_a)
+    conf_b = extra_conf(pair, if_b, 204, "198.51.100.0/24",
+                        extra=f"PreDown = touch {entered}; while [ ! -e {gate} ]; "
+                              "do sleep 0.05; done")
+    svc, rt = start(pair, pair.conf_a(if_a), conf_b)
+    svc.wait_ready()
+    down = popen("down", if_b, "--runtime-dir", rt)
+    stop: subprocess.Popen[str] | None = None
+    try:
+        _wait_file(svc, entered)  # b's teardown is in progress
+        stop = popen("stop", "--runtime-dir", rt)
+        wait_for_output(svc, "received SIGTERM: stopping")
+        assert down.poll() is None and stop.poll() is None
+        gate.touch()
+        down_out, _ = down.communicate(timeout=30)
+        stop_out, _ = stop.communicate(timeout=30)
+    finally:
+        gate.touch()
+        for proc in (down, stop):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert down.returncode == 0 and f"tunnel {if_b} down" in down_out, down_out
+    assert stop.returncode == 0, stop_out
+    assert f"link {if_a} set down and deleted" in stop_out
+    assert svc.wait_exit(10) == 0
+    assert_restored(pair, pair.ns_a, before)
+
+
+# ----------------------------------------------------------------------------- reload
+
+
+def test_sighup_reload_adds_removes_restarts_and_leaves_the_rest(pair: Pair) -> None:
+    names = {k: unique(f"ts{k}") for k in "acdbe"}
+    confs = {
+        "a": extra_conf(pair, names["a"], 210, "198.51.100.0/28"),
+        "c": extra_conf(pair, names["c"], 211, "198.51.100.16/28"),
+        "d": extra_conf(pair, names["d"], 212, "198.51.100.32/28"),
+        "b": extra_conf(pair, names["b"], 213, "198.51.100.48/28"),
+        "e": extra_conf(pair, names["e"], 214, "198.51.100.64/28"),
+    }
+    toml = pair.workdir / "tunsup.toml"
+
+    def write_toml(*keys: str) -> None:
+        toml.write_text("".join(f'[[tunnel]]\nconfig = "{confs[k]}"\n' for k in keys))
+
+    write_toml("a", "c", "d")
+    before = pair.snapshot(pair.ns_a)
+    svc, rt = start(pair, "-c", str(toml))
+    svc.wait_ready()
+    assert tunsup("up", confs["e"], "--runtime-dir", rt).returncode == 0  # not the TOML's
+    first = tunnels_by_name(rt)
+    index_c = link_index(pair.ns_a, names["c"])
+
+    # d changes, a goes, b comes, c stays as it is.
+    Path(confs["d"]).write_text(Path(confs["d"]).read_text().replace(
+        "198.51.100.32/28", "198.51.100.32/27"))
+    write_toml("c", "d", "b")
+    svc.proc.send_signal(signal.SIGHUP)
+    wait_for_output(svc, "reloaded: 1 started, 1 stopped, 1 restarted, 1 unchanged, 0 failed")
+    now = tunnels_by_name(rt)
+    assert sorted(now) == sorted(names[k] for k in "cdbe")
+    assert now[names["c"]]["helper_pid"] == first[names["c"]]["helper_pid"]
+    assert link_index(pair.ns_a, names["c"]) == index_c
+    assert now[names["e"]]["helper_pid"] == first[names["e"]]["helper_pid"]
+    assert now[names["d"]]["helper_pid"] != first[names["d"]]["helper_pid"]
+    assert link_index(pair.ns_a, names["a"]) is None
+    assert {r["dst"] for r in routes(pair.ns_a, "route", "show", "dev", names["d"])} >= {
+        "198.51.100.32/27"}
+
+    # A broken file changes nothing (reload through the control socket).
+    toml.write_text("[[tunnel]]\nconfig = 5\n")
+    res = tunsup("reload", "--runtime-dir", rt)
+    assert res.returncode == 2 and f"{toml}:2:" in res.stderr, res.stderr
+    unchanged = tunnels_by_name(rt)
+    assert {k: v["helper_pid"] for k, v in unchanged.items()} == {
+        k: v["helper_pid"] for k, v in now.items()}
+
+    assert tunsup("stop", "--runtime-dir", rt).returncode == 0
+    assert svc.proc.poll() == 0
+    assert_restored(pair, pair.ns_a, before)
+
+
+# ----------------------------------------------------------------------------- logs
+
+
+def test_logs_show_helper_output_by_tunnel_and_follow_to_the_exit(pair: Pair) -> None:
+    if_a = unique("tsa")
+    # wireguard-go says what it does with LOG_LEVEL=verbose.
+    svc, rt = start(pair, pair.conf_a(if_a), "--json-logs", env={"LOG_LEVEL": "verbose"})
+    svc.wait_ready()
+    res = tunsup("logs", "--json", "-n", "1000", "--runtime-dir", rt)
+    assert res.returncode == 0
+    entries = [json.loads(line) for line in res.stdout.splitlines()]
+    helper_lines = [e for e in entries if e["msg"].startswith("[wireguard-go out]")]
+    assert any("Starting wireguard-go" in e["msg"] for e in helper_lines), entries
+    assert all(e["tunnel"] == if_a for e in helper_lines)
+    assert tunsup("logs", "-n", "3", "--runtime-dir", rt).stdout.count("\n") == 3
+
+    follow = popen("logs", "-f", "-n", "1", "--runtime-dir", rt)
+    try:
+        assert follow.stdout is not None
+        ready, _, _ = select.select([follow.stdout], [], [], 30)
+        assert ready and follow.stdout.readline()  # the backlog line: subscribed
+        assert tunsup("stop", "--runtime-dir", rt).returncode == 0
+        rest, _ = follow.communicate(timeout=30)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+    assert follow.returncode == 0, rest
+    assert f"link {if_a} set down and deleted" in rest
+    assert rest.rstrip().endswith("-- tunsup exited with code 0 --")
+    # --json-logs: the service's own stderr is one JSON object per line.
+    lines = [line for line in svc.output().splitlines() if line.strip()]
+    assert lines and all(json.loads(line)["level"] for line in lines)
+
+
+# ----------------------------------------------------------------------------- timeouts
+
+
+def test_stop_timeout_then_force(pair: Pair) -> None:
+    if_a = unique("tsa")
+    gate, once = pair.workdir / "gate", pair.workdir / "once"
+    # Blocks the first time only: crash recovery runs PreDown again.
+    conf = pair.conf_a(if_a, extra=f"PreDown = [ -e {once} ] || {{ touch {once}; "
+                                   f"while [ ! -e {gate} ]; do sleep 0.05; done; }}")
+    svc, rt = start(pair, conf)
+    svc.wait_ready()
+    helper = tunnels_by_name(rt)[if_a]["helper_pid"]
+    try:
+        res = tunsup("stop", "--timeout", "1", "--runtime-dir", rt)
+        assert res.returncode == 4, res.stdout + res.stderr
+        assert "still running after 1 s" in res.stdout
+        assert svc.proc.poll() is None  # the teardown goes on
+        res = tunsup("stop", "--timeout", "1", "--force", "--runtime-dir", rt,
+                     "--state-dir", str(pair.workdir / "svc.state"))
+        assert svc.wait_exit(10) == -signal.SIGKILL
+    finally:
+        gate.touch()
+    from tunsup.cli import _subcommands
+
+    if "cleanup" in _subcommands():  # crash recovery is there: it restores the host
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert tunsup("status", "--runtime-dir", rt).returncode in (1, 3)
+        return
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "'tunsup cleanup') is not available" in res.stdout
+    assert tunsup("status", "--runtime-dir", rt).returncode == 1  # dead, pid file left
+    # What crash recovery would do: end the orphaned helper, remove its socket.
+    pidfd = os.pidfd_open(helper)
+    try:
+        os.kill(helper, signal.SIGKILL)
+        assert select.select([pidfd], [], [], 10)[0], "the helper survived SIGKILL"
+    finally:
+        os.close(pidfd)
+    sock = _netns.wireguard_socket(if_a)
+    if os.path.exists(sock):
+        os.unlink(sock)
+
+
+def test_status_answers_while_a_helper_is_stopped(pair: Pair) -> None:
+    """A SIGSTOPped helper never answers its UAPI socket (``wg show`` hangs
+    on it): status reports that peer data is unavailable, within its
+    bound, and the service stays responsive."""
+    if_a = unique("tsa")
+    before = pair.snapshot(pair.ns_a)
+    svc, rt = start(pair, pair.conf_a(if_a))
+    svc.wait_ready()
+    helper = tunnels_by_name(rt)[if_a]["helper_pid"]
+    os.kill(helper, signal.SIGSTOP)
+    try:
+        (tunnel,) = status_json(rt)["tunnels"]
+        assert tunnel["state"] == "up" and tunnel["peers"] == []
+        assert "did not answer within 1s" in tunnel["peers_error"]
+        human = tunsup("status", "--runtime-dir", rt)
+        assert human.returncode == 0 and "peers: unavailable" in human.stdout
+    finally:
+        os.kill(helper, signal.SIGCONT)
+    assert tunsup("stop", "--runtime-dir", rt).returncode == 0
+    assert_restored(pair, pair.ns_a, before)

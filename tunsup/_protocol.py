@@ -1,0 +1,81 @@
+"""The control protocol, shared by the server (:mod:`tunsup.control`) and the
+trio-free client (:mod:`tunsup.client`).
+
+Newline-delimited JSON over the unix stream socket ``runtime_dir/control.sock``.
+Every frame is one JSON object on one line (UTF-8, no raw newlines inside):
+
+* request   ``{"id": ID, "op": OP, ...arguments}`` — ID is a number or string
+  chosen by the client and echoed back;
+* response  ``{"id": ID, "ok": true, "result": {...}}`` or
+  ``{"id": ID, "ok": false, "error": {"code": CODE, "message": TEXT}}``;
+* log line  ``{"log": {"seq", "ts", "level", "logger", "tunnel", "msg"}}``
+  streamed after a ``logs`` request;
+* event     ``{"event": {"type": "exit", "code": N, "complete": BOOL,
+  "failures": [...]}}`` sent to log subscribers as the service exits.
+
+A request frame over :data:`MAX_REQUEST` bytes, a frame that is not a JSON
+object, an unknown op or a peer without permission gets an error frame
+(``id`` null when unknown) and the connection is closed.  An op that fails
+(no such tunnel, ...) gets an error response and the connection stays open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+SOCKET_NAME = "control.sock"
+#: Largest request frame the server accepts, newline included.
+MAX_REQUEST = 64 * 1024
+#: Largest frame a client accepts (a status with many peers is large).
+MAX_RESPONSE = 16 * 1024 * 1024
+
+OPS = ("ping", "status", "up", "down", "reload", "logs")
+
+# Error codes.
+BAD_FRAME = "bad-frame"  # not JSON, not an object, missing/invalid id or op
+TOO_LARGE = "too-large"
+UNKNOWN_OP = "unknown-op"
+FORBIDDEN = "forbidden"
+BUSY = "busy"  # too many connections
+IDLE = "idle-timeout"
+TIMEOUT = "timeout"  # the op did not finish within the request timeout
+BAD_ARGS = "bad-args"
+CONFIG = "config"  # a configuration file is invalid (client exit code 2)
+NOT_FOUND = "not-found"
+CONFLICT = "conflict"
+FAILED = "failed"  # the op ran and failed; the host was restored
+INCOMPLETE = "incomplete"  # teardown incomplete (client exit code 3)
+STOPPING = "stopping"  # the service is stopping
+INTERNAL = "internal"
+
+
+def socket_path(runtime_dir: str) -> str:
+    return os.path.join(runtime_dir, SOCKET_NAME)
+
+
+def encode(frame: dict[str, Any]) -> bytes:
+    """One frame: compact JSON and a newline (``json.dumps`` escapes newlines
+    inside strings, so a frame never spans lines)."""
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def error(request_id: Any, code: str, message: str) -> dict[str, Any]:
+    return {"id": request_id, "ok": False, "error": {"code": code, "message": message}}
+
+
+def response(request_id: Any, result: dict[str, Any]) -> dict[str, Any]:
+    return {"id": request_id, "ok": True, "result": result}
+
+
+def format_log(entry: dict[str, Any]) -> str:
+    """A log entry as one human line: ``HH:MM:SS.mmm LEVEL   source: message``
+    (the service's stderr format)."""
+    import time
+
+    ts = float(entry.get("ts") or 0.0)
+    stamp = time.strftime("%H:%M:%S", time.localtime(ts))
+    millis = int((ts - int(ts)) * 1000)
+    level = f"{entry.get('level', '')!s:<7}"
+    return f"{stamp}.{millis:03d} {level} {entry.get('logger', '')}: {entry.get('msg', '')}"

@@ -1,0 +1,295 @@
+"""The service: a :class:`Supervisor` with its control plane.
+
+:func:`run_service` starts the control server (which outlives the tunnels'
+teardown, so that ``tunsup stop`` sees every line of it and learns how it
+ended), the systemd watchdog pings, and the supervisor; when the
+supervisor returns it sends the exit event to every log subscriber, then
+closes the socket.
+
+:class:`ServiceOps` is the object the control server calls: one method per
+op, each translating a request into a supervisor call and its outcome into
+a result or an :class:`OpError`.  The control server knows nothing of the
+engine beyond this object.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import attrs
+import trio
+
+from . import __version__, sdnotify
+from . import _protocol as proto
+from ._errors import ConfigError, ExitCode
+from ._log import LogHub
+from .config import OnFailure, SupervisorConfig, TunnelEntry
+from .control import ControlServer, ControlSettings, OpError
+from .engine import AlreadyRunning, NoSuchTunnel, Slot, StartFailed, Stopping, Supervisor
+from .helpers import RestartPolicy
+from .host import Host
+from .journal import Journal, JournalObserver
+from .model import TunnelSpec
+from .plan import ConfigSource, Loaded
+from .tunnel import Tunnel, TunnelOptions
+from .uapi import UapiError, socket_path, uapi_get
+
+log = logging.getLogger("tunsup")
+
+#: Bound on asking one helper for its peers' counters during ``status``.
+UAPI_STATUS_TIMEOUT = 1.0
+#: Bound on reading configuration files in a worker thread.
+LOAD_TIMEOUT = 10.0
+
+
+def options_for(cfg: SupervisorConfig, entry: TunnelEntry) -> TunnelOptions:
+    """The run-time settings of one ``[[tunnel]]`` under ``cfg``."""
+    return TunnelOptions(
+        helper=entry.helper,
+        stop_grace=entry.stop_grace,
+        start_timeout=entry.start_timeout,
+        stop_timeout=cfg.stop_timeout,
+        dns_backend=cfg.dns.backend,
+        kill_switch=entry.kill_switch,
+        lan=entry.lan,
+        resolve_interval=entry.resolve_interval,
+        tun_mode=entry.tun_mode,
+        tun_header=entry.tun_header,
+        probe_interval=entry.probe_interval,
+        probe_timeout=entry.probe_timeout,
+        restart=RestartPolicy(
+            max_restarts=entry.restart_max,
+            window=entry.restart_window,
+            backoff_initial=entry.backoff_initial,
+            backoff_max=entry.backoff_max,
+            reset_after=entry.backoff_reset,
+        ),
+    )
+
+
+class ServiceOps:
+    """Answers the control ops with a running :class:`Supervisor`."""
+
+    def __init__(self, supervisor: Supervisor, source: ConfigSource, loaded: Loaded) -> None:
+        self.supervisor = supervisor
+        self.source = source
+        self.loaded = loaded
+
+    async def _load(self, fn: Any, *args: Any) -> Any:
+        """Run a (synchronous) configuration loader in a worker thread,
+        bounded by LOAD_TIMEOUT; ConfigError becomes an OpError.
+        Cancellable: the thread is abandoned (it only reads files)."""
+        try:
+            with trio.fail_after(LOAD_TIMEOUT):
+                return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+        except ConfigError as exc:
+            raise OpError(proto.CONFIG, str(exc)) from None
+        except trio.TooSlowError:
+            raise OpError(proto.CONFIG, f"reading the configuration took over "
+                                        f"{LOAD_TIMEOUT:g} s") from None
+
+    async def status(self) -> dict[str, Any]:
+        """The service and every tunnel; peers' counters come from one
+        bounded UAPI ``get`` per tunnel, all at once.  Cancellable."""
+        sup = self.supervisor
+        now = time.time()
+        slots = sup.slots()
+        tunnels = [_tunnel_status(slot, now) for slot in slots]
+        async with trio.open_nursery() as nursery:
+            for slot, entry in zip(slots, tunnels, strict=True):
+                if slot.up_since is not None:
+                    nursery.start_soon(self._peers, slot.tunnel, entry, now)
+        return {
+            "service": {
+                "pid": os.getpid(),
+                "state": sup.phase,
+                "uptime": None if sup.started_at is None else now - sup.started_at,
+                "version": __version__,
+            },
+            "tunnels": tunnels,
+        }
+
+    async def _peers(self, tunnel: Tunnel, entry: dict[str, Any], now: float) -> None:
+        """Fill ``entry``'s peers from one UAPI ``get``, bounded by
+        UAPI_STATUS_TIMEOUT (a stopped helper costs that, never a hang).
+        Cancellable."""
+        path = socket_path(tunnel.name, tunnel.host.uapi_dir)
+        try:
+            device = await uapi_get(path, timeout=UAPI_STATUS_TIMEOUT)
+        except UapiError as exc:
+            entry["peers_error"] = str(exc)
+            return
+        entry["listen_port"] = device.listen_port
+        entry["peers"] = [
+            {
+                "public_key": peer.public_key.to_base64(),
+                "endpoint": peer.endpoint,
+                "last_handshake": peer.last_handshake,
+                "last_handshake_age": (None if peer.last_handshake is None
+                                       else max(0.0, now - peer.last_handshake)),
+                "rx_bytes": peer.rx_bytes,
+                "tx_bytes": peer.tx_bytes,
+                "allowed_ips": len(peer.allowed_ips),
+                "persistent_keepalive": peer.persistent_keepalive,
+            }
+            for peer in device.peers
+        ]
+
+    async def up(self, config: str) -> dict[str, Any]:
+        """Start the tunnel of wg-quick file ``config``; answers once it is
+        up.  Cancelling abandons the wait, not the start."""
+        spec, entry = await self._load(self.source.load_one, config, self.loaded.config)
+        options = options_for(self.loaded.config, entry)
+        try:
+            tunnel, started = await self.supervisor.add(spec, options)
+        except AlreadyRunning as exc:
+            raise OpError(proto.CONFLICT, str(exc)) from None
+        except StartFailed as exc:
+            report = exc.tunnel.report
+            if report is not None and not report.complete:
+                raise OpError(proto.INCOMPLETE, f"{exc}; teardown incomplete: "
+                                                f"{'; '.join(report.failures)}") from None
+            raise OpError(proto.FAILED, f"{exc} (what it applied was undone)") from None
+        except Stopping as exc:
+            raise OpError(proto.STOPPING, str(exc)) from None
+        return {"name": tunnel.name, "started": started, "took": tunnel.timings.get("up")}
+
+    async def down(self, name: str) -> dict[str, Any]:
+        """Stop tunnel ``name`` and answer once its teardown ended.
+        Cancelling abandons the wait, never the teardown."""
+        try:
+            tunnel = await self.supervisor.remove(name)
+        except NoSuchTunnel as exc:
+            raise OpError(proto.NOT_FOUND, str(exc)) from None
+        report = tunnel.report
+        if report is not None and not report.complete:
+            raise OpError(proto.INCOMPLETE, "teardown incomplete: " + "; ".join(report.failures))
+        return {"name": name, "took": tunnel.timings.get("down"),
+                "undone": 0 if report is None else len(report.undone)}
+
+    async def reload(self) -> dict[str, Any]:
+        """Read the configuration again and converge to it (SIGHUP does the
+        same).  A bad file changes nothing.  Cancelling abandons the wait."""
+        loaded: Loaded = await self._load(self.source.load)
+        _warn_fixed_settings(self.loaded.config, loaded.config)
+        plans = [(spec, options_for(loaded.config, entry)) for spec, entry in loaded.entries()]
+        try:
+            result = await self.supervisor.converge(plans)
+        except Stopping as exc:
+            raise OpError(proto.STOPPING, str(exc)) from None
+        self.loaded = loaded
+        log.info("reloaded: %d started, %d stopped, %d restarted, %d unchanged, %d failed",
+                 len(result.started), len(result.stopped), len(result.restarted),
+                 len(result.unchanged), len(result.failed))
+        for name, why in result.failed:
+            log.error("reload: tunnel %s did not start: %s", name, why)
+        out = attrs.asdict(result)
+        out["failed"] = dict(result.failed)
+        return out
+
+    async def reload_on_signal(self) -> None:
+        """The SIGHUP reload: errors are logged.  A stop cancels it."""
+        try:
+            await self.reload()
+        except OpError as exc:
+            log.error("reload failed, the running configuration is kept: %s", exc.message)
+
+
+def _warn_fixed_settings(old: SupervisorConfig, new: SupervisorConfig) -> None:
+    fixed = {
+        "state_dir": (old.state_dir, new.state_dir),
+        "runtime_dir": (old.runtime_dir, new.runtime_dir),
+        "[dns] resolv_conf": (old.dns.resolv_conf, new.dns.resolv_conf),
+        "[control]": (old.control, new.control),
+    }
+    for what, (before, after) in fixed.items():
+        if before != after:
+            log.warning("reload: a change of %s takes effect only after a restart", what)
+
+
+def _tunnel_status(slot: Slot, now: float) -> dict[str, Any]:
+    tunnel = slot.tunnel
+    state = tunnel.state.value
+    if state == "new":
+        state = "starting"
+    # Issue 4's supervision adds degraded/restarting states and restart
+    # counts; read them when the tunnel has them.
+    if getattr(tunnel, "degraded", False) and state == "up":
+        state = "degraded"
+    return {
+        "name": tunnel.name,
+        "state": state,
+        "interface": tunnel.name,
+        "source": tunnel.spec.source,
+        "origin": slot.origin,
+        "helper_pid": tunnel.helper_pid,
+        "uptime": None if slot.up_since is None else now - slot.up_since,
+        "restarts": int(getattr(tunnel, "restarts", 0)),
+        "routes": len(tunnel.spec.allowed_ips),
+        "peers": [],
+        "peers_error": None,
+    }
+
+
+async def _watchdog(interval: float) -> None:
+    """``WATCHDOG=1`` every ``interval`` seconds, from the event loop: when
+    the loop is wedged, the pings stop and systemd acts.  Runs until
+    cancelled."""
+    while True:
+        sdnotify.notify("WATCHDOG=1")
+        await trio.sleep(interval)
+
+
+def exit_event(supervisor: Supervisor, code: ExitCode) -> dict[str, Any]:
+    failures = [f for t in supervisor.history if t.report is not None
+                for f in t.report.failures]
+    return {"type": "exit", "code": int(code),
+            "complete": code != ExitCode.TEARDOWN_INCOMPLETE, "failures": failures}
+
+
+async def run_service(
+    tunnels: list[Tunnel],
+    host: Host,
+    *,
+    source: ConfigSource,
+    loaded: Loaded,
+    hub: LogHub,
+    settings: ControlSettings,
+    journal: Journal | None = None,
+    on_failure: OnFailure = "exit",
+) -> ExitCode:
+    """Run ``tunnels`` as a service with its control socket until stopped.
+
+    Returns the supervisor's exit code, or USAGE when the control socket
+    cannot be created (nothing was applied then).  Cancellation acts like a
+    stop (the supervisor's contract)."""
+    def make_tunnel(spec: TunnelSpec, options: TunnelOptions) -> Tunnel:
+        # Tunnels started by `up` or a reload are journaled like the others.
+        observer = JournalObserver(journal, spec.name) if journal is not None else None
+        return Tunnel(spec, host, options, observer=observer)
+
+    ops: ServiceOps
+    supervisor = Supervisor(tunnels, host, persistent=True,
+                            reload=lambda: ops.reload_on_signal(), make_tunnel=make_tunnel,
+                            journal=journal, on_failure=on_failure)
+    ops = ServiceOps(supervisor, source, loaded)
+    path = proto.socket_path(loaded.config.runtime_dir)
+    server = ControlServer(path, ops, hub, settings)
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(server.serve)
+        except OSError as exc:
+            log.error("cannot create the control socket %s: %s", path, exc.strerror or exc)
+            with trio.CancelScope(shield=True):
+                await host.net.close()
+            return ExitCode.USAGE
+        interval = sdnotify.watchdog_interval()
+        if interval is not None:
+            nursery.start_soon(_watchdog, interval)
+        code = await supervisor.run()
+        await server.finish(exit_event(supervisor, code))
+        nursery.cancel_scope.cancel()
+    return code
