@@ -305,3 +305,31 @@ def test_hostname_endpoint_is_re_resolved_and_updated(net: Net) -> None:
     finally:
         hosts.unlink(missing_ok=True)
         etc.rmdir()
+
+
+def test_kill_switch_holds_while_the_helper_restarts(net: Net) -> None:
+    """The helper dies while tunsup runs: during the restart backoff nothing
+    leaks (helper-created TUN: the link is gone, the kill switch catches the
+    traffic), and afterwards the tunnel carries traffic again."""
+    before = net.snapshot()
+    server = net.start_server()
+    server.wait_ready()
+    client = net.start_client(kill_switch=True, tun="helper", backoff_initial=6.0,
+                              backoff_max=6.0)
+    client.wait_ready()
+    assert ping(net.a, TARGET4)
+    (helper,) = [pid for pid in _netns.ip("netns", "pids", net.a).split()
+                 if Path(f"/proc/{pid}/comm").read_text().startswith("wireguard")]
+    subprocess.run(["kill", "-9", helper], check=True)
+    # The backoff (3 to 6 s) has begun once this is logged.
+    wait_until(lambda: "restarting the helper in" in client.output())
+    assert net.if_a not in _netns.ip("-o", "link", "show", ns=net.a)
+    assert not ping(net.a, TARGET4)
+    assert udp_source_seen(net, TARGET4, wait=1) == ""
+    wait_until(lambda: "helper restarted" in client.output(), timeout=30)
+    wait_until(lambda: ping(net.a, TARGET4), timeout=30)
+    assert udp_source_seen(net, TARGET4) == "10.77.0.1"
+    assert client.stop()[0] == 0, client.output()
+    assert server.stop()[0] == 0
+    diff = _netns.diff_snapshots(before, net.snapshot())
+    assert not diff, "\n".join(diff)
