@@ -75,7 +75,11 @@ def acquire(runtime_dir: str, state_dir: str) -> InstanceLock:
     """Take both locks and write the pid file; raises :class:`LockHeld`."""
     fds = [_lock(runtime_dir, 0o755, runtime_dir)]
     try:
-        fds.append(_lock(state_dir, 0o700, runtime_dir))
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        # One directory for both is fine: one lock then (a second flock of
+        # the same file from this process would conflict with the first).
+        if os.path.realpath(state_dir) != os.path.realpath(runtime_dir):
+            fds.append(_lock(state_dir, 0o700, runtime_dir))
         os.chmod(state_dir, 0o700)
         me = pidfile.write(runtime_dir)
     except BaseException:
