@@ -24,7 +24,7 @@ Invariants:
   tunnel leaves *up*), nothing is left in ``slots()`` and the phase is
   "stopped" at the end, the exit code matches the tunnels' outcomes.
 
-Profiles: "ci" (the default: derandomized, 500 schedules) and "thorough"
+Profiles: "ci" (the default: derandomized, 1,000 schedules) and "thorough"
 (``TUNSUP_RACE_PROFILE=thorough``: 5,000 random schedules).  A failing
 example is printed as its schedule, one step per line.
 """
@@ -45,14 +45,16 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from tunsup import ExitCode
+from tunsup.effects import Effect, EffectContext
 from tunsup.engine import AlreadyRunning, NoSuchTunnel, StartFailed, Stopping, Supervisor
 from tunsup.helpers import RestartPolicy
 from tunsup.model import TunnelSpec
 from tunsup.testing import Behaviour, FakeHost, Fault, spec, uapi_dir
 from tunsup.tunnel import TRANSITIONS, Tunnel, TunnelOptions, TunnelState
+from tunsup.undo import EffectStack
 
 settings.register_profile(
-    "ci", derandomize=True, max_examples=500, deadline=None, print_blob=True,
+    "ci", derandomize=True, max_examples=1000, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile(
     "thorough", max_examples=5000, deadline=None, print_blob=True,
@@ -62,9 +64,12 @@ PROFILE = os.environ.get("TUNSUP_RACE_PROFILE", "ci")
 NAMES = ("wgt0", "wgt1", "wgt2")
 STOP_TIMEOUT = 10.0
 STOP_GRACE = 2.0
-#: Teardown is bounded by stop_timeout; then a last-resort kill (1 s) and
-#: TUN close (2 s) may follow.
-STOP_BOUND = STOP_TIMEOUT + 3.0 + 1e-6
+#: Teardown is bounded by stop_timeout in general.  What a stop may take
+#: when no undo step times out: a wedged helper's
+#: SIGTERM grace, then SIGKILL.  Nothing in these schedules makes an undo
+#: step slow (faults only hit operations made while applying), so this is
+#: the bound checked.
+STOP_BOUND = STOP_GRACE + 1e-6
 #: No schedule may run longer than this (virtual seconds): a hang is a bug.
 HANG_LIMIT = 10_000.0
 
@@ -112,16 +117,41 @@ def options(mode: str) -> TunnelOptions:
         helper=("fake-wg",), tun_header="none", tun_mode=mode,  # type: ignore[arg-type]
         stop_grace=STOP_GRACE, start_timeout=5.0, stop_timeout=STOP_TIMEOUT,
         probe_interval=3.0, probe_timeout=1.0,
-        restart=RestartPolicy(max_restarts=2, window=30.0, backoff_initial=1.0,
-                              backoff_max=4.0, reset_after=10.0))
+        restart=RestartPolicy(max_restarts=2, window=30.0, backoff_initial=3.0,
+                              backoff_max=12.0, reset_after=10.0))
+
+
+class UndoOrder:
+    """Observes one effect stack: every undo must be of the most recently
+    applied record still in place (exact reverse order, none skipped)."""
+
+    def __init__(self, name: str, out: list[str]) -> None:
+        self.name = name
+        self.live: list[Effect] = []
+        self.out = out
+
+    async def intent(self, effect: Effect) -> None:
+        pass
+
+    async def applied(self, intent: Effect, record: Effect) -> None:
+        self.live.append(record)
+
+    async def undone(self, record: Effect) -> None:
+        if not self.live or self.live[-1] is not record:
+            top = self.live[-1].describe() if self.live else "nothing"
+            self.out.append(f"{self.name}: undid {record.describe()} while {top} was still "
+                            "in place")
+        self.live = [r for r in self.live if r is not record]
 
 
 class Recorder:
-    """Every state change of every tunnel, checked against TRANSITIONS."""
+    """Every state change of every tunnel, checked against TRANSITIONS, and
+    the order of every undo (see :class:`UndoOrder`)."""
 
     def __init__(self) -> None:
         self.moves: list[tuple[str, TunnelState, TunnelState]] = []
         self.illegal: list[str] = []
+        self.misordered: list[str] = []
 
     def tunnel(self, spec_: TunnelSpec, opts: TunnelOptions, fake: FakeHost) -> Tunnel:
         recorder = self
@@ -134,7 +164,15 @@ class Recorder:
                 recorder.moves.append((self.name, old, new))
                 super()._set_state(new)
 
-        return Recorded(spec_, fake.host, opts)
+            def _new_generation(self, ctx: EffectContext) -> EffectStack:
+                gen = EffectStack(ctx, log=self.log,
+                                  observer=UndoOrder(f"{self.name} generation",
+                                                     recorder.misordered))
+                ctx.generations[self.name] = gen
+                return gen
+
+        return Recorded(spec_, fake.host, opts,
+                        observer=UndoOrder(spec_.name, recorder.misordered))
 
 
 def run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at: float) -> None:
@@ -251,6 +289,7 @@ def run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at: 
         note(f"transitions: {[(n, a.value, b.value) for n, a, b in rec.moves]}")
         assert not failures, failures
         assert not rec.illegal, f"illegal transitions: {rec.illegal}"
+        assert not rec.misordered, f"undo out of order: {rec.misordered}"
         # The host is back to its start; every helper was reaped.
         assert fake.net.state() == before
         assert fake.tun_fds == set(), "a TUN fd was left open"
