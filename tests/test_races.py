@@ -19,7 +19,8 @@ Invariants:
   and no schedule runs forever;
 - tunnel states only move along :data:`tunsup.tunnel.TRANSITIONS`, and
   every tunnel ends stopped or failed;
-- a second ``run()`` raises, before and after the first one returns;
+- a second ``run()`` raises, before and after the first one returns; so do
+  an ``add`` after ``run()`` returned and a ``run()`` after ``stop()``;
 - status agrees with the model: a helper's death is noticed at once (the
   tunnel leaves *up*), nothing is left in ``slots()`` and the phase is
   "stopped" at the end, the exit code matches the tunnels' outcomes.
@@ -280,6 +281,20 @@ def run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at: 
                 pass
             else:
                 failures.append("a run() after the first returned did not raise")
+            try:
+                await sup.add(specs["wgt0"], options("owned"))
+            except Stopping:
+                pass
+            else:
+                failures.append("an add() after run() returned did not raise")
+            early = Supervisor([], fake.host, handle_signals=False)
+            early.stop("before run")
+            try:
+                await early.run()
+            except RuntimeError:
+                pass
+            else:
+                failures.append("run() after stop() did not raise")
 
         try:
             trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
