@@ -96,7 +96,7 @@ def show(steps: list[Step], initial: list[tuple[str, str]], stop_at: float) -> s
     return "\n".join(lines)
 
 
-times = st.floats(0, 30, allow_nan=False).map(lambda t: round(t, 3))
+times = st.floats(0, 12, allow_nan=False).map(lambda t: round(t, 3))
 names = st.sampled_from(NAMES)
 steps = st.one_of(
     st.builds(Step, times, st.just("stop")),
@@ -118,8 +118,8 @@ def options(mode: str) -> TunnelOptions:
         helper=("fake-wg",), tun_header="none", tun_mode=mode,  # type: ignore[arg-type]
         stop_grace=STOP_GRACE, start_timeout=5.0, stop_timeout=STOP_TIMEOUT,
         probe_interval=3.0, probe_timeout=1.0,
-        restart=RestartPolicy(max_restarts=2, window=30.0, backoff_initial=3.0,
-                              backoff_max=12.0, reset_after=10.0))
+        restart=RestartPolicy(max_restarts=2, window=30.0, backoff_initial=8.0,
+                              backoff_max=16.0, reset_after=10.0))
 
 
 class UndoOrder:
