@@ -493,8 +493,12 @@ class Supervisor:
         elif self._reload is None:
             log.info("received SIGHUP: no configuration to reload")
         else:
+            try:
+                root.start_soon(self._reload_task)
+            except RuntimeError:  # the root nursery is closing: run is ending
+                log.info("received SIGHUP while stopping: ignored")
+                return
             log.info("received SIGHUP: reloading the configuration")
-            root.start_soon(self._reload_task)
 
     async def _reload_task(self) -> None:
         """A reload started by SIGHUP, in the root nursery: a stop cancels it.

@@ -37,6 +37,9 @@ from .undo import EffectStack
 FIRST_POLICY_TABLE = 51820
 SRC_VALID_MARK = "net.ipv4.conf.all.src_valid_mark"
 
+#: Up to this many AllowedIPs, LAN reconciliation runs on the trio thread.
+INLINE_PREFIXES = 1000
+
 
 @attrs.frozen
 class RoutingPlan:
@@ -66,8 +69,13 @@ async def plan_routing(spec: TunnelSpec, net: NetOps, log: logging.Logger,
     if spec.route_table is not None:
         wanted = tuple(n for n in spec.allowed_ips if n.prefixlen != 0 or not full)
         connected = [(n, dev) for n, dev, _ in await net.connected_networks()]
-        # Pure computation, but O(AllowedIPs): kept off the trio thread.
-        ordinary = await trio.to_thread.run_sync(_reconcile_lan, wanted, connected, log, lan)
+        # Pure computation, but O(AllowedIPs): kept off the trio thread when
+        # large.  Small plans stay inline: a worker thread would also let a
+        # MockClock (tunsup.testing) jump past every deadline meanwhile.
+        if len(wanted) > INLINE_PREFIXES:
+            ordinary = await trio.to_thread.run_sync(_reconcile_lan, wanted, connected, log, lan)
+        else:
+            ordinary = _reconcile_lan(wanted, connected, log, lan)
     if not full:
         return RoutingPlan(spec.route_table, ordinary, fwmark=spec.fwmark)
     table = spec.fwmark
@@ -129,7 +137,10 @@ async def apply_link_routes(
     Cancellable between effects."""
     if plan.table is not None and plan.ordinary:
         existing = await net.link_routes(index, plan.table)
-        prefixes = await trio.to_thread.run_sync(select_routes, plan.ordinary, existing)
+        if len(plan.ordinary) > INLINE_PREFIXES:
+            prefixes = await trio.to_thread.run_sync(select_routes, plan.ordinary, existing)
+        else:
+            prefixes = select_routes(plan.ordinary, existing)
         if prefixes:
             await stack.apply(Routes(spec.name, index, plan.table, prefixes))
     if plan.policy_table is not None:

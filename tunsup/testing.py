@@ -1,0 +1,520 @@
+"""An in-memory host and scriptable fake helpers, for testing code that
+drives tunsup's engine (yours or ours) under trio's MockClock.
+
+Public API: :class:`FakeHost` (its ``host`` attribute is a
+:class:`tunsup.host.Host` to hand to :class:`tunsup.engine.Supervisor` or
+:class:`tunsup.tunnel.Tunnel`), :class:`FakeNet` (links, addresses,
+routes, rules and sysctls in memory; :meth:`FakeNet.state` is what must be
+back to the start when the engine returns), :class:`FakeHelper` and
+:class:`Behaviour` (scriptable stand-ins for wireguard-go), :class:`Fault`
+(per-operation fault injection), :func:`spec` and :func:`uapi_dir`.
+
+Faults: ``fake.faults.append(Fault(op="add_address", nth=1, kind="errno"))``
+makes the first ``add_address`` fail with ``OSError(EIO)``; ``kind="hang"``
+blocks it until cancelled, ``kind="delay"`` makes it take ``delay``
+(virtual) seconds first.  ``op=None`` matches every operation, so
+``Fault(nth=7)`` hits the 7th host operation of any kind.  Operations are
+the methods of :class:`FakeNet` plus ``start_helper``, ``run_hook``,
+``create_tun`` and ``close_tun``; every one is recorded in
+``FakeHost.ops``.  Helpers: :class:`Behaviour` (crash, mute UAPI, slow
+start), :attr:`FakeHelper.ignore_term`, :meth:`FakeHelper.die`,
+:meth:`FakeHelper.wedge`.
+
+The fake helpers speak the real UAPI protocol on real unix sockets (in a
+private directory), so the tunnel's own UAPI client, socket wait and probe
+code run unchanged.  Nothing here starts a thread: under
+``MockClock(autojump_threshold=0)`` a worker thread would let the clock
+jump while it runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+import errno as errno_mod
+import logging
+import os
+import signal
+import socket
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import attrs
+import trio
+
+from tunsup.host import Host, PolicyRule
+from tunsup.host._rtnl import RouteBatchResult
+from tunsup.keys import Key
+from tunsup.model import IPAddress, IPInterface, IPNetwork, PeerSpec, TunnelSpec
+from tunsup.tun import TunDevice
+
+PEER = Key.generate_private().public_key()
+
+
+@attrs.define
+class FakeLink:
+    name: str
+    index: int
+    up: bool = False
+    mtu: int = 1500
+    addresses: set[IPInterface] = attrs.field(factory=set)
+    routes: set[tuple[int, IPNetwork]] = attrs.field(factory=set)
+    #: Created by tunsup as a persistent TUN (else by a helper).
+    persistent: bool = False
+
+
+@attrs.define
+class Fault:
+    """Make a host operation misbehave.
+
+    Matches operations named ``op`` (every operation when None); fires on
+    the ``nth`` match (1-based; every match when None), at most ``times``
+    times (unlimited when None).  ``kind``: "errno" raises
+    ``OSError(errno)``, "hang" waits until cancelled, "delay" sleeps
+    ``delay`` seconds (virtual under MockClock) and then proceeds.
+    """
+
+    op: str | None = None
+    nth: int | None = None
+    kind: Literal["errno", "hang", "delay"] = "errno"
+    errno: int = errno_mod.EIO
+    delay: float = 1.0
+    times: int | None = 1
+    #: How many operations matched so far, and how often it fired.
+    seen: int = 0
+    fired: int = 0
+
+    def matches(self, op: str) -> bool:
+        """Count ``op`` if it matches; whether the fault fires on it."""
+        if self.op is not None and self.op != op:
+            return False
+        self.seen += 1
+        if self.nth is not None and self.seen != self.nth:
+            return False
+        if self.times is not None and self.fired >= self.times:
+            return False
+        self.fired += 1
+        return True
+
+
+class FakeNet:
+    """Links, addresses and routes in memory.  Every call checkpoints, and
+    goes through :meth:`op` (which applies :attr:`faults`)."""
+
+    def __init__(self) -> None:
+        #: Faults to inject (see :class:`Fault`); shared with the FakeHost.
+        self.faults: list[Fault] = []
+        #: Every operation, in order, by name.
+        self.ops: list[str] = []
+        self.links: dict[int, FakeLink] = {}
+        self._next_index = 10
+        self.closed = 0
+        #: Names of links deleted through netlink (not by a helper's death).
+        self.deleted: list[str] = []
+        self.unreachable: set[tuple[int, IPNetwork]] = set()
+        self.policy_rules: list[PolicyRule] = []
+        self.sysctls: dict[str, str] = {}
+
+    async def op(self, name: str) -> None:
+        """Record operation ``name`` and apply the first matching fault.
+        Cancellation: a checkpoint; a "hang" fault waits until cancelled,
+        a "delay" fault is cancellable during its sleep."""
+        self.ops.append(name)
+        fault = next((f for f in self.faults if f.matches(name)), None)
+        if fault is None:
+            await trio.lowlevel.checkpoint()
+        elif fault.kind == "errno":
+            await trio.lowlevel.checkpoint()
+            raise OSError(fault.errno, f"injected fault in {name}: {os.strerror(fault.errno)}")
+        elif fault.kind == "hang":
+            await trio.sleep_forever()
+        else:
+            await trio.sleep(fault.delay)
+
+    def state(self) -> dict[str, Any]:
+        """What must be back to the start when the engine returns."""
+        links: dict[str, Any] = {name: attrs.asdict(link, recurse=False)
+                                 for name, link in ((lk.name, lk) for lk in self.links.values())}
+        return {**links, "#unreachable": set(self.unreachable),
+                "#rules": list(self.policy_rules), "#sysctls": dict(self.sysctls)}
+
+    def create(self, name: str, *, persistent: bool) -> int:
+        if any(link.name == name for link in self.links.values()):
+            raise OSError(16, f"device {name} exists")
+        self._next_index += 1
+        self.links[self._next_index] = FakeLink(name, self._next_index, persistent=persistent)
+        return self._next_index
+
+    def by_name(self, name: str) -> FakeLink | None:
+        return next((lk for lk in self.links.values() if lk.name == name), None)
+
+    async def link_index(self, name: str) -> int | None:
+        await self.op("link_index")
+        link = self.by_name(name)
+        return link.index if link else None
+
+    async def link_name(self, index: int) -> str | None:
+        await self.op("link_name")
+        link = self.links.get(index)
+        return link.name if link else None
+
+    async def set_link_up(self, index: int, up: bool, *, name: str | None = None) -> bool:
+        await self.op("set_link_up")
+        link = self.links.get(index)
+        if link is None or (name is not None and link.name != name):
+            return False
+        link.up = up
+        return True
+
+    async def set_mtu(self, index: int, mtu: int) -> None:
+        await self.op("set_mtu")
+        self.links[index].mtu = mtu
+
+    async def delete_link(self, index: int, name: str) -> bool:
+        await self.op("delete_link")
+        link = self.links.get(index)
+        if link is None or link.name != name:
+            return False
+        del self.links[index]
+        self.deleted.append(name)
+        return True
+
+    async def add_address(self, index: int, iface: IPInterface) -> bool:
+        await self.op("add_address")
+        link = self.links[index]
+        if iface in link.addresses:
+            return False
+        link.addresses.add(iface)
+        return True
+
+    async def delete_address(self, index: int, iface: IPInterface) -> bool:
+        await self.op("delete_address")
+        link = self.links.get(index)
+        if link is None or iface not in link.addresses:
+            return False
+        link.addresses.discard(iface)
+        return True
+
+    async def route_mtu(self, dst: IPAddress | None) -> int | None:
+        await self.op("route_mtu")
+        return 1500
+
+    async def link_routes(self, index: int, table: int) -> list[IPNetwork]:
+        await self.op("link_routes")
+        link = self.links[index]
+        return [a.network for a in link.addresses] if table == 254 else []
+
+    async def add_routes(self, index: int, prefixes: Sequence[IPNetwork], *,
+                         table: int, metric: int | None = None) -> RouteBatchResult:
+        await self.op("add_routes")
+        if index == 0:  # unreachable routes (kill switch): not on any link
+            self.unreachable |= {(table, net) for net in prefixes}
+            return RouteBatchResult(added=tuple(prefixes), existed=())
+        link = self.links[index]
+        for net in prefixes:
+            link.routes.add((table, net))
+        return RouteBatchResult(added=tuple(prefixes), existed=())
+
+    async def delete_routes(self, index: int, prefixes: Sequence[IPNetwork], *,
+                            table: int, metric: int | None = None) -> int:
+        await self.op("delete_routes")
+        if index == 0:
+            before = len(self.unreachable)
+            self.unreachable -= {(table, net) for net in prefixes}
+            return before - len(self.unreachable)
+        link = self.links.get(index)
+        if link is None:
+            return 0
+        before = len(link.routes)
+        link.routes -= {(table, net) for net in prefixes}
+        return before - len(link.routes)
+
+    async def connected_networks(self) -> list[tuple[IPNetwork, str, int]]:
+        await self.op("connected_networks")
+        return []
+
+    async def rules(self, family: int) -> list[PolicyRule]:
+        await self.op("rules")
+        return sorted((r for r in self.policy_rules if r.family == family),
+                      key=lambda r: r.priority)
+
+    async def add_rule(self, rule: PolicyRule) -> bool:
+        await self.op("add_rule")
+        if rule in self.policy_rules:
+            return False
+        self.policy_rules.append(rule)
+        return True
+
+    async def delete_rule(self, rule: PolicyRule) -> bool:
+        await self.op("delete_rule")
+        if rule not in self.policy_rules:
+            return False
+        self.policy_rules.remove(rule)
+        return True
+
+    async def table_in_use(self, table: int) -> bool:
+        await self.op("table_in_use")
+        return any(t == table for link in self.links.values() for t, _ in link.routes) or any(
+            r.table == table for r in self.policy_rules)
+
+    async def read_sysctl(self, key: str) -> str:
+        await self.op("read_sysctl")
+        return self.sysctls.get(key, "0")
+
+    async def write_sysctl(self, key: str, value: str) -> None:
+        await self.op("write_sysctl")
+        self.sysctls[key] = value
+
+    async def close(self) -> None:
+        self.ops.append("close")
+        self.closed += 1
+
+
+class Behaviour(enum.Enum):
+    #: Serves UAPI: answers set with errno=0 and get with one peer.
+    OK = "ok"
+    #: Exits with status 1 at once, before its UAPI socket exists.
+    CRASH = "crash"
+    #: Answers set, then accepts get requests and never answers them.
+    MUTE = "mute"
+    #: Serves UAPI like OK, but only ``FakeHost.slow_start`` seconds after
+    #: it was started (its socket and link do not exist meanwhile).
+    SLOW = "slow"
+
+
+class FakeHelper:
+    """Stands in for wireguard-go.  Its pid is the test process's own (the
+    tunnel checks the UAPI socket's SO_PEERCRED against it), so ``signal``
+    must never reach the OS: it only changes this object."""
+
+    def __init__(self, host: FakeHost, argv: Sequence[str], env: dict[str, str],
+                 pass_fds: Sequence[int], behaviour: Behaviour) -> None:
+        self.host = host
+        self.argv = tuple(argv)
+        self.env = env
+        self.pass_fds = tuple(pass_fds)
+        self.behaviour = behaviour
+        self.pid = os.getpid()
+        self.started_at = trio.current_time()
+        self.start_time: int | None = None
+        self.returncode: int | None = None
+        self.exited = trio.Event()
+        self.signals: list[signal.Signals] = []
+        self.tail: collections.deque[str] = collections.deque(maxlen=20)
+        self.ifname = self.argv[-1]
+        self.owned_tun = "WG_TUN_FD" in env
+        self._server_scope = trio.CancelScope()
+        self._link: int | None = None
+        self.mute = behaviour is Behaviour.MUTE
+        #: Ignores SIGTERM (only SIGKILL ends it), like a wedged helper.
+        self.ignore_term = False
+
+    @property
+    def sock_path(self) -> str:
+        return os.path.join(self.host.uapi_dir, f"{self.ifname}.sock")
+
+    def describe_exit(self) -> str:
+        rc = self.returncode
+        if rc is None:
+            status = "is still running"
+        elif rc < 0:
+            status = f"was killed by {signal.Signals(-rc).name}"
+        else:
+            status = f"exited with status {rc}"
+        tail = " | ".join(list(self.tail)[-3:])
+        return f"helper {self.argv[0]} (pid {self.pid}) {status}" + (
+            f"; last output: {tail}" if tail else "")
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.signals.append(sig)
+        if self.exited.is_set():
+            return
+        if sig == signal.SIGKILL or (sig == signal.SIGTERM and not self.ignore_term):
+            self.die(-int(sig))
+
+    async def stop(self, grace: float) -> bool:
+        """SIGTERM, wait up to ``grace``, then SIGKILL.  Cancellation: ends
+        the wait early; nothing is left half done."""
+        if not self.exited.is_set():
+            self.signal(signal.SIGTERM)
+            with trio.move_on_after(grace):
+                await self.exited.wait()
+        if not self.exited.is_set():
+            self.signal(signal.SIGKILL)
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def die(self, returncode: int, line: str | None = None) -> None:
+        """The helper process ends: its socket goes, and a TUN it created
+        itself goes with it (as the kernel does)."""
+        if self.exited.is_set():
+            return
+        if line:
+            self.tail.append(line)
+        self._server_scope.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.sock_path)
+        if self._link is not None:
+            self.host.net.links.pop(self._link, None)
+        self.returncode = returncode
+        self.exited.set()
+        self.host.alive.discard(self)
+
+    def wedge(self) -> None:
+        """The helper hangs: its UAPI stops answering ``get`` and it ignores
+        SIGTERM (only SIGKILL ends it)."""
+        self.mute = True
+        self.ignore_term = True
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start serving (at once, or in the background for SLOW).
+        Cancellation: a checkpoint at most."""
+        if self.behaviour is Behaviour.CRASH:
+            self.die(1, "ERROR: boom")
+            return
+        if self.behaviour is Behaviour.SLOW:
+            nursery.start_soon(self._start_late, nursery)
+            return
+        self._open(nursery)
+
+    async def _start_late(self, nursery: trio.Nursery) -> None:
+        with self._server_scope:
+            await trio.sleep(self.host.slow_start)
+        if not self.exited.is_set():
+            self._open(nursery)
+
+    def _open(self, nursery: trio.Nursery) -> None:
+        if self.owned_tun:
+            assert self.host.net.by_name(self.ifname) is not None, "no owned TUN to attach to"
+        else:
+            self._link = self.host.net.create(self.ifname, persistent=False)
+        std = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        std.bind(self.sock_path)
+        std.listen(16)
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(std))
+        nursery.start_soon(self._serve, listener)
+
+    async def _serve(self, listener: trio.SocketListener) -> None:
+        with self._server_scope:
+            async with listener, trio.open_nursery() as nursery:
+                while True:
+                    nursery.start_soon(self._answer, await listener.accept())
+
+    async def _answer(self, stream: trio.abc.Stream) -> None:
+        async with stream:
+            buf = b""
+            while b"\n\n" not in buf:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                buf += chunk
+            self.host.requests.append(buf.split(b"\n", 1)[0].decode())
+            if buf.startswith(b"get=1") and self.mute:
+                await trio.sleep_forever()
+            if buf.startswith(b"get=1"):
+                reply = (f"listen_port=51820\npublic_key={PEER.hex()}\nrx_bytes=100\n"
+                         f"tx_bytes=200\nlast_handshake_time_sec=1700000000\n"
+                         f"last_handshake_time_nsec=0\nerrno=0\n\n")
+            else:
+                reply = "errno=0\n\n"
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(reply.encode())
+
+
+class FakeHost:
+    """A :class:`Host` whose helpers follow ``plan`` (one behaviour per
+    start, then ``default``)."""
+
+    def __init__(self, uapi_dir: str) -> None:
+        self.net = FakeNet()
+        self.uapi_dir = uapi_dir
+        self.plan: list[Behaviour] = []
+        self.default = Behaviour.OK
+        self.started: list[FakeHelper] = []
+        self.alive: set[FakeHelper] = set()
+        self.hooks: list[str] = []
+        self.requests: list[str] = []
+        self.tun_fds: set[int] = set()
+        #: Start delay of SLOW helpers (seconds).
+        self.slow_start = 1.0
+        self._next_fd = 100
+        self.host = Host(net=self.net, start_helper=self.start_helper, run_hook=self.run_hook,
+                         dns_backend=self.no_dns, uapi_dir=uapi_dir,
+                         create_tun=self.create_tun, close_tun=self.close_tun)
+
+    @property
+    def current(self) -> FakeHelper:
+        return self.started[-1]
+
+    @property
+    def faults(self) -> list[Fault]:
+        """Faults to inject into host operations (see :class:`Fault`)."""
+        return self.net.faults
+
+    @property
+    def ops(self) -> list[str]:
+        """Every host operation so far, by name."""
+        return self.net.ops
+
+    async def start_helper(self, nursery: trio.Nursery, argv: Sequence[str], *,
+                           log: logging.Logger, env: dict[str, str] | None = None,
+                           pass_fds: Sequence[int] = ()) -> FakeHelper:
+        """Start a fake helper following ``plan`` (then ``default``).
+        Cancellation: at the operation's checkpoint (or fault), before the
+        helper exists; never once it is started."""
+        await self.net.op("start_helper")
+        behaviour = self.plan.pop(0) if self.plan else self.default
+        helper = FakeHelper(self, argv, dict(env or {}), pass_fds, behaviour)
+        self.started.append(helper)
+        self.alive.add(helper)
+        await helper.start(nursery)
+        return helper
+
+    async def run_hook(self, command: str, log: logging.Logger, timeout: float) -> None:
+        """Record ``command``.  Cancellation: at the operation's checkpoint."""
+        await self.net.op("run_hook")
+        self.hooks.append(command)
+
+    def no_dns(self, kind: str) -> Any:
+        raise AssertionError("no DNS in these tests")
+
+    async def create_tun(self, name: str, *, packet_info: bool = False) -> TunDevice:
+        """A persistent TUN link and a fake fd.  Cancellation: at the
+        operation's checkpoint, before anything is created."""
+        await self.net.op("create_tun")
+        index = self.net.create(name, persistent=True)
+        self._next_fd += 1
+        self.tun_fds.add(self._next_fd)
+        return TunDevice(name, index, self._next_fd)
+
+    async def close_tun(self, fd: int) -> None:
+        """Forget the fd.  Cancellation: at the operation's checkpoint,
+        before the fd is closed."""
+        await self.net.op("close_tun")
+        self.tun_fds.remove(fd)
+
+
+def spec(name: str = "wgt0", *, post_up: tuple[str, ...] = ()) -> TunnelSpec:
+    import ipaddress
+
+    return TunnelSpec(
+        name=name, source=f"/fake/{name}.conf",
+        private_key=Key.generate_private(),
+        addresses=(ipaddress.ip_interface("10.9.0.1/24"),),
+        listen_port=51820,
+        post_up=post_up,
+        pre_down=("echo down",) if post_up else (),
+        peers=(PeerSpec(public_key=PEER,
+                        allowed_ips=(ipaddress.ip_network("198.51.100.0/24"),)),),
+    )
+
+
+@contextlib.contextmanager
+def uapi_dir() -> Iterator[str]:
+    """A short private directory (unix socket paths are limited to 108 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="tsu", dir="/tmp") as path:
+        yield path
