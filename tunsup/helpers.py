@@ -15,7 +15,7 @@ import os
 import random
 import signal
 import subprocess
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import attrs
 import trio
@@ -25,6 +25,19 @@ from .pidfile import process_start_time as process_start_time
 
 #: How many of a helper's last output lines are kept for error messages.
 TAIL_LINES = 20
+
+
+def describe_exit(program: str, pid: int, returncode: int | None,
+                  tail: Iterable[str]) -> str:
+    """One line on how a helper ended, with its last output lines."""
+    if returncode is None:
+        status = "is still running"
+    elif returncode < 0:
+        status = f"was killed by {signal.Signals(-returncode).name}"
+    else:
+        status = f"exited with status {returncode}"
+    last = " | ".join(list(tail)[-3:])
+    return f"helper {program} (pid {pid}) {status}" + (f"; last output: {last}" if last else "")
 
 
 class HelperProcess:
@@ -100,17 +113,7 @@ class HelperProcess:
         self.log.log(level, "[%s %s] %s", prog, label, text)
 
     def describe_exit(self) -> str:
-        rc = self.returncode
-        if rc is None:
-            status = "is still running"
-        elif rc < 0:
-            status = f"was killed by {signal.Signals(-rc).name}"
-        else:
-            status = f"exited with status {rc}"
-        tail = " | ".join(list(self.tail)[-3:])
-        return f"helper {self.argv[0]} (pid {self.pid}) {status}" + (
-            f"; last output: {tail}" if tail else ""
-        )
+        return describe_exit(self.argv[0], self.pid, self.returncode, self.tail)
 
     # --- stopping -----------------------------------------------------------
 

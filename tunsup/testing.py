@@ -44,6 +44,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
+from tunsup.helpers import describe_exit
 from tunsup.host import Host, PolicyRule
 from tunsup.host._rtnl import RouteBatchResult
 from tunsup.keys import Key
@@ -316,16 +317,7 @@ class FakeHelper:
         return os.path.join(self.host.uapi_dir, f"{self.ifname}.sock")
 
     def describe_exit(self) -> str:
-        rc = self.returncode
-        if rc is None:
-            status = "is still running"
-        elif rc < 0:
-            status = f"was killed by {signal.Signals(-rc).name}"
-        else:
-            status = f"exited with status {rc}"
-        tail = " | ".join(list(self.tail)[-3:])
-        return f"helper {self.argv[0]} (pid {self.pid}) {status}" + (
-            f"; last output: {tail}" if tail else "")
+        return describe_exit(self.argv[0], self.pid, self.returncode, self.tail)
 
     def signal(self, sig: signal.Signals) -> None:
         self.signals.append(sig)
