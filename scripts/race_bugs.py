@@ -20,24 +20,24 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: name -> (file, original text, buggy text)
 BUGS: dict[str, tuple[str, str, str]] = {
     "skip one undo step (addresses)": (
-        "tunsup/undo.py",
+        "tunsup/engine/undo.py",
         "                what = record.describe()\n",
         "                what = record.describe()\n"
         "                if what.startswith('address'):\n"
         "                    continue\n"),
     "undo in the wrong order": (
-        "tunsup/undo.py", "record = self._records.pop()", "record = self._records.pop(0)"),
+        "tunsup/engine/undo.py", "record = self._records.pop()", "record = self._records.pop(0)"),
     "backoff sleep ignores cancellation": (
-        "tunsup/tunnel.py",
+        "tunsup/engine/tunnel.py",
         "            await trio.sleep(delay)\n",
         "            with trio.CancelScope(shield=True):\n"
         "                await trio.sleep(delay)\n"),
     "a double start proceeds": (
-        "tunsup/engine.py",
+        "tunsup/engine/supervisor.py",
         "        if self._used:\n            raise RuntimeError",
         "        if False:\n            raise RuntimeError"),
     "a helper exit is swallowed": (
-        "tunsup/tunnel.py",
+        "tunsup/engine/tunnel.py",
         "                await handle.exited.wait()\n"
         "                nursery.cancel_scope.cancel()",
         "                await trio.sleep_forever()\n"

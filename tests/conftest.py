@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tunsup import _netns
+from tunsup.testing import netns as _netns
 
 _counter = itertools.count()
 

@@ -1,6 +1,6 @@
-"""Re-export of :mod:`tunsup.testing` (where the fake host now lives)."""
+"""Re-export of :mod:`tunsup.testing.fakehost` (where the fake host now lives)."""
 
-from tunsup.testing import (  # noqa: F401
+from tunsup.testing.fakehost import (  # noqa: F401
     PEER,
     Behaviour,
     FakeHelper,

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tunsup import client, pidfile
+from tunsup import pidfile
 from tunsup.cli import main
+from tunsup.control import client
 
 
 def test_client_commands_import_neither_trio_nor_pyroute2(tmp_path: Path) -> None:

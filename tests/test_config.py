@@ -1,4 +1,4 @@
-"""Tests of the supervisor TOML configuration (``tunsup.config``)."""
+"""Tests of the supervisor TOML configuration (``tunsup.config.toml``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tunsup._errors import ConfigError
-from tunsup.config import (
+from tunsup.config.toml import (
     DEFAULT_HELPER,
     DEFAULT_RUNTIME_DIR,
     DEFAULT_STATE_DIR,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from tunsup import ConfigError
-from tunsup.config import ControlConfig, load_supervisor_config
-from tunsup.plan import control_group
+from tunsup.config.sources import control_group
+from tunsup.config.toml import ControlConfig, load_supervisor_config
 
 
 def load(tmp_path: Path, text: str) -> ControlConfig:

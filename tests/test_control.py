@@ -19,9 +19,9 @@ import pytest
 import trio
 import trio.testing
 
-from tunsup import _protocol as proto
 from tunsup._log import LogHub
-from tunsup.control import ControlServer, ControlSettings, OpError
+from tunsup.control import protocol as proto
+from tunsup.control.server import ControlServer, ControlSettings, OpError
 
 from ._peer import exchange_as
 

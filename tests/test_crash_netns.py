@@ -15,10 +15,10 @@ from pathlib import Path
 import attrs
 import pytest
 
-from tunsup import _netns
-from tunsup._service import ServiceProcess
-from tunsup.journal import encode_line, journal_name
-from tunsup.keys import Key
+from tunsup.config.keys import Key
+from tunsup.engine.journal import encode_line, journal_name
+from tunsup.testing import netns as _netns
+from tunsup.testing.service_process import ServiceProcess
 
 from .conftest import needs_wireguard, unique
 from .test_tunnel_netns import STEP_GUARD, assert_restored, ping

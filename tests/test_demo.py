@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tunsup import _netns
+from tunsup.testing import netns as _netns
 
 from .conftest import needs_wireguard
 

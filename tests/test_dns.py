@@ -25,6 +25,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tunsup.config.spec import IPAddress
 from tunsup.host import dns
 from tunsup.host.dns import (
     DnsError,
@@ -37,7 +38,6 @@ from tunsup.host.dns import (
     render_resolv_conf,
     select_backend,
 )
-from tunsup.model import IPAddress
 
 T = TypeVar("T")
 

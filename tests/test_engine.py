@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from tunsup import ExitCode
-from tunsup.engine import Supervisor
+from tunsup.engine.supervisor import Supervisor
 from tunsup.host import Host
 
 

@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 
-from tunsup import _netns
-from tunsup._service import ServiceProcess
-from tunsup.tun import header_for_version
+from tunsup.host.tun import header_for_version
+from tunsup.testing import netns as _netns
+from tunsup.testing.service_process import ServiceProcess
 
 from . import test_tunnel_netns
 from .conftest import needs_wireguard, unique

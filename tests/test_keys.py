@@ -1,4 +1,4 @@
-"""tunsup.keys: RFC 7748 X25519 vectors, redaction and base64 parsing."""
+"""tunsup.config.keys: RFC 7748 X25519 vectors, redaction and base64 parsing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tunsup.keys import InvalidKey, Key, x25519
+from tunsup.config.keys import InvalidKey, Key, x25519
 
 # RFC 7748 section 5.2
 VECTORS_5_2 = [

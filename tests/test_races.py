@@ -1,5 +1,5 @@
 """Lifecycle race suite: Hypothesis draws schedules of operations against a
-:class:`~tunsup.engine.Supervisor` over :mod:`tunsup.testing`'s fake host,
+:class:`~tunsup.engine.supervisor.Supervisor` over :mod:`tunsup.testing.fakehost`'s fake host,
 and every schedule runs as one ``trio.run`` under
 ``MockClock(autojump_threshold=0)`` (virtual time: backoffs and timeouts
 cost nothing, and trio's Hypothesis plugin makes scheduling replayable).
@@ -17,7 +17,7 @@ Invariants:
 - every helper ever started has been reaped;
 - a stop completes within its bound (virtual time), whatever is in flight;
   and no schedule runs forever;
-- tunnel states only move along :data:`tunsup.tunnel.TRANSITIONS`, and
+- tunnel states only move along :data:`tunsup.engine.tunnel.TRANSITIONS`, and
   every tunnel ends stopped or failed;
 - a second ``run()`` raises, before and after the first one returns; so do
   an ``add`` after ``run()`` returned and a ``run()`` after ``stop()``;
@@ -46,13 +46,13 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from tunsup import ExitCode
-from tunsup.effects import Effect, EffectContext
-from tunsup.engine import AlreadyRunning, NoSuchTunnel, StartFailed, Stopping, Supervisor
-from tunsup.helpers import RestartPolicy
-from tunsup.model import TunnelSpec
-from tunsup.testing import Behaviour, FakeHost, Fault, spec, uapi_dir
-from tunsup.tunnel import TRANSITIONS, Tunnel, TunnelOptions, TunnelState
-from tunsup.undo import EffectStack
+from tunsup.config.spec import TunnelSpec
+from tunsup.engine.effects import Effect, EffectContext
+from tunsup.engine.supervisor import AlreadyRunning, NoSuchTunnel, StartFailed, Stopping, Supervisor
+from tunsup.engine.tunnel import TRANSITIONS, Tunnel, TunnelOptions, TunnelState
+from tunsup.engine.undo import EffectStack
+from tunsup.host.process import RestartPolicy
+from tunsup.testing.fakehost import Behaviour, FakeHost, Fault, spec, uapi_dir
 
 settings.register_profile(
     "ci", derandomize=True, max_examples=1000, deadline=None, print_blob=True,

@@ -24,7 +24,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tunsup import _netns
 from tunsup.host import _rtnl
 from tunsup.host._rtnl import (
     RouteBatchError,
@@ -34,6 +33,7 @@ from tunsup.host._rtnl import (
     encode_route,
     parse_acks,
 )
+from tunsup.testing import netns as _netns
 
 from .conftest import unique
 

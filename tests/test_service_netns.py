@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from tunsup import _netns
-from tunsup import _protocol as proto
-from tunsup._service import ServiceProcess
-from tunsup.keys import Key
+from tunsup.config.keys import Key
+from tunsup.control import protocol as proto
+from tunsup.testing import netns as _netns
+from tunsup.testing.service_process import ServiceProcess
 
 from ._peer import exchange_as
 from .conftest import needs_wireguard, unique

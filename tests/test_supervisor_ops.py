@@ -14,7 +14,9 @@ import trio.testing
 
 from tunsup import ExitCode
 from tunsup._errors import HelperExited
-from tunsup.engine import (
+from tunsup.config.keys import Key
+from tunsup.config.spec import PeerSpec, TunnelSpec
+from tunsup.engine.supervisor import (
     AlreadyRunning,
     NoSuchTunnel,
     StartFailed,
@@ -22,11 +24,9 @@ from tunsup.engine import (
     Supervisor,
     same_plan,
 )
+from tunsup.engine.tunnel import TunnelOptions, TunnelState
+from tunsup.engine.undo import TeardownReport
 from tunsup.host import Host
-from tunsup.keys import Key
-from tunsup.model import PeerSpec, TunnelSpec
-from tunsup.tunnel import TunnelOptions, TunnelState
-from tunsup.undo import TeardownReport
 
 
 class _Net:
@@ -51,7 +51,7 @@ def spec(name: str, allowed: str = "10.0.0.0/24", line: int = 5) -> TunnelSpec:
 
 
 class FakeTunnel:
-    """Quacks like :class:`tunsup.tunnel.Tunnel`.  Its start waits for
+    """Quacks like :class:`tunsup.engine.tunnel.Tunnel`.  Its start waits for
     ``gate`` (if any), then fails with ``fail`` (if any); it supervises
     until cancelled or ``crash`` is set; its teardown records itself."""
 

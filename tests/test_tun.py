@@ -1,4 +1,4 @@
-"""The supervisor-owned TUN device (``tunsup.tun``).
+"""The supervisor-owned TUN device (``tunsup.host.tun``).
 
 Devices are only ever created inside scratch namespaces, by a thread that
 joined the namespace (``_netns.run_in_netns``).
@@ -15,9 +15,10 @@ from collections.abc import Callable
 import pytest
 import trio
 
-from tunsup import _netns, tun
 from tunsup._errors import HostError
-from tunsup.tun import TunDevice, create_tun_sync, header_for_version
+from tunsup.host import tun
+from tunsup.host.tun import TunDevice, create_tun_sync, header_for_version
+from tunsup.testing import netns as _netns
 
 from .conftest import needs_netns, unique
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import attrs
 import pytest
 
-from tunsup import _netns
-from tunsup._service import ServiceFailed, ServiceProcess
-from tunsup.keys import Key
+from tunsup.config.keys import Key
+from tunsup.testing import netns as _netns
+from tunsup.testing.service_process import ServiceFailed, ServiceProcess
 
 from .conftest import WORST_STEPS, needs_wireguard, unique
 

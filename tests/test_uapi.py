@@ -19,11 +19,10 @@ import pytest
 import trio
 import trio.testing
 
-from tunsup import uapi
-from tunsup._netns import list_namespaces, ns_exec_argv, scratch_namespaces, wireguard_socket
-from tunsup.keys import Key
-from tunsup.model import Endpoint, IPNetwork, PeerSpec, TunnelSpec
-from tunsup.uapi import (
+from tunsup.config.keys import Key
+from tunsup.config.spec import Endpoint, IPNetwork, PeerSpec, TunnelSpec
+from tunsup.host import uapi
+from tunsup.host.uapi import (
     DeviceStatus,
     PeerStatus,
     UapiError,
@@ -34,6 +33,7 @@ from tunsup.uapi import (
     uapi_set,
     wait_for_socket,
 )
+from tunsup.testing.netns import list_namespaces, ns_exec_argv, scratch_namespaces, wireguard_socket
 
 from .conftest import unique
 

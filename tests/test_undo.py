@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunsup._errors import HostError
-from tunsup.effects import Effect, EffectContext
-from tunsup.undo import EffectStack, TeardownReport
+from tunsup.engine.effects import Effect, EffectContext
+from tunsup.engine.undo import EffectStack, TeardownReport
 
 log = logging.getLogger("test.undo")
 

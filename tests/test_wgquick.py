@@ -1,4 +1,4 @@
-"""tunsup.wgquick: parsing wg-quick files, FILE:LINE errors, no key leaks."""
+"""tunsup.config.wgquick: parsing wg-quick files, FILE:LINE errors, no key leaks."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from tunsup._errors import ConfigError
-from tunsup.keys import Key
-from tunsup.model import (
+from tunsup.config.keys import Key
+from tunsup.config.spec import (
     Endpoint,
     IPAddress,
     IPInterface,
@@ -24,7 +24,7 @@ from tunsup.model import (
     RouteTable,
     TunnelSpec,
 )
-from tunsup.wgquick import load_conf, parse_conf
+from tunsup.config.wgquick import load_conf, parse_conf
 
 K1 = Key(bytes(range(32)))
 K2 = Key(bytes(range(32, 64)))

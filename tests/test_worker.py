@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from tunsup._errors import HostError
-from tunsup._worker import SerialWorker
+from tunsup.host.worker import SerialWorker
 
 
 def test_runs_jobs_in_order_on_one_thread_off_the_trio_thread() -> None:

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ._protocol import format_log
+from .control.protocol import format_log
 
 #: How many recent entries ``tunsup logs`` can show.
 RING_SIZE = 1000

@@ -195,7 +195,7 @@ CLIENT_COMMANDS = ("status", "stop", "up", "down", "reload", "logs")
 
 def _client(args: argparse.Namespace) -> int:
     """The commands that talk to a running service (no trio, no pyroute2)."""
-    from . import client
+    from .control import client
 
     runtime_dir = client.runtime_dir_of(args.runtime_dir, args.config)
     if args.command == "status":
@@ -246,8 +246,8 @@ def _subcommands() -> set[str]:
 
 
 def _check(files: Sequence[str], *, debug: bool = False) -> int:
-    from .config import load_supervisor_config
-    from .wgquick import load_conf
+    from .config.toml import load_supervisor_config
+    from .config.wgquick import load_conf
 
     status = ExitCode.OK
     for path in files:
@@ -296,7 +296,7 @@ def _step_timer(debug: bool) -> StepTimer | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .plan import ConfigSource, control_group
+    from .config.sources import ConfigSource, control_group
 
     if not args.confs and not args.config:
         print("tunsup run: give at least one CONF.conf or -c FILE", file=sys.stderr)
@@ -330,7 +330,7 @@ def _run(args: argparse.Namespace) -> int:
             return ExitCode.USAGE
 
     # The instance lock (and the pid file, with pid and start time).
-    from . import instance
+    from .engine import lock as instance
 
     try:
         lock = instance.acquire(cfg.runtime_dir, cfg.state_dir)
@@ -344,11 +344,11 @@ def _run(args: argparse.Namespace) -> int:
     import trio
 
     from ._log import HUB, setup_logging, stop_logging
-    from .control import ControlSettings
+    from .control.server import ControlSettings
+    from .engine.journal import Journal, JournalObserver
+    from .engine.tunnel import Tunnel
     from .host import real_host
-    from .journal import Journal, JournalObserver
     from .service import options_for, run_service
-    from .tunnel import Tunnel
 
     setup_logging(debug=args.debug, json_lines=args.json_logs)
     try:
@@ -377,7 +377,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _cleanup(args: argparse.Namespace) -> int:
-    from .config import DEFAULT_STATE_DIR, load_supervisor_config
+    from .config.toml import DEFAULT_STATE_DIR, load_supervisor_config
 
     state_dir = args.state_dir
     if state_dir is None:
@@ -390,7 +390,7 @@ def _cleanup(args: argparse.Namespace) -> int:
         print("tunsup cleanup: needs root (CAP_NET_ADMIN)", file=sys.stderr)
         return ExitCode.USAGE
 
-    from . import instance
+    from .engine import lock as instance
 
     try:
         lock_fd = instance.lock_state(state_dir)
@@ -401,8 +401,8 @@ def _cleanup(args: argparse.Namespace) -> int:
     import trio
 
     from ._log import setup_logging, stop_logging
+    from .engine.recovery import recover
     from .host import real_host
-    from .recovery import recover
 
     setup_logging(debug=args.debug)
     try:
@@ -420,7 +420,7 @@ def _cleanup(args: argparse.Namespace) -> int:
     finally:
         os.close(lock_fd)
         stop_logging()
-    from .recovery import RecoveryReport
+    from .engine.recovery import RecoveryReport
 
     assert isinstance(report, RecoveryReport)
     for line in report.undone:

@@ -19,10 +19,10 @@ import time
 from collections.abc import Iterator
 from types import FrameType
 
-from . import _netns
-from ._service import ServiceFailed, ServiceProcess
-from .keys import Key
-from .uapi import parse_get
+from .config.keys import Key
+from .host.uapi import parse_get
+from .testing import netns as _netns
+from .testing.service_process import ServiceFailed, ServiceProcess
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0

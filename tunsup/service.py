@@ -22,20 +22,20 @@ from typing import Any
 import attrs
 import trio
 
-from . import __version__, sdnotify
-from . import _protocol as proto
+from . import __version__
 from ._errors import ConfigError, ExitCode
 from ._log import LogHub
-from .config import OnFailure, SupervisorConfig, TunnelEntry
-from .control import ControlServer, ControlSettings, OpError
-from .engine import AlreadyRunning, NoSuchTunnel, Slot, StartFailed, Stopping, Supervisor
-from .helpers import RestartPolicy
-from .host import Host
-from .journal import Journal, JournalObserver
-from .model import TunnelSpec
-from .plan import ConfigSource, Loaded
-from .tunnel import Tunnel, TunnelOptions
-from .uapi import UapiError, socket_path, uapi_get
+from .config.sources import ConfigSource, Loaded
+from .config.spec import TunnelSpec
+from .config.toml import OnFailure, SupervisorConfig, TunnelEntry
+from .control import protocol as proto
+from .control.server import ControlServer, ControlSettings, OpError
+from .engine.journal import Journal, JournalObserver
+from .engine.supervisor import AlreadyRunning, NoSuchTunnel, Slot, StartFailed, Stopping, Supervisor
+from .engine.tunnel import Tunnel, TunnelOptions
+from .host import Host, sdnotify
+from .host.process import RestartPolicy
+from .host.uapi import UapiError, socket_path, uapi_get
 
 log = logging.getLogger("tunsup")
 

@@ -15,8 +15,8 @@ from typing import Protocol
 import attrs
 import trio
 
-from .. import tun
-from ..model import IPAddress, IPInterface, IPNetwork
+from ..config.spec import IPAddress, IPInterface, IPNetwork
+from . import tun
 from .dns import DnsBackend
 
 
@@ -78,7 +78,7 @@ class NetOps(Protocol):
 
 
 class HelperHandle(Protocol):
-    """A running helper process (see :class:`tunsup.helpers.HelperProcess`)."""
+    """A running helper process (see :class:`tunsup.host.process.HelperProcess`)."""
 
     pid: int
     start_time: int | None
@@ -94,9 +94,9 @@ class HelperHandle(Protocol):
 StartHelper = Callable[..., Awaitable[HelperHandle]]
 RunHook = Callable[[str, logging.Logger, float], Awaitable[None]]
 #: Create a persistent TUN device: ``(name, *, packet_info)`` (see
-#: :func:`tunsup.tun.create_tun`).
+#: :func:`tunsup.host.tun.create_tun`).
 CreateTun = Callable[..., Awaitable[tun.TunDevice]]
-#: Close a TUN fd (see :func:`tunsup.tun.close_tun`).
+#: Close a TUN fd (see :func:`tunsup.host.tun.close_tun`).
 CloseTun = Callable[[int], Awaitable[None]]
 
 
@@ -118,10 +118,10 @@ class Host:
 def real_host(*, resolv_conf: str = "/etc/resolv.conf",
               route_progress: Callable[[int], None] | None = None) -> Host:
     """The host this process runs on (its network namespace)."""
-    from ..helpers import start_helper
-    from ..hooks import run_hook
     from .dns import select_backend
+    from .hooks import run_hook
     from .netlink import NetlinkHost
+    from .process import start_helper
 
     return Host(
         net=NetlinkHost(route_progress=route_progress),

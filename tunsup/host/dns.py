@@ -43,7 +43,7 @@ import outcome
 import trio
 
 from .._errors import HostError
-from ..model import IPAddress
+from ..config.spec import IPAddress
 
 __all__ = [
     "DEFAULT_RESOLV_CONF",

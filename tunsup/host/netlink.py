@@ -20,9 +20,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from .._errors import HostError
-from .._worker import SerialWorker
-from ..model import IPAddress, IPInterface, IPNetwork
+from ..config.spec import IPAddress, IPInterface, IPNetwork
 from . import PolicyRule, _rtnl
+from .worker import SerialWorker
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
-from . import _netns
+from . import netns as _netns
 
 
 class ServiceFailed(Exception):

@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 import outcome
 import trio
 
-from ._errors import HostError
+from .._errors import HostError
 
 T = TypeVar("T")
 

@@ -27,10 +27,10 @@ import logging
 import attrs
 import trio
 
-from ._errors import HostError
+from .._errors import HostError
+from ..config.spec import RT_TABLE_MAIN, IPNetwork, TunnelSpec
+from ..host import NetOps, PolicyRule
 from .effects import KillSwitch, Routes, Rule, Sysctl, select_routes
-from .host import NetOps, PolicyRule
-from .model import RT_TABLE_MAIN, IPNetwork, TunnelSpec
 from .undo import EffectStack
 
 #: wg-quick's first choice of table and fwmark for a full tunnel.
@@ -71,7 +71,7 @@ async def plan_routing(spec: TunnelSpec, net: NetOps, log: logging.Logger,
         connected = [(n, dev) for n, dev, _ in await net.connected_networks()]
         # Pure computation, but O(AllowedIPs): kept off the trio thread when
         # large.  Small plans stay inline: a worker thread would also let a
-        # MockClock (tunsup.testing) jump past every deadline meanwhile.
+        # MockClock (tunsup.testing.fakehost) jump past every deadline meanwhile.
         if len(wanted) > INLINE_PREFIXES:
             ordinary = await trio.to_thread.run_sync(_reconcile_lan, wanted, connected, log, lan)
         else:

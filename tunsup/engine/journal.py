@@ -3,7 +3,7 @@
 Before an effect is applied its *intent* is appended and fsync'd; once it
 is applied its *record* is appended; once it is undone, that too.  After a
 crash (SIGKILL, power cut) the journal says exactly what may be on the host,
-and recovery (:mod:`tunsup.recovery`) undoes it with the same undo code as a
+and recovery (:mod:`tunsup.engine.recovery`) undoes it with the same undo code as a
 normal stop.
 
 Format: one record per line, ``CRC32HEX JSON\\n``, appended to
@@ -35,11 +35,11 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
+from ..config.spec import IPAddress, IPInterface, IPNetwork
+from ..host.dns import DnsState, FileDnsState, ResolvconfDnsState, ResolvedDnsState
+from ..host.worker import SerialWorker
 from . import effects
-from ._worker import SerialWorker
 from .effects import Effect
-from .host.dns import DnsState, FileDnsState, ResolvconfDnsState, ResolvedDnsState
-from .model import IPAddress, IPInterface, IPNetwork
 
 log = logging.getLogger("tunsup.journal")
 
@@ -336,7 +336,7 @@ class Journal:
 
 
 class JournalObserver:
-    """Connects one tunnel's :class:`~tunsup.undo.EffectStack` to the journal."""
+    """Connects one tunnel's :class:`~tunsup.engine.undo.EffectStack` to the journal."""
 
     def __init__(self, journal: Journal, tunnel: str) -> None:
         self.journal = journal

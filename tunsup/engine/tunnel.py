@@ -12,8 +12,8 @@ Supervision: while up, the helper is probed over UAPI every
 fails marks the tunnel *degraded* (with the reason) and a good one makes it
 *up* again.  A helper that exits is restarted after a backoff, through the
 same effect stack mechanism: the helper and what depends on it form a
-*generation* (a nested :class:`~tunsup.undo.EffectStack`, see
-:class:`~tunsup.effects.HelperGeneration`) that is unwound and applied anew.
+*generation* (a nested :class:`~tunsup.engine.undo.EffectStack`, see
+:class:`~tunsup.engine.effects.HelperGeneration`) that is unwound and applied anew.
 In owned-TUN mode the interface, its addresses and routes stay in place
 meanwhile, so nothing meant for the tunnel leaves another way.
 """
@@ -34,10 +34,13 @@ import attrs
 import trio
 from trio_util import AsyncValue
 
-from . import tun as tun_adapter
-from . import uapi
-from ._errors import HelperExited, HostError
-from .config import DEFAULT_HELPER
+from .._errors import HelperExited, HostError
+from ..config.keys import Key
+from ..config.spec import IPAddress, TunnelSpec
+from ..config.toml import DEFAULT_HELPER
+from ..host import HelperHandle, Host, uapi
+from ..host import tun as tun_adapter
+from ..host.process import RestartPolicy, RestartTracker
 from .effects import (
     Address,
     ConfigureWireguard,
@@ -52,10 +55,6 @@ from .effects import (
     OwnedTun,
     StartHelper,
 )
-from .helpers import RestartPolicy, RestartTracker
-from .host import HelperHandle, Host
-from .keys import Key
-from .model import IPAddress, TunnelSpec
 from .routing import RoutingPlan, apply_link_routes, apply_policy, plan_routing
 from .undo import EffectStack, StackObserver, TeardownReport
 
@@ -120,7 +119,7 @@ class TunnelOptions:
     #: (``WG_TUN_FD``); "helper": the helper creates its own.
     tun_mode: Literal["owned", "helper"] = "owned"
     #: Framing of the owned TUN's fd: "pi", "none", or "auto" (asks
-    #: wireguard-go its release; see :func:`tunsup.tun.detect_header`).
+    #: wireguard-go its release; see :func:`tunsup.host.tun.detect_header`).
     tun_header: Literal["auto", "pi", "none"] = "auto"
     probe_interval: float = 5.0
     probe_timeout: float = 1.0

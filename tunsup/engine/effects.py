@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from ._errors import HostError
-from .host import HelperHandle, Host, PolicyRule
-from .host.dns import DnsBackend, DnsState
-from .model import IPAddress, IPInterface, IPNetwork
+from .._errors import HostError
+from ..config.spec import IPAddress, IPInterface, IPNetwork
+from ..host import HelperHandle, Host, PolicyRule
+from ..host.dns import DnsBackend, DnsState
 
 if TYPE_CHECKING:
     from .undo import EffectStack
@@ -173,7 +173,7 @@ class StartHelper(Effect):
         # after the dead instance itself.
         if not ctx.recovering or ctx.instance_start is None:
             return
-        from .helpers import find_processes, terminate_foreign
+        from ..host.process import find_processes, terminate_foreign
 
         for pid, start in await trio.to_thread.run_sync(
             find_processes, self.argv, ctx.instance_start
@@ -219,8 +219,8 @@ class HelperRunning(Effect):
     async def _undo_foreign(self, ctx: EffectContext) -> None:
         """Recovery: the helper is not our child.  It is signalled only if
         its pid still has the recorded start time (never a reused pid)."""
-        from .helpers import terminate_foreign
-        from .pidfile import process_start_time
+        from ..host.process import terminate_foreign
+        from ..pidfile import process_start_time
 
         start = await trio.to_thread.run_sync(process_start_time, self.pid)
         if start is None or self.start_time is None or start != self.start_time:
@@ -243,7 +243,7 @@ async def _remove_stale_socket(ctx: EffectContext, ifname: str) -> None:
     shared by every namespace, so the file is removed only when nobody
     listens on it any more (another namespace's wireguard-go may use the
     same name).  Bounded (2 s); cancellable."""
-    from .uapi import socket_path
+    from ..host.uapi import socket_path
 
     path = socket_path(ifname, ctx.host.uapi_dir)
 
@@ -352,7 +352,7 @@ class HelperGeneration(Effect):
 
     The tunnel applies the helper, the wait for its UAPI socket and its
     configuration (in helper-created-TUN mode also the link and everything
-    on it) to an :class:`~tunsup.undo.EffectStack` held in
+    on it) to an :class:`~tunsup.engine.undo.EffectStack` held in
     ``ctx.generations``; this record stands for it on the tunnel's stack.
     When the helper dies, supervision unwinds that stack and applies a new
     generation to a fresh one, while the records around this one (the owned
@@ -435,7 +435,7 @@ class ConfigureWireguard(Effect):
         return f"WireGuard configuration of {self.ifname}"
 
     async def apply(self, ctx: EffectContext) -> Effect:
-        from .uapi import socket_path, uapi_set
+        from ..host.uapi import socket_path, uapi_set
 
         await uapi_set(socket_path(self.ifname, ctx.host.uapi_dir), self.request,
                        timeout=self.timeout)
@@ -719,7 +719,7 @@ class KillSwitch(Effect):
                f"table {self.table})"
 
     async def apply(self, ctx: EffectContext) -> Effect:
-        from .host._rtnl import UNREACHABLE
+        from ..host._rtnl import UNREACHABLE
 
         result = await ctx.host.net.add_routes(UNREACHABLE, self.prefixes, table=self.table,
                                                metric=KILL_SWITCH_METRIC)
@@ -728,7 +728,7 @@ class KillSwitch(Effect):
         return attrs.evolve(self, prefixes=tuple(result.added))
 
     async def undo(self, ctx: EffectContext) -> None:
-        from .host._rtnl import UNREACHABLE
+        from ..host._rtnl import UNREACHABLE
 
         if self.prefixes:
             await ctx.host.net.delete_routes(UNREACHABLE, self.prefixes, table=self.table,

@@ -61,7 +61,7 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 __all__ = [
     "DEFAULT_BACKOFF_INITIAL",

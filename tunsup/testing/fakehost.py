@@ -2,8 +2,8 @@
 drives tunsup's engine (yours or ours) under trio's MockClock.
 
 Public API: :class:`FakeHost` (its ``host`` attribute is a
-:class:`tunsup.host.Host` to hand to :class:`tunsup.engine.Supervisor` or
-:class:`tunsup.tunnel.Tunnel`), :class:`FakeNet` (links, addresses,
+:class:`tunsup.host.Host` to hand to :class:`tunsup.engine.supervisor.Supervisor` or
+:class:`tunsup.engine.tunnel.Tunnel`), :class:`FakeNet` (links, addresses,
 routes, rules and sysctls in memory; :meth:`FakeNet.state` is what must be
 back to the start when the engine returns), :class:`FakeHelper` and
 :class:`Behaviour` (scriptable stand-ins for wireguard-go), :class:`Fault`
@@ -44,12 +44,12 @@ from typing import Any, Literal
 import attrs
 import trio
 
-from tunsup.helpers import describe_exit
+from tunsup.config.keys import Key
+from tunsup.config.spec import IPAddress, IPInterface, IPNetwork, PeerSpec, TunnelSpec
 from tunsup.host import Host, PolicyRule
 from tunsup.host._rtnl import RouteBatchResult
-from tunsup.keys import Key
-from tunsup.model import IPAddress, IPInterface, IPNetwork, PeerSpec, TunnelSpec
-from tunsup.tun import TunDevice
+from tunsup.host.process import describe_exit
+from tunsup.host.tun import TunDevice
 
 PEER = Key.generate_private().public_key()
 

@@ -1,6 +1,6 @@
 """The undo stack: one cleanup path for stop, failed start and crash.
 
-Every host change is an :class:`~tunsup.effects.Effect`.  ``apply`` runs it
+Every host change is an :class:`~tunsup.engine.effects.Effect`.  ``apply`` runs it
 and pushes the record it returns; when the stack unwinds (normal stop,
 failure during start, or a runtime failure) every record is undone in exact
 reverse order, shielded from cancellation and bounded by a deadline, each

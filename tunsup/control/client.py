@@ -1,9 +1,9 @@
 """Client commands: ``tunsup status | stop | up | down | logs``.
 
 They talk to a running service over its control socket
-(``runtime_dir/control.sock``, see :mod:`tunsup._protocol`) and import
+(``runtime_dir/control.sock``, see :mod:`tunsup.control.protocol`) and import
 neither trio nor pyroute2 — only the standard library and the trio-free
-:mod:`tunsup._protocol` and :mod:`tunsup.pidfile` — so that ``status``
+:mod:`tunsup.control.protocol` and :mod:`tunsup.pidfile` — so that ``status``
 answers in tens of milliseconds.  Every wait is bounded.
 
 ``stop`` finds the service through its pid file (pid *and* start time
@@ -27,8 +27,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import _protocol as proto
-from . import pidfile
+from .. import pidfile
+from . import protocol as proto
 
 DEFAULT_RUNTIME_DIR = "/run/tunsup"
 

@@ -16,7 +16,7 @@ import os
 
 import attrs
 
-from . import pidfile
+from .. import pidfile
 
 LOCK_NAME = "tunsup.lock"
 

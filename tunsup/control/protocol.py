@@ -1,5 +1,5 @@
-"""The control protocol, shared by the server (:mod:`tunsup.control`) and the
-trio-free client (:mod:`tunsup.client`).
+"""The control protocol, shared by the server (:mod:`tunsup.control.server`) and the
+trio-free client (:mod:`tunsup.control.client`).
 
 Newline-delimited JSON over the unix stream socket ``runtime_dir/control.sock``.
 Every frame is one JSON object on one line (UTF-8, no raw newlines inside):

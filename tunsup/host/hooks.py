@@ -10,7 +10,7 @@ import subprocess
 
 import trio
 
-from ._errors import HostError
+from .._errors import HostError
 
 #: After bash exits, how long its output is still read: a hook that starts
 #: a background job (``cmd &``) leaves the pipe open, and must not hold up

@@ -2,7 +2,7 @@
 
 :class:`ControlServer` listens on ``runtime_dir/control.sock`` (mode 0660,
 group from the configuration) and answers the ops of
-:mod:`tunsup._protocol` by calling an :class:`Ops` object; it knows nothing
+:mod:`tunsup.control.protocol` by calling an :class:`Ops` object; it knows nothing
 of the engine.  Each connection is its own task with an idle timeout (no
 complete request for ``idle_timeout`` seconds closes it) and a per-request
 timeout, and every send is bounded, so a slow, stuck or hostile client
@@ -35,8 +35,8 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from . import _protocol as proto
-from ._log import Entry, LogHub
+from .._log import Entry, LogHub
+from . import protocol as proto
 
 log = logging.getLogger("tunsup.control")
 

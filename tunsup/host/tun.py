@@ -38,7 +38,7 @@ from typing import Literal, TypeAlias
 import attrs
 import trio
 
-from ._errors import HostError
+from .._errors import HostError
 
 __all__ = [
     "TunDevice",

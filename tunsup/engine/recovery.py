@@ -20,9 +20,8 @@ from collections.abc import Callable
 import attrs
 import trio
 
+from ..host import Host
 from .effects import Effect, EffectContext
-from .host import Host
-from .instance import is_alive
 from .journal import (
     FORMAT_VERSION,
     JournalContents,
@@ -32,6 +31,7 @@ from .journal import (
     list_journals,
     read_journal,
 )
+from .lock import is_alive
 from .undo import EffectStack, TeardownReport
 
 log = logging.getLogger("tunsup.recovery")

@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 import attrs
 import trio
 
-from ._errors import HostError
-from .pidfile import process_start_time as process_start_time
+from .._errors import HostError
+from ..pidfile import process_start_time as process_start_time
 
 #: How many of a helper's last output lines are kept for error messages.
 TAIL_LINES = 20

@@ -10,7 +10,7 @@ bounded by its stop timeout) before ``run`` returns an :class:`ExitCode`.
 A tunnel that fails once it was up (its helper keeps dying) is torn down on
 its own; the others keep running.  Once no tunnel is left, ``run`` returns
 (exit code 1) unless ``on_failure`` is ``"keep-running"``.  With a journal,
-``run`` first recovers what dead instances left (see :mod:`tunsup.recovery`).
+``run`` first recovers what dead instances left (see :mod:`tunsup.engine.recovery`).
 
 While it runs, tunnels can be added (:meth:`Supervisor.add`), removed
 (:meth:`Supervisor.remove`) and the whole configured set replaced
@@ -33,13 +33,12 @@ import attrs
 import outcome
 import trio
 
-from . import sdnotify
-from ._errors import ExitCode, TunsupError
-from ._log import tag_tunnel
-from .config import OnFailure
-from .host import Host
+from .._errors import ExitCode, TunsupError
+from .._log import tag_tunnel
+from ..config.spec import TunnelSpec
+from ..config.toml import OnFailure
+from ..host import Host, sdnotify
 from .journal import Journal
-from .model import TunnelSpec
 from .tunnel import Tunnel, TunnelOptions
 
 log = logging.getLogger("tunsup")

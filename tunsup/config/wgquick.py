@@ -1,4 +1,4 @@
-"""Parse wg-quick ``.conf`` files into a :class:`~tunsup.model.TunnelSpec`.
+"""Parse wg-quick ``.conf`` files into a :class:`~tunsup.config.spec.TunnelSpec`.
 
 The accepted format is the INI dialect of ``wg-quick(8)`` and ``wg(8)``: one
 ``[Interface]`` section and any number of ``[Peer]`` sections; section names
@@ -25,9 +25,9 @@ from typing import Generic, TypeVar
 
 import attrs
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 from .keys import InvalidKey, Key
-from .model import (
+from .spec import (
     RT_TABLE_MAIN,
     Endpoint,
     IPAddress,

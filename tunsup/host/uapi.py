@@ -25,9 +25,9 @@ from collections.abc import Callable, Mapping
 import attrs
 import trio
 
-from ._errors import HostError
-from .keys import Key
-from .model import IPNetwork, TunnelSpec
+from .._errors import HostError
+from ..config.keys import Key
+from ..config.spec import IPNetwork, TunnelSpec
 
 __all__ = [
     "MAX_REPLY",

@@ -15,15 +15,15 @@ from typing import Any
 
 import attrs
 
-from ._errors import ConfigError
-from .config import (
+from .._errors import ConfigError
+from .spec import TunnelSpec
+from .toml import (
     SupervisorConfig,
     TunnelEntry,
     apply_overrides,
     config_for_confs,
     load_supervisor_config,
 )
-from .model import TunnelSpec
 from .wgquick import load_conf
 
 
