@@ -48,10 +48,10 @@ from hypothesis import strategies as st
 from tunsup import ExitCode
 from tunsup.config.spec import TunnelSpec
 from tunsup.engine.effects import Effect, EffectContext
+from tunsup.engine.restart import RestartPolicy
 from tunsup.engine.supervisor import AlreadyRunning, NoSuchTunnel, StartFailed, Stopping, Supervisor
 from tunsup.engine.tunnel import TRANSITIONS, Tunnel, TunnelOptions, TunnelState
 from tunsup.engine.undo import EffectStack
-from tunsup.host.process import RestartPolicy
 from tunsup.testing.fakehost import Behaviour, FakeHost, Fault, spec, uapi_dir
 
 settings.register_profile(

@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tunsup import ExitCode
+from tunsup.engine.restart import RestartPolicy, RestartTracker
 from tunsup.engine.supervisor import Supervisor
 from tunsup.engine.tunnel import TRANSITIONS, Tunnel, TunnelOptions, TunnelState
-from tunsup.host.process import RestartPolicy, RestartTracker
 
 from .fakehost import Behaviour, FakeHost, spec, uapi_dir
 

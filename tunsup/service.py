@@ -31,10 +31,10 @@ from .config.toml import OnFailure, SupervisorConfig, TunnelEntry
 from .control import protocol as proto
 from .control.server import ControlServer, ControlSettings, OpError
 from .engine.journal import Journal, JournalObserver
+from .engine.restart import RestartPolicy
 from .engine.supervisor import AlreadyRunning, NoSuchTunnel, Slot, StartFailed, Stopping, Supervisor
 from .engine.tunnel import Tunnel, TunnelOptions
 from .host import Host, sdnotify
-from .host.process import RestartPolicy
 from .host.uapi import UapiError, socket_path, uapi_get
 
 log = logging.getLogger("tunsup")

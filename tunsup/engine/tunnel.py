@@ -40,7 +40,6 @@ from ..config.spec import IPAddress, TunnelSpec
 from ..config.toml import DEFAULT_HELPER
 from ..host import HelperHandle, Host, uapi
 from ..host import tun as tun_adapter
-from ..host.process import RestartPolicy, RestartTracker
 from .effects import (
     Address,
     ConfigureWireguard,
@@ -55,6 +54,7 @@ from .effects import (
     OwnedTun,
     StartHelper,
 )
+from .restart import RestartPolicy, RestartTracker
 from .routing import RoutingPlan, apply_link_routes, apply_policy, plan_routing
 from .undo import EffectStack, StackObserver, TeardownReport
 
