@@ -25,66 +25,21 @@ import logging
 import os
 import stat
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from .._errors import HostError
 from ..config.spec import IPAddress, IPInterface, IPNetwork
-from ..host import HelperHandle, Host, PolicyRule
+from ..host import UNREACHABLE, PolicyRule
 from ..host.dns import DnsBackend, DnsState
 
-if TYPE_CHECKING:
-    from .undo import EffectStack
-
-Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
-
-
-@attrs.define
-class EffectContext:
-    """What effects need at run time; not part of any record."""
-
-    host: Host
-    log: Log
-    #: Background tasks of helpers (watchers, log pumps) run here.
-    nursery: trio.Nursery
-    stop_grace: float = 2.0
-    hook_timeout: float = 60.0
-    #: Live helper handles by pid (records only hold pid + start time).
-    helpers: dict[int, HelperHandle] = attrs.field(factory=dict)
-    #: Crash recovery: undoing a dead instance's journal.  Helpers are then
-    #: not our children; they are found by pid *and* start time.
-    recovering: bool = False
-    #: Recovery: start time (clock ticks since boot) of the dead instance,
-    #: to find a helper it started but did not get to record.
-    instance_start: int | None = None
-    #: Open fds of the TUN devices tunsup owns, by interface name.
-    tun_fds: dict[str, int] = attrs.field(factory=dict)
-    #: The current helper generation of each tunnel (see HelperGeneration).
-    generations: dict[str, EffectStack] = attrs.field(factory=dict)
-
-
-class Effect:
-    """Base class of effect records."""
-
-    def describe(self) -> str:
-        raise NotImplementedError
-
-    async def prepare(self, ctx: EffectContext) -> Effect:
-        return self
-
-    async def apply(self, ctx: EffectContext) -> Effect:
-        raise NotImplementedError
-
-    async def undo(self, ctx: EffectContext) -> None:
-        raise NotImplementedError
-
-    async def abort(self, ctx: EffectContext) -> None:
-        await self.undo(ctx)
-
-    def undo_timeout(self, ctx: EffectContext) -> float:
-        return 10.0
+# The base types live beside the stack that runs them (no import cycle);
+# re-exported here for the effect modules and their users.
+from .undo import LAST_CHANCE
+from .undo import Effect as Effect
+from .undo import EffectContext as EffectContext
+from .undo import Log as Log
 
 
 def expand_hook(command: str, ifname: str) -> str:
@@ -384,7 +339,6 @@ class HelperGeneration(Effect):
         pass
 
     def undo_timeout(self, ctx: EffectContext) -> float:
-        from .undo import LAST_CHANCE
 
         stack = ctx.generations.get(self.ifname)
         records = stack.records if stack is not None else ()
@@ -719,7 +673,6 @@ class KillSwitch(Effect):
                f"table {self.table})"
 
     async def apply(self, ctx: EffectContext) -> Effect:
-        from ..host._rtnl import UNREACHABLE
 
         result = await ctx.host.net.add_routes(UNREACHABLE, self.prefixes, table=self.table,
                                                metric=KILL_SWITCH_METRIC)
@@ -728,7 +681,6 @@ class KillSwitch(Effect):
         return attrs.evolve(self, prefixes=tuple(result.added))
 
     async def undo(self, ctx: EffectContext) -> None:
-        from ..host._rtnl import UNREACHABLE
 
         if self.prefixes:
             await ctx.host.net.delete_routes(UNREACHABLE, self.prefixes, table=self.table,

@@ -14,17 +14,64 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import attrs
 import trio
 
-if TYPE_CHECKING:
-    from .effects import Effect, EffectContext
-
+from ..host import HelperHandle, Host
 
 #: Seconds every undo step gets even after the stop deadline has passed.
 LAST_CHANCE = 1.0
+
+
+Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
+
+
+@attrs.define
+class EffectContext:
+    """What effects need at run time; not part of any record."""
+
+    host: Host
+    log: Log
+    #: Background tasks of helpers (watchers, log pumps) run here.
+    nursery: trio.Nursery
+    stop_grace: float = 2.0
+    hook_timeout: float = 60.0
+    #: Live helper handles by pid (records only hold pid + start time).
+    helpers: dict[int, HelperHandle] = attrs.field(factory=dict)
+    #: Crash recovery: undoing a dead instance's journal.  Helpers are then
+    #: not our children; they are found by pid *and* start time.
+    recovering: bool = False
+    #: Recovery: start time (clock ticks since boot) of the dead instance,
+    #: to find a helper it started but did not get to record.
+    instance_start: int | None = None
+    #: Open fds of the TUN devices tunsup owns, by interface name.
+    tun_fds: dict[str, int] = attrs.field(factory=dict)
+    #: The current helper generation of each tunnel (see HelperGeneration).
+    generations: dict[str, EffectStack] = attrs.field(factory=dict)
+
+
+class Effect:
+    """Base class of effect records."""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    async def prepare(self, ctx: EffectContext) -> Effect:
+        return self
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        raise NotImplementedError
+
+    async def undo(self, ctx: EffectContext) -> None:
+        raise NotImplementedError
+
+    async def abort(self, ctx: EffectContext) -> None:
+        await self.undo(ctx)
+
+    def undo_timeout(self, ctx: EffectContext) -> float:
+        return 10.0
 
 
 class StackObserver(Protocol):
