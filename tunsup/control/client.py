@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import pidfile
+from .._log import format_log
 from . import protocol as proto
 
 DEFAULT_RUNTIME_DIR = "/run/tunsup"
@@ -419,7 +420,7 @@ def _log_printer(as_json: bool) -> Callable[[dict[str, Any]], None]:
         if as_json:
             print(json.dumps(entry, ensure_ascii=False), flush=True)
         else:
-            print(proto.format_log(entry), flush=True)
+            print(format_log(entry), flush=True)
 
     return show
 

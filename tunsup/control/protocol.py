@@ -67,15 +67,3 @@ def error(request_id: Any, code: str, message: str) -> dict[str, Any]:
 
 def response(request_id: Any, result: dict[str, Any]) -> dict[str, Any]:
     return {"id": request_id, "ok": True, "result": result}
-
-
-def format_log(entry: dict[str, Any]) -> str:
-    """A log entry as one human line: ``HH:MM:SS.mmm LEVEL   source: message``
-    (the service's stderr format)."""
-    import time
-
-    ts = float(entry.get("ts") or 0.0)
-    stamp = time.strftime("%H:%M:%S", time.localtime(ts))
-    millis = int((ts - int(ts)) * 1000)
-    level = f"{entry.get('level', '')!s:<7}"
-    return f"{stamp}.{millis:03d} {level} {entry.get('logger', '')}: {entry.get('msg', '')}"

@@ -17,6 +17,8 @@ import trio
 
 from ..config.spec import IPAddress, IPInterface, IPNetwork
 from . import tun
+from ._rtnl import UNREACHABLE as UNREACHABLE
+from ._rtnl import RouteBatchResult as RouteBatchResult
 from .dns import DnsBackend
 
 

@@ -46,8 +46,7 @@ import trio
 
 from tunsup.config.keys import Key
 from tunsup.config.spec import IPAddress, IPInterface, IPNetwork, PeerSpec, TunnelSpec
-from tunsup.host import Host, PolicyRule
-from tunsup.host._rtnl import RouteBatchResult
+from tunsup.host import Host, PolicyRule, RouteBatchResult
 from tunsup.host.process import describe_exit
 from tunsup.host.tun import TunDevice
 
