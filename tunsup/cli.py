@@ -11,7 +11,7 @@ import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from ._errors import ConfigError, ExitCode
@@ -19,6 +19,7 @@ from ._errors import ConfigError, ExitCode
 if TYPE_CHECKING:
     from ._instrument import StepTimer
 
+CLIENT_COMMANDS = ("status", "stop", "up", "down", "reload", "logs")
 DNS_CHOICES = ("auto", "resolved", "resolvconf", "file", "none")
 CAP_NET_ADMIN = 12
 
@@ -179,7 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "cleanup":
             return _cleanup(args)
         if args.command in CLIENT_COMMANDS:
-            return _client(args)
+            from .cli_client import run_client_command
+
+            return run_client_command(args)
         if args.command == "demo":
             from .demo import main as demo_main
 
@@ -188,61 +191,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tunsup: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     raise AssertionError(args.command)
-
-
-CLIENT_COMMANDS = ("status", "stop", "up", "down", "reload", "logs")
-
-
-def _client(args: argparse.Namespace) -> int:
-    """The commands that talk to a running service (no trio, no pyroute2)."""
-    from .control import client
-
-    runtime_dir = client.runtime_dir_of(args.runtime_dir, args.config)
-    if args.command == "status":
-        return client.status(runtime_dir, as_json=args.json, debug=args.debug)
-    if args.command == "stop":
-        if args.timeout <= 0:
-            print("tunsup stop: --timeout must be > 0", file=sys.stderr)
-            return ExitCode.USAGE
-        return client.stop(runtime_dir, timeout=args.timeout, force=args.force,
-                           cleanup=_cleanup_command(args), debug=args.debug)
-    if args.command == "up":
-        return client.up(runtime_dir, args.conf, debug=args.debug)
-    if args.command == "down":
-        return client.down(runtime_dir, args.name, debug=args.debug)
-    if args.command == "reload":
-        return client.reload(runtime_dir, debug=args.debug)
-    if args.command == "logs":
-        return client.logs(runtime_dir, lines=max(0, args.lines), follow=args.follow,
-                           as_json=args.json, debug=args.debug)
-    raise AssertionError(args.command)
-
-
-def _cleanup_command(args: argparse.Namespace) -> Callable[[], int] | None:
-    """What ``stop --force`` runs after SIGKILL: ``tunsup cleanup`` (crash
-    recovery) when this version has it, else None."""
-    choices = _subcommands()
-    if "cleanup" not in choices:
-        return None
-
-    def cleanup() -> int:
-        import subprocess
-
-        argv = [sys.executable, "-m", "tunsup", "cleanup"]
-        if args.config:
-            argv += ["-c", args.config]
-        if args.state_dir:
-            argv += ["--state-dir", args.state_dir]
-        return subprocess.run(argv, check=False).returncode
-
-    return cleanup
-
-
-def _subcommands() -> set[str]:
-    for action in _parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return set(action.choices)
-    return set()
 
 
 def _check(files: Sequence[str], *, debug: bool = False) -> int:

@@ -1,0 +1,53 @@
+"""The CLI's client commands (``status``, ``stop``, ``up``, ``down``,
+``reload``, ``logs``): they talk to a running service over its control
+socket and import neither trio, pyroute2 nor cattrs (an import-linter
+contract keeps it so), so that they start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Callable
+
+from ._errors import ExitCode
+from .control import client
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    """Run ``args.command``, one of :data:`tunsup.cli.CLIENT_COMMANDS`."""
+    runtime_dir = client.runtime_dir_of(args.runtime_dir, args.config)
+    if args.command == "status":
+        return client.status(runtime_dir, as_json=args.json, debug=args.debug)
+    if args.command == "stop":
+        if args.timeout <= 0:
+            print("tunsup stop: --timeout must be > 0", file=sys.stderr)
+            return ExitCode.USAGE
+        return client.stop(runtime_dir, timeout=args.timeout, force=args.force,
+                           cleanup=_cleanup_command(args), debug=args.debug)
+    if args.command == "up":
+        return client.up(runtime_dir, args.conf, debug=args.debug)
+    if args.command == "down":
+        return client.down(runtime_dir, args.name, debug=args.debug)
+    if args.command == "reload":
+        return client.reload(runtime_dir, debug=args.debug)
+    if args.command == "logs":
+        return client.logs(runtime_dir, lines=max(0, args.lines), follow=args.follow,
+                           as_json=args.json, debug=args.debug)
+    raise AssertionError(args.command)
+
+
+def _cleanup_command(args: argparse.Namespace) -> Callable[[], int]:
+    """What ``stop --force`` runs after SIGKILL: ``tunsup cleanup`` (crash
+    recovery) in a fresh interpreter, with the same paths."""
+
+    def cleanup() -> int:
+        argv = [sys.executable, "-m", "tunsup", "cleanup"]
+        if args.config:
+            argv += ["-c", args.config]
+        if args.state_dir:
+            argv += ["--state-dir", args.state_dir]
+        return subprocess.run(argv, check=False).returncode
+
+    return cleanup
