@@ -6,8 +6,8 @@ match what the file says, so a reused pid is never mistaken for tunsup.
 
 Synchronous and free of trio and pyroute2: client commands (``stop``,
 ``status``) import it.  The service writes the file in a worker thread or
-before its event loop starts.  (Issue 3's instance lock writes the same
-format; this module is the minimal version the control plane needs.)
+before its event loop starts (see :mod:`tunsup.engine.lock`, which holds
+the instance lock and writes this file).
 """
 
 from __future__ import annotations

@@ -215,10 +215,6 @@ def _tunnel_status(slot: Slot, now: float) -> dict[str, Any]:
     state = tunnel.state.value
     if state == "new":
         state = "starting"
-    # Issue 4's supervision adds degraded/restarting states and restart
-    # counts; read them when the tunnel has them.
-    if getattr(tunnel, "degraded", False) and state == "up":
-        state = "degraded"
     return {
         "name": tunnel.name,
         "state": state,

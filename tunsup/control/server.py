@@ -547,7 +547,6 @@ def _refuse(raw: trio.socket.SocketType, code: str, message: str) -> None:
 async def _listening(path: str) -> bool:
     """Whether some process accepts connections on ``path`` (a 2 s bounded
     probe).  Cancellable; the probe socket is always closed."""
-    """Whether some process accepts connections on ``path``."""
     probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         with trio.move_on_after(2):

@@ -28,7 +28,6 @@ import os
 import signal
 import time
 import zlib
-from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -364,25 +363,6 @@ class JournalObserver:
             await self.journal.append({"op": "undone", "seq": seq})
 
 
-class RecoveryObserver:
-    """Marks steps of a dead instance's journal undone as recovery goes."""
-
-    def __init__(self, journal: Journal, seqs: dict[int, int]) -> None:
-        self.journal = journal
-        self._seqs = seqs
-
-    async def intent(self, effect: Effect) -> None:  # pragma: no cover - never applies
-        raise AssertionError("recovery applies nothing")
-
-    async def applied(self, intent: Effect, record: Effect) -> None:  # pragma: no cover
-        raise AssertionError("recovery applies nothing")
-
-    async def undone(self, record: Effect) -> None:
-        seq = self._seqs.get(id(record))
-        if seq is not None:
-            await self.journal.append({"op": "undone", "seq": seq})
-
-
 # --- fault points (tests only) ------------------------------------------------
 
 #: Test-only: ``intent:N`` SIGKILLs the process right after the Nth intent is
@@ -423,8 +403,3 @@ class FaultPoint:
             # stderr directly: the log writer thread would die with us.
             os.write(2, f"{FAULT_ENV}={self.kind}:{self.n}: SIGKILL (test fault point)\n".encode())
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-def iter_pending(contents: JournalContents) -> Iterator[Effect]:
-    for _, effect in contents.pending():
-        yield effect

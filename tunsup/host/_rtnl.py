@@ -30,7 +30,7 @@ What it checks:
 * a socket timeout bounds every ``recv`` so a wedged kernel cannot hang the
   worker thread forever.
 
-Ownership rules (see DESIGN.md, "only what tunsup created is owned"):
+Ownership rules (only what tunsup created is owned):
 
 * ``add_routes`` creates routes with ``NLM_F_CREATE | NLM_F_EXCL``.  A route
   that already exists with the same key (``EEXIST``) belongs to someone else

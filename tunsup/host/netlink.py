@@ -118,13 +118,6 @@ class NetlinkHost:
 
         return await self._call(f"look up link #{index}", fn)
 
-    async def link_mtu(self, index: int) -> int | None:
-        def fn(ipr: Any) -> int | None:
-            links = ipr.get_links(index)
-            return int(links[0].get_attr("IFLA_MTU")) if links else None
-
-        return await self._call(f"read MTU of link #{index}", fn)
-
     async def set_link_up(self, index: int, up: bool, *, name: str | None = None) -> bool:
         """Set link ``index`` up or down.  With ``name``, only if the index
         still belongs to a link of that name (indexes are reused); returns
