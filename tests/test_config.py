@@ -13,10 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tunsup._errors import ConfigError
+from tunsup._paths import DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR
+from tunsup.config.settings import ControlSettings, RestartPolicy, TunnelOptions
 from tunsup.config.toml import (
-    DEFAULT_HELPER,
-    DEFAULT_RUNTIME_DIR,
-    DEFAULT_STATE_DIR,
     DNS_BACKENDS,
     ON_FAILURE,
     TUN_HEADERS,
@@ -147,12 +146,15 @@ def test_defaults(tmp_path: Path) -> None:
     cfg = load_supervisor_config(write(tmp_path, '[dns]\n[[tunnel]]\nconfig = "/x/wg0.conf"\n'))
     (tunnel,) = cfg.tunnels
     assert tunnel == TunnelEntry(
-        config="/x/wg0.conf", helper=DEFAULT_HELPER, stop_grace=2.0, start_timeout=10.0,
+        config="/x/wg0.conf", helper=TunnelOptions().helper, stop_grace=2.0, start_timeout=10.0,
         tun="auto", tun_header="auto", probe_interval=5.0, probe_timeout=1.0, restart_max=5,
         restart_window=60.0, backoff_initial=0.2, backoff_max=30.0, backoff_reset=30.0,
     )
-    assert DEFAULT_HELPER == ("wireguard-go", "-f")
+    assert TunnelOptions().helper == ("wireguard-go", "-f")
     assert cfg.on_failure == "exit"
+    # The file's defaults are the run-time records' defaults.
+    assert cfg.tunnel_options(tunnel) == TunnelOptions()
+    assert cfg.control.settings(None) == ControlSettings()
     # "auto": tunsup owns the TUN for wireguard-go, not for other helpers.
     assert tunnel.tun_mode == "owned"
     assert TunnelEntry(config="/x/wg0.conf", helper=("/opt/wg/wireguard-go",)).tun_mode == "owned"
@@ -718,3 +720,28 @@ def test_config_for_confs_errors() -> None:
     with pytest.raises(ConfigError) as info:
         config_for_confs([""])
     assert str(info.value) == ": tunnel file must be a non-empty path"
+
+
+def test_every_tunnel_key_reaches_the_run_time_options(tmp_path: Path) -> None:
+    """Each ``[[tunnel]]`` key (restart keys under their TOML names) and the
+    service-wide ``stop_timeout``/``[dns] backend`` land in TunnelOptions."""
+    cfg = load_supervisor_config(write(tmp_path, (
+        'stop_timeout = 7.0\n[dns]\nbackend = "none"\n'
+        '[control]\nidle_timeout = 3.0\nrequest_timeout = 4.0\n'
+        '[[tunnel]]\nconfig = "/x/wg0.conf"\nhelper = ["boringtun", "-f"]\n'
+        'stop_grace = 1.5\nstart_timeout = 2.5\nkill_switch = true\nlan = "tunnel"\n'
+        'resolve_interval = 9.0\ntun = "owned"\ntun_header = "pi"\n'
+        'probe_interval = 3.0\nprobe_timeout = 0.5\nrestart_max = 2\n'
+        'restart_window = 11.0\nbackoff_initial = 0.3\nbackoff_max = 4.0\n'
+        'backoff_reset = 12.0\n'
+    )))
+    (tunnel,) = cfg.tunnels
+    assert cfg.tunnel_options(tunnel) == TunnelOptions(
+        helper=("boringtun", "-f"), stop_grace=1.5, start_timeout=2.5, stop_timeout=7.0,
+        dns_backend="none", kill_switch=True, lan="tunnel", resolve_interval=9.0,
+        tun_mode="owned", tun_header="pi", probe_interval=3.0, probe_timeout=0.5,
+        restart=RestartPolicy(max_restarts=2, window=11.0, backoff_initial=0.3,
+                              backoff_max=4.0, reset_after=12.0),
+    )
+    assert cfg.control.settings(5) == ControlSettings(group=5, idle_timeout=3.0,
+                                                      request_timeout=4.0)

@@ -160,7 +160,7 @@ def test_an_oversized_frame_is_refused(sockdir: str, with_newline: bool) -> None
     async def main() -> None:
         async with serving(sockdir) as server:
             c = await Client.connect(server.path)
-            big = b'{"id": 1, "op": "ping", "pad": "' + b"x" * proto.MAX_REQUEST + b'"}'
+            big = b'{"id": 1, "op": "ping", "pad": "' + b"x" * ControlSettings().max_request + b'"}'
             async with trio.open_nursery() as nursery:
                 # The server answers before the client has sent it all.
                 async def send() -> None:
@@ -182,7 +182,7 @@ def test_a_frame_of_exactly_the_limit_is_accepted(sockdir: str) -> None:
         async with serving(sockdir) as server:
             head = b'{"id": 1, "op": "ping", "pad": "'
             tail = b'"}\n'
-            pad = b"x" * (proto.MAX_REQUEST - len(head) - len(tail))
+            pad = b"x" * (ControlSettings().max_request - len(head) - len(tail))
             c = await Client.connect(server.path)
             await c.send(head + pad + tail)
             frame = await c.frame()

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from tunsup.config.keys import Key
+from tunsup.config.settings import ControlSettings
 from tunsup.control import protocol as proto
 from tunsup.testing import netns as _netns
 from tunsup.testing.service_process import ServiceProcess
@@ -250,7 +251,7 @@ def test_control_socket_abuse_does_not_disturb_the_service(
         assert _read_frames(s) == [proto.error(3, proto.UNKNOWN_OP, "unknown op 'reboot'")]
     with _raw(path) as s:  # an oversized frame
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            s.sendall(b"{" * (proto.MAX_REQUEST + 1))
+            s.sendall(b"{" * (ControlSettings().max_request + 1))
         assert [f["error"]["code"] for f in _read_frames(s)] == [proto.TOO_LARGE]
 
     stuck = _raw(path)  # a half-written frame, left open through everything below

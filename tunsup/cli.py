@@ -292,22 +292,20 @@ def _run(args: argparse.Namespace) -> int:
     import trio
 
     from ._log import HUB, setup_logging, stop_logging
-    from .control.server import ControlSettings
     from .engine.journal import Journal, JournalObserver
     from .engine.tunnel import Tunnel
     from .host import real_host
-    from .service import options_for, run_service
+    from .service import run_service
 
     setup_logging(debug=args.debug, json_lines=args.json_logs)
     try:
         journal = Journal(cfg.state_dir, lock.pid, lock.start_time)
         host = real_host(resolv_conf=cfg.dns.resolv_conf,
                          route_progress=lambda n: journal.fault.total("routes", n))
-        tunnels = [Tunnel(spec, host, options_for(cfg, entry),
+        tunnels = [Tunnel(spec, host, cfg.tunnel_options(entry),
                           observer=JournalObserver(journal, spec.name))
                    for spec, entry in loaded.entries()]
-        settings = ControlSettings(group=group, idle_timeout=cfg.control.idle_timeout,
-                                   request_timeout=cfg.control.request_timeout)
+        settings = cfg.control.settings(group)
         timer = _step_timer(args.debug)
 
         async def service() -> int:
@@ -325,7 +323,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _cleanup(args: argparse.Namespace) -> int:
-    from .config.toml import DEFAULT_STATE_DIR, load_supervisor_config
+    from ._paths import DEFAULT_STATE_DIR
+    from .config.toml import load_supervisor_config
 
     state_dir = args.state_dir
     if state_dir is None:

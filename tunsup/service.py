@@ -25,13 +25,13 @@ import trio
 from . import __version__
 from ._errors import ConfigError, ExitCode
 from ._log import LogHub
+from .config.settings import OnFailure
 from .config.sources import ConfigSource, Loaded
 from .config.spec import TunnelSpec
-from .config.toml import OnFailure, SupervisorConfig, TunnelEntry
+from .config.toml import SupervisorConfig
 from .control import protocol as proto
 from .control.server import ControlServer, ControlSettings, OpError
 from .engine.journal import Journal, JournalObserver
-from .engine.restart import RestartPolicy
 from .engine.supervisor import AlreadyRunning, NoSuchTunnel, Slot, StartFailed, Stopping, Supervisor
 from .engine.tunnel import Tunnel, TunnelOptions
 from .host import Host, sdnotify
@@ -43,31 +43,6 @@ log = logging.getLogger("tunsup")
 UAPI_STATUS_TIMEOUT = 1.0
 #: Bound on reading configuration files in a worker thread.
 LOAD_TIMEOUT = 10.0
-
-
-def options_for(cfg: SupervisorConfig, entry: TunnelEntry) -> TunnelOptions:
-    """The run-time settings of one ``[[tunnel]]`` under ``cfg``."""
-    return TunnelOptions(
-        helper=entry.helper,
-        stop_grace=entry.stop_grace,
-        start_timeout=entry.start_timeout,
-        stop_timeout=cfg.stop_timeout,
-        dns_backend=cfg.dns.backend,
-        kill_switch=entry.kill_switch,
-        lan=entry.lan,
-        resolve_interval=entry.resolve_interval,
-        tun_mode=entry.tun_mode,
-        tun_header=entry.tun_header,
-        probe_interval=entry.probe_interval,
-        probe_timeout=entry.probe_timeout,
-        restart=RestartPolicy(
-            max_restarts=entry.restart_max,
-            window=entry.restart_window,
-            backoff_initial=entry.backoff_initial,
-            backoff_max=entry.backoff_max,
-            reset_after=entry.backoff_reset,
-        ),
-    )
 
 
 class ServiceOps:
@@ -142,7 +117,7 @@ class ServiceOps:
         """Start the tunnel of wg-quick file ``config``; answers once it is
         up.  Cancelling abandons the wait, not the start."""
         spec, entry = await self._load(self.source.load_one, config, self.loaded.config)
-        options = options_for(self.loaded.config, entry)
+        options = self.loaded.config.tunnel_options(entry)
         try:
             tunnel, started = await self.supervisor.add(spec, options)
         except AlreadyRunning as exc:
@@ -175,7 +150,7 @@ class ServiceOps:
         same).  A bad file changes nothing.  Cancelling abandons the wait."""
         loaded: Loaded = await self._load(self.source.load)
         _warn_fixed_settings(self.loaded.config, loaded.config)
-        plans = [(spec, options_for(loaded.config, entry)) for spec, entry in loaded.entries()]
+        plans = [(spec, loaded.config.tunnel_options(entry)) for spec, entry in loaded.entries()]
         try:
             result = await self.supervisor.converge(plans)
         except Stopping as exc:

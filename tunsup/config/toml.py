@@ -48,7 +48,6 @@ import math
 import os
 import re
 import tomllib
-import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeAlias
 
@@ -62,22 +61,28 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from .._errors import ConfigError
+from .._paths import DEFAULT_RESOLV_CONF, DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR
+from .settings import (
+    DNS_BACKENDS,
+    LAN_MODES,
+    ON_FAILURE,
+    TOML_KEY,
+    TUN_HEADERS,
+    TUN_MODES,
+    ControlSettings,
+    DnsBackend,
+    LanMode,
+    OnFailure,
+    RestartPolicy,
+    TunHeader,
+    TunMode,
+    TunnelOptions,
+)
 
 __all__ = [
-    "DEFAULT_BACKOFF_INITIAL",
-    "DEFAULT_BACKOFF_MAX",
-    "DEFAULT_BACKOFF_RESET",
-    "DEFAULT_HELPER",
-    "DEFAULT_PROBE_INTERVAL",
-    "DEFAULT_PROBE_TIMEOUT",
     "DEFAULT_RESOLV_CONF",
-    "DEFAULT_RESTART_MAX",
-    "DEFAULT_RESTART_WINDOW",
     "DEFAULT_RUNTIME_DIR",
-    "DEFAULT_START_TIMEOUT",
     "DEFAULT_STATE_DIR",
-    "DEFAULT_STOP_GRACE",
-    "DEFAULT_STOP_TIMEOUT",
     "DNS_BACKENDS",
     "ON_FAILURE",
     "TUN_HEADERS",
@@ -97,37 +102,12 @@ __all__ = [
     "to_dict",
 ]
 
-DnsBackend: TypeAlias = Literal["auto", "resolved", "resolvconf", "file", "none"]
-DNS_BACKENDS: tuple[DnsBackend, ...] = typing.get_args(DnsBackend)
-#: Who creates the TUN device: tunsup ("owned", handed to the helper as a
-#: fd), the helper itself ("helper"), or "auto": owned for wireguard-go.
-TunMode: TypeAlias = Literal["auto", "owned", "helper"]
-TUN_MODES: tuple[TunMode, ...] = typing.get_args(TunMode)
-#: Framing of an owned TUN's fd: "pi" (packet-information header), "none"
-#: (IFF_NO_PI), or "auto": asked of wireguard-go (by release), else "none".
-TunHeader: TypeAlias = Literal["auto", "pi", "none"]
-TUN_HEADERS: tuple[TunHeader, ...] = typing.get_args(TunHeader)
-#: What ``run`` does once no tunnel is left running after failures.
-OnFailure: TypeAlias = Literal["exit", "keep-running"]
-ON_FAILURE: tuple[OnFailure, ...] = typing.get_args(OnFailure)
+#: Every default comes from the run-time records (one source of truth).
+_TUNNEL = TunnelOptions()
+_RESTART = RestartPolicy()
+_CONTROL = ControlSettings()
 
-DEFAULT_STATE_DIR = "/var/lib/tunsup"
-DEFAULT_RUNTIME_DIR = "/run/tunsup"
-DEFAULT_STOP_TIMEOUT = 30.0
-DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
-DEFAULT_HELPER: tuple[str, ...] = ("wireguard-go", "-f")
-DEFAULT_STOP_GRACE = 2.0
-DEFAULT_START_TIMEOUT = 10.0
-DEFAULT_RESOLVE_INTERVAL = 60.0
-LanMode: TypeAlias = Literal["direct", "tunnel"]
-LAN_MODES: tuple[LanMode, ...] = typing.get_args(LanMode)
-DEFAULT_PROBE_INTERVAL = 5.0
-DEFAULT_PROBE_TIMEOUT = 1.0
-DEFAULT_RESTART_MAX = 5
-DEFAULT_RESTART_WINDOW = 60.0
-DEFAULT_BACKOFF_INITIAL = 0.2
-DEFAULT_BACKOFF_MAX = 30.0
-DEFAULT_BACKOFF_RESET = 30.0
+
 
 #: wg-quick's rule for interface names (the stem of the ``.conf`` file).
 _IFACE_NAME = re.compile(r"[a-zA-Z0-9_=+.-]{1,15}")
@@ -273,7 +253,7 @@ def _check_tunnels(
 class DnsSettings:
     """The ``[dns]`` table."""
 
-    backend: DnsBackend = attrs.field(default="auto", validator=_check_backend)
+    backend: DnsBackend = attrs.field(default=_TUNNEL.dns_backend, validator=_check_backend)
     #: The file rewritten by the ``file`` backend (tests point it elsewhere).
     resolv_conf: str = attrs.field(default=DEFAULT_RESOLV_CONF, validator=_check_path)
 
@@ -286,9 +266,16 @@ class ControlConfig:
     #: root; the socket file gets this group and mode 0660.
     group: str | int | None = attrs.field(default=None, validator=_check_group)
     #: Seconds a connection may stay without a complete request.
-    idle_timeout: float = attrs.field(default=30.0, validator=_number(strict=True))
+    idle_timeout: float = attrs.field(default=_CONTROL.idle_timeout, validator=_number(strict=True))
     #: Bound, in seconds, on answering ``status`` and ``logs``.
-    request_timeout: float = attrs.field(default=10.0, validator=_number(strict=True))
+    request_timeout: float = attrs.field(
+        default=_CONTROL.request_timeout, validator=_number(strict=True)
+    )
+
+    def settings(self, group: int | None) -> ControlSettings:
+        """The control server's settings, ``group`` resolved to a gid."""
+        return attrs.evolve(_CONTROL, group=group, idle_timeout=self.idle_timeout,
+                            request_timeout=self.request_timeout)
 
 
 @attrs.frozen
@@ -298,48 +285,48 @@ class TunnelEntry:
     #: Absolute path of the wg-quick ``.conf`` file; its stem is the interface name.
     config: str = attrs.field(validator=_check_conf)
     #: Helper argv; the interface name is appended.
-    helper: tuple[str, ...] = attrs.field(default=DEFAULT_HELPER, validator=_check_argv)
+    helper: tuple[str, ...] = attrs.field(default=_TUNNEL.helper, validator=_check_argv)
     #: Seconds between the helper's SIGTERM and SIGKILL.
-    stop_grace: float = attrs.field(default=DEFAULT_STOP_GRACE, validator=_number(strict=False))
+    stop_grace: float = attrs.field(default=_TUNNEL.stop_grace, validator=_number(strict=False))
     #: Bound, in seconds, on the helper becoming ready (its UAPI socket appearing).
     start_timeout: float = attrs.field(
-        default=DEFAULT_START_TIMEOUT, validator=_number(strict=True)
+        default=_TUNNEL.start_timeout, validator=_number(strict=True)
     )
     #: Fail closed: while the tunnel is configured (and after a crash, until
     #: cleanup), its traffic is dropped rather than sent outside it.
-    kill_switch: bool = attrs.field(default=False, validator=_check_bool)
+    kill_switch: bool = attrs.field(default=_TUNNEL.kill_switch, validator=_check_bool)
     #: Directly connected networks: keep them reachable directly ("direct"),
     #: or send them through the tunnel too ("tunnel").
-    lan: LanMode = attrs.field(default="direct", validator=_check_lan)
+    lan: LanMode = attrs.field(default=_TUNNEL.lan, validator=_check_lan)
     #: Seconds between re-resolutions of hostname endpoints; 0 disables.
     resolve_interval: float = attrs.field(
-        default=DEFAULT_RESOLVE_INTERVAL, validator=_number(strict=False)
+        default=_TUNNEL.resolve_interval, validator=_number(strict=False)
     )
     #: Who creates the TUN device (see :data:`TunMode`).
     tun: TunMode = attrs.field(default="auto", validator=_one_of(TUN_MODES))
     #: Framing of the owned TUN fd (see :data:`TunHeader`).
-    tun_header: TunHeader = attrs.field(default="auto", validator=_one_of(TUN_HEADERS))
+    tun_header: TunHeader = attrs.field(default=_TUNNEL.tun_header, validator=_one_of(TUN_HEADERS))
     #: Seconds between two probes of the helper over UAPI.
     probe_interval: float = attrs.field(
-        default=DEFAULT_PROBE_INTERVAL, validator=_number(strict=True)
+        default=_TUNNEL.probe_interval, validator=_number(strict=True)
     )
     #: Deadline of one probe; a slower answer marks the tunnel degraded.
     probe_timeout: float = attrs.field(
-        default=DEFAULT_PROBE_TIMEOUT, validator=_number(strict=True)
+        default=_TUNNEL.probe_timeout, validator=_number(strict=True)
     )
     #: Helper restarts allowed within ``restart_window``; one more failure fails the tunnel.
-    restart_max: int = attrs.field(default=DEFAULT_RESTART_MAX, validator=_check_count)
+    restart_max: int = attrs.field(default=_RESTART.max_restarts, validator=_check_count)
     restart_window: float = attrs.field(
-        default=DEFAULT_RESTART_WINDOW, validator=_number(strict=True)
+        default=_RESTART.window, validator=_number(strict=True)
     )
     #: First restart delay, seconds; it doubles with each restart (with jitter).
     backoff_initial: float = attrs.field(
-        default=DEFAULT_BACKOFF_INITIAL, validator=_number(strict=False)
+        default=_RESTART.backoff_initial, validator=_number(strict=False)
     )
-    backoff_max: float = attrs.field(default=DEFAULT_BACKOFF_MAX, validator=_check_backoff_max)
+    backoff_max: float = attrs.field(default=_RESTART.backoff_max, validator=_check_backoff_max)
     #: Seconds a helper must stay healthy for the backoff to start over.
     backoff_reset: float = attrs.field(
-        default=DEFAULT_BACKOFF_RESET, validator=_number(strict=True)
+        default=_RESTART.reset_after, validator=_number(strict=True)
     )
 
     @property
@@ -354,6 +341,25 @@ class TunnelEntry:
             return self.tun
         return "owned" if os.path.basename(self.helper[0]).startswith("wireguard-go") else "helper"
 
+    def options(self, *, stop_timeout: float, dns_backend: DnsBackend) -> TunnelOptions:
+        """This tunnel's run-time settings (``stop_timeout`` and
+        ``dns_backend`` are service-wide).  Fields are matched by name, the
+        restart policy's by their :data:`TOML_KEY`."""
+        restart = RestartPolicy(**{
+            f.name: getattr(self, f.metadata[TOML_KEY]) for f in attrs.fields(RestartPolicy)
+        })
+        same = {f.name: getattr(self, f.name) for f in attrs.fields(TunnelOptions)
+                if f.name in _ENTRY_OPTION_NAMES}
+        return TunnelOptions(**same, stop_timeout=stop_timeout, dns_backend=dns_backend,
+                             restart=restart)
+
+
+#: Settings a ``[[tunnel]]`` gives under the same name as :class:`TunnelOptions`
+#: (``tun_mode`` is the property that resolves ``tun``).
+_ENTRY_OPTION_NAMES = frozenset(
+    {f.name for f in attrs.fields(TunnelEntry)} | {"tun_mode"}
+) & {f.name for f in attrs.fields(TunnelOptions)}
+
 
 @attrs.frozen(kw_only=True)
 class SupervisorConfig:
@@ -362,13 +368,17 @@ class SupervisorConfig:
     state_dir: str = attrs.field(default=DEFAULT_STATE_DIR, validator=_check_path)
     runtime_dir: str = attrs.field(default=DEFAULT_RUNTIME_DIR, validator=_check_path)
     #: Overall bound, in seconds, on teardown.
-    stop_timeout: float = attrs.field(default=DEFAULT_STOP_TIMEOUT, validator=_number(strict=True))
+    stop_timeout: float = attrs.field(default=_TUNNEL.stop_timeout, validator=_number(strict=True))
     #: Once no tunnel is left running after failures: exit (1) or keep running.
     on_failure: OnFailure = attrs.field(default="exit", validator=_one_of(ON_FAILURE))
     dns: DnsSettings = attrs.field(factory=DnsSettings)
     control: ControlConfig = attrs.field(factory=ControlConfig)
     #: ``[[tunnel]]`` entries, in file order; interface names are unique.
     tunnels: tuple[TunnelEntry, ...] = attrs.field(default=(), validator=_check_tunnels)
+
+    def tunnel_options(self, entry: TunnelEntry) -> TunnelOptions:
+        """The run-time settings of one of :attr:`tunnels`."""
+        return entry.options(stop_timeout=self.stop_timeout, dns_backend=self.dns.backend)
 
 
 #: Attribute name -> TOML key, where they differ.

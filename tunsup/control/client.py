@@ -29,9 +29,8 @@ from typing import Any
 
 from .. import pidfile
 from .._log import format_log
+from .._paths import DEFAULT_RUNTIME_DIR
 from . import protocol as proto
-
-DEFAULT_RUNTIME_DIR = "/run/tunsup"
 
 # Exit codes.
 OK = 0

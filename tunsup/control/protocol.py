@@ -13,7 +13,7 @@ Every frame is one JSON object on one line (UTF-8, no raw newlines inside):
 * event     ``{"event": {"type": "exit", "code": N, "complete": BOOL,
   "failures": [...]}}`` sent to log subscribers as the service exits.
 
-A request frame over :data:`MAX_REQUEST` bytes, a frame that is not a JSON
+A request frame over ``ControlSettings.max_request`` bytes, a frame that is not a JSON
 object, an unknown op or a peer without permission gets an error frame
 (``id`` null when unknown) and the connection is closed.  An op that fails
 (no such tunnel, ...) gets an error response and the connection stays open.
@@ -26,8 +26,6 @@ import os
 from typing import Any
 
 SOCKET_NAME = "control.sock"
-#: Largest request frame the server accepts, newline included.
-MAX_REQUEST = 64 * 1024
 #: Largest frame a client accepts (a status with many peers is large).
 MAX_RESPONSE = 16 * 1024 * 1024
 

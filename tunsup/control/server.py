@@ -36,6 +36,7 @@ import attrs
 import trio
 
 from .._log import Entry, LogHub
+from ..config.settings import ControlSettings as ControlSettings
 from . import protocol as proto
 
 log = logging.getLogger("tunsup.control")
@@ -76,26 +77,6 @@ class Ops(Protocol):
         """Read the configuration again and converge to it.  A cancellation
         abandons the wait, never the reload."""
         ...
-
-
-@attrs.frozen
-class ControlSettings:
-    #: Group allowed besides root (and the service's own uid); None: root only.
-    group: int | None = None
-    #: Seconds without a complete request before a connection is closed.
-    idle_timeout: float = 30.0
-    #: Bound on ping, status and logs requests.
-    request_timeout: float = 10.0
-    #: Bound on up, down and reload requests (the op itself continues).
-    change_timeout: float = 300.0
-    #: Bound on sending one frame to a client.
-    send_timeout: float = 10.0
-    max_connections: int = 128
-    max_request: int = proto.MAX_REQUEST
-    #: Entries a log subscriber may lag behind before it is dropped.
-    follow_buffer: int = 4096
-    #: Bound on delivering the exit event to subscribers.
-    finish_timeout: float = 2.0
 
 
 class _ProtocolError(Exception):

@@ -1,6 +1,7 @@
-"""The restart policy for helpers that die: bounded restarts within a
-window, exponential backoff with jitter.  Pure book-keeping; the tunnel
-sleeps and restarts.
+"""Book-keeping of the restart policy for helpers that die: bounded
+restarts within a window, exponential backoff with jitter.  Pure; the
+tunnel sleeps and restarts.  The policy record itself
+(:class:`~tunsup.config.settings.RestartPolicy`) is configuration.
 """
 
 from __future__ import annotations
@@ -8,28 +9,7 @@ from __future__ import annotations
 import collections
 import random
 
-import attrs
-
-
-@attrs.frozen
-class RestartPolicy:
-    """When and how often a helper that died is started again.
-
-    Up to ``max_restarts`` failures within any ``window`` seconds are
-    followed by a restart; one more gives up (``max_restarts = 0``: never
-    restart).  The delay before restart *n* (counted from 0 since the last
-    reset) is drawn from ``[d/2, d]`` with ``d = min(backoff_max,
-    backoff_initial * 2**n)`` ("equal jitter": tunnels that die together do
-    not restart in lockstep, and the delay still grows).  Once a helper has
-    been healthy for ``reset_after`` seconds, the next delay starts from
-    ``backoff_initial`` again.
-    """
-
-    max_restarts: int = 5
-    window: float = 60.0
-    backoff_initial: float = 0.2
-    backoff_max: float = 30.0
-    reset_after: float = 30.0
+from ..config.settings import RestartPolicy as RestartPolicy
 
 
 class RestartTracker:

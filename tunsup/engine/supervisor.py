@@ -35,8 +35,8 @@ import trio
 
 from .._errors import ExitCode, TunsupError
 from .._log import tag_tunnel
+from ..config.settings import OnFailure
 from ..config.spec import TunnelSpec
-from ..config.toml import OnFailure
 from ..host import Host, sdnotify
 from .journal import Journal
 from .tunnel import Tunnel, TunnelOptions

@@ -28,7 +28,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -36,8 +36,8 @@ from trio_util import AsyncValue
 
 from .._errors import HelperExited, HostError
 from ..config.keys import Key
+from ..config.settings import TunnelOptions as TunnelOptions
 from ..config.spec import IPAddress, TunnelSpec
-from ..config.toml import DEFAULT_HELPER
 from ..host import HelperHandle, Host, uapi
 from ..host import tun as tun_adapter
 from .effects import (
@@ -54,7 +54,7 @@ from .effects import (
     OwnedTun,
     StartHelper,
 )
-from .restart import RestartPolicy, RestartTracker
+from .restart import RestartTracker
 from .routing import RoutingPlan, apply_link_routes, apply_policy, plan_routing
 from .undo import EffectStack, StackObserver, TeardownReport
 
@@ -98,32 +98,6 @@ TRANSITIONS: dict[TunnelState, frozenset[TunnelState]] = {
     TunnelState.STOPPED: frozenset(),
     TunnelState.FAILED: frozenset(),
 }
-
-
-@attrs.frozen
-class TunnelOptions:
-    """Per-tunnel run-time settings (defaults are the documented ones)."""
-
-    helper: tuple[str, ...] = DEFAULT_HELPER
-    stop_grace: float = 2.0
-    start_timeout: float = 10.0
-    stop_timeout: float = 30.0
-    dns_backend: str = "auto"
-    resolve_timeout: float = 10.0
-    hook_timeout: float = 60.0
-    kill_switch: bool = False
-    lan: str = "direct"
-    #: Seconds between re-resolutions of hostname endpoints; 0: never.
-    resolve_interval: float = 60.0
-    #: "owned": tunsup creates a persistent TUN and hands it to the helper
-    #: (``WG_TUN_FD``); "helper": the helper creates its own.
-    tun_mode: Literal["owned", "helper"] = "owned"
-    #: Framing of the owned TUN's fd: "pi", "none", or "auto" (asks
-    #: wireguard-go its release; see :func:`tunsup.host.tun.detect_header`).
-    tun_header: Literal["auto", "pi", "none"] = "auto"
-    probe_interval: float = 5.0
-    probe_timeout: float = 1.0
-    restart: RestartPolicy = attrs.field(factory=RestartPolicy)
 
 
 @attrs.frozen
