@@ -278,11 +278,11 @@ def _run(args: argparse.Namespace) -> int:
             return ExitCode.USAGE
 
     # The instance lock (and the pid file, with pid and start time).
-    from .engine import lock as instance
+    from .engine import lock as instance_lock
 
     try:
-        lock = instance.acquire(cfg.runtime_dir, cfg.state_dir)
-    except instance.LockHeld as exc:
+        lock = instance_lock.acquire(cfg.runtime_dir, cfg.state_dir)
+    except instance_lock.LockHeld as exc:
         print(f"tunsup run: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     except OSError as exc:
@@ -337,11 +337,11 @@ def _cleanup(args: argparse.Namespace) -> int:
         print("tunsup cleanup: needs root (CAP_NET_ADMIN)", file=sys.stderr)
         return ExitCode.USAGE
 
-    from .engine import lock as instance
+    from .engine import lock as instance_lock
 
     try:
-        lock_fd = instance.lock_state(state_dir)
-    except instance.LockHeld as exc:
+        lock_fd = instance_lock.lock_state(state_dir)
+    except instance_lock.LockHeld as exc:
         print(f"tunsup cleanup: a live instance owns {state_dir}: {exc}", file=sys.stderr)
         return ExitCode.FAILURE
 

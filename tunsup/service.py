@@ -21,6 +21,7 @@ from typing import Any
 
 import attrs
 import trio
+from trio_util import periodic
 
 from . import __version__
 from ._errors import ConfigError, ExitCode
@@ -209,9 +210,8 @@ async def _watchdog(interval: float) -> None:
     """``WATCHDOG=1`` every ``interval`` seconds, from the event loop: when
     the loop is wedged, the pings stop and systemd acts.  Runs until
     cancelled."""
-    while True:
+    async for _ in periodic(interval):
         sdnotify.notify("WATCHDOG=1")
-        await trio.sleep(interval)
 
 
 def exit_event(supervisor: Supervisor, code: ExitCode) -> dict[str, Any]:
