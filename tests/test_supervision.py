@@ -25,8 +25,7 @@ from tunsup import ExitCode
 from tunsup.engine.restart import RestartPolicy, RestartTracker
 from tunsup.engine.supervisor import Supervisor
 from tunsup.engine.tunnel import TRANSITIONS, Tunnel, TunnelOptions, TunnelState
-
-from .fakehost import Behaviour, FakeHost, spec, uapi_dir
+from tunsup.testing import Behaviour, FakeHost, spec, uapi_dir
 
 
 @pytest.fixture
