@@ -288,6 +288,37 @@ def test_control_socket_abuse_does_not_disturb_the_service(
     assert_restored(pair, pair.ns_a, before)
 
 
+def test_five_hundred_idle_connections_lock_out_neither_status_nor_stop(pair: Pair) -> None:
+    """Issue 10 item 14: a leaking script (root) holds 500 idle connections;
+    ``status`` still answers and ``stop`` reports how its teardown ended.
+    The connections idle longest are evicted to make room."""
+    if_a = unique("tsa")
+    before = pair.snapshot(pair.ns_a)
+    svc, rt = start(pair, pair.conf_a(if_a))
+    svc.wait_ready()
+    path = proto.socket_path(rt)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(500):
+            idle.append(_raw(path))
+        started = time.monotonic()
+        status = tunsup("status", "--runtime-dir", rt)
+        took = time.monotonic() - started
+        assert status.returncode == 0, status.stdout + status.stderr
+        print(f"status with 500 idle connections open: {took * 1000:.0f} ms")
+        stop = tunsup("stop", "--runtime-dir", rt)
+        assert stop.returncode == 0, stop.stdout + stop.stderr + svc.output_tail()
+        assert "teardown complete, host restored (exit code 0)" in stop.stdout
+        evicted = _read_frames(idle[0])  # the oldest: evicted, told why
+        assert [f["error"]["code"] for f in evicted] == [proto.BUSY], evicted
+    finally:
+        for sock in idle:
+            sock.close()
+    assert svc.proc.poll() == 0
+    assert "Traceback" not in svc.output()
+    assert_restored(pair, pair.ns_a, before)
+
+
 def pidfile_path(rt: str) -> str:
     return os.path.join(rt, "tunsup.pid")
 
