@@ -304,8 +304,7 @@ def test_connections_beyond_the_limit_are_refused_when_none_is_idle(sockdir: str
         async with serving(sockdir, max_connections=2) as server:
             kept = [await Client.connect(server.path) for _ in range(2)]
             for c in kept:  # busy: following the log
-                frame = await c.request("logs", backlog=0, follow=True)
-                assert frame["ok"] is True
+                assert (await c.request("logs", backlog=0, follow=True))["ok"] is True
             extra = await Client.connect(server.path)
             frame = await extra.frame()
             assert frame is not None and frame["error"]["code"] == proto.BUSY

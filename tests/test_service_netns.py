@@ -300,7 +300,10 @@ def test_five_hundred_idle_connections_lock_out_neither_status_nor_stop(pair: Pa
     idle: list[socket.socket] = []
     try:
         for _ in range(500):
-            idle.append(_raw(path))
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            idle.append(sock)
+            sock.connect(path)  # blocking: waits while the listen backlog is full
+            sock.settimeout(10)
         started = time.monotonic()
         status = tunsup("status", "--runtime-dir", rt)
         took = time.monotonic() - started
