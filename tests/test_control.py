@@ -416,6 +416,43 @@ def test_logs_backlog_and_follow_until_the_exit_event(sockdir: str) -> None:
     run(main)
 
 
+@pytest.mark.parametrize("as_json", [True, False])
+def test_logs_follow_ends_with_the_exit_in_the_chosen_format(
+        sockdir: str, as_json: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 10 item 21: with ``--json`` every line ``logs -f`` prints is
+    JSON, the closing exit line included."""
+    hub = LogHub()
+    hub.publish(_entry("before"))
+    event = {"type": "exit", "code": 0, "complete": True, "failures": []}
+
+    async def main() -> None:
+        async with serving(sockdir, hub) as server:
+            async with trio.open_nursery() as nursery:
+                codes: list[int] = []
+
+                async def follow() -> None:
+                    codes.append(await trio.to_thread.run_sync(
+                        lambda: client.logs(sockdir, lines=1, follow=True, as_json=as_json)))
+
+                nursery.start_soon(follow)
+                with trio.fail_after(10):
+                    while hub.subscribers != 1:  # the client has subscribed
+                        await trio.sleep(0.01)
+                hub.publish(_entry("live"))
+                await server.finish(event)
+            assert codes == [client.OK]
+
+    run(main)
+    lines = capsys.readouterr().out.splitlines()
+    if as_json:
+        parsed = [json.loads(line) for line in lines]
+        assert [p["msg"] for p in parsed] == ["before", "live", "tunsup exited with code 0"]
+        assert parsed[-1]["event"] == event
+    else:
+        assert lines[-1] == "-- tunsup exited with code 0 --"
+        assert [line.split(": ", 1)[1] for line in lines[:-1]] == ["before", "live"]
+
+
 def test_a_follower_that_does_not_read_is_dropped(sockdir: str) -> None:
     hub = LogHub()
 

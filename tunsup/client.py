@@ -404,14 +404,23 @@ def logs(runtime_dir: str, *, lines: int = 100, follow: bool = False, as_json: b
                     show(frame["log"])
                 elif "event" in frame:
                     event = frame["event"]
-                    print(f"-- tunsup exited with code {event.get('code')} --", flush=True)
+                    _log_end(as_json, f"tunsup exited with code {event.get('code')}", event)
                     return OK
-            print("-- the service closed the log stream --", flush=True)
+            _log_end(as_json, "the service closed the log stream", {"type": "closed"})
             return OK
         except KeyboardInterrupt:
             return OK
         except (ControlError, TimeoutError, ConnectionError, ValueError, OSError) as exc:
             return _error_exit("logs", exc)
+
+
+def _log_end(as_json: bool, message: str, event: dict[str, Any]) -> None:
+    """The last line of ``logs -f``: how the stream ended.  With ``--json``
+    it is JSON too (every line is): ``{"event": {...}, "msg": "..."}``."""
+    if as_json:
+        print(json.dumps({"event": event, "msg": message}, ensure_ascii=False), flush=True)
+    else:
+        print(f"-- {message} --", flush=True)
 
 
 def _log_printer(as_json: bool) -> Callable[[dict[str, Any]], None]:
