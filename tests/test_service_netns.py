@@ -491,6 +491,36 @@ def test_sighup_reload_adds_removes_restarts_and_leaves_the_rest(pair: Pair) -> 
     assert_restored(pair, pair.ns_a, before)
 
 
+def test_reload_failures_are_logged_and_warnings_reach_the_client(pair: Pair) -> None:
+    """Issue 10 item 22: a failed ``tunsup reload`` is in the service log
+    (as a failed SIGHUP reload is), and a reload's warnings reach the
+    ``reload`` client (stderr) as well as the log."""
+    if_a = unique("tsa")
+    conf = extra_conf(pair, if_a, 215, "198.51.100.80/28")
+    toml = pair.workdir / "tunsup.toml"
+    toml.write_text(f'[[tunnel]]\nconfig = "{conf}"\n')
+    before = pair.snapshot(pair.ns_a)
+    svc, rt = start(pair, "-c", str(toml))
+    svc.wait_ready()
+
+    toml.write_text("[[tunnel]]\nconfig = 5\n")
+    res = tunsup("reload", "--runtime-dir", rt)
+    assert res.returncode == 2 and f"{toml}:2:" in res.stderr, res.stderr
+    wait_for_output(svc, "reload failed, the running configuration is kept: " + str(toml))
+
+    toml.write_text(f'[control]\nidle_timeout = 20.0\n\n[[tunnel]]\nconfig = "{conf}"\n')
+    res = tunsup("reload", "--runtime-dir", rt)
+    warning = "a change of [control] takes effect only after a restart"
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"tunsup reload: warning: {warning}" in res.stderr
+    assert f"unchanged: {if_a}" in res.stdout
+    wait_for_output(svc, f"reload: {warning}")
+
+    assert tunsup("stop", "--runtime-dir", rt).returncode == 0
+    assert svc.proc.poll() == 0
+    assert_restored(pair, pair.ns_a, before)
+
+
 # ----------------------------------------------------------------------------- logs
 
 

@@ -371,6 +371,8 @@ def reload(runtime_dir: str, *, debug: bool = False, timeout: float = 330.0) -> 
     for key in ("started", "stopped", "restarted", "unchanged"):
         if result.get(key):
             print(f"{key}: {', '.join(result[key])}")
+    for warning in result.get("warnings") or []:
+        print(f"tunsup reload: warning: {warning}", file=sys.stderr)
     failed = result.get("failed") or {}
     for name, why in failed.items():
         print(f"failed: {name}: {why}", file=sys.stderr)

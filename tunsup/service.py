@@ -14,6 +14,7 @@ engine beyond this object.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -172,9 +173,21 @@ class ServiceOps:
 
     async def reload(self) -> dict[str, Any]:
         """Read the configuration again and converge to it (SIGHUP does the
-        same).  A bad file changes nothing.  Cancelling abandons the wait."""
+        same).  A bad file changes nothing.  A failure is logged (whoever
+        asked) and raised as OpError; warnings are logged and returned
+        under ``warnings``.  Cancelling abandons the wait."""
+        try:
+            return await self._reload()
+        except OpError as exc:
+            log.error("reload failed, the running configuration is kept: %s", exc.message)
+            raise
+
+    async def _reload(self) -> dict[str, Any]:
+        """The reload itself.  Cancelling abandons the wait."""
         loaded: Loaded = await self._load(self.source.load)
-        _warn_fixed_settings(self.loaded.config, loaded.config)
+        warnings = _fixed_settings_changed(self.loaded.config, loaded.config)
+        for warning in warnings:
+            log.warning("reload: %s", warning)
         plans = [(spec, options_for(loaded.config, entry)) for spec, entry in loaded.entries()]
         try:
             result = await self.supervisor.converge(plans)
@@ -188,26 +201,26 @@ class ServiceOps:
             log.error("reload: tunnel %s did not start: %s", name, why)
         out = attrs.asdict(result)
         out["failed"] = dict(result.failed)
+        out["warnings"] = warnings
         return out
 
     async def reload_on_signal(self) -> None:
-        """The SIGHUP reload: errors are logged.  A stop cancels it."""
-        try:
+        """The SIGHUP reload: a failure is logged (by :meth:`reload`).
+        A stop cancels it."""
+        with contextlib.suppress(OpError):
             await self.reload()
-        except OpError as exc:
-            log.error("reload failed, the running configuration is kept: %s", exc.message)
 
 
-def _warn_fixed_settings(old: SupervisorConfig, new: SupervisorConfig) -> None:
+def _fixed_settings_changed(old: SupervisorConfig, new: SupervisorConfig) -> list[str]:
+    """A warning for each changed setting that only a restart applies."""
     fixed = {
         "state_dir": (old.state_dir, new.state_dir),
         "runtime_dir": (old.runtime_dir, new.runtime_dir),
         "[dns] resolv_conf": (old.dns.resolv_conf, new.dns.resolv_conf),
         "[control]": (old.control, new.control),
     }
-    for what, (before, after) in fixed.items():
-        if before != after:
-            log.warning("reload: a change of %s takes effect only after a restart", what)
+    return [f"a change of {what} takes effect only after a restart"
+            for what, (before, after) in fixed.items() if before != after]
 
 
 def _tunnel_status(slot: Slot, now: float) -> dict[str, Any]:
