@@ -29,22 +29,20 @@ from typing import Any
 
 from . import _protocol as proto
 from . import pidfile
+from ._errors import ExitCode, StatusCode
 
 DEFAULT_RUNTIME_DIR = "/run/tunsup"
 
-# Exit codes.
-OK = 0
-FAILED = 1
-USAGE = 2
-INCOMPLETE = 3
-#: ``status``: LSB "program is not running"; ``stop``: not used for that.
-STATUS_NOT_RUNNING = 3
-#: ``status``: LSB "program is dead and the pid file exists".
-STATUS_DEAD = 1
-#: ``status``: LSB "status unknown"; ``stop``: timed out or not permitted.
-UNKNOWN = 4
-#: ``up``/``down``/``logs`` when no service runs (LSB "program is not running").
-NOT_RUNNING = 7
+# Short names for the exit codes, all defined in tunsup._errors.
+OK = ExitCode.OK
+FAILED = ExitCode.FAILURE
+USAGE = ExitCode.USAGE
+INCOMPLETE = ExitCode.TEARDOWN_INCOMPLETE
+UNKNOWN = ExitCode.UNKNOWN
+NOT_RUNNING = ExitCode.NOT_RUNNING
+STATUS_DEAD = StatusCode.DEAD
+STATUS_NOT_RUNNING = StatusCode.NOT_RUNNING
+STATUS_UNKNOWN = StatusCode.UNKNOWN
 
 _CODE_EXIT = {
     proto.CONFIG: USAGE,
@@ -253,10 +251,10 @@ def status(runtime_dir: str, *, as_json: bool = False, debug: bool = False) -> i
     except PermissionError:
         print(f"tunsup status: permission denied on {proto.socket_path(runtime_dir)} "
               "(root or the [control] group only)", file=sys.stderr)
-        return UNKNOWN
+        return STATUS_UNKNOWN
     except OSError as exc:
         print(f"tunsup status: {exc.strerror or exc}", file=sys.stderr)
-        return UNKNOWN
+        return STATUS_UNKNOWN
     with conn:
         try:
             result = conn.request("status", timeout=15.0)
@@ -264,12 +262,12 @@ def status(runtime_dir: str, *, as_json: bool = False, debug: bool = False) -> i
             if isinstance(exc, ConnectionError):
                 return _not_running_status(runtime_dir, as_json)
             _error_exit("status", exc)
-            return UNKNOWN
+            return STATUS_UNKNOWN
     if as_json:
         print(json.dumps({"running": True, **result}, indent=2))
     else:
         _print_status(result)
-    return OK
+    return StatusCode.RUNNING
 
 
 def _not_running_status(runtime_dir: str, as_json: bool) -> int:
@@ -277,7 +275,7 @@ def _not_running_status(runtime_dir: str, as_json: bool) -> int:
     if owner is not None and owner.alive():
         message = (f"tunsup (pid {owner.pid}) runs but does not answer on "
                    f"{proto.socket_path(runtime_dir)}")
-        code = UNKNOWN
+        code = STATUS_UNKNOWN
     elif owner is not None:
         message = (f"tunsup is not running, but its pid file remains (pid {owner.pid} is "
                    "gone): it did not exit cleanly; 'tunsup cleanup' undoes what it left")
