@@ -7,10 +7,16 @@ of the engine.  Each connection is its own task with an idle timeout (no
 complete request for ``idle_timeout`` seconds closes it) and a per-request
 timeout, and every send is bounded, so a slow, stuck or hostile client
 costs one task and blocks no one.  Protocol errors (an oversized frame,
-invalid JSON, an unknown op, a peer that is neither root nor in the allowed
-group) get an error frame and the connection is closed gracefully (our
-side shut down, the peer's leftover input drained for a moment, so the
-error frame is not lost to a reset).
+invalid JSON or JSON nested too deeply, text that is not valid Unicode, an
+unknown op, a peer that is neither root nor in the allowed group) get an
+error frame and the connection is closed gracefully (our side shut down,
+the peer's leftover input drained for a moment, so the error frame is not
+lost to a reset).
+
+Idle connections never lock out a request: at ``max_connections`` a new
+connection evicts the one idle longest (waiting for a request); only when
+none is idle is the newcomer refused, cheaply (a best-effort frame, no
+task).  A client that goes away, even mid-stream, is no error.
 
 Log subscriptions (``logs`` with ``follow``) are fed by the log hub of
 :mod:`tunsup._log` through a bounded memory channel; a subscriber that
