@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,6 +202,49 @@ def test_two_concurrent_stops_both_report_the_outcome(pair: Pair) -> None:
         assert "teardown complete, host restored" in out
     assert "received SIGTERM: already stopping" in svc.output()
     assert_restored(pair, pair.ns_a, before)
+
+
+def _blast(pid: int, sig: signal.Signals, every: float) -> threading.Thread:
+    """A thread sending ``sig`` to ``pid`` every ``every`` seconds until the
+    process is gone.  Goes through a pidfd, so a reused pid is never hit."""
+    fd = os.pidfd_open(pid)
+
+    def blast() -> None:
+        try:
+            while True:
+                try:
+                    signal.pidfd_send_signal(fd, sig)
+                except ProcessLookupError:  # exited (and reaped, or a zombie)
+                    return
+                time.sleep(every)  # pacing of the stream, not synchronisation
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=blast, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_stream_of_sigterms_never_changes_the_exit_status(pair: Pair) -> None:
+    """Issue 10 item 7: one SIGTERM every 2 ms from before the teardown until
+    the process is gone; the signal received after the signal receiver
+    closed used to kill ``run`` (signal 15) after "host restored".  Three
+    runs, since the window is a matter of timing."""
+    before = pair.snapshot(pair.ns_a)
+    for attempt in range(3):
+        if_a = unique("tsa")
+        svc, rt = start(pair, pair.conf_a(if_a), label=f"blast{attempt}")
+        svc.wait_ready()
+        stop = popen("stop", "--runtime-dir", rt)
+        wait_for_output(svc, "received SIGTERM: stopping")
+        thread = _blast(svc.proc.pid, signal.SIGTERM, 0.002)
+        code = svc.wait_exit(60)
+        thread.join(10)
+        out, _ = stop.communicate(timeout=30)
+        assert code == 0, f"attempt {attempt}: exit {code}\n{svc.output_tail()}"
+        assert "host restored" in svc.output()
+        assert stop.returncode == 0, out
+        assert_restored(pair, pair.ns_a, before)
 
 
 # ----------------------------------------------------------------------------- abuse

@@ -33,7 +33,7 @@ import attrs
 import outcome
 import trio
 
-from . import sdnotify
+from . import _signals, sdnotify
 from ._errors import ExitCode, TunsupError
 from ._log import tag_tunnel
 from .config import OnFailure
@@ -149,6 +149,8 @@ class Supervisor:
         self._slots: dict[str, Slot] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._converge_lock = trio.Lock()
+        #: Stop signals received while already stopping.
+        self._repeated: set[int] = set()
         self.ready = trio.Event()
         self.stop_reason: str | None = None
         #: "new", "starting", "running", "stopping", "stopped".
@@ -234,7 +236,9 @@ class Supervisor:
                            else contextlib.nullcontext(None))
             # The receiver, and the task draining it, outlive the tunnels'
             # teardown: a second SIGINT/SIGTERM meanwhile is logged, never
-            # redelivered to interrupt the teardown or kill the process.
+            # redelivered to interrupt the teardown.  After it closes, the
+            # process is safe from these signals only if it absorbs them
+            # (``run`` does: tunsup._signals).
             with receiver_cm as receiver:
                 async with trio.open_nursery() as outer:
                     if receiver is not None:
@@ -243,6 +247,11 @@ class Supervisor:
                         async with trio.open_nursery() as root:
                             self._root = root
                             self._cancel_scope = root.cancel_scope
+                            if receiver is not None:
+                                # Signals that came before the receiver
+                                # opened (see tunsup._signals).
+                                for signum in _signals.take_early():
+                                    self._on_signal(signum, early=True)
                             await self._recover()
                             await self._start_all()
                             if self._persistent or self.on_failure == "keep-running":
@@ -473,18 +482,30 @@ class Supervisor:
                               tuple(unchanged), tuple(failed))
 
     async def _watch_signals(self, receiver: AsyncIterator[int]) -> None:
-        """SIGTERM/SIGINT stop (once; later ones are logged), SIGHUP reloads.
-        Runs until cancelled, after the teardown."""
+        """Acts on each signal (:meth:`_on_signal`).  Runs until cancelled,
+        after the teardown."""
         async for signum in receiver:
-            name = signal.Signals(signum).name
-            if signum == RELOAD_SIGNAL:
-                self._hangup()
-            elif self.stop_reason is None:
-                log.info("received %s: stopping", name)
-                sdnotify.notify("STOPPING=1", f"STATUS=stopping ({name})")
-                self.stop(f"received {name}")
+            self._on_signal(signum)
+
+    def _on_signal(self, signum: int, *, early: bool = False) -> None:
+        """SIGTERM/SIGINT stop (once; later ones are logged, the first of
+        each kind at INFO: a stream of them must not flood the log), SIGHUP
+        reloads (``early``: it came before the start, while the
+        configuration was being read: ignored)."""
+        name = signal.Signals(signum).name
+        if signum == RELOAD_SIGNAL:
+            if early:
+                log.info("received %s before the start: ignored", name)
             else:
-                log.info("received %s: already stopping, teardown continues", name)
+                self._hangup()
+        elif self.stop_reason is None:
+            log.info("received %s%s: stopping", name, " before the start" if early else "")
+            sdnotify.notify("STOPPING=1", f"STATUS=stopping ({name})")
+            self.stop(f"received {name}")
+        else:
+            level = logging.DEBUG if signum in self._repeated else logging.INFO
+            self._repeated.add(signum)
+            log.log(level, "received %s: already stopping, teardown continues", name)
 
     def _hangup(self) -> None:
         root = self._root
