@@ -385,6 +385,49 @@ def _wait_file(svc: ServiceProcess, path: Path) -> None:
         wait_for_output(svc, "running hook")
 
 
+def test_up_of_a_configured_tunnel_that_has_not_started_waits_for_it(pair: Pair) -> None:
+    """Issue 10 item 15: while the first configured tunnel is parked in its
+    PreUp, ``up`` of the second configured one used to start it first; the
+    configured start then failed ("interface already exists") and the
+    whole service exited 1.  Now the ``up`` waits and finds it up."""
+    if_a, if_b = unique("tsa"), unique("tsb")
+    gate, entered = pair.workdir / "gate", pair.workdir / "entered"
+    before = pair.snapshot(pair.ns_a)
+    conf_a = extra_conf(pair, if_a, 205, "198.51.100.0/25",
+                        extra=f"PreUp = touch {entered}; while [ ! -e {gate} ]; "
+                              "do sleep 0.05; done")
+    conf_b = extra_conf(pair, if_b, 206, "198.51.100.128/25")
+    svc, rt = start(pair, conf_a, conf_b)
+    up: subprocess.Popen[str] | None = None
+    try:
+        _wait_file(svc, entered)  # a's start is parked; b has not started
+        up = popen("up", conf_b, "--runtime-dir", rt)
+        # Until the service holds the request (fixed) or the client is done
+        # (the bug: it started b of its own).
+        deadline = time.monotonic() + 30
+        while (up.poll() is None
+               and f"up {if_b}: waiting for the configured tunnel" not in svc.output()):
+            assert time.monotonic() < deadline, svc.output_tail()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                up.wait(0.02)
+        gate.touch()
+        up_out, _ = up.communicate(timeout=30)
+        svc.wait_ready()
+    finally:
+        gate.touch()
+        if up is not None and up.poll() is None:
+            up.kill()
+            up.wait()
+    assert up.returncode == 0 and "already up" in up_out, up_out + svc.output()
+    tunnels = tunnels_by_name(rt)
+    assert sorted(tunnels) == sorted([if_a, if_b])
+    assert tunnels[if_b]["origin"] == "config" and tunnels[if_b]["state"] == "up"
+    assert "already exists" not in svc.output()
+    assert tunsup("stop", "--runtime-dir", rt).returncode == 0
+    assert svc.wait_exit(30) == 0, svc.output()
+    assert_restored(pair, pair.ns_a, before)
+
+
 def test_stop_wins_over_an_up_in_flight(pair: Pair) -> None:
     if_a, if_d = unique("tsa"), unique("tsd")
     gate, entered = pair.workdir / "gate", pair.workdir / "entered"

@@ -15,7 +15,10 @@ its own; the others keep running.  Once no tunnel is left, ``run`` returns
 While it runs, tunnels can be added (:meth:`Supervisor.add`), removed
 (:meth:`Supervisor.remove`) and the whole configured set replaced
 (:meth:`Supervisor.converge`, what a reload does).  Requests for one tunnel
-are serialized by a per-name lock.  Starts always run inside the root
+are serialized by a per-name lock, and the names of the configured tunnels
+are claimed from load time (a reload's from its start) until their start
+has run: an ``add`` or ``remove`` of such a name waits for it, so that a
+client's request never races the configuration.  Starts always run inside the root
 nursery, so a stop wins over everything in flight: it cancels first
 (starts in progress, reloads), then waits for every teardown.
 """
@@ -101,6 +104,8 @@ class ConvergeResult:
 
 
 Plan = tuple[TunnelSpec, TunnelOptions]
+#: Names claimed by one configured start, each released once settled.
+Claims = dict[str, trio.Event]
 
 
 def same_plan(tunnel: Tunnel, spec: TunnelSpec, options: TunnelOptions) -> bool:
@@ -148,6 +153,10 @@ class Supervisor:
         self._root: trio.Nursery | None = None
         self._slots: dict[str, Slot] = {}
         self._locks: dict[str, trio.Lock] = {}
+        #: Names the configuration claims whose start has not run yet (the
+        #: initial set from load time, a reload's from its start): requests
+        #: from clients for them wait (see :meth:`_wait_claims`).
+        self._claims: dict[str, list[trio.Event]] = {}
         self._converge_lock = trio.Lock()
         #: Stop signals received while already stopping.
         self._repeated: set[int] = set()
@@ -195,7 +204,9 @@ class Supervisor:
         Waits for requests in flight for the same tunnel first.  Raises
         :class:`NoSuchTunnel`, or :class:`Stopping` when a stop already took
         it down.  Cancelling the caller abandons the wait,
-        never the teardown (which is shielded)."""
+        never the teardown (which is shielded).  A configured tunnel that
+        has not started yet is waited for, then stopped."""
+        await self._wait_claims(name, "down")
         async with self._lock(name):
             slot = self._slots.get(name)
             if slot is None:
@@ -230,6 +241,7 @@ class Supervisor:
         self._used = True
         self.phase = "starting"
         self.started_at = time.time()
+        initial = self._claim([t.name for t in self.tunnels])
         signals = (*STOP_SIGNALS, RELOAD_SIGNAL) if self._handle_signals else ()
         try:
             receiver_cm = (trio.open_signal_receiver(*signals) if signals
@@ -253,7 +265,7 @@ class Supervisor:
                                 for signum in _signals.take_early():
                                     self._on_signal(signum, early=True)
                             await self._recover()
-                            await self._start_all()
+                            await self._start_all(initial)
                             if self._persistent or self.on_failure == "keep-running":
                                 await trio.sleep_forever()
                     finally:
@@ -267,6 +279,8 @@ class Supervisor:
                 if not isinstance(exc, TunsupError):
                     log.error("unexpected error: %s", exc, exc_info=exc)
         finally:
+            self._release(initial)
+            self._release_all()
             self.phase = "stopped"
             sdnotify.notify("STOPPING=1")
             with trio.CancelScope(shield=True):
@@ -310,6 +324,44 @@ class Supervisor:
     def _lock(self, name: str) -> trio.Lock:
         return self._locks.setdefault(name, trio.Lock())
 
+    def _claim(self, names: Sequence[str]) -> Claims:
+        """Claim ``names`` for the configuration until :meth:`_release`."""
+        claims = {name: trio.Event() for name in names}
+        for name, event in claims.items():
+            self._claims.setdefault(name, []).append(event)
+        return claims
+
+    def _release(self, claims: Claims, *names: str) -> None:
+        """Release ``names`` of ``claims`` (all of them when none given):
+        whoever waits for them goes on.  Releasing twice is harmless."""
+        for name in names or list(claims):
+            event = claims.pop(name, None)
+            if event is None:
+                continue
+            event.set()
+            waiting = self._claims.get(name, [])
+            if event in waiting:
+                waiting.remove(event)
+            if not waiting:
+                self._claims.pop(name, None)
+
+    async def _wait_claims(self, name: str, what: str) -> None:
+        """Wait until no configured start (initial or a reload's) claims
+        ``name``, so that a client's request never races it.  Cancellable;
+        a stop releases every claim."""
+        if name in self._claims:
+            log.info("%s %s: waiting for the configured tunnel of that name to start",
+                     what, name)
+        while waiting := self._claims.get(name):
+            await waiting[0].wait()
+
+    def _release_all(self) -> None:
+        """Release every claim (``run`` is ending): nobody waits for good."""
+        for waiting in self._claims.values():
+            for event in waiting:
+                event.set()
+        self._claims.clear()
+
     async def _in_root(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn`` as a task of the root nursery (so that a stop cancels
         it) and wait for its result.  Raises :class:`Stopping` when the
@@ -338,15 +390,19 @@ class Supervisor:
             raise Stopping("interrupted: the service is stopping")
         return box[0].unwrap()
 
-    async def _start_all(self) -> None:
+    async def _start_all(self, claims: Claims) -> None:
         """Start the initial tunnels one by one (a failure propagates and
-        stops the supervisor), then report ready.  Cancelled by a stop."""
+        stops the supervisor), releasing each one's claim once its start
+        ended, then report ready.  Cancelled by a stop."""
         sdnotify.notify("STATUS=bringing up tunnels")
         async with self._converge_lock:  # a reload waits for the initial start
             for tunnel in self.tunnels:
                 log.info("starting tunnel %s from %s", tunnel.name, tunnel.spec.source)
-                async with self._lock(tunnel.name):
-                    await self._start(tunnel, CONFIG)
+                try:
+                    async with self._lock(tunnel.name):
+                        await self._start(tunnel, CONFIG)
+                finally:
+                    self._release(claims, tunnel.name)
         names = ", ".join(t.name for t in self.tunnels)
         log.info("ready: %d tunnel(s) up (%s)", len(self.tunnels), names)
         self.phase = "running"
@@ -424,7 +480,11 @@ class Supervisor:
 
     async def _add(self, spec: TunnelSpec, options: TunnelOptions,
                    origin: str) -> tuple[Tunnel, bool]:
-        """See :meth:`add`; runs in the root nursery (a stop cancels it)."""
+        """See :meth:`add`; runs in the root nursery (a stop cancels it).
+        A name the configuration claims is left to it: this waits for the
+        configured start, then finds that tunnel (the same plan: not
+        started; another one: :class:`AlreadyRunning`)."""
+        await self._wait_claims(spec.name, "up")
         async with self._lock(spec.name):
             slot = self._slots.get(spec.name)
             if slot is not None:
@@ -445,6 +505,17 @@ class Supervisor:
         """See :meth:`converge`; runs in the root nursery (a stop cancels
         it between and during starts; teardowns it began still complete)."""
         want = {spec.name: (spec, options) for spec, options in wanted}
+        # Claimed before anything awaits (a reload waits for the initial
+        # start), so that an `up` or `down` of these names waits for it.
+        claims = self._claim(list(want))
+        try:
+            return await self._converge_claimed(want, claims)
+        finally:
+            self._release(claims)
+
+    async def _converge_claimed(self, want: dict[str, Plan], claims: Claims) -> ConvergeResult:
+        """:meth:`_converge` once ``want``'s names are claimed; releases
+        each claim once that name is settled."""
         started: list[str] = []
         stopped: list[str] = []
         restarted: list[str] = []
@@ -460,23 +531,26 @@ class Supervisor:
                         await self._stop_slot(slot)
                         stopped.append(name)
             for name, (spec, options) in want.items():
-                async with self._lock(name):
-                    slot = self._slots.get(name)
-                    if slot is not None and same_plan(slot.tunnel, spec, options):
-                        slot.origin = CONFIG
-                        unchanged.append(name)
-                        continue
-                    if slot is not None:
-                        log.info("tunnel %s changed: restarting it", name)
-                        await self._stop_slot(slot)
-                    tunnel = self._make_tunnel(spec, options)
-                    log.info("starting tunnel %s from %s", name, spec.source)
-                    try:
-                        await self._start(tunnel, CONFIG)
-                    except Exception as exc:
-                        failed.append((name, describe_error(exc)))
-                        continue
-                    (restarted if slot is not None else started).append(name)
+                try:
+                    async with self._lock(name):
+                        slot = self._slots.get(name)
+                        if slot is not None and same_plan(slot.tunnel, spec, options):
+                            slot.origin = CONFIG
+                            unchanged.append(name)
+                            continue
+                        if slot is not None:
+                            log.info("tunnel %s changed: restarting it", name)
+                            await self._stop_slot(slot)
+                        tunnel = self._make_tunnel(spec, options)
+                        log.info("starting tunnel %s from %s", name, spec.source)
+                        try:
+                            await self._start(tunnel, CONFIG)
+                        except Exception as exc:
+                            failed.append((name, describe_error(exc)))
+                            continue
+                        (restarted if slot is not None else started).append(name)
+                finally:
+                    self._release(claims, name)
         self._announce()
         return ConvergeResult(tuple(started), tuple(stopped), tuple(restarted),
                               tuple(unchanged), tuple(failed))
