@@ -18,9 +18,9 @@ While it runs, tunnels can be added (:meth:`Supervisor.add`), removed
 are serialized by a per-name lock, and the names of the configured tunnels
 are claimed from load time (a reload's from its start) until their start
 has run: an ``add`` or ``remove`` of such a name waits for it, so that a
-client's request never races the configuration.  Starts always run inside the root
-nursery, so a stop wins over everything in flight: it cancels first
-(starts in progress, reloads), then waits for every teardown.
+client's request never races the configuration.  Starts always run inside
+the root nursery, so a stop wins over everything in flight: it cancels
+first (starts in progress, reloads), then waits for every teardown.
 """
 
 from __future__ import annotations
