@@ -152,6 +152,8 @@ class Supervisor:
         self._cancel_scope: trio.CancelScope | None = None
         self._root: trio.Nursery | None = None
         self._slots: dict[str, Slot] = {}
+        #: Tunnels that failed while up, until replaced or taken down.
+        self._failed_slots: dict[str, Slot] = {}
         self._locks: dict[str, trio.Lock] = {}
         #: Names the configuration claims whose start has not run yet (the
         #: initial set from load time, a reload's from its start): requests
@@ -184,6 +186,12 @@ class Supervisor:
         """The tunnels running now (starting, up or stopping), in start order."""
         return list(self._slots.values())
 
+    def failed(self) -> list[Slot]:
+        """The tunnels that failed while up (their teardown has run; the
+        tunnel's ``failure`` and ``report`` say why and how it ended), until
+        a tunnel of the same name starts or a ``remove`` clears them."""
+        return list(self._failed_slots.values())
+
     async def add(self, spec: TunnelSpec, options: TunnelOptions, *,
                   origin: str = CONTROL) -> tuple[Tunnel, bool]:
         """Start a tunnel; return it once it is up, and whether it was
@@ -205,10 +213,14 @@ class Supervisor:
         :class:`NoSuchTunnel`, or :class:`Stopping` when a stop already took
         it down.  Cancelling the caller abandons the wait,
         never the teardown (which is shielded).  A configured tunnel that
-        has not started yet is waited for, then stopped."""
+        has not started yet is waited for, then stopped.  A tunnel that
+        failed while up (already torn down) is cleared from :meth:`failed`
+        and returned."""
         await self._wait_claims(name, "down")
         async with self._lock(name):
             slot = self._slots.get(name)
+            if slot is None and name in self._failed_slots:
+                return self._failed_slots.pop(name).tunnel
             if slot is None:
                 if self.stop_reason is not None:
                     raise Stopping(f"the service is stopping; tunnel {name} is already down")
@@ -425,6 +437,7 @@ class Supervisor:
         assert self._root is not None
         slot = Slot(tunnel, origin)
         self._slots[tunnel.name] = slot
+        self._failed_slots.pop(tunnel.name, None)
         self.history.append(tunnel)
         tag_tunnel(tunnel.log, tunnel.name)
         try:
@@ -450,6 +463,7 @@ class Supervisor:
         except* TunsupError:
             if not tunnel.was_up:
                 raise
+            self._failed_slots[tunnel.name] = slot
             self._tunnel_failed(tunnel)
         finally:
             slot.done.set()
@@ -522,6 +536,9 @@ class Supervisor:
         unchanged: list[str] = []
         failed: list[tuple[str, str]] = []
         async with self._converge_lock:
+            for name in [n for n, s in self._failed_slots.items()
+                         if s.origin == CONFIG and n not in want]:
+                del self._failed_slots[name]  # gone from the configuration
             for name in [n for n, s in self._slots.items() if s.origin == CONFIG]:
                 if name in want:
                     continue
