@@ -173,6 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
+            from . import _signals
+
+            # For the rest of the process's life SIGTERM/SIGINT/SIGHUP are
+            # recorded, never fatal: the supervisor acts on them while it
+            # runs (one that came earlier stops it at once), and once its
+            # teardown has begun no later signal can change the exit status.
+            _signals.absorb()
             return _run(args)
         if args.command == "check":
             return _check(args.files, debug=args.debug)
@@ -296,14 +303,7 @@ def _step_timer(debug: bool) -> StepTimer | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import _signals
     from .plan import ConfigSource, control_group
-
-    # For the rest of the process's life SIGTERM/SIGINT/SIGHUP are recorded,
-    # never fatal: the supervisor acts on them while it runs (one that came
-    # earlier stops it at once), and once its teardown has begun no later
-    # signal can change the exit status.
-    _signals.absorb()
 
     if not args.confs and not args.config:
         print("tunsup run: give at least one CONF.conf or -c FILE", file=sys.stderr)
