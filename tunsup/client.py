@@ -297,17 +297,22 @@ def _print_status(result: dict[str, Any]) -> None:
           f"{_duration(service.get('uptime'))}): {len(tunnels)} tunnel(s)")
     if not tunnels:
         return
-    rows = [("TUNNEL", "STATE", "HELPER", "UPTIME", "RESTARTS", "PEERS", "ROUTES")]
+    rows = [("TUNNEL", "STATE", "HELPER", "UPTIME", "RESTARTS", "PEERS", "ROUTES", "PROBE")]
     for t in tunnels:
         rows.append((str(t.get("name")), str(t.get("state")), str(t.get("helper_pid") or "-"),
                      _duration(t.get("uptime")), str(t.get("restarts", 0)),
-                     str(len(t.get("peers") or [])), str(t.get("routes", "-"))))
+                     str(len(t.get("peers") or [])), str(t.get("routes", "-")),
+                     _probe(t.get("last_probe"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for index, row in enumerate(rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
         if index == 0:
             continue
         t = tunnels[index - 1]
+        if t.get("degraded_reason"):
+            print(f"    degraded: {t['degraded_reason']}")
+        if t.get("failure"):
+            print(f"    failed: {t['failure']}")
         if t.get("peers_error"):
             print(f"    peers: unavailable ({t['peers_error']})")
         for p in t.get("peers") or []:
@@ -317,6 +322,15 @@ def _print_status(result: dict[str, Any]) -> None:
             print(f"    peer {key[:10]}…  endpoint {p.get('endpoint') or '-'}  "
                   f"handshake {handshake}  rx {_bytes(int(p.get('rx_bytes', 0)))}  "
                   f"tx {_bytes(int(p.get('tx_bytes', 0)))}")
+
+
+def _probe(probe: Any) -> str:
+    """The PROBE cell: how the last probe of the helper went, and when."""
+    if not isinstance(probe, dict):
+        return "-"
+    outcome = "ok" if probe.get("ok") else "failed"
+    age = probe.get("age")
+    return outcome if age is None else f"{outcome} {_duration(age)} ago"
 
 
 # ----------------------------------------------------------------- up / down

@@ -103,6 +103,9 @@ class ServiceOps:
             for slot, entry in zip(slots, tunnels, strict=True):
                 if slot.up_since is not None:
                     nursery.start_soon(self._peers, slot.tunnel, entry, now)
+        # Failed while up (on_failure = "keep-running", or others remain):
+        # shown until replaced or taken down, with why they failed.
+        tunnels += [_tunnel_status(slot, now, ended=True) for slot in sup.failed()]
         return {
             "service": {
                 "pid": os.getpid(),
@@ -223,25 +226,31 @@ def _fixed_settings_changed(old: SupervisorConfig, new: SupervisorConfig) -> lis
             for what, (before, after) in fixed.items() if before != after]
 
 
-def _tunnel_status(slot: Slot, now: float) -> dict[str, Any]:
+def _tunnel_status(slot: Slot, now: float, *, ended: bool = False) -> dict[str, Any]:
+    """One tunnel's entry (its peers are filled in by ``_peers``);
+    ``ended``: it failed and was torn down."""
     tunnel = slot.tunnel
-    state = tunnel.state.value
-    if state == "new":
-        state = "starting"
-    # Issue 4's supervision adds degraded/restarting states and restart
-    # counts; read them when the tunnel has them.
-    if getattr(tunnel, "degraded", False) and state == "up":
-        state = "degraded"
+    status = tunnel.status
+    probe = status.last_probe
     return {
         "name": tunnel.name,
-        "state": state,
+        "state": "starting" if status.state == "new" else status.state,
         "interface": tunnel.name,
         "source": tunnel.spec.source,
         "origin": slot.origin,
-        "helper_pid": tunnel.helper_pid,
-        "uptime": None if slot.up_since is None else now - slot.up_since,
-        "restarts": int(getattr(tunnel, "restarts", 0)),
-        "routes": len(tunnel.spec.allowed_ips),
+        "helper_pid": status.helper_pid,
+        "uptime": None if slot.up_since is None or ended else now - slot.up_since,
+        "restarts": status.restarts,
+        "routes": status.routes,
+        "degraded_reason": status.degraded_reason,
+        "failure": status.failure,
+        "last_probe": None if probe is None else {
+            "at": probe.at,
+            "age": max(0.0, now - probe.at),
+            "took": probe.took,
+            "ok": probe.ok,
+            "error": probe.error,
+        },
         "peers": [],
         "peers_error": None,
     }
