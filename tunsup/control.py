@@ -42,12 +42,16 @@ import attrs
 import trio
 
 from . import _protocol as proto
+from ._bounded import bounded
+from ._errors import HostError
 from ._log import Entry, LogHub
 
 log = logging.getLogger("tunsup.control")
 
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _UNIX_PATH_MAX = 107
+#: Bound on one file operation on the socket's path (runtime directory).
+FILE_TIMEOUT = 2.0
 
 
 class OpError(Exception):
@@ -232,16 +236,17 @@ class ControlServer:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         tmp = os.path.join(os.path.dirname(self.path), f".ctl{os.getpid()}")
         try:
-            await trio.to_thread.run_sync(_unlink_quietly, tmp)
+            await bounded(FILE_TIMEOUT, f"removing {tmp}", _unlink_quietly, tmp)
             await sock.bind(tmp)
             sock.listen(self.settings.listen_backlog)
             # Permissions are set before the socket gets its public name, so
             # it is never reachable with looser ones.
-            self._inode = await trio.to_thread.run_sync(_publish, tmp, self.path,
-                                                        self.settings.group)
+            self._inode = await bounded(FILE_TIMEOUT, f"publishing {self.path}", _publish,
+                                        tmp, self.path, self.settings.group)
         except BaseException:
             sock.close()
-            await trio.to_thread.run_sync(_unlink_quietly, tmp)
+            with trio.CancelScope(shield=True):
+                await bounded(FILE_TIMEOUT, f"removing {tmp}", _unlink_quietly, tmp)
             raise
         return sock
 
@@ -260,8 +265,12 @@ class ControlServer:
                 await self._accept_loop(sock, nursery)
         finally:
             sock.close()
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await trio.to_thread.run_sync(_unlink_if_ours, self.path, self._inode)
+            with trio.CancelScope(shield=True):
+                try:
+                    await bounded(FILE_TIMEOUT, f"removing {self.path}", _unlink_if_ours,
+                                  self.path, self._inode)
+                except HostError as exc:
+                    log.warning("control socket: %s", exc)
 
     async def _accept_loop(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         """Accept connections and give each its own task until cancelled."""

@@ -24,21 +24,26 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
+from ._bounded import bounded
 from ._errors import HostError
 from .host import HelperHandle, Host, PolicyRule
-from .host.dns import DnsBackend, DnsState
+from .host.dns import DnsBackend, DnsError, DnsState
 from .model import IPAddress, IPInterface, IPNetwork
 
 if TYPE_CHECKING:
     from .undo import EffectStack
 
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
+
+#: Bound on reading a process's details from /proc.
+PROC_TIMEOUT = 5.0
 
 
 @attrs.define
@@ -175,9 +180,8 @@ class StartHelper(Effect):
             return
         from .helpers import find_processes, terminate_foreign
 
-        for pid, start in await trio.to_thread.run_sync(
-            find_processes, self.argv, ctx.instance_start
-        ):
+        for pid, start in await bounded(PROC_TIMEOUT, "looking for unrecorded helpers",
+                                        find_processes, self.argv, ctx.instance_start):
             ctx.log.info("stopping unrecorded helper %s (pid %d)", self.argv[0], pid)
             if not await terminate_foreign(pid, start, grace=ctx.stop_grace):
                 raise HostError(f"helper pid {pid} did not exit after SIGKILL")
@@ -222,7 +226,8 @@ class HelperRunning(Effect):
         from .helpers import terminate_foreign
         from .pidfile import process_start_time
 
-        start = await trio.to_thread.run_sync(process_start_time, self.pid)
+        start = await bounded(PROC_TIMEOUT, f"reading the start time of pid {self.pid}",
+                              process_start_time, self.pid)
         if start is None or self.start_time is None or start != self.start_time:
             ctx.log.info("helper pid %d is gone%s", self.pid,
                          "" if start is None else " (pid reused by another process: left alone)")
@@ -246,10 +251,13 @@ async def _remove_stale_socket(ctx: EffectContext, ifname: str) -> None:
     from .uapi import socket_path
 
     path = socket_path(ifname, ctx.host.uapi_dir)
+    # Set when the wait below gives up: a late thread must not remove a
+    # socket a new helper may have created meanwhile.
+    gave_up = threading.Event()
 
     def unlink_if_socket() -> bool:
         try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
+            if stat.S_ISSOCK(os.lstat(path).st_mode) and not gave_up.is_set():
                 os.unlink(path)
                 return True
         except FileNotFoundError:
@@ -266,7 +274,7 @@ async def _remove_stale_socket(ctx: EffectContext, ifname: str) -> None:
         else:
             stream.socket.close()  # someone listens: not stale
             return
-        if await trio.to_thread.run_sync(unlink_if_socket):
+        if await bounded(2, f"removing {path}", unlink_if_socket, gave_up=gave_up):
             ctx.log.info("removed stale UAPI socket %s", path)
 
 
@@ -577,9 +585,8 @@ class Dns(Effect):
 
     async def _backend(self, ctx: EffectContext) -> DnsBackend:
         # "auto" looks at the machine (files, PATH): off the trio thread.
-        with trio.fail_after(self.timeout):
-            backend = await trio.to_thread.run_sync(ctx.host.dns_backend, self.backend)
-        return backend
+        return await bounded(self.timeout, f"choosing the {self.backend} DNS backend",
+                             ctx.host.dns_backend, self.backend, error=DnsError)
 
     async def prepare(self, ctx: EffectContext) -> Effect:
         backend = await self._backend(ctx)

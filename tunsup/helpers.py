@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 import attrs
 import trio
 
+from ._bounded import bounded
 from ._errors import HostError
 from .pidfile import process_start_time as process_start_time
 
@@ -247,7 +248,8 @@ async def terminate_foreign(pid: int, start_time: int, *, grace: float,
     except ProcessLookupError:
         return True
     try:
-        if await trio.to_thread.run_sync(process_start_time, pid) != start_time:
+        if await bounded(5, f"reading the start time of pid {pid}", process_start_time,
+                         pid) != start_time:
             return True  # exited, and the pid now names another process
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
             try:

@@ -10,8 +10,9 @@ Format: one record per line, ``CRC32HEX JSON\\n``, appended to
 ``STATE_DIR/journal-PID-START.log`` (file mode 0600, directory 0700).  The
 first record names the owning process by pid *and* start time.  A torn last
 line (a crash mid-write) or garbage is detected by the checksum; readable
-records are still used.  Appends and fsyncs run on a worker thread, never on
-the trio thread.
+records are still used.  Encoding (a record may hold 100,000 prefixes:
+~100 ms of JSON), appends and fsyncs run on a worker thread, never on the
+trio thread.
 
 Key material is never journaled (fields with ``metadata={"secret": True}``
 are left out).
@@ -28,7 +29,7 @@ import os
 import signal
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -36,7 +37,7 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from . import effects
-from ._worker import SerialWorker
+from ._worker import SerialWorker, raise_if_abandoned
 from .effects import Effect
 from .host.dns import DnsState, FileDnsState, ResolvconfDnsState, ResolvedDnsState
 from .model import IPAddress, IPInterface, IPNetwork
@@ -154,6 +155,10 @@ def decode_line(line: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return entry if isinstance(entry, dict) else None
+
+
+#: A journal entry, or a function building it (called off the trio thread).
+Entry = dict[str, Any] | Callable[[], dict[str, Any]]
 
 
 def journal_name(pid: int, start_time: int) -> str:
@@ -292,11 +297,17 @@ class Journal:
         self._seq += 1
         return self._seq
 
-    def _append_sync(self, data: bytes) -> None:
+    def _append_sync(self, entry: Entry) -> None:
+        data = encode_line(entry() if callable(entry) else entry)
         if self._fd is None:
             ensure_state_dir(self.state_dir)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                               0o600)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                raise_if_abandoned()  # a late thread leaves the journal to its successor
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
             header = encode_line({"op": "open", "pid": self.pid, "start_time": self.start_time,
                                   "version": FORMAT_VERSION, "created": time.time()})
             os.write(self._fd, header)
@@ -305,21 +316,30 @@ class Journal:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+        # An append its caller gave up on (reported as failed) is not written late.
+        raise_if_abandoned()
         written = os.write(self._fd, data)
         if written != len(data):
             raise OSError(f"short write to {self.path}")
         os.fsync(self._fd)
 
-    async def append(self, entry: dict[str, Any]) -> None:
-        """Append one entry durably.  Cancellation: a queued append is
-        skipped; one being written completes (see SerialWorker)."""
-        data = encode_line(entry)
-        await self._worker.call(lambda: self._append_sync(data), timeout=APPEND_TIMEOUT,
+    async def append(self, entry: Entry) -> None:
+        """Append one entry durably.  ``entry`` may be a function building it:
+        it is then called on the worker thread (with effect records, that is
+        where the cost is).  Cancellation: a queued append is skipped; one
+        being written completes within a grace, else it is abandoned (see
+        SerialWorker)."""
+        await self._worker.call(lambda: self._append_sync(entry), timeout=APPEND_TIMEOUT,
                                 what=f"append to {self.path}")
         self.appends += 1
 
     async def close(self, *, remove: bool) -> None:
-        """Close the file; with ``remove`` (everything was undone) delete it."""
+        """Close the file; with ``remove`` (everything was undone) delete it.
+        Nothing touches the disk when nothing was ever appended (a stop
+        during recovery on a hung state disk must not wait for it)."""
+        if self._fd is None and self.appends == 0:
+            self._worker.close()
+            return
 
         def job() -> None:
             if self._fd is not None:
@@ -347,15 +367,17 @@ class JournalObserver:
     async def intent(self, effect: Effect) -> None:
         seq = self.journal.next_seq()
         self._pending_intent[id(effect)] = seq
-        await self.journal.append({"op": "intent", "seq": seq, "tunnel": self.tunnel,
-                                   "effect": effect_to_dict(effect)})
+        tunnel = self.tunnel
+        await self.journal.append(lambda: {"op": "intent", "seq": seq, "tunnel": tunnel,
+                                           "effect": effect_to_dict(effect)})
         self.journal.fault.hit("intent")
 
     async def applied(self, intent: Effect, record: Effect) -> None:
         self.journal.fault.hit("effect")  # applied, not yet recorded
         seq = self._pending_intent.pop(id(intent))
         self._seqs[id(record)] = seq
-        await self.journal.append({"op": "applied", "seq": seq, "record": effect_to_dict(record)})
+        await self.journal.append(lambda: {"op": "applied", "seq": seq,
+                                           "record": effect_to_dict(record)})
         self.journal.fault.hit("applied")
 
     async def undone(self, record: Effect) -> None:

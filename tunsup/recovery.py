@@ -20,6 +20,8 @@ from collections.abc import Callable
 import attrs
 import trio
 
+from ._bounded import bounded
+from ._errors import HostError
 from .effects import Effect, EffectContext
 from .host import Host
 from .instance import is_alive
@@ -38,6 +40,10 @@ log = logging.getLogger("tunsup.recovery")
 
 #: Bound on undoing one journal.
 RECOVERY_TIMEOUT = 60.0
+#: Bound on one file operation of recovery (list, read, rewrite, move
+#: aside): a hung state disk (or a FIFO where a journal should be) makes it
+#: a failure, never a wait without end.
+IO_TIMEOUT = 10.0
 
 
 @attrs.frozen
@@ -66,14 +72,18 @@ async def recover(
     me: tuple[int, int] | None = None,
     out: Callable[[str], None] | None = None,
     timeout: float = RECOVERY_TIMEOUT,
+    io_timeout: float = IO_TIMEOUT,
 ) -> RecoveryReport:
     """Undo every journal left in ``state_dir`` by a dead instance.
 
     ``me`` (pid, start time) is skipped: the caller's own journal.  With
     ``dry_run`` nothing changes; ``out`` receives one line per object that
     would be undone, in undo order.  Never raises for bad journals.
-    Cancellation: an undo in progress is shielded and bounded (as at stop);
-    cancellation then propagates.
+    Every file operation is bounded by ``io_timeout`` (one that overruns is
+    a failure: the journal is left for a later cleanup).  Cancellation:
+    file operations are abandoned at once (see :func:`tunsup._bounded.bounded`);
+    an undo in progress is shielded and bounded (as at stop); cancellation
+    then propagates.
     """
     say = out or (lambda line: log.info("%s", line))
     recovered: list[str] = []
@@ -82,13 +92,23 @@ async def recover(
     live: list[str] = []
     quarantined: list[str] = []
     unreadable = 0
-    for path in await trio.to_thread.run_sync(list_journals, state_dir):
-        contents = await trio.to_thread.run_sync(read_journal, path)
+    try:
+        paths = await bounded(io_timeout, f"listing {state_dir}", list_journals, state_dir)
+    except HostError as exc:
+        return RecoveryReport(failures=(str(exc),))
+    for path in paths:
+        try:
+            contents = await bounded(io_timeout, f"reading {path}", read_journal, path)
+            alive = contents.pid is not None and contents.start_time is not None and \
+                await bounded(io_timeout, f"checking pid {contents.pid}", is_alive,
+                              contents.pid, contents.start_time)
+        except HostError as exc:
+            failures.append(f"{exc}; journal left as it is")
+            continue
         owner = (contents.pid, contents.start_time)
         if owner == me:
             continue
-        if contents.pid is not None and contents.start_time is not None and await \
-                trio.to_thread.run_sync(is_alive, contents.pid, contents.start_time):
+        if alive:
             live.append(f"{path} (pid {contents.pid})")
             continue
         for number, why in contents.damaged:
@@ -104,15 +124,24 @@ async def recover(
                 say(f"  undo {effect.describe()}")
             continue
         if contents.damaged:
-            quarantined.append(await _quarantine(path))
+            try:
+                quarantined.append(await _quarantine(path, io_timeout))
+            except HostError as exc:
+                failures.append(f"{exc}; journal left as it is")
+                continue
         recovered.append(path)
         if pending:
             say(f"recovering {len(pending)} object(s) left by pid {contents.pid} ({path})")
         report = await _undo(contents, [e for _, e in pending], host, timeout)
         undone += report.undone
         failures += [f"{path}: {f}" for f in report.failures]
-        await trio.to_thread.run_sync(_rewrite, path, contents, report.remaining,
-                                      not contents.damaged)
+        try:
+            # Abandoned late, the rewrite still leaves what it was given to
+            # leave (atomically, by rename): nothing else writes that file.
+            await bounded(io_timeout, f"rewriting {path}", _rewrite, path, contents,
+                          report.remaining, not contents.damaged)
+        except HostError as exc:
+            failures.append(f"{exc}; the journal may still list what was undone")
     return RecoveryReport(tuple(recovered), tuple(undone), tuple(failures), tuple(live),
                           tuple(quarantined), unreadable)
 
@@ -129,9 +158,9 @@ async def _undo(contents: JournalContents, pending: list[Effect], host: Host,
     return report
 
 
-async def _quarantine(path: str) -> str:
+async def _quarantine(path: str, io_timeout: float) -> str:
     target = f"{path}.corrupt.{time.strftime('%Y%m%dT%H%M%S')}"
-    await trio.to_thread.run_sync(os.replace, path, target)
+    await bounded(io_timeout, f"moving {path} aside", os.replace, path, target)
     log.warning("damaged journal %s kept aside as %s; its readable records are recovered",
                 path, target)
     return target

@@ -25,7 +25,8 @@ import trio
 
 from . import __version__, sdnotify
 from . import _protocol as proto
-from ._errors import ConfigError, ExitCode
+from ._bounded import bounded
+from ._errors import ConfigError, ExitCode, HostError
 from ._log import LogHub
 from .config import OnFailure, SupervisorConfig, TunnelEntry
 from .control import ControlServer, ControlSettings, OpError
@@ -84,13 +85,9 @@ class ServiceOps:
         bounded by LOAD_TIMEOUT; ConfigError becomes an OpError.
         Cancellable: the thread is abandoned (it only reads files)."""
         try:
-            with trio.fail_after(LOAD_TIMEOUT):
-                return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
-        except ConfigError as exc:
+            return await bounded(LOAD_TIMEOUT, "reading the configuration", fn, *args)
+        except (ConfigError, HostError) as exc:
             raise OpError(proto.CONFIG, str(exc)) from None
-        except trio.TooSlowError:
-            raise OpError(proto.CONFIG, f"reading the configuration took over "
-                                        f"{LOAD_TIMEOUT:g} s") from None
 
     async def status(self) -> dict[str, Any]:
         """The service and every tunnel; peers' counters come from one

@@ -38,6 +38,7 @@ from typing import Literal, TypeAlias
 import attrs
 import trio
 
+from ._bounded import bounded
 from ._errors import HostError
 
 __all__ = [
@@ -191,11 +192,7 @@ async def close_tun(fd: int, *, timeout: float = DEFAULT_TIMEOUT) -> None:
     ``timeout``.  Cancellation: propagates at once; the close still happens
     in the abandoned thread."""
     try:
-        with trio.fail_after(timeout):
-            await trio.to_thread.run_sync(os.close, fd, abandon_on_cancel=True,
-                                          thread_name="tunsup-tun")
-    except trio.TooSlowError:
-        raise HostError(f"closing TUN fd {fd} timed out after {timeout:g} s") from None
+        await bounded(timeout, f"closing TUN fd {fd}", os.close, fd)
     except OSError as exc:
         raise HostError(f"closing TUN fd {fd}: {exc.strerror or exc}") from None
 

@@ -21,6 +21,7 @@ meanwhile, so nothing meant for the tunnel leaves another way.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import logging
 import os
@@ -648,11 +649,11 @@ class Tunnel:
 async def _cpu_bound(size: int, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)``, in a worker thread when ``size`` (a prefix count) is
     above :data:`CPU_BOUND_PREFIXES`, so that a long computation does not
-    hold the trio thread.  Cancellation: delivered once the thread is done
-    (it only computes, for milliseconds); nothing is left behind."""
+    hold the trio thread.  Cancellation: propagates at once; the thread,
+    which only computes, is abandoned and its result discarded."""
     if size <= CPU_BOUND_PREFIXES:
         return fn(*args)
-    return await trio.to_thread.run_sync(fn, *args)
+    return await trio.to_thread.run_sync(functools.partial(fn, *args), abandon_on_cancel=True)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -682,7 +683,10 @@ async def _in_process_group(pid: int, leader: int) -> bool:
         except ProcessLookupError:
             return None
 
-    return await trio.to_thread.run_sync(pgid) == leader
+    # getpgid() reads the kernel's process table: it never blocks, so no
+    # thread (under MockClock one would let the clock jump meanwhile).
+    await trio.lowlevel.checkpoint()
+    return pgid() == leader
 
 
 async def _last_resort_kill(handle: HelperHandle, log: logging.Logger) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import os
 import shutil
@@ -42,6 +41,7 @@ import attrs
 import outcome
 import trio
 
+from .._bounded import bounded
 from .._errors import HostError
 from ..model import IPAddress
 
@@ -448,11 +448,7 @@ class FileBackend:
                 raise _os_error(real, "cannot read", exc) from exc
             return FileDnsState(path=real, original=original, written=content, mode=mode)
 
-        try:
-            with trio.fail_after(timeout):
-                return await trio.to_thread.run_sync(read, abandon_on_cancel=True)
-        except trio.TooSlowError:
-            raise DnsError(f"{ifname}: reading {self.path} timed out after {timeout:g}s") from None
+        return await bounded(timeout, f"{ifname}: reading {self.path}", read, error=DnsError)
 
     async def apply(
         self,
@@ -505,17 +501,8 @@ async def _revert_file(state: FileDnsState, timeout: float) -> bool:
     """Revert in a worker thread.  Cancellation or timeout abandons the
     thread, which still finishes the revert (it compares contents first, so
     it is safe whenever it runs)."""
-    try:
-        with trio.fail_after(timeout):
-            return await trio.to_thread.run_sync(
-                functools.partial(_locked_revert, state),
-                abandon_on_cancel=True,
-                thread_name="tunsup-dns",
-            )
-    except trio.TooSlowError:
-        raise DnsError(
-            f"restoring {state.path} timed out after {timeout:g}s; it continues in the background"
-        ) from None
+    return await bounded(timeout, f"restoring {state.path} (continuing in the background)",
+                         _locked_revert, state, error=DnsError)
 
 
 # --- commands -----------------------------------------------------------------
