@@ -45,6 +45,7 @@ from .effects import (
     Dns,
     EffectContext,
     HelperGeneration,
+    HookRecorder,
     Hooks,
     Link,
     LinkUp,
@@ -278,6 +279,8 @@ class Tunnel:
                 nursery=nursery,
                 stop_grace=self.options.stop_grace,
                 hook_timeout=self.options.hook_timeout,
+                on_hook=self._observer.hook_started
+                if isinstance(self._observer, HookRecorder) else None,
             )
             stack = EffectStack(ctx, log=self.log, observer=self._observer)
             try:
