@@ -112,7 +112,10 @@ def _share(timeout: float, after: int) -> float:
     left = trio.current_effective_deadline() - trio.current_time()
     if left == math.inf:
         return timeout
-    return max(0.0, min(timeout, max(left - LAST_CHANCE * after, left / (after + 1))))
+    # The margin lets the wait's own timeout (which names what hung) fire
+    # before the caller's deadline, and leaves time to kill and reap.
+    share = max(left - LAST_CHANCE * after, left / (after + 1)) - 0.1
+    return max(0.0, min(timeout, share))
 
 
 def expand_hook(command: str, ifname: str) -> str:

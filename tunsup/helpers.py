@@ -10,6 +10,7 @@ there is never a zombie and the engine learns of an exit at once.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import random
@@ -239,9 +240,12 @@ def _is_zombie(pid: int) -> bool:
 
 
 async def terminate_foreign(pid: int, start_time: int, *, grace: float,
-                            kill_wait: float = 5.0) -> bool:
+                            kill_wait: float = 5.0, group: bool = False) -> bool:
     """SIGTERM, grace, SIGKILL a process that is not our child — only if
     ``pid`` still has ``start_time`` (a reused pid is never signalled).
+    With ``group`` every signal also goes to its process group (a hook:
+    the leader of its own session, so the group id is its pid; the kernel
+    does not reuse a pid while it names a live group).
 
     Signals go through a pidfd opened *before* the start time is checked, so
     the check and the signals refer to the same process.  Waits (without
@@ -261,6 +265,9 @@ async def terminate_foreign(pid: int, start_time: int, *, grace: float,
                 signal.pidfd_send_signal(pidfd, sig)
             except ProcessLookupError:
                 return True
+            if group:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, sig)
             with trio.move_on_after(wait):
                 await trio.lowlevel.wait_readable(pidfd)
                 return True

@@ -20,18 +20,22 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from .effects import Effect, EffectContext
+from .effects import Effect, EffectContext, Hooks
+from .helpers import terminate_foreign
 from .host import Host
 from .instance import is_alive
 from .journal import (
     FORMAT_VERSION,
+    PASSED,
     JournalContents,
     PendingIntent,
+    Step,
     effect_to_dict,
     encode_line,
     list_journals,
     read_journal,
 )
+from .pidfile import process_start_time
 from .undo import EffectStack, TeardownReport
 
 log = logging.getLogger("tunsup.recovery")
@@ -52,6 +56,8 @@ class RecoveryReport:
     quarantined: tuple[str, ...] = ()
     #: Damaged records that were not just a torn last write.
     unreadable: int = 0
+    #: What could not be undone and was forgotten (``drop``).
+    dropped: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -66,12 +72,19 @@ async def recover(
     me: tuple[int, int] | None = None,
     out: Callable[[str], None] | None = None,
     timeout: float = RECOVERY_TIMEOUT,
+    drop: bool = False,
 ) -> RecoveryReport:
     """Undo every journal left in ``state_dir`` by a dead instance.
 
     ``me`` (pid, start time) is skipped: the caller's own journal.  With
     ``dry_run`` nothing changes; ``out`` receives one line per object that
-    would be undone, in undo order.  Never raises for bad journals.
+    would be undone, in undo order.  ``timeout`` bounds the undo of one
+    journal as ``stop_timeout`` bounds a stop (pass the configured one).
+    Hook processes the dead instance left running are ended first; down
+    hooks it had gone past are never run again (out of order): they stay
+    recorded as failures.  With ``drop``, what could not be undone is
+    reported (``out``, ``dropped``) and forgotten instead of kept for a
+    later cleanup.  Never raises for bad journals.
     Cancellation: an undo in progress is shielded and bounded (as at stop);
     cancellation then propagates.
     """
@@ -81,6 +94,7 @@ async def recover(
     failures: list[str] = []
     live: list[str] = []
     quarantined: list[str] = []
+    dropped: list[str] = []
     unreadable = 0
     for path in await trio.to_thread.run_sync(list_journals, state_dir):
         contents = await trio.to_thread.run_sync(read_journal, path)
@@ -96,25 +110,84 @@ async def recover(
                         " (a write torn by the crash)" if contents.torn_tail else "")
         if not contents.torn_tail:
             unreadable += len(contents.damaged)
-        pending = contents.pending()
+        pending = [(s, _resumed(s, e)) for s, e in contents.pending()]
+        stale = [(s, e) for s, e in pending if s.stale is not None]
+        pending = [(s, e) for s, e in pending if s.stale is None]
         if dry_run:
             who = f"pid {contents.pid}" if contents.pid is not None else "unknown owner"
             say(f"{path} ({who}, dead): {len(pending)} object(s) to undo")
             for _, effect in reversed(pending):
                 say(f"  undo {effect.describe()}")
+            for step, effect in stale:
+                say(f"  {'drop' if drop else 'cannot undo'} {effect.describe()}: {step.stale}")
             continue
         if contents.damaged:
             quarantined.append(await _quarantine(path))
         recovered.append(path)
+        # The dead instance's hooks run in their own sessions and outlived
+        # it: end them before anything runs them (or the next step) again.
+        await _end_hooks(contents)
         if pending:
             say(f"recovering {len(pending)} object(s) left by pid {contents.pid} ({path})")
         report = await _undo(contents, [e for _, e in pending], host, timeout)
         undone += report.undone
-        failures += [f"{path}: {f}" for f in report.failures]
-        await trio.to_thread.run_sync(_rewrite, path, contents, report.remaining,
+        passed = _passed_now(pending, report.remaining)
+        left = [*[(e, passed.get(id(e))) for e in report.remaining],
+                *[(e, s.stale) for s, e in stale]]
+        if drop:
+            for effect, _ in left:
+                say(f"dropped (not undone, no longer tracked): {effect.describe()}")
+            dropped += [f"{path}: {e.describe()}" for e, _ in left]
+            left = []
+        else:
+            failures += [f"{path}: {f}" for f in report.failures]
+            failures += [f"{path}: {e.describe()}: {s.stale}" for s, e in stale]
+        tunnels = {id(e): s.tunnel for s, e in [*pending, *stale]}
+        await trio.to_thread.run_sync(_rewrite, path, contents, left, tunnels,
                                       not contents.damaged)
     return RecoveryReport(tuple(recovered), tuple(undone), tuple(failures), tuple(live),
-                          tuple(quarantined), unreadable)
+                          tuple(quarantined), unreadable, tuple(dropped))
+
+
+def _resumed(step: Step, effect: Effect) -> Effect:
+    """Down hooks the dead instance had started run on from the one it was
+    running (interrupted: run again); those that had finished do not."""
+    first = step.down_started
+    if isinstance(effect, Hooks) and first is not None:
+        return attrs.evolve(effect, down=effect.down[first:])
+    return effect
+
+
+def _passed_now(pending: list[tuple[Step, Effect]],
+                remaining: tuple[Effect, ...]) -> dict[int, str]:
+    """Hooks whose down hooks failed in this unwind while a step below them
+    (of their tunnel) was then undone: by ``id``, why they must not run
+    again."""
+    failed = {id(e) for e in remaining}
+    passed = {}
+    for i, (step, effect) in enumerate(pending):
+        if id(effect) in failed and isinstance(effect, Hooks) and any(
+                s.tunnel == step.tunnel and id(e) not in failed for s, e in pending[:i]):
+            passed[id(effect)] = PASSED
+    return passed
+
+
+async def _end_hooks(contents: JournalContents) -> None:
+    """End the hook processes of pending steps that are still running:
+    SIGKILL to each one's process group, as a live hook timeout does (only
+    if its pid still has the recorded start time).  Bounded: 5 s each."""
+    for step in contents.steps:
+        if step.undone:
+            continue
+        for run in step.hooks:
+            if run.start_time is None:
+                continue
+            if await trio.to_thread.run_sync(process_start_time, run.pid) != run.start_time:
+                continue
+            log.warning("ending hook pid %d of the dead instance (%s of %s)", run.pid,
+                        run.phase, step.intent.describe())
+            if not await terminate_foreign(run.pid, run.start_time, grace=0, group=True):
+                log.error("hook pid %d did not exit after SIGKILL", run.pid)
 
 
 async def _undo(contents: JournalContents, pending: list[Effect], host: Host,
@@ -137,19 +210,20 @@ async def _quarantine(path: str) -> str:
     return target
 
 
-def _rewrite(path: str, contents: JournalContents, remaining: tuple[Effect, ...],
-             replace: bool) -> None:
-    """Leave only what could not be undone (blocking).  ``replace``: the
+def _rewrite(path: str, contents: JournalContents, left: list[tuple[Effect, str | None]],
+             tunnels: dict[int, str], replace: bool) -> None:
+    """Leave only what could not be undone (blocking): ``left`` holds, in
+    undo order, each such effect and why it must not be undone again (or
+    None); ``tunnels`` names their tunnels by ``id``.  ``replace``: the
     journal is still at ``path`` (not quarantined)."""
-    if not remaining:
+    if not left:
         if replace:
             os.unlink(path)
         return
     lines = [encode_line({"op": "open", "pid": contents.pid, "start_time": contents.start_time,
                           "version": FORMAT_VERSION, "created": time.time(),
                           "rewritten_by": os.getpid()})]
-    tunnels = {id(e): s.tunnel for s, e in contents.pending()}
-    for seq, effect in enumerate(reversed(remaining), 1):
+    for seq, (effect, stale) in enumerate(reversed(left), 1):
         tunnel = tunnels.get(id(effect), "?")
         if isinstance(effect, PendingIntent):
             lines.append(encode_line({"op": "intent", "seq": seq, "tunnel": tunnel,
@@ -159,6 +233,8 @@ def _rewrite(path: str, contents: JournalContents, remaining: tuple[Effect, ...]
                                       "effect": effect_to_dict(effect)}))
             lines.append(encode_line({"op": "applied", "seq": seq,
                                       "record": effect_to_dict(effect)}))
+        if stale is not None:
+            lines.append(encode_line({"op": "stale", "seq": seq, "why": stale}))
     target = path if replace else path + ".leftovers" + os.path.splitext(path)[1]
     tmp = f"{target}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
