@@ -5,7 +5,9 @@ test can SIGKILL it (or let it end) mid-teardown and leave its journal.
 applies (PreUp, PostDown) and (PostUp, PreDown) hooks of tunnel ``tsh0``
 through the journaled effect stack, exactly as a tunnel does, then unwinds
 them within STOP_TIMEOUT and exits 3 if that was incomplete — leaving the
-journal behind, as ``run`` does.  Nothing here touches the network.
+journal behind, as ``run`` does.  ``python -m tests._hook_instance recover
+STATE_DIR`` recovers such journals (to be killed mid-recovery).  Nothing
+here touches the network.
 """
 
 from __future__ import annotations
@@ -50,6 +52,15 @@ async def main(state_dir: str, stop_timeout: float, pre_down: str, post_down: st
     return 0 if report.complete else 3
 
 
+async def recover_only(state_dir: str) -> int:
+    from tunsup.recovery import recover
+
+    report = await recover(state_dir, hooks_only_host())
+    return 0 if report.complete else 3
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
+    if sys.argv[1] == "recover":
+        sys.exit(trio.run(recover_only, sys.argv[2]))
     sys.exit(trio.run(main, sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]))

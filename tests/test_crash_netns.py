@@ -19,7 +19,7 @@ import pytest
 
 from tunsup import _netns
 from tunsup._service import ServiceProcess
-from tunsup.journal import encode_line, journal_name
+from tunsup.journal import encode_line, journal_name, read_journal
 from tunsup.keys import Key
 
 from .conftest import needs_wireguard, unique
@@ -325,6 +325,12 @@ def test_stop_force_never_runs_the_same_pre_down_twice_at_once(crash: Crash) -> 
         time.sleep(0.02)
     hook = int(first.read_text())
     try:
+        # Journaled just after its spawn: kill the service once it is.
+        while not any(step.down_started is not None
+                      for path in crash.state_dir.glob("journal-*.log")
+                      for step in read_journal(str(path)).steps):
+            assert time.monotonic() < deadline, svc.output()
+            time.sleep(0.02)
         svc.proc.send_signal(signal.SIGKILL)
         assert svc.wait_exit(10) == -signal.SIGKILL
         assert "State:\tS" in Path(f"/proc/{hook}/status").read_text()  # outlived it

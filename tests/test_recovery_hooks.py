@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from tunsup import _netns
+from tunsup.journal import read_journal
 from tunsup.recovery import RecoveryReport, recover
 
 from ._hook_instance import hooks_only_host
@@ -59,6 +60,17 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20) -> N
         time.sleep(0.02)
 
 
+def hooks_recorded(state: Path, n: int) -> Callable[[], bool]:
+    """``n`` hook processes are durable in the journal.  (A hook is
+    journaled just after its spawn: killed before that, its instance leaves
+    it unrecorded; the tests kill only once it is recorded.)"""
+    def check() -> bool:
+        journals = list(state.glob("journal-*.log"))
+        return len(journals) == 1 and sum(
+            len(step.hooks) for step in read_journal(str(journals[0])).steps) >= n
+    return check
+
+
 def instance(state: Path, stop_timeout: float, pre_down: str,
              post_down: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "tests._hook_instance", str(state),
@@ -95,6 +107,7 @@ def test_recovery_ends_the_dead_instances_hook_before_running_it_again(tmp_path:
         try:
             wait_for(lambda: first.exists() and first.read_text().strip() != "",
                      "the PreDown hook")
+            wait_for(hooks_recorded(state, 1), "the hook's journal record")
         finally:
             proc.kill()
             proc.communicate()
@@ -109,6 +122,51 @@ def test_recovery_ends_the_dead_instances_hook_before_running_it_again(tmp_path:
         assert [ln.split()[0] for ln in lines if ln] == ["PreDown", "PreDown", "PostDown"]
         assert report.complete, report.failures
         assert list(state.glob("journal-*")) == []
+
+
+def test_a_recovery_killed_mid_hook_is_no_different_from_a_killed_service(
+        tmp_path: Path) -> None:
+    """The hook that recovery itself runs is journaled too: when recovery is
+    killed while it runs the PreDown again, the next recovery ends that
+    hook before running the PreDown once more."""
+    state, marks = tmp_path / "state", tmp_path / "marks"
+    first, second = tmp_path / "first", tmp_path / "second"
+    pre_down = (f"echo PreDown $$ >> {marks}; "
+                f"[ -e {first} ] || {{ echo $$ > {first}; exec sleep 1000; }}; "
+                f"[ -e {second} ] || {{ echo $$ > {second}; exec sleep 1000; }}; "
+                f"for f in {first} {second}; do grep -q '^State:.*[RSD]' "
+                f"/proc/$(cat $f)/status 2>/dev/null && echo CONCURRENT >> {marks}; done; true")
+
+    def parked(path: Path) -> Callable[[], bool]:
+        return lambda: path.exists() and path.read_text().strip() != ""
+
+    with killed_afterwards(lambda: pids_in(marks)):
+        dead = instance(state, 60, pre_down, f"echo PostDown >> {marks}")
+        try:
+            wait_for(parked(first), "the service's PreDown")
+            wait_for(hooks_recorded(state, 1), "the hook's journal record")
+        finally:
+            dead.kill()
+            dead.communicate()
+        cleanup = subprocess.Popen([sys.executable, "-m", "tests._hook_instance", "recover",
+                                    str(state)], cwd=ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for(parked(second), "the PreDown run by the first recovery")
+            wait_for(hooks_recorded(state, 2), "the hook's journal record")
+        finally:
+            cleanup.kill()
+            cleanup.communicate()
+        hook = int(second.read_text())
+        assert alive(hook), "precondition: the hook outlives the recovery that ran it"
+
+        report = recover_now(state)
+
+        lines = marks.read_text().split("\n")
+        assert "CONCURRENT" not in lines, "the same PreDown ran twice at once"
+        assert not alive(hook)
+        assert [ln.split()[0] for ln in lines if ln] == ["PreDown"] * 3 + ["PostDown"]
+        assert report.complete, report.failures
 
 
 def test_a_pre_down_the_teardown_went_past_is_never_run_again_and_drop_forgets_it(
@@ -157,6 +215,7 @@ def test_cleanup_bounds_a_hung_hook_by_the_configured_stop_timeout(
                         f"echo PostDown >> {marks}")
         try:
             wait_for(lambda: len(pids_in(marks)) == 1, "the PreDown hook")
+            wait_for(hooks_recorded(state, 1), "the hook's journal record")
         finally:
             proc.kill()
             proc.communicate()

@@ -20,11 +20,12 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from .effects import Effect, EffectContext, Hooks
+from .effects import Effect, EffectContext, Hooks, OnHook
 from .helpers import terminate_foreign
 from .host import Host
 from .instance import is_alive
 from .journal import (
+    APPEND_TIMEOUT,
     FORMAT_VERSION,
     PASSED,
     JournalContents,
@@ -129,7 +130,8 @@ async def recover(
         await _end_hooks(contents)
         if pending:
             say(f"recovering {len(pending)} object(s) left by pid {contents.pid} ({path})")
-        report = await _undo(contents, [e for _, e in pending], host, timeout)
+        report = await _undo(contents, [e for _, e in pending], host, timeout,
+                             None if contents.damaged else _hook_recorder(path, pending))
         undone += report.undone
         passed = _passed_now(pending, report.remaining)
         left = [*[(e, passed.get(id(e))) for e in report.remaining],
@@ -190,11 +192,44 @@ async def _end_hooks(contents: JournalContents) -> None:
                 log.error("hook pid %d did not exit after SIGKILL", run.pid)
 
 
+def _hook_recorder(path: str, pending: list[tuple[Step, Effect]]) -> OnHook:
+    """Journal the hooks recovery itself runs into the journal it recovers
+    (as their dead instance did), so that a recovery killed mid-hook is no
+    different from a service killed mid-hook.  A failed append is logged;
+    the hook still runs.  Bounded (abandoned after APPEND_TIMEOUT)."""
+    seqs = {id(e): (s.seq, s.down_started or 0) for s, e in pending}
+
+    def append(line: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def on_hook(effect: Effect, phase: str, index: int, pid: int,
+                      start_time: int | None) -> None:
+        seq, offset = seqs.get(id(effect), (None, 0))
+        if seq is None:
+            return
+        # A resumed Hooks record holds its down hooks from ``offset`` on.
+        line = encode_line({"op": "hook", "seq": seq, "phase": phase, "pid": pid,
+                            "index": index + offset if phase == "down" else index,
+                            "start_time": start_time})
+        try:
+            with trio.fail_after(APPEND_TIMEOUT):
+                await trio.to_thread.run_sync(append, line, abandon_on_cancel=True)
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("journal %s: cannot record hook pid %d: %s", path, pid, exc)
+
+    return on_hook
+
+
 async def _undo(contents: JournalContents, pending: list[Effect], host: Host,
-                timeout: float) -> TeardownReport:
+                timeout: float, on_hook: OnHook | None = None) -> TeardownReport:
     async with trio.open_nursery() as nursery:
         ctx = EffectContext(host=host, log=log, nursery=nursery, recovering=True,
-                            instance_start=contents.start_time)
+                            instance_start=contents.start_time, on_hook=on_hook)
         stack = EffectStack(ctx, log=log)
         stack.adopt(pending)
         report = await stack.unwind(timeout)
