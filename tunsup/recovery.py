@@ -176,8 +176,9 @@ def _passed_now(pending: list[tuple[Step, Effect]],
 
 async def _end_hooks(contents: JournalContents) -> None:
     """End the hook processes of pending steps that are still running:
-    SIGKILL to each one's process group, as a live hook timeout does (only
-    if its pid still has the recorded start time).  Bounded: 5 s each."""
+    SIGTERM then at once SIGKILL to each one's process group, as a live
+    hook timeout kills it (only if its pid still has the recorded start
+    time).  Bounded: 5 s each."""
     for step in contents.steps:
         if step.undone:
             continue
