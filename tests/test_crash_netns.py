@@ -4,12 +4,14 @@ SIGKILLed at every step of a bring-up (test-only fault points), then
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 
 from tunsup import _netns, pidfile
 from tunsup._service import ServiceProcess
-from tunsup.journal import encode_line, journal_name
+from tunsup.journal import encode_line, journal_name, read_journal
 from tunsup.keys import Key
 
 from .conftest import needs_wireguard, unique
@@ -49,10 +51,11 @@ class Crash:
     def state_dir(self) -> Path:
         return self.workdir / "state"
 
-    def conf(self, extra_allowed: str = "") -> str:
+    def conf(self, extra_allowed: str = "", pre_down: str | None = None) -> str:
         path = self.workdir / f"{self.ifname}.conf"
         allowed = ", ".join(f"10.{i // 256}.{i % 256}.0/24" for i in range(100, 100 + N_ROUTES))
         hooks = self.workdir / "hooks.log"
+        pre_down = pre_down or f"echo PreDown >> {hooks}"
         path.write_text(f"""\
 [Interface]
 PrivateKey = {Key.generate_private().to_base64()}
@@ -60,7 +63,7 @@ Address = 10.250.0.1/24, fd00:250::1/64
 DNS = 10.250.0.53, crash.example
 PreUp = echo PreUp >> {hooks}
 PostUp = echo PostUp >> {hooks}
-PreDown = echo PreDown >> {hooks}
+PreDown = {pre_down}
 PostDown = echo PostDown >> {hooks}
 
 [Peer]
@@ -354,3 +357,45 @@ def test_journal_files_are_private(crash: Crash) -> None:
     text = journal.read_text()
     assert "PrivateKey" not in text and "private_key" not in text
     assert crash.cleanup().returncode == 0
+
+
+def test_stop_force_never_runs_the_same_pre_down_twice_at_once(crash: Crash) -> None:
+    """Issue 10, item 20: the service is SIGKILLed (``stop --force``) while its
+    PreDown runs; that hook, in its own session, survives.  Cleanup must end
+    it before running the PreDown again, and restore everything."""
+    first, marks = crash.workdir / "first", crash.workdir / "marks"
+    # The first run parks like a hung PreDown; the second notes whether the
+    # first still runs meanwhile.
+    pre_down = (f"echo PreDown $$ >> {marks}; "
+                f"[ -e {first} ] || {{ echo $$ > {first}; exec sleep 1000; }}; "
+                f"grep -q '^State:.*[RSD]' /proc/$(cat {first})/status 2>/dev/null "
+                f"&& echo CONCURRENT >> {marks}; true")
+    before = crash.snapshot()
+    svc = crash.run(crash.conf(pre_down=pre_down))
+    svc.wait_ready(60)
+    svc.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while not (first.exists() and first.read_text().strip()):  # no event to wait on
+        assert time.monotonic() < deadline, svc.output()
+        time.sleep(0.02)
+    hook = int(first.read_text())
+    try:
+        # Journaled just after its spawn: kill the service once it is.
+        while not any(step.down_started is not None
+                      for path in crash.state_dir.glob("journal-*.log")
+                      for step in read_journal(str(path)).steps):
+            assert time.monotonic() < deadline, svc.output()
+            time.sleep(0.02)
+        svc.proc.send_signal(signal.SIGKILL)
+        assert svc.wait_exit(10) == -signal.SIGKILL
+        assert "State:\tS" in Path(f"/proc/{hook}/status").read_text()  # outlived it
+        result = crash.cleanup()
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = marks.read_text().split("\n")
+        assert "CONCURRENT" not in lines, "the same PreDown ran twice at once"
+        assert f"ending hook pid {hook}" in result.stderr
+        assert [ln.split()[0] for ln in lines if ln] == ["PreDown", "PreDown"]
+        assert_restored_ns(crash, before)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(hook, signal.SIGKILL)

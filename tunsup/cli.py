@@ -59,11 +59,13 @@ def _parser() -> argparse.ArgumentParser:
         "cleanup",
         help="undo what a crashed or killed run left behind",
         description="Replay, in reverse, the journal of every dead tunsup instance in the "
-        "state directory: stop orphaned helpers (only if pid and start time match), "
-        "remove the routes, addresses and links tunsup created, restore DNS; then remove "
-        "the dead service's pid file and control socket. Exit 0 when "
-        "the host is restored, 3 when something could not be undone, 1 when a live "
-        "instance owns the state.",
+        "state directory: end the hooks and stop the helpers it left running (only if pid "
+        "and start time match), remove the routes, addresses and links tunsup created, "
+        "restore DNS; each journal within stop_timeout (from -c FILE; default 30 s); then "
+        "remove the dead service's pid file and control socket. Down "
+        "hooks the dead instance's teardown had already gone past are never run again. "
+        "Exit 0 when the host is restored, 3 when something could not be undone (it stays "
+        "recorded: see --drop), 1 when a live instance owns the state.",
     )
     cleanup.add_argument("-c", "--config", metavar="FILE", help="supervisor TOML file")
     cleanup.add_argument("--state-dir", metavar="DIR",
@@ -74,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
                          "/run/tunsup)")
     cleanup.add_argument("--dry-run", action="store_true",
                          help="print what would be undone, object by object; change nothing")
+    cleanup.add_argument("--drop", action="store_true",
+                         help="undo what can be undone, then print and forget (remove from "
+                         "the journals) what cannot, instead of keeping it for a later "
+                         "cleanup; exit 0. Check the printed objects on the host by hand. "
+                         "With --dry-run: show what would be dropped")
     cleanup.add_argument("--debug", action="store_true", help="log debug messages")
 
     check = sub.add_parser(
@@ -398,12 +405,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _cleanup(args: argparse.Namespace) -> int:
-    from .config import DEFAULT_STATE_DIR, load_supervisor_config
+    from .config import DEFAULT_STATE_DIR, DEFAULT_STOP_TIMEOUT, load_supervisor_config
 
+    cfg = load_supervisor_config(args.config) if args.config else None
     state_dir = args.state_dir
     if state_dir is None:
-        state_dir = load_supervisor_config(args.config).state_dir if args.config \
-            else DEFAULT_STATE_DIR
+        state_dir = cfg.state_dir if cfg is not None else DEFAULT_STATE_DIR
+    timeout = cfg.stop_timeout if cfg is not None else DEFAULT_STOP_TIMEOUT
     if not os.path.isdir(state_dir):
         print(f"tunsup cleanup: {state_dir} does not exist: nothing to clean up")
         return ExitCode.OK
@@ -431,8 +439,8 @@ def _cleanup(args: argparse.Namespace) -> int:
 
         async def main() -> object:
             try:
-                return await recover(state_dir, host, dry_run=args.dry_run,
-                                     out=lambda line: print(line, flush=True))
+                return await recover(state_dir, host, dry_run=args.dry_run, drop=args.drop,
+                                     timeout=timeout, out=lambda line: print(line, flush=True))
             finally:
                 with trio.CancelScope(shield=True):
                     await host.net.close()
@@ -448,11 +456,17 @@ def _cleanup(args: argparse.Namespace) -> int:
         print(f"undone: {line}")
     for line in report.failures:
         print(f"NOT undone: {line}", file=sys.stderr)
+    if report.failures:
+        print("tunsup cleanup: what was not undone stays recorded; 'tunsup cleanup --drop' "
+              "forgets it once handled", file=sys.stderr)
     for name in report.quarantined:
         print(f"damaged journal kept aside as {name}", file=sys.stderr)
     if report.live:
         print("tunsup cleanup: live instance(s) own: " + ", ".join(report.live), file=sys.stderr)
         return ExitCode.FAILURE
+    if report.dropped:
+        print(f"tunsup cleanup: dropped {len(report.dropped)} object(s) that could not be "
+              "undone (listed above): check them on the host by hand", file=sys.stderr)
     if not report.complete:
         if report.unreadable:
             print(f"tunsup cleanup: {report.unreadable} journal record(s) were unreadable; "

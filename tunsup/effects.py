@@ -22,11 +22,12 @@ adapters); ``undo_timeout`` bounds a whole undo step.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import stat
 import threading
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import attrs
 import trio
@@ -68,6 +69,21 @@ class EffectContext:
     tun_fds: dict[str, int] = attrs.field(factory=dict)
     #: The current helper generation of each tunnel (see HelperGeneration).
     generations: dict[str, EffectStack] = attrs.field(factory=dict)
+    #: Told of every hook process once it exists (the journal records it:
+    #: see :class:`HookRecorder`).
+    on_hook: OnHook | None = None
+
+
+#: ``(effect, "up" | "down", index in its list, pid, start time)``.
+OnHook = Callable[["Effect", str, int, int, "int | None"], Awaitable[None]]
+
+
+@runtime_checkable
+class HookRecorder(Protocol):
+    """An effect-stack observer that also records hook processes."""
+
+    async def hook_started(self, effect: Effect, phase: str, index: int, pid: int,
+                           start_time: int | None) -> None: ...
 
 
 class Effect:
@@ -90,6 +106,21 @@ class Effect:
 
     def undo_timeout(self, ctx: EffectContext) -> float:
         return 10.0
+
+
+def _share(timeout: float, after: int) -> float:
+    """The time one of several sequential waits may take: ``timeout``, but
+    leaving :data:`~tunsup.undo.LAST_CHANCE` for each of the ``after``
+    waits that follow (at least an equal share) before the deadline."""
+    from .undo import LAST_CHANCE
+
+    left = trio.current_effective_deadline() - trio.current_time()
+    if left == math.inf:
+        return timeout
+    # The margin lets the wait's own timeout (which names what hung) fire
+    # before the caller's deadline, and leaves time to kill and reap.
+    share = max(left - LAST_CHANCE * after, left / (after + 1)) - 0.1
+    return max(0.0, min(timeout, share))
 
 
 def expand_hook(command: str, ifname: str) -> str:
@@ -116,22 +147,36 @@ class Hooks(Effect):
         return f"{self.up_name}/{self.down_name} hooks of {self.ifname}"
 
     async def apply(self, ctx: EffectContext) -> Effect:
-        for command in self.up:
-            await ctx.host.run_hook(expand_hook(command, self.ifname), _as_logger(ctx.log),
-                                    ctx.hook_timeout)
+        for index, command in enumerate(self.up):
+            await self._run(ctx, "up", index, command, ctx.hook_timeout)
         return self
 
     async def undo(self, ctx: EffectContext) -> None:
+        """Run every down hook, in order, whatever the earlier ones did.
+        Each gets ``hook_timeout``, but never so much of the step's budget
+        that the hooks after it get less than a last chance (a hung
+        PreDown must not keep the next one from running)."""
         failed = []
-        for command in self.down:
+        for index, command in enumerate(self.down):
+            timeout = _share(ctx.hook_timeout, len(self.down) - index - 1)
             try:
-                await ctx.host.run_hook(expand_hook(command, self.ifname), _as_logger(ctx.log),
-                                        ctx.hook_timeout)
+                await self._run(ctx, "down", index, command, timeout)
             except HostError as exc:
                 ctx.log.error("%s hook failed: %s", self.down_name, exc)
                 failed.append(str(exc))
         if failed:
             raise HostError(f"{len(failed)} {self.down_name} hook(s) failed: {failed[0]}")
+
+    async def _run(self, ctx: EffectContext, phase: str, index: int, command: str,
+                   timeout: float) -> None:
+        on_hook = ctx.on_hook
+
+        async def started(pid: int, start_time: int | None) -> None:
+            if on_hook is not None:
+                await on_hook(self, phase, index, pid, start_time)
+
+        await ctx.host.run_hook(expand_hook(command, self.ifname), _as_logger(ctx.log),
+                                timeout, started=started)
 
     async def abort(self, ctx: EffectContext) -> None:
         pass
@@ -172,11 +217,13 @@ class StartHelper(Effect):
         return HelperRunning(self.ifname, self.argv, handle.pid, handle.start_time)
 
     async def abort(self, ctx: EffectContext) -> None:
-        # Live: start_helper either returns a running helper or starts
-        # nothing.  Recovery: the instance may have died between the spawn
-        # and its record; find the helper by its exact command line, started
-        # after the dead instance itself.
+        # Live: start_helper either returns a running helper or stops what
+        # it spawned before raising; one it had to SIGKILL may leave its
+        # UAPI socket file.  Recovery: the instance may have died between
+        # the spawn and its record; find the helper by its exact command
+        # line, started after the dead instance itself.
         if not ctx.recovering or ctx.instance_start is None:
+            await _remove_stale_socket(ctx, self.ifname)
             return
         from .helpers import find_processes, terminate_foreign
 

@@ -132,6 +132,7 @@ class Supervisor:
         make_tunnel: Callable[[TunnelSpec, TunnelOptions], Tunnel] | None = None,
         journal: Journal | None = None,
         on_failure: OnFailure = "exit",
+        recovery_timeout: float = 30.0,
     ):
         #: The tunnels to start first.
         self.tunnels = list(tunnels)
@@ -140,6 +141,8 @@ class Supervisor:
         #: dead instances left in its state directory before starting.
         self.journal = journal
         self.on_failure = on_failure
+        #: Bound on undoing one dead instance's journal (``stop_timeout``).
+        self.recovery_timeout = recovery_timeout
         #: Every tunnel that ran, in start order (for the exit code).
         self.history: list[Tunnel] = []
         self._handle_signals = handle_signals
@@ -312,7 +315,8 @@ class Supervisor:
         from .recovery import recover
 
         report = await recover(self.journal.state_dir, self.host,
-                               me=(self.journal.pid, self.journal.start_time))
+                               me=(self.journal.pid, self.journal.start_time),
+                               timeout=self.recovery_timeout)
         for line in report.undone:
             log.info("recovery: undone %s", line)
         if report.recovered:

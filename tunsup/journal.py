@@ -185,6 +185,18 @@ def ensure_state_dir(state_dir: str) -> None:
 
 
 @attrs.frozen
+class HookRun:
+    """A hook process an effect started (a ``hook`` record)."""
+
+    #: "up" (the effect's apply) or "down" (its undo).
+    phase: str
+    #: Position of the command in the effect's up or down list.
+    index: int
+    pid: int
+    start_time: int | None
+
+
+@attrs.frozen
 class Step:
     """One effect of a journal: its intent and what became of it."""
 
@@ -193,6 +205,17 @@ class Step:
     intent: Effect
     record: Effect | None = None
     undone: bool = False
+    #: Hook processes it started, in order.
+    hooks: tuple[HookRun, ...] = ()
+    #: Why it must not be undone again (running it now would be wrong),
+    #: or None.  Set for down hooks the teardown had already gone past.
+    stale: str | None = None
+
+    @property
+    def down_started(self) -> int | None:
+        """Index of the last down hook started, or None."""
+        runs = [h.index for h in self.hooks if h.phase == "down"]
+        return runs[-1] if runs else None
 
     @property
     def pending(self) -> Effect | None:
@@ -265,6 +288,15 @@ def read_journal(path: str) -> JournalContents:
             elif op == "undone":
                 seq = int(entry["seq"])
                 steps[seq] = attrs.evolve(steps[seq], undone=True)
+                _mark_passed(steps, steps[seq])
+            elif op == "hook":
+                seq = int(entry["seq"])
+                run = HookRun(str(entry["phase"]), int(entry["index"]), int(entry["pid"]),
+                              None if entry["start_time"] is None else int(entry["start_time"]))
+                steps[seq] = attrs.evolve(steps[seq], hooks=(*steps[seq].hooks, run))
+            elif op == "stale":
+                seq = int(entry["seq"])
+                steps[seq] = attrs.evolve(steps[seq], stale=str(entry["why"]))
             else:
                 damaged.append((number, f"unknown record {op!r}"))
         except (KeyError, ValueError, TypeError) as exc:
@@ -272,6 +304,20 @@ def read_journal(path: str) -> JournalContents:
     torn = bool(damaged) and len(damaged) == 1 and damaged[0][0] == len(lines)
     return JournalContents(path, pid, start, tuple(steps[k] for k in sorted(steps)),
                            tuple(damaged), torn)
+
+
+#: Why down hooks the teardown went past are not run again.
+PASSED = ("not run again: the teardown had already gone past them (running them now "
+          "would be out of order); 'tunsup cleanup --drop' forgets them")
+
+
+def _mark_passed(steps: dict[int, Step], undone: Step) -> None:
+    """``undone`` was undone: down hooks of its tunnel that had started and
+    are still pending were gone past (the teardown moved on)."""
+    for seq, step in steps.items():
+        if (step.tunnel == undone.tunnel and step is not undone and not step.undone
+                and step.stale is None and step.down_started is not None):
+            steps[seq] = attrs.evolve(step, stale=PASSED)
 
 
 # --- writing ------------------------------------------------------------------
@@ -384,6 +430,21 @@ class JournalObserver:
         seq = self._seqs.pop(id(record), None)
         if seq is not None:
             await self.journal.append({"op": "undone", "seq": seq})
+
+    async def hook_started(self, effect: Effect, phase: str, index: int, pid: int,
+                           start_time: int | None) -> None:
+        """Record a hook process of ``effect`` (applied or being applied),
+        so that recovery can end it if it outlives this instance.  A failed
+        append is logged: the hook still runs.  Cancellation: as
+        :meth:`Journal.append`."""
+        seq = self._seqs.get(id(effect), self._pending_intent.get(id(effect)))
+        if seq is None:
+            return
+        try:
+            await self.journal.append({"op": "hook", "seq": seq, "phase": phase, "index": index,
+                                       "pid": pid, "start_time": start_time})
+        except Exception as exc:
+            log.warning("journal: cannot record hook pid %d: %s", pid, exc)
 
 
 class RecoveryObserver:

@@ -293,7 +293,8 @@ async def run_service(
     ops: ServiceOps
     supervisor = Supervisor(tunnels, host, persistent=True,
                             reload=lambda: ops.reload_on_signal(), make_tunnel=make_tunnel,
-                            journal=journal, on_failure=on_failure)
+                            journal=journal, on_failure=on_failure,
+                            recovery_timeout=loaded.config.stop_timeout)
     ops = ServiceOps(supervisor, source, loaded)
     path = proto.socket_path(loaded.config.runtime_dir)
     server = ControlServer(path, ops, hub, settings)

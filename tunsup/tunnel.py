@@ -46,6 +46,7 @@ from .effects import (
     Dns,
     EffectContext,
     HelperGeneration,
+    HookRecorder,
     Hooks,
     Link,
     LinkUp,
@@ -296,6 +297,8 @@ class Tunnel:
                 nursery=nursery,
                 stop_grace=self.options.stop_grace,
                 hook_timeout=self.options.hook_timeout,
+                on_hook=self._observer.hook_started
+                if isinstance(self._observer, HookRecorder) else None,
             )
             stack = EffectStack(ctx, log=self.log, observer=self._observer)
             self._stack, self._ctx = stack, ctx
