@@ -408,9 +408,10 @@ def _structure_argv(value: Any, _type: Any) -> Any:
 def _table_hook(
     cls: type[Any], what: str, inner: Callable[[Any, Any], Any] | None = None
 ) -> Callable[[Any, Any], Any]:
-    """Structure a table into ``cls``.  attrs stops at the first validator
-    that fails; then every validator is run, so that all bad values of the
-    table are reported at once."""
+    """Structure a table into ``cls``.  cattrs stops before the validators
+    when a key or a nested table is bad, and attrs at the first validator
+    that fails; then every validator that can run is run, so that all bad
+    values of the table are reported at once."""
     build: Callable[[Any, Any], Any] = inner or make_dict_structure_fn(cls, _converter)
 
     def structure(value: Any, type_: Any) -> Any:
@@ -418,6 +419,15 @@ def _table_hook(
             raise _Invalid((), f"must be {what}")
         try:
             return build(value, type_)
+        except cattrs.ClassValidationError as group:
+            # A bare _Invalid is the constructor's first failing validator:
+            # it comes back with all the others.
+            kept = [e for e in group.exceptions
+                    if not (isinstance(e, _Invalid) and not getattr(e, "__notes__", None))]
+            errors = [*kept, *_validator_errors(cls, value)]
+            if not errors:
+                raise
+            raise cattrs.ClassValidationError(group.message, errors, cls) from None
         except _Invalid as first:
             errors = _validator_errors(cls, value) or [first]
             raise cattrs.ClassValidationError(f"invalid {cls.__name__}", errors, cls) from None
@@ -426,14 +436,22 @@ def _table_hook(
 
 
 def _validator_errors(cls: type[Any], table: Mapping[str, Any]) -> list[Exception]:
-    """Every validator failure of ``cls`` built from ``table``, whose values
-    all structure (only a validator failed)."""
+    """Every validator failure of ``cls`` built from ``table``; a value that
+    does not even structure (reported by cattrs) is not validated."""
     fields = attrs.fields(attrs.resolve_types(cls))
     values: dict[str, Any] = {}
+    broken: set[str] = set()
     for field in fields:
         key = _toml_name(cls, field.name)
         if key in table:
-            values[field.name] = _converter.structure(table[key], field.type)
+            try:
+                values[field.name] = _converter.structure(table[key], field.type)
+            except Exception:
+                broken.add(field.name)
+                values[field.name] = None
+        elif field.default is attrs.NOTHING:  # missing: cattrs reports it
+            broken.add(field.name)
+            values[field.name] = None
         elif isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
             values[field.name] = field.default.factory()
         else:
@@ -441,7 +459,7 @@ def _validator_errors(cls: type[Any], table: Mapping[str, Any]) -> list[Exceptio
     instance = types.SimpleNamespace(**values)  # what validators that compare fields read
     errors: list[Exception] = []
     for field in fields:
-        if field.validator is not None:
+        if field.validator is not None and field.name not in broken:
             try:
                 field.validator(instance, field, values[field.name])
             except _Invalid as exc:
