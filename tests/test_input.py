@@ -219,15 +219,21 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-def test_check_refuses_what_run_refuses(tmp_path: Path, netns: Callable[[str], str]) -> None:
-    ns = netns("tin")
-    for name, (files, message) in bad_inputs(tmp_path).items():
-        checked = tunsup("check", *files)
-        assert checked.returncode == 2 and message in checked.stderr, (name, checked)
-        args = ["-c", files[0]] if files[0].endswith(".toml") else files
-        # The command line's DNS settings would replace the bad one.
-        ran = run(tmp_path, ns, *args, dns=name != "no resolv.conf dir")
-        assert ran.returncode == 2 and message in ran.stderr, (name, ran)
+CASES = ["no .conf suffix", "named .conf", "unknown group", "no tunnel", "no helper",
+         "no resolv.conf dir"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_check_refuses_what_run_refuses(
+    tmp_path: Path, netns: Callable[[str], str], name: str
+) -> None:
+    files, message = bad_inputs(tmp_path)[name]
+    checked = tunsup("check", *files)
+    assert checked.returncode == 2 and message in checked.stderr, checked
+    args = ["-c", files[0]] if files[0].endswith(".toml") else files
+    # The command line's DNS settings would replace the bad one.
+    ran = run(tmp_path, netns("tin"), *args, dns=name != "no resolv.conf dir")
+    assert ran.returncode == 2 and message in ran.stderr, ran
 
 
 def test_prepare_is_what_check_runs(tmp_path: Path) -> None:
@@ -344,3 +350,41 @@ def test_one_error_is_a_plain_config_error() -> None:
     with pytest.raises(ConfigError) as info:
         from_dict({"stop_timeout": -1}, "/x/t.toml")
     assert not isinstance(info.value, ConfigErrors)
+
+
+# ------------------------------------------------- one interface-name rule everywhere
+
+NAMES = ["wg0", "a", "x" * 15, "wg_0=+.-", "A.b", "...", "x" * 16, "", ".", "..", "wg 0",
+         "wg/0", "wg:0", "wg\t0", "wg\n0", "wgé", "wg\x00", "wg@0", "wg%0"]
+
+
+@pytest.mark.parametrize("name", NAMES, ids=repr)
+def test_every_part_applies_the_one_interface_name_rule(name: str) -> None:
+    from tunsup import uapi
+    from tunsup.host import dns
+    from tunsup.ifname import is_valid_ifname
+    from tunsup.tun import create_tun_sync
+
+    valid = is_valid_ifname(name)
+    # wg-quick's rule, and the kernel refuses "." and "..".
+    rule = bool(re.fullmatch(r"[a-zA-Z0-9_=+.-]{1,15}", name)) and name not in (".", "..")
+    assert valid == rule
+
+    def accepts(check: Callable[[], object]) -> bool:
+        try:
+            check()
+        except (ValueError, ConfigError):
+            return False
+        return True
+
+    if "/" not in name:  # in a path, "/" separates directories
+        assert accepts(lambda: parse_conf("[Interface]\n", f"/x/{name}.conf")) == valid
+        assert accepts(lambda: from_dict({"tunnel": [{"config": f"/x/{name}.conf"}]},
+                                         "/x/t")) == valid
+    assert accepts(lambda: uapi.socket_path(name)) == valid
+    assert accepts(lambda: dns._check_ifname(name)) == valid
+    if not valid:  # a valid one would create a device
+        from tunsup._errors import HostError
+
+        with pytest.raises(HostError, match="invalid interface name"):
+            create_tun_sync(name)

@@ -21,7 +21,6 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Generic, TypeVar
 
 import attrs
@@ -371,7 +370,9 @@ class _Parser:
         self.errors: list[ConfigError] = []
 
     def parse(self, text: str) -> TunnelSpec:
-        name = Path(self.path).stem
+        # As wg-quick (and TunnelEntry.name): the file name without ".conf";
+        # Path.stem would name "/x/.conf" ".conf".
+        name = os.path.basename(self.path).removesuffix(".conf")
         if not is_valid_ifname(name):
             self.errors.append(ConfigError(
                 self.path,
