@@ -349,7 +349,8 @@ def test_up_of_a_fifo_or_a_device_leaves_no_thread_or_fd_behind(pair: Pair) -> N
     and the stop was incomplete.  Each is now refused at once."""
     if_a = unique("tsa")
     before = pair.snapshot(pair.ns_a)
-    svc, rt = start(pair, pair.conf_a(if_a))
+    conf = Path(pair.conf_a(if_a))
+    svc, rt = start(pair, str(conf))
     svc.wait_ready()
     pid = status_json(rt)["service"]["pid"]
     threads, fds = _threads_and_fds(pid)
@@ -362,6 +363,16 @@ def test_up_of_a_fifo_or_a_device_leaves_no_thread_or_fd_behind(pair: Pair) -> N
             res = tunsup("up", str(path), "--runtime-dir", rt, timeout=60)
             assert res.returncode == 2, res.stdout + res.stderr
             assert f"{path}: not a regular file" in res.stderr
+    # A reload reads through the same function: the running tunnel's file
+    # turned into a FIFO is refused, and the running configuration kept.
+    saved = conf.read_text()
+    conf.unlink()
+    os.mkfifo(conf)
+    for _ in range(3):
+        res = tunsup("reload", "--runtime-dir", rt, timeout=60)
+        assert res.returncode == 2 and f"{conf}: not a regular file" in res.stderr, res
+    conf.unlink()
+    conf.write_text(saved)
     # trio keeps up to a few idle worker threads cached: growth of 2 at most
     # (one blocked thread per FIFO request, with the defect).
     now_threads, now_fds = _threads_and_fds(pid)
