@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from tunsup import _netns
+from tunsup import _netns, pidfile
 from tunsup._service import ServiceProcess
 from tunsup.journal import encode_line, journal_name
 from tunsup.keys import Key
@@ -204,6 +205,60 @@ def test_sigkill_then_run_again_recovers_by_itself(netns: Callable[[str], str],
     finally:
         for svc in pair.services:
             svc.close()
+
+
+def _status(runtime_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tunsup", "status", "--runtime-dir",
+                           str(runtime_dir)], capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+def test_cleanup_removes_a_dead_services_pid_file_and_socket(crash: Crash) -> None:
+    """Issue 10 item 17: after SIGKILL and cleanup, status used to keep
+    saying "'tunsup cleanup' undoes what it left" (exit 1)."""
+    run_dir = crash.workdir / "run"
+    before = crash.snapshot()
+    svc = crash.run(crash.conf())
+    svc.wait_ready(60)
+    svc.proc.send_signal(signal.SIGKILL)
+    assert svc.wait_exit(10) == -signal.SIGKILL
+    dead = _status(run_dir)
+    assert dead.returncode == 1 and "'tunsup cleanup' undoes" in dead.stdout, dead.stdout
+    dry = crash.cleanup("--dry-run", "--runtime-dir", str(run_dir))
+    assert f"would remove {run_dir / 'control.sock'}" in dry.stdout, dry.stdout
+    assert (run_dir / "tunsup.pid").exists()
+
+    result = crash.cleanup("--runtime-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"removed {run_dir / 'tunsup.pid'} (its service is gone)" in result.stdout
+    assert_restored_ns(crash, before)
+    assert sorted(os.listdir(run_dir)) == ["tunsup.lock"]
+    gone = _status(run_dir)
+    assert gone.returncode == 3 and gone.stdout.strip() == "tunsup is not running"
+
+
+def test_cleanup_never_removes_a_live_owners_runtime_files(crash: Crash,
+                                                           tmp_path: Path) -> None:
+    """A pid file naming a live process (pid and start time: this test's
+    own) and its socket stay, though no instance lock is held."""
+    crash.state_dir.mkdir(mode=0o700)
+    run_dir = tmp_path / "live.run"
+    run_dir.mkdir()
+    me = pidfile.myself()
+    (run_dir / "tunsup.pid").write_text(f"{me.pid} {me.start_time}\n")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(run_dir / "control.sock"))
+        result = crash.cleanup("--runtime-dir", str(run_dir))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "removed" not in result.stdout
+        assert (run_dir / "control.sock").exists() and (run_dir / "tunsup.pid").exists()
+        # The same start time under another pid is someone else: that one
+        # is dead, so its files go.
+        (run_dir / "tunsup.pid").write_text(f"4000000 {me.start_time}\n")
+        result = crash.cleanup("--runtime-dir", str(run_dir))
+        assert "removed" in result.stdout, result.stdout + result.stderr
+        assert not (run_dir / "tunsup.pid").exists()
+        assert not (run_dir / "control.sock").exists()
 
 
 def test_reused_pid_is_never_touched(crash: Crash) -> None:

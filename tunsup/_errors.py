@@ -1,4 +1,9 @@
-"""Exceptions and the exit codes of ``tunsup run`` and friends."""
+"""Exceptions and every exit code of tunsup's commands.
+
+The one place exit codes are defined: the service (``run``, ``cleanup``)
+and the trio-free client commands (:mod:`tunsup.client`) both use these.
+This module imports nothing heavy (the client imports it).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,33 @@ from collections.abc import Sequence
 
 
 class ExitCode(enum.IntEnum):
-    """Process exit codes; part of the user contract (see README)."""
+    """Process exit codes; part of the user contract (see README's table).
+    ``status`` has its own, LSB's: :class:`StatusCode`."""
 
     OK = 0
-    #: A runtime failure; the host was restored.
+    #: A runtime failure; the host was restored.  (A client: the op failed.)
     FAILURE = 1
     #: Usage or configuration error; nothing was applied.
     USAGE = 2
     #: Teardown incomplete: some undo step failed; the log names each one.
     TEARDOWN_INCOMPLETE = 3
+    #: A client could not find out: no answer in time, not permitted, or
+    #: (``stop``) the service still runs after ``--timeout``.
+    UNKNOWN = 4
+    #: ``up``/``down``/``reload``/``logs``: no service runs (LSB's "program
+    #: is not running" for actions).
+    NOT_RUNNING = 7
+
+
+class StatusCode(enum.IntEnum):
+    """Exit codes of ``tunsup status``: LSB's init-script status codes."""
+
+    RUNNING = 0
+    #: The service is dead and its pid file remains.
+    DEAD = 1
+    NOT_RUNNING = 3
+    #: No permission or no answer.
+    UNKNOWN = 4
 
 
 class TunsupError(Exception):

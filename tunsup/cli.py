@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -60,13 +59,18 @@ def _parser() -> argparse.ArgumentParser:
         help="undo what a crashed or killed run left behind",
         description="Replay, in reverse, the journal of every dead tunsup instance in the "
         "state directory: stop orphaned helpers (only if pid and start time match), "
-        "remove the routes, addresses and links tunsup created, restore DNS. Exit 0 when "
+        "remove the routes, addresses and links tunsup created, restore DNS; then remove "
+        "the dead service's pid file and control socket. Exit 0 when "
         "the host is restored, 3 when something could not be undone, 1 when a live "
         "instance owns the state.",
     )
     cleanup.add_argument("-c", "--config", metavar="FILE", help="supervisor TOML file")
     cleanup.add_argument("--state-dir", metavar="DIR",
                          help="state directory (default /var/lib/tunsup)")
+    cleanup.add_argument("--runtime-dir", metavar="DIR",
+                         help="runtime directory of the dead service, whose pid file and "
+                         "control socket are removed once the host is restored (default "
+                         "/run/tunsup)")
     cleanup.add_argument("--dry-run", action="store_true",
                          help="print what would be undone, object by object; change nothing")
     cleanup.add_argument("--debug", action="store_true", help="log debug messages")
@@ -173,6 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
+            from . import _signals
+
+            # For the rest of the process's life SIGTERM/SIGINT/SIGHUP are
+            # recorded, never fatal: the supervisor acts on them while it
+            # runs (one that came earlier stops it at once), and once its
+            # teardown has begun no later signal can change the exit status.
+            _signals.absorb()
             return _run(args)
         if args.command == "check":
             return _check(args.files, debug=args.debug)
@@ -234,6 +245,8 @@ def _cleanup_command(args: argparse.Namespace) -> Callable[[], int] | None:
             argv += ["-c", args.config]
         if args.state_dir:
             argv += ["--state-dir", args.state_dir]
+        if args.runtime_dir:
+            argv += ["--runtime-dir", args.runtime_dir]
         return subprocess.run(argv, check=False).returncode
 
     return cleanup
@@ -356,10 +369,12 @@ def _run(args: argparse.Namespace) -> int:
                                      settings=settings, journal=journal,
                                      on_failure=cfg.on_failure)
 
-        # What start-up made (modules, the configuration) lives as long as
-        # the process: keep it out of the collector's walks, so that a full
-        # collection on the trio thread stays short (it was measured at
-        # 50-115 ms under load, landing in whichever step triggered it).
+        # Everything imported and built so far lives as long as the process:
+        # out of the collector's sight, a full collection (set off by a burst
+        # of connections, say) scans only what came later, and does not
+        # stall the event loop for tens of milliseconds.
+        import gc
+
         gc.freeze()
         code = trio.run(service, instruments=[timer] if timer is not None else [])
         if timer is not None:
@@ -446,4 +461,27 @@ def _cleanup(args: argparse.Namespace) -> int:
             print(f"host restored ({len(report.undone)} object(s) undone)")
         else:
             print("nothing to clean up")
+    _stale_runtime_files(args)
     return ExitCode.OK
+
+
+def _stale_runtime_files(args: argparse.Namespace) -> None:
+    """Once the host is restored: the pid file and control socket of a dead
+    service (pid and start time checked; a live one's are never touched),
+    which would make ``status`` keep saying the service died uncleanly."""
+    from . import _protocol, instance
+    from .config import DEFAULT_RUNTIME_DIR, load_supervisor_config
+
+    runtime_dir = args.runtime_dir
+    if runtime_dir is None:
+        runtime_dir = (load_supervisor_config(args.config).runtime_dir if args.config
+                       else DEFAULT_RUNTIME_DIR)
+    sockets = [_protocol.socket_path(runtime_dir)]
+    if args.dry_run:
+        for path in instance.stale_runtime_files(runtime_dir, sockets):
+            print(f"would remove {path} (its service is gone)")
+        return
+    # The state lock is released by now: a state_dir that is also the
+    # runtime_dir is locked again here.
+    for path in instance.remove_stale_runtime_files(runtime_dir, sockets):
+        print(f"removed {path} (its service is gone)")

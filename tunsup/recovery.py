@@ -148,9 +148,13 @@ def _rewrite(path: str, contents: JournalContents, remaining: tuple[Effect, ...]
     lines = [encode_line({"op": "open", "pid": contents.pid, "start_time": contents.start_time,
                           "version": FORMAT_VERSION, "created": time.time(),
                           "rewritten_by": os.getpid()})]
-    tunnels = {id(e): s.tunnel for s, e in contents.pending()}
+    # By the steps' own objects: `pending()` builds a new PendingIntent on
+    # every call, so ids of what it returns match nothing later.
+    tunnels = {id(s.record if s.record is not None else s.intent): s.tunnel
+               for s in contents.steps}
     for seq, effect in enumerate(reversed(remaining), 1):
-        tunnel = tunnels.get(id(effect), "?")
+        own = effect.intent if isinstance(effect, PendingIntent) else effect
+        tunnel = tunnels.get(id(own), "?")
         if isinstance(effect, PendingIntent):
             lines.append(encode_line({"op": "intent", "seq": seq, "tunnel": tunnel,
                                       "effect": effect_to_dict(effect.intent)}))

@@ -50,6 +50,7 @@ from .effects import (
     LinkUp,
     Mtu,
     OwnedTun,
+    Routes,
     StartHelper,
 )
 from .helpers import RestartPolicy, RestartTracker
@@ -170,6 +171,9 @@ class TunnelStatus:
     #: Why the tunnel ended, if it ended by a failure.
     failure: str | None
     last_probe: ProbeResult | None
+    #: Routes through the tunnel that tunsup installed and holds now (not
+    #: those it found already there, nor the kill switch's).
+    routes: int = 0
 
 
 class Tunnel:
@@ -209,6 +213,9 @@ class Tunnel:
         self._mtu = 0
         self._tun_index = 0
         self._plan: RoutingPlan | None = None
+        #: While it runs: its effect stack and context (for status).
+        self._stack: EffectStack | None = None
+        self._ctx: EffectContext | None = None
 
     @property
     def name(self) -> str:
@@ -233,9 +240,19 @@ class Tunnel:
             helper_pid=self.helper_pid,
             restarts=self.restarts,
             degraded_reason=self.degraded_reason,
-            failure=str(self.failure) if self.failure is not None else None,
+            failure=_one_line(self.failure) if self.failure is not None else None,
             last_probe=self.last_probe,
+            routes=self.routes_installed,
         )
+
+    @property
+    def routes_installed(self) -> int:
+        """How many routes through the tunnel tunsup added and has not yet
+        removed: the records on its effect stacks (a route that already
+        existed is not in them; a helper generation's go with it)."""
+        stacks = [self._stack, self._ctx.generations.get(self.name) if self._ctx else None]
+        return sum(len(record.prefixes) for stack in stacks if stack is not None
+                   for record in stack.records if isinstance(record, Routes))
 
     def _set_state(self, new: TunnelState) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -280,6 +297,7 @@ class Tunnel:
                 hook_timeout=self.options.hook_timeout,
             )
             stack = EffectStack(ctx, log=self.log, observer=self._observer)
+            self._stack, self._ctx = stack, ctx
             try:
                 await self._bring_up(stack, ctx)
                 self.timings["up"] = trio.current_time() - started
@@ -636,6 +654,13 @@ async def _cpu_bound(size: int, fn: Callable[..., T], *args: Any) -> T:
     if size <= CPU_BOUND_PREFIXES:
         return fn(*args)
     return await trio.to_thread.run_sync(fn, *args)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as one line, exception groups flattened."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_one_line(e) for e in exc.exceptions)
+    return str(exc) or type(exc).__name__
 
 
 def _only_cancelled(exc: BaseException) -> bool:
