@@ -414,6 +414,88 @@ def test_up_and_down_while_running_leave_the_other_tunnel_alone(pair: Pair) -> N
     assert_restored(pair, pair.ns_a, before)
 
 
+def _threads_and_fds(pid: int) -> tuple[int, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    threads = int(next(ln for ln in status.splitlines() if ln.startswith("Threads:")).split()[1])
+    return threads, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_up_of_a_fifo_or_a_device_leaves_no_thread_or_fd_behind(pair: Pair) -> None:
+    """Issue 10 items 9 and 10: an ``up`` of a FIFO used to block a worker
+    thread for good (10 s timeout, thread abandoned), and one of a symlink to
+    /dev/zero read without limit; after enough of them ``status`` timed out
+    and the stop was incomplete.  Each is now refused at once."""
+    if_a = unique("tsa")
+    before = pair.snapshot(pair.ns_a)
+    conf = Path(pair.conf_a(if_a))
+    svc, rt = start(pair, str(conf))
+    svc.wait_ready()
+    pid = status_json(rt)["service"]["pid"]
+    threads, fds = _threads_and_fds(pid)
+    fifo = pair.workdir / f"{unique('tsf')}.conf"
+    os.mkfifo(fifo)
+    zero = pair.workdir / f"{unique('tsz')}.conf"
+    zero.symlink_to("/dev/zero")
+    for _ in range(10):
+        for path in (fifo, zero):
+            res = tunsup("up", str(path), "--runtime-dir", rt, timeout=60)
+            assert res.returncode == 2, res.stdout + res.stderr
+            assert f"{path}: not a regular file" in res.stderr
+    # A reload reads through the same function: the running tunnel's file
+    # turned into a FIFO is refused, and the running configuration kept.
+    saved = conf.read_text()
+    conf.unlink()
+    os.mkfifo(conf)
+    for _ in range(3):
+        res = tunsup("reload", "--runtime-dir", rt, timeout=60)
+        assert res.returncode == 2 and f"{conf}: not a regular file" in res.stderr, res
+    conf.unlink()
+    conf.write_text(saved)
+    # trio keeps up to a few idle worker threads cached: growth of 2 at most
+    # (one blocked thread per FIFO request, with the defect).
+    now_threads, now_fds = _threads_and_fds(pid)
+    assert now_threads <= threads + 2, (threads, now_threads)
+    assert now_fds <= fds, (fds, now_fds)
+    assert [t["name"] for t in status_json(rt)["tunnels"]] == [if_a]
+    res = tunsup("stop", "--runtime-dir", rt)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert svc.proc.poll() == 0
+    assert_restored(pair, pair.ns_a, before)
+
+
+def test_cleanup_of_a_toml_with_relative_dirs_from_another_directory(pair: Pair) -> None:
+    """Issue 10 item 11: relative ``state_dir``/``runtime_dir`` in a TOML are
+    relative to the TOML, so after a SIGKILL, ``cleanup -c`` run from
+    another directory finds the journal and restores the host (it used to
+    say "does not exist: nothing to clean up" and leave link and helper)."""
+    if_a = unique("tsa")
+    etc = pair.workdir / "etc"
+    etc.mkdir()
+    conf = Path(pair.conf_a(if_a))
+    (etc / conf.name).write_text(conf.read_text())
+    toml = etc / "tunsup.toml"
+    toml.write_text(f'state_dir = "state"\nruntime_dir = "run"\n'
+                    f'[dns]\nbackend = "file"\nresolv_conf = "{pair.resolv("a")}"\n'
+                    f'[[tunnel]]\nconfig = "{conf.name}"\n')
+    before = pair.snapshot(pair.ns_a)
+    svc = ServiceProcess(pair.ns_a, ["-c", str(toml)], str(pair.workdir), "rel",
+                         env=STEP_GUARD)
+    pair.services.append(svc)
+    svc.wait_ready()
+    assert (etc / "state").is_dir() and (etc / "run").is_dir()
+    assert link_index(pair.ns_a, if_a) is not None
+    svc.stop(signal.SIGKILL)
+    elsewhere = pair.workdir / "elsewhere"
+    elsewhere.mkdir()
+    res = subprocess.run(_netns.ns_exec_argv(pair.ns_a, [sys.executable, "-m", "tunsup",
+                                                         "cleanup", "-c", str(toml)]),
+                         capture_output=True, text=True, timeout=120, cwd=elsewhere,
+                         check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "host restored" in res.stdout
+    assert_restored(pair, pair.ns_a, before)
+
+
 def _wait_file(svc: ServiceProcess, path: Path) -> None:
     while not path.exists():
         wait_for_output(svc, "running hook")

@@ -384,7 +384,9 @@ def test_unresolvable_endpoint_fails_before_any_change(pair: Pair) -> None:
     with pytest.raises(ServiceFailed):
         svc.wait_ready(30)
     assert svc.wait_exit(5) == 1
-    assert "cannot resolve endpoint no-such-host.invalid:1" in svc.output()
+    # Reported at the Endpoint line, not the [Peer] header (issue 10 item 23).
+    line = Path(conf).read_text().split("\n").index("Endpoint = no-such-host.invalid:1") + 1
+    assert f"{conf}:{line}: cannot resolve endpoint no-such-host.invalid:1" in svc.output()
     assert_restored(pair, pair.ns_a, before)
 
 

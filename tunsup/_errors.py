@@ -8,6 +8,7 @@ This module imports nothing heavy (the client imports it).
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
 
 class ExitCode(enum.IntEnum):
@@ -57,6 +58,45 @@ class ConfigError(TunsupError):
         self.message = message
         where = f"{path}:{line}" if line is not None else path
         super().__init__(f"{where}: {message}")
+
+
+class ConfigErrors(ConfigError):
+    """Several problems, in the order they should be read (file order).
+
+    ``path``, ``line`` and ``message`` are those of the first problem;
+    ``str()`` gives one ``FILE:LINE: message`` per line, at most
+    :data:`MAX_REPORTED` of them, then ``and N more``.
+    """
+
+    #: Problems shown; a file with thousands of bad lines is summed up.
+    MAX_REPORTED = 20
+
+    errors: tuple[ConfigError, ...]
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        flat: list[ConfigError] = []
+        for error in errors:
+            flat.extend(error.errors if isinstance(error, ConfigErrors) else (error,))
+        self.errors = tuple(flat)
+        first = self.errors[0]
+        super().__init__(first.path, first.line, first.message)
+
+    def __str__(self) -> str:
+        shown = [str(e) for e in self.errors[: self.MAX_REPORTED]]
+        hidden = len(self.errors) - len(shown)
+        if hidden:
+            shown.append(f"and {hidden} more error(s)")
+        return "\n".join(shown)
+
+
+def config_errors(errors: Sequence[ConfigError]) -> ConfigError | None:
+    """One exception for ``errors``: ``None`` for none, the error itself for
+    one, else a :class:`ConfigErrors` (nested ones are flattened)."""
+    if not errors:
+        return None
+    if len(errors) == 1:
+        return errors[0]
+    return ConfigErrors(errors)
 
 
 class HostError(TunsupError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
@@ -204,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return demo_main(debug=args.debug)
     except ConfigError as exc:
-        print(f"tunsup: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"tunsup: {line}", file=sys.stderr)
         return ExitCode.USAGE
     raise AssertionError(args.command)
 
@@ -267,23 +267,22 @@ def _subcommands() -> set[str]:
 
 
 def _check(files: Sequence[str], *, debug: bool = False) -> int:
-    from .config import load_supervisor_config
-    from .wgquick import load_conf
+    """Validate each file as ``run`` would (``run -c FILE.toml`` or ``run
+    FILE``): the same code path, :func:`tunsup.plan.prepare`."""
+    from .plan import ConfigSource, prepare
 
     status = ExitCode.OK
     for path in files:
         try:
             if path.endswith(".toml"):
-                cfg = load_supervisor_config(path)
-                for entry in cfg.tunnels:
-                    load_conf(entry.config)
+                cfg = prepare(ConfigSource(toml=path)).loaded.config
                 print(f"{path}: ok ({len(cfg.tunnels)} tunnel(s))")
                 if debug:
                     for entry in cfg.tunnels:
                         print(f"  tunnel {entry.name}: {entry.config}, helper "
                               f"{' '.join(entry.helper)}")
             else:
-                spec = load_conf(path)
+                spec = prepare(ConfigSource(confs=(path,))).loaded.specs[0]
                 routes = len(spec.allowed_ips)
                 print(f"{path}: ok (interface {spec.name}, {len(spec.peers)} peer(s), "
                       f"{routes} allowed IP prefix(es))")
@@ -317,7 +316,7 @@ def _step_timer(debug: bool) -> StepTimer | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .plan import ConfigSource, control_group
+    from .plan import ConfigSource, prepare
 
     if not args.confs and not args.config:
         print("tunsup run: give at least one CONF.conf or -c FILE", file=sys.stderr)
@@ -329,26 +328,15 @@ def _run(args: argparse.Namespace) -> int:
         "resolv_conf": args.resolv_conf,
     }
     source = ConfigSource(tuple(args.confs), args.config, overrides)
-    loaded = source.load()
+    # Every check of the configuration (shared with `tunsup check`).
+    prepared = prepare(source)
+    loaded, group = prepared.loaded, prepared.group
     cfg = loaded.config
-    if not cfg.tunnels:
-        print(f"tunsup run: {args.config} defines no [[tunnel]]", file=sys.stderr)
-        return ExitCode.USAGE
-    group = control_group(cfg, args.config)
 
     # Everything below is checked before anything is applied.
     if not _has_net_admin():
         print("tunsup run: needs root (CAP_NET_ADMIN) to configure interfaces", file=sys.stderr)
         return ExitCode.USAGE
-    if cfg.dns.backend == "file" and not os.path.isdir(os.path.dirname(
-            os.path.abspath(cfg.dns.resolv_conf))):
-        print(f"tunsup run: directory of {cfg.dns.resolv_conf} does not exist", file=sys.stderr)
-        return ExitCode.USAGE
-    for entry in cfg.tunnels:
-        if shutil.which(entry.helper[0]) is None:
-            print(f"tunsup run: helper {entry.helper[0]!r} not found in PATH "
-                  "(install it: apt-get install wireguard-go)", file=sys.stderr)
-            return ExitCode.USAGE
 
     # The instance lock (and the pid file, with pid and start time).
     from . import instance
@@ -409,10 +397,21 @@ def _cleanup(args: argparse.Namespace) -> int:
 
     cfg = load_supervisor_config(args.config) if args.config else None
     state_dir = args.state_dir
-    if state_dir is None:
-        state_dir = cfg.state_dir if cfg is not None else DEFAULT_STATE_DIR
+    if state_dir is not None:
+        given: str | None = "--state-dir"
+    elif cfg is not None:
+        state_dir = cfg.state_dir
+        given = f"state_dir of {args.config}"
+    else:
+        state_dir, given = DEFAULT_STATE_DIR, None
     timeout = cfg.stop_timeout if cfg is not None else DEFAULT_STOP_TIMEOUT
     if not os.path.isdir(state_dir):
+        if given is not None:
+            # Pointed at a place that is not there: a wrong path, not a clean
+            # host.  Saying "nothing to clean up" would hide a leftover.
+            print(f"tunsup cleanup: state directory {state_dir} ({given}) does not exist: "
+                  "nothing was cleaned up", file=sys.stderr)
+            return ExitCode.USAGE
         print(f"tunsup cleanup: {state_dir} does not exist: nothing to clean up")
         return ExitCode.OK
     if not _has_net_admin() and not args.dry_run:

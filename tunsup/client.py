@@ -83,13 +83,18 @@ def runtime_dir_of(runtime_dir: str | None, config: str | None) -> str:
     if config:
         import tomllib
 
+        from ._errors import ConfigError
+        from ._input import read_config_file
+
         try:
-            with open(config, "rb") as f:
-                value = tomllib.load(f).get("runtime_dir")
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+            value = tomllib.loads(read_config_file(config).decode()).get("runtime_dir")
+        except ConfigError as exc:
+            raise SystemExit(_usage(str(exc))) from None
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise SystemExit(_usage(f"cannot read {config}: {exc}")) from None
         if isinstance(value, str) and value:
-            return value
+            # Relative to the TOML file's directory, as for the service.
+            return os.path.join(os.path.dirname(os.path.abspath(config)), value)
     return DEFAULT_RUNTIME_DIR
 
 

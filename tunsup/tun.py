@@ -40,6 +40,7 @@ import trio
 
 from ._bounded import bounded
 from ._errors import HostError
+from .ifname import is_valid_ifname
 
 __all__ = [
     "TunDevice",
@@ -92,7 +93,7 @@ def create_tun_sync(name: str, *, packet_info: bool = False,
     fd closed, so nothing is left.  Raises :class:`HostError`.
     """
     raw = name.encode()
-    if not raw or len(raw) > 15:
+    if not is_valid_ifname(name):
         raise HostError(f"invalid interface name {name!r}")
     try:
         fd = os.open(tun_path, os.O_RDWR | os.O_CLOEXEC)

@@ -631,7 +631,8 @@ class Tunnel:
             except (OSError, trio.TooSlowError) as exc:
                 reason = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
                 raise HostError(
-                    f"{self.spec.source}:{peer.line}: cannot resolve endpoint {ep}: {reason}"
+                    f"{self.spec.source}:{peer.endpoint_line or peer.line}: "
+                    f"cannot resolve endpoint {ep}: {reason}"
                 ) from None
             self.log.info("endpoint %s resolved to %s", ep.host, addr)
             resolved[peer.public_key] = (addr, ep.port)

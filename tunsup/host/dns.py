@@ -43,6 +43,7 @@ import trio
 
 from .._bounded import bounded
 from .._errors import HostError
+from ..ifname import is_valid_ifname
 from ..model import IPAddress
 
 __all__ = [
@@ -179,13 +180,9 @@ class DnsBackend(Protocol):
 
 
 def _check_ifname(ifname: str) -> None:
-    # Linux's dev_valid_name(), plus no control characters: the name ends up
-    # in a file comment, a resolvconf record name and command lines.
-    if (
-        not 0 < len(ifname.encode()) <= 15
-        or ifname in (".", "..")
-        or any(c in "/:" or c.isspace() or not c.isprintable() for c in ifname)
-    ):
+    # The name ends up in a file comment, a resolvconf record name and
+    # command lines: tunsup's one rule keeps it to plain characters.
+    if not is_valid_ifname(ifname):
         raise ValueError(f"invalid interface name {ifname!r}")
 
 
