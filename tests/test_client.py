@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tunsup import pidfile
+from tunsup._errors import ExitCode, StatusCode
 from tunsup.cli import main
 from tunsup.control import client
 
@@ -30,6 +31,21 @@ def test_client_commands_import_neither_trio_nor_pyroute2(tmp_path: Path) -> Non
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).parent.parent).stdout
     assert "IMPORTED []" in out
+
+
+def test_exit_codes_have_one_source() -> None:
+    """The client's short names are the members defined in tunsup._errors
+    (issue 11), never numbers of their own."""
+    names = {"OK": ExitCode.OK, "FAILED": ExitCode.FAILURE, "USAGE": ExitCode.USAGE,
+             "INCOMPLETE": ExitCode.TEARDOWN_INCOMPLETE, "UNKNOWN": ExitCode.UNKNOWN,
+             "NOT_RUNNING": ExitCode.NOT_RUNNING, "STATUS_DEAD": StatusCode.DEAD,
+             "STATUS_NOT_RUNNING": StatusCode.NOT_RUNNING,
+             "STATUS_UNKNOWN": StatusCode.UNKNOWN}
+    for name, member in names.items():
+        assert getattr(client, name) is member, name
+    numbers = {name for name, value in vars(client).items()
+               if name.isupper() and type(value) is int}
+    assert numbers == set()
 
 
 def test_pid_file_round_trip_and_liveness(tmp_path: Path) -> None:

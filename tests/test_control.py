@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -20,6 +21,7 @@ import trio
 import trio.testing
 
 from tunsup._log import LogHub
+from tunsup.control import client
 from tunsup.control import protocol as proto
 from tunsup.control.server import ControlServer, ControlSettings, OpError
 
@@ -109,6 +111,34 @@ def run(fn: Any, *args: Any) -> None:
     trio.run(fn, *args)
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def at_least(self, level: int) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= level]
+
+
+@pytest.fixture
+def control_log() -> Iterator[_Records]:
+    """What the control server logs (whatever the logging set-up of
+    earlier tests left behind)."""
+    logger = logging.getLogger("tunsup.control")
+    handler = _Records()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def test_ops_answer_and_op_errors_keep_the_connection(sockdir: str) -> None:
     async def main() -> None:
         async with serving(sockdir) as server:
@@ -137,9 +167,23 @@ def test_ops_answer_and_op_errors_keep_the_connection(sockdir: str) -> None:
     (b'{"id": true, "op": "ping"}\n', proto.BAD_FRAME, None),
     (b'{"id": 1, "op": 5}\n', proto.BAD_FRAME, None),
     (b'{"id": 9, "op": "format-disk"}\n', proto.UNKNOWN_OP, 9),
+    # Hostile frames (issue 10 item 13): each must get an error frame, not
+    # a bare EOF and a traceback in the log.
+    (b'{"id": 1, "op": "ping", "x": ' + b"[" * 30000 + b"]" * 30000 + b"}\n",
+     proto.BAD_FRAME, None),
+    (b"[" * 60000 + b"\n", proto.BAD_FRAME, None),
+    (b'{"id": "\\ud800", "op": "ping"}\n', proto.BAD_FRAME, None),
+    (b'{"id": 1, "op": "down", "name": "wg\\udfff"}\n', proto.BAD_FRAME, None),
+    (b'{"id": 1' + b"0" * 5000 + b', "op": "ping"}\n', proto.BAD_FRAME, None),
+    (b'{"id": 1e999, "op": "ping"}\n', proto.BAD_FRAME, None),
+    (b'{"id": NaN, "op": "ping"}\n', proto.BAD_FRAME, None),
+    (b'"just a string"\n', proto.BAD_FRAME, None),
+    (b"null\n", proto.BAD_FRAME, None),
+    (b'{"id": 1, "op": "ping"\xc3\x28}\n', proto.BAD_FRAME, None),
 ])
 def test_protocol_errors_get_an_error_frame_and_a_close(sockdir: str, payload: bytes, code: str,
-                                                        rid: object) -> None:
+                                                        rid: object,
+                                                        control_log: _Records) -> None:
     async def main() -> None:
         async with serving(sockdir) as server:
             c = await Client.connect(server.path)
@@ -151,6 +195,38 @@ def test_protocol_errors_get_an_error_frame_and_a_close(sockdir: str, payload: b
             other = await Client.connect(server.path)
             assert (await other.request("ping"))["ok"] is True
             assert server.ops.calls == []  # type: ignore[attr-defined]
+
+    run(main)
+    assert control_log.at_least(logging.WARNING) == []
+
+
+def test_a_huge_id_that_parses_is_echoed(sockdir: str) -> None:
+    async def main() -> None:
+        async with serving(sockdir) as server:
+            c = await Client.connect(server.path)
+            rid = int("9" * 4000)
+            assert (await c.request("ping", rid))["id"] == rid
+            frame = await c.request("logs", 2, backlog=10**4000)
+            assert frame["ok"] is True
+
+    run(main)
+
+
+def test_an_op_that_raises_unexpectedly_still_gets_an_answer(sockdir: str) -> None:
+    class Broken(FakeOps):
+        async def status(self) -> dict[str, Any]:
+            raise RuntimeError("a bug")
+
+    async def main() -> None:
+        server = ControlServer(os.path.join(sockdir, "control.sock"), Broken(), LogHub())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            c = await Client.connect(server.path)
+            frame = await c.request("status", 1)
+            assert frame["error"] == {"code": proto.INTERNAL,
+                                      "message": "internal error: a bug"}
+            assert (await c.request("ping", 2))["ok"] is True
+            nursery.cancel_scope.cancel()
 
     run(main)
 
@@ -223,12 +299,12 @@ def test_fifty_concurrent_clients(sockdir: str) -> None:
     run(main)
 
 
-def test_connections_beyond_the_limit_are_refused(sockdir: str) -> None:
+def test_connections_beyond_the_limit_are_refused_when_none_is_idle(sockdir: str) -> None:
     async def main() -> None:
         async with serving(sockdir, max_connections=2) as server:
             kept = [await Client.connect(server.path) for _ in range(2)]
-            for c in kept:
-                assert (await c.request("ping"))["ok"] is True
+            for c in kept:  # busy: following the log
+                assert (await c.request("logs", backlog=0, follow=True))["ok"] is True
             extra = await Client.connect(server.path)
             frame = await extra.frame()
             assert frame is not None and frame["error"]["code"] == proto.BUSY
@@ -239,6 +315,51 @@ def test_connections_beyond_the_limit_are_refused(sockdir: str) -> None:
                     await trio.testing.wait_all_tasks_blocked()
             again = await Client.connect(server.path)
             assert (await again.request("ping"))["ok"] is True
+
+    run(main)
+
+
+def test_a_full_server_evicts_the_connection_idle_longest(sockdir: str) -> None:
+    async def main() -> None:
+        async with serving(sockdir, max_connections=3) as server:
+            follower = await Client.connect(server.path)
+            assert (await follower.request("logs", backlog=0, follow=True))["ok"] is True
+            first = await Client.connect(server.path)
+            await first.send(b'{"id": 1, "op": "sta')  # half a frame counts as idle
+            second = await Client.connect(server.path)
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.connections == 3
+            # A new request evicts the idle one idle longest, not the follower.
+            c = await Client.connect(server.path)
+            assert (await c.request("status", 5))["ok"] is True
+            evicted = await first.frame()
+            assert evicted is not None and evicted["error"]["code"] == proto.BUSY
+            assert "idle longest" in evicted["error"]["message"]
+            assert await first.frame() is None
+            # Next in line: `second` (`c` became idle after its answer, later).
+            again = await Client.connect(server.path)
+            assert (await again.request("ping", 6))["ok"] is True
+            assert (await second.frame() or {})["error"]["code"] == proto.BUSY
+            assert (await c.request("ping", 7))["ok"] is True  # still served
+            assert server.connections == 3
+
+    run(main)
+
+
+def test_five_hundred_idle_connections_lock_no_one_out(sockdir: str) -> None:
+    """Issue 10 item 14: a leaking script's 500 idle connections; the real
+    client's ``status`` still gets its answer (timing: scripts/bench_idle_connections.py)."""
+    async def main() -> None:
+        async with serving(sockdir) as server:
+            idle = [await trio.open_unix_socket(server.path) for _ in range(500)]
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.connections == server.settings.max_connections
+            code = await trio.to_thread.run_sync(client.status, sockdir)
+            assert code == client.OK
+            c = await Client.connect(server.path)
+            assert (await c.request("ping"))["ok"] is True
+            for sock in idle:
+                await sock.aclose()
 
     run(main)
 
@@ -295,6 +416,43 @@ def test_logs_backlog_and_follow_until_the_exit_event(sockdir: str) -> None:
     run(main)
 
 
+@pytest.mark.parametrize("as_json", [True, False])
+def test_logs_follow_ends_with_the_exit_in_the_chosen_format(
+        sockdir: str, as_json: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 10 item 21: with ``--json`` every line ``logs -f`` prints is
+    JSON, the closing exit line included."""
+    hub = LogHub()
+    hub.publish(_entry("before"))
+    event = {"type": "exit", "code": 0, "complete": True, "failures": []}
+
+    async def main() -> None:
+        async with serving(sockdir, hub) as server:
+            async with trio.open_nursery() as nursery:
+                codes: list[int] = []
+
+                async def follow() -> None:
+                    codes.append(await trio.to_thread.run_sync(
+                        lambda: client.logs(sockdir, lines=1, follow=True, as_json=as_json)))
+
+                nursery.start_soon(follow)
+                with trio.fail_after(10):
+                    while hub.subscribers != 1:  # the client has subscribed
+                        await trio.sleep(0.01)
+                hub.publish(_entry("live"))
+                await server.finish(event)
+            assert codes == [client.OK]
+
+    run(main)
+    lines = capsys.readouterr().out.splitlines()
+    if as_json:
+        parsed = [json.loads(line) for line in lines]
+        assert [p["msg"] for p in parsed] == ["before", "live", "tunsup exited with code 0"]
+        assert parsed[-1]["event"] == event
+    else:
+        assert lines[-1] == "-- tunsup exited with code 0 --"
+        assert [line.split(": ", 1)[1] for line in lines[:-1]] == ["before", "live"]
+
+
 def test_a_follower_that_does_not_read_is_dropped(sockdir: str) -> None:
     hub = LogHub()
 
@@ -317,6 +475,31 @@ def test_a_follower_that_does_not_read_is_dropped(sockdir: str) -> None:
             assert (await other.request("ping"))["ok"] is True
 
     run(main)
+
+
+def test_a_follower_that_goes_away_is_no_error(sockdir: str, control_log: _Records) -> None:
+    """The server's send fails (the client shut its reading side) while the
+    stream runs: the connection ends quietly (a debug line), nothing at
+    ERROR, no traceback."""
+    hub = LogHub()
+
+    async def main() -> None:
+        async with serving(sockdir, hub) as server:
+            f = await Client.connect(server.path)
+            assert (await f.request("logs", 1, backlog=0, follow=True))["ok"] is True
+            f.stream.socket.shutdown(socket.SHUT_RD)
+            with trio.fail_after(5):
+                while hub.subscribers:
+                    hub.publish(_entry("to a reader that is gone"))
+                    await trio.testing.wait_all_tasks_blocked()
+                while server.connections:
+                    await trio.testing.wait_all_tasks_blocked()
+            other = await Client.connect(server.path)
+            assert (await other.request("ping"))["ok"] is True
+
+    run(main)
+    assert control_log.at_least(logging.WARNING) == []
+    assert not any(r.exc_info for r in control_log.records)
 
 
 def test_logs_rejects_bad_arguments(sockdir: str) -> None:

@@ -4,19 +4,23 @@ SIGKILLed at every step of a bring-up (test-only fault points), then
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
 import pytest
 
+from tunsup import pidfile
 from tunsup.config.keys import Key
-from tunsup.engine.journal import encode_line, journal_name
+from tunsup.engine.journal import encode_line, journal_name, read_journal
 from tunsup.testing import netns as _netns
 from tunsup.testing.service_process import ServiceProcess
 
@@ -48,10 +52,11 @@ class Crash:
     def state_dir(self) -> Path:
         return self.workdir / "state"
 
-    def conf(self, extra_allowed: str = "") -> str:
+    def conf(self, extra_allowed: str = "", pre_down: str | None = None) -> str:
         path = self.workdir / f"{self.ifname}.conf"
         allowed = ", ".join(f"10.{i // 256}.{i % 256}.0/24" for i in range(100, 100 + N_ROUTES))
         hooks = self.workdir / "hooks.log"
+        pre_down = pre_down or f"echo PreDown >> {hooks}"
         path.write_text(f"""\
 [Interface]
 PrivateKey = {Key.generate_private().to_base64()}
@@ -59,7 +64,7 @@ Address = 10.250.0.1/24, fd00:250::1/64
 DNS = 10.250.0.53, crash.example
 PreUp = echo PreUp >> {hooks}
 PostUp = echo PostUp >> {hooks}
-PreDown = echo PreDown >> {hooks}
+PreDown = {pre_down}
 PostDown = echo PostDown >> {hooks}
 
 [Peer]
@@ -206,6 +211,60 @@ def test_sigkill_then_run_again_recovers_by_itself(netns: Callable[[str], str],
             svc.close()
 
 
+def _status(runtime_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tunsup", "status", "--runtime-dir",
+                           str(runtime_dir)], capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+def test_cleanup_removes_a_dead_services_pid_file_and_socket(crash: Crash) -> None:
+    """Issue 10 item 17: after SIGKILL and cleanup, status used to keep
+    saying "'tunsup cleanup' undoes what it left" (exit 1)."""
+    run_dir = crash.workdir / "run"
+    before = crash.snapshot()
+    svc = crash.run(crash.conf())
+    svc.wait_ready(60)
+    svc.proc.send_signal(signal.SIGKILL)
+    assert svc.wait_exit(10) == -signal.SIGKILL
+    dead = _status(run_dir)
+    assert dead.returncode == 1 and "'tunsup cleanup' undoes" in dead.stdout, dead.stdout
+    dry = crash.cleanup("--dry-run", "--runtime-dir", str(run_dir))
+    assert f"would remove {run_dir / 'control.sock'}" in dry.stdout, dry.stdout
+    assert (run_dir / "tunsup.pid").exists()
+
+    result = crash.cleanup("--runtime-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"removed {run_dir / 'tunsup.pid'} (its service is gone)" in result.stdout
+    assert_restored_ns(crash, before)
+    assert sorted(os.listdir(run_dir)) == ["tunsup.lock"]
+    gone = _status(run_dir)
+    assert gone.returncode == 3 and gone.stdout.strip() == "tunsup is not running"
+
+
+def test_cleanup_never_removes_a_live_owners_runtime_files(crash: Crash,
+                                                           tmp_path: Path) -> None:
+    """A pid file naming a live process (pid and start time: this test's
+    own) and its socket stay, though no instance lock is held."""
+    crash.state_dir.mkdir(mode=0o700)
+    run_dir = tmp_path / "live.run"
+    run_dir.mkdir()
+    me = pidfile.myself()
+    (run_dir / "tunsup.pid").write_text(f"{me.pid} {me.start_time}\n")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(run_dir / "control.sock"))
+        result = crash.cleanup("--runtime-dir", str(run_dir))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "removed" not in result.stdout
+        assert (run_dir / "control.sock").exists() and (run_dir / "tunsup.pid").exists()
+        # The same start time under another pid is someone else: that one
+        # is dead, so its files go.
+        (run_dir / "tunsup.pid").write_text(f"4000000 {me.start_time}\n")
+        result = crash.cleanup("--runtime-dir", str(run_dir))
+        assert "removed" in result.stdout, result.stdout + result.stderr
+        assert not (run_dir / "tunsup.pid").exists()
+        assert not (run_dir / "control.sock").exists()
+
+
 def test_reused_pid_is_never_touched(crash: Crash) -> None:
     """A journal names a helper pid that now belongs to an unrelated process
     (another start time): cleanup leaves that process alone."""
@@ -299,3 +358,45 @@ def test_journal_files_are_private(crash: Crash) -> None:
     text = journal.read_text()
     assert "PrivateKey" not in text and "private_key" not in text
     assert crash.cleanup().returncode == 0
+
+
+def test_stop_force_never_runs_the_same_pre_down_twice_at_once(crash: Crash) -> None:
+    """Issue 10, item 20: the service is SIGKILLed (``stop --force``) while its
+    PreDown runs; that hook, in its own session, survives.  Cleanup must end
+    it before running the PreDown again, and restore everything."""
+    first, marks = crash.workdir / "first", crash.workdir / "marks"
+    # The first run parks like a hung PreDown; the second notes whether the
+    # first still runs meanwhile.
+    pre_down = (f"echo PreDown $$ >> {marks}; "
+                f"[ -e {first} ] || {{ echo $$ > {first}; exec sleep 1000; }}; "
+                f"grep -q '^State:.*[RSD]' /proc/$(cat {first})/status 2>/dev/null "
+                f"&& echo CONCURRENT >> {marks}; true")
+    before = crash.snapshot()
+    svc = crash.run(crash.conf(pre_down=pre_down))
+    svc.wait_ready(60)
+    svc.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while not (first.exists() and first.read_text().strip()):  # no event to wait on
+        assert time.monotonic() < deadline, svc.output()
+        time.sleep(0.02)
+    hook = int(first.read_text())
+    try:
+        # Journaled just after its spawn: kill the service once it is.
+        while not any(step.down_started is not None
+                      for path in crash.state_dir.glob("journal-*.log")
+                      for step in read_journal(str(path)).steps):
+            assert time.monotonic() < deadline, svc.output()
+            time.sleep(0.02)
+        svc.proc.send_signal(signal.SIGKILL)
+        assert svc.wait_exit(10) == -signal.SIGKILL
+        assert "State:\tS" in Path(f"/proc/{hook}/status").read_text()  # outlived it
+        result = crash.cleanup()
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = marks.read_text().split("\n")
+        assert "CONCURRENT" not in lines, "the same PreDown ran twice at once"
+        assert f"ending hook pid {hook}" in result.stderr
+        assert [ln.split()[0] for ln in lines if ln] == ["PreDown", "PreDown"]
+        assert_restored_ns(crash, before)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(hook, signal.SIGKILL)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
+
 import pytest
 import trio
 
-from tunsup import ExitCode
+from tunsup import ExitCode, _signals
 from tunsup.engine.supervisor import Supervisor
 from tunsup.host import Host
 
@@ -45,3 +49,36 @@ def test_a_start_after_stop_is_an_error() -> None:
         assert host.net.closed == 0  # type: ignore[attr-defined]
 
     trio.run(main)
+
+
+@contextlib.contextmanager
+def _absorbing() -> Iterator[None]:
+    """``tunsup run``'s signal set-up, undone afterwards (this is pytest's
+    process)."""
+    saved = {signum: signal.getsignal(signum) for signum in _signals.ABSORBED}
+    _signals.absorb()
+    try:
+        yield
+    finally:
+        _signals.take_early()
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def test_a_stop_signal_that_came_before_the_run_stops_it_at_once() -> None:
+    """Issue 10 item 7: ``run`` absorbs stop signals from its start; one
+    that arrives before the supervisor's receiver opens is not lost, and
+    those after it closed (re-raised or new) are absorbed, never fatal."""
+    async def main() -> None:
+        sup = Supervisor([], _host(), persistent=True)  # would run until stopped
+        signal.raise_signal(signal.SIGHUP)
+        signal.raise_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            assert await sup.run() == ExitCode.OK
+        assert sup.stop_reason == "received SIGTERM"
+        for signum in _signals.ABSORBED:
+            signal.raise_signal(signum)  # after the receiver closed
+        assert _signals.absorbing()
+
+    with _absorbing():
+        trio.run(main)

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,6 +205,49 @@ def test_two_concurrent_stops_both_report_the_outcome(pair: Pair) -> None:
     assert_restored(pair, pair.ns_a, before)
 
 
+def _blast(pid: int, sig: signal.Signals, every: float) -> threading.Thread:
+    """A thread sending ``sig`` to ``pid`` every ``every`` seconds until the
+    process is gone.  Goes through a pidfd, so a reused pid is never hit."""
+    fd = os.pidfd_open(pid)
+
+    def blast() -> None:
+        try:
+            while True:
+                try:
+                    signal.pidfd_send_signal(fd, sig)
+                except ProcessLookupError:  # exited (and reaped, or a zombie)
+                    return
+                time.sleep(every)  # pacing of the stream, not synchronisation
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=blast, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_stream_of_sigterms_never_changes_the_exit_status(pair: Pair) -> None:
+    """Issue 10 item 7: one SIGTERM every 2 ms from before the teardown until
+    the process is gone; the signal received after the signal receiver
+    closed used to kill ``run`` (signal 15) after "host restored".  Three
+    runs, since the window is a matter of timing."""
+    before = pair.snapshot(pair.ns_a)
+    for attempt in range(3):
+        if_a = unique("tsa")
+        svc, rt = start(pair, pair.conf_a(if_a), label=f"blast{attempt}")
+        svc.wait_ready()
+        stop = popen("stop", "--runtime-dir", rt)
+        wait_for_output(svc, "received SIGTERM: stopping")
+        thread = _blast(svc.proc.pid, signal.SIGTERM, 0.002)
+        code = svc.wait_exit(60)
+        thread.join(10)
+        out, _ = stop.communicate(timeout=30)
+        assert code == 0, f"attempt {attempt}: exit {code}\n{svc.output_tail()}"
+        assert "host restored" in svc.output()
+        assert stop.returncode == 0, out
+        assert_restored(pair, pair.ns_a, before)
+
+
 # ----------------------------------------------------------------------------- abuse
 
 
@@ -289,6 +333,40 @@ def test_control_socket_abuse_does_not_disturb_the_service(
     assert_restored(pair, pair.ns_a, before)
 
 
+def test_five_hundred_idle_connections_lock_out_neither_status_nor_stop(pair: Pair) -> None:
+    """Issue 10 item 14: a leaking script (root) holds 500 idle connections;
+    ``status`` still answers and ``stop`` reports how its teardown ended.
+    The connections idle longest are evicted to make room."""
+    if_a = unique("tsa")
+    before = pair.snapshot(pair.ns_a)
+    svc, rt = start(pair, pair.conf_a(if_a))
+    svc.wait_ready()
+    path = proto.socket_path(rt)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(500):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            idle.append(sock)
+            sock.connect(path)  # blocking: waits while the listen backlog is full
+            sock.settimeout(10)
+        started = time.monotonic()
+        status = tunsup("status", "--runtime-dir", rt)
+        took = time.monotonic() - started
+        assert status.returncode == 0, status.stdout + status.stderr
+        print(f"status with 500 idle connections open: {took * 1000:.0f} ms")
+        stop = tunsup("stop", "--runtime-dir", rt)
+        assert stop.returncode == 0, stop.stdout + stop.stderr + svc.output_tail()
+        assert "teardown complete, host restored (exit code 0)" in stop.stdout
+        evicted = _read_frames(idle[0])  # the oldest: evicted, told why
+        assert [f["error"]["code"] for f in evicted] == [proto.BUSY], evicted
+    finally:
+        for sock in idle:
+            sock.close()
+    assert svc.proc.poll() == 0
+    assert "Traceback" not in svc.output()
+    assert_restored(pair, pair.ns_a, before)
+
+
 def pidfile_path(rt: str) -> str:
     return os.path.join(rt, "tunsup.pid")
 
@@ -337,9 +415,134 @@ def test_up_and_down_while_running_leave_the_other_tunnel_alone(pair: Pair) -> N
     assert_restored(pair, pair.ns_a, before)
 
 
+def _threads_and_fds(pid: int) -> tuple[int, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    threads = int(next(ln for ln in status.splitlines() if ln.startswith("Threads:")).split()[1])
+    return threads, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_up_of_a_fifo_or_a_device_leaves_no_thread_or_fd_behind(pair: Pair) -> None:
+    """Issue 10 items 9 and 10: an ``up`` of a FIFO used to block a worker
+    thread for good (10 s timeout, thread abandoned), and one of a symlink to
+    /dev/zero read without limit; after enough of them ``status`` timed out
+    and the stop was incomplete.  Each is now refused at once."""
+    if_a = unique("tsa")
+    before = pair.snapshot(pair.ns_a)
+    conf = Path(pair.conf_a(if_a))
+    svc, rt = start(pair, str(conf))
+    svc.wait_ready()
+    pid = status_json(rt)["service"]["pid"]
+    threads, fds = _threads_and_fds(pid)
+    fifo = pair.workdir / f"{unique('tsf')}.conf"
+    os.mkfifo(fifo)
+    zero = pair.workdir / f"{unique('tsz')}.conf"
+    zero.symlink_to("/dev/zero")
+    for _ in range(10):
+        for path in (fifo, zero):
+            res = tunsup("up", str(path), "--runtime-dir", rt, timeout=60)
+            assert res.returncode == 2, res.stdout + res.stderr
+            assert f"{path}: not a regular file" in res.stderr
+    # A reload reads through the same function: the running tunnel's file
+    # turned into a FIFO is refused, and the running configuration kept.
+    saved = conf.read_text()
+    conf.unlink()
+    os.mkfifo(conf)
+    for _ in range(3):
+        res = tunsup("reload", "--runtime-dir", rt, timeout=60)
+        assert res.returncode == 2 and f"{conf}: not a regular file" in res.stderr, res
+    conf.unlink()
+    conf.write_text(saved)
+    # trio keeps up to a few idle worker threads cached: growth of 2 at most
+    # (one blocked thread per FIFO request, with the defect).
+    now_threads, now_fds = _threads_and_fds(pid)
+    assert now_threads <= threads + 2, (threads, now_threads)
+    assert now_fds <= fds, (fds, now_fds)
+    assert [t["name"] for t in status_json(rt)["tunnels"]] == [if_a]
+    res = tunsup("stop", "--runtime-dir", rt)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert svc.proc.poll() == 0
+    assert_restored(pair, pair.ns_a, before)
+
+
+def test_cleanup_of_a_toml_with_relative_dirs_from_another_directory(pair: Pair) -> None:
+    """Issue 10 item 11: relative ``state_dir``/``runtime_dir`` in a TOML are
+    relative to the TOML, so after a SIGKILL, ``cleanup -c`` run from
+    another directory finds the journal and restores the host (it used to
+    say "does not exist: nothing to clean up" and leave link and helper)."""
+    if_a = unique("tsa")
+    etc = pair.workdir / "etc"
+    etc.mkdir()
+    conf = Path(pair.conf_a(if_a))
+    (etc / conf.name).write_text(conf.read_text())
+    toml = etc / "tunsup.toml"
+    toml.write_text(f'state_dir = "state"\nruntime_dir = "run"\n'
+                    f'[dns]\nbackend = "file"\nresolv_conf = "{pair.resolv("a")}"\n'
+                    f'[[tunnel]]\nconfig = "{conf.name}"\n')
+    before = pair.snapshot(pair.ns_a)
+    svc = ServiceProcess(pair.ns_a, ["-c", str(toml)], str(pair.workdir), "rel",
+                         env=STEP_GUARD)
+    pair.services.append(svc)
+    svc.wait_ready()
+    assert (etc / "state").is_dir() and (etc / "run").is_dir()
+    assert link_index(pair.ns_a, if_a) is not None
+    svc.stop(signal.SIGKILL)
+    elsewhere = pair.workdir / "elsewhere"
+    elsewhere.mkdir()
+    res = subprocess.run(_netns.ns_exec_argv(pair.ns_a, [sys.executable, "-m", "tunsup",
+                                                         "cleanup", "-c", str(toml)]),
+                         capture_output=True, text=True, timeout=120, cwd=elsewhere,
+                         check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "host restored" in res.stdout
+    assert_restored(pair, pair.ns_a, before)
+
+
 def _wait_file(svc: ServiceProcess, path: Path) -> None:
     while not path.exists():
         wait_for_output(svc, "running hook")
+
+
+def test_up_of_a_configured_tunnel_that_has_not_started_waits_for_it(pair: Pair) -> None:
+    """Issue 10 item 15: while the first configured tunnel is parked in its
+    PreUp, ``up`` of the second configured one used to start it first; the
+    configured start then failed ("interface already exists") and the
+    whole service exited 1.  Now the ``up`` waits and finds it up."""
+    if_a, if_b = unique("tsa"), unique("tsb")
+    gate, entered = pair.workdir / "gate", pair.workdir / "entered"
+    before = pair.snapshot(pair.ns_a)
+    conf_a = extra_conf(pair, if_a, 205, "198.51.100.0/25",
+                        extra=f"PreUp = touch {entered}; while [ ! -e {gate} ]; "
+                              "do sleep 0.05; done")
+    conf_b = extra_conf(pair, if_b, 206, "198.51.100.128/25")
+    svc, rt = start(pair, conf_a, conf_b)
+    up: subprocess.Popen[str] | None = None
+    try:
+        _wait_file(svc, entered)  # a's start is parked; b has not started
+        up = popen("up", conf_b, "--runtime-dir", rt)
+        # Until the service holds the request (fixed) or the client is done
+        # (the bug: it started b of its own).
+        deadline = time.monotonic() + 30
+        while (up.poll() is None
+               and f"up {if_b}: waiting for the configured tunnel" not in svc.output()):
+            assert time.monotonic() < deadline, svc.output_tail()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                up.wait(0.02)
+        gate.touch()
+        up_out, _ = up.communicate(timeout=30)
+        svc.wait_ready()
+    finally:
+        gate.touch()
+        if up is not None and up.poll() is None:
+            up.kill()
+            up.wait()
+    assert up.returncode == 0 and "already up" in up_out, up_out + svc.output()
+    tunnels = tunnels_by_name(rt)
+    assert sorted(tunnels) == sorted([if_a, if_b])
+    assert tunnels[if_b]["origin"] == "config" and tunnels[if_b]["state"] == "up"
+    assert "already exists" not in svc.output()
+    assert tunsup("stop", "--runtime-dir", rt).returncode == 0
+    assert svc.wait_exit(30) == 0, svc.output()
+    assert_restored(pair, pair.ns_a, before)
 
 
 def test_stop_wins_over_an_up_in_flight(pair: Pair) -> None:
@@ -458,6 +661,36 @@ def test_sighup_reload_adds_removes_restarts_and_leaves_the_rest(pair: Pair) -> 
     assert_restored(pair, pair.ns_a, before)
 
 
+def test_reload_failures_are_logged_and_warnings_reach_the_client(pair: Pair) -> None:
+    """Issue 10 item 22: a failed ``tunsup reload`` is in the service log
+    (as a failed SIGHUP reload is), and a reload's warnings reach the
+    ``reload`` client (stderr) as well as the log."""
+    if_a = unique("tsa")
+    conf = extra_conf(pair, if_a, 215, "198.51.100.80/28")
+    toml = pair.workdir / "tunsup.toml"
+    toml.write_text(f'[[tunnel]]\nconfig = "{conf}"\n')
+    before = pair.snapshot(pair.ns_a)
+    svc, rt = start(pair, "-c", str(toml))
+    svc.wait_ready()
+
+    toml.write_text("[[tunnel]]\nconfig = 5\n")
+    res = tunsup("reload", "--runtime-dir", rt)
+    assert res.returncode == 2 and f"{toml}:2:" in res.stderr, res.stderr
+    wait_for_output(svc, "reload failed, the running configuration is kept: " + str(toml))
+
+    toml.write_text(f'[control]\nidle_timeout = 20.0\n\n[[tunnel]]\nconfig = "{conf}"\n')
+    res = tunsup("reload", "--runtime-dir", rt)
+    warning = "a change of [control] takes effect only after a restart"
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"tunsup reload: warning: {warning}" in res.stderr
+    assert f"unchanged: {if_a}" in res.stdout
+    wait_for_output(svc, f"reload: {warning}")
+
+    assert tunsup("stop", "--runtime-dir", rt).returncode == 0
+    assert svc.proc.poll() == 0
+    assert_restored(pair, pair.ns_a, before)
+
+
 # ----------------------------------------------------------------------------- logs
 
 
@@ -517,6 +750,74 @@ def test_stop_timeout_then_force(pair: Pair) -> None:
     # stop --force then runs crash recovery, which restores the host.
     assert res.returncode == 0, res.stdout + res.stderr
     assert tunsup("status", "--runtime-dir", rt).returncode in (1, 3)
+
+
+def _helper_of(ns: str, ifname: str) -> int:
+    """The pid of the wireguard-go serving ``ifname`` in ``ns``."""
+    for pid in _netns.ip("netns", "pids", ns).split():
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if Path(f"/proc/{pid}/comm").read_text().startswith("wireguard") \
+                    and ifname.encode() in argv:
+                return int(pid)
+    raise AssertionError(f"no helper for {ifname} in {ns}")
+
+
+def test_status_shows_degraded_and_failed_tunnels_and_installed_routes(pair: Pair) -> None:
+    """Issue 10 item 16: status shows each tunnel's state, degraded reason,
+    failure and last probe (table and --json); a tunnel that failed under
+    on_failure = "keep-running" stays listed; ROUTES counts the routes
+    tunsup installed, not the AllowedIPs."""
+    if_a, if_b = unique("tsa"), unique("tsb")
+    # Nothing of a's AllowedIPs gets a route: 10.205.0.0/24 is its own
+    # address's network (the kernel's route is there), 192.0.2.128/25 lies
+    # in the directly connected veth network (kept direct).  A fixed MTU
+    # skips the default-route lookup (see the report: under load its
+    # worker-thread parse was seen to stretch trio steps past the guard).
+    conf_a = extra_conf(pair, if_a, 205, "10.205.0.0/24, 192.0.2.128/25", extra="MTU = 1420")
+    conf_b = extra_conf(pair, if_b, 206, "198.51.100.0/24", extra="MTU = 1420")
+    toml = pair.workdir / "tunsup.toml"
+    toml.write_text(f'on_failure = "keep-running"\n'
+                    f'[[tunnel]]\nconfig = "{conf_a}"\nprobe_interval = 0.5\n'
+                    f'probe_timeout = 0.3\n'
+                    f'[[tunnel]]\nconfig = "{conf_b}"\nrestart_max = 0\n')
+    before = pair.snapshot(pair.ns_a)
+    svc, rt = start(pair, "-c", str(toml))
+    svc.wait_ready()
+    tunnels = tunnels_by_name(rt)
+    assert tunnels[if_a]["routes"] == 0 and tunnels[if_b]["routes"] == 1
+    assert len(routes(pair.ns_a, "route", "show", "dev", if_b)) == 2  # its /24 and the route
+
+    os.kill(_helper_of(pair.ns_a, if_b), signal.SIGKILL)
+    wait_for_output(svc, f"tunnel {if_b} failed; 1 tunnel(s) still running")
+    helper_a = _helper_of(pair.ns_a, if_a)
+    os.kill(helper_a, signal.SIGSTOP)
+    try:
+        wait_for_output(svc, "tunnel degraded: probe failed")
+        data = status_json(rt)
+        human = tunsup("status", "--runtime-dir", rt)
+    finally:
+        os.kill(helper_a, signal.SIGCONT)
+    tunnels = {t["name"]: t for t in data["tunnels"]}
+    a, b = tunnels[if_a], tunnels[if_b]
+    assert a["state"] == "degraded", a
+    assert "did not answer within" in a["degraded_reason"]
+    assert a["last_probe"]["ok"] is False and a["last_probe"]["error"]
+    assert a["last_probe"]["age"] >= 0 and a["failure"] is None
+    assert b["state"] == "failed" and b["routes"] == 0 and b["uptime"] is None
+    assert "restart_max = 0" in b["failure"], b
+    assert human.returncode == 0, human.stderr
+    assert "2 tunnel(s)" in human.stdout and "PROBE" in human.stdout
+    assert f"degraded: {a['degraded_reason']}" in human.stdout, human.stdout
+    assert f"failed: {b['failure']}" in human.stdout, human.stdout
+
+    # `down` clears the failed entry; the rest goes on.
+    res = tunsup("down", if_b, "--runtime-dir", rt)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert list(tunnels_by_name(rt)) == [if_a]
+    assert tunsup("stop", "--runtime-dir", rt).returncode == 0  # a complete teardown
+    assert svc.wait_exit(30) == 1  # a tunnel failed
+    assert_restored(pair, pair.ns_a, before)
 
 
 def test_status_answers_while_a_helper_is_stopped(pair: Pair) -> None:

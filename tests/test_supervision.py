@@ -7,6 +7,7 @@ only passes when every task waits, so timings are exact and cost nothing.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import signal
@@ -22,9 +23,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tunsup import ExitCode
+from tunsup.config.sources import ConfigSource, Loaded
+from tunsup.config.spec import IPNetwork, TunnelSpec
+from tunsup.config.toml import SupervisorConfig
 from tunsup.engine.restart import RestartPolicy, RestartTracker
 from tunsup.engine.supervisor import Supervisor
 from tunsup.engine.tunnel import TRANSITIONS, Tunnel, TunnelOptions, TunnelState
+from tunsup.service import ServiceOps
 from tunsup.testing import Behaviour, FakeHost, spec, uapi_dir
 
 
@@ -54,12 +59,21 @@ class Outcome:
 
 
 def run_supervisor(fake: FakeHost, opts: list[TunnelOptions], driver: Driver, *,
-                   on_failure: str = "exit", posts: tuple[str, ...] = ()) -> Outcome:
-    """Run a supervisor over tunnels wgt0, wgt1 ... with ``opts``; call
-    ``driver`` once it is ready; return when ``run`` returns."""
+                   on_failure: str = "exit", posts: tuple[str, ...] = (),
+                   allowed: tuple[IPNetwork, ...] | None = None) -> Outcome:
+    """Run a supervisor over tunnels wgt0, wgt1 ... with ``opts`` (and the
+    peer's ``allowed`` IPs); call ``driver`` once it is ready; return when
+    ``run`` returns."""
+
+    def make_spec(name: str) -> TunnelSpec:
+        made = spec(name, post_up=posts)
+        if allowed is None:
+            return made
+        return attrs.evolve(made, peers=tuple(attrs.evolve(p, allowed_ips=allowed)
+                                              for p in made.peers))
 
     async def main() -> Outcome:
-        tunnels = [Tunnel(spec(f"wgt{i}", post_up=posts), fake.host, o)
+        tunnels = [Tunnel(make_spec(f"wgt{i}"), fake.host, o)
                    for i, o in enumerate(opts)]
         sup = Supervisor(tunnels, fake.host, handle_signals=False,
                          on_failure=on_failure)  # type: ignore[arg-type]
@@ -363,6 +377,44 @@ def test_a_failed_tunnel_leaves_the_others_running(fake: FakeHost) -> None:
     out = run_supervisor(fake, [options(restart=no_restarts), options()], driver)
     assert out.code == ExitCode.FAILURE  # one tunnel failed, host restored
     assert out.tunnels[1].state is TunnelState.STOPPED
+    assert_host_restored(fake)
+
+
+def test_status_op_shows_degraded_reason_last_probe_failure_and_installed_routes(
+        fake: FakeHost) -> None:
+    """Issue 10 item 16, through the service's status op: the degraded
+    reason and last probe of an up tunnel; a tunnel that failed while up
+    stays listed (state failed, why, no routes) until ``remove`` clears it;
+    ROUTES counts what was installed, not the AllowedIPs."""
+    fake.plan = [Behaviour.OK, Behaviour.MUTE]  # wgt0 answers, wgt1 never does
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        ops = ServiceOps(sup, ConfigSource(), Loaded(SupervisorConfig(), ()))
+        await tunnels[1].wait_state(TunnelState.DEGRADED)
+        await tunnels[0].next_probe()
+        fake.started[0].die(1)
+        await tunnels[0].wait_state(TunnelState.FAILED)
+        await trio.testing.wait_all_tasks_blocked()  # the supervisor saw it end
+        entries = {t["name"]: t for t in (await ops.status())["tunnels"]}
+        assert list(entries) == ["wgt1", "wgt0"]  # running ones first
+        failed, degraded = entries["wgt0"], entries["wgt1"]
+        assert failed["state"] == "failed" and failed["uptime"] is None
+        assert "restart_max = 0" in failed["failure"] and failed["routes"] == 0
+        assert failed["last_probe"]["ok"] is True
+        assert degraded["state"] == "degraded" and degraded["failure"] is None
+        assert "did not answer within 1s" in degraded["degraded_reason"]
+        assert degraded["last_probe"]["ok"] is False
+        assert degraded["last_probe"]["error"] == degraded["degraded_reason"]
+        # 10.9.0.0/24 is the address's own network, already routed: 1 of 2.
+        assert degraded["routes"] == 1
+        assert (await sup.remove("wgt0")) is tunnels[0]
+        assert [t["name"] for t in (await ops.status())["tunnels"]] == ["wgt1"]
+        sup.stop()
+
+    two_prefixes = (ipaddress.ip_network("10.9.0.0/24"), ipaddress.ip_network("198.51.100.0/24"))
+    out = run_supervisor(fake, [options(restart=RestartPolicy(max_restarts=0)), options()],
+                         driver, on_failure="keep-running", allowed=two_prefixes)
+    assert out.code == ExitCode.FAILURE
     assert_host_restored(fake)
 
 

@@ -450,3 +450,111 @@ def test_stop_cancels_a_reload_in_flight() -> None:
     assert len(outcome) == 1
     assert sorted(world.journal) == ["down a", "down new", "down old", "start a", "start new",
                                      "start old"]
+
+
+# Issue 10 item 15: names in the configuration are claimed from load time.
+
+
+def _gated(world: World, name: str) -> trio.Event:
+    gate = trio.Event()
+    world.setups[name] = lambda t: setattr(t, "gate", gate)
+    return gate
+
+
+def test_up_of_a_configured_tunnel_not_started_yet_waits_for_it() -> None:
+    """``a`` is starting, configured ``b`` has not started: an ``up`` of
+    ``b`` waits for the configured start instead of starting its own (which
+    made the configured start fail and the whole service exit 1); one with
+    another configuration is then refused; a ``down`` of ``b`` waits too."""
+    world = World()
+    gate = _gated(world, "a")
+    sup = world.supervisor("a", "b")
+    results: dict[str, Any] = {}
+
+    async def body() -> None:
+        await world.made["a"][0].starting.wait()
+
+        async def up_same() -> None:
+            results["same"] = await sup.add(spec("b"), TunnelOptions())
+
+        async def up_other() -> None:
+            with pytest.raises(AlreadyRunning, match="another configuration"):
+                await sup.add(spec("b", allowed="10.9.0.0/24"), TunnelOptions())
+            results["other"] = "refused"
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(up_same)
+            nursery.start_soon(up_other)
+            await trio.testing.wait_all_tasks_blocked()
+            assert world.journal == ["start a"]  # no b of their own
+            assert results == {}
+            gate.set()
+        configured_b = world.made["b"][0]
+        assert results["same"] == (configured_b, False)
+        assert results["other"] == "refused"
+        assert len(world.made["b"]) == 1
+        assert [(s.tunnel.name, s.origin) for s in sup.slots()] == [("a", "config"),
+                                                                    ("b", "config")]
+        sup.stop("test over")
+
+    assert trio.run(_run_until_done, sup, body) == ExitCode.OK
+    assert world.journal[:2] == ["start a", "start b"]
+    assert sorted(world.journal[2:]) == ["down a", "down b"]
+
+
+def test_down_of_a_configured_tunnel_not_started_yet_waits_then_takes_it_down() -> None:
+    world = World()
+    gate = _gated(world, "a")
+    sup = world.supervisor("a", "b")
+    removed: list[Any] = []
+
+    async def body() -> None:
+        await world.made["a"][0].starting.wait()
+        async with trio.open_nursery() as nursery:
+            async def down() -> None:
+                removed.append(await sup.remove("b"))
+
+            nursery.start_soon(down)
+            await trio.testing.wait_all_tasks_blocked()
+            assert removed == []
+            gate.set()
+        assert removed == [world.made["b"][0]]
+        assert [s.tunnel.name for s in sup.slots()] == ["a"]
+        sup.stop("test over")
+
+    assert trio.run(_run_until_done, sup, body) == ExitCode.OK
+    assert world.journal == ["start a", "start b", "down b", "down a"]
+
+
+def test_up_racing_a_reload_that_adds_the_same_name_waits_for_the_reload() -> None:
+    """A reload adds ``x`` (parked) then ``c``; an ``up`` of ``c`` with
+    another configuration meanwhile must not start its own ``c`` (the
+    reload would then restart it under the client): it waits and is
+    refused."""
+    world = World()
+    gate = _gated(world, "x")
+    sup = world.supervisor("a")
+    outcome: dict[str, Any] = {}
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            async def reload() -> None:
+                outcome["reload"] = (await sup.converge([(spec("a"), TunnelOptions()),
+                                                   (spec("x"), TunnelOptions()),
+                                                   (spec("c"), TunnelOptions())]))
+
+            async def up() -> None:
+                with pytest.raises(AlreadyRunning):
+                    await sup.add(spec("c", allowed="10.7.0.0/24"), TunnelOptions())
+                outcome["up"] = "refused"
+
+            nursery.start_soon(reload)
+            await _wait_made(world, "x")
+            nursery.start_soon(up)
+            await trio.testing.wait_all_tasks_blocked()
+            assert "c" not in world.made
+            gate.set()
+        assert outcome["reload"].started == ("x", "c") and outcome["up"] == "refused"
+        assert len(world.made["c"]) == 1
+
+    assert run_with(sup, body) == ExitCode.OK

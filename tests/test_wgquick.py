@@ -451,7 +451,7 @@ def test_bad_interface_name(path: str) -> None:
     name = Path(path).stem
     assert str(e) == (
         f"{path}: interface name {name!r} (the file name without .conf) must be "
-        "1 to 15 characters of letters, digits and _ = + . -"
+        "1 to 15 characters of letters, digits and _ = + . - (not '.' or '..')"
     )
 
 
@@ -468,7 +468,7 @@ def test_load_conf_unreadable(tmp_path: Path) -> None:
     assert info.value.line is None
     with pytest.raises(ConfigError) as info:
         load_conf(tmp_path)
-    assert str(info.value) == f"{tmp_path}: cannot read: Is a directory"
+    assert str(info.value) == f"{tmp_path}: not a regular file"
 
 
 def test_load_conf_bad_utf8(tmp_path: Path) -> None:

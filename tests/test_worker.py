@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import trio
 
 from tunsup._errors import HostError
 from tunsup.host.worker import SerialWorker
+from tunsup.testing import netns as _netns
+
+from .conftest import needs_netns
 
 
 def test_runs_jobs_in_order_on_one_thread_off_the_trio_thread() -> None:
@@ -115,3 +120,248 @@ def test_cancelled_caller_skips_a_queued_job() -> None:
     trio.run(main)
     assert ran == []
     worker.close()
+
+
+# --- wedged jobs: abandoned, the worker replaced (issue 10, item 4) ----------
+
+
+def test_wedged_job_is_abandoned_and_the_next_job_runs_on_a_fresh_thread() -> None:
+    """A job that never returns costs its caller the timeout, not the worker:
+    the next job runs at once on a fresh thread; the wedged thread's result
+    is discarded and it exits (its on_exit runs) once the call returns."""
+    exited: list[int] = []
+    worker = SerialWorker("t", on_exit=lambda: exited.append(threading.get_ident()))
+    release = threading.Event()
+    threads: list[int] = []
+
+    def wedged() -> str:
+        threads.append(threading.get_ident())
+        release.wait()
+        return "late"
+
+    async def main() -> None:
+        with trio.fail_after(5):  # with the bug, the second call queues for good
+            with pytest.raises(HostError, match=r"wedge: no answer within 0\.2 s"):
+                await worker.call(wedged, timeout=0.2, what="wedge")
+            threads.append(await worker.call(threading.get_ident, timeout=1, what="next"))
+        assert threads[0] != threads[1]
+        assert worker.replaced == 1
+        release.set()
+        # The old thread ends by itself; the fresh one keeps serving.
+        await trio.to_thread.run_sync(lambda: _wait_until(lambda: threads[0] in exited))
+        assert await worker.call(threading.get_ident, timeout=1, what="again") == threads[1]
+
+    trio.run(main)
+    worker.close()
+
+
+def _wait_until(cond: Callable[[], bool]) -> None:
+    """Block (in a test's worker thread) until ``cond()``; gives up after 5 s."""
+    done = threading.Event()
+    for _ in range(500):
+        if cond():
+            return
+        done.wait(0.01)
+    raise AssertionError("condition not met within 5 s")
+
+
+def test_cancelled_caller_of_a_wedged_job_is_not_held_past_its_deadline() -> None:
+    """The caller's deadline bounds the wait, not the job's own timeout (60 s):
+    the job is abandoned and the cancellation delivered at once."""
+    worker = SerialWorker("t")
+    started, release = threading.Event(), threading.Event()
+
+    def wedged() -> None:
+        started.set()
+        release.wait()
+
+    async def main() -> None:
+        with trio.fail_after(5):  # with the bug: a shielded wait of 60 s
+            with trio.move_on_after(0.2) as scope:
+                await worker.call(wedged, timeout=60, what="wedge")
+            assert scope.cancelled_caught
+            assert started.is_set()
+            assert await worker.call(lambda: "ok", timeout=1, what="next") == "ok"
+
+    try:
+        trio.run(main)
+    finally:
+        release.set()
+        worker.close()
+
+
+def test_explicit_cancel_waits_only_a_short_grace_for_a_wedged_job() -> None:
+    """A stop (an explicit cancel, no deadline) lets the running job finish
+    for at most CANCEL_GRACE seconds, then abandons it."""
+    from tunsup.host.worker import CANCEL_GRACE
+
+    worker = SerialWorker("t")
+    started, release = threading.Event(), threading.Event()
+
+    def wedged() -> None:
+        started.set()
+        release.wait()
+
+    async def main() -> None:
+        with trio.fail_after(CANCEL_GRACE + 4):  # with the bug: 60 s
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(lambda: worker.call(wedged, timeout=60, what="wedge"))
+                    await trio.to_thread.run_sync(started.wait)
+                    scope.cancel()
+            assert worker.replaced == 1
+
+    try:
+        trio.run(main)
+    finally:
+        release.set()
+        worker.close()
+
+
+def test_an_abandoned_job_stops_at_its_next_step() -> None:
+    """After its caller gave up, a job that checks raise_if_abandoned() does
+    not go on to change anything."""
+    from tunsup.host.worker import Abandoned, raise_if_abandoned
+
+    exited = threading.Event()
+    worker = SerialWorker("t", on_exit=exited.set)
+    started, release = threading.Event(), threading.Event()
+    steps: list[str] = []
+    errors: list[BaseException] = []
+
+    def two_steps() -> None:
+        steps.append("first")
+        started.set()
+        release.wait()
+        try:
+            raise_if_abandoned()
+        except Abandoned as exc:
+            errors.append(exc)
+            raise
+        steps.append("second")
+
+    async def main() -> None:
+        with pytest.raises(HostError, match="no answer"):
+            await worker.call(two_steps, timeout=0.2, what="job")
+        release.set()
+        await trio.to_thread.run_sync(exited.wait)
+
+    trio.run(main)
+    assert steps == ["first"] and len(errors) == 1
+    worker.close()
+
+
+# --- the netlink worker (real pyroute2, scratch namespace) --------------------
+
+
+def _in_namespace(ns: str, main: Callable[[], Awaitable[None]]) -> None:
+    """trio.run(main) in a thread that joined ``ns``: the netlink worker's
+    threads (replacements included) are started from it and share it."""
+    _netns.run_in_netns(ns, lambda: trio.run(main))
+
+
+@needs_netns
+def test_netlink_call_wedged_in_pyroute2_is_replaced_and_the_next_call_succeeds(
+    netns: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pyroute2 call that blocks its thread for good (a fake netlink
+    socket that never lets go) fails after its timeout; the next call gets a
+    fresh thread and socket and succeeds."""
+    from pyroute2.iproute.linux import AsyncIPRoute
+
+    from tunsup.host.netlink import NetlinkHost
+
+    release = threading.Event()
+    real = AsyncIPRoute.get_links
+    calls: list[int] = []
+
+    async def first_call_wedges(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(threading.get_ident())
+        if len(calls) == 1:
+            release.wait()  # blocks the thread, timers and all
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncIPRoute, "get_links", first_call_wedges)
+    host = NetlinkHost(timeout=0.2)
+
+    async def main() -> None:
+        try:
+            with trio.fail_after(10):  # with the bug, the second call queues for good
+                with pytest.raises(HostError, match="no answer"):
+                    await host.link_mtu(1)
+                assert await host.link_mtu(1) == 65536  # lo
+                assert await host.link_name(1) == "lo"
+            assert calls[0] != calls[1]
+        finally:
+            release.set()
+            await host.close()
+
+    _in_namespace(netns("nlw"), main)
+
+
+@needs_netns
+def test_netlink_call_the_kernel_never_answers_times_out_in_its_thread(
+    netns: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose answer never comes ends in the worker thread at the
+    timeout (the thread is kept, its socket replaced)."""
+    import asyncio
+
+    from pyroute2.iproute.linux import AsyncIPRoute
+
+    from tunsup.host.netlink import NetlinkHost
+
+    real = AsyncIPRoute.get_links
+    calls: list[int] = []
+
+    async def never_answered(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            await asyncio.sleep(3600)
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncIPRoute, "get_links", never_answered)
+    host = NetlinkHost(timeout=0.2)
+
+    async def main() -> None:
+        try:
+            with trio.fail_after(10):
+                with pytest.raises(HostError, match=r"no answer from the kernel within 0\.2 s"):
+                    await host.link_mtu(1)
+                assert await host.link_mtu(1) == 65536
+            assert host._worker.replaced == 0
+        finally:
+            await host.close()
+
+    _in_namespace(netns("nlw"), main)
+
+
+@needs_netns
+def test_netlink_call_is_bounded_by_the_callers_deadline(
+    netns: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An undo step with 0.3 s left is not held for the call's own timeout."""
+    from pyroute2.iproute.linux import AsyncIPRoute
+
+    from tunsup.host.netlink import DUMP_TIMEOUT, NetlinkHost
+
+    release = threading.Event()
+
+    async def wedged(self: Any, *args: Any, **kwargs: Any) -> Any:
+        release.wait()
+        return []
+
+    monkeypatch.setattr(AsyncIPRoute, "get_routes", wedged)
+    host = NetlinkHost()
+
+    async def main() -> None:
+        try:
+            with trio.fail_after(DUMP_TIMEOUT / 3):  # with the bug: 30 s, then more
+                with trio.move_on_after(0.3) as scope:
+                    await host.link_routes(1, 254)
+                assert scope.cancelled_caught
+        finally:
+            release.set()
+            await host.close()
+
+    _in_namespace(netns("nlw"), main)

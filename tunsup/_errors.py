@@ -1,20 +1,44 @@
-"""Exceptions and the exit codes of ``tunsup run`` and friends."""
+"""Exceptions and every exit code of tunsup's commands.
+
+The one place exit codes are defined: the service (``run``, ``cleanup``)
+and the trio-free client commands (:mod:`tunsup.client`) both use these.
+This module imports nothing heavy (the client imports it).
+"""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
 
 class ExitCode(enum.IntEnum):
-    """Process exit codes; part of the user contract (see README)."""
+    """Process exit codes; part of the user contract (see README's table).
+    ``status`` has its own, LSB's: :class:`StatusCode`."""
 
     OK = 0
-    #: A runtime failure; the host was restored.
+    #: A runtime failure; the host was restored.  (A client: the op failed.)
     FAILURE = 1
     #: Usage or configuration error; nothing was applied.
     USAGE = 2
     #: Teardown incomplete: some undo step failed; the log names each one.
     TEARDOWN_INCOMPLETE = 3
+    #: A client could not find out: no answer in time, not permitted, or
+    #: (``stop``) the service still runs after ``--timeout``.
+    UNKNOWN = 4
+    #: ``up``/``down``/``reload``/``logs``: no service runs (LSB's "program
+    #: is not running" for actions).
+    NOT_RUNNING = 7
+
+
+class StatusCode(enum.IntEnum):
+    """Exit codes of ``tunsup status``: LSB's init-script status codes."""
+
+    RUNNING = 0
+    #: The service is dead and its pid file remains.
+    DEAD = 1
+    NOT_RUNNING = 3
+    #: No permission or no answer.
+    UNKNOWN = 4
 
 
 class TunsupError(Exception):
@@ -34,6 +58,45 @@ class ConfigError(TunsupError):
         self.message = message
         where = f"{path}:{line}" if line is not None else path
         super().__init__(f"{where}: {message}")
+
+
+class ConfigErrors(ConfigError):
+    """Several problems, in the order they should be read (file order).
+
+    ``path``, ``line`` and ``message`` are those of the first problem;
+    ``str()`` gives one ``FILE:LINE: message`` per line, at most
+    :data:`MAX_REPORTED` of them, then ``and N more``.
+    """
+
+    #: Problems shown; a file with thousands of bad lines is summed up.
+    MAX_REPORTED = 20
+
+    errors: tuple[ConfigError, ...]
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        flat: list[ConfigError] = []
+        for error in errors:
+            flat.extend(error.errors if isinstance(error, ConfigErrors) else (error,))
+        self.errors = tuple(flat)
+        first = self.errors[0]
+        super().__init__(first.path, first.line, first.message)
+
+    def __str__(self) -> str:
+        shown = [str(e) for e in self.errors[: self.MAX_REPORTED]]
+        hidden = len(self.errors) - len(shown)
+        if hidden:
+            shown.append(f"and {hidden} more error(s)")
+        return "\n".join(shown)
+
+
+def config_errors(errors: Sequence[ConfigError]) -> ConfigError | None:
+    """One exception for ``errors``: ``None`` for none, the error itself for
+    one, else a :class:`ConfigErrors` (nested ones are flattened)."""
+    if not errors:
+        return None
+    if len(errors) == 1:
+        return errors[0]
+    return ConfigErrors(errors)
 
 
 class HostError(TunsupError):

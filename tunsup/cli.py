@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
@@ -60,16 +59,28 @@ def _parser() -> argparse.ArgumentParser:
         "cleanup",
         help="undo what a crashed or killed run left behind",
         description="Replay, in reverse, the journal of every dead tunsup instance in the "
-        "state directory: stop orphaned helpers (only if pid and start time match), "
-        "remove the routes, addresses and links tunsup created, restore DNS. Exit 0 when "
-        "the host is restored, 3 when something could not be undone, 1 when a live "
-        "instance owns the state.",
+        "state directory: end the hooks and stop the helpers it left running (only if pid "
+        "and start time match), remove the routes, addresses and links tunsup created, "
+        "restore DNS; each journal within stop_timeout (from -c FILE; default 30 s); then "
+        "remove the dead service's pid file and control socket. Down "
+        "hooks the dead instance's teardown had already gone past are never run again. "
+        "Exit 0 when the host is restored, 3 when something could not be undone (it stays "
+        "recorded: see --drop), 1 when a live instance owns the state.",
     )
     cleanup.add_argument("-c", "--config", metavar="FILE", help="supervisor TOML file")
     cleanup.add_argument("--state-dir", metavar="DIR",
                          help="state directory (default /var/lib/tunsup)")
+    cleanup.add_argument("--runtime-dir", metavar="DIR",
+                         help="runtime directory of the dead service, whose pid file and "
+                         "control socket are removed once the host is restored (default "
+                         "/run/tunsup)")
     cleanup.add_argument("--dry-run", action="store_true",
                          help="print what would be undone, object by object; change nothing")
+    cleanup.add_argument("--drop", action="store_true",
+                         help="undo what can be undone, then print and forget (remove from "
+                         "the journals) what cannot, instead of keeping it for a later "
+                         "cleanup; exit 0. Check the printed objects on the host by hand. "
+                         "With --dry-run: show what would be dropped")
     cleanup.add_argument("--debug", action="store_true", help="log debug messages")
 
     check = sub.add_parser(
@@ -174,6 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
+            from . import _signals
+
+            # For the rest of the process's life SIGTERM/SIGINT/SIGHUP are
+            # recorded, never fatal: the supervisor acts on them while it
+            # runs (one that came earlier stops it at once), and once its
+            # teardown has begun no later signal can change the exit status.
+            _signals.absorb()
             return _run(args)
         if args.command == "check":
             return _check(args.files, debug=args.debug)
@@ -188,29 +206,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return demo_main(debug=args.debug)
     except ConfigError as exc:
-        print(f"tunsup: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"tunsup: {line}", file=sys.stderr)
         return ExitCode.USAGE
     raise AssertionError(args.command)
 
 
 def _check(files: Sequence[str], *, debug: bool = False) -> int:
-    from .config.toml import load_supervisor_config
-    from .config.wgquick import load_conf
+    """Validate each file as ``run`` would (``run -c FILE.toml`` or ``run
+    FILE``): the same code path, :func:`tunsup.config.sources.prepare`."""
+    from .config.sources import ConfigSource, prepare
 
     status = ExitCode.OK
     for path in files:
         try:
             if path.endswith(".toml"):
-                cfg = load_supervisor_config(path)
-                for entry in cfg.tunnels:
-                    load_conf(entry.config)
+                cfg = prepare(ConfigSource(toml=path)).loaded.config
                 print(f"{path}: ok ({len(cfg.tunnels)} tunnel(s))")
                 if debug:
                     for entry in cfg.tunnels:
                         print(f"  tunnel {entry.name}: {entry.config}, helper "
                               f"{' '.join(entry.helper)}")
             else:
-                spec = load_conf(path)
+                spec = prepare(ConfigSource(confs=(path,))).loaded.specs[0]
                 routes = len(spec.allowed_ips)
                 print(f"{path}: ok (interface {spec.name}, {len(spec.peers)} peer(s), "
                       f"{routes} allowed IP prefix(es))")
@@ -244,7 +262,7 @@ def _step_timer(debug: bool) -> StepTimer | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .config.sources import ConfigSource, control_group
+    from .config.sources import ConfigSource, prepare
 
     if not args.confs and not args.config:
         print("tunsup run: give at least one CONF.conf or -c FILE", file=sys.stderr)
@@ -256,26 +274,15 @@ def _run(args: argparse.Namespace) -> int:
         "resolv_conf": args.resolv_conf,
     }
     source = ConfigSource(tuple(args.confs), args.config, overrides)
-    loaded = source.load()
+    # Every check of the configuration (shared with `tunsup check`).
+    prepared = prepare(source)
+    loaded, group = prepared.loaded, prepared.group
     cfg = loaded.config
-    if not cfg.tunnels:
-        print(f"tunsup run: {args.config} defines no [[tunnel]]", file=sys.stderr)
-        return ExitCode.USAGE
-    group = control_group(cfg, args.config)
 
     # Everything below is checked before anything is applied.
     if not _has_net_admin():
         print("tunsup run: needs root (CAP_NET_ADMIN) to configure interfaces", file=sys.stderr)
         return ExitCode.USAGE
-    if cfg.dns.backend == "file" and not os.path.isdir(os.path.dirname(
-            os.path.abspath(cfg.dns.resolv_conf))):
-        print(f"tunsup run: directory of {cfg.dns.resolv_conf} does not exist", file=sys.stderr)
-        return ExitCode.USAGE
-    for entry in cfg.tunnels:
-        if shutil.which(entry.helper[0]) is None:
-            print(f"tunsup run: helper {entry.helper[0]!r} not found in PATH "
-                  "(install it: apt-get install wireguard-go)", file=sys.stderr)
-            return ExitCode.USAGE
 
     # The instance lock (and the pid file, with pid and start time).
     from .engine import lock as instance_lock
@@ -313,6 +320,13 @@ def _run(args: argparse.Namespace) -> int:
                                      settings=settings, journal=journal,
                                      on_failure=cfg.on_failure)
 
+        # Everything imported and built so far lives as long as the process:
+        # out of the collector's sight, a full collection (set off by a burst
+        # of connections, say) scans only what came later, and does not
+        # stall the event loop for tens of milliseconds.
+        import gc
+
+        gc.freeze()
         code = trio.run(service, instruments=[timer] if timer is not None else [])
         if timer is not None:
             timer.report()
@@ -324,13 +338,28 @@ def _run(args: argparse.Namespace) -> int:
 
 def _cleanup(args: argparse.Namespace) -> int:
     from ._paths import DEFAULT_STATE_DIR
+    from .config.settings import TunnelOptions
     from .config.toml import load_supervisor_config
 
+    DEFAULT_STOP_TIMEOUT = TunnelOptions().stop_timeout
+
+    cfg = load_supervisor_config(args.config) if args.config else None
     state_dir = args.state_dir
-    if state_dir is None:
-        state_dir = load_supervisor_config(args.config).state_dir if args.config \
-            else DEFAULT_STATE_DIR
+    if state_dir is not None:
+        given: str | None = "--state-dir"
+    elif cfg is not None:
+        state_dir = cfg.state_dir
+        given = f"state_dir of {args.config}"
+    else:
+        state_dir, given = DEFAULT_STATE_DIR, None
+    timeout = cfg.stop_timeout if cfg is not None else DEFAULT_STOP_TIMEOUT
     if not os.path.isdir(state_dir):
+        if given is not None:
+            # Pointed at a place that is not there: a wrong path, not a clean
+            # host.  Saying "nothing to clean up" would hide a leftover.
+            print(f"tunsup cleanup: state directory {state_dir} ({given}) does not exist: "
+                  "nothing was cleaned up", file=sys.stderr)
+            return ExitCode.USAGE
         print(f"tunsup cleanup: {state_dir} does not exist: nothing to clean up")
         return ExitCode.OK
     if not _has_net_admin() and not args.dry_run:
@@ -357,8 +386,8 @@ def _cleanup(args: argparse.Namespace) -> int:
 
         async def main() -> object:
             try:
-                return await recover(state_dir, host, dry_run=args.dry_run,
-                                     out=lambda line: print(line, flush=True))
+                return await recover(state_dir, host, dry_run=args.dry_run, drop=args.drop,
+                                     timeout=timeout, out=lambda line: print(line, flush=True))
             finally:
                 with trio.CancelScope(shield=True):
                     await host.net.close()
@@ -374,11 +403,17 @@ def _cleanup(args: argparse.Namespace) -> int:
         print(f"undone: {line}")
     for line in report.failures:
         print(f"NOT undone: {line}", file=sys.stderr)
+    if report.failures:
+        print("tunsup cleanup: what was not undone stays recorded; 'tunsup cleanup --drop' "
+              "forgets it once handled", file=sys.stderr)
     for name in report.quarantined:
         print(f"damaged journal kept aside as {name}", file=sys.stderr)
     if report.live:
         print("tunsup cleanup: live instance(s) own: " + ", ".join(report.live), file=sys.stderr)
         return ExitCode.FAILURE
+    if report.dropped:
+        print(f"tunsup cleanup: dropped {len(report.dropped)} object(s) that could not be "
+              "undone (listed above): check them on the host by hand", file=sys.stderr)
     if not report.complete:
         if report.unreadable:
             print(f"tunsup cleanup: {report.unreadable} journal record(s) were unreadable; "
@@ -389,4 +424,29 @@ def _cleanup(args: argparse.Namespace) -> int:
             print(f"host restored ({len(report.undone)} object(s) undone)")
         else:
             print("nothing to clean up")
+    _stale_runtime_files(args)
     return ExitCode.OK
+
+
+def _stale_runtime_files(args: argparse.Namespace) -> None:
+    """Once the host is restored: the pid file and control socket of a dead
+    service (pid and start time checked; a live one's are never touched),
+    which would make ``status`` keep saying the service died uncleanly."""
+    from ._paths import DEFAULT_RUNTIME_DIR
+    from .config.toml import load_supervisor_config
+    from .control import protocol as _protocol
+    from .engine import lock as instance
+
+    runtime_dir = args.runtime_dir
+    if runtime_dir is None:
+        runtime_dir = (load_supervisor_config(args.config).runtime_dir if args.config
+                       else DEFAULT_RUNTIME_DIR)
+    sockets = [_protocol.socket_path(runtime_dir)]
+    if args.dry_run:
+        for path in instance.stale_runtime_files(runtime_dir, sockets):
+            print(f"would remove {path} (its service is gone)")
+        return
+    # The state lock is released by now: a state_dir that is also the
+    # runtime_dir is locked again here.
+    for path in instance.remove_stale_runtime_files(runtime_dir, sockets):
+        print(f"removed {path} (its service is gone)")

@@ -48,6 +48,8 @@ def _cleanup_command(args: argparse.Namespace) -> Callable[[], int]:
             argv += ["-c", args.config]
         if args.state_dir:
             argv += ["--state-dir", args.state_dir]
+        if args.runtime_dir:
+            argv += ["--runtime-dir", args.runtime_dir]
         return subprocess.run(argv, check=False).returncode
 
     return cleanup

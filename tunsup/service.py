@@ -14,6 +14,7 @@ engine beyond this object.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -24,7 +25,8 @@ import trio
 from trio_util import periodic
 
 from . import __version__
-from ._errors import ConfigError, ExitCode
+from ._bounded import bounded
+from ._errors import ConfigError, ExitCode, HostError
 from ._log import LogHub
 from .config.settings import OnFailure
 from .config.sources import ConfigSource, Loaded
@@ -59,13 +61,9 @@ class ServiceOps:
         bounded by LOAD_TIMEOUT; ConfigError becomes an OpError.
         Cancellable: the thread is abandoned (it only reads files)."""
         try:
-            with trio.fail_after(LOAD_TIMEOUT):
-                return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
-        except ConfigError as exc:
+            return await bounded(LOAD_TIMEOUT, "reading the configuration", fn, *args)
+        except (ConfigError, HostError) as exc:
             raise OpError(proto.CONFIG, str(exc)) from None
-        except trio.TooSlowError:
-            raise OpError(proto.CONFIG, f"reading the configuration took over "
-                                        f"{LOAD_TIMEOUT:g} s") from None
 
     async def status(self) -> dict[str, Any]:
         """The service and every tunnel; peers' counters come from one
@@ -78,6 +76,9 @@ class ServiceOps:
             for slot, entry in zip(slots, tunnels, strict=True):
                 if slot.up_since is not None:
                     nursery.start_soon(self._peers, slot.tunnel, entry, now)
+        # Failed while up (on_failure = "keep-running", or others remain):
+        # shown until replaced or taken down, with why they failed.
+        tunnels += [_tunnel_status(slot, now, ended=True) for slot in sup.failed()]
         return {
             "service": {
                 "pid": os.getpid(),
@@ -148,9 +149,21 @@ class ServiceOps:
 
     async def reload(self) -> dict[str, Any]:
         """Read the configuration again and converge to it (SIGHUP does the
-        same).  A bad file changes nothing.  Cancelling abandons the wait."""
+        same).  A bad file changes nothing.  A failure is logged (whoever
+        asked) and raised as OpError; warnings are logged and returned
+        under ``warnings``.  Cancelling abandons the wait."""
+        try:
+            return await self._reload()
+        except OpError as exc:
+            log.error("reload failed, the running configuration is kept: %s", exc.message)
+            raise
+
+    async def _reload(self) -> dict[str, Any]:
+        """The reload itself.  Cancelling abandons the wait."""
         loaded: Loaded = await self._load(self.source.load)
-        _warn_fixed_settings(self.loaded.config, loaded.config)
+        warnings = _fixed_settings_changed(self.loaded.config, loaded.config)
+        for warning in warnings:
+            log.warning("reload: %s", warning)
         plans = [(spec, loaded.config.tunnel_options(entry)) for spec, entry in loaded.entries()]
         try:
             result = await self.supervisor.converge(plans)
@@ -164,43 +177,53 @@ class ServiceOps:
             log.error("reload: tunnel %s did not start: %s", name, why)
         out = attrs.asdict(result)
         out["failed"] = dict(result.failed)
+        out["warnings"] = warnings
         return out
 
     async def reload_on_signal(self) -> None:
-        """The SIGHUP reload: errors are logged.  A stop cancels it."""
-        try:
+        """The SIGHUP reload: a failure is logged (by :meth:`reload`).
+        A stop cancels it."""
+        with contextlib.suppress(OpError):
             await self.reload()
-        except OpError as exc:
-            log.error("reload failed, the running configuration is kept: %s", exc.message)
 
 
-def _warn_fixed_settings(old: SupervisorConfig, new: SupervisorConfig) -> None:
+def _fixed_settings_changed(old: SupervisorConfig, new: SupervisorConfig) -> list[str]:
+    """A warning for each changed setting that only a restart applies."""
     fixed = {
         "state_dir": (old.state_dir, new.state_dir),
         "runtime_dir": (old.runtime_dir, new.runtime_dir),
         "[dns] resolv_conf": (old.dns.resolv_conf, new.dns.resolv_conf),
         "[control]": (old.control, new.control),
     }
-    for what, (before, after) in fixed.items():
-        if before != after:
-            log.warning("reload: a change of %s takes effect only after a restart", what)
+    return [f"a change of {what} takes effect only after a restart"
+            for what, (before, after) in fixed.items() if before != after]
 
 
-def _tunnel_status(slot: Slot, now: float) -> dict[str, Any]:
+def _tunnel_status(slot: Slot, now: float, *, ended: bool = False) -> dict[str, Any]:
+    """One tunnel's entry (its peers are filled in by ``_peers``);
+    ``ended``: it failed and was torn down."""
     tunnel = slot.tunnel
-    state = tunnel.state.value
-    if state == "new":
-        state = "starting"
+    status = tunnel.status
+    probe = status.last_probe
     return {
         "name": tunnel.name,
-        "state": state,
+        "state": "starting" if status.state == "new" else status.state,
         "interface": tunnel.name,
         "source": tunnel.spec.source,
         "origin": slot.origin,
-        "helper_pid": tunnel.helper_pid,
-        "uptime": None if slot.up_since is None else now - slot.up_since,
-        "restarts": int(getattr(tunnel, "restarts", 0)),
-        "routes": len(tunnel.spec.allowed_ips),
+        "helper_pid": status.helper_pid,
+        "uptime": None if slot.up_since is None or ended else now - slot.up_since,
+        "restarts": status.restarts,
+        "routes": status.routes,
+        "degraded_reason": status.degraded_reason,
+        "failure": status.failure,
+        "last_probe": None if probe is None else {
+            "at": probe.at,
+            "age": max(0.0, now - probe.at),
+            "took": probe.took,
+            "ok": probe.ok,
+            "error": probe.error,
+        },
         "peers": [],
         "peers_error": None,
     }
@@ -245,7 +268,8 @@ async def run_service(
     ops: ServiceOps
     supervisor = Supervisor(tunnels, host, persistent=True,
                             reload=lambda: ops.reload_on_signal(), make_tunnel=make_tunnel,
-                            journal=journal, on_failure=on_failure)
+                            journal=journal, on_failure=on_failure,
+                            recovery_timeout=loaded.config.stop_timeout)
     ops = ServiceOps(supervisor, source, loaded)
     path = proto.socket_path(loaded.config.runtime_dir)
     server = ControlServer(path, ops, hub, settings)

@@ -8,6 +8,7 @@ the loaded file, and the engine and control server run on them.  Pure data
 
 from __future__ import annotations
 
+import socket
 import typing
 from typing import Literal, TypeAlias
 
@@ -95,7 +96,13 @@ class ControlSettings:
     change_timeout: float = 300.0
     #: Bound on sending one frame to a client.
     send_timeout: float = 10.0
+    #: Connections served at once.  When full, a new connection evicts the
+    #: one idle longest (waiting for a request); when none is idle it is
+    #: refused with a ``busy`` frame.
     max_connections: int = 128
+    #: Pending connections the kernel queues before we accept them (capped
+    #: by net.core.somaxconn).
+    listen_backlog: int = socket.SOMAXCONN
     #: Largest request frame, in bytes (larger ones get ``too-large``).
     max_request: int = 64 * 1024
     #: Entries a log subscriber may lag behind before it is dropped.

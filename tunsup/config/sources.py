@@ -2,8 +2,10 @@
 files named on the command line, read again on every reload.
 
 Synchronous and trio-free: ``run`` validates everything with it before its
-event loop starts; the service calls it from a worker thread on SIGHUP and
-for ``tunsup up``.  Every problem is a :class:`ConfigError`.
+event loop starts (:func:`prepare`, which ``check`` runs too, so the two
+never disagree); the service calls it from a worker thread on SIGHUP and
+for ``tunsup up``.  Every problem is a :class:`ConfigError` (all problems
+found, as a :class:`~tunsup._errors.ConfigErrors`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from .._errors import ConfigError
+from .._errors import ConfigError, config_errors
 from .spec import TunnelSpec
 from .toml import (
     SupervisorConfig,
@@ -51,7 +53,9 @@ class ConfigSource:
     overrides: Mapping[str, Any] = attrs.field(factory=dict)
 
     def load(self) -> Loaded:
-        """Read and validate everything; raises :class:`ConfigError`."""
+        """Read and validate everything; raises :class:`ConfigError` with
+        every problem found (each wg-quick file is checked even when another
+        one is bad)."""
         extra = config_for_confs(self.confs)
         if self.toml:
             cfg = load_supervisor_config(self.toml)
@@ -64,10 +68,18 @@ class ConfigSource:
         else:
             cfg = extra
         cfg = apply_overrides(cfg, **self.overrides)
-        specs = tuple(load_conf(entry.config) for entry in cfg.tunnels)
+        errors: list[ConfigError] = []
+        specs: list[TunnelSpec] = []
         for entry in cfg.tunnels:
-            check_helper(entry)
-        return Loaded(cfg, specs)
+            try:
+                specs.append(load_conf(entry.config))
+                check_helper(entry)
+            except ConfigError as exc:
+                errors.append(exc)
+        error = config_errors(errors)
+        if error is not None:
+            raise error
+        return Loaded(cfg, tuple(specs))
 
     def load_one(self, conf: str, current: SupervisorConfig) -> tuple[TunnelSpec, TunnelEntry]:
         """The tunnel of wg-quick file ``conf`` (``tunsup up``): its
@@ -80,6 +92,41 @@ class ConfigSource:
         spec = load_conf(path)
         check_helper(entry)
         return spec, entry
+
+
+@attrs.frozen
+class Prepared:
+    """What ``run`` starts from: the loaded configuration and the control
+    socket's group id."""
+
+    loaded: Loaded
+    group: int | None
+
+
+def prepare(source: ConfigSource) -> Prepared:
+    """Every validation ``run`` makes before touching the host; ``tunsup
+    check`` runs exactly this.  Reads files and the group and user databases
+    and looks up helpers in PATH, nothing else.  Raises :class:`ConfigError`."""
+    where = source.toml or (source.confs[0] if source.confs else "tunsup")
+    loaded = source.load()
+    cfg = loaded.config
+    errors: list[ConfigError] = []
+    if not cfg.tunnels:
+        errors.append(ConfigError(where, None, "defines no [[tunnel]] (and no CONF.conf "
+                                               "was given)"))
+    group: int | None = None
+    try:
+        group = control_group(cfg, source.toml)
+    except ConfigError as exc:
+        errors.append(exc)
+    resolv_dir = os.path.dirname(os.path.abspath(cfg.dns.resolv_conf))
+    if cfg.dns.backend == "file" and not os.path.isdir(resolv_dir):
+        errors.append(ConfigError(where, None, f"[dns] resolv_conf {cfg.dns.resolv_conf}: "
+                                               f"its directory does not exist"))
+    error = config_errors(errors)
+    if error is not None:
+        raise error
+    return Prepared(loaded, group)
 
 
 def check_helper(entry: TunnelEntry) -> None:

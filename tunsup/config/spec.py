@@ -51,6 +51,9 @@ class PeerSpec:
     persistent_keepalive: int | None = None
     #: Line of the ``[Peer]`` header, for messages.
     line: int = 0
+    #: Line of its ``Endpoint``, for messages (0: none, or not from a file);
+    #: not compared, so moving a line never counts as a change on reload.
+    endpoint_line: int = attrs.field(default=0, eq=False)
 
 
 @attrs.frozen

@@ -5,12 +5,12 @@ Example::
     state_dir = "/var/lib/tunsup"      # optional
     runtime_dir = "/run/tunsup"        # optional
     stop_timeout = 30.0                # optional: bound on the whole teardown, seconds
+    on_failure = "exit"                # optional: "exit" | "keep-running" once no tunnel is left
 
     [dns]
     backend = "auto"                   # auto | resolved | resolvconf | file | none
     resolv_conf = "/etc/resolv.conf"   # used by the file backend
 
-    on_failure = "exit"                # optional: "exit" | "keep-running" once no tunnel is left
     [control]
     group = "tunsup"                   # optional: group allowed on the control socket
     idle_timeout = 30.0                # optional: close a control connection idle this long
@@ -31,12 +31,19 @@ Example::
     backoff_max = 30.0                 # optional: cap on the restart delay, seconds
     backoff_reset = 30.0               # optional: healthy seconds that reset the backoff
 
+Relative paths in a file (``state_dir``, ``runtime_dir``, ``resolv_conf``,
+a tunnel's ``config``, a helper given as a relative path with a ``/``) are
+resolved against the directory of the TOML file, never the current
+directory: ``run``, ``cleanup -c`` and ``status -c`` find the same places
+from anywhere.
+
 The models are frozen attrs classes that validate themselves, so a value of
 these types is valid however it was made.  One private cattrs converter maps
 TOML documents to models and back.  Every problem in a file is reported as a
-:class:`~tunsup._errors.ConfigError` (``FILE:LINE: message``) naming the first
-offending key and the line where it appears; no traceback or exception group
-escapes :func:`load_supervisor_config` or :func:`from_dict`.
+:class:`~tunsup._errors.ConfigError` (``FILE:LINE: message``) naming the
+offending key and the line where it appears (several problems: a
+:class:`~tunsup._errors.ConfigErrors`, in file order); no traceback or
+exception group escapes :func:`load_supervisor_config` or :func:`from_dict`.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import math
 import os
 import re
 import tomllib
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeAlias
 
@@ -60,8 +68,10 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
-from .._errors import ConfigError
+from .._errors import ConfigError, config_errors
+from .._input import read_config_file
 from .._paths import DEFAULT_RESOLV_CONF, DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR
+from .ifname import IFNAME_RULE, is_valid_ifname
 from .settings import (
     DNS_BACKENDS,
     LAN_MODES,
@@ -108,9 +118,6 @@ _RESTART = RestartPolicy()
 _CONTROL = ControlSettings()
 
 
-
-#: wg-quick's rule for interface names (the stem of the ``.conf`` file).
-_IFACE_NAME = re.compile(r"[a-zA-Z0-9_=+.-]{1,15}")
 
 #: A location in a document: table keys and array indexes, e.g. ``("tunnel", 1, "config")``.
 _Path: TypeAlias = tuple["str | int", ...]
@@ -220,11 +227,10 @@ def _check_conf(_inst: object, attribute: attrs.Attribute[str], value: object) -
     if not base.endswith(".conf"):
         raise _Invalid((attribute.name,), "must be a path ending in '.conf'")
     stem = base[: -len(".conf")]
-    if not _IFACE_NAME.fullmatch(stem):
+    if not is_valid_ifname(stem):
         raise _Invalid(
             (attribute.name,),
-            f"names interface {stem!r} (the file stem), which is not 1-15 characters"
-            " from A-Z a-z 0-9 _ = + . -",
+            f"names interface {stem!r} (the file stem), which must be {IFNAME_RULE}",
         )
     if not os.path.isabs(value):
         raise _Invalid((attribute.name,), "must be an absolute path")
@@ -409,15 +415,66 @@ def _structure_argv(value: Any, _type: Any) -> Any:
     return tuple(value) if isinstance(value, list | tuple) else value
 
 
-def _table_hook(cls: type[Any], what: str) -> Callable[[Any, Any], Any]:
-    inner: Callable[[Any, Any], Any] = make_dict_structure_fn(cls, _converter)
+def _table_hook(
+    cls: type[Any], what: str, inner: Callable[[Any, Any], Any] | None = None
+) -> Callable[[Any, Any], Any]:
+    """Structure a table into ``cls``.  cattrs stops before the validators
+    when a key or a nested table is bad, and attrs at the first validator
+    that fails; then every validator that can run is run, so that all bad
+    values of the table are reported at once."""
+    build: Callable[[Any, Any], Any] = inner or make_dict_structure_fn(cls, _converter)
 
     def structure(value: Any, type_: Any) -> Any:
         if not isinstance(value, Mapping):
             raise _Invalid((), f"must be {what}")
-        return inner(value, type_)
+        try:
+            return build(value, type_)
+        except cattrs.ClassValidationError as group:
+            # A bare _Invalid is the constructor's first failing validator:
+            # it comes back with all the others.
+            kept = [e for e in group.exceptions
+                    if not (isinstance(e, _Invalid) and not getattr(e, "__notes__", None))]
+            errors = [*kept, *_validator_errors(cls, value)]
+            if not errors:
+                raise
+            raise cattrs.ClassValidationError(group.message, errors, cls) from None
+        except _Invalid as first:
+            errors = _validator_errors(cls, value) or [first]
+            raise cattrs.ClassValidationError(f"invalid {cls.__name__}", errors, cls) from None
 
     return structure
+
+
+def _validator_errors(cls: type[Any], table: Mapping[str, Any]) -> list[Exception]:
+    """Every validator failure of ``cls`` built from ``table``; a value that
+    does not even structure (reported by cattrs) is not validated."""
+    fields = attrs.fields(attrs.resolve_types(cls))
+    values: dict[str, Any] = {}
+    broken: set[str] = set()
+    for field in fields:
+        key = _toml_name(cls, field.name)
+        if key in table:
+            try:
+                values[field.name] = _converter.structure(table[key], field.type)
+            except Exception:
+                broken.add(field.name)
+                values[field.name] = None
+        elif field.default is attrs.NOTHING:  # missing: cattrs reports it
+            broken.add(field.name)
+            values[field.name] = None
+        elif isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
+            values[field.name] = field.default.factory()
+        else:
+            values[field.name] = field.default
+    instance = types.SimpleNamespace(**values)  # what validators that compare fields read
+    errors: list[Exception] = []
+    for field in fields:
+        if field.validator is not None and field.name not in broken:
+            try:
+                field.validator(instance, field, values[field.name])
+            except _Invalid as exc:
+                errors.append(exc)
+    return errors
 
 
 _converter.register_structure_hook(str, _passthrough)
@@ -448,7 +505,11 @@ def _structure_tunnels(value: Any, type_: Any) -> Any:
 _converter.register_structure_hook_func(lambda t: t == tuple[TunnelEntry, ...], _structure_tunnels)
 _converter.register_structure_hook(
     SupervisorConfig,
-    make_dict_structure_fn(SupervisorConfig, _converter, tunnels=override(rename="tunnel")),
+    _table_hook(
+        SupervisorConfig,
+        "a table",
+        make_dict_structure_fn(SupervisorConfig, _converter, tunnels=override(rename="tunnel")),
+    ),
 )
 _converter.register_unstructure_hook(
     SupervisorConfig,
@@ -479,11 +540,7 @@ def from_dict(d: Mapping[str, Any], path: str | os.PathLike[str]) -> SupervisorC
 def load_supervisor_config(path: str | os.PathLike[str]) -> SupervisorConfig:
     """Read, parse and validate a supervisor TOML file; raises :class:`ConfigError`."""
     where = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise ConfigError(where, None, f"cannot read: {exc.strerror or exc}") from None
+    data = read_config_file(where)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -571,60 +628,109 @@ def config_for_confs(
 def _from_document(d: object, path: str, text: str | None) -> SupervisorConfig:
     if not isinstance(d, Mapping):
         raise ConfigError(path, None, "the document must be a table")
-    document = _resolve_configs(d, os.path.dirname(os.path.abspath(path)))
+    document = _resolve_paths(d, os.path.dirname(os.path.abspath(path)))
     try:
         result: SupervisorConfig = _converter.structure(document, SupervisorConfig)
     except Exception as exc:
-        located, message = _explain(exc, document)
-        line = _TomlLocator(text).line_of(located) if text is not None else None
-        raise ConfigError(path, line, message) from None
+        locator = _TomlLocator(text) if text is not None else None
+        found = [
+            ConfigError(path, locator.line_of(located) if locator else None, message)
+            for located, message in _explain(exc, document)
+        ]
+        error = config_errors(sorted(found, key=lambda e: e.line or 0))
+        assert error is not None
+        raise error from None
     return result
 
 
-def _resolve_configs(d: Mapping[str, Any], base: str) -> dict[str, Any]:
-    """A shallow copy of ``d`` whose relative ``[[tunnel]] config`` paths are absolute."""
+def _absolute(value: object, base: str) -> object:
+    """``value`` made absolute against ``base`` if it is a relative path."""
+    if isinstance(value, str) and value and not os.path.isabs(value):
+        return os.path.normpath(os.path.join(base, value))
+    return value
+
+
+def _resolve_paths(d: Mapping[str, Any], base: str) -> dict[str, Any]:
+    """A copy of ``d`` whose relative paths are absolute against ``base``, the
+    TOML file's directory: ``state_dir``, ``runtime_dir``, ``[dns]
+    resolv_conf``, each ``[[tunnel]] config``, and a helper program given as
+    a relative path (one with a ``/``; a bare name is looked up in PATH)."""
     document = dict(d)
+    for key in ("state_dir", "runtime_dir"):
+        if key in document:
+            document[key] = _absolute(document[key], base)
+    dns = document.get("dns")
+    if isinstance(dns, Mapping) and "resolv_conf" in dns:
+        document["dns"] = {**dns, "resolv_conf": _absolute(dns["resolv_conf"], base)}
     tunnels = document.get("tunnel")
     if isinstance(tunnels, list):
         resolved: list[Any] = []
         for entry in tunnels:
-            config = entry.get("config") if isinstance(entry, Mapping) else None
-            if isinstance(config, str) and config and not os.path.isabs(config):
-                entry = {**entry, "config": os.path.normpath(os.path.join(base, config))}
+            if isinstance(entry, Mapping):
+                entry = dict(entry)
+                if "config" in entry:
+                    entry["config"] = _absolute(entry["config"], base)
+                helper = entry.get("helper")
+                if isinstance(helper, list) and helper and isinstance(helper[0], str) \
+                        and "/" in helper[0]:
+                    entry["helper"] = [_absolute(helper[0], base), *helper[1:]]
             resolved.append(entry)
         document["tunnel"] = resolved
     return document
 
 
-def _explain(exc: BaseException, document: Mapping[str, Any]) -> tuple[_Path, str]:
-    """The location (for the line lookup) and message of the first leaf error of ``exc``."""
-    path: list[str | int] = []
-    owner: object = SupervisorConfig  # the class being built at the current level
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        if isinstance(exc, cattrs.ClassValidationError):
-            owner = exc.cl
-        child = exc.exceptions[0]
+def _leaves(
+    exc: BaseException, path: _Path, owner: object
+) -> Iterable[tuple[BaseException, _Path, object]]:
+    """Every leaf error of ``exc`` with its location and the class being built there."""
+    if not (isinstance(exc, BaseExceptionGroup) and exc.exceptions):
+        yield exc, path, owner
+        return
+    if isinstance(exc, cattrs.ClassValidationError):
+        owner = exc.cl
+    for child in exc.exceptions:
+        where = path
         for note in getattr(child, "__notes__", ()):
             if isinstance(note, AttributeValidationNote):
-                path.append(_toml_name(owner, note.name))
+                where = (*path, _toml_name(owner, note.name))
                 break
             if isinstance(note, IterableValidationNote):
-                path.append(note.index)
+                where = (*path, note.index)
                 break
-        exc = child
+        yield from _leaves(child, where, owner)
+
+
+def _explain(exc: BaseException, document: Mapping[str, Any]) -> list[tuple[_Path, str]]:
+    """The location (for the line lookup) and message of every leaf error of ``exc``."""
+    return [
+        found
+        for leaf, path, owner in _leaves(exc, (), SupervisorConfig)
+        for found in _explain_leaf(leaf, list(path), owner, document)
+    ]
+
+
+def _explain_leaf(
+    exc: BaseException, path: list[str | int], owner: object, document: Mapping[str, Any]
+) -> list[tuple[_Path, str]]:
     if isinstance(exc, ForbiddenExtraKeysError):
         here = tuple(path)
         table = _lookup(document, here)
         extra = [k for k in table if k in exc.extra_fields] if isinstance(table, Mapping) else []
-        key = extra[0] if extra else sorted(exc.extra_fields)[0]
         allowed = [_toml_name(exc.cl, a.name) for a in attrs.fields(exc.cl)]
-        message = f"unknown key {key!r}"
-        if here:
-            message += f" in {_table_label(here)}"
-        close = difflib.get_close_matches(key, allowed, n=1)
-        if close:
-            message += f"; did you mean {close[0]!r}?"
-        return (*here, key), message
+        found: list[tuple[_Path, str]] = []
+        for key in extra or sorted(exc.extra_fields):
+            message = f"unknown key {key!r}"
+            if here:
+                message += f" in {_table_label(here)}"
+            close = difflib.get_close_matches(key, allowed, n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+            found.append(((*here, key), message))
+        return found
+    return [_explain_value(exc, path, owner)]
+
+
+def _explain_value(exc: BaseException, path: list[str | int], owner: object) -> tuple[_Path, str]:
     if isinstance(exc, _Invalid):
         where = list(exc.where)
         if where and isinstance(where[0], str):

@@ -4,10 +4,11 @@ The accepted format is the INI dialect of ``wg-quick(8)`` and ``wg(8)``: one
 ``[Interface]`` section and any number of ``[Peer]`` sections; section names
 and keys are case-insensitive; ``#`` starts a comment anywhere on a line.
 
-Parsing stops at the first problem with a :class:`~tunsup._errors.ConfigError`
-that names the file and the 1-based line.  Checks that need a whole section
-(MTU against IPv6 addresses, a ``[Peer]`` without ``PublicKey``, default
-routes against ``Table``) run as soon as the section they depend on ends.
+Every problem is reported, in file order, as a
+:class:`~tunsup._errors.ConfigError` (several as a
+:class:`~tunsup._errors.ConfigErrors`) that names the file and the 1-based
+line.  Checks that need a whole section (MTU against IPv6 addresses, a
+``[Peer]`` without ``PublicKey``) run as soon as the section ends.
 
 Key material never reaches a message: bad keys are reported without their
 value, and any echoed value that looks like a key is hidden.
@@ -20,12 +21,13 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Generic, TypeVar
 
 import attrs
 
-from .._errors import ConfigError
+from .._errors import ConfigError, config_errors
+from .._input import read_config_file
+from .ifname import IFNAME_RULE, is_valid_ifname
 from .keys import InvalidKey, Key
 from .spec import (
     RT_TABLE_MAIN,
@@ -40,7 +42,6 @@ from .spec import (
 
 __all__ = ["load_conf", "parse_conf"]
 
-_IFNAME = re.compile(r"[a-zA-Z0-9_=+.-]{1,15}")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 #: Unknown key and section names are echoed only when they look like names.
 _SHOWABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9 _-]{0,31}")
@@ -133,6 +134,7 @@ class _Peer(_Section):
     preshared_key: Key | None = None
     allowed_ips: dict[IPNetwork, int] = attrs.Factory(dict)
     endpoint: Endpoint | None = None
+    endpoint_line: int = 0
     keepalive: int | None = None
 
     def spec(self) -> PeerSpec:
@@ -144,6 +146,7 @@ class _Peer(_Section):
             endpoint=self.endpoint,
             persistent_keepalive=self.keepalive,
             line=self.line,
+            endpoint_line=self.endpoint_line,
         )
 
 
@@ -316,6 +319,7 @@ def _endpoint(p: _Parser, sec: _Peer, value: str, line: int) -> None:
                     f"Endpoint host {_show(host)} is neither an IP address nor a valid host name"
                 ) from None
     sec.endpoint = Endpoint(host, _number("Endpoint port", port, 1, 65535))
+    sec.endpoint_line = line
 
 
 def _keepalive(p: _Parser, sec: _Peer, value: str, line: int) -> None:
@@ -361,16 +365,20 @@ class _Parser:
         self.section: _Interface | _Peer | None = None
         #: Every AllowedIPs network -> the peer it routes to.
         self.routes: dict[IPNetwork, _Peer] = {}
+        #: Inside a section whose header was refused: its keys are skipped.
+        self.skipping = False
+        self.errors: list[ConfigError] = []
 
     def parse(self, text: str) -> TunnelSpec:
-        name = Path(self.path).stem
-        if not _IFNAME.fullmatch(name) or name in (".", ".."):  # the kernel refuses these
-            raise ConfigError(
+        # As wg-quick (and TunnelEntry.name): the file name without ".conf";
+        # Path.stem would name "/x/.conf" ".conf".
+        name = os.path.basename(self.path).removesuffix(".conf")
+        if not is_valid_ifname(name):
+            self.errors.append(ConfigError(
                 self.path,
                 None,
-                f"interface name {name!r} (the file name without .conf) must be "
-                "1 to 15 characters of letters, digits and _ = + . -",
-            )
+                f"interface name {name!r} (the file name without .conf) must be {IFNAME_RULE}",
+            ))
         for lineno, raw in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
             line = raw.partition("#")[0].strip()
             if not line:
@@ -378,20 +386,29 @@ class _Parser:
             try:
                 if line.startswith("["):
                     self._header(line, lineno)
-                else:
+                elif not self.skipping:
                     self._entry(line, lineno)
             except _Invalid as e:
-                raise ConfigError(self.path, lineno, str(e)) from None
+                self.errors.append(ConfigError(self.path, lineno, str(e)))
         self._close()
+        # Checks at a section's end are found after its later lines: file order.
+        errors = sorted(self.errors, key=lambda e: e.line or 0)
         if self.interface is None:
-            raise ConfigError(self.path, None, "no [Interface] section")
+            errors.append(ConfigError(self.path, None, "no [Interface] section"))
+        error = config_errors(errors)
+        if error is not None:
+            raise error
+        assert self.interface is not None
         return self._spec(name, self.interface)
 
     def _header(self, text: str, line: int) -> None:
+        self._close()
+        # Until this header is accepted, the keys below it belong nowhere and
+        # are not reported one by one.
+        self.skipping = True
         if not text.endswith("]"):
             raise _Invalid("malformed section header; expected [Interface] or [Peer]")
         title = text[1:-1].strip()
-        self._close()
         if title.lower() == "interface":
             if self.interface is not None:
                 raise _Invalid(
@@ -399,9 +416,11 @@ class _Parser:
                     "a file has exactly one"
                 )
             self.interface = self.section = _Interface(line)
+            self.skipping = False
         elif title.lower() == "peer":
             self.section = _Peer(line)
             self.peers.append(self.section)
+            self.skipping = False
         else:
             shown = f" [{title}]" if _SHOWABLE_NAME.fullmatch(title) else ""
             raise _Invalid(f"unknown section{shown}; expected [Interface] or [Peer]")
@@ -412,6 +431,7 @@ class _Parser:
         if not sep or not key:
             raise _Invalid("expected 'Key = value' or a [Section] header")
         if self.section is None:
+            self.skipping = True  # one report for the keys up to the next header
             raise _Invalid("key outside any section; start with [Interface] or [Peer]")
         if isinstance(self.section, _Interface):
             self._apply(_INTERFACE_FIELDS, _PEER_FIELDS, self.section, key, value, line)
@@ -443,18 +463,19 @@ class _Parser:
     def _close(self) -> None:
         """Run the checks that need the whole of the section that just ended."""
         sec, self.section = self.section, None
-        if isinstance(sec, _Peer) and sec.public_key is None:
-            raise ConfigError(self.path, sec.line, "[Peer] has no PublicKey")
+        # A PublicKey line that was refused has been reported already.
+        if isinstance(sec, _Peer) and "PublicKey" not in sec.seen:
+            self.errors.append(ConfigError(self.path, sec.line, "[Peer] has no PublicKey"))
         if isinstance(sec, _Interface):
             self.interface_done = True
             v6 = [ln for a, ln in sec.addresses.items() if a.version == 6]
             if sec.mtu is not None and sec.mtu < 1280 and v6:
-                raise ConfigError(
+                self.errors.append(ConfigError(
                     self.path,
                     sec.seen["MTU"],
                     f"MTU {sec.mtu} is below 1280, the minimum for IPv6 "
                     f"(the Address at line {v6[0]} is IPv6)",
-                )
+                ))
 
     def _spec(self, name: str, i: _Interface) -> TunnelSpec:
         return TunnelSpec(
@@ -472,7 +493,7 @@ class _Parser:
             post_up=tuple(i.hooks["PostUp"]),
             pre_down=tuple(i.hooks["PreDown"]),
             post_down=tuple(i.hooks["PostDown"]),
-            peers=tuple(peer.spec() for peer in self.peers),
+            peers=tuple(peer.spec() for peer in self.peers if peer.public_key is not None),
         )
 
 
@@ -497,18 +518,17 @@ def parse_conf(text: str, path: str) -> TunnelSpec:
     """Parse the contents of a wg-quick file.
 
     *path* names the file in messages and gives the interface name (its stem,
-    as in wg-quick).  Raises :class:`ConfigError` at the first problem.
+    as in wg-quick).  Raises :class:`ConfigError` (a :class:`ConfigErrors`
+    when there are several problems: all of them, in file order).
     """
     return _Parser(path).parse(text)
 
 
 def load_conf(path: str | os.PathLike[str]) -> TunnelSpec:
-    """Read a wg-quick file (UTF-8) and parse it; see :func:`parse_conf`."""
+    """Read a wg-quick file (UTF-8, a regular file of at most
+    ``MAX_CONFIG_BYTES``) and parse it; see :func:`parse_conf`."""
     name = os.fspath(path)
-    try:
-        data = Path(name).read_bytes()
-    except OSError as e:
-        raise ConfigError(name, None, f"cannot read: {e.strerror or e}") from None
+    data = read_config_file(name)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

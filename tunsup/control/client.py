@@ -28,23 +28,21 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import pidfile
+from .._errors import ExitCode, StatusCode
 from .._log import format_log
 from .._paths import DEFAULT_RUNTIME_DIR
 from . import protocol as proto
 
-# Exit codes.
-OK = 0
-FAILED = 1
-USAGE = 2
-INCOMPLETE = 3
-#: ``status``: LSB "program is not running"; ``stop``: not used for that.
-STATUS_NOT_RUNNING = 3
-#: ``status``: LSB "program is dead and the pid file exists".
-STATUS_DEAD = 1
-#: ``status``: LSB "status unknown"; ``stop``: timed out or not permitted.
-UNKNOWN = 4
-#: ``up``/``down``/``logs`` when no service runs (LSB "program is not running").
-NOT_RUNNING = 7
+# Short names for the exit codes, all defined in tunsup._errors.
+OK = ExitCode.OK
+FAILED = ExitCode.FAILURE
+USAGE = ExitCode.USAGE
+INCOMPLETE = ExitCode.TEARDOWN_INCOMPLETE
+UNKNOWN = ExitCode.UNKNOWN
+NOT_RUNNING = ExitCode.NOT_RUNNING
+STATUS_DEAD = StatusCode.DEAD
+STATUS_NOT_RUNNING = StatusCode.NOT_RUNNING
+STATUS_UNKNOWN = StatusCode.UNKNOWN
 
 _CODE_EXIT = {
     proto.CONFIG: USAGE,
@@ -85,13 +83,18 @@ def runtime_dir_of(runtime_dir: str | None, config: str | None) -> str:
     if config:
         import tomllib
 
+        from .._errors import ConfigError
+        from .._input import read_config_file
+
         try:
-            with open(config, "rb") as f:
-                value = tomllib.load(f).get("runtime_dir")
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+            value = tomllib.loads(read_config_file(config).decode()).get("runtime_dir")
+        except ConfigError as exc:
+            raise SystemExit(_usage(str(exc))) from None
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise SystemExit(_usage(f"cannot read {config}: {exc}")) from None
         if isinstance(value, str) and value:
-            return value
+            # Relative to the TOML file's directory, as for the service.
+            return os.path.join(os.path.dirname(os.path.abspath(config)), value)
     return DEFAULT_RUNTIME_DIR
 
 
@@ -253,10 +256,10 @@ def status(runtime_dir: str, *, as_json: bool = False, debug: bool = False) -> i
     except PermissionError:
         print(f"tunsup status: permission denied on {proto.socket_path(runtime_dir)} "
               "(root or the [control] group only)", file=sys.stderr)
-        return UNKNOWN
+        return STATUS_UNKNOWN
     except OSError as exc:
         print(f"tunsup status: {exc.strerror or exc}", file=sys.stderr)
-        return UNKNOWN
+        return STATUS_UNKNOWN
     with conn:
         try:
             result = conn.request("status", timeout=15.0)
@@ -264,12 +267,12 @@ def status(runtime_dir: str, *, as_json: bool = False, debug: bool = False) -> i
             if isinstance(exc, ConnectionError):
                 return _not_running_status(runtime_dir, as_json)
             _error_exit("status", exc)
-            return UNKNOWN
+            return STATUS_UNKNOWN
     if as_json:
         print(json.dumps({"running": True, **result}, indent=2))
     else:
         _print_status(result)
-    return OK
+    return StatusCode.RUNNING
 
 
 def _not_running_status(runtime_dir: str, as_json: bool) -> int:
@@ -277,7 +280,7 @@ def _not_running_status(runtime_dir: str, as_json: bool) -> int:
     if owner is not None and owner.alive():
         message = (f"tunsup (pid {owner.pid}) runs but does not answer on "
                    f"{proto.socket_path(runtime_dir)}")
-        code = UNKNOWN
+        code = STATUS_UNKNOWN
     elif owner is not None:
         message = (f"tunsup is not running, but its pid file remains (pid {owner.pid} is "
                    "gone): it did not exit cleanly; 'tunsup cleanup' undoes what it left")
@@ -299,17 +302,22 @@ def _print_status(result: dict[str, Any]) -> None:
           f"{_duration(service.get('uptime'))}): {len(tunnels)} tunnel(s)")
     if not tunnels:
         return
-    rows = [("TUNNEL", "STATE", "HELPER", "UPTIME", "RESTARTS", "PEERS", "ROUTES")]
+    rows = [("TUNNEL", "STATE", "HELPER", "UPTIME", "RESTARTS", "PEERS", "ROUTES", "PROBE")]
     for t in tunnels:
         rows.append((str(t.get("name")), str(t.get("state")), str(t.get("helper_pid") or "-"),
                      _duration(t.get("uptime")), str(t.get("restarts", 0)),
-                     str(len(t.get("peers") or [])), str(t.get("routes", "-"))))
+                     str(len(t.get("peers") or [])), str(t.get("routes", "-")),
+                     _probe(t.get("last_probe"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for index, row in enumerate(rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
         if index == 0:
             continue
         t = tunnels[index - 1]
+        if t.get("degraded_reason"):
+            print(f"    degraded: {t['degraded_reason']}")
+        if t.get("failure"):
+            print(f"    failed: {t['failure']}")
         if t.get("peers_error"):
             print(f"    peers: unavailable ({t['peers_error']})")
         for p in t.get("peers") or []:
@@ -319,6 +327,15 @@ def _print_status(result: dict[str, Any]) -> None:
             print(f"    peer {key[:10]}…  endpoint {p.get('endpoint') or '-'}  "
                   f"handshake {handshake}  rx {_bytes(int(p.get('rx_bytes', 0)))}  "
                   f"tx {_bytes(int(p.get('tx_bytes', 0)))}")
+
+
+def _probe(probe: Any) -> str:
+    """The PROBE cell: how the last probe of the helper went, and when."""
+    if not isinstance(probe, dict):
+        return "-"
+    outcome = "ok" if probe.get("ok") else "failed"
+    age = probe.get("age")
+    return outcome if age is None else f"{outcome} {_duration(age)} ago"
 
 
 # ----------------------------------------------------------------- up / down
@@ -371,6 +388,8 @@ def reload(runtime_dir: str, *, debug: bool = False, timeout: float = 330.0) -> 
     for key in ("started", "stopped", "restarted", "unchanged"):
         if result.get(key):
             print(f"{key}: {', '.join(result[key])}")
+    for warning in result.get("warnings") or []:
+        print(f"tunsup reload: warning: {warning}", file=sys.stderr)
     failed = result.get("failed") or {}
     for name, why in failed.items():
         print(f"failed: {name}: {why}", file=sys.stderr)
@@ -404,14 +423,23 @@ def logs(runtime_dir: str, *, lines: int = 100, follow: bool = False, as_json: b
                     show(frame["log"])
                 elif "event" in frame:
                     event = frame["event"]
-                    print(f"-- tunsup exited with code {event.get('code')} --", flush=True)
+                    _log_end(as_json, f"tunsup exited with code {event.get('code')}", event)
                     return OK
-            print("-- the service closed the log stream --", flush=True)
+            _log_end(as_json, "the service closed the log stream", {"type": "closed"})
             return OK
         except KeyboardInterrupt:
             return OK
         except (ControlError, TimeoutError, ConnectionError, ValueError, OSError) as exc:
             return _error_exit("logs", exc)
+
+
+def _log_end(as_json: bool, message: str, event: dict[str, Any]) -> None:
+    """The last line of ``logs -f``: how the stream ended.  With ``--json``
+    it is JSON too (every line is): ``{"event": {...}, "msg": "..."}``."""
+    if as_json:
+        print(json.dumps({"event": event, "msg": message}, ensure_ascii=False), flush=True)
+    else:
+        print(f"-- {message} --", flush=True)
 
 
 def _log_printer(as_json: bool) -> Callable[[dict[str, Any]], None]:

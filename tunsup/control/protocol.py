@@ -55,8 +55,13 @@ def socket_path(runtime_dir: str) -> str:
 
 def encode(frame: dict[str, Any]) -> bytes:
     """One frame: compact JSON and a newline (``json.dumps`` escapes newlines
-    inside strings, so a frame never spans lines)."""
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    inside strings, so a frame never spans lines).  Total: a string that is
+    not valid Unicode (a lone surrogate) is sent \\u-escaped."""
+    text = json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode() + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(frame, separators=(",", ":")).encode() + b"\n"
 
 
 def error(request_id: Any, code: str, message: str) -> dict[str, Any]:

@@ -7,10 +7,16 @@ of the engine.  Each connection is its own task with an idle timeout (no
 complete request for ``idle_timeout`` seconds closes it) and a per-request
 timeout, and every send is bounded, so a slow, stuck or hostile client
 costs one task and blocks no one.  Protocol errors (an oversized frame,
-invalid JSON, an unknown op, a peer that is neither root nor in the allowed
-group) get an error frame and the connection is closed gracefully (our
-side shut down, the peer's leftover input drained for a moment, so the
-error frame is not lost to a reset).
+invalid JSON or JSON nested too deeply, text that is not valid Unicode, an
+unknown op, a peer that is neither root nor in the allowed group) get an
+error frame and the connection is closed gracefully (our side shut down,
+the peer's leftover input drained for a moment, so the error frame is not
+lost to a reset).
+
+Idle connections never lock out a request: at ``max_connections`` a new
+connection evicts the one idle longest (waiting for a request); only when
+none is idle is the newcomer refused, cheaply (a best-effort frame, no
+task).  A client that goes away, even mid-stream, is no error.
 
 Log subscriptions (``logs`` with ``follow``) are fed by the log hub of
 :mod:`tunsup._log` through a bounded memory channel; a subscriber that
@@ -35,6 +41,8 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from .._bounded import bounded
+from .._errors import HostError
 from .._log import Entry, LogHub
 from ..config.settings import ControlSettings as ControlSettings
 from . import protocol as proto
@@ -43,6 +51,8 @@ log = logging.getLogger("tunsup.control")
 
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _UNIX_PATH_MAX = 107
+#: Bound on one file operation on the socket's path (runtime directory).
+FILE_TIMEOUT = 2.0
 
 
 class OpError(Exception):
@@ -143,6 +153,12 @@ class _Connection:
         self.open = True
         #: Root (or the service's uid), as opposed to a member of the group.
         self.privileged = False
+        #: Since when the connection waits for a request (trio clock); None
+        #: while a request is being answered or a log stream runs.
+        self.idle_since: float | None = trio.current_time()
+        #: Cancelled to evict the connection.
+        self.scope = trio.CancelScope()
+        self.evicted = False
 
     async def send(self, frame: dict[str, Any]) -> None:
         """Send one frame within the send timeout; a client that does not
@@ -163,7 +179,8 @@ class ControlServer:
         self.ops = ops
         self.hub = hub
         self.settings = settings or ControlSettings()
-        self._connections = 0
+        #: The connections being served (an evicted one leaves at once).
+        self._live: set[_Connection] = set()
         self._followers: set[_Follower] = set()
         #: Set by finish(): the service is exiting.
         self._exit_event: dict[str, Any] | None = None
@@ -179,7 +196,7 @@ class ControlServer:
 
     @property
     def connections(self) -> int:
-        return self._connections
+        return len(self._live)
 
     # ------------------------------------------------------------ listening
 
@@ -194,16 +211,17 @@ class ControlServer:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         tmp = os.path.join(os.path.dirname(self.path), f".ctl{os.getpid()}")
         try:
-            await trio.to_thread.run_sync(_unlink_quietly, tmp)
+            await bounded(FILE_TIMEOUT, f"removing {tmp}", _unlink_quietly, tmp)
             await sock.bind(tmp)
-            sock.listen(128)
+            sock.listen(self.settings.listen_backlog)
             # Permissions are set before the socket gets its public name, so
             # it is never reachable with looser ones.
-            self._inode = await trio.to_thread.run_sync(_publish, tmp, self.path,
-                                                        self.settings.group)
+            self._inode = await bounded(FILE_TIMEOUT, f"publishing {self.path}", _publish,
+                                        tmp, self.path, self.settings.group)
         except BaseException:
             sock.close()
-            await trio.to_thread.run_sync(_unlink_quietly, tmp)
+            with trio.CancelScope(shield=True):
+                await bounded(FILE_TIMEOUT, f"removing {tmp}", _unlink_quietly, tmp)
             raise
         return sock
 
@@ -222,8 +240,12 @@ class ControlServer:
                 await self._accept_loop(sock, nursery)
         finally:
             sock.close()
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await trio.to_thread.run_sync(_unlink_if_ours, self.path, self._inode)
+            with trio.CancelScope(shield=True):
+                try:
+                    await bounded(FILE_TIMEOUT, f"removing {self.path}", _unlink_if_ours,
+                                  self.path, self._inode)
+                except HostError as exc:
+                    log.warning("control socket: %s", exc)
 
     async def _accept_loop(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         """Accept connections and give each its own task until cancelled."""
@@ -235,11 +257,28 @@ class ControlServer:
                 log.warning("control socket: accept failed: %s", exc)
                 await trio.sleep(0.1)
                 continue
-            if self._connections >= self.settings.max_connections:
-                _refuse(conn, proto.BUSY, "too many connections")
+            if len(self._live) >= self.settings.max_connections and not self._evict_idlest():
+                _refuse(conn, proto.BUSY, f"too many connections ({len(self._live)} busy)")
                 continue
-            self._connections += 1
-            nursery.start_soon(self._connection, conn)
+            connection = _Connection(self, trio.SocketStream(conn))
+            self._live.add(connection)
+            nursery.start_soon(self._connection, connection)
+
+    def _evict_idlest(self) -> bool:
+        """Make room by evicting the connection idle longest (it gets a
+        ``busy`` frame, best effort); False when every connection is busy.
+        Idle connections must never lock out a new request: a leaking
+        script's forgotten sockets go before a ``status`` or ``stop``."""
+        idle = [c for c in self._live if c.idle_since is not None]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.idle_since or 0.0)
+        victim.evicted = True
+        victim.scope.cancel()
+        self._live.discard(victim)
+        log.debug("control: evicted the connection idle longest (limit %d reached)",
+                  self.settings.max_connections)
+        return True
 
     async def finish(self, event: dict[str, Any]) -> None:
         """Send ``event`` (``{"type": "exit", ...}``) to every log subscriber
@@ -260,24 +299,34 @@ class ControlServer:
 
     # ------------------------------------------------------------ connections
 
-    async def _connection(self, raw: trio.socket.SocketType) -> None:
-        """Serve one connection until it ends; never raises (errors are
-        logged).  Cancellation closes the connection at once."""
-        stream = trio.SocketStream(raw)
-        conn = _Connection(self, stream)
+    async def _connection(self, conn: _Connection) -> None:
+        """Serve one connection until it ends or is evicted; never raises
+        (errors are logged; a client going away is no error).  Cancellation
+        closes the connection at once."""
         try:
-            async with stream:
-                refused, conn.privileged = self._check_peer(raw)
-                if refused is not None:
-                    await self._protocol_error(conn, None, proto.FORBIDDEN, refused)
-                    return
-                await self._requests(conn)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away
+            async with conn.stream:
+                with conn.scope:
+                    await self._serve_peer(conn)
+                if conn.evicted:
+                    _notify_nowait(conn.stream.socket, proto.error(
+                        None, proto.BUSY, "closed: idle longest while the connection limit "
+                        f"({self.settings.max_connections}) was reached"))
         except Exception as exc:
-            log.error("control connection failed: %s", exc, exc_info=exc)
+            if _client_gone(exc):
+                log.debug("control: a client went away: %s", exc)
+            else:
+                log.error("control connection failed: %s", exc, exc_info=exc)
         finally:
-            self._connections -= 1
+            self._live.discard(conn)
+
+    async def _serve_peer(self, conn: _Connection) -> None:
+        """Check the peer's credentials, then answer its requests.
+        Cancellable."""
+        refused, conn.privileged = self._check_peer(conn.stream.socket)
+        if refused is not None:
+            await self._protocol_error(conn, None, proto.FORBIDDEN, refused)
+            return
+        await self._requests(conn)
 
     def _check_peer(self, raw: trio.socket.SocketType) -> tuple[str | None, bool]:
         """(None, privileged) when the peer may talk to us, else (why not,
@@ -298,12 +347,15 @@ class ControlServer:
         error or the idle timeout.  Cancellable."""
         settings = self.settings
         while conn.open:
+            conn.idle_since = trio.current_time()
             try:
                 with trio.move_on_after(settings.idle_timeout) as idle:
                     line = await conn.reader.frame()
             except _ProtocolError as exc:
+                conn.idle_since = None
                 await self._protocol_error(conn, None, exc.code, exc.message)
                 return
+            conn.idle_since = None
             if idle.cancelled_caught:
                 what = "inside a frame" if conn.reader.pending else "without a request"
                 await self._protocol_error(conn, None, proto.IDLE,
@@ -356,6 +408,11 @@ class ControlServer:
                 frame = proto.response(rid, await call())
             except OpError as exc:
                 frame = proto.error(rid, exc.code, exc.message)
+            except Exception as exc:
+                # A bug, not the client's fault: the client still gets an
+                # answer, and the log the traceback.
+                log.error("control: an op failed unexpectedly: %s", exc, exc_info=exc)
+                frame = proto.error(rid, proto.INTERNAL, f"internal error: {exc}")
         if scope.cancelled_caught:
             frame = proto.error(rid, proto.TIMEOUT, f"no answer within {timeout:g} s")
         await conn.send(frame)
@@ -488,9 +545,19 @@ class ControlServer:
 
 
 def _parse(line: bytes) -> dict[str, Any]:
+    """The request of one frame.  Raises _ProtocolError for anything that
+    is not a JSON object of valid Unicode with an id and an op."""
     try:
         request = json.loads(line)
-    except ValueError:
+        # "\ud800" escapes decode to lone surrogates, which are no text:
+        # they could not be echoed, logged or used as a name.
+        json.dumps(request, ensure_ascii=False).encode()
+    except RecursionError:
+        raise _ProtocolError(proto.BAD_FRAME, "JSON nested too deeply") from None
+    except UnicodeEncodeError:
+        raise _ProtocolError(proto.BAD_FRAME, "a request must be valid Unicode (it holds a "
+                                              "lone surrogate escape)") from None
+    except ValueError:  # invalid UTF-8 and over-long integers included
         raise _ProtocolError(proto.BAD_FRAME, "invalid JSON") from None
     if not isinstance(request, dict):
         raise _ProtocolError(proto.BAD_FRAME, "a request must be a JSON object")
@@ -518,11 +585,26 @@ def _peer_groups(raw: trio.socket.SocketType) -> list[int]:
 
 
 def _refuse(raw: trio.socket.SocketType, code: str, message: str) -> None:
-    """Best-effort error frame to a connection we will not serve (the
-    socket is non-blocking: a full buffer just loses the frame)."""
-    with contextlib.suppress(OSError):
-        os.write(raw.fileno(), proto.encode(proto.error(None, code, message)))
+    """A connection we will not serve: a best-effort error frame, closed.
+    Cheap: no task, no waiting."""
+    _notify_nowait(raw, proto.error(None, code, message))
     raw.close()
+
+
+def _notify_nowait(raw: trio.socket.SocketType, frame: dict[str, Any]) -> None:
+    """Best-effort frame, never waiting (the socket is non-blocking: a full
+    buffer or a gone peer just loses the frame)."""
+    with contextlib.suppress(OSError):
+        os.write(raw.fileno(), proto.encode(frame))
+
+
+def _client_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` only says the client went away (closed, reset, or
+    did not read), possibly wrapped in (nested) exception groups by a
+    nursery."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_client_gone(e) for e in exc.exceptions)
+    return isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError)
 
 
 async def _listening(path: str) -> bool:

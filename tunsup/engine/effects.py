@@ -22,24 +22,47 @@ adapters); ``undo_timeout`` bounds a whole undo step.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import stat
+import threading
 from collections.abc import Sequence
 
 import attrs
 import trio
 
+from .._bounded import bounded
 from .._errors import HostError
 from ..config.spec import IPAddress, IPInterface, IPNetwork
 from ..host import UNREACHABLE, PolicyRule
-from ..host.dns import DnsBackend, DnsState
+from ..host.dns import DnsBackend, DnsError, DnsState
 
 # The base types live beside the stack that runs them (no import cycle);
 # re-exported here for the effect modules and their users.
 from .undo import LAST_CHANCE
 from .undo import Effect as Effect
 from .undo import EffectContext as EffectContext
+from .undo import HookRecorder as HookRecorder
 from .undo import Log as Log
+from .undo import OnHook as OnHook
+
+#: Bound on reading a process's details from /proc.
+PROC_TIMEOUT = 5.0
+
+
+def _share(timeout: float, after: int) -> float:
+    """The time one of several sequential waits may take: ``timeout``, but
+    leaving :data:`~tunsup.engine.undo.LAST_CHANCE` for each of the ``after``
+    waits that follow (at least an equal share) before the deadline."""
+    from .undo import LAST_CHANCE
+
+    left = trio.current_effective_deadline() - trio.current_time()
+    if left == math.inf:
+        return timeout
+    # The margin lets the wait's own timeout (which names what hung) fire
+    # before the caller's deadline, and leaves time to kill and reap.
+    share = max(left - LAST_CHANCE * after, left / (after + 1)) - 0.1
+    return max(0.0, min(timeout, share))
 
 
 def expand_hook(command: str, ifname: str) -> str:
@@ -66,22 +89,36 @@ class Hooks(Effect):
         return f"{self.up_name}/{self.down_name} hooks of {self.ifname}"
 
     async def apply(self, ctx: EffectContext) -> Effect:
-        for command in self.up:
-            await ctx.host.run_hook(expand_hook(command, self.ifname), _as_logger(ctx.log),
-                                    ctx.hook_timeout)
+        for index, command in enumerate(self.up):
+            await self._run(ctx, "up", index, command, ctx.hook_timeout)
         return self
 
     async def undo(self, ctx: EffectContext) -> None:
+        """Run every down hook, in order, whatever the earlier ones did.
+        Each gets ``hook_timeout``, but never so much of the step's budget
+        that the hooks after it get less than a last chance (a hung
+        PreDown must not keep the next one from running)."""
         failed = []
-        for command in self.down:
+        for index, command in enumerate(self.down):
+            timeout = _share(ctx.hook_timeout, len(self.down) - index - 1)
             try:
-                await ctx.host.run_hook(expand_hook(command, self.ifname), _as_logger(ctx.log),
-                                        ctx.hook_timeout)
+                await self._run(ctx, "down", index, command, timeout)
             except HostError as exc:
                 ctx.log.error("%s hook failed: %s", self.down_name, exc)
                 failed.append(str(exc))
         if failed:
             raise HostError(f"{len(failed)} {self.down_name} hook(s) failed: {failed[0]}")
+
+    async def _run(self, ctx: EffectContext, phase: str, index: int, command: str,
+                   timeout: float) -> None:
+        on_hook = ctx.on_hook
+
+        async def started(pid: int, start_time: int | None) -> None:
+            if on_hook is not None:
+                await on_hook(self, phase, index, pid, start_time)
+
+        await ctx.host.run_hook(expand_hook(command, self.ifname), _as_logger(ctx.log),
+                                timeout, started=started)
 
     async def abort(self, ctx: EffectContext) -> None:
         pass
@@ -122,17 +159,18 @@ class StartHelper(Effect):
         return HelperRunning(self.ifname, self.argv, handle.pid, handle.start_time)
 
     async def abort(self, ctx: EffectContext) -> None:
-        # Live: start_helper either returns a running helper or starts
-        # nothing.  Recovery: the instance may have died between the spawn
-        # and its record; find the helper by its exact command line, started
-        # after the dead instance itself.
+        # Live: start_helper either returns a running helper or stops what
+        # it spawned before raising; one it had to SIGKILL may leave its
+        # UAPI socket file.  Recovery: the instance may have died between
+        # the spawn and its record; find the helper by its exact command
+        # line, started after the dead instance itself.
         if not ctx.recovering or ctx.instance_start is None:
+            await _remove_stale_socket(ctx, self.ifname)
             return
         from ..host.process import find_processes, terminate_foreign
 
-        for pid, start in await trio.to_thread.run_sync(
-            find_processes, self.argv, ctx.instance_start
-        ):
+        for pid, start in await bounded(PROC_TIMEOUT, "looking for unrecorded helpers",
+                                        find_processes, self.argv, ctx.instance_start):
             ctx.log.info("stopping unrecorded helper %s (pid %d)", self.argv[0], pid)
             if not await terminate_foreign(pid, start, grace=ctx.stop_grace):
                 raise HostError(f"helper pid {pid} did not exit after SIGKILL")
@@ -177,7 +215,8 @@ class HelperRunning(Effect):
         from ..host.process import terminate_foreign
         from ..pidfile import process_start_time
 
-        start = await trio.to_thread.run_sync(process_start_time, self.pid)
+        start = await bounded(PROC_TIMEOUT, f"reading the start time of pid {self.pid}",
+                              process_start_time, self.pid)
         if start is None or self.start_time is None or start != self.start_time:
             ctx.log.info("helper pid %d is gone%s", self.pid,
                          "" if start is None else " (pid reused by another process: left alone)")
@@ -201,10 +240,13 @@ async def _remove_stale_socket(ctx: EffectContext, ifname: str) -> None:
     from ..host.uapi import socket_path
 
     path = socket_path(ifname, ctx.host.uapi_dir)
+    # Set when the wait below gives up: a late thread must not remove a
+    # socket a new helper may have created meanwhile.
+    gave_up = threading.Event()
 
     def unlink_if_socket() -> bool:
         try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
+            if stat.S_ISSOCK(os.lstat(path).st_mode) and not gave_up.is_set():
                 os.unlink(path)
                 return True
         except FileNotFoundError:
@@ -221,7 +263,7 @@ async def _remove_stale_socket(ctx: EffectContext, ifname: str) -> None:
         else:
             stream.socket.close()  # someone listens: not stale
             return
-        if await trio.to_thread.run_sync(unlink_if_socket):
+        if await bounded(2, f"removing {path}", unlink_if_socket, gave_up=gave_up):
             ctx.log.info("removed stale UAPI socket %s", path)
 
 
@@ -531,9 +573,8 @@ class Dns(Effect):
 
     async def _backend(self, ctx: EffectContext) -> DnsBackend:
         # "auto" looks at the machine (files, PATH): off the trio thread.
-        with trio.fail_after(self.timeout):
-            backend = await trio.to_thread.run_sync(ctx.host.dns_backend, self.backend)
-        return backend
+        return await bounded(self.timeout, f"choosing the {self.backend} DNS backend",
+                             ctx.host.dns_backend, self.backend, error=DnsError)
 
     async def prepare(self, ctx: EffectContext) -> Effect:
         backend = await self._backend(ctx)

@@ -10,8 +10,9 @@ Format: one record per line, ``CRC32HEX JSON\\n``, appended to
 ``STATE_DIR/journal-PID-START.log`` (file mode 0600, directory 0700).  The
 first record names the owning process by pid *and* start time.  A torn last
 line (a crash mid-write) or garbage is detected by the checksum; readable
-records are still used.  Appends and fsyncs run on a worker thread, never on
-the trio thread.
+records are still used.  Encoding (a record may hold 100,000 prefixes:
+~100 ms of JSON), appends and fsyncs run on a worker thread, never on the
+trio thread.
 
 Key material is never journaled (fields with ``metadata={"secret": True}``
 are left out).
@@ -28,6 +29,7 @@ import os
 import signal
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -36,7 +38,7 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 
 from ..config.spec import IPAddress, IPInterface, IPNetwork
 from ..host.dns import DnsState, FileDnsState, ResolvconfDnsState, ResolvedDnsState
-from ..host.worker import SerialWorker
+from ..host.worker import SerialWorker, raise_if_abandoned
 from . import effects
 from .effects import Effect
 
@@ -155,6 +157,10 @@ def decode_line(line: bytes) -> dict[str, Any] | None:
     return entry if isinstance(entry, dict) else None
 
 
+#: A journal entry, or a function building it (called off the trio thread).
+Entry = dict[str, Any] | Callable[[], dict[str, Any]]
+
+
 def journal_name(pid: int, start_time: int) -> str:
     return f"{JOURNAL_PREFIX}{pid}-{start_time}{JOURNAL_SUFFIX}"
 
@@ -179,6 +185,18 @@ def ensure_state_dir(state_dir: str) -> None:
 
 
 @attrs.frozen
+class HookRun:
+    """A hook process an effect started (a ``hook`` record)."""
+
+    #: "up" (the effect's apply) or "down" (its undo).
+    phase: str
+    #: Position of the command in the effect's up or down list.
+    index: int
+    pid: int
+    start_time: int | None
+
+
+@attrs.frozen
 class Step:
     """One effect of a journal: its intent and what became of it."""
 
@@ -187,6 +205,17 @@ class Step:
     intent: Effect
     record: Effect | None = None
     undone: bool = False
+    #: Hook processes it started, in order.
+    hooks: tuple[HookRun, ...] = ()
+    #: Why it must not be undone again (running it now would be wrong),
+    #: or None.  Set for down hooks the teardown had already gone past.
+    stale: str | None = None
+
+    @property
+    def down_started(self) -> int | None:
+        """Index of the last down hook started, or None."""
+        runs = [h.index for h in self.hooks if h.phase == "down"]
+        return runs[-1] if runs else None
 
     @property
     def pending(self) -> Effect | None:
@@ -259,6 +288,15 @@ def read_journal(path: str) -> JournalContents:
             elif op == "undone":
                 seq = int(entry["seq"])
                 steps[seq] = attrs.evolve(steps[seq], undone=True)
+                _mark_passed(steps, steps[seq])
+            elif op == "hook":
+                seq = int(entry["seq"])
+                run = HookRun(str(entry["phase"]), int(entry["index"]), int(entry["pid"]),
+                              None if entry["start_time"] is None else int(entry["start_time"]))
+                steps[seq] = attrs.evolve(steps[seq], hooks=(*steps[seq].hooks, run))
+            elif op == "stale":
+                seq = int(entry["seq"])
+                steps[seq] = attrs.evolve(steps[seq], stale=str(entry["why"]))
             else:
                 damaged.append((number, f"unknown record {op!r}"))
         except (KeyError, ValueError, TypeError) as exc:
@@ -266,6 +304,20 @@ def read_journal(path: str) -> JournalContents:
     torn = bool(damaged) and len(damaged) == 1 and damaged[0][0] == len(lines)
     return JournalContents(path, pid, start, tuple(steps[k] for k in sorted(steps)),
                            tuple(damaged), torn)
+
+
+#: Why down hooks the teardown went past are not run again.
+PASSED = ("not run again: the teardown had already gone past them (running them now "
+          "would be out of order); 'tunsup cleanup --drop' forgets them")
+
+
+def _mark_passed(steps: dict[int, Step], undone: Step) -> None:
+    """``undone`` was undone: down hooks of its tunnel that had started and
+    are still pending were gone past (the teardown moved on)."""
+    for seq, step in steps.items():
+        if (step.tunnel == undone.tunnel and step is not undone and not step.undone
+                and step.stale is None and step.down_started is not None):
+            steps[seq] = attrs.evolve(step, stale=PASSED)
 
 
 # --- writing ------------------------------------------------------------------
@@ -291,11 +343,17 @@ class Journal:
         self._seq += 1
         return self._seq
 
-    def _append_sync(self, data: bytes) -> None:
+    def _append_sync(self, entry: Entry) -> None:
+        data = encode_line(entry() if callable(entry) else entry)
         if self._fd is None:
             ensure_state_dir(self.state_dir)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                               0o600)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                raise_if_abandoned()  # a late thread leaves the journal to its successor
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
             header = encode_line({"op": "open", "pid": self.pid, "start_time": self.start_time,
                                   "version": FORMAT_VERSION, "created": time.time()})
             os.write(self._fd, header)
@@ -304,21 +362,30 @@ class Journal:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+        # An append its caller gave up on (reported as failed) is not written late.
+        raise_if_abandoned()
         written = os.write(self._fd, data)
         if written != len(data):
             raise OSError(f"short write to {self.path}")
         os.fsync(self._fd)
 
-    async def append(self, entry: dict[str, Any]) -> None:
-        """Append one entry durably.  Cancellation: a queued append is
-        skipped; one being written completes (see SerialWorker)."""
-        data = encode_line(entry)
-        await self._worker.call(lambda: self._append_sync(data), timeout=APPEND_TIMEOUT,
+    async def append(self, entry: Entry) -> None:
+        """Append one entry durably.  ``entry`` may be a function building it:
+        it is then called on the worker thread (with effect records, that is
+        where the cost is).  Cancellation: a queued append is skipped; one
+        being written completes within a grace, else it is abandoned (see
+        SerialWorker)."""
+        await self._worker.call(lambda: self._append_sync(entry), timeout=APPEND_TIMEOUT,
                                 what=f"append to {self.path}")
         self.appends += 1
 
     async def close(self, *, remove: bool) -> None:
-        """Close the file; with ``remove`` (everything was undone) delete it."""
+        """Close the file; with ``remove`` (everything was undone) delete it.
+        Nothing touches the disk when nothing was ever appended (a stop
+        during recovery on a hung state disk must not wait for it)."""
+        if self._fd is None and self.appends == 0:
+            self._worker.close()
+            return
 
         def job() -> None:
             if self._fd is not None:
@@ -346,21 +413,38 @@ class JournalObserver:
     async def intent(self, effect: Effect) -> None:
         seq = self.journal.next_seq()
         self._pending_intent[id(effect)] = seq
-        await self.journal.append({"op": "intent", "seq": seq, "tunnel": self.tunnel,
-                                   "effect": effect_to_dict(effect)})
+        tunnel = self.tunnel
+        await self.journal.append(lambda: {"op": "intent", "seq": seq, "tunnel": tunnel,
+                                           "effect": effect_to_dict(effect)})
         self.journal.fault.hit("intent")
 
     async def applied(self, intent: Effect, record: Effect) -> None:
         self.journal.fault.hit("effect")  # applied, not yet recorded
         seq = self._pending_intent.pop(id(intent))
         self._seqs[id(record)] = seq
-        await self.journal.append({"op": "applied", "seq": seq, "record": effect_to_dict(record)})
+        await self.journal.append(lambda: {"op": "applied", "seq": seq,
+                                           "record": effect_to_dict(record)})
         self.journal.fault.hit("applied")
 
     async def undone(self, record: Effect) -> None:
         seq = self._seqs.pop(id(record), None)
         if seq is not None:
             await self.journal.append({"op": "undone", "seq": seq})
+
+    async def hook_started(self, effect: Effect, phase: str, index: int, pid: int,
+                           start_time: int | None) -> None:
+        """Record a hook process of ``effect`` (applied or being applied),
+        so that recovery can end it if it outlives this instance.  A failed
+        append is logged: the hook still runs.  Cancellation: as
+        :meth:`Journal.append`."""
+        seq = self._seqs.get(id(effect), self._pending_intent.get(id(effect)))
+        if seq is None:
+            return
+        try:
+            await self.journal.append({"op": "hook", "seq": seq, "phase": phase, "index": index,
+                                       "pid": pid, "start_time": start_time})
+        except Exception as exc:
+            log.warning("journal: cannot record hook pid %d: %s", pid, exc)
 
 
 # --- fault points (tests only) ------------------------------------------------

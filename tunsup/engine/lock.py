@@ -11,8 +11,11 @@ Synchronous: used before the event loop starts and by ``cleanup``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import stat
+from collections.abc import Sequence
 
 import attrs
 
@@ -93,3 +96,50 @@ def lock_state(state_dir: str) -> int:
     """Take only the state lock (``tunsup cleanup``); raises LockHeld.
     Returns the fd to close when done."""
     return _lock(state_dir, 0o700, None)
+
+
+def stale_runtime_files(runtime_dir: str, sockets: Sequence[str] = ()) -> list[str]:
+    """The pid file, and those of ``sockets`` that exist as sockets, in
+    ``runtime_dir`` when they were left by a service that is dead (its pid
+    *and* start time no longer run): what
+    :func:`remove_stale_runtime_files` removes.  Empty when there is no pid
+    file, or when its owner is alive."""
+    owner = pidfile.read(runtime_dir)
+    if owner is None or owner.alive():
+        return []
+    found = []
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(sock).st_mode):
+                found.append(sock)
+    return [*found, pidfile.pid_path(runtime_dir)]
+
+
+def remove_stale_runtime_files(runtime_dir: str, sockets: Sequence[str] = ()) -> list[str]:
+    """Remove what :func:`stale_runtime_files` finds, holding the runtime
+    directory's instance lock meanwhile, so that a service starting at the
+    same moment never loses its fresh files; return what was removed.
+    Nothing is removed while a live process holds that lock or while the
+    pid file names a live process.  A missing directory is left alone."""
+    if not os.path.isdir(runtime_dir):
+        return []
+    try:
+        fd = _lock(runtime_dir, 0o755, runtime_dir)
+    except LockHeld:
+        return []
+    try:
+        owner = pidfile.read(runtime_dir)
+        removed = []
+        for path in stale_runtime_files(runtime_dir, sockets):
+            # The pid file goes last, and only if it still names the dead owner.
+            if path == pidfile.pid_path(runtime_dir):
+                if owner is not None and pidfile.read(runtime_dir) == owner:
+                    pidfile.remove(runtime_dir, owner)
+                    removed.append(path)
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+        return removed
+    finally:
+        os.close(fd)

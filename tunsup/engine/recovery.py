@@ -20,12 +20,19 @@ from collections.abc import Callable
 import attrs
 import trio
 
+from .._bounded import bounded
+from .._errors import HostError
 from ..host import Host
-from .effects import Effect, EffectContext
+from ..host.process import terminate_foreign
+from ..pidfile import process_start_time
+from .effects import Effect, EffectContext, Hooks, OnHook
 from .journal import (
+    APPEND_TIMEOUT,
     FORMAT_VERSION,
+    PASSED,
     JournalContents,
     PendingIntent,
+    Step,
     effect_to_dict,
     encode_line,
     list_journals,
@@ -38,6 +45,10 @@ log = logging.getLogger("tunsup.recovery")
 
 #: Bound on undoing one journal.
 RECOVERY_TIMEOUT = 60.0
+#: Bound on one file operation of recovery (list, read, rewrite, move
+#: aside): a hung state disk (or a FIFO where a journal should be) makes it
+#: a failure, never a wait without end.
+IO_TIMEOUT = 10.0
 
 
 @attrs.frozen
@@ -52,6 +63,8 @@ class RecoveryReport:
     quarantined: tuple[str, ...] = ()
     #: Damaged records that were not just a torn last write.
     unreadable: int = 0
+    #: What could not be undone and was forgotten (``drop``).
+    dropped: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -66,14 +79,25 @@ async def recover(
     me: tuple[int, int] | None = None,
     out: Callable[[str], None] | None = None,
     timeout: float = RECOVERY_TIMEOUT,
+    io_timeout: float = IO_TIMEOUT,
+    drop: bool = False,
 ) -> RecoveryReport:
     """Undo every journal left in ``state_dir`` by a dead instance.
 
     ``me`` (pid, start time) is skipped: the caller's own journal.  With
     ``dry_run`` nothing changes; ``out`` receives one line per object that
-    would be undone, in undo order.  Never raises for bad journals.
-    Cancellation: an undo in progress is shielded and bounded (as at stop);
-    cancellation then propagates.
+    would be undone, in undo order.  ``timeout`` bounds the undo of one
+    journal as ``stop_timeout`` bounds a stop (pass the configured one).
+    Hook processes the dead instance left running are ended first; down
+    hooks it had gone past are never run again (out of order): they stay
+    recorded as failures.  With ``drop``, what could not be undone is
+    reported (``out``, ``dropped``) and forgotten instead of kept for a
+    later cleanup.  Never raises for bad journals.
+    Every file operation is bounded by ``io_timeout`` (one that overruns is
+    a failure: the journal is left for a later cleanup).  Cancellation:
+    file operations are abandoned at once (see :func:`tunsup._bounded.bounded`);
+    an undo in progress is shielded and bounded (as at stop); cancellation
+    then propagates.
     """
     say = out or (lambda line: log.info("%s", line))
     recovered: list[str] = []
@@ -81,14 +105,25 @@ async def recover(
     failures: list[str] = []
     live: list[str] = []
     quarantined: list[str] = []
+    dropped: list[str] = []
     unreadable = 0
-    for path in await trio.to_thread.run_sync(list_journals, state_dir):
-        contents = await trio.to_thread.run_sync(read_journal, path)
+    try:
+        paths = await bounded(io_timeout, f"listing {state_dir}", list_journals, state_dir)
+    except HostError as exc:
+        return RecoveryReport(failures=(str(exc),))
+    for path in paths:
+        try:
+            contents = await bounded(io_timeout, f"reading {path}", read_journal, path)
+            alive = contents.pid is not None and contents.start_time is not None and \
+                await bounded(io_timeout, f"checking pid {contents.pid}", is_alive,
+                              contents.pid, contents.start_time)
+        except HostError as exc:
+            failures.append(f"{exc}; journal left as it is")
+            continue
         owner = (contents.pid, contents.start_time)
         if owner == me:
             continue
-        if contents.pid is not None and contents.start_time is not None and await \
-                trio.to_thread.run_sync(is_alive, contents.pid, contents.start_time):
+        if alive:
             live.append(f"{path} (pid {contents.pid})")
             continue
         for number, why in contents.damaged:
@@ -96,32 +131,141 @@ async def recover(
                         " (a write torn by the crash)" if contents.torn_tail else "")
         if not contents.torn_tail:
             unreadable += len(contents.damaged)
-        pending = contents.pending()
+        pending = [(s, _resumed(s, e)) for s, e in contents.pending()]
+        stale = [(s, e) for s, e in pending if s.stale is not None]
+        pending = [(s, e) for s, e in pending if s.stale is None]
         if dry_run:
             who = f"pid {contents.pid}" if contents.pid is not None else "unknown owner"
             say(f"{path} ({who}, dead): {len(pending)} object(s) to undo")
             for _, effect in reversed(pending):
                 say(f"  undo {effect.describe()}")
+            for step, effect in stale:
+                say(f"  {'drop' if drop else 'cannot undo'} {effect.describe()}: {step.stale}")
             continue
         if contents.damaged:
-            quarantined.append(await _quarantine(path))
+            try:
+                quarantined.append(await _quarantine(path, io_timeout))
+            except HostError as exc:
+                failures.append(f"{exc}; journal left as it is")
+                continue
         recovered.append(path)
+        # The dead instance's hooks run in their own sessions and outlived
+        # it: end them before anything runs them (or the next step) again.
+        await _end_hooks(contents)
         if pending:
             say(f"recovering {len(pending)} object(s) left by pid {contents.pid} ({path})")
-        report = await _undo(contents, [e for _, e in pending], host, timeout)
+        report = await _undo(contents, [e for _, e in pending], host, timeout,
+                             None if contents.damaged else _hook_recorder(path, pending))
         undone += report.undone
-        failures += [f"{path}: {f}" for f in report.failures]
-        await trio.to_thread.run_sync(_rewrite, path, contents, report.remaining,
-                                      not contents.damaged)
+        passed = _passed_now(pending, report.remaining)
+        left = [*[(e, passed.get(id(e))) for e in report.remaining],
+                *[(e, s.stale) for s, e in stale]]
+        if drop:
+            for effect, _ in left:
+                say(f"dropped (not undone, no longer tracked): {effect.describe()}")
+            dropped += [f"{path}: {e.describe()}" for e, _ in left]
+            left = []
+        else:
+            failures += [f"{path}: {f}" for f in report.failures]
+            failures += [f"{path}: {e.describe()}: {s.stale}" for s, e in stale]
+        tunnels = {id(e): s.tunnel for s, e in [*pending, *stale]}
+        try:
+            # Abandoned late, the rewrite still leaves what it was given to
+            # leave (atomically, by rename): nothing else writes that file.
+            await bounded(io_timeout, f"rewriting {path}", _rewrite, path, contents, left,
+                          tunnels, not contents.damaged)
+        except HostError as exc:
+            failures.append(f"{exc}; the journal may still list what was undone")
     return RecoveryReport(tuple(recovered), tuple(undone), tuple(failures), tuple(live),
-                          tuple(quarantined), unreadable)
+                          tuple(quarantined), unreadable, tuple(dropped))
+
+
+def _resumed(step: Step, effect: Effect) -> Effect:
+    """Down hooks the dead instance had started run on from the one it was
+    running (interrupted: run again); those that had finished do not."""
+    first = step.down_started
+    if isinstance(effect, Hooks) and first is not None:
+        return attrs.evolve(effect, down=effect.down[first:])
+    return effect
+
+
+def _passed_now(pending: list[tuple[Step, Effect]],
+                remaining: tuple[Effect, ...]) -> dict[int, str]:
+    """Hooks whose down hooks failed in this unwind while a step below them
+    (of their tunnel) was then undone: by ``id``, why they must not run
+    again."""
+    failed = {id(e) for e in remaining}
+    passed = {}
+    for i, (step, effect) in enumerate(pending):
+        if id(effect) in failed and isinstance(effect, Hooks) and any(
+                s.tunnel == step.tunnel and id(e) not in failed for s, e in pending[:i]):
+            passed[id(effect)] = PASSED
+    return passed
+
+
+async def _end_hooks(contents: JournalContents) -> None:
+    """End the hook processes of pending steps that are still running:
+    SIGTERM then at once SIGKILL to each one's process group, as a live
+    hook timeout kills it (only if its pid still has the recorded start
+    time).  Bounded: 5 s each."""
+    for step in contents.steps:
+        if step.undone:
+            continue
+        for run in step.hooks:
+            if run.start_time is None:
+                continue
+            try:
+                alive = await bounded(IO_TIMEOUT, f"checking hook pid {run.pid}",
+                                      process_start_time, run.pid) == run.start_time
+            except HostError as exc:
+                log.warning("%s", exc)
+                continue
+            if not alive:
+                continue
+            log.warning("ending hook pid %d of the dead instance (%s of %s)", run.pid,
+                        run.phase, step.intent.describe())
+            if not await terminate_foreign(run.pid, run.start_time, grace=0, group=True):
+                log.error("hook pid %d did not exit after SIGKILL", run.pid)
+
+
+def _hook_recorder(path: str, pending: list[tuple[Step, Effect]]) -> OnHook:
+    """Journal the hooks recovery itself runs into the journal it recovers
+    (as their dead instance did), so that a recovery killed mid-hook is no
+    different from a service killed mid-hook.  A failed append is logged;
+    the hook still runs.  Bounded (abandoned after APPEND_TIMEOUT)."""
+    seqs = {id(e): (s.seq, s.down_started or 0) for s, e in pending}
+
+    def append(line: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def on_hook(effect: Effect, phase: str, index: int, pid: int,
+                      start_time: int | None) -> None:
+        seq, offset = seqs.get(id(effect), (None, 0))
+        if seq is None:
+            return
+        # A resumed Hooks record holds its down hooks from ``offset`` on.
+        line = encode_line({"op": "hook", "seq": seq, "phase": phase, "pid": pid,
+                            "index": index + offset if phase == "down" else index,
+                            "start_time": start_time})
+        try:
+            with trio.fail_after(APPEND_TIMEOUT):
+                await trio.to_thread.run_sync(append, line, abandon_on_cancel=True)
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("journal %s: cannot record hook pid %d: %s", path, pid, exc)
+
+    return on_hook
 
 
 async def _undo(contents: JournalContents, pending: list[Effect], host: Host,
-                timeout: float) -> TeardownReport:
+                timeout: float, on_hook: OnHook | None = None) -> TeardownReport:
     async with trio.open_nursery() as nursery:
         ctx = EffectContext(host=host, log=log, nursery=nursery, recovering=True,
-                            instance_start=contents.start_time)
+                            instance_start=contents.start_time, on_hook=on_hook)
         stack = EffectStack(ctx, log=log)
         stack.adopt(pending)
         report = await stack.unwind(timeout)
@@ -129,27 +273,28 @@ async def _undo(contents: JournalContents, pending: list[Effect], host: Host,
     return report
 
 
-async def _quarantine(path: str) -> str:
+async def _quarantine(path: str, io_timeout: float) -> str:
     target = f"{path}.corrupt.{time.strftime('%Y%m%dT%H%M%S')}"
-    await trio.to_thread.run_sync(os.replace, path, target)
+    await bounded(io_timeout, f"moving {path} aside", os.replace, path, target)
     log.warning("damaged journal %s kept aside as %s; its readable records are recovered",
                 path, target)
     return target
 
 
-def _rewrite(path: str, contents: JournalContents, remaining: tuple[Effect, ...],
-             replace: bool) -> None:
-    """Leave only what could not be undone (blocking).  ``replace``: the
+def _rewrite(path: str, contents: JournalContents, left: list[tuple[Effect, str | None]],
+             tunnels: dict[int, str], replace: bool) -> None:
+    """Leave only what could not be undone (blocking): ``left`` holds, in
+    undo order, each such effect and why it must not be undone again (or
+    None); ``tunnels`` names their tunnels by ``id``.  ``replace``: the
     journal is still at ``path`` (not quarantined)."""
-    if not remaining:
+    if not left:
         if replace:
             os.unlink(path)
         return
     lines = [encode_line({"op": "open", "pid": contents.pid, "start_time": contents.start_time,
                           "version": FORMAT_VERSION, "created": time.time(),
                           "rewritten_by": os.getpid()})]
-    tunnels = {id(e): s.tunnel for s, e in contents.pending()}
-    for seq, effect in enumerate(reversed(remaining), 1):
+    for seq, (effect, stale) in enumerate(reversed(left), 1):
         tunnel = tunnels.get(id(effect), "?")
         if isinstance(effect, PendingIntent):
             lines.append(encode_line({"op": "intent", "seq": seq, "tunnel": tunnel,
@@ -159,6 +304,8 @@ def _rewrite(path: str, contents: JournalContents, remaining: tuple[Effect, ...]
                                       "effect": effect_to_dict(effect)}))
             lines.append(encode_line({"op": "applied", "seq": seq,
                                       "record": effect_to_dict(effect)}))
+        if stale is not None:
+            lines.append(encode_line({"op": "stale", "seq": seq, "why": stale}))
     target = path if replace else path + ".leftovers" + os.path.splitext(path)[1]
     tmp = f"{target}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

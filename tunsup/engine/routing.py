@@ -22,6 +22,7 @@ it: they are not tied to the tunnel's link, so when the link disappears
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import attrs
@@ -73,7 +74,10 @@ async def plan_routing(spec: TunnelSpec, net: NetOps, log: logging.Logger,
         # large.  Small plans stay inline: a worker thread would also let a
         # MockClock (tunsup.testing.fakehost) jump past every deadline meanwhile.
         if len(wanted) > INLINE_PREFIXES:
-            ordinary = await trio.to_thread.run_sync(_reconcile_lan, wanted, connected, log, lan)
+            # Abandonable: it only computes, so a stop need not wait for it.
+            ordinary = await trio.to_thread.run_sync(
+                functools.partial(_reconcile_lan, wanted, connected, log, lan),
+                abandon_on_cancel=True)
         else:
             ordinary = _reconcile_lan(wanted, connected, log, lan)
     if not full:
@@ -138,7 +142,8 @@ async def apply_link_routes(
     if plan.table is not None and plan.ordinary:
         existing = await net.link_routes(index, plan.table)
         if len(plan.ordinary) > INLINE_PREFIXES:
-            prefixes = await trio.to_thread.run_sync(select_routes, plan.ordinary, existing)
+            prefixes = await trio.to_thread.run_sync(
+                functools.partial(select_routes, plan.ordinary, existing), abandon_on_cancel=True)
         else:
             prefixes = select_routes(plan.ordinary, existing)
         if prefixes:

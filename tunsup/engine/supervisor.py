@@ -15,9 +15,12 @@ its own; the others keep running.  Once no tunnel is left, ``run`` returns
 While it runs, tunnels can be added (:meth:`Supervisor.add`), removed
 (:meth:`Supervisor.remove`) and the whole configured set replaced
 (:meth:`Supervisor.converge`, what a reload does).  Requests for one tunnel
-are serialized by a per-name lock.  Starts always run inside the root
-nursery, so a stop wins over everything in flight: it cancels first
-(starts in progress, reloads), then waits for every teardown.
+are serialized by a per-name lock, and the names of the configured tunnels
+are claimed from load time (a reload's from its start) until their start
+has run: an ``add`` or ``remove`` of such a name waits for it, so that a
+client's request never races the configuration.  Starts always run inside
+the root nursery, so a stop wins over everything in flight: it cancels
+first (starts in progress, reloads), then waits for every teardown.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import attrs
 import outcome
 import trio
 
+from .. import _signals
 from .._errors import ExitCode, TunsupError
 from .._log import tag_tunnel
 from ..config.settings import OnFailure
@@ -100,6 +104,8 @@ class ConvergeResult:
 
 
 Plan = tuple[TunnelSpec, TunnelOptions]
+#: Names claimed by one configured start, each released once settled.
+Claims = dict[str, trio.Event]
 
 
 def same_plan(tunnel: Tunnel, spec: TunnelSpec, options: TunnelOptions) -> bool:
@@ -126,6 +132,7 @@ class Supervisor:
         make_tunnel: Callable[[TunnelSpec, TunnelOptions], Tunnel] | None = None,
         journal: Journal | None = None,
         on_failure: OnFailure = "exit",
+        recovery_timeout: float = 30.0,
     ):
         #: The tunnels to start first.
         self.tunnels = list(tunnels)
@@ -134,6 +141,8 @@ class Supervisor:
         #: dead instances left in its state directory before starting.
         self.journal = journal
         self.on_failure = on_failure
+        #: Bound on undoing one dead instance's journal (``stop_timeout``).
+        self.recovery_timeout = recovery_timeout
         #: Every tunnel that ran, in start order (for the exit code).
         self.history: list[Tunnel] = []
         self._handle_signals = handle_signals
@@ -146,8 +155,16 @@ class Supervisor:
         self._cancel_scope: trio.CancelScope | None = None
         self._root: trio.Nursery | None = None
         self._slots: dict[str, Slot] = {}
+        #: Tunnels that failed while up, until replaced or taken down.
+        self._failed_slots: dict[str, Slot] = {}
         self._locks: dict[str, trio.Lock] = {}
+        #: Names the configuration claims whose start has not run yet (the
+        #: initial set from load time, a reload's from its start): requests
+        #: from clients for them wait (see :meth:`_wait_claims`).
+        self._claims: dict[str, list[trio.Event]] = {}
         self._converge_lock = trio.Lock()
+        #: Stop signals received while already stopping.
+        self._repeated: set[int] = set()
         self.ready = trio.Event()
         self.stop_reason: str | None = None
         #: "new", "starting", "running", "stopping", "stopped".
@@ -172,6 +189,12 @@ class Supervisor:
         """The tunnels running now (starting, up or stopping), in start order."""
         return list(self._slots.values())
 
+    def failed(self) -> list[Slot]:
+        """The tunnels that failed while up (their teardown has run; the
+        tunnel's ``failure`` and ``report`` say why and how it ended), until
+        a tunnel of the same name starts or a ``remove`` clears them."""
+        return list(self._failed_slots.values())
+
     async def add(self, spec: TunnelSpec, options: TunnelOptions, *,
                   origin: str = CONTROL) -> tuple[Tunnel, bool]:
         """Start a tunnel; return it once it is up, and whether it was
@@ -192,9 +215,15 @@ class Supervisor:
         Waits for requests in flight for the same tunnel first.  Raises
         :class:`NoSuchTunnel`, or :class:`Stopping` when a stop already took
         it down.  Cancelling the caller abandons the wait,
-        never the teardown (which is shielded)."""
+        never the teardown (which is shielded).  A configured tunnel that
+        has not started yet is waited for, then stopped.  A tunnel that
+        failed while up (already torn down) is cleared from :meth:`failed`
+        and returned."""
+        await self._wait_claims(name, "down")
         async with self._lock(name):
             slot = self._slots.get(name)
+            if slot is None and name in self._failed_slots:
+                return self._failed_slots.pop(name).tunnel
             if slot is None:
                 if self.stop_reason is not None:
                     raise Stopping(f"the service is stopping; tunnel {name} is already down")
@@ -227,13 +256,16 @@ class Supervisor:
         self._used = True
         self.phase = "starting"
         self.started_at = time.time()
+        initial = self._claim([t.name for t in self.tunnels])
         signals = (*STOP_SIGNALS, RELOAD_SIGNAL) if self._handle_signals else ()
         try:
             receiver_cm = (trio.open_signal_receiver(*signals) if signals
                            else contextlib.nullcontext(None))
             # The receiver, and the task draining it, outlive the tunnels'
             # teardown: a second SIGINT/SIGTERM meanwhile is logged, never
-            # redelivered to interrupt the teardown or kill the process.
+            # redelivered to interrupt the teardown.  After it closes, the
+            # process is safe from these signals only if it absorbs them
+            # (``run`` does: tunsup._signals).
             with receiver_cm as receiver:
                 async with trio.open_nursery() as outer:
                     if receiver is not None:
@@ -242,8 +274,13 @@ class Supervisor:
                         async with trio.open_nursery() as root:
                             self._root = root
                             self._cancel_scope = root.cancel_scope
+                            if receiver is not None:
+                                # Signals that came before the receiver
+                                # opened (see tunsup._signals).
+                                for signum in _signals.take_early():
+                                    self._on_signal(signum, early=True)
                             await self._recover()
-                            await self._start_all()
+                            await self._start_all(initial)
                             if self._persistent or self.on_failure == "keep-running":
                                 await trio.sleep_forever()
                     finally:
@@ -257,6 +294,8 @@ class Supervisor:
                 if not isinstance(exc, TunsupError):
                     log.error("unexpected error: %s", exc, exc_info=exc)
         finally:
+            self._release(initial)
+            self._release_all()
             self.phase = "stopped"
             sdnotify.notify("STOPPING=1")
             with trio.CancelScope(shield=True):
@@ -276,7 +315,8 @@ class Supervisor:
         from .recovery import recover
 
         report = await recover(self.journal.state_dir, self.host,
-                               me=(self.journal.pid, self.journal.start_time))
+                               me=(self.journal.pid, self.journal.start_time),
+                               timeout=self.recovery_timeout)
         for line in report.undone:
             log.info("recovery: undone %s", line)
         if report.recovered:
@@ -299,6 +339,44 @@ class Supervisor:
 
     def _lock(self, name: str) -> trio.Lock:
         return self._locks.setdefault(name, trio.Lock())
+
+    def _claim(self, names: Sequence[str]) -> Claims:
+        """Claim ``names`` for the configuration until :meth:`_release`."""
+        claims = {name: trio.Event() for name in names}
+        for name, event in claims.items():
+            self._claims.setdefault(name, []).append(event)
+        return claims
+
+    def _release(self, claims: Claims, *names: str) -> None:
+        """Release ``names`` of ``claims`` (all of them when none given):
+        whoever waits for them goes on.  Releasing twice is harmless."""
+        for name in names or list(claims):
+            event = claims.pop(name, None)
+            if event is None:
+                continue
+            event.set()
+            waiting = self._claims.get(name, [])
+            if event in waiting:
+                waiting.remove(event)
+            if not waiting:
+                self._claims.pop(name, None)
+
+    async def _wait_claims(self, name: str, what: str) -> None:
+        """Wait until no configured start (initial or a reload's) claims
+        ``name``, so that a client's request never races it.  Cancellable;
+        a stop releases every claim."""
+        if name in self._claims:
+            log.info("%s %s: waiting for the configured tunnel of that name to start",
+                     what, name)
+        while waiting := self._claims.get(name):
+            await waiting[0].wait()
+
+    def _release_all(self) -> None:
+        """Release every claim (``run`` is ending): nobody waits for good."""
+        for waiting in self._claims.values():
+            for event in waiting:
+                event.set()
+        self._claims.clear()
 
     async def _in_root(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn`` as a task of the root nursery (so that a stop cancels
@@ -328,15 +406,19 @@ class Supervisor:
             raise Stopping("interrupted: the service is stopping")
         return box[0].unwrap()
 
-    async def _start_all(self) -> None:
+    async def _start_all(self, claims: Claims) -> None:
         """Start the initial tunnels one by one (a failure propagates and
-        stops the supervisor), then report ready.  Cancelled by a stop."""
+        stops the supervisor), releasing each one's claim once its start
+        ended, then report ready.  Cancelled by a stop."""
         sdnotify.notify("STATUS=bringing up tunnels")
         async with self._converge_lock:  # a reload waits for the initial start
             for tunnel in self.tunnels:
                 log.info("starting tunnel %s from %s", tunnel.name, tunnel.spec.source)
-                async with self._lock(tunnel.name):
-                    await self._start(tunnel, CONFIG)
+                try:
+                    async with self._lock(tunnel.name):
+                        await self._start(tunnel, CONFIG)
+                finally:
+                    self._release(claims, tunnel.name)
         names = ", ".join(t.name for t in self.tunnels)
         log.info("ready: %d tunnel(s) up (%s)", len(self.tunnels), names)
         self.phase = "running"
@@ -359,6 +441,7 @@ class Supervisor:
         assert self._root is not None
         slot = Slot(tunnel, origin)
         self._slots[tunnel.name] = slot
+        self._failed_slots.pop(tunnel.name, None)
         self.history.append(tunnel)
         tag_tunnel(tunnel.log, tunnel.name)
         try:
@@ -384,6 +467,7 @@ class Supervisor:
         except* TunsupError:
             if not tunnel.was_up:
                 raise
+            self._failed_slots[tunnel.name] = slot
             self._tunnel_failed(tunnel)
         finally:
             slot.done.set()
@@ -414,7 +498,11 @@ class Supervisor:
 
     async def _add(self, spec: TunnelSpec, options: TunnelOptions,
                    origin: str) -> tuple[Tunnel, bool]:
-        """See :meth:`add`; runs in the root nursery (a stop cancels it)."""
+        """See :meth:`add`; runs in the root nursery (a stop cancels it).
+        A name the configuration claims is left to it: this waits for the
+        configured start, then finds that tunnel (the same plan: not
+        started; another one: :class:`AlreadyRunning`)."""
+        await self._wait_claims(spec.name, "up")
         async with self._lock(spec.name):
             slot = self._slots.get(spec.name)
             if slot is not None:
@@ -435,12 +523,26 @@ class Supervisor:
         """See :meth:`converge`; runs in the root nursery (a stop cancels
         it between and during starts; teardowns it began still complete)."""
         want = {spec.name: (spec, options) for spec, options in wanted}
+        # Claimed before anything awaits (a reload waits for the initial
+        # start), so that an `up` or `down` of these names waits for it.
+        claims = self._claim(list(want))
+        try:
+            return await self._converge_claimed(want, claims)
+        finally:
+            self._release(claims)
+
+    async def _converge_claimed(self, want: dict[str, Plan], claims: Claims) -> ConvergeResult:
+        """:meth:`_converge` once ``want``'s names are claimed; releases
+        each claim once that name is settled."""
         started: list[str] = []
         stopped: list[str] = []
         restarted: list[str] = []
         unchanged: list[str] = []
         failed: list[tuple[str, str]] = []
         async with self._converge_lock:
+            for name in [n for n, s in self._failed_slots.items()
+                         if s.origin == CONFIG and n not in want]:
+                del self._failed_slots[name]  # gone from the configuration
             for name in [n for n, s in self._slots.items() if s.origin == CONFIG]:
                 if name in want:
                     continue
@@ -450,40 +552,55 @@ class Supervisor:
                         await self._stop_slot(slot)
                         stopped.append(name)
             for name, (spec, options) in want.items():
-                async with self._lock(name):
-                    slot = self._slots.get(name)
-                    if slot is not None and same_plan(slot.tunnel, spec, options):
-                        slot.origin = CONFIG
-                        unchanged.append(name)
-                        continue
-                    if slot is not None:
-                        log.info("tunnel %s changed: restarting it", name)
-                        await self._stop_slot(slot)
-                    tunnel = self._make_tunnel(spec, options)
-                    log.info("starting tunnel %s from %s", name, spec.source)
-                    try:
-                        await self._start(tunnel, CONFIG)
-                    except Exception as exc:
-                        failed.append((name, describe_error(exc)))
-                        continue
-                    (restarted if slot is not None else started).append(name)
+                try:
+                    async with self._lock(name):
+                        slot = self._slots.get(name)
+                        if slot is not None and same_plan(slot.tunnel, spec, options):
+                            slot.origin = CONFIG
+                            unchanged.append(name)
+                            continue
+                        if slot is not None:
+                            log.info("tunnel %s changed: restarting it", name)
+                            await self._stop_slot(slot)
+                        tunnel = self._make_tunnel(spec, options)
+                        log.info("starting tunnel %s from %s", name, spec.source)
+                        try:
+                            await self._start(tunnel, CONFIG)
+                        except Exception as exc:
+                            failed.append((name, describe_error(exc)))
+                            continue
+                        (restarted if slot is not None else started).append(name)
+                finally:
+                    self._release(claims, name)
         self._announce()
         return ConvergeResult(tuple(started), tuple(stopped), tuple(restarted),
                               tuple(unchanged), tuple(failed))
 
     async def _watch_signals(self, receiver: AsyncIterator[int]) -> None:
-        """SIGTERM/SIGINT stop (once; later ones are logged), SIGHUP reloads.
-        Runs until cancelled, after the teardown."""
+        """Acts on each signal (:meth:`_on_signal`).  Runs until cancelled,
+        after the teardown."""
         async for signum in receiver:
-            name = signal.Signals(signum).name
-            if signum == RELOAD_SIGNAL:
-                self._hangup()
-            elif self.stop_reason is None:
-                log.info("received %s: stopping", name)
-                sdnotify.notify("STOPPING=1", f"STATUS=stopping ({name})")
-                self.stop(f"received {name}")
+            self._on_signal(signum)
+
+    def _on_signal(self, signum: int, *, early: bool = False) -> None:
+        """SIGTERM/SIGINT stop (once; later ones are logged, the first of
+        each kind at INFO: a stream of them must not flood the log), SIGHUP
+        reloads (``early``: it came before the start, while the
+        configuration was being read: ignored)."""
+        name = signal.Signals(signum).name
+        if signum == RELOAD_SIGNAL:
+            if early:
+                log.info("received %s before the start: ignored", name)
             else:
-                log.info("received %s: already stopping, teardown continues", name)
+                self._hangup()
+        elif self.stop_reason is None:
+            log.info("received %s%s: stopping", name, " before the start" if early else "")
+            sdnotify.notify("STOPPING=1", f"STATUS=stopping ({name})")
+            self.stop(f"received {name}")
+        else:
+            level = logging.DEBUG if signum in self._repeated else logging.INFO
+            self._repeated.add(signum)
+            log.log(level, "received %s: already stopping, teardown continues", name)
 
     def _hangup(self) -> None:
         root = self._root

@@ -21,6 +21,7 @@ meanwhile, so nothing meant for the tunnel leaves another way.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import logging
 import os
@@ -47,11 +48,13 @@ from .effects import (
     Dns,
     EffectContext,
     HelperGeneration,
+    HookRecorder,
     Hooks,
     Link,
     LinkUp,
     Mtu,
     OwnedTun,
+    Routes,
     StartHelper,
 )
 from .restart import RestartTracker
@@ -143,6 +146,9 @@ class TunnelStatus:
     #: Why the tunnel ended, if it ended by a failure.
     failure: str | None
     last_probe: ProbeResult | None
+    #: Routes through the tunnel that tunsup installed and holds now (not
+    #: those it found already there, nor the kill switch's).
+    routes: int = 0
 
 
 class Tunnel:
@@ -182,6 +188,9 @@ class Tunnel:
         self._mtu = 0
         self._tun_index = 0
         self._plan: RoutingPlan | None = None
+        #: While it runs: its effect stack and context (for status).
+        self._stack: EffectStack | None = None
+        self._ctx: EffectContext | None = None
 
     @property
     def name(self) -> str:
@@ -206,9 +215,19 @@ class Tunnel:
             helper_pid=self.helper_pid,
             restarts=self.restarts,
             degraded_reason=self.degraded_reason,
-            failure=str(self.failure) if self.failure is not None else None,
+            failure=_one_line(self.failure) if self.failure is not None else None,
             last_probe=self.last_probe,
+            routes=self.routes_installed,
         )
+
+    @property
+    def routes_installed(self) -> int:
+        """How many routes through the tunnel tunsup added and has not yet
+        removed: the records on its effect stacks (a route that already
+        existed is not in them; a helper generation's go with it)."""
+        stacks = [self._stack, self._ctx.generations.get(self.name) if self._ctx else None]
+        return sum(len(record.prefixes) for stack in stacks if stack is not None
+                   for record in stack.records if isinstance(record, Routes))
 
     def _set_state(self, new: TunnelState) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -251,8 +270,11 @@ class Tunnel:
                 nursery=nursery,
                 stop_grace=self.options.stop_grace,
                 hook_timeout=self.options.hook_timeout,
+                on_hook=self._observer.hook_started
+                if isinstance(self._observer, HookRecorder) else None,
             )
             stack = EffectStack(ctx, log=self.log, observer=self._observer)
+            self._stack, self._ctx = stack, ctx
             try:
                 await self._bring_up(stack, ctx)
                 self.timings["up"] = trio.current_time() - started
@@ -582,7 +604,8 @@ class Tunnel:
             except (OSError, trio.TooSlowError) as exc:
                 reason = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
                 raise HostError(
-                    f"{self.spec.source}:{peer.line}: cannot resolve endpoint {ep}: {reason}"
+                    f"{self.spec.source}:{peer.endpoint_line or peer.line}: "
+                    f"cannot resolve endpoint {ep}: {reason}"
                 ) from None
             self.log.info("endpoint %s resolved to %s", ep.host, addr)
             resolved[peer.public_key] = (addr, ep.port)
@@ -603,11 +626,18 @@ class Tunnel:
 async def _cpu_bound(size: int, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)``, in a worker thread when ``size`` (a prefix count) is
     above :data:`CPU_BOUND_PREFIXES`, so that a long computation does not
-    hold the trio thread.  Cancellation: delivered once the thread is done
-    (it only computes, for milliseconds); nothing is left behind."""
+    hold the trio thread.  Cancellation: propagates at once; the thread,
+    which only computes, is abandoned and its result discarded."""
     if size <= CPU_BOUND_PREFIXES:
         return fn(*args)
-    return await trio.to_thread.run_sync(fn, *args)
+    return await trio.to_thread.run_sync(functools.partial(fn, *args), abandon_on_cancel=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as one line, exception groups flattened."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_one_line(e) for e in exc.exceptions)
+    return str(exc) or type(exc).__name__
 
 
 def _only_cancelled(exc: BaseException) -> bool:
@@ -630,7 +660,10 @@ async def _in_process_group(pid: int, leader: int) -> bool:
         except ProcessLookupError:
             return None
 
-    return await trio.to_thread.run_sync(pgid) == leader
+    # getpgid() reads the kernel's process table: it never blocks, so no
+    # thread (under MockClock one would let the clock jump meanwhile).
+    await trio.lowlevel.checkpoint()
+    return pgid() == leader
 
 
 async def _last_resort_kill(handle: HelperHandle, log: logging.Logger) -> None:

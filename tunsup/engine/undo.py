@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol, runtime_checkable
 
 import attrs
 import trio
@@ -50,6 +51,21 @@ class EffectContext:
     tun_fds: dict[str, int] = attrs.field(factory=dict)
     #: The current helper generation of each tunnel (see HelperGeneration).
     generations: dict[str, EffectStack] = attrs.field(factory=dict)
+    #: Told of every hook process once it exists (the journal records it:
+    #: see :class:`HookRecorder`).
+    on_hook: OnHook | None = None
+
+
+#: ``(effect, "up" | "down", index in its list, pid, start time)``.
+OnHook = Callable[["Effect", str, int, int, "int | None"], Awaitable[None]]
+
+
+@runtime_checkable
+class HookRecorder(Protocol):
+    """An effect-stack observer that also records hook processes."""
+
+    async def hook_started(self, effect: Effect, phase: str, index: int, pid: int,
+                           start_time: int | None) -> None: ...
 
 
 class Effect:

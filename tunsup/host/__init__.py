@@ -94,7 +94,16 @@ class HelperHandle(Protocol):
 
 
 StartHelper = Callable[..., Awaitable[HelperHandle]]
-RunHook = Callable[[str, logging.Logger, float], Awaitable[None]]
+
+
+class RunHook(Protocol):
+    """Run one hook command (see :func:`tunsup.hooks.run_hook`)."""
+
+    def __call__(self, command: str, log: logging.Logger, timeout: float, *,
+                 started: Callable[[int, int | None], Awaitable[None]] | None = None,
+                 ) -> Awaitable[None]: ...
+
+
 #: Create a persistent TUN device: ``(name, *, packet_info)`` (see
 #: :func:`tunsup.host.tun.create_tun`).
 CreateTun = Callable[..., Awaitable[tun.TunDevice]]

@@ -605,10 +605,11 @@ def delete_routes(
     *,
     table: int,
     metric: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> int:
     """Delete our routes: those via ``ifindex`` in ``table`` with protocol
     ``ROUTE_PROTOCOL`` (and, for IPv4, scope link).  Pass the ``metric`` given
-    to ``add_routes``.
+    to ``add_routes``.  ``progress`` is called as in :func:`add_routes`.
 
     Routes already gone are fine, so this is idempotent.  Returns how many
     routes were deleted.  On other errors it goes on with the rest, then
@@ -646,6 +647,8 @@ def delete_routes(
                     failed += 1
                     if first is None:
                         first = (net, err, extack)
+            if progress is not None:
+                progress(deleted + failed + len(uncertain))
     if first is not None:
         net, err, extack = first
         message = _describe("deleting route ", net, table, err, extack)

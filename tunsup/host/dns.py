@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import os
 import shutil
@@ -42,7 +41,9 @@ import attrs
 import outcome
 import trio
 
+from .._bounded import bounded
 from .._errors import HostError
+from ..config.ifname import is_valid_ifname
 from ..config.spec import IPAddress
 
 __all__ = [
@@ -179,13 +180,9 @@ class DnsBackend(Protocol):
 
 
 def _check_ifname(ifname: str) -> None:
-    # Linux's dev_valid_name(), plus no control characters: the name ends up
-    # in a file comment, a resolvconf record name and command lines.
-    if (
-        not 0 < len(ifname.encode()) <= 15
-        or ifname in (".", "..")
-        or any(c in "/:" or c.isspace() or not c.isprintable() for c in ifname)
-    ):
+    # The name ends up in a file comment, a resolvconf record name and
+    # command lines: tunsup's one rule keeps it to plain characters.
+    if not is_valid_ifname(ifname):
         raise ValueError(f"invalid interface name {ifname!r}")
 
 
@@ -448,11 +445,7 @@ class FileBackend:
                 raise _os_error(real, "cannot read", exc) from exc
             return FileDnsState(path=real, original=original, written=content, mode=mode)
 
-        try:
-            with trio.fail_after(timeout):
-                return await trio.to_thread.run_sync(read, abandon_on_cancel=True)
-        except trio.TooSlowError:
-            raise DnsError(f"{ifname}: reading {self.path} timed out after {timeout:g}s") from None
+        return await bounded(timeout, f"{ifname}: reading {self.path}", read, error=DnsError)
 
     async def apply(
         self,
@@ -505,17 +498,8 @@ async def _revert_file(state: FileDnsState, timeout: float) -> bool:
     """Revert in a worker thread.  Cancellation or timeout abandons the
     thread, which still finishes the revert (it compares contents first, so
     it is safe whenever it runs)."""
-    try:
-        with trio.fail_after(timeout):
-            return await trio.to_thread.run_sync(
-                functools.partial(_locked_revert, state),
-                abandon_on_cancel=True,
-                thread_name="tunsup-dns",
-            )
-    except trio.TooSlowError:
-        raise DnsError(
-            f"restoring {state.path} timed out after {timeout:g}s; it continues in the background"
-        ) from None
+    return await bounded(timeout, f"restoring {state.path} (continuing in the background)",
+                         _locked_revert, state, error=DnsError)
 
 
 # --- commands -----------------------------------------------------------------

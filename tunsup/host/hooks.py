@@ -7,10 +7,13 @@ import logging
 import os
 import signal
 import subprocess
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from .._errors import HostError
+from ..pidfile import process_start_time
+from ._pump import pump_lines, truncation_note
 
 #: After bash exits, how long its output is still read: a hook that starts
 #: a background job (``cmd &``) leaves the pipe open, and must not hold up
@@ -18,14 +21,21 @@ from .._errors import HostError
 OUTPUT_GRACE = 0.2
 
 
-async def run_hook(command: str, log: logging.Logger, timeout: float) -> None:
+#: Called once a hook's process exists: ``(pid, start time)`` (the start
+#: time is None if it already ended).  The journal records it there, so
+#: that crash recovery can end a hook that outlived its instance.
+HookStarted = Callable[[int, int | None], Awaitable[None]]
+
+
+async def run_hook(command: str, log: logging.Logger, timeout: float, *,
+                   started: HookStarted | None = None) -> None:
     """Run one hook command (``%i`` already expanded) with ``bash -c``.
 
     It runs in its own session (a terminal's Ctrl-C does not reach it) and
     its output is logged.  Raises :class:`HostError` on a non-zero exit or
-    after ``timeout`` seconds, when its whole process group is killed.  On
-    cancellation the process group is killed too and ``trio.Cancelled``
-    propagates.
+    after ``timeout`` seconds (counted from the spawn, ``started``
+    included), when its whole process group is killed.  On cancellation
+    the process group is killed too and ``trio.Cancelled`` propagates.
     """
     log.info("running hook: %s", command)
     try:
@@ -39,24 +49,32 @@ async def run_hook(command: str, log: logging.Logger, timeout: float) -> None:
     except OSError as exc:
         raise HostError(f"cannot run hook {command!r}: {exc}") from exc
     assert proc.stdout is not None
+    deadline = trio.current_time() + timeout
     eof = trio.Event()
+    timed_out = False
 
     async def pump(stream: trio.abc.ReceiveStream) -> None:
         try:
-            await _log_output(stream, log)
+            await pump_lines(stream, lambda raw, cut: _log_line(log, raw, cut))
         finally:
             eof.set()
 
+    # No checkpoint between the spawn and this try: whatever happens next,
+    # the finally ends the hook's process group.
     try:
+        # The verdict is raised only after the nursery has closed: raised
+        # inside, it would reach the caller wrapped in an ExceptionGroup.
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump, proc.stdout)
-            try:
-                with trio.fail_after(timeout):
-                    returncode = await proc.wait()
-            except trio.TooSlowError:
-                raise HostError(f"hook {command!r} did not finish within {timeout:g} s") from None
-            with trio.move_on_after(OUTPUT_GRACE):
-                await eof.wait()
+            if started is not None:
+                await started(proc.pid,
+                              await trio.to_thread.run_sync(process_start_time, proc.pid))
+            with trio.move_on_at(deadline) as waiting:
+                await proc.wait()
+            timed_out = waiting.cancelled_caught
+            if not timed_out:
+                with trio.move_on_after(OUTPUT_GRACE):
+                    await eof.wait()
             nursery.cancel_scope.cancel()
     finally:
         if proc.returncode is None:
@@ -64,20 +82,20 @@ async def run_hook(command: str, log: logging.Logger, timeout: float) -> None:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await proc.wait()
         await proc.stdout.aclose()
-    if returncode != 0:
-        raise HostError(f"hook {command!r} exited with status {returncode}")
+    if timed_out:
+        raise HostError(f"hook {command!r} did not finish within {timeout:g} s")
+    if proc.returncode != 0:
+        raise HostError(f"hook {command!r} exited with status {proc.returncode}")
 
 
-async def _log_output(stream: trio.abc.ReceiveStream, log: logging.Logger) -> None:
-    buf = b""
-    async for chunk in stream:
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            if line.strip():
-                log.info("[hook] %s", line.decode("utf-8", "replace").rstrip())
-    if buf.strip():
-        log.info("[hook] %s", buf.decode("utf-8", "replace").rstrip())
+def _log_line(log: logging.Logger, raw: bytes, truncated: bool) -> None:
+    text = raw.decode("utf-8", "replace").rstrip()
+    if not text:
+        return
+    if truncated:
+        log.warning("[hook] %s%s", text, truncation_note())
+    else:
+        log.info("[hook] %s", text)
 
 
 def _kill_group(pgid: int) -> None:

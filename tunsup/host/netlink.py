@@ -3,7 +3,16 @@
 Everything here runs on one dedicated worker thread (:class:`SerialWorker`)
 that owns a pyroute2 ``IPRoute`` socket; routes in bulk go through the small
 encoder in :mod:`tunsup.host._rtnl`, which is ~50x faster than pyroute2's
-per-route calls for large AllowedIPs lists.  Every call has a timeout.
+per-route calls for large AllowedIPs lists.
+
+Every call has a timeout, capped by the caller's own deadline, and it holds
+in the worker thread too: pyroute2's synchronous API waits for the kernel's
+answer in its own asyncio loop, which a timer stops at the deadline (the
+socket is then replaced), and the bulk encoder's socket has kernel-side
+send and receive timeouts.  A call that overruns anyway is abandoned with
+its thread (see :mod:`tunsup.host.worker`): the next call gets a fresh thread
+with a fresh socket, and the abandoned thread is stopped at its next
+netlink request instead of changing the host behind its caller's back.
 
 Return values say what happened, so that callers record ownership exactly:
 ``add_address`` returns False when the address already existed (tunsup then
@@ -16,13 +25,16 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
+
+import trio
 
 from .._errors import HostError
 from ..config.spec import IPAddress, IPInterface, IPNetwork
 from . import PolicyRule, _rtnl
-from .worker import SerialWorker
+from .worker import SerialWorker, raise_if_abandoned
 
 T = TypeVar("T")
 
@@ -50,9 +62,11 @@ class NetlinkHost:
 
     def __init__(self, *, timeout: float = CALL_TIMEOUT,
                  route_progress: Callable[[int], None] | None = None) -> None:
-        self._worker = SerialWorker("tunsup-netlink")
+        #: Each worker thread has its own pyroute2 socket: an abandoned
+        #: thread keeps its own, never the one of its replacement.
+        self._local = threading.local()
+        self._worker = SerialWorker("tunsup-netlink", on_exit=self._close_sync)
         self._timeout = timeout
-        self._ipr: Any = None
         #: Called (on the worker thread) as a bulk route batch progresses;
         #: the crash-test fault point hooks in here.
         self._route_progress = route_progress
@@ -60,18 +74,50 @@ class NetlinkHost:
     # --- plumbing -----------------------------------------------------------
 
     def _ipr_sync(self) -> Any:
-        if self._ipr is None:
+        ipr = getattr(self._local, "ipr", None)
+        if ipr is None:
             from pyroute2 import IPRoute  # imported lazily: ~0.3 s
 
-            self._ipr = IPRoute()
-        return self._ipr
+            # No multicast groups: unread notifications would only fill the
+            # socket's buffer (100k route changes overflow it).
+            ipr = self._local.ipr = IPRoute(groups=0)
+        return ipr
+
+    def _close_sync(self) -> None:
+        """Close this thread's socket (in the worker thread)."""
+        ipr = getattr(self._local, "ipr", None)
+        self._local.ipr = None
+        if ipr is not None:
+            ipr.close()
+
+    def _budget(self, timeout: float | None) -> float:
+        """The call's timeout, capped by what is left of the caller's."""
+        left = trio.current_effective_deadline() - trio.current_time()
+        return max(0.0, min(timeout or self._timeout, left))
 
     async def _call(self, what: str, fn: Callable[[Any], T], timeout: float | None = None) -> T:
+        budget = self._budget(timeout)
+
         def job() -> T:
-            return fn(self._ipr_sync())
+            ipr = self._ipr_sync()
+            # pyroute2 waits for the kernel in an asyncio loop: a timer
+            # stopping that loop bounds the wait in this thread.
+            loop = ipr.asyncore.event_loop
+            timer = loop.call_later(budget, loop.stop)
+            try:
+                return fn(_Guarded(ipr))
+            except RuntimeError as exc:
+                if "loop stopped" not in str(exc):
+                    raise
+                timer.cancel()
+                self._close_sync()  # a request may be half-answered: start afresh
+                raise HostError(f"{what}: no answer from the kernel within {budget:g} s"
+                                ) from None
+            finally:
+                timer.cancel()
 
         try:
-            return await self._worker.call(job, timeout=timeout or self._timeout, what=what)
+            return await self._worker.call(job, timeout=budget + _SLACK, what=what)
         except HostError:
             raise
         except Exception as exc:
@@ -81,15 +127,11 @@ class NetlinkHost:
             raise HostError(f"{what}: {detail}") from exc
 
     async def close(self) -> None:
-        """Close the netlink socket and let the worker thread end."""
-
-        def job() -> None:
-            if self._ipr is not None:
-                self._ipr.close()
-                self._ipr = None
-
+        """Close the netlink socket and let the worker thread end.
+        Bounded by the call timeout; cancellable (see SerialWorker)."""
         try:
-            await self._worker.call(job, timeout=self._timeout, what="close netlink")
+            await self._worker.call(self._close_sync, timeout=self._timeout,
+                                    what="close netlink")
         finally:
             self._worker.close()
 
@@ -276,8 +318,8 @@ class NetlinkHost:
         try:
             return await self._worker.call(
                 lambda: _rtnl.add_routes(index, prefixes, table=table, metric=metric,
-                                         progress=self._route_progress),
-                timeout=BULK_TIMEOUT,
+                                         progress=self._progress),
+                timeout=self._budget(BULK_TIMEOUT),
                 what=f"add {len(prefixes)} routes",
             )
         except _rtnl.RouteBatchError as exc:
@@ -288,12 +330,20 @@ class NetlinkHost:
         """Remove routes in bulk; already-gone routes are fine."""
         try:
             return await self._worker.call(
-                lambda: _rtnl.delete_routes(index, prefixes, table=table, metric=metric),
-                timeout=BULK_TIMEOUT,
+                lambda: _rtnl.delete_routes(index, prefixes, table=table, metric=metric,
+                                            progress=lambda _n: raise_if_abandoned()),
+                timeout=self._budget(BULK_TIMEOUT),
                 what=f"delete {len(prefixes)} routes",
             )
         except _rtnl.RouteBatchError as exc:
             raise HostError(f"removing routes failed: {exc}") from exc
+
+    def _progress(self, done: int) -> None:
+        """Between chunks of a bulk batch (worker thread): an abandoned
+        batch stops here (an add then rolls back what it added)."""
+        raise_if_abandoned()
+        if self._route_progress is not None:
+            self._route_progress(done)
 
     # --- policy rules -------------------------------------------------------
 
@@ -382,6 +432,30 @@ class NetlinkHost:
                 f.write(value)
 
         await self._call(f"set {key}={value}", fn)
+
+
+#: Extra time the trio side gives a call over its in-thread timeout, so that
+#: the thread normally reports the timeout itself (and is kept).
+_SLACK = 1.0
+
+
+class _Guarded:
+    """A pyroute2 socket whose every call first checks that the job was not
+    abandoned: a late thread stops instead of changing the host."""
+
+    def __init__(self, ipr: Any) -> None:
+        self._ipr = ipr
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._ipr, name)
+        if not callable(attr):
+            return attr
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            raise_if_abandoned()
+            return attr(*args, **kwargs)
+
+        return guarded
 
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}

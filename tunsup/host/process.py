@@ -9,6 +9,7 @@ there is never a zombie and the engine learns of an exit at once.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -17,11 +18,16 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import trio
 
+from .._bounded import bounded
 from .._errors import HostError
 from ..pidfile import process_start_time as process_start_time
+from ._pump import pump_lines, truncation_note
 
 #: How many of a helper's last output lines are kept for error messages.
 TAIL_LINES = 20
+#: SIGTERM -> SIGKILL grace for a helper whose start was cancelled right
+#: after the spawn (it has not done anything worth waiting for).
+SPAWN_ABORT_GRACE = 0.5
 
 
 def describe_exit(program: str, pid: int, returncode: int | None,
@@ -77,26 +83,14 @@ class HelperProcess:
                 self.exited.set()
 
     async def _pump(self, stream: trio.abc.ReceiveStream, label: str) -> None:
-        buf = b""
         try:
-            while True:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    self._emit(line, label)
-            if buf:
-                self._emit(buf, label)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+            await pump_lines(stream, lambda raw, cut: self._emit(raw, label, cut))
         finally:
             self._open_pumps -= 1
             if self._open_pumps == 0:
                 self._pumps_done.set()
 
-    def _emit(self, raw: bytes, label: str) -> None:
+    def _emit(self, raw: bytes, label: str, truncated: bool = False) -> None:
         text = raw.decode("utf-8", "replace").rstrip()
         if not text:
             return
@@ -105,8 +99,10 @@ class HelperProcess:
             # wireguard-go's boxed banner about the kernel module: noise.
             self.log.debug("[%s %s] %s", prog, label, text)
             return
+        if truncated:
+            text += truncation_note()
         self.tail.append(text)
-        level = logging.WARNING if text.startswith("ERROR") else logging.INFO
+        level = logging.WARNING if text.startswith("ERROR") or truncated else logging.INFO
         self.log.log(level, "[%s %s] %s", prog, label, text)
 
     def describe_exit(self) -> str:
@@ -167,7 +163,10 @@ async def start_helper(
 
     The watcher and log-pump tasks run in ``nursery``.  Raises
     :class:`HostError` when the program cannot be started.  Does not wait
-    for anything besides the spawn itself.
+    for anything besides the spawn itself.  All or nothing: cancelled (or
+    failing) once the process exists, it stops the process (SIGTERM, up to
+    :data:`SPAWN_ABORT_GRACE` s, SIGKILL, reap; shielded, so at most that
+    plus 5 s) before the exception propagates.
     """
     full_env = dict(os.environ)
     if env:
@@ -184,13 +183,23 @@ async def start_helper(
         )
     except OSError as exc:
         raise HostError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
+    # No checkpoint between the spawn and here: the helper is watched (so
+    # reaped) and its output pumped before anything can be cancelled.
     helper = HelperProcess(proc, argv, log)
-    helper.start_time = await trio.to_thread.run_sync(process_start_time, proc.pid)
     nursery.start_soon(helper._shielded, helper._watch)
     for stream, label in ((proc.stdout, "out"), (proc.stderr, "err")):
         if stream is not None:
             helper._open_pumps += 1
             nursery.start_soon(helper._shielded, helper._pump, stream, label)
+    try:
+        helper.start_time = await trio.to_thread.run_sync(process_start_time, proc.pid)
+    except BaseException:
+        # Cancelled (a stop, a reload) or failed after the spawn: the caller
+        # never gets the handle, so the helper must not outlive this call.
+        with trio.CancelScope(shield=True):
+            if not await helper.stop(SPAWN_ABORT_GRACE):
+                helper.close()
+        raise
     return helper
 
 
@@ -229,9 +238,12 @@ def _is_zombie(pid: int) -> bool:
 
 
 async def terminate_foreign(pid: int, start_time: int, *, grace: float,
-                            kill_wait: float = 5.0) -> bool:
+                            kill_wait: float = 5.0, group: bool = False) -> bool:
     """SIGTERM, grace, SIGKILL a process that is not our child — only if
     ``pid`` still has ``start_time`` (a reused pid is never signalled).
+    With ``group`` every signal also goes to its process group (a hook:
+    the leader of its own session, so the group id is its pid; the kernel
+    does not reuse a pid while it names a live group).
 
     Signals go through a pidfd opened *before* the start time is checked, so
     the check and the signals refer to the same process.  Waits (without
@@ -244,13 +256,17 @@ async def terminate_foreign(pid: int, start_time: int, *, grace: float,
     except ProcessLookupError:
         return True
     try:
-        if await trio.to_thread.run_sync(process_start_time, pid) != start_time:
+        if await bounded(5, f"reading the start time of pid {pid}", process_start_time,
+                         pid) != start_time:
             return True  # exited, and the pid now names another process
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
             try:
                 signal.pidfd_send_signal(pidfd, sig)
             except ProcessLookupError:
                 return True
+            if group:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, sig)
             with trio.move_on_after(wait):
                 await trio.lowlevel.wait_readable(pidfd)
                 return True

@@ -38,7 +38,9 @@ from typing import Literal, TypeAlias
 import attrs
 import trio
 
+from .._bounded import bounded
 from .._errors import HostError
+from ..config.ifname import is_valid_ifname
 
 __all__ = [
     "TunDevice",
@@ -91,7 +93,7 @@ def create_tun_sync(name: str, *, packet_info: bool = False,
     fd closed, so nothing is left.  Raises :class:`HostError`.
     """
     raw = name.encode()
-    if not raw or len(raw) > 15:
+    if not is_valid_ifname(name):
         raise HostError(f"invalid interface name {name!r}")
     try:
         fd = os.open(tun_path, os.O_RDWR | os.O_CLOEXEC)
@@ -191,11 +193,7 @@ async def close_tun(fd: int, *, timeout: float = DEFAULT_TIMEOUT) -> None:
     ``timeout``.  Cancellation: propagates at once; the close still happens
     in the abandoned thread."""
     try:
-        with trio.fail_after(timeout):
-            await trio.to_thread.run_sync(os.close, fd, abandon_on_cancel=True,
-                                          thread_name="tunsup-tun")
-    except trio.TooSlowError:
-        raise HostError(f"closing TUN fd {fd} timed out after {timeout:g} s") from None
+        await bounded(timeout, f"closing TUN fd {fd}", os.close, fd)
     except OSError as exc:
         raise HostError(f"closing TUN fd {fd}: {exc.strerror or exc}") from None
 

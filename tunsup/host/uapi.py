@@ -26,6 +26,7 @@ import attrs
 import trio
 
 from .._errors import HostError
+from ..config.ifname import is_valid_ifname
 from ..config.keys import Key
 from ..config.spec import IPNetwork, TunnelSpec
 
@@ -58,7 +59,6 @@ _RECV_CHUNK = 64 * 1024
 PARSE_IN_THREAD = 32 * 1024
 _RETRY_FIRST = 0.002
 _RETRY_MAX = 0.05
-_IFNAMSIZ = 16
 
 
 class UapiError(HostError):
@@ -106,13 +106,7 @@ def socket_path(ifname: str, uapi_dir: str = UAPI_DIR) -> str:
     Raises :class:`ValueError` for a name that is not a valid interface name
     (so a name can never point outside ``uapi_dir``).
     """
-    if (
-        not ifname
-        or len(ifname) >= _IFNAMSIZ
-        or ifname in (".", "..")
-        or any(c in ifname for c in "/\0")
-        or any(c.isspace() for c in ifname)
-    ):
+    if not is_valid_ifname(ifname):
         raise ValueError(f"invalid interface name {ifname!r}")
     return os.path.join(uapi_dir, f"{ifname}.sock")
 

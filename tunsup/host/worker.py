@@ -5,18 +5,28 @@ engine runs them here.  One thread per worker serializes the calls, so a
 non-thread-safe resource (a netlink socket) is only ever touched from one
 thread.
 
-Cancellation: a job that has not started yet when its caller is cancelled is
-skipped, so nothing happens on the host behind the caller's back, and
-``trio.Cancelled`` propagates.  A job that is already running cannot be
-interrupted; the caller waits for it (shielded, bounded by the job's
-timeout) and gets its result, exactly as ``trio.to_thread.run_sync`` does
-without ``abandon_on_cancel``: the caller learns what happened on the host
-(and records it) and the cancellation is delivered at its next checkpoint.
+Cancellation and timeouts: a job that has not started yet when its caller
+gives up is skipped, so nothing happens on the host behind the caller's
+back.  A job that is already running cannot be interrupted.  When its
+caller is cancelled, it waits for it (shielded) at most
+:data:`CANCEL_GRACE` seconds, and never past the caller's own deadline or
+the job's timeout, so that it learns what happened on the host; the
+cancellation is then delivered at its next checkpoint.  A running job that
+outlives that wait (or its timeout) is *abandoned*: its result is
+discarded, the thread is written off and a fresh thread serves the next
+job, so one wedged call never holds up the jobs behind it.  The abandoned
+thread exits as soon as its call returns, without touching the queue
+again; a job can ask :func:`raise_if_abandoned` between steps, so that it
+stops instead of changing the host behind its caller's back.  State a job
+keeps per thread (a netlink socket, see ``on_exit``) is therefore never
+shared between the old thread and its replacement.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import queue
 import threading
 from collections.abc import Callable
@@ -29,7 +39,27 @@ from .._errors import HostError
 
 T = TypeVar("T")
 
-_QUEUED, _RUNNING, _DONE, _SKIPPED = range(4)
+log = logging.getLogger("tunsup.worker")
+
+_QUEUED, _RUNNING, _DONE, _SKIPPED, _ABANDONED = range(5)
+
+#: Longest a cancelled caller waits for its running job to finish (within
+#: its own deadline and the job's timeout) before abandoning it.
+CANCEL_GRACE = 1.0
+
+_local = threading.local()
+
+
+class Abandoned(HostError):
+    """Raised in a worker thread by :func:`raise_if_abandoned`."""
+
+
+def raise_if_abandoned() -> None:
+    """In a job: raise :class:`Abandoned` if the caller gave up on it (the
+    thread has been replaced).  A no-op outside worker threads."""
+    job = getattr(_local, "job", None)
+    if job is not None and job.abandoned:
+        raise Abandoned("abandoned by its caller")
 
 
 class _Job(Generic[T]):
@@ -41,6 +71,10 @@ class _Job(Generic[T]):
         self._state = _QUEUED
         self._lock = threading.Lock()
 
+    @property
+    def abandoned(self) -> bool:
+        return self._state == _ABANDONED
+
     def try_skip(self) -> bool:
         """Mark a queued job as skipped; False if it already started."""
         with self._lock:
@@ -49,25 +83,48 @@ class _Job(Generic[T]):
                 return True
             return False
 
-    def run(self) -> None:
+    def try_abandon(self) -> bool:
+        """Give up on a running job; False if it is done (its result is
+        there) or was never started."""
+        with self._lock:
+            if self._state == _RUNNING:
+                self._state = _ABANDONED
+                return True
+            return False
+
+    def run(self) -> bool:
+        """Run the job in the calling thread.  Returns False when it was
+        abandoned meanwhile: the thread must then stop serving."""
         with self._lock:
             if self._state == _SKIPPED:
-                return
+                return True
             self._state = _RUNNING
-        self.result = outcome.capture(self.fn)
+        result = outcome.capture(self.fn)
         with self._lock:
+            if self._state == _ABANDONED:
+                return False  # the caller is gone; so is the result
+            self.result = result
             self._state = _DONE
         with contextlib.suppress(trio.RunFinishedError):
             self.token.run_sync_soon(self.done.set)
+        return True
 
 
 class SerialWorker:
-    """Runs blocking callables one at a time on a dedicated daemon thread."""
+    """Runs blocking callables one at a time on a dedicated daemon thread.
 
-    def __init__(self, name: str) -> None:
+    ``on_exit`` runs in a worker thread when it stops serving (after
+    :meth:`close`, or once its abandoned job returns): it releases what that
+    thread kept in thread-local state.
+    """
+
+    def __init__(self, name: str, *, on_exit: Callable[[], None] | None = None) -> None:
         self._name = name
+        self._on_exit = on_exit
         self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        #: Threads written off so far (a wedged job each).
+        self.replaced = 0
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -75,36 +132,62 @@ class SerialWorker:
             self._thread.start()
 
     def _loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            job.run()
+        try:
+            while True:
+                job = self._queue.get()
+                if job is None:
+                    return
+                _local.job = job
+                try:
+                    if not job.run():
+                        return
+                finally:
+                    _local.job = None
+        finally:
+            if self._on_exit is not None:
+                with contextlib.suppress(Exception):
+                    self._on_exit()
+
+    def _abandon(self, job: _Job[Any], what: str) -> bool:
+        """Write off the thread running ``job`` and start a fresh one for
+        the jobs behind it; False when the job has just finished."""
+        if not job.try_abandon():
+            return False
+        self.replaced += 1
+        log.warning("%s: worker thread %s abandoned; a fresh one takes over", what, self._name)
+        self._thread = None
+        self._ensure_thread()
+        return True
 
     async def call(self, fn: Callable[[], T], *, timeout: float, what: str) -> T:
         """Run ``fn()`` on the worker thread and return its result.
 
         Raises :class:`HostError` if it does not finish within ``timeout``
-        seconds (the job is skipped if it had not started).  On cancellation:
-        see the module docstring — a queued job is skipped and
-        ``trio.Cancelled`` raised; a running one is waited for (at most
-        ``timeout``) and its outcome returned or raised.
+        seconds (a queued job is skipped, a running one abandoned).
+        Cancellation: see the module docstring — a queued job is skipped and
+        ``trio.Cancelled`` raised; a running one is waited for at most
+        :data:`CANCEL_GRACE` seconds (never past the caller's deadline or
+        ``timeout``) and its outcome returned or raised, else abandoned and
+        ``trio.Cancelled`` raised.
         """
         job: _Job[T] = _Job(fn, trio.lowlevel.current_trio_token())
+        caller_deadline = trio.current_effective_deadline()
+        job_deadline = trio.current_time() + timeout
         self._ensure_thread()
         self._queue.put(job)
         try:
-            with trio.fail_after(timeout):
+            with trio.move_on_at(job_deadline) as scope:
                 await job.done.wait()
-        except trio.TooSlowError:
-            job.try_skip()
-            raise HostError(f"{what}: no answer within {timeout:g} s") from None
+            if scope.cancelled_caught and (job.try_skip() or self._abandon(job, what)):
+                raise HostError(f"{what}: no answer within {timeout:g} s") from None
         except trio.Cancelled:
             if job.try_skip():
                 raise
-            with trio.CancelScope(shield=True), trio.move_on_after(timeout):
-                await job.done.wait()
-            if job.result is None:
+            grace_end = min(trio.current_time() + CANCEL_GRACE, job_deadline, caller_deadline)
+            if math.isfinite(grace_end) and grace_end > trio.current_time():
+                with trio.CancelScope(shield=True, deadline=grace_end):
+                    await job.done.wait()
+            if self._abandon(job, what):
                 raise
             # Fall through: the host change happened; the caller must know.
             # Its scope is still cancelled, so the next checkpoint raises.

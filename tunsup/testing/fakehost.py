@@ -38,7 +38,7 @@ import os
 import signal
 import socket
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -465,8 +465,11 @@ class FakeHost:
         await helper.start(nursery)
         return helper
 
-    async def run_hook(self, command: str, log: logging.Logger, timeout: float) -> None:
-        """Record ``command``.  Cancellation: at the operation's checkpoint."""
+    async def run_hook(self, command: str, log: logging.Logger, timeout: float, *,
+                       started: Callable[[int, int | None], Awaitable[None]] | None = None,
+                       ) -> None:
+        """Record ``command`` (no process: ``started`` is not called).
+        Cancellation: at the operation's checkpoint."""
         await self.net.op("run_hook")
         self.hooks.append(command)
 
