@@ -24,14 +24,19 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
 
 from .. import pidfile
 from .._errors import ExitCode, StatusCode
-from .._log import format_log
+from .._logformat import format_log
 from .._paths import DEFAULT_RUNTIME_DIR
 from . import protocol as proto
+
+# Annotations only (``typing`` and ``collections.abc`` cost a client start
+# several milliseconds).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any
 
 # Short names for the exit codes, all defined in tunsup._errors.
 OK = ExitCode.OK
