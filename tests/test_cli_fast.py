@@ -56,7 +56,7 @@ def test_fast_table_knows_every_client_option() -> None:
     parser = cli._parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(cli._CLIENT_LINES) == set(cli.CLIENT_COMMANDS)
-    for command, (positionals, options, defaults) in cli._CLIENT_LINES.items():
+    for command, (positionals, options, _defaults) in cli._CLIENT_LINES.items():
         known = {**options, **cli._COMMON_OPTIONS}
         argparse_options = {}
         argparse_positionals = []
