@@ -314,6 +314,9 @@ class OwnedTun(Effect):
     async def apply(self, ctx: EffectContext) -> Effect:
         return self
 
+    def deletes_link(self) -> int | None:
+        return self.index or None
+
     async def undo(self, ctx: EffectContext) -> None:
         fd = ctx.tun_fds.pop(self.name, None)
         try:
@@ -409,6 +412,9 @@ class Link(Effect):
             raise HostError(f"link {self.name} (#{self.index}) is not there")
         return self
 
+    def deletes_link(self) -> int | None:
+        return self.index
+
     async def undo(self, ctx: EffectContext) -> None:
         await _down_and_delete(ctx, self.index, self.name)
 
@@ -476,6 +482,9 @@ class Address(Effect):
         else:
             ctx.log.info("address %s added", self.address)
         return attrs.evolve(self, owned=created)
+
+    def goes_with_link(self) -> int | None:
+        return self.index
 
     async def undo(self, ctx: EffectContext) -> None:
         if self.owned:
@@ -545,6 +554,9 @@ class Routes(Effect):
         ctx.log.info("%d route(s) added to table %d in %.1f ms", len(result.added), self.table,
                      elapsed * 1000)
         return attrs.evolve(self, prefixes=tuple(result.added))
+
+    def goes_with_link(self) -> int | None:
+        return self.index
 
     async def undo(self, ctx: EffectContext) -> None:
         if not self.prefixes:

@@ -89,6 +89,16 @@ class Effect:
     def undo_timeout(self, ctx: EffectContext) -> float:
         return 10.0
 
+    def goes_with_link(self) -> int | None:
+        """The index of the link whose deletion also removes what this
+        record stands for (a route through it, an address on it), if any:
+        see :meth:`EffectStack.unwind`."""
+        return None
+
+    def deletes_link(self) -> int | None:
+        """The index of the link this record's undo deletes, if any."""
+        return None
+
 
 class StackObserver(Protocol):
     async def intent(self, effect: Effect) -> None: ...
@@ -184,38 +194,76 @@ class EffectStack:
         milliseconds), so one slow step — a hanging PreDown hook — cannot
         leave the rest of the host unrestored.  Whole bound: ``timeout``
         plus ``LAST_CHANCE`` per step.
+
+        What goes with a link that a record further down deletes (routes
+        through it, addresses on it: :meth:`Effect.goes_with_link`) is not
+        removed piece by piece — 10,000 routes took longer than the whole
+        rest of a stop — but by that deletion: such records are recorded
+        as undone right after the link's undo succeeded, and undone one by
+        one only if it failed.
         """
         self._unwound = True
         undone: list[str] = []
         failures: list[str] = list(self._abort_failures)
         remaining: list[Effect] = []
         deadline = trio.current_time() + timeout if math.isfinite(timeout) else math.inf
+        #: Records waiting for the deletion of their link, by link index.
+        carried: dict[int, list[Effect]] = {}
         with trio.CancelScope(shield=True):
             while self._records:
                 record = self._records.pop()
-                what = record.describe()
-                left = deadline - trio.current_time()
-                budget = max(min(record.undo_timeout(self._ctx), left), LAST_CHANCE)
-                try:
-                    with trio.fail_after(budget):
-                        await record.undo(self._ctx)
-                except trio.TooSlowError:
-                    failures.append(f"undo {what}: timed out after {budget:.3g} s")
-                    remaining.append(record)
-                    self._log.error("undo %s: timed out after %.3g s", what, budget)
-                except Exception as exc:
-                    failures.append(f"undo {what}: {exc}")
-                    remaining.append(record)
-                    self._log.error("undo %s failed: %s", what, exc)
+                link = record.goes_with_link()
+                if link is not None and any(r.deletes_link() == link for r in self._records):
+                    carried.setdefault(link, []).append(record)
+                    continue
+                ok = await self._undo_one(record, deadline, undone, failures, remaining)
+                deleted = record.deletes_link()
+                gone = carried.pop(deleted, []) if deleted is not None else []
+                if ok:
+                    # What went with the link is recorded before the link
+                    # itself: a crash in between leaves only the (gone)
+                    # link for recovery, never routes on a deleted link.
+                    for piece in gone:
+                        undone.append(piece.describe())
+                        self._log.debug("undone with its link: %s", piece.describe())
+                        await self._record_undone(piece)
+                    await self._record_undone(record)
                 else:
-                    undone.append(what)
-                    self._log.debug("undone: %s", what)
-                    if self._observer is not None:
-                        try:
-                            with trio.move_on_after(LAST_CHANCE):
-                                await self._observer.undone(record)
-                        except Exception as exc:
-                            # The host is restored; only the journal lags (a
-                            # later recovery finds the object gone: fine).
-                            self._log.warning("journal: %s", exc)
+                    for piece in gone:
+                        if await self._undo_one(piece, deadline, undone, failures, remaining):
+                            await self._record_undone(piece)
         return TeardownReport(tuple(undone), tuple(failures), tuple(remaining))
+
+    async def _undo_one(self, record: Effect, deadline: float, undone: list[str],
+                        failures: list[str], remaining: list[Effect]) -> bool:
+        """Undo one record within its budget (see :meth:`unwind`); True on
+        success (the caller then records it as undone).  Called shielded."""
+        what = record.describe()
+        left = deadline - trio.current_time()
+        budget = max(min(record.undo_timeout(self._ctx), left), LAST_CHANCE)
+        try:
+            with trio.fail_after(budget):
+                await record.undo(self._ctx)
+        except trio.TooSlowError:
+            failures.append(f"undo {what}: timed out after {budget:.3g} s")
+            remaining.append(record)
+            self._log.error("undo %s: timed out after %.3g s", what, budget)
+            return False
+        except Exception as exc:
+            failures.append(f"undo {what}: {exc}")
+            remaining.append(record)
+            self._log.error("undo %s failed: %s", what, exc)
+            return False
+        undone.append(what)
+        self._log.debug("undone: %s", what)
+        return True
+
+    async def _record_undone(self, record: Effect) -> None:
+        if self._observer is not None:
+            try:
+                with trio.move_on_after(LAST_CHANCE):
+                    await self._observer.undone(record)
+            except Exception as exc:
+                # The host is restored; only the journal lags (a later
+                # recovery finds the object gone: fine).
+                self._log.warning("journal: %s", exc)
