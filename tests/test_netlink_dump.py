@@ -68,3 +68,64 @@ def test_link_routes_and_connected_networks(netns: Callable[[str], str]) -> None
     assert sorted(connected, key=str) == sorted([
         (net("192.0.2.0/24"), "d0", d0), (net("2001:db8::/64"), "d0", d0),
         (net("10.9.0.0/16"), "d1", d1)], key=str)
+
+
+OPS = """
+import ipaddress, json, socket, sys
+import trio
+from tunsup.host.netlink import NetlinkHost
+from tunsup.testing import netns as _netns
+
+NS = sys.argv[1]
+
+async def main():
+    host = NetlinkHost()
+    out = {}
+    try:
+        i = await host.link_index("t0")
+        out["index"] = i == socket.if_nametoindex("t0")
+        out["name"] = await host.link_name(i)
+        out["missing"] = [await host.link_index("nope0"), await host.link_name(99999)]
+        await host.set_mtu(i, 1333)
+        out["up"] = await host.set_link_up(i, True)
+        out["up_wrong_name"] = await host.set_link_up(i, True, name="other")
+        a = ipaddress.ip_interface("10.77.0.1/24")
+        b = ipaddress.ip_interface("fd77::1/64")
+        out["add"] = [await host.add_address(i, a), await host.add_address(i, a),
+                      await host.add_address(i, b)]
+        out["mtu_via_link"] = await host.route_mtu(ipaddress.ip_address("10.77.0.9"))
+        out["mtu_none"] = await host.route_mtu(ipaddress.ip_address("192.0.2.9"))
+        out["default_mtu"] = await host.route_mtu(None)
+        out["del"] = [await host.delete_address(i, a), await host.delete_address(i, a)]
+        out["del_link"] = [await host.delete_link(i, "wrong"), await host.delete_link(i, "t0"),
+                           await host.delete_link(i, "t0")]
+        out["gone"] = await host.link_index("t0")
+    finally:
+        await host.close()
+    return out
+
+out = _netns.run_in_netns(NS, lambda: trio.run(main))
+out["pyroute2"] = "pyroute2" in sys.modules
+print(json.dumps(out))
+"""
+
+
+def test_link_and_address_calls_without_pyroute2(netns: Callable[[str], str]) -> None:
+    """Links, MTU, addresses and route lookups of a bring-up and teardown
+    work, with their ownership answers, and never import pyroute2."""
+    import subprocess
+    import sys
+
+    ns = netns("nlo")
+    _netns.ip("tuntap", "add", "t0", "mode", "tun", ns=ns)
+    _netns.ip("link", "set", "lo", "up", ns=ns)
+    done = subprocess.run([sys.executable, "-c", OPS, ns], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out == {
+        "index": True, "name": "t0", "missing": [None, None], "up": True,
+        "up_wrong_name": False, "add": [True, False, True], "mtu_via_link": 1333,
+        "mtu_none": None, "default_mtu": None, "del": [True, False],
+        "del_link": [False, True, False], "gone": None, "pyroute2": False,
+    }
