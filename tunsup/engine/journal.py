@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -33,8 +34,6 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import cattrs
-from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from ..config.spec import IPAddress, IPInterface, IPNetwork
 from ..host.dns import DnsState, FileDnsState, ResolvconfDnsState, ResolvedDnsState
@@ -66,14 +65,63 @@ _DNS_KINDS: dict[str, type[Any]] = {
     "file": FileDnsState, "resolvconf": ResolvconfDnsState, "resolved": ResolvedDnsState,
 }
 
-_conv = cattrs.Converter(forbid_extra_keys=True)
+_IP_VALUES = (ipaddress.IPv4Interface, ipaddress.IPv6Interface, ipaddress.IPv4Network,
+              ipaddress.IPv6Network, ipaddress.IPv4Address, ipaddress.IPv6Address)
+_DNS_TAGS: dict[type[Any], str] = {cls: kind for kind, cls in _DNS_KINDS.items()}
 
 
-def _dns_state_out(state: DnsState | None) -> dict[str, Any] | None:
-    if state is None:
-        return None
-    kind = next(k for k, c in _DNS_KINDS.items() if isinstance(state, c))
-    return {"type": kind, **_conv.unstructure(state)}
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-ready data: attrs records as dicts without their
+    secret fields (a DNS state tagged with its ``type``), addresses and
+    networks as text, bytes as base64, sequences as lists."""
+    if value is None or isinstance(value, str | int | float):
+        return value
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, _IP_VALUES):
+        return str(value)
+    cls = type(value)
+    if attrs.has(cls):
+        out = {f.name: _plain(getattr(value, f.name))
+               for f in attrs.fields(cls) if not f.metadata.get("secret")}
+        tag = _DNS_TAGS.get(cls)
+        return {"type": tag, **out} if tag is not None else out
+    raise TypeError(f"cannot journal a {cls.__name__}")
+
+
+def effect_to_dict(effect: Effect) -> dict[str, Any]:
+    """A JSON-ready dict: ``{"kind": ClassName, ...fields}`` (no secrets).
+
+    Written by hand rather than through cattrs: a cattrs converter with
+    its generated functions cost every start ~25 ms (and a multiple of that
+    under load) before the first tunnel; cattrs now only reads journals
+    back (:func:`effect_from_dict`: recovery), and is imported then."""
+    return {"kind": type(effect).__name__, **_plain(effect)}
+
+
+@functools.cache
+def _converter() -> Any:
+    """The cattrs converter that reads records back (built on first use)."""
+    import cattrs
+    from cattrs.gen import make_dict_structure_fn, override
+
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook(bytes, lambda v, _: base64.b64decode(v, validate=True))
+    parsers: list[tuple[Any, Any]] = [(IPInterface, ipaddress.ip_interface),
+                                      (IPNetwork, ipaddress.ip_network),
+                                      (IPAddress, ipaddress.ip_address)]
+    for union, parse in parsers:
+        conv.register_structure_hook(union, _structure_with(parse))
+    dns_type: Any = DnsState | None
+    conv.register_structure_hook(dns_type, _dns_state_in)
+    for cls in EFFECT_KINDS.values():
+        fields: Any = attrs.fields(cls)  # type: ignore[arg-type]
+        secret: dict[str, Any] = {f.name: override(omit=True) for f in fields
+                                  if f.metadata.get("secret")}
+        conv.register_structure_hook(cls, make_dict_structure_fn(cls, conv, **secret))
+    return conv
 
 
 def _dns_state_in(value: Any, _: Any) -> DnsState | None:
@@ -81,7 +129,7 @@ def _dns_state_in(value: Any, _: Any) -> DnsState | None:
         return None
     value = dict(value)
     cls = _DNS_KINDS[value.pop("type")]
-    state: DnsState = _conv.structure(value, cls)
+    state: DnsState = _converter().structure(value, cls)
     return state
 
 
@@ -92,47 +140,19 @@ def _structure_with(parse: Any) -> Any:
     return structure
 
 
-def _register(conv: cattrs.Converter) -> None:
-    conv.register_unstructure_hook(bytes, lambda b: base64.b64encode(b).decode())
-    conv.register_structure_hook(bytes, lambda v, _: base64.b64decode(v, validate=True))
-    parsers: list[tuple[Any, Any]] = [(IPInterface, ipaddress.ip_interface),
-                                      (IPNetwork, ipaddress.ip_network),
-                                      (IPAddress, ipaddress.ip_address)]
-    for union, parse in parsers:
-        conv.register_unstructure_hook(union, str)
-        conv.register_structure_hook(union, _structure_with(parse))
-    for ip_class in (ipaddress.IPv4Interface, ipaddress.IPv6Interface, ipaddress.IPv4Network,
-                     ipaddress.IPv6Network, ipaddress.IPv4Address, ipaddress.IPv6Address):
-        conv.register_unstructure_hook(ip_class, str)
-    dns_type: Any = DnsState | None
-    conv.register_unstructure_hook(dns_type, _dns_state_out)
-    conv.register_structure_hook(dns_type, _dns_state_in)
-    for cls in EFFECT_KINDS.values():
-        fields: Any = attrs.fields(cls)  # type: ignore[arg-type]
-        secret: dict[str, Any] = {f.name: override(omit=True) for f in fields
-                                  if f.metadata.get("secret")}
-        conv.register_unstructure_hook(cls, make_dict_unstructure_fn(cls, conv, **secret))
-        conv.register_structure_hook(cls, make_dict_structure_fn(cls, conv, **secret))
-
-
-_register(_conv)
-
-
-def effect_to_dict(effect: Effect) -> dict[str, Any]:
-    """A JSON-ready dict: ``{"kind": ClassName, ...fields}`` (no secrets)."""
-    return {"kind": type(effect).__name__, **_conv.unstructure(effect, type(effect))}
-
-
 def effect_from_dict(data: dict[str, Any]) -> Effect:
     """The inverse of :func:`effect_to_dict`; raises ValueError if invalid."""
+    import cattrs
+
     data = dict(data)
     cls = EFFECT_KINDS.get(str(data.pop("kind", "")))
     if cls is None:
         raise ValueError("unknown effect kind")
     try:
-        return _conv.structure(data, cls)
+        effect: Effect = _converter().structure(data, cls)
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"invalid {cls.__name__} record: {exc}") from None
+    return effect
 
 
 # --- the file format ----------------------------------------------------------
