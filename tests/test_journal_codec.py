@@ -90,3 +90,37 @@ def test_the_journal_imports_no_cattrs() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60).stdout
     assert out.strip() == "False"
+
+
+def test_undone_records_are_written_without_an_fsync_of_their_own(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Intents and applied records are fsync'd before the journal moves on;
+    an "undone" record is only written (a teardown saves one fsync per
+    record; undo is idempotent, so losing it costs a repeated undo)."""
+    import os
+
+    import trio
+
+    from tunsup.engine.journal import Journal, JournalObserver, read_journal
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    journal = Journal(str(tmp_path), 4242, 1)
+    observer = JournalObserver(journal, "wg0")
+    link = fx.Link("wg0", 7)
+
+    async def main() -> list[int]:
+        await observer.intent(link)
+        await observer.applied(link, link)
+        before = len(synced)
+        await observer.undone(link)
+        after = len(synced)
+        await journal.close(remove=False)
+        return [before, after]
+
+    before, after = trio.run(main)
+    assert before >= 2 and after == before
+    contents = read_journal(journal.path)
+    assert len(contents.steps) == 1 and contents.pending() == []

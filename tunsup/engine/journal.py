@@ -363,7 +363,7 @@ class Journal:
         self._seq += 1
         return self._seq
 
-    def _append_sync(self, entry: Entry) -> None:
+    def _append_sync(self, entry: Entry, durable: bool = True) -> None:
         data = encode_line(entry() if callable(entry) else entry)
         if self._fd is None:
             ensure_state_dir(self.state_dir)
@@ -387,16 +387,19 @@ class Journal:
         written = os.write(self._fd, data)
         if written != len(data):
             raise OSError(f"short write to {self.path}")
-        os.fsync(self._fd)
+        if durable:
+            os.fsync(self._fd)
 
-    async def append(self, entry: Entry) -> None:
-        """Append one entry durably.  ``entry`` may be a function building it:
-        it is then called on the worker thread (with effect records, that is
-        where the cost is).  Cancellation: a queued append is skipped; one
-        being written completes within a grace, else it is abandoned (see
-        SerialWorker)."""
-        await self._worker.call(lambda: self._append_sync(entry), timeout=APPEND_TIMEOUT,
-                                what=f"append to {self.path}")
+    async def append(self, entry: Entry, *, durable: bool = True) -> None:
+        """Append one entry, durably (fsync'd) unless ``durable`` is False:
+        then it is written (a crash of the process cannot lose it) and made
+        durable by the next durable append.  ``entry`` may be a function
+        building it: it is then called on the worker thread (with effect
+        records, that is where the cost is).  Cancellation: a queued append
+        is skipped; one being written completes within a grace, else it is
+        abandoned (see SerialWorker)."""
+        await self._worker.call(lambda: self._append_sync(entry, durable),
+                                timeout=APPEND_TIMEOUT, what=f"append to {self.path}")
         self.appends += 1
 
     async def close(self, *, remove: bool) -> None:
@@ -449,7 +452,11 @@ class JournalObserver:
     async def undone(self, record: Effect) -> None:
         seq = self._seqs.pop(id(record), None)
         if seq is not None:
-            await self.journal.append({"op": "undone", "seq": seq})
+            # Not fsync'd: losing it to a power cut only makes a later
+            # recovery undo again what is already gone (undo is idempotent:
+            # every undo checks that its object is still there and still
+            # ours), while a teardown saves one fsync per record.
+            await self.journal.append({"op": "undone", "seq": seq}, durable=False)
 
     async def hook_started(self, effect: Effect, phase: str, index: int, pid: int,
                            start_time: int | None) -> None:
