@@ -143,10 +143,13 @@ def test_status_shows_peer_counters_and_stop_streams_the_teardown(pair: Pair) ->
     assert stop.returncode == 0, stop.stdout + stop.stderr + svc_a.output()
     out = stop.stdout
     for line in (f"stopping tunsup (pid {svc_a.proc.pid})", "received SIGTERM: stopping",
-                 "DNS restored", "1 route(s) removed", f"link {if_a} set down and deleted",
+                 "DNS restored", f"link {if_a} set down and deleted",
+                 "route(s) via", "gone with the link",
                  "tunnel down in", "teardown complete, host restored (exit code 0)"):
         assert line in out, out
-    assert out.index("DNS restored") < out.index("route(s) removed") < out.index("set down")
+    # The route went with the link (not removed on its own first).
+    assert "route(s) removed" not in out
+    assert out.index("DNS restored") < out.index("set down") < out.index("gone with the link")
     assert svc_a.proc.poll() == 0  # stop returned after the exit (pidfd)
     assert "STOPPING=1" in notifications(svc_a, "STOPPING=1")
     assert_restored(pair, pair.ns_a, before)

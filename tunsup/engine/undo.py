@@ -225,7 +225,7 @@ class EffectStack:
                     # link for recovery, never routes on a deleted link.
                     for piece in gone:
                         undone.append(piece.describe())
-                        self._log.debug("undone with its link: %s", piece.describe())
+                        self._log.info("%s: gone with the link", piece.describe())
                         await self._record_undone(piece)
                     await self._record_undone(record)
                 else:
