@@ -316,3 +316,27 @@ def test_what_goes_with_a_link_is_not_undone_piece_by_piece(link_fails: bool) ->
         assert report.failures == ("undo thing link7: cannot undo link7",)
         assert recorder.log == ["thing after", "thing on7-routes", "thing on7-address",
                                    "thing before"]
+
+
+def test_only_what_lies_directly_on_its_link_goes_with_it() -> None:
+    """A record on the link with something else between it and the link is
+    undone on its own (in exact reverse order), so nothing else is undone
+    while it is still in place."""
+    world = World()
+    recorder = Recorder()
+
+    async def main() -> TeardownReport:
+        async with trio.open_nursery() as nursery:
+            stack = EffectStack(ctx_for(nursery), log=log, observer=recorder)
+            await stack.apply(LinkSeven(world, "link7"))
+            await stack.apply(OnLink(world, "on7-address"))
+            await stack.apply(Thing(world, "between"))
+            await stack.apply(OnLink(world, "on7-routes"))
+            return await stack.unwind(10)
+
+    report = run(main)
+    assert report.complete and world.objects == []
+    assert [e for e in world.events if e.startswith("undo")] == [
+        "undo on7-routes", "undo between", "undo link7"]
+    assert recorder.log == ["thing on7-routes", "thing between", "thing on7-address",
+                            "thing link7"]

@@ -505,6 +505,9 @@ class Mtu(Effect):
         ctx.log.info("MTU %d set", self.mtu)
         return self
 
+    def goes_with_link(self) -> int | None:
+        return self.index
+
     async def undo(self, ctx: EffectContext) -> None:
         pass  # the link it was set on is deleted by the Link effect
 
@@ -524,6 +527,9 @@ class LinkUp(Effect):
         await ctx.host.net.set_link_up(self.index, True)
         ctx.log.info("link %s up", self.ifname)
         return self
+
+    def goes_with_link(self) -> int | None:
+        return self.index
 
     async def undo(self, ctx: EffectContext) -> None:
         pass  # see Link: down happens right before the delete

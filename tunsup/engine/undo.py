@@ -195,12 +195,13 @@ class EffectStack:
         leave the rest of the host unrestored.  Whole bound: ``timeout``
         plus ``LAST_CHANCE`` per step.
 
-        What goes with a link that a record further down deletes (routes
-        through it, addresses on it: :meth:`Effect.goes_with_link`) is not
-        removed piece by piece — 10,000 routes took longer than the whole
-        rest of a stop — but by that deletion: such records are recorded
-        as undone right after the link's undo succeeded, and undone one by
-        one only if it failed.
+        What goes with a link that the record right below it deletes
+        (routes through it, addresses, MTU and state on it, stacked directly
+        above it: :meth:`Effect.goes_with_link`) is not removed piece by
+        piece — 10,000 routes took longer than the whole rest of a stop —
+        but by that deletion: such records are recorded as undone right
+        after the link's undo succeeded (in reverse order, before the link
+        itself), and undone one by one only if it failed.
         """
         self._unwound = True
         undone: list[str] = []
@@ -213,7 +214,7 @@ class EffectStack:
             while self._records:
                 record = self._records.pop()
                 link = record.goes_with_link()
-                if link is not None and any(r.deletes_link() == link for r in self._records):
+                if link is not None and self._goes_with_link_below(link):
                     carried.setdefault(link, []).append(record)
                     continue
                 ok = await self._undo_one(record, deadline, undone, failures, remaining)
@@ -233,6 +234,19 @@ class EffectStack:
                         if await self._undo_one(piece, deadline, undone, failures, remaining):
                             await self._record_undone(piece)
         return TeardownReport(tuple(undone), tuple(failures), tuple(remaining))
+
+    def _goes_with_link_below(self, link: int) -> bool:
+        """Whether the records still on the stack end, from the top down,
+        in a run of records on link ``link`` directly above the one that
+        deletes it: only then are the carried records' undos skipped, so
+        nothing else is undone while they are still in place and the
+        order of undos stays exactly the reverse of the applies."""
+        for record in reversed(self._records):
+            if record.deletes_link() == link:
+                return True
+            if record.goes_with_link() != link:
+                return False
+        return False
 
     async def _undo_one(self, record: Effect, deadline: float, undone: list[str],
                         failures: list[str], remaining: list[Effect]) -> bool:
