@@ -234,7 +234,7 @@ def test_rebuild_holds_the_prefixes_until_the_new_tunnel_routes_them(fake: FakeH
     base = spec()
     code, seen = run_changes(fake, base, options(), [(base, options(helper=("fake-wg2",)))])
     assert code == ExitCode.OK
-    tunnel, change = seen[0][0]
+    _tunnel, change = seen[0][0]
     assert isinstance(change, Change) and change.rebuilt == "option helper changed"
     assert seen[0][2] == 2, "a rebuild starts a new helper"
     ops = fake.ops
