@@ -246,6 +246,7 @@ def test_every_kind_of_change_leaks_nothing(lab: Lab) -> None:
         RESULTS[kind] = (leaked, lost)
         report.append(f"{kind}: {sent} sent, {leaked} leaked, {lost} lost "
                       f"({res.stdout.strip()})")
+        assert leaked == 0, "\n".join(report)
         assert lab.tunnel_routes() == expected, kind
         now = helper_pids(lab.client)
         if in_place:
@@ -255,7 +256,6 @@ def test_every_kind_of_change_leaks_nothing(lab: Lab) -> None:
             pid = now
             # The new helper's handshake: wait for the stream again.
             _settle(lab, 1.0)
-        assert leaked == 0, "\n".join(report)
     print("\n".join(["per change kind:", *report]))
     # Every datagram before and between the steps went through the tunnel.
     for proc in lab.procs:
