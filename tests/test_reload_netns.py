@@ -32,6 +32,8 @@ from tunsup.testing import netns as _netns
 from tunsup.testing.service_process import ServiceProcess
 
 from .conftest import needs_wireguard, unique
+from .test_crash_netns import STEPS as CRASH_STEPS
+from .test_crash_netns import Crash, assert_restored_ns, crash  # noqa: F401 - a fixture
 from .test_service_netns import tunsup
 from .test_tunnel_netns import STEP_GUARD, helper_pids
 
@@ -267,3 +269,77 @@ def test_every_kind_of_change_leaks_nothing(lab: Lab) -> None:
     assert client.wait_exit(60) == 0, client.output_tail()
     diff = _netns.diff_snapshots(before, _netns.snapshot(lab.client, [str(lab.resolv)]))
     assert not diff, "host not restored:\n" + "\n".join(diff)
+
+
+# ------------------------------------------------------------------ crash points
+
+#: Effects of an in-place change of the configuration below: address added,
+#: MTU, WireGuard change, routes added, routes removed, address removed, DNS.
+RELOAD_STEPS = 7
+
+
+def _crash_conf(c: Crash, keys: tuple[Key, Key], *, changed: bool) -> str:
+    hooks = c.workdir / "hooks.log"
+    first = range(100, 120) if not changed else range(110, 130)
+    allowed = ", ".join(f"10.{i // 256}.{i % 256}.0/24" for i in first)
+    path = c.workdir / f"{c.ifname}.conf"
+    path.write_text(f"""\
+[Interface]
+PrivateKey = {keys[0].to_base64()}
+Address = {"10.250.0.1/24, 10.251.0.1/24" if changed else "10.250.0.1/24, fd00:250::1/64"}
+DNS = {"10.250.0.54" if changed else "10.250.0.53"}, crash.example
+{"MTU = 1300" if changed else ""}
+PreUp = echo PreUp >> {hooks}
+PostUp = echo PostUp >> {hooks}
+PreDown = echo PreDown >> {hooks}
+PostDown = echo PostDown >> {hooks}
+
+[Peer]
+PublicKey = {keys[1].public_key().to_base64()}
+Endpoint = 192.0.2.2:51820
+AllowedIPs = {allowed}
+{"PersistentKeepalive = 25" if changed else ""}
+""")
+    return str(path)
+
+
+def _reload_with_crash(c: Crash, point: str | None) -> ServiceProcess:
+    keys = (Key.generate_private(), Key.generate_private())
+    svc = c.run(_crash_conf(c, keys, changed=False), crash_at=point)
+    svc.wait_ready(60)
+    _crash_conf(c, keys, changed=True)
+    svc.proc.send_signal(signal.SIGHUP)
+    return svc
+
+
+@pytest.mark.parametrize("point", [f"{when}:{CRASH_STEPS + k}"
+                                   for k in range(1, RELOAD_STEPS + 1)
+                                   for when in ("intent", "effect", "applied")])
+def test_crash_at_every_step_of_an_in_place_change_then_cleanup_restores(
+        crash: Crash, point: str) -> None:  # noqa: F811 - the imported fixture
+    before = crash.snapshot()
+    svc = _reload_with_crash(crash, point)
+    code = svc.wait_exit(60)
+    assert code == -signal.SIGKILL, f"{point}: exit {code}\n{svc.output()}"
+    assert "reloaded:" not in svc.output()
+    result = crash.cleanup()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_restored_ns(crash, before)
+    assert crash.journals() == []
+
+
+def test_the_reload_crash_points_cover_every_step(crash: Crash) -> None:  # noqa: F811
+    """RELOAD_STEPS is exactly the number of in-place effects: one more
+    never fires, and the change then stops cleanly."""
+    before = crash.snapshot()
+    svc = _reload_with_crash(crash, f"intent:{CRASH_STEPS + RELOAD_STEPS + 1}")
+    deadline = time.monotonic() + 30
+    while "reloaded:" not in svc.output():
+        assert time.monotonic() < deadline, svc.output_tail()
+        assert svc.proc.poll() is None, svc.output_tail()
+        time.sleep(0.05)
+    out = svc.output()
+    assert ("peers +0/-0/~1, routes +10/-10, addresses +1/-1, DNS" in out
+            and "MTU 1420->1300" in out), out
+    assert svc.stop()[0] == 0, svc.output_tail()
+    assert_restored_ns(crash, before)
