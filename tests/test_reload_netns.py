@@ -35,7 +35,7 @@ from .conftest import needs_wireguard, unique
 from .test_crash_netns import STEPS as CRASH_STEPS
 from .test_crash_netns import Crash, assert_restored_ns, crash  # noqa: F401 - a fixture
 from .test_service_netns import tunsup
-from .test_tunnel_netns import STEP_GUARD, helper_pids
+from .test_tunnel_netns import STEP_GUARD, Pair, helper_pids, pair, routes  # noqa: F401
 
 pytestmark = [needs_wireguard, pytest.mark.netns]
 
@@ -343,3 +343,49 @@ def test_the_reload_crash_points_cover_every_step(crash: Crash) -> None:  # noqa
             and "MTU 1420->1300" in out), out
     assert svc.stop()[0] == 0, svc.output_tail()
     assert_restored_ns(crash, before)
+
+
+# ------------------------------------------------------------------ up, failure
+
+
+def test_up_of_a_changed_file_changes_in_place_and_a_failed_change_rolls_back(
+        pair: Pair) -> None:  # noqa: F811 - the imported fixture
+    name = unique("tsu")
+    conf = pair.conf_a(name)
+    before = _netns.snapshot(pair.ns_a)
+    svc = pair.run(pair.ns_a, conf, label="svc")
+    svc.wait_ready(60)
+    rt = str(pair.workdir / "svc.run")
+    pid = helper_pids(pair.ns_a)
+
+    # up of the changed file: in place, not refused.
+    pair.conf_a(name, allowed="10.200.0.2/32, 10.202.0.0/24")
+    res = tunsup("up", conf, "--runtime-dir", rt)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"tunnel {name} changed in place: peers +0/-0/~1, routes +1/-0" in res.stdout
+    assert helper_pids(pair.ns_a) == pid
+    assert {r["dst"] for r in routes(pair.ns_a, "route", "show", "dev", name)
+            if r.get("protocol") != "kernel"} == {"10.202.0.0/24"}
+
+    # A change whose last step (DNS) fails is rolled back: exit 1, host as before.
+    resolv = Path(pair.resolv("a"))
+    resolv.unlink()
+    resolv.mkdir()
+    pair.conf_a(name, allowed="10.200.0.2/32, 10.203.0.0/24", extra="DNS = 10.200.0.53\nMTU = 1300")
+    changed = _netns.snapshot(pair.ns_a)
+    res = tunsup("reload", "--runtime-dir", rt)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert f"failed: {name}: tunnel {name}: in-place change failed, rolled back" in res.stderr
+    diff = _netns.diff_snapshots(changed, _netns.snapshot(pair.ns_a))
+    assert not diff, "not rolled back:\n" + "\n".join(diff)
+    assert helper_pids(pair.ns_a) == pid
+    resolv.rmdir()
+    resolv.write_text("nameserver 192.0.2.53\nsearch lan.example\n")
+
+    # The tunnel still runs the configuration before the failed change.
+    pair.conf_a(name, allowed="10.200.0.2/32, 10.202.0.0/24")
+    res = tunsup("reload", "--runtime-dir", rt)
+    assert res.returncode == 0 and f"unchanged: {name}" in res.stdout, res.stdout + res.stderr
+    assert svc.stop()[0] == 0, svc.output_tail()
+    diff = _netns.diff_snapshots(before, _netns.snapshot(pair.ns_a))
+    assert not diff, "host not restored:\n" + "\n".join(diff)
