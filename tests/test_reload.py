@@ -20,7 +20,7 @@ from tunsup.config.keys import Key
 from tunsup.config.spec import Endpoint, PeerSpec, TunnelSpec
 from tunsup.engine.reload import rebuild_reason
 from tunsup.engine.supervisor import Change, ChangeFailed, Supervisor
-from tunsup.engine.tunnel import Tunnel, TunnelOptions
+from tunsup.engine.tunnel import Tunnel, TunnelOptions, TunnelState
 from tunsup.host import uapi
 from tunsup.testing import FakeHost, spec, uapi_dir
 from tunsup.testing.fakehost import PEER, Fault
@@ -66,9 +66,13 @@ def run_changes(fake: FakeHost, base: TunnelSpec, opts: TunnelOptions, steps: li
             nursery.start_soon(runner)
             await sup.ready.wait()
             for step in steps:
+                if callable(step):
+                    got: Any = await step(sup)
+                    seen.append(got)
+                    continue
                 new, new_opts = step if isinstance(step, tuple) else (step, opts)
                 try:
-                    got: Any = await sup.add(new, new_opts)
+                    got = await sup.add(new, new_opts)
                 except Exception as exc:
                     got = exc
                 link = fake.net.by_name(base.name)
@@ -244,4 +248,24 @@ def test_rebuild_holds_the_prefixes_until_the_new_tunnel_routes_them(fake: FakeH
     first_delete = ops.index("delete_link")
     assert hold < first_delete
     assert seen[0][3]["#unreachable"] == set(), "the hold was left behind"
+    assert_host_restored(fake)
+
+
+def test_a_helper_restarted_after_a_change_gets_the_new_configuration(fake: FakeHost) -> None:
+    base = spec()
+    wider = with_allowed(base, "198.51.100.0/24", "203.0.113.0/24")
+
+    async def kill_helper(sup: Supervisor) -> int:
+        tunnel = sup.slots()[0].tunnel
+        fake.current.die(1)
+        await tunnel.wait_state(TunnelState.RESTARTING)
+        await tunnel.wait_state(TunnelState.UP)
+        return tunnel.restarts
+
+    code, seen = run_changes(fake, base, options(), [wider, kill_helper])
+    assert code == ExitCode.OK and seen[1] == 1
+    full = [b for b in fake.bodies if "replace_peers=true" in b]
+    assert len(full) == 2
+    assert "allowed_ip=203.0.113.0/24" in full[1], "the restarted helper got the old peers"
+    assert seen[0][1] == {(254, net("198.51.100.0/24")), (254, net("203.0.113.0/24"))}
     assert_host_restored(fake)

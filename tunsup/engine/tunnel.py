@@ -627,29 +627,34 @@ class Tunnel:
             raise ReloadFailed(why if report.complete else
                                f"{why}; rollback incomplete: {'; '.join(report.failures)}",
                                restored=report.complete) from exc
-        # Made: the WireGuard change now lives in the helper (nothing to undo
-        # at a stop: the helper ends); the rest joins the tunnel's stacks.
-        for record in work.records:
-            if isinstance(record, WireguardChanged):
-                await work.settle(record)
+        # Made.  From here to the settle no checkpoint: a stop must find
+        # every record on the tunnel's stacks and the new state in place.
+        # What is not tied to the link (the kill switch) joins the tunnel's
+        # stack, the rest the stack the link's records are on.
         records = work.take()
         policy: list[Effect] = [r for r in records if isinstance(r, KillSwitch)
-                  or (isinstance(r, RoutesRemoved) and r.index == UNREACHABLE)]
+                                or (isinstance(r, RoutesRemoved) and r.index == UNREACHABLE)]
         stack.adopt(policy)
         link_stack.adopt([r for r in records if not any(r is p for p in policy)])
-        self.spec, self._endpoints, self._plan, self._mtu = spec, *state
-        self._request = await self._render_request()
+        self.spec, self._endpoints, self._plan, self._mtu, self._request = spec, *state
         if options.restart != self.options.restart:
             self._tracker = RestartTracker(options.restart)
         self.options = options
         ctx.stop_grace, ctx.hook_timeout = options.stop_grace, options.hook_timeout
         self.log.info("changed in place: %s", summary)
+        # The WireGuard change now lives in the helper: nothing to undo at a
+        # stop (the helper ends; a restarted one gets the new request).
+        for record in records:
+            if isinstance(record, WireguardChanged):
+                await link_stack.settle(record)
         return summary
 
     async def _apply_change(self, work: EffectStack, spec: TunnelSpec, options: TunnelOptions
-                            ) -> tuple[str, tuple[dict[Key, tuple[str, int]], RoutingPlan, int]]:
+                            ) -> tuple[str, tuple[dict[Key, tuple[str, int]], RoutingPlan,
+                                                  int, bytes]]:
         """The in-place changes, in make-before-break order, onto ``work``;
-        returns the summary and the new (endpoints, plan, MTU).
+        returns the summary and the new (endpoints, plan, MTU, full UAPI
+        request for a restarted helper).
         Cancellable; what was applied stays on ``work``."""
         old, net, name = self.spec, self.host.net, self.name
         assert self._plan is not None
@@ -664,6 +669,8 @@ class Tunnel:
             if self._plan.full_tunnel and spec.fwmark is None else spec
         plan = await plan_routing(planned, net, self.log, options.lan)
         mtu = spec.mtu or await self._auto_mtu([ip for ip, _ in endpoints.values()])
+        full_request = await _cpu_bound(len(spec.allowed_ips), uapi.render_set,
+                                        attrs.evolve(spec, fwmark=plan.fwmark), endpoints)
         parts: list[str] = []
 
         added = [a for a in spec.addresses if a not in old.addresses]
@@ -737,7 +744,7 @@ class Tunnel:
             parts.append("DNS")
         if hooks_changed(old, spec):
             parts.append("hooks (apply at the next rebuild)")
-        return ", ".join(parts) or "no change on the host", (endpoints, plan, mtu)
+        return ", ".join(parts) or "no change on the host", (endpoints, plan, mtu, full_request)
 
     async def _run_background(self) -> None:
         with self._background:
