@@ -200,6 +200,10 @@ class Tunnel:
         #: While it runs: its effect stack and context (for status).
         self._stack: EffectStack | None = None
         self._ctx: EffectContext | None = None
+        #: Held by an in-place change and by a helper restart's new
+        #: generation: a restarted helper gets the configuration of a
+        #: change made before it, never half of one.
+        self._changing = trio.Lock()
 
     @property
     def name(self) -> str:
@@ -497,7 +501,8 @@ class Tunnel:
                 # Deleted from outside: no helper can bring it back.
                 raise HelperExited(f"TUN device {self.name} was deleted; giving up")
             try:
-                handle = await self._start_generation(self._new_generation(ctx), ctx)
+                async with self._changing:
+                    handle = await self._start_generation(self._new_generation(ctx), ctx)
             except HostError as exc:
                 self.helper_pid = None
                 await self._end_generation(ctx)
@@ -600,6 +605,11 @@ class Tunnel:
         applied is rolled back first).  Cancellation rolls back the same
         way (shielded, bounded by ``stop_timeout``), then propagates.
         """
+        async with self._changing:
+            return await self._reconfigure(spec, options)
+
+    async def _reconfigure(self, spec: TunnelSpec, options: TunnelOptions) -> str:
+        """:meth:`reconfigure` under ``_changing``."""
         reason = rebuild_reason(self.spec, self.options, spec, options)
         if reason is None and self.state not in (TunnelState.UP, TunnelState.DEGRADED):
             reason = f"the tunnel is {self.state.value}"
