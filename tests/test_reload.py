@@ -19,10 +19,10 @@ from tunsup import ExitCode
 from tunsup.config.keys import Key
 from tunsup.config.spec import Endpoint, PeerSpec, TunnelSpec
 from tunsup.engine.reload import rebuild_reason
-from tunsup.engine.supervisor import Change, ChangeFailed, Supervisor
+from tunsup.engine.supervisor import Change, ChangeFailed, StartFailed, Supervisor
 from tunsup.engine.tunnel import Tunnel, TunnelOptions, TunnelState
 from tunsup.host import uapi
-from tunsup.testing import FakeHost, spec, uapi_dir
+from tunsup.testing import Behaviour, FakeHost, spec, uapi_dir
 from tunsup.testing.fakehost import PEER, Fault
 
 from .test_supervision import assert_host_restored, options
@@ -268,4 +268,24 @@ def test_a_helper_restarted_after_a_change_gets_the_new_configuration(fake: Fake
     assert len(full) == 2
     assert "allowed_ip=203.0.113.0/24" in full[1], "the restarted helper got the old peers"
     assert seen[0][1] == {(254, net("198.51.100.0/24")), (254, net("203.0.113.0/24"))}
+    assert_host_restored(fake)
+
+
+def test_a_rebuild_whose_start_fails_removes_the_hold_and_reports_it(fake: FakeHost) -> None:
+    """The new helper crashes at once: the change is a StartFailed naming
+    the new tunnel (its host changes undone), the hold routes are gone, and
+    the host is as it was before the tunnel came up."""
+    base = spec()
+
+    async def crash_next(sup: Supervisor) -> None:
+        fake.plan.append(Behaviour.CRASH)
+
+    code, seen = run_changes(fake, base, options(),
+                             [crash_next, (base, options(helper=("fake-wg2",)))])
+    failed = seen[1][0]
+    assert isinstance(failed, StartFailed), failed
+    assert failed.tunnel.options.helper == ("fake-wg2",)
+    assert seen[1][3]["#unreachable"] == set()
+    assert seen[1][1] is None, "the interface outlived a failed rebuild"
+    assert code == ExitCode.OK
     assert_host_restored(fake)

@@ -261,7 +261,8 @@ class Supervisor:
     async def converge(self, wanted: Sequence[Plan]) -> ConvergeResult:
         """Make the configured tunnels be exactly ``wanted`` (a reload): new
         ones come up, configured ones no longer wanted go down, changed ones
-        are restarted, unchanged ones are untouched.  Tunnels added with
+        are changed in place or rebuilt (see :meth:`_change`), unchanged
+        ones are untouched.  Tunnels added with
         :meth:`add` are left alone unless ``wanted`` names them.  A tunnel
         that fails to start is reported in the result; the others go on.
         Runs in the root nursery (a stop cancels it); raises
@@ -535,12 +536,7 @@ class Supervisor:
             if slot is not None:
                 if same_plan(slot.tunnel, spec, options):
                     return slot.tunnel, False
-                try:
-                    return await self._change(slot, spec, options)
-                except (ChangeFailed, Stopping):
-                    raise
-                except Exception as exc:
-                    raise StartFailed(slot.tunnel, describe_error(exc)) from exc
+                return await self._change(slot, spec, options)
             tunnel = self._make_tunnel(spec, options)
             log.info("starting tunnel %s from %s", spec.name, spec.source)
             try:
@@ -625,7 +621,8 @@ class Supervisor:
         when it can (see :meth:`Tunnel.reconfigure`), else rebuilt
         make-before-break (:meth:`_rebuild`).  The caller holds the
         tunnel's lock in the root nursery.  Raises :class:`ChangeFailed`
-        (rolled back), or what a rebuild's start raises."""
+        (rolled back), or :class:`StartFailed` when a rebuild's start
+        failed."""
         tunnel = slot.tunnel
         try:
             summary = await tunnel.reconfigure(spec, options)
@@ -647,7 +644,7 @@ class Supervisor:
         (journaled like any effect) from before the old tunnel goes down
         until the new one's routes stand (or its start failed), so that
         nothing meant for the tunnel leaves another way meanwhile.  Raises
-        what the new tunnel's start raises."""
+        :class:`StartFailed` (the new tunnel's) when its start failed."""
         old = slot.tunnel
         assert self._root is not None
         ctx = EffectContext(host=self.host, log=old.log, nursery=self._root)
@@ -659,7 +656,10 @@ class Supervisor:
             await self._stop_slot(slot)
             tunnel = self._make_tunnel(spec, options)
             log.info("starting tunnel %s from %s", spec.name, spec.source)
-            await self._start(tunnel, slot.origin)
+            try:
+                await self._start(tunnel, slot.origin)
+            except Exception as exc:
+                raise StartFailed(tunnel, describe_error(exc)) from exc
             return tunnel
         finally:
             report = await hold.unwind(options.stop_timeout)
