@@ -289,3 +289,23 @@ def test_a_tunnel_no_longer_configured_loses_its_kill_switch_at_start(
     diff = _netns.diff_snapshots(before, net.snapshot())
     assert not diff, "\n".join(diff)
     assert server.stop()[0] == 0
+
+
+def test_cleanup_keeps_only_the_kill_switch_of_configured_tunnels(net: Net) -> None:
+    """``cleanup --keep-kill-switch -c FILE`` keeps the kill switch of the
+    tunnels FILE configures; one no longer there is removed."""
+    before = net.snapshot()
+    server = net.start_server()
+    server.wait_ready()
+    client = net.start_client(allowed=ALLOWED["plain"], kill_switch=True, tun="helper")
+    client.wait_ready()
+    crash(net, client)
+    other = net.workdir / f"{unique('tsfc')}.conf"
+    other.write_text((net.workdir / f"{net.if_a}.conf").read_text())
+    (net.workdir / "client.toml").write_text(f'[[tunnel]]\nconfig = "{other.name}"\n')
+    result = cleanup(net, "--keep-kill-switch")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert kill_switch_routes(net.a) == []
+    diff = _netns.diff_snapshots(before, net.snapshot())
+    assert not diff, "\n".join(diff)
+    assert server.stop()[0] == 0
