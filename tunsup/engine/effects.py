@@ -28,6 +28,7 @@ import stat
 import threading
 import typing
 from collections.abc import Sequence
+from typing import ClassVar
 
 import attrs
 import trio
@@ -43,6 +44,7 @@ from ..host.dns import DnsBackend, DnsError, DnsState
 from .undo import LAST_CHANCE
 from .undo import Effect as Effect
 from .undo import EffectContext as EffectContext
+from .undo import Handover as Handover
 from .undo import HookRecorder as HookRecorder
 from .undo import Log as Log
 from .undo import OnHook as OnHook
@@ -634,6 +636,9 @@ def select_routes(
 class Rule(Effect):
     """A policy rule (full-tunnel routing)."""
 
+    #: The rules that lead to a full tunnel's table (and its kill switch).
+    protects: ClassVar[bool] = True
+
     ifname: str
     rule: PolicyRule
     #: False when an identical rule already existed: never removed then.
@@ -704,7 +709,11 @@ class KillSwitch(Effect):
     tunnel link disappears (helper killed, tunsup killed) these remain, so
     traffic fails instead of leaving through another interface.  They are
     not tied to any link: they outlive tunsup until ``cleanup`` or a stop.
+    Routes that already exist are owned only when an adopted kill switch
+    (of a dead instance, for this tunnel) hands them over.
     """
+
+    protects: ClassVar[bool] = True
 
     ifname: str
     table: int
@@ -721,9 +730,14 @@ class KillSwitch(Effect):
     async def apply(self, ctx: EffectContext) -> Effect:
         result = await ctx.host.net.add_routes(UNREACHABLE, self.prefixes, table=self.table,
                                                metric=self.metric)
-        ctx.log.info("%s: %d unreachable route(s) in table %d", self.what, len(result.added),
-                     self.table)
-        return attrs.evolve(self, prefixes=tuple(result.added))
+        taken: tuple[IPNetwork, ...] = ()
+        if ctx.adopted is not None and result.existed:
+            # The dead instance's kill switch: it never went away, and now
+            # this record owns those routes (no gap between the two).
+            taken = ctx.adopted.take_routes(self.ifname, self.table, result.existed)
+        ctx.log.info("%s: %d unreachable route(s) in table %d%s", self.what, len(result.added),
+                     self.table, f", {len(taken)} taken over" if taken else "")
+        return attrs.evolve(self, prefixes=(*result.added, *taken))
 
     async def undo(self, ctx: EffectContext) -> None:
         if self.prefixes:
@@ -749,6 +763,10 @@ class HeldRoutes(KillSwitch):
 
     metric: typing.ClassVar[int] = HOLD_METRIC
     what: typing.ClassVar[str] = "hold"
+    #: Not a protection the user asked for: recovery removes a hold a dead
+    #: instance left (a tunnel without the kill switch must not stay
+    #: blackholed after a crash).
+    protects: typing.ClassVar[bool] = False
 
 
 # --- in-place changes (reload) ------------------------------------------------
