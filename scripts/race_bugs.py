@@ -253,8 +253,8 @@ def main() -> int:
     files = sorted({b.file for b in chosen})
     originals = {f: (ROOT / f).read_text() for f in files}
     diff_before = diff_of(files)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    for signum in STOP_SIGNALS:  # SIGINT too: a background job inherits it ignored
+        signal.signal(signum, on_signal)
     print(f"{len(chosen)} bug(s); tests: {' '.join(command(args.whole)[3:])}", flush=True)
     print("| injected bug | file | found | by | examples | s |\n|---|---|---|---|---|---|",
           flush=True)
