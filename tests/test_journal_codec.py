@@ -42,6 +42,11 @@ SAMPLES: list[Any] = [
     fx.Rule("wg0", PolicyRule(6, 32765, 254, suppress_prefixlength=0), owned=False),
     fx.Sysctl("wg0", "net.ipv4.conf.all.src_valid_mark", "1", "0"),
     fx.KillSwitch("wg0", 254, (N("10.1.0.0/16"),)),
+    fx.HeldRoutes("wg0", 254, (N("10.2.0.0/16"), N("fd02::/48"))),
+    fx.MtuChanged("wg0", 7, 1420, 1380),
+    fx.RoutesRemoved("wg0", 7, 254, (N("10.3.0.0/16"),), 5),
+    fx.AddressRemoved("wg0", 7, ipaddress.ip_interface("10.0.0.2/24")),
+    fx.WireguardChanged("wg0", "peer added", b"secret set", b"secret undo", 4.0),
 ]
 
 
@@ -80,6 +85,8 @@ def test_records_read_back_and_match_cattrs(effect: Any) -> None:
     back = effect_from_dict(data)
     if isinstance(effect, fx.ConfigureWireguard):
         effect = attrs.evolve(effect, request=b"")
+    if isinstance(effect, fx.WireguardChanged):
+        effect = attrs.evolve(effect, request=b"", undo_request=b"")
     assert back == effect
 
 
