@@ -37,8 +37,9 @@ import outcome
 import trio
 
 from .. import _signals
-from .._errors import ExitCode, TunsupError
+from .._errors import ConfigError, ExitCode, TunsupError, config_errors
 from .._log import tag_tunnel
+from ..config.conflicts import Tenant, find_conflicts
 from ..config.settings import OnFailure
 from ..config.spec import TunnelSpec
 from ..host import Host, sdnotify
@@ -439,6 +440,7 @@ class Supervisor:
         Raises what ended the tunnel if it fails to start (after undo).
         Cancelled by a stop (the tunnel unwinds before this returns)."""
         assert self._root is not None
+        self._refuse_conflicts(tunnel)
         slot = Slot(tunnel, origin)
         self._slots[tunnel.name] = slot
         self._failed_slots.pop(tunnel.name, None)
@@ -451,6 +453,18 @@ class Supervisor:
                 del self._slots[tunnel.name]
             raise
         slot.up_since = time.time()
+
+    def _refuse_conflicts(self, tunnel: Tunnel) -> None:
+        """Raise :class:`ConfigError` if ``tunnel`` claims what a running
+        tunnel holds (see :mod:`tunsup.config.conflicts`).  No await
+        between this check and the slot taking its place: two starts at
+        once cannot both pass it."""
+        running = [Tenant(s.tunnel.spec, s.tunnel.options.allow_overlap)
+                   for name, s in self._slots.items() if name != tunnel.name]
+        error = config_errors(find_conflicts(
+            [Tenant(tunnel.spec, tunnel.options.allow_overlap)], running))
+        if error is not None:
+            raise error
 
     async def _run_slot(self, slot: Slot, *,
                         task_status: trio.TaskStatus[Tunnel] = trio.TASK_STATUS_IGNORED) -> None:
@@ -514,6 +528,8 @@ class Supervisor:
             log.info("starting tunnel %s from %s", spec.name, spec.source)
             try:
                 await self._start(tunnel, origin)
+            except ConfigError:
+                raise  # refused before anything was applied
             except Exception as exc:
                 raise StartFailed(tunnel, describe_error(exc)) from exc
             self._announce()
