@@ -5,6 +5,9 @@ Three backends, chosen by :func:`select_backend`:
 ``file``
     Rewrites a ``resolv.conf`` (``/etc/resolv.conf`` by default) with a
     backup of the exact original bytes and mode kept in the state record.
+    Tunnels share the file through its one :class:`ResolvConfOwner` (per
+    :class:`~tunsup.host.Host`): the file holds the merge of the remaining
+    claims (:func:`render_claims`), the original once none is left.
 ``resolvconf``
     ``resolvconf -a tun.IFACE -m 0 -x`` with the rendered file on stdin, as
     wg-quick does; reverted with ``resolvconf -d tun.IFACE -f``.
