@@ -44,7 +44,7 @@ from ..config.settings import OnFailure
 from ..config.spec import TunnelSpec
 from ..host import Host, sdnotify
 from .journal import Journal
-from .tunnel import Tunnel, TunnelOptions
+from .tunnel import Tunnel, TunnelOptions, cpu_bound
 
 log = logging.getLogger("tunsup")
 
@@ -164,6 +164,8 @@ class Supervisor:
         #: from clients for them wait (see :meth:`_wait_claims`).
         self._claims: dict[str, list[trio.Event]] = {}
         self._converge_lock = trio.Lock()
+        #: Held from a start's conflict check until its slot is in place.
+        self._conflict_lock = trio.Lock()
         #: Stop signals received while already stopping.
         self._repeated: set[int] = set()
         self.ready = trio.Event()
@@ -440,9 +442,10 @@ class Supervisor:
         Raises what ended the tunnel if it fails to start (after undo).
         Cancelled by a stop (the tunnel unwinds before this returns)."""
         assert self._root is not None
-        self._refuse_conflicts(tunnel)
-        slot = Slot(tunnel, origin)
-        self._slots[tunnel.name] = slot
+        async with self._conflict_lock:  # held until the slot takes its place
+            await self._refuse_conflicts(tunnel)
+            slot = Slot(tunnel, origin)
+            self._slots[tunnel.name] = slot
         self._failed_slots.pop(tunnel.name, None)
         self.history.append(tunnel)
         tag_tunnel(tunnel.log, tunnel.name)
@@ -454,15 +457,19 @@ class Supervisor:
             raise
         slot.up_since = time.time()
 
-    def _refuse_conflicts(self, tunnel: Tunnel) -> None:
+    async def _refuse_conflicts(self, tunnel: Tunnel) -> None:
         """Raise :class:`ConfigError` if ``tunnel`` claims what a running
-        tunnel holds (see :mod:`tunsup.config.conflicts`).  No await
-        between this check and the slot taking its place: two starts at
-        once cannot both pass it."""
+        tunnel holds (see :mod:`tunsup.config.conflicts`).  The caller
+        holds ``_conflict_lock`` until the slot takes its place, so two
+        starts at once cannot both pass.  Many prefixes are checked in a
+        worker thread (pure computation); cancellation abandons it."""
         running = [Tenant(s.tunnel.spec, s.tunnel.options.allow_overlap)
                    for name, s in self._slots.items() if name != tunnel.name]
-        error = config_errors(find_conflicts(
-            [Tenant(tunnel.spec, tunnel.options.allow_overlap)], running))
+        size = sum(len(p.allowed_ips) for t in [tunnel.spec, *(r.spec for r in running)]
+                   for p in t.peers)
+        errors = await cpu_bound(size, find_conflicts,
+                                 [Tenant(tunnel.spec, tunnel.options.allow_overlap)], running)
+        error = config_errors(errors)
         if error is not None:
             raise error
 

@@ -534,7 +534,7 @@ class Tunnel:
         fwmark (rendering 10,000 allowed IPs is kept off the trio thread)."""
         assert self._plan is not None
         configured = attrs.evolve(self.spec, fwmark=self._plan.fwmark)
-        return await _cpu_bound(len(self.spec.allowed_ips), uapi.render_set, configured,
+        return await cpu_bound(len(self.spec.allowed_ips), uapi.render_set, configured,
                                 self._endpoints)
 
     async def _run_background(self) -> None:
@@ -623,7 +623,7 @@ class Tunnel:
         return (best or DEFAULT_LINK_MTU) - WIREGUARD_OVERHEAD
 
 
-async def _cpu_bound(size: int, fn: Callable[..., T], *args: Any) -> T:
+async def cpu_bound(size: int, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)``, in a worker thread when ``size`` (a prefix count) is
     above :data:`CPU_BOUND_PREFIXES`, so that a long computation does not
     hold the trio thread.  Cancellation: propagates at once; the thread,
