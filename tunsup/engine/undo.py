@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from typing import Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
 import trio
@@ -54,6 +54,22 @@ class EffectContext:
     #: Told of every hook process once it exists (the journal records it:
     #: see :class:`HookRecorder`).
     on_hook: OnHook | None = None
+    #: Protections a dead instance left for this tunnel, kept until its own
+    #: stand (make-before-break; see :class:`Handover`).
+    adopted: Handover | None = None
+
+
+class Handover(Protocol):
+    """Protections adopted from a dead instance (crash recovery keeps them
+    for the tunnels a run starts).  An effect that finds its host object
+    already there asks whether an adopted protection holds it: if so the
+    object is handed over (the new record owns it; the adopted one no
+    longer does), so dropping the adopted one later leaves it in place."""
+
+    def take_routes(self, tunnel: str, table: int, found: Sequence[Any]) -> tuple[Any, ...]:
+        """Of the unreachable routes ``found`` in ``table``, those an
+        adopted protection of ``tunnel`` holds: handed over to the caller."""
+        ...
 
 
 #: ``(effect, "up" | "down", index in its list, pid, start time)``.
@@ -70,6 +86,11 @@ class HookRecorder(Protocol):
 
 class Effect:
     """Base class of effect records."""
+
+    #: A protection (kill switch, the rules leading to it): after a crash
+    #: it is kept for a tunnel that will start again, until that tunnel's
+    #: own is in place (make-before-break; see tunsup.engine.recovery).
+    protects: ClassVar[bool] = False
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -149,6 +170,23 @@ class EffectStack:
         for record in records:
             record.adopted(self._ctx)
         self._records.extend(records)
+
+    def take(self) -> list[Effect]:
+        """Hand every record over (to :meth:`adopt` on another stack, in
+        this order) and leave this stack empty; their journal entries stay
+        as they are.  A reload applies its changes to a stack of its own,
+        so that a failure unwinds just those, then hands them to the
+        tunnel's stacks."""
+        records, self._records = self._records, []
+        return records
+
+    async def settle(self, record: Effect) -> None:
+        """Drop ``record`` (by identity): nothing is left to undo for it.
+        The observer hears of it as undone.  Cancellation: as the
+        observer's ``undone``."""
+        self._records = [r for r in self._records if r is not record]
+        if self._observer is not None:
+            await self._observer.undone(record)
 
     async def apply(self, effect: Effect) -> Effect:
         """Apply ``effect`` and push the record of what it did.

@@ -210,8 +210,11 @@ class FakeNet:
                          table: int, metric: int | None = None) -> RouteBatchResult:
         await self.op("add_routes")
         if index == 0:  # unreachable routes (kill switch): not on any link
+            # As the kernel: one that is already there is not added again.
+            existed = tuple(net for net in prefixes if (table, net) in self.unreachable)
             self.unreachable |= {(table, net) for net in prefixes}
-            return RouteBatchResult(added=tuple(prefixes), existed=())
+            return RouteBatchResult(added=tuple(n for n in prefixes if n not in existed),
+                                    existed=existed)
         link = self.links[index]
         for net in prefixes:
             link.routes.add((table, net))
@@ -404,6 +407,7 @@ class FakeHelper:
                     return
                 buf += chunk
             self.host.requests.append(buf.split(b"\n", 1)[0].decode())
+            self.host.bodies.append(buf.decode())
             if buf.startswith(b"get=1") and self.mute:
                 await trio.sleep_forever()
             if buf.startswith(b"get=1"):
@@ -429,6 +433,8 @@ class FakeHost:
         self.alive: set[FakeHelper] = set()
         self.hooks: list[str] = []
         self.requests: list[str] = []
+        #: The whole text of every UAPI request, in order.
+        self.bodies: list[str] = []
         self.tun_fds: set[int] = set()
         #: Start delay of SLOW helpers (seconds).
         self.slow_start = 1.0
