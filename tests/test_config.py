@@ -604,6 +604,7 @@ def test_to_dict_shape() -> None:
                 "stop_grace": 2.0,
                 "start_timeout": 10.0,
                 "kill_switch": False,
+                "allow_overlap": False,
                 "lan": "direct",
                 "resolve_interval": 60.0,
                 "tun": "auto",

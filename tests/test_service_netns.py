@@ -644,8 +644,9 @@ def test_sighup_reload_adds_removes_restarts_and_leaves_the_rest(pair: Pair) -> 
     index_c = link_index(pair.ns_a, names["c"])
 
     # d changes (in place: issue 14), a goes, b comes, c stays as it is.
+    # (d's new prefix must not overlap b's or e's: overlaps are refused.)
     Path(confs["d"]).write_text(Path(confs["d"]).read_text().replace(
-        "198.51.100.32/28", "198.51.100.32/27"))
+        "198.51.100.32/28", "198.51.100.128/27"))
     write_toml("c", "d", "b")
     svc.proc.send_signal(signal.SIGHUP)
     wait_for_output(svc, "reloaded: 1 started, 1 stopped, 0 restarted, 1 unchanged, 0 failed, "
@@ -660,7 +661,7 @@ def test_sighup_reload_adds_removes_restarts_and_leaves_the_rest(pair: Pair) -> 
     assert now[names["d"]]["helper_pid"] == first[names["d"]]["helper_pid"]
     assert link_index(pair.ns_a, names["a"]) is None
     assert {r["dst"] for r in routes(pair.ns_a, "route", "show", "dev", names["d"])
-            if r.get("protocol") != "kernel"} == {"198.51.100.32/27"}
+            if r.get("protocol") != "kernel"} == {"198.51.100.128/27"}
 
     # A broken file changes nothing (reload through the control socket).
     toml.write_text("[[tunnel]]\nconfig = 5\n")

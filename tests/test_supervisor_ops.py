@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from tunsup import ExitCode
-from tunsup._errors import HelperExited
+from tunsup._errors import ConfigError, HelperExited
 from tunsup.config.keys import Key
 from tunsup.config.spec import PeerSpec, TunnelSpec
 from tunsup.engine.reload import NeedsRebuild
@@ -43,9 +43,12 @@ def _host() -> Host:
                 dns_backend=lambda kind: None)
 
 
-def spec(name: str, allowed: str = "10.0.0.0/24", line: int = 5) -> TunnelSpec:
+def spec(name: str, allowed: str | None = None, line: int = 5) -> TunnelSpec:
+    """A tunnel of its own: by default its AllowedIPs overlap no other's
+    (overlaps are refused: see test_concurrent_full_tunnels_one_is_refused)."""
     import ipaddress
 
+    allowed = allowed or f"10.{ord(name[0])}.{len(name)}.0/24"
     peer = PeerSpec(public_key=Key(b"\x01" * 32),
                     allowed_ips=(ipaddress.ip_network(allowed),), line=line)
     return TunnelSpec(name=name, source=f"/etc/wg/{name}.conf", peers=(peer,))
@@ -569,3 +572,31 @@ def test_up_racing_a_reload_that_adds_the_same_name_waits_for_the_reload() -> No
         assert len(world.made["c"]) == 2
 
     assert run_with(sup, body) == ExitCode.OK
+
+
+def test_concurrent_full_tunnels_one_is_refused_before_it_starts() -> None:
+    """Issue 13 item 3: two full tunnels (a default route under Table =
+    auto) added at once: the conflict check and the slot taking its place
+    are one step, so exactly one starts (and picks the policy table); the
+    other is refused with both lines and never runs."""
+    world = World()
+    sup = world.supervisor("a")
+    results: dict[str, object] = {}
+
+    async def body() -> None:
+        async def add(name: str) -> None:
+            try:
+                results[name] = await sup.add(spec(name, allowed="0.0.0.0/0"), TunnelOptions())
+            except Exception as exc:
+                results[name] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(add, "full1")
+            nursery.start_soon(add, "full2")
+
+    assert run_with(sup, body) == ExitCode.OK
+    refused = [r for r in results.values() if isinstance(r, ConfigError)]
+    assert len(refused) == 1, results
+    (started,) = [n for n in ("full1", "full2") if f"start {n}" in world.journal]
+    assert "is a full tunnel" in str(refused[0])
+    assert f"/etc/wg/{started}.conf:5" in str(refused[0])

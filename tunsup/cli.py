@@ -322,6 +322,14 @@ def _check(files: Sequence[str], *, debug: bool = False) -> int:
         except ConfigError as exc:
             print(f"{exc}", file=sys.stderr)
             status = ExitCode.USAGE
+    confs = tuple(path for path in files if not path.endswith(".toml"))
+    if status == ExitCode.OK and len(confs) > 1:
+        # Together, as `run` would run them: conflicts between tunnels.
+        try:
+            prepare(ConfigSource(confs=confs))
+        except ConfigError as exc:
+            print(f"{exc}", file=sys.stderr)
+            status = ExitCode.USAGE
     return status
 
 

@@ -26,8 +26,9 @@ from trio_util import periodic
 
 from . import __version__
 from ._bounded import bounded
-from ._errors import ConfigError, ExitCode, HostError
+from ._errors import ConfigError, ExitCode, HostError, config_errors
 from ._log import LogHub
+from .config.conflicts import Tenant, find_conflicts
 from .config.settings import OnFailure
 from .config.sources import ConfigSource, Loaded
 from .config.spec import TunnelSpec
@@ -36,6 +37,7 @@ from .control import protocol as proto
 from .control.server import ControlServer, ControlSettings, OpError
 from .engine.journal import Journal, JournalObserver
 from .engine.supervisor import (
+    CONFIG,
     AlreadyRunning,
     Change,
     ChangeFailed,
@@ -136,6 +138,8 @@ class ServiceOps:
             tunnel, started = await self.supervisor.add(spec, options)
         except AlreadyRunning as exc:
             raise OpError(proto.CONFLICT, str(exc)) from None
+        except ConfigError as exc:  # it conflicts with a running tunnel
+            raise OpError(proto.CONFIG, str(exc)) from None
         except ChangeFailed as exc:
             raise OpError(proto.FAILED if exc.restored else proto.INCOMPLETE, str(exc)) from None
         except StartFailed as exc:
@@ -182,6 +186,15 @@ class ServiceOps:
         for warning in warnings:
             log.warning("reload: %s", warning)
         plans = [(spec, loaded.config.tunnel_options(entry)) for spec, entry in loaded.entries()]
+        # The new configuration among itself was checked on load; against
+        # the tunnels started by `up` that it leaves running:
+        kept = [Tenant(s.tunnel.spec, s.tunnel.options.allow_overlap)
+                for s in self.supervisor.slots()
+                if s.origin != CONFIG and s.tunnel.name not in {p.name for p, _ in plans}]
+        error = config_errors(find_conflicts(
+            [Tenant(spec, options.allow_overlap) for spec, options in plans], kept))
+        if error is not None:
+            raise OpError(proto.CONFIG, str(error))
         try:
             result = await self.supervisor.converge(plans)
         except Stopping as exc:

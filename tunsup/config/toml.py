@@ -301,6 +301,9 @@ class TunnelEntry:
     #: Fail closed: while the tunnel is configured (and after a crash, until
     #: cleanup), its traffic is dropped rather than sent outside it.
     kill_switch: bool = attrs.field(default=_TUNNEL.kill_switch, validator=_check_bool)
+    #: Its AllowedIPs may overlap those of another tunnel that allows it too,
+    #: in the same routing table (refused otherwise: see config.conflicts).
+    allow_overlap: bool = attrs.field(default=_TUNNEL.allow_overlap, validator=_check_bool)
     #: Directly connected networks: keep them reachable directly ("direct"),
     #: or send them through the tunnel too ("tunnel").
     lan: LanMode = attrs.field(default=_TUNNEL.lan, validator=_check_lan)

@@ -147,6 +147,7 @@ class _Peer(_Section):
             persistent_keepalive=self.keepalive,
             line=self.line,
             endpoint_line=self.endpoint_line,
+            allowed_lines=tuple(self.allowed_ips.values()),
         )
 
 
@@ -494,6 +495,8 @@ class _Parser:
             pre_down=tuple(i.hooks["PreDown"]),
             post_down=tuple(i.hooks["PostDown"]),
             peers=tuple(peer.spec() for peer in self.peers if peer.public_key is not None),
+            lines=(("[Interface]", i.line),
+                   *((k, i.seen[k]) for k in ("ListenPort", "Table", "FwMark") if k in i.seen)),
         )
 
 

@@ -37,7 +37,7 @@ from .._bounded import bounded
 from .._errors import HostError
 from ..config.spec import IPAddress, IPInterface, IPNetwork
 from ..host import UNREACHABLE, PolicyRule
-from ..host.dns import DnsBackend, DnsError, DnsState
+from ..host.dns import DnsBackend, DnsError, DnsState, FileBackend, FileDnsState
 
 # The base types live beside the stack that runs them (no import cycle);
 # re-exported here for the effect modules and their users.
@@ -594,8 +594,9 @@ class Dns(Effect):
 
     async def _backend(self, ctx: EffectContext) -> DnsBackend:
         # "auto" looks at the machine (files, PATH): off the trio thread.
-        return await bounded(self.timeout, f"choosing the {self.backend} DNS backend",
-                             ctx.host.dns_backend, self.backend, error=DnsError)
+        backend = await bounded(self.timeout, f"choosing the {self.backend} DNS backend",
+                                ctx.host.dns_backend, self.backend, error=DnsError)
+        return _shared(backend, ctx)
 
     async def prepare(self, ctx: EffectContext) -> Effect:
         backend = await self._backend(ctx)
@@ -615,7 +616,11 @@ class Dns(Effect):
     async def undo(self, ctx: EffectContext) -> None:
         if self.state is None:
             return
-        backend = await self._backend(ctx)
+        if isinstance(self.state, FileDnsState):
+            # The record says which file: its owner releases this claim.
+            backend: DnsBackend = FileBackend(self.state.path, owners=ctx.host.dns_owners)
+        else:
+            backend = await self._backend(ctx)
         if await backend.revert(self.state, timeout=self.timeout):
             ctx.log.info("DNS restored")
 
@@ -625,6 +630,18 @@ class Dns(Effect):
         # revert restores only if the file holds exactly that.
         if ctx.recovering:
             await self.undo(ctx)
+
+    def adopted(self, ctx: EffectContext) -> None:
+        if isinstance(self.state, FileDnsState) and self.state.ifname:
+            FileBackend(self.state.path, owners=ctx.host.dns_owners).readopt(
+                self.ifname, self.servers, self.search, self.state)
+
+
+def _shared(backend: DnsBackend, ctx: EffectContext) -> DnsBackend:
+    """The file backend goes through the host's one owner of its file."""
+    if isinstance(backend, FileBackend):
+        return attrs.evolve(backend, owners=ctx.host.dns_owners)
+    return backend
 
 
 def _as_logger(log: Log) -> logging.Logger:

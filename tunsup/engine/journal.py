@@ -279,6 +279,9 @@ class PendingIntent(Effect):
     def undo_timeout(self, ctx: effects.EffectContext) -> float:
         return self.intent.undo_timeout(ctx)
 
+    def adopted(self, ctx: effects.EffectContext) -> None:
+        self.intent.adopted(ctx)
+
 
 def read_journal(path: str) -> JournalContents:
     """Parse a journal (blocking).  Never raises for bad content: unreadable

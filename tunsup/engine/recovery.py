@@ -31,6 +31,7 @@ import trio
 from .._bounded import bounded
 from .._errors import HostError
 from ..host import Host
+from ..host.dns import ResolvConfOwners
 from ..host.process import terminate_foreign
 from ..pidfile import process_start_time
 from .effects import Effect, EffectContext, Hooks, KillSwitch, OnHook
@@ -435,6 +436,9 @@ def _hook_recorder(path: str, pending: list[tuple[Step, Effect]]) -> OnHook:
 
 async def _undo(contents: JournalContents, pending: list[Effect], host: Host,
                 timeout: float, on_hook: OnHook | None = None) -> TeardownReport:
+    # Shared resources get owners of their own, which learn the dead
+    # instance's claims as its records are adopted (see Effect.adopted).
+    host = attrs.evolve(host, dns_owners=ResolvConfOwners())
     async with trio.open_nursery() as nursery:
         ctx = EffectContext(host=host, log=log, nursery=nursery, recovering=True,
                             instance_start=contents.start_time, on_hook=on_hook)

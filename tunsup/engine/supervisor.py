@@ -37,8 +37,9 @@ import outcome
 import trio
 
 from .. import _signals
-from .._errors import ExitCode, TunsupError
+from .._errors import ConfigError, ExitCode, TunsupError, config_errors
 from .._log import tag_tunnel
+from ..config.conflicts import Tenant, find_conflicts
 from ..config.settings import OnFailure
 from ..config.spec import TunnelSpec
 from ..host import Host, sdnotify
@@ -46,7 +47,7 @@ from .effects import EffectContext, HeldRoutes
 from .journal import Journal, JournalObserver
 from .recovery import Adoption
 from .reload import NeedsRebuild, ReloadFailed
-from .tunnel import Tunnel, TunnelOptions
+from .tunnel import Tunnel, TunnelOptions, cpu_bound
 from .undo import EffectStack
 
 log = logging.getLogger("tunsup")
@@ -189,6 +190,8 @@ class Supervisor:
         #: from clients for them wait (see :meth:`_wait_claims`).
         self._claims: dict[str, list[trio.Event]] = {}
         self._converge_lock = trio.Lock()
+        #: Held from a start's conflict check until its slot is in place.
+        self._conflict_lock = trio.Lock()
         #: Stop signals received while already stopping.
         self._repeated: set[int] = set()
         self.ready = trio.Event()
@@ -488,8 +491,10 @@ class Supervisor:
         Raises what ended the tunnel if it fails to start (after undo).
         Cancelled by a stop (the tunnel unwinds before this returns)."""
         assert self._root is not None
-        slot = Slot(tunnel, origin)
-        self._slots[tunnel.name] = slot
+        async with self._conflict_lock:  # held until the slot takes its place
+            await self._refuse_conflicts(tunnel)
+            slot = Slot(tunnel, origin)
+            self._slots[tunnel.name] = slot
         self._failed_slots.pop(tunnel.name, None)
         self.history.append(tunnel)
         tag_tunnel(tunnel.log, tunnel.name)
@@ -504,6 +509,22 @@ class Supervisor:
         if self._adoption is not None:
             # The new tunnel's routing stands: the old protection may go.
             await self._adoption.drop(tunnel.name)
+
+    async def _refuse_conflicts(self, tunnel: Tunnel) -> None:
+        """Raise :class:`ConfigError` if ``tunnel`` claims what a running
+        tunnel holds (see :mod:`tunsup.config.conflicts`).  The caller
+        holds ``_conflict_lock`` until the slot takes its place, so two
+        starts at once cannot both pass.  Many prefixes are checked in a
+        worker thread (pure computation); cancellation abandons it."""
+        running = [Tenant(s.tunnel.spec, s.tunnel.options.allow_overlap)
+                   for name, s in self._slots.items() if name != tunnel.name]
+        size = sum(len(p.allowed_ips) for t in [tunnel.spec, *(r.spec for r in running)]
+                   for p in t.peers)
+        errors = await cpu_bound(size, find_conflicts,
+                                 [Tenant(tunnel.spec, tunnel.options.allow_overlap)], running)
+        error = config_errors(errors)
+        if error is not None:
+            raise error
 
     async def _run_slot(self, slot: Slot, *,
                         task_status: trio.TaskStatus[Tunnel] = trio.TASK_STATUS_IGNORED) -> None:
@@ -566,6 +587,8 @@ class Supervisor:
             log.info("starting tunnel %s from %s", spec.name, spec.source)
             try:
                 await self._start(tunnel, origin)
+            except ConfigError:
+                raise  # refused before anything was applied
             except Exception as exc:
                 raise StartFailed(tunnel, describe_error(exc)) from exc
             self._announce()

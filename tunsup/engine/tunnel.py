@@ -588,7 +588,7 @@ class Tunnel:
         fwmark (rendering 10,000 allowed IPs is kept off the trio thread)."""
         assert self._plan is not None
         configured = attrs.evolve(self.spec, fwmark=self._plan.fwmark)
-        return await _cpu_bound(len(self.spec.allowed_ips), uapi.render_set, configured,
+        return await cpu_bound(len(self.spec.allowed_ips), uapi.render_set, configured,
                                 self._endpoints)
 
     # ------------------------------------------------------------ reload in place
@@ -684,7 +684,7 @@ class Tunnel:
             if self._plan.full_tunnel and spec.fwmark is None else spec
         plan = await plan_routing(planned, net, self.log, options.lan)
         mtu = spec.mtu or await self._auto_mtu([ip for ip, _ in endpoints.values()])
-        full_request = await _cpu_bound(len(spec.allowed_ips), uapi.render_set,
+        full_request = await cpu_bound(len(spec.allowed_ips), uapi.render_set,
                                         attrs.evolve(spec, fwmark=plan.fwmark), endpoints)
         parts: list[str] = []
 
@@ -697,12 +697,12 @@ class Tunnel:
             await work.apply(MtuChanged(name, index, self._mtu, mtu))
             parts.append(f"MTU {self._mtu}->{mtu}")
 
-        request = await _cpu_bound(
+        request = await cpu_bound(
             len(spec.allowed_ips) + len(old.allowed_ips), uapi.render_change,
             attrs.evolve(old, fwmark=self._plan.fwmark), attrs.evolve(spec, fwmark=plan.fwmark),
             self._endpoints, endpoints)
         if request is not None:
-            inverse = await _cpu_bound(
+            inverse = await cpu_bound(
                 len(spec.allowed_ips) + len(old.allowed_ips), uapi.render_change,
                 attrs.evolve(spec, fwmark=plan.fwmark), attrs.evolve(old, fwmark=self._plan.fwmark),
                 endpoints, self._endpoints)
@@ -722,7 +722,7 @@ class Tunnel:
         if plan.table is not None and plan.ordinary:
             existing = [n for n in await net.link_routes(index, plan.table)
                         if (plan.table, n) not in current and n not in gone_nets]
-            wanted |= {(plan.table, p) for p in await _cpu_bound(
+            wanted |= {(plan.table, p) for p in await cpu_bound(
                 len(plan.ordinary), select_routes, plan.ordinary, existing)}
         if plan.policy_table is not None:
             wanted |= {(plan.policy_table, d) for d in plan.defaults}
@@ -850,7 +850,7 @@ class Tunnel:
         return (best or DEFAULT_LINK_MTU) - WIREGUARD_OVERHEAD
 
 
-async def _cpu_bound(size: int, fn: Callable[..., T], *args: Any) -> T:
+async def cpu_bound(size: int, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)``, in a worker thread when ``size`` (a prefix count) is
     above :data:`CPU_BOUND_PREFIXES`, so that a long computation does not
     hold the trio thread.  Cancellation: propagates at once; the thread,

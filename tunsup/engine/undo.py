@@ -120,6 +120,13 @@ class Effect:
         """The index of the link this record's undo deletes, if any."""
         return None
 
+    def adopted(self, ctx: EffectContext) -> None:
+        """Recovery adopted this record of a dead instance (in the order
+        they were applied), before unwinding: an effect on a resource that
+        tunnels share re-registers its claim with the resource's owner
+        here, so that undoing each claim gives the right host state.  No
+        I/O; default: nothing."""
+
 
 class StackObserver(Protocol):
     async def intent(self, effect: Effect) -> None: ...
@@ -170,6 +177,8 @@ class EffectStack:
         this same stack."""
         if self._unwound:
             raise RuntimeError("effect stack already unwound")
+        for record in records:
+            record.adopted(self._ctx)
         self._records.extend(records)
 
     def take(self) -> list[Effect]:

@@ -19,7 +19,7 @@ from ..config.spec import IPAddress, IPInterface, IPNetwork
 from . import tun
 from ._rtnl import UNREACHABLE as UNREACHABLE
 from ._rtnl import RouteBatchResult as RouteBatchResult
-from .dns import DnsBackend
+from .dns import DnsBackend, ResolvConfOwners
 
 
 class RouteBatch(Protocol):
@@ -124,6 +124,9 @@ class Host:
     env: Mapping[str, str] = attrs.field(factory=dict)
     create_tun: CreateTun = tun.create_tun
     close_tun: CloseTun = tun.close_tun
+    #: The one owner of each resolv.conf the file DNS backend writes: every
+    #: tunnel on this host claims DNS through it (see ResolvConfOwner).
+    dns_owners: ResolvConfOwners = attrs.field(factory=ResolvConfOwners)
 
 
 def real_host(*, resolv_conf: str = "/etc/resolv.conf",

@@ -499,17 +499,24 @@ class FakeHost:
 
 
 def spec(name: str = "wgt0", *, post_up: tuple[str, ...] = ()) -> TunnelSpec:
+    """A tunnel whose ListenPort and AllowedIPs are its own (tunnels of one
+    service must not conflict): ``wgt0`` gets 51820 and 198.51.100.0/24,
+    ``wgtN`` 51820 + N and 10.100.0.0/24 + N (others by a hash of the name)."""
     import ipaddress
+    import zlib
 
+    digits = name[len(name.rstrip("0123456789")):]
+    n = int(digits) if digits else 1 + zlib.crc32(name.encode()) % 10000
+    allowed = (ipaddress.ip_network("198.51.100.0/24") if n == 0
+               else ipaddress.ip_network((0x0A640000 + 256 * n, 24)))
     return TunnelSpec(
         name=name, source=f"/fake/{name}.conf",
         private_key=Key.generate_private(),
         addresses=(ipaddress.ip_interface("10.9.0.1/24"),),
-        listen_port=51820,
+        listen_port=51820 + n,
         post_up=post_up,
         pre_down=("echo down",) if post_up else (),
-        peers=(PeerSpec(public_key=PEER,
-                        allowed_ips=(ipaddress.ip_network("198.51.100.0/24"),)),),
+        peers=(PeerSpec(public_key=PEER, allowed_ips=(allowed,)),),
     )
 
 
