@@ -25,6 +25,7 @@ import functools
 import ipaddress
 import logging
 import os
+import random
 import signal
 import socket
 import time
@@ -161,7 +162,10 @@ class Tunnel:
         options: TunnelOptions | None = None,
         *,
         observer: StackObserver | None = None,
+        rng: random.Random | None = None,
     ) -> None:
+        """``rng``: the source of the restart backoff's jitter (tests pass a
+        seeded one so that a schedule replays exactly)."""
         self.spec = spec
         self.host = host
         self.options = options or TunnelOptions()
@@ -182,7 +186,7 @@ class Tunnel:
         #: Background work of an up tunnel (endpoint re-resolution); cancelled
         #: before teardown starts.
         self._background = trio.CancelScope()
-        self._tracker = RestartTracker(self.options.restart)
+        self._tracker = RestartTracker(self.options.restart, rng)
         # Fixed at bring-up, reused by every helper generation.
         self._request = b""
         self._mtu = 0
