@@ -187,6 +187,9 @@ class Tunnel:
         #: before teardown starts.
         self._background = trio.CancelScope()
         self._tracker = RestartTracker(self.options.restart, rng)
+        #: Failed undo steps of helper generations unwound by a restart:
+        #: part of the tunnel's teardown report (the host is not restored).
+        self._generation_failures: list[str] = []
         # Fixed at bring-up, reused by every helper generation.
         self._request = b""
         self._mtu = 0
@@ -296,7 +299,9 @@ class Tunnel:
                 self._background.cancel()
                 self._set_state(TunnelState.STOPPING)
                 stop_started = trio.current_time()
-                self.report = await stack.unwind(self.options.stop_timeout)
+                report = await stack.unwind(self.options.stop_timeout)
+                self.report = attrs.evolve(
+                    report, failures=(*self._generation_failures, *report.failures))
                 self.helper_pid = None
                 for handle in ctx.helpers.values():
                     # Only when its undo failed: never leave it running.
@@ -479,6 +484,7 @@ class Tunnel:
         if gen is None:
             return
         report = await gen.unwind(self.options.stop_timeout)
+        self._generation_failures.extend(report.failures)
         if not report.complete:
             raise HostError("cleaning up after the helper failed: " + "; ".join(report.failures))
 
