@@ -460,7 +460,7 @@ def test_not_utf8(tmp_path: Path) -> None:
     path.write_bytes(b'state_dir = "/a"\nruntime_dir = "/\xff"\n')
     with pytest.raises(ConfigError) as info:
         load_supervisor_config(path)
-    assert (info.value.line, info.value.message) == (2, "not valid UTF-8")
+    assert (info.value.line, info.value.message) == (2, "is not valid UTF-8")
 
 
 def test_from_dict_errors_have_no_line() -> None:

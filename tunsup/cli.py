@@ -10,7 +10,7 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from ._errors import ConfigError, ExitCode
@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
         "restore DNS; each journal within stop_timeout (from -c FILE; default 30 s); then "
         "remove the dead service's pid file and control socket. Down "
         "hooks the dead instance's teardown had already gone past are never run again. "
+        "--keep-kill-switch keeps the kill switch of tunnels still configured, for the next "
+        "'run' to take over (make-before-break). "
         "Exit 0 when the host is restored, 3 when something could not be undone (it stays "
         "recorded: see --drop), 1 when a live instance owns the state.",
     )
@@ -81,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
                          "the journals) what cannot, instead of keeping it for a later "
                          "cleanup; exit 0. Check the printed objects on the host by hand. "
                          "With --dry-run: show what would be dropped")
+    scope = cleanup.add_mutually_exclusive_group()
+    scope.add_argument("--keep-kill-switch", action="store_true",
+                       help="keep the kill switch (unreachable routes, and a full tunnel's "
+                       "rules) of each tunnel still configured: with -c FILE those of its "
+                       "[[tunnel]] entries, else every one; the host stays closed until "
+                       "'run' starts the tunnel again (which takes them over) or 'cleanup "
+                       "--all' (for a systemd ExecStopPost=, see README)")
+    scope.add_argument("--all", action="store_true",
+                       help="undo everything, kill switches included (the default)")
     cleanup.add_argument("--debug", action="store_true", help="log debug messages")
 
     check = sub.add_parser(
@@ -380,6 +391,7 @@ def _cleanup(args: argparse.Namespace) -> int:
     from .engine.recovery import recover
     from .host import real_host
 
+    keep = _kept_tunnels(args, cfg)
     setup_logging(debug=args.debug)
     try:
         host = real_host()
@@ -387,7 +399,8 @@ def _cleanup(args: argparse.Namespace) -> int:
         async def main() -> object:
             try:
                 return await recover(state_dir, host, dry_run=args.dry_run, drop=args.drop,
-                                     timeout=timeout, out=lambda line: print(line, flush=True))
+                                     timeout=timeout, out=lambda line: print(line, flush=True),
+                                     keep=keep)
             finally:
                 with trio.CancelScope(shield=True):
                     await host.net.close()
@@ -420,12 +433,29 @@ def _cleanup(args: argparse.Namespace) -> int:
                   "what they described may still be on the host", file=sys.stderr)
         return ExitCode.TEARDOWN_INCOMPLETE
     if not args.dry_run:
-        if report.recovered:
+        if report.kept:
+            print(f"host restored ({len(report.undone)} object(s) undone) but for the kill "
+                  f"switch of tunnels still configured ({len(report.kept)} object(s) kept: "
+                  "'tunsup run' takes them over, 'tunsup cleanup --all' removes them)")
+        elif report.recovered:
             print(f"host restored ({len(report.undone)} object(s) undone)")
         else:
             print("nothing to clean up")
     _stale_runtime_files(args)
     return ExitCode.OK
+
+
+def _kept_tunnels(args: argparse.Namespace, cfg: object) -> Callable[[str], bool] | None:
+    """``--keep-kill-switch``: which tunnels' kill switches stay (by
+    interface name: a ``.conf`` file's stem)."""
+    if not args.keep_kill_switch:
+        return None
+    from .config.toml import SupervisorConfig
+
+    if not isinstance(cfg, SupervisorConfig):
+        return lambda _name: True
+    names = {os.path.splitext(os.path.basename(t.config))[0] for t in cfg.tunnels}
+    return names.__contains__
 
 
 def _stale_runtime_files(args: argparse.Namespace) -> None:

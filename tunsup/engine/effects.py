@@ -27,6 +27,7 @@ import os
 import stat
 import threading
 from collections.abc import Sequence
+from typing import ClassVar
 
 import attrs
 import trio
@@ -42,6 +43,7 @@ from ..host.dns import DnsBackend, DnsError, DnsState
 from .undo import LAST_CHANCE
 from .undo import Effect as Effect
 from .undo import EffectContext as EffectContext
+from .undo import Handover as Handover
 from .undo import HookRecorder as HookRecorder
 from .undo import Log as Log
 from .undo import OnHook as OnHook
@@ -633,6 +635,9 @@ def select_routes(
 class Rule(Effect):
     """A policy rule (full-tunnel routing)."""
 
+    #: The rules that lead to a full tunnel's table (and its kill switch).
+    protects: ClassVar[bool] = True
+
     ifname: str
     rule: PolicyRule
     #: False when an identical rule already existed: never removed then.
@@ -703,7 +708,11 @@ class KillSwitch(Effect):
     tunnel link disappears (helper killed, tunsup killed) these remain, so
     traffic fails instead of leaving through another interface.  They are
     not tied to any link: they outlive tunsup until ``cleanup`` or a stop.
+    Routes that already exist are owned only when an adopted kill switch
+    (of a dead instance, for this tunnel) hands them over.
     """
+
+    protects: ClassVar[bool] = True
 
     ifname: str
     table: int
@@ -717,9 +726,14 @@ class KillSwitch(Effect):
 
         result = await ctx.host.net.add_routes(UNREACHABLE, self.prefixes, table=self.table,
                                                metric=KILL_SWITCH_METRIC)
-        ctx.log.info("kill switch: %d unreachable route(s) in table %d", len(result.added),
-                     self.table)
-        return attrs.evolve(self, prefixes=tuple(result.added))
+        taken: tuple[IPNetwork, ...] = ()
+        if ctx.adopted is not None and result.existed:
+            # The dead instance's kill switch: it never went away, and now
+            # this record owns those routes (no gap between the two).
+            taken = ctx.adopted.take_routes(self.ifname, self.table, result.existed)
+        ctx.log.info("kill switch: %d unreachable route(s) in table %d%s", len(result.added),
+                     self.table, f", {len(taken)} taken over" if taken else "")
+        return attrs.evolve(self, prefixes=(*result.added, *taken))
 
     async def undo(self, ctx: EffectContext) -> None:
 

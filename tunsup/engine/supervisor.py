@@ -43,6 +43,7 @@ from ..config.settings import OnFailure
 from ..config.spec import TunnelSpec
 from ..host import Host, sdnotify
 from .journal import Journal
+from .recovery import Adoption
 from .tunnel import Tunnel, TunnelOptions
 
 log = logging.getLogger("tunsup")
@@ -171,6 +172,8 @@ class Supervisor:
         self.phase = "new"
         #: Wall-clock time ``run`` started.
         self.started_at: float | None = None
+        #: Kill switches of dead instances kept for the tunnels starting now.
+        self._adoption: Adoption | None = None
 
     # ------------------------------------------------------------ public API
 
@@ -299,6 +302,7 @@ class Supervisor:
             self.phase = "stopped"
             sdnotify.notify("STOPPING=1")
             with trio.CancelScope(shield=True):
+                await self._end_adoption()
                 await self._close_journal()
                 try:
                     await self.host.net.close()
@@ -314,9 +318,13 @@ class Supervisor:
             return
         from .recovery import recover
 
+        # Make-before-break: the kill switches of tunnels starting now stay
+        # until each one's own routing stands (see _start).
+        starting = {t.name for t in self.tunnels}
         report = await recover(self.journal.state_dir, self.host,
                                me=(self.journal.pid, self.journal.start_time),
-                               timeout=self.recovery_timeout)
+                               timeout=self.recovery_timeout, keep=starting.__contains__)
+        self._adoption = report.adoption
         for line in report.undone:
             log.info("recovery: undone %s", line)
         if report.recovered:
@@ -324,6 +332,19 @@ class Supervisor:
                      len(report.recovered), len(report.undone))
         for failure in report.failures:
             log.error("recovery: %s (left for 'tunsup cleanup')", failure)
+
+    async def _end_adoption(self) -> None:
+        """At exit: after a requested stop, what no tunnel replaced goes
+        (a stop restores everything); after a failure it stays, closed, in
+        the dead instance's journal (for the next start or a cleanup)."""
+        adoption, self._adoption = self._adoption, None
+        if adoption is None or not adoption.tunnels:
+            return
+        if self.stop_reason is None:
+            log.warning("keeping the kill switch of %s (not started again): 'tunsup cleanup "
+                        "--all' removes it", ", ".join(sorted(adoption.tunnels)))
+            return
+        await adoption.drop()
 
     async def _close_journal(self) -> None:
         if self.journal is None:
@@ -444,6 +465,7 @@ class Supervisor:
         self._failed_slots.pop(tunnel.name, None)
         self.history.append(tunnel)
         tag_tunnel(tunnel.log, tunnel.name)
+        tunnel.adopted = self._adoption
         try:
             await self._root.start(self._run_slot, slot)
         except BaseException:
@@ -451,6 +473,9 @@ class Supervisor:
                 del self._slots[tunnel.name]
             raise
         slot.up_since = time.time()
+        if self._adoption is not None:
+            # The new tunnel's routing stands: the old protection may go.
+            await self._adoption.drop(tunnel.name)
 
     async def _run_slot(self, slot: Slot, *,
                         task_status: trio.TaskStatus[Tunnel] = trio.TASK_STATUS_IGNORED) -> None:

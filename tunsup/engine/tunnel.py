@@ -48,6 +48,7 @@ from .effects import (
     CreateTun,
     Dns,
     EffectContext,
+    Handover,
     HelperGeneration,
     HookRecorder,
     Hooks,
@@ -195,6 +196,9 @@ class Tunnel:
         self._mtu = 0
         self._tun_index = 0
         self._plan: RoutingPlan | None = None
+        #: Protections a dead instance left, to hand over (set by the
+        #: supervisor before the start; see tunsup.engine.recovery.Adoption).
+        self.adopted: Handover | None = None
         #: While it runs: its effect stack and context (for status).
         self._stack: EffectStack | None = None
         self._ctx: EffectContext | None = None
@@ -279,6 +283,7 @@ class Tunnel:
                 hook_timeout=self.options.hook_timeout,
                 on_hook=self._observer.hook_started
                 if isinstance(self._observer, HookRecorder) else None,
+                adopted=self.adopted,
             )
             stack = EffectStack(ctx, log=self.log, observer=self._observer)
             self._stack, self._ctx = stack, ctx

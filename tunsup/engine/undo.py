@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from typing import Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
 import trio
@@ -54,6 +54,22 @@ class EffectContext:
     #: Told of every hook process once it exists (the journal records it:
     #: see :class:`HookRecorder`).
     on_hook: OnHook | None = None
+    #: Protections a dead instance left for this tunnel, kept until its own
+    #: stand (make-before-break; see :class:`Handover`).
+    adopted: Handover | None = None
+
+
+class Handover(Protocol):
+    """Protections adopted from a dead instance (crash recovery keeps them
+    for the tunnels a run starts).  An effect that finds its host object
+    already there asks whether an adopted protection holds it: if so the
+    object is handed over (the new record owns it; the adopted one no
+    longer does), so dropping the adopted one later leaves it in place."""
+
+    def take_routes(self, tunnel: str, table: int, found: Sequence[Any]) -> tuple[Any, ...]:
+        """Of the unreachable routes ``found`` in ``table``, those an
+        adopted protection of ``tunnel`` holds: handed over to the caller."""
+        ...
 
 
 #: ``(effect, "up" | "down", index in its list, pid, start time)``.
@@ -70,6 +86,11 @@ class HookRecorder(Protocol):
 
 class Effect:
     """Base class of effect records."""
+
+    #: A protection (kill switch, the rules leading to it): after a crash
+    #: it is kept for a tunnel that will start again, until that tunnel's
+    #: own is in place (make-before-break; see tunsup.engine.recovery).
+    protects: ClassVar[bool] = False
 
     def describe(self) -> str:
         raise NotImplementedError

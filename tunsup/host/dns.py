@@ -41,7 +41,7 @@ import attrs
 import outcome
 import trio
 
-from .._bounded import bounded
+from .._bounded import bounded, deadline
 from .._errors import HostError
 from ..config.ifname import is_valid_ifname
 from ..config.spec import IPAddress
@@ -618,11 +618,8 @@ class ResolvconfBackend:
 async def _revert_resolvconf(state: ResolvconfDnsState, cmd: str, timeout: float) -> bool:
     """``resolvconf -d``; on cancellation the command is terminated."""
     argv = [cmd, "-d", state.record, "-f"]
-    try:
-        with trio.fail_after(timeout):
-            proc = await _run(argv)
-    except trio.TooSlowError:
-        raise DnsError(f"{' '.join(argv)} timed out after {timeout:g}s") from None
+    with deadline(timeout, f"{' '.join(argv)} timed out after {timeout:g}s", DnsError):
+        proc = await _run(argv)
     if proc.returncode != 0:
         raise _failed(argv, proc)
     log.info("%s: DNS record %s removed via resolvconf", state.ifname, state.record)
@@ -707,11 +704,8 @@ _GONE_MARKERS = ("no such device", "not found", "unknown interface")
 async def _revert_resolved(state: ResolvedDnsState, cmd: str, timeout: float) -> bool:
     """``resolvectl revert``; on cancellation the command is terminated."""
     argv = [cmd, "revert", state.ifname]
-    try:
-        with trio.fail_after(timeout):
-            proc = await _run(argv)
-    except trio.TooSlowError:
-        raise DnsError(f"{' '.join(argv)} timed out after {timeout:g}s") from None
+    with deadline(timeout, f"{' '.join(argv)} timed out after {timeout:g}s", DnsError):
+        proc = await _run(argv)
     if proc.returncode == 0:
         log.info("%s: DNS settings reverted in systemd-resolved", state.ifname)
         return True

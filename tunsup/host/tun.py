@@ -38,7 +38,7 @@ from typing import Literal, TypeAlias
 import attrs
 import trio
 
-from .._bounded import bounded
+from .._bounded import bounded, deadline
 from .._errors import HostError
 from ..config.ifname import is_valid_ifname
 
@@ -226,13 +226,11 @@ async def detect_header(program: str, *, timeout: float = DEFAULT_TIMEOUT) -> Tu
     if not os.path.basename(program).startswith("wireguard-go"):
         return "none"
     try:
-        with trio.fail_after(timeout):
+        with deadline(timeout, f"{program} --version: no answer within {timeout:g} s"):
             done = await trio.run_process(
                 [program, "--version"], capture_stdout=True, stderr=subprocess.DEVNULL,
                 stdin=subprocess.DEVNULL, check=False,
                 env={**os.environ, "WG_PROCESS_FOREGROUND": "1"})
-    except trio.TooSlowError:
-        raise HostError(f"{program} --version: no answer within {timeout:g} s") from None
     except OSError as exc:
         raise HostError(f"cannot run {program} --version: {exc.strerror or exc}") from None
     return header_for_version(done.stdout.decode("utf-8", "replace")) or "none"

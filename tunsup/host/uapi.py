@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 import attrs
 import trio
 
+from .._bounded import deadline
 from .._errors import HostError
 from ..config.ifname import is_valid_ifname
 from ..config.keys import Key
@@ -392,11 +393,8 @@ async def uapi_set(path: str, request: bytes, *, timeout: float) -> None:
     """
     if not request.startswith(b"set=1\n") or not request.endswith(b"\n\n"):
         raise ValueError("a UAPI set request starts with 'set=1' and ends with a blank line")
-    try:
-        with trio.fail_after(timeout):
-            reply = await _exchange(path, request, "set")
-    except trio.TooSlowError:
-        raise UapiError(f"UAPI socket {path} did not answer within {timeout:g}s") from None
+    with deadline(timeout, f"UAPI socket {path} did not answer within {timeout:g}s", UapiError):
+        reply = await _exchange(path, request, "set")
     _check_errno(_reply_lines(reply), "set")
     log.debug("uapi set on %s: ok (%d bytes sent)", path, len(request))
 
@@ -413,11 +411,8 @@ async def uapi_get(path: str, *, timeout: float) -> DeviceStatus:
     propagates as ``trio.Cancelled`` (the connection is closed; a parse
     under way is abandoned); ``get`` has no side effects on the device.
     """
-    try:
-        with trio.fail_after(timeout):
-            reply = await _exchange(path, b"get=1\n\n", "get")
-    except trio.TooSlowError:
-        raise UapiError(f"UAPI socket {path} did not answer within {timeout:g}s") from None
+    with deadline(timeout, f"UAPI socket {path} did not answer within {timeout:g}s", UapiError):
+        reply = await _exchange(path, b"get=1\n\n", "get")
     if len(reply) > PARSE_IN_THREAD:
         return await trio.to_thread.run_sync(parse_get, reply, abandon_on_cancel=True)
     return parse_get(reply)

@@ -264,8 +264,11 @@ class FakeNet:
     async def add_routes(self, index: int, prefixes: Sequence[IPNetwork], *,
                          table: int, metric: int | None = None) -> RouteBatchResult:
         if index == 0:  # unreachable routes (kill switch): not on any link
+            # As the kernel: one that is already there is not added again.
+            existed = tuple(net for net in prefixes if (table, net) in self.unreachable)
             self.unreachable |= {(table, net) for net in prefixes}
-            return RouteBatchResult(added=tuple(prefixes), existed=())
+            return RouteBatchResult(added=tuple(n for n in prefixes if n not in existed),
+                                    existed=existed)
         link = self.links[index]
         for net in prefixes:
             link.routes.add((table, net))
