@@ -149,6 +149,10 @@ steps = st.one_of(
     st.builds(Step, times, st.just("stop")),
     st.builds(Step, times, st.just("signal"), st.sampled_from(["SIGTERM", "SIGINT"])),
     st.builds(Step, times, st.just("reload"), configs),
+    # A reload, then a SIGTERM while it is still in flight.
+    st.builds(Step, times, st.just("reload-then-term"),
+              st.tuples(configs, st.floats(0, RELOAD_READ, allow_nan=False)
+                        .map(lambda t: round(t, 3)))),
     st.builds(Step, times, st.just("add"), st.tuples(names, modes)),
     st.builds(Step, times, st.just("remove"), names),
     st.builds(Step, times, st.just("crash"), names),
@@ -359,6 +363,13 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
             elif step.action == "reload":
                 config["now"] = step.arg
                 send.send_nowait(int(signal.SIGHUP))
+            elif step.action == "reload-then-term":
+                config["now"] = step.arg[0]
+                send.send_nowait(int(signal.SIGHUP))
+                await trio.sleep(step.arg[1])
+                if "ended" not in result:
+                    stopping()
+                    send.send_nowait(int(signal.SIGTERM))
             elif step.action == "add":
                 name, mode = step.arg
                 with contextlib.suppress(Stopping, StartFailed, AlreadyRunning):
@@ -542,7 +553,9 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
     if any(t.failure is not None and t.was_up for t in sup.history):
         assert code != ExitCode.OK
 
-    check_deaths_noticed(fake, rec, undo_delay)
+    # A hung undo step before the helper's own may take its whole budget.
+    check_deaths_noticed(fake, rec, undo_delay + (STOP_TIMEOUT + LAST_CHANCE * 20
+                                                  if undo_failed else 0.0))
     check_who_stopped(rec, requests, sup.tunnels)
     if not apply_faults and not undo_faults:
         check_restart_model(fake, sup, rec, requests)

@@ -49,8 +49,11 @@ class Process(Protocol):
     ``trio.Process``, or a test's fake one)."""
 
     pid: int
-    stdout: trio.abc.ReceiveStream | None
-    stderr: trio.abc.ReceiveStream | None
+
+    @property
+    def stdout(self) -> trio.abc.ReceiveStream | None: ...
+    @property
+    def stderr(self) -> trio.abc.ReceiveStream | None: ...
 
     async def wait(self) -> int: ...
     def send_signal(self, sig: int) -> None: ...

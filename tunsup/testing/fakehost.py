@@ -33,27 +33,27 @@ import collections
 import contextlib
 import enum
 import errno as errno_mod
-import functools
 import logging
 import os
 import signal
 import socket
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, Literal, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
 
 import attrs
 import trio
 
+from tunsup._errors import HostError
 from tunsup.config.keys import Key
 from tunsup.config.spec import IPAddress, IPInterface, IPNetwork, PeerSpec, TunnelSpec
-from tunsup.host import Host, PolicyRule, RouteBatchResult
-from tunsup._errors import HostError
-from tunsup.host import process
+from tunsup.host import Host, PolicyRule, RouteBatchResult, process
 from tunsup.host.process import HelperProcess, describe_exit
 from tunsup.host.tun import TunDevice
 
 T = TypeVar("T")
+S = TypeVar("S")
+P = ParamSpec("P")
 
 PEER = Key.generate_private().public_key()
 
@@ -94,14 +94,14 @@ async def _fire(fault: Fault | None, name: str) -> None:
         await trio.sleep(fault.delay)
 
 
-def operation(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def operation(fn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
+              ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
     """A host operation named like ``fn``: recorded in ``ops`` and subject
     to ``faults`` (before it runs, or after it took effect)."""
     name = fn.__name__
 
-    @functools.wraps(fn)
-    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> T:
-        net: FakeNet = self if isinstance(self, FakeNet) else self.net
+    async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        net: FakeNet = self if isinstance(self, FakeNet) else cast(Any, self).net
         fault = net.fault_for(name)
         if fault is None or fault.kind not in AFTER:
             await _fire(fault, name)
@@ -111,6 +111,7 @@ def operation(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         await _fire(fault, name)
         return result
 
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper
 
 
@@ -568,7 +569,10 @@ class _Spawner(process.Spawner):
         helper.signal(sig)
 
     async def _wake(self, helper: FakeHelper, delay: float) -> None:
-        await trio.sleep(delay)
+        """The process leaves the kernel after ``delay``: the OS's doing,
+        which no cancellation of tunsup's tasks interrupts."""
+        with trio.CancelScope(shield=True):
+            await trio.sleep(delay)
         helper.unkillable = False
         if signal.SIGKILL in helper.signals or (
                 signal.SIGTERM in helper.signals and not helper.ignore_term):
