@@ -45,7 +45,7 @@ Invariants (checked after every schedule):
   a second ``run()`` raises, and so do requests after ``run()`` returned;
   status agrees with the model at the end.
 
-Profiles: "ci" (the default: derandomized, 300 schedules) and "thorough"
+Profiles: "ci" (the default: derandomized, 200 schedules) and "thorough"
 (``TUNSUP_RACE_PROFILE=thorough``: 5,000 random schedules).  A failing
 example is printed as its schedule, one step per line.
 """
@@ -85,7 +85,7 @@ from tunsup.engine.undo import LAST_CHANCE
 from tunsup.testing.fakehost import Behaviour, FakeHelper, FakeHost, Fault, spec, uapi_dir
 
 settings.register_profile(
-    "ci", derandomize=True, max_examples=300, deadline=None, print_blob=True,
+    "ci", derandomize=True, max_examples=200, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile(
     "thorough", max_examples=5000, deadline=None, print_blob=True,
@@ -156,7 +156,8 @@ steps = st.one_of(
     st.builds(Step, times, st.just("add"), st.tuples(names, modes)),
     st.builds(Step, times, st.just("remove"), names),
     st.builds(Step, times, st.just("crash"), names),
-    st.builds(Step, times, st.just("crash-loop"), names),
+    # wgt0's backoffs are too long for its restarts to run out in a schedule.
+    st.builds(Step, times, st.just("crash-loop"), st.sampled_from(NAMES[1:])),
     st.builds(Step, times, st.just("wedge"), names),
     st.builds(Step, times, st.just("next-helper"), st.sampled_from(["crash", "slow", "mute"])),
     st.builds(Step, times, st.just("fault"),
@@ -625,10 +626,14 @@ def check_restart_model(fake: FakeHost, sup: Supervisor, rec: Recorder,
         assert tunnel.restarts <= len(deaths)
 
 
-initials = st.lists(st.tuples(names, modes), min_size=1, max_size=2,
+#: Two tunnels or more: one's failure must leave the others running.
+initials = st.lists(st.tuples(names, modes), min_size=2, max_size=2,
                     unique_by=lambda t: t[0])
 
 
+# Each schedule is bounded (HANG_LIMIT virtual seconds, and the MockClock
+# jumps to it); the whole run is ~20 s, but the machine may be shared.
+@pytest.mark.timeout(180)
 @settings(settings.get_profile(PROFILE))
 @given(st.data())
 def test_every_schedule_keeps_the_invariants(data: st.DataObject) -> None:
@@ -664,8 +669,8 @@ def test_a_stop_during_a_reload_is_immediate() -> None:
 
 
 def test_a_crash_loop_fails_only_that_tunnel() -> None:
-    run_schedule([("wgt0", "owned"), ("wgt1", "helper")], [Step(1.0, "crash-loop", "wgt0")],
-                 16.9, in_hypothesis=False)
+    run_schedule([("wgt0", "owned"), ("wgt1", "helper")], [Step(1.0, "crash-loop", "wgt1")],
+                 10.0, in_hypothesis=False)
 
 
 def test_a_stop_during_a_restart_unwinds_the_new_generation() -> None:
