@@ -149,7 +149,8 @@ def _parser() -> argparse.ArgumentParser:
 
     client("reload", "reload the configuration (as SIGHUP does)",
            "Ask the running service to read its configuration again: new tunnels come up, "
-           "removed ones go down, changed ones are restarted, unchanged ones are untouched.")
+           "removed ones go down, changed ones are changed in place (or rebuilt when only a "
+           "rebuild can apply the change), unchanged ones are untouched.")
 
     logs = client(
         "logs", "show the service's recent log lines",

@@ -59,7 +59,8 @@ EFFECT_KINDS: dict[str, type[Effect]] = {
         effects.ConfigureWireguard, effects.WireguardConfigured, effects.Address,
         effects.Mtu, effects.LinkUp, effects.Routes, effects.Dns, effects.Rule,
         effects.Sysctl, effects.KillSwitch, effects.CreateTun, effects.OwnedTun,
-        effects.HelperGeneration,
+        effects.HelperGeneration, effects.HeldRoutes, effects.WireguardChanged,
+        effects.RoutesRemoved, effects.AddressRemoved, effects.MtuChanged,
     )
 }
 _DNS_KINDS: dict[str, type[Any]] = {

@@ -42,9 +42,12 @@ from .._log import tag_tunnel
 from ..config.settings import OnFailure
 from ..config.spec import TunnelSpec
 from ..host import Host, sdnotify
-from .journal import Journal
+from .effects import EffectContext, HeldRoutes
+from .journal import Journal, JournalObserver
 from .recovery import Adoption
+from .reload import NeedsRebuild, ReloadFailed
 from .tunnel import Tunnel, TunnelOptions
+from .undo import EffectStack
 
 log = logging.getLogger("tunsup")
 
@@ -71,6 +74,24 @@ class NoSuchTunnel(TunsupError):
 
 class AlreadyRunning(TunsupError):
     """A tunnel of that name runs with a different configuration."""
+
+
+class ChangeFailed(TunsupError):
+    """An in-place change of a running tunnel failed; it was rolled back
+    to the running configuration (``restored`` says whether completely)."""
+
+    def __init__(self, message: str, *, restored: bool) -> None:
+        super().__init__(message)
+        self.restored = restored
+
+
+@attrs.frozen
+class Change:
+    """How a running tunnel took a new configuration: changed in place
+    (``in_place`` says what) or rebuilt (``rebuilt`` says why)."""
+
+    in_place: str | None = None
+    rebuilt: str | None = None
 
 
 class StartFailed(TunsupError):
@@ -102,6 +123,10 @@ class ConvergeResult:
     unchanged: tuple[str, ...] = ()
     #: name -> why it could not be started (its host changes were undone).
     failed: tuple[tuple[str, str], ...] = ()
+    #: name -> what was changed in place (helper and interface kept).
+    changed: tuple[tuple[str, str], ...] = ()
+    #: name -> why it was rebuilt (its names are also in ``restarted``).
+    rebuilt: tuple[tuple[str, str], ...] = ()
 
 
 Plan = tuple[TunnelSpec, TunnelOptions]
@@ -199,14 +224,16 @@ class Supervisor:
         return list(self._failed_slots.values())
 
     async def add(self, spec: TunnelSpec, options: TunnelOptions, *,
-                  origin: str = CONTROL) -> tuple[Tunnel, bool]:
+                  origin: str = CONTROL) -> tuple[Tunnel, bool | Change]:
         """Start a tunnel; return it once it is up, and whether it was
-        started (False: it already ran with this very configuration).
+        started (False: it already ran with this very configuration; a
+        :class:`Change`: it ran with another one, which was changed in
+        place or rebuilt, see :meth:`change`).
 
-        Raises :class:`AlreadyRunning` when a tunnel of that name runs with
-        another configuration, :class:`StartFailed` when it fails to start
-        (what it applied is undone first), :class:`Stopping` when the
-        supervisor stops meanwhile.  The start runs in the root nursery: a
+        Raises :class:`ChangeFailed` when an in-place change failed (rolled
+        back), :class:`StartFailed` when it fails to start (what it applied
+        is undone first), :class:`Stopping` when the supervisor stops
+        meanwhile.  The start runs in the root nursery: a
         stop cancels it; cancelling the caller abandons the wait, never the
         start."""
         return await self._in_root(lambda: self._add(spec, options, origin))
@@ -237,7 +264,8 @@ class Supervisor:
     async def converge(self, wanted: Sequence[Plan]) -> ConvergeResult:
         """Make the configured tunnels be exactly ``wanted`` (a reload): new
         ones come up, configured ones no longer wanted go down, changed ones
-        are restarted, unchanged ones are untouched.  Tunnels added with
+        are changed in place or rebuilt (see :meth:`_change`), unchanged
+        ones are untouched.  Tunnels added with
         :meth:`add` are left alone unless ``wanted`` names them.  A tunnel
         that fails to start is reported in the result; the others go on.
         Runs in the root nursery (a stop cancels it); raises
@@ -522,19 +550,18 @@ class Supervisor:
         await slot.done.wait()
 
     async def _add(self, spec: TunnelSpec, options: TunnelOptions,
-                   origin: str) -> tuple[Tunnel, bool]:
+                   origin: str) -> tuple[Tunnel, bool | Change]:
         """See :meth:`add`; runs in the root nursery (a stop cancels it).
         A name the configuration claims is left to it: this waits for the
         configured start, then finds that tunnel (the same plan: not
-        started; another one: :class:`AlreadyRunning`)."""
+        started; another one: changed, see :meth:`_change`)."""
         await self._wait_claims(spec.name, "up")
         async with self._lock(spec.name):
             slot = self._slots.get(spec.name)
             if slot is not None:
                 if same_plan(slot.tunnel, spec, options):
                     return slot.tunnel, False
-                raise AlreadyRunning(f"tunnel {spec.name} already runs (from "
-                                     f"{slot.tunnel.spec.source}) with another configuration")
+                return await self._change(slot, spec, options)
             tunnel = self._make_tunnel(spec, options)
             log.info("starting tunnel %s from %s", spec.name, spec.source)
             try:
@@ -564,6 +591,8 @@ class Supervisor:
         restarted: list[str] = []
         unchanged: list[str] = []
         failed: list[tuple[str, str]] = []
+        changed: list[tuple[str, str]] = []
+        rebuilt: list[tuple[str, str]] = []
         async with self._converge_lock:
             for name in [n for n, s in self._failed_slots.items()
                          if s.origin == CONFIG and n not in want]:
@@ -585,8 +614,18 @@ class Supervisor:
                             unchanged.append(name)
                             continue
                         if slot is not None:
-                            log.info("tunnel %s changed: restarting it", name)
-                            await self._stop_slot(slot)
+                            slot.origin = CONFIG
+                            try:
+                                _, change = await self._change(slot, spec, options)
+                            except Exception as exc:
+                                failed.append((name, describe_error(exc)))
+                                continue
+                            if change.in_place is not None:
+                                changed.append((name, change.in_place))
+                            else:
+                                restarted.append(name)
+                                rebuilt.append((name, change.rebuilt or ""))
+                            continue
                         tunnel = self._make_tunnel(spec, options)
                         log.info("starting tunnel %s from %s", name, spec.source)
                         try:
@@ -599,7 +638,59 @@ class Supervisor:
                     self._release(claims, name)
         self._announce()
         return ConvergeResult(tuple(started), tuple(stopped), tuple(restarted),
-                              tuple(unchanged), tuple(failed))
+                              tuple(unchanged), tuple(failed), tuple(changed), tuple(rebuilt))
+
+    async def _change(self, slot: Slot, spec: TunnelSpec,
+                      options: TunnelOptions) -> tuple[Tunnel, Change]:
+        """Give the running tunnel of ``slot`` a new configuration: in place
+        when it can (see :meth:`Tunnel.reconfigure`), else rebuilt
+        make-before-break (:meth:`_rebuild`).  The caller holds the
+        tunnel's lock in the root nursery.  Raises :class:`ChangeFailed`
+        (rolled back), or :class:`StartFailed` when a rebuild's start
+        failed."""
+        tunnel = slot.tunnel
+        try:
+            summary = await tunnel.reconfigure(spec, options)
+        except NeedsRebuild as exc:
+            reason = str(exc)
+        except ReloadFailed as exc:
+            raise ChangeFailed(f"tunnel {spec.name}: in-place change failed, "
+                               f"{'rolled back' if exc.restored else 'rollback incomplete'}: "
+                               f"{exc}", restored=exc.restored) from exc
+        else:
+            log.info("tunnel %s changed in place: %s", spec.name, summary)
+            return tunnel, Change(in_place=summary)
+        log.info("tunnel %s changed: rebuilding it (%s)", spec.name, reason)
+        return await self._rebuild(slot, spec, options), Change(rebuilt=reason)
+
+    async def _rebuild(self, slot: Slot, spec: TunnelSpec, options: TunnelOptions) -> Tunnel:
+        """Replace the tunnel of ``slot`` by a new one for ``spec``,
+        make-before-break: its routes are held by unreachable routes
+        (journaled like any effect) from before the old tunnel goes down
+        until the new one's routes stand (or its start failed), so that
+        nothing meant for the tunnel leaves another way meanwhile.  Raises
+        :class:`StartFailed` (the new tunnel's) when its start failed."""
+        old = slot.tunnel
+        assert self._root is not None
+        ctx = EffectContext(host=self.host, log=old.log, nursery=self._root)
+        observer = JournalObserver(self.journal, spec.name) if self.journal else None
+        hold = EffectStack(ctx, log=old.log, observer=observer)
+        try:
+            for table, prefixes in old.held_routes():
+                await hold.apply(HeldRoutes(spec.name, table, prefixes))
+            await self._stop_slot(slot)
+            tunnel = self._make_tunnel(spec, options)
+            log.info("starting tunnel %s from %s", spec.name, spec.source)
+            try:
+                await self._start(tunnel, slot.origin)
+            except Exception as exc:
+                raise StartFailed(tunnel, describe_error(exc)) from exc
+            return tunnel
+        finally:
+            report = await hold.unwind(options.stop_timeout)
+            if not report.complete:
+                log.error("tunnel %s: removing the hold routes failed: %s", spec.name,
+                          "; ".join(report.failures))
 
     async def _watch_signals(self, receiver: AsyncIterator[int]) -> None:
         """Acts on each signal (:meth:`_on_signal`).  Runs until cancelled,

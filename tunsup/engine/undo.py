@@ -162,6 +162,23 @@ class EffectStack:
             raise RuntimeError("effect stack already unwound")
         self._records.extend(records)
 
+    def take(self) -> list[Effect]:
+        """Hand every record over (to :meth:`adopt` on another stack, in
+        this order) and leave this stack empty; their journal entries stay
+        as they are.  A reload applies its changes to a stack of its own,
+        so that a failure unwinds just those, then hands them to the
+        tunnel's stacks."""
+        records, self._records = self._records, []
+        return records
+
+    async def settle(self, record: Effect) -> None:
+        """Drop ``record`` (by identity): nothing is left to undo for it.
+        The observer hears of it as undone.  Cancellation: as the
+        observer's ``undone``."""
+        self._records = [r for r in self._records if r is not record]
+        if self._observer is not None:
+            await self._observer.undone(record)
+
     async def apply(self, effect: Effect) -> Effect:
         """Apply ``effect`` and push the record of what it did.
 

@@ -520,6 +520,7 @@ class FakeHelper:
                     return
                 buf += chunk
             self.host.requests.append(buf.split(b"\n", 1)[0].decode())
+            self.host.bodies.append(buf.decode())
             if buf.startswith(b"get=1") and self.mute:
                 await trio.sleep_forever()
             if buf.startswith(b"get=1"):
@@ -602,6 +603,8 @@ class FakeHost:
         self.alive: set[FakeHelper] = set()
         self.hooks: list[str] = []
         self.requests: list[str] = []
+        #: The whole text of every UAPI request, in order.
+        self.bodies: list[str] = []
         self.tun_fds: set[int] = set()
         #: Start delay of SLOW helpers (seconds).
         self.slow_start = 1.0
