@@ -373,6 +373,9 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                     send.send_nowait(int(signal.SIGTERM))
             elif step.action == "add":
                 name, mode = step.arg
+                # An `up` of a running name with another configuration
+                # rebuilds that tunnel.
+                requests.append((trio.current_time(), "add", name))
                 with contextlib.suppress(Stopping, StartFailed, AlreadyRunning):
                     await sup.add(tunnel_spec(name), options(mode, name))
             elif step.action == "remove":
@@ -581,8 +584,8 @@ def check_deaths_noticed(fake: FakeHost, rec: Recorder, undo_delay: float) -> No
 
 def check_who_stopped(rec: Recorder, requests: list[tuple[float, str, str | None]],
                       initial: list[Tunnel]) -> None:
-    """A running tunnel stops only by a stop, a ``remove`` of it, a reload,
-    or its own failure: one tunnel's failure leaves the others running."""
+    """A running tunnel stops only by a stop, a ``remove`` or an ``add`` of
+    it, a reload, or its own failure: one tunnel's failure leaves the others running."""
     # A tunnel of the initial set that fails to start stops them all.
     requests = requests + [(t, "start failed", None) for t, m, old, new in rec.moves
                            if old is TunnelState.STARTING and new is TunnelState.STOPPING
