@@ -65,7 +65,13 @@ class Thing(Effect):
 
 
 def run(fn: Any) -> Any:
-    return trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
+    async def bounded() -> Any:
+        # A virtual deadline, so that a lost timeout fails instead of
+        # hanging in real time (the MockClock jumps only to deadlines).
+        with trio.fail_after(10_000):
+            return await fn()
+
+    return trio.run(bounded, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def ctx_for(nursery: trio.Nursery) -> EffectContext:

@@ -25,6 +25,7 @@ import functools
 import ipaddress
 import logging
 import os
+import random
 import signal
 import socket
 import time
@@ -171,7 +172,10 @@ class Tunnel:
         options: TunnelOptions | None = None,
         *,
         observer: StackObserver | None = None,
+        rng: random.Random | None = None,
     ) -> None:
+        """``rng``: the source of the restart backoff's jitter (tests pass a
+        seeded one so that a schedule replays exactly)."""
         self.spec = spec
         self.host = host
         self.options = options or TunnelOptions()
@@ -192,7 +196,10 @@ class Tunnel:
         #: Background work of an up tunnel (endpoint re-resolution); cancelled
         #: before teardown starts.
         self._background = trio.CancelScope()
-        self._tracker = RestartTracker(self.options.restart)
+        self._tracker = RestartTracker(self.options.restart, rng)
+        #: Failed undo steps of helper generations unwound by a restart:
+        #: part of the tunnel's teardown report (the host is not restored).
+        self._generation_failures: list[str] = []
         # Fixed at bring-up, reused by every helper generation.
         self._request = b""
         self._mtu = 0
@@ -345,7 +352,9 @@ class Tunnel:
                 self._background.cancel()
                 self._set_state(TunnelState.STOPPING)
                 stop_started = trio.current_time()
-                self.report = await stack.unwind(self.options.stop_timeout)
+                report = await stack.unwind(self.options.stop_timeout)
+                self.report = attrs.evolve(
+                    report, failures=(*self._generation_failures, *report.failures))
                 self.helper_pid = None
                 for handle in ctx.helpers.values():
                     # Only when its undo failed: never leave it running.
@@ -529,6 +538,7 @@ class Tunnel:
         if gen is None:
             return
         report = await gen.unwind(self.options.stop_timeout)
+        self._generation_failures.extend(report.failures)
         if not report.complete:
             raise HostError("cleaning up after the helper failed: " + "; ".join(report.failures))
 
