@@ -142,8 +142,10 @@ def show(steps: list[Step], initial: list[tuple[str, str]], stop_at: float, seed
 times = st.floats(0, 12, allow_nan=False).map(lambda t: round(t, 3))
 names = st.sampled_from(NAMES)
 modes = st.sampled_from(["owned", "helper"])
-#: A configuration after an edit: (name, mode, listen port) per tunnel.
-configs = st.lists(st.tuples(names, modes, st.sampled_from([51820, 51821])), max_size=2,
+#: A configuration after an edit: (name, mode, listen port shift) per
+#: tunnel.  Each name has its own port (tunnels of one service must not
+#: conflict); an edit moves it by the shift.
+configs = st.lists(st.tuples(names, modes, st.sampled_from([0, 100])), max_size=2,
                    unique_by=lambda t: t[0]).map(tuple)
 steps = st.one_of(
     st.builds(Step, times, st.just("stop")),
@@ -188,9 +190,10 @@ def options(mode: str, name: str = "wgt0") -> TunnelOptions:
                               backoff_max=most, reset_after=10.0))
 
 
-def tunnel_spec(name: str, port: int = 51820) -> TunnelSpec:
+def tunnel_spec(name: str, shift: int = 0) -> TunnelSpec:
     made = spec(name)
-    return attrs.evolve(made, listen_port=port, private_key=KEYS[name])
+    assert made.listen_port is not None
+    return attrs.evolve(made, listen_port=made.listen_port + shift, private_key=KEYS[name])
 
 
 KEYS = {name: spec(name).private_key for name in NAMES}
@@ -310,11 +313,11 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
         requests: list[tuple[float, str, str | None]] = []
         stops: list[float] = []
         result: dict[str, Any] = {}
-        config: dict[str, Any] = {"now": tuple((n, m, 51820) for n, m in initial)}
+        config: dict[str, Any] = {"now": tuple((n, m, 0) for n, m in initial)}
 
         def plans(wanted: tuple[tuple[str, str, int], ...]) -> list[tuple[TunnelSpec,
                                                                          TunnelOptions]]:
-            return [(tunnel_spec(n, port), options(m, n)) for n, m, port in wanted]
+            return [(tunnel_spec(n, shift), options(m, n)) for n, m, shift in wanted]
 
         async def reload() -> None:
             wanted = config["now"]
@@ -667,7 +670,7 @@ def test_a_stop_during_a_backoff_is_immediate() -> None:
 def test_a_stop_during_a_reload_is_immediate() -> None:
     """A SIGTERM while a SIGHUP's reload is still reading the files."""
     run_schedule([("wgt0", "owned")],
-                 [Step(1.0, "reload", (("wgt0", "owned", 51821),)),
+                 [Step(1.0, "reload", (("wgt0", "owned", 100),)),
                   Step(1.5, "signal", "SIGTERM")], 10.0, in_hypothesis=False)
 
 
