@@ -49,9 +49,9 @@ R, P, REC = "tunsup/engine/restart.py", "tunsup/host/process.py", "tunsup/engine
 BUGS: list[Bug] = [
     # --- the original five -----------------------------------------------------
     Bug("skip one undo step (addresses)", U,
-        "                what = record.describe()\n",
-        "                what = record.describe()\n"
-        "                if what.startswith('address'):\n"
+        "                record = self._records.pop()\n",
+        "                record = self._records.pop()\n"
+        "                if record.describe().startswith('address'):\n"
         "                    continue\n"),
     Bug("undo in the wrong order", U,
         "record = self._records.pop()", "record = self._records.pop(0)"),
@@ -72,9 +72,11 @@ BUGS: list[Bug] = [
         "        with trio.CancelScope(shield=True):\n            while self._records:",
         "        with trio.CancelScope(shield=False):\n            while self._records:"),
     Bug("a failing undo step ends the unwind", U,
-        '                    self._log.error("undo %s failed: %s", what, exc)\n',
-        '                    self._log.error("undo %s failed: %s", what, exc)\n'
-        "                    break\n"),
+        "undone, failures, remaining)\n                deleted = ",
+        "undone, failures, remaining)\n"
+        "                if not ok:\n"
+        "                    break\n"
+        "                deleted = "),
     Bug("a cancelled apply is not aborted (except Exception)", U,
         "            record = await effect.apply(self._ctx)\n        except BaseException:",
         "            record = await effect.apply(self._ctx)\n        except Exception:"),

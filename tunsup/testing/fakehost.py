@@ -418,6 +418,9 @@ class FakeHelper:
         self.ignore_term = False
         #: Stuck in the kernel: not even SIGKILL ends it.
         self.unkillable = False
+        #: The nursery its starter handed to ``start_helper`` (tells apart
+        #: whose helper it is).
+        self.nursery: trio.Nursery | None = None
 
     @property
     def sock_path(self) -> str:
@@ -550,6 +553,7 @@ class _Spawner(process.Spawner):
                      else host.default)
         env = dict(options.get("env") or {})
         helper = FakeHelper(host, argv, env, options.get("pass_fds", ()), behaviour)
+        helper.nursery = self.nursery
         self.helper = helper
         host.started.append(helper)
         host.alive.add(helper)
