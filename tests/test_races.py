@@ -59,7 +59,7 @@ import math
 import os
 import random
 import signal
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pytest
@@ -72,7 +72,7 @@ from tunsup import ExitCode
 from tunsup._errors import HelperExited
 from tunsup.config.spec import TunnelSpec
 from tunsup.engine.effects import Effect, HelperRunning
-from tunsup.engine.restart import RestartPolicy
+from tunsup.engine.restart import RestartPolicy, RestartTracker
 from tunsup.engine.supervisor import (
     CONTROL,
     AlreadyRunning,
@@ -302,7 +302,7 @@ class Recorder:
         watch.seed = self.rng.getrandbits(64)
         tunnel = Recorded(spec_, fake.host, opts, observer=watch,
                           rng=random.Random(watch.seed))
-        tunnel._tracker = FailureClock(tunnel._tracker, watch.failures)
+        tunnel._tracker = cast(RestartTracker, FailureClock(tunnel._tracker, watch.failures))
         watch.tunnel = tunnel
         return tunnel
 
