@@ -141,6 +141,8 @@ def show(steps: list[Step], initial: list[tuple[str, str]], stop_at: float, seed
 
 
 times = st.floats(0, 12, allow_nan=False).map(lambda t: round(t, 3))
+#: A fault at 0 is in place before run() starts (it hits the first bring-up).
+fault_times = st.one_of(st.just(0.0), times)
 names = st.sampled_from(NAMES)
 modes = st.sampled_from(["owned", "helper"])
 #: A configuration after an edit: (name, mode, listen port shift) per
@@ -173,15 +175,15 @@ steps = st.one_of(
     *map(crash_series, NAMES),
     st.builds(Step, times, st.just("wedge"), names),
     st.builds(Step, times, st.just("next-helper"), st.sampled_from(["crash", "slow", "mute"])),
-    st.builds(Step, times, st.just("fault"),
+    st.builds(Step, fault_times, st.just("fault"),
               st.tuples(st.sampled_from(APPLY_OPS), st.integers(1, 4),
                         st.sampled_from(["errno", "hang", "delay"]))),
     # Netlink requests can take effect and still fail or hang (the worker
     # lost the answer); a spawn that is then cancelled is "start_time" hang.
-    st.builds(Step, times, st.just("fault"),
+    st.builds(Step, fault_times, st.just("fault"),
               st.tuples(st.sampled_from(NETLINK_APPLY_OPS), st.integers(1, 4),
                         st.sampled_from(["applied-hang", "applied-errno"]))),
-    st.builds(Step, times, st.just("undo-fault"),
+    st.builds(Step, fault_times, st.just("undo-fault"),
               st.tuples(st.sampled_from(UNDO_OPS), st.integers(1, 3),
                         st.sampled_from(["errno", "hang", "delay", "applied-hang"]))),
     st.builds(Step, times, st.just("second-run")),
@@ -429,7 +431,12 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
             elif step.action == "remove":
                 requests.append((trio.current_time(), "remove", step.arg))
                 with contextlib.suppress(Stopping, NoSuchTunnel):
-                    await sup.remove(step.arg)
+                    gone = await sup.remove(step.arg)
+                    # remove returns once the teardown is over.
+                    if gone.state not in (TunnelState.STOPPED, TunnelState.FAILED) or (
+                            gone.report is None):
+                        failures.append(f"t={trio.current_time():.3f}: remove {step.arg} "
+                                        f"returned while the tunnel was {gone.state.value}")
             elif step.action == "crash":
                 await crash(step.arg)
             elif step.action == "crash-loop":
@@ -447,8 +454,7 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                 fake.plan.append({"crash": Behaviour.CRASH, "slow": Behaviour.SLOW,
                                   "mute": Behaviour.MUTE}[step.arg])
             elif step.action in ("fault", "undo-fault"):
-                op, nth, kind = step.arg
-                fake.faults.append(Fault(op=op, nth=nth, kind=kind, delay=DELAY))
+                install(step)
             elif step.action == "second-run":
                 try:
                     await sup.run()
@@ -456,6 +462,10 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                     pass
                 else:
                     failures.append(f"{step}: a second run() did not raise")
+
+        def install(step: Step) -> None:
+            op, nth, kind = step.arg
+            fake.faults.append(Fault(op=op, nth=nth, kind=kind, delay=DELAY))
 
         async def crash(name: str) -> None:
             helper = helper_of(name)
@@ -482,10 +492,14 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                         result["ended"] = trio.current_time()
                         nursery.cancel_scope.cancel()
 
+                    for step in schedule:
+                        if step.action in ("fault", "undo-fault") and step.at == 0:
+                            install(step)
                     nursery.start_soon(runner)
                     nursery.start_soon(sup._watch_signals, receive)
                     for step in schedule:
-                        nursery.start_soon(act, step)
+                        if step.action not in ("fault", "undo-fault") or step.at != 0:
+                            nursery.start_soon(act, step)
                     await trio.sleep(stop_at)
                     stopping()
                     sup.stop("end of schedule")
@@ -574,6 +588,8 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
         if fake.tun_fds:
             assert leftover_ops & {"close_tun", "delete_link"}, "a TUN fd was left open"
 
+    check_aborted(fake, undo_failed)
+
     # Every failed undo step is reported, by that step; exit code 3 then.
     undo_errors = [m for m in messages.lines if m.startswith(("undo ", "cleaning up after"))]
     code = result["code"]
@@ -615,6 +631,28 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
                                                   if undo_failed else 0.0))
     check_who_stopped(rec, requests, sup.tunnels)
     check_restart_model(fake, rec, requests)
+
+
+#: What takes back a change that an apply made before it failed or hung.
+INVERSE = {"add_address": "delete_address", "add_routes": "delete_routes"}
+
+
+def check_aborted(fake: FakeHost, undo_failed: list[tuple[str, str]]) -> None:
+    """A host change whose operation then failed or hung (and was
+    cancelled) is taken back by the effect's abort: the inverse operation
+    on the same object follows, even when the link it is on goes later."""
+    calls = fake.net.calls
+    for i in fake.net.applied_calls:
+        op, args, kwargs = calls[i]
+        inverse = INVERSE.get(op)
+        if inverse is None or any(o == inverse for o, _ in undo_failed):
+            continue
+        index, what = args[0], args[1]
+        undone = any(
+            o == inverse and a[0] == index and kw.get("table") == kwargs.get("table")
+            and (set(a[1]) >= set(what) if op == "add_routes" else a[1] == what)
+            for o, a, kw in calls[i + 1:])
+        assert undone, f"{op}{args} took effect, then failed or hung: never taken back"
 
 
 def check_deaths_noticed(fake: FakeHost, rec: Recorder, undo_delay: float) -> None:

@@ -103,11 +103,13 @@ def operation(fn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
     async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
         net: FakeNet = self if isinstance(self, FakeNet) else cast(Any, self).net
         fault = net.fault_for(name)
+        net.calls.append((name, args, dict(kwargs)))
         if fault is None or fault.kind not in AFTER:
             await _fire(fault, name)
             return await fn(self, *args, **kwargs)
         result = await fn(self, *args, **kwargs)
         net.applied_then_failed.append(name)
+        net.applied_calls.append(len(net.calls) - 1)
         await _fire(fault, name)
         return result
 
@@ -174,6 +176,10 @@ class FakeNet:
         self.fired: list[tuple[str, str]] = []
         #: Operations that took effect and then failed or hung.
         self.applied_then_failed: list[str] = []
+        #: Every operation with its arguments, in order; and the positions
+        #: in it of those that took effect and then failed or hung.
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self.applied_calls: list[int] = []
 
     def fault_for(self, name: str) -> Fault | None:
         """Record operation ``name``; the first matching fault that fires."""
@@ -416,8 +422,10 @@ class FakeHelper:
         self.mute = behaviour is Behaviour.MUTE
         #: Ignores SIGTERM (only SIGKILL ends it), like a wedged helper.
         self.ignore_term = False
-        #: Stuck in the kernel: not even SIGKILL ends it.
+        #: Stuck in the kernel: not even SIGKILL ends it (for now, or for
+        #: good).
         self.unkillable = False
+        self.stuck_for_good = False
         #: The nursery its starter handed to ``start_helper`` (tells apart
         #: whose helper it is).
         self.nursery: trio.Nursery | None = None
@@ -571,6 +579,8 @@ class _Spawner(process.Spawner):
             helper.unkillable = True
             if fault.kind == "delay":
                 self.nursery.start_soon(self._wake, helper, fault.delay)
+            else:
+                helper.stuck_for_good = True
         helper.signal(sig)
 
     async def _wake(self, helper: FakeHelper, delay: float) -> None:
@@ -578,6 +588,8 @@ class _Spawner(process.Spawner):
         which no cancellation of tunsup's tasks interrupts."""
         with trio.CancelScope(shield=True):
             await trio.sleep(delay)
+        if helper.stuck_for_good:
+            return  # a later fault left it stuck for good
         helper.unkillable = False
         if signal.SIGKILL in helper.signals or (
                 signal.SIGTERM in helper.signals and not helper.ignore_term):
