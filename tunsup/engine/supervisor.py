@@ -179,6 +179,9 @@ class Supervisor:
         self._make_tunnel = make_tunnel or (lambda spec, options: Tunnel(spec, host, options))
         self._used = False
         self._failed = False
+        #: Undo failures outside any tunnel's teardown (a rebuild's hold):
+        #: the host is not restored either.
+        self._undo_failures: list[str] = []
         self._cancel_scope: trio.CancelScope | None = None
         self._root: trio.Nursery | None = None
         self._slots: dict[str, Slot] = {}
@@ -712,6 +715,7 @@ class Supervisor:
         finally:
             report = await hold.unwind(options.stop_timeout)
             if not report.complete:
+                self._undo_failures.extend(report.failures)
                 log.error("tunnel %s: removing the hold routes failed: %s", spec.name,
                           "; ".join(report.failures))
 
@@ -767,7 +771,8 @@ class Supervisor:
             log.error("reload failed: %s", describe_error(exc))
 
     def _exit_code(self) -> ExitCode:
-        if any(t.report is not None and not t.report.complete for t in self.history):
+        if self._undo_failures or any(t.report is not None and not t.report.complete
+                                      for t in self.history):
             return ExitCode.TEARDOWN_INCOMPLETE
         if self._failed:
             return ExitCode.FAILURE

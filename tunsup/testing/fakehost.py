@@ -15,9 +15,10 @@ blocks it until cancelled, ``kind="delay"`` makes it take ``delay``
 (virtual) seconds first.  ``op=None`` matches every operation, so
 ``Fault(nth=7)`` hits the 7th host operation of any kind.  Operations are
 the methods of :class:`FakeNet` plus ``start_helper``, ``run_hook``,
-``create_tun`` and ``close_tun``; every one is recorded in
-``FakeHost.ops``.  Helpers: :class:`Behaviour` (crash, mute UAPI, slow
-start), :attr:`FakeHelper.ignore_term`, :meth:`FakeHelper.die`,
+``create_tun`` and ``close_tun`` (``set_link_up`` with ``up=False`` is
+named ``set_link_down``); every one is recorded in ``FakeHost.ops``.
+Helpers: :class:`Behaviour` (crash, mute UAPI, slow start),
+:attr:`FakeHelper.ignore_term`, :meth:`FakeHelper.die`,
 :meth:`FakeHelper.wedge`.
 
 The fake helpers speak the real UAPI protocol on real unix sockets (in a
@@ -102,15 +103,17 @@ def operation(fn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
 
     async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
         net: FakeNet = self if isinstance(self, FakeNet) else cast(Any, self).net
-        fault = net.fault_for(name)
-        net.calls.append((name, args, dict(kwargs)))
+        # Setting a link down (only undo does) is an operation of its own.
+        op = "set_link_down" if name == "set_link_up" and args[1:2] == (False,) else name
+        fault = net.fault_for(op)
+        net.calls.append((op, args, dict(kwargs)))
         if fault is None or fault.kind not in AFTER:
-            await _fire(fault, name)
+            await _fire(fault, op)
             return await fn(self, *args, **kwargs)
         result = await fn(self, *args, **kwargs)
-        net.applied_then_failed.append(name)
+        net.applied_then_failed.append(op)
         net.applied_calls.append(len(net.calls) - 1)
-        await _fire(fault, name)
+        await _fire(fault, op)
         return result
 
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
