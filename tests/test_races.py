@@ -347,6 +347,37 @@ class Messages(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+#: A route the host had before tunsup: the same prefix as wgt1's
+#: AllowedIPs, through the host's own link (wgt1's route then already
+#: exists: it is someone else's, never tunsup's to remove).
+THEIRS = (254, spec("wgt1").peers[0].allowed_ips[0])
+
+
+def host_before_us(fake: FakeHost) -> None:
+    """What the host has before tunsup runs: a link of its own with a
+    route, an unreachable route in another table."""
+    eth0 = fake.net.links[fake.net.create("eth0", persistent=False)]
+    eth0.up = True
+    eth0.routes.add(THEIRS)
+    fake.net.unreachable.add((100, spec("wgt2").peers[0].allowed_ips[0]))
+
+
+def check_status(sup: Supervisor, fake: FakeHost, failures: list[str]) -> None:
+    """Status agrees with the host: a running tunnel that is not being
+    changed counts as its routes exactly those on its link (a route that
+    already existed is not its own)."""
+    for slot in sup.slots():
+        tunnel = slot.tunnel
+        link = fake.net.by_name(tunnel.name)
+        if (tunnel.state not in (TunnelState.UP, TunnelState.DEGRADED) or link is None
+                or tunnel._changing.locked()):
+            continue
+        if tunnel.status.routes != len(link.routes):
+            failures.append(f"t={trio.current_time():.3f}: {tunnel.name} reports "
+                            f"{tunnel.status.routes} route(s) of its own; its link has "
+                            f"{sorted(map(str, link.routes))}")
+
+
 def run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at: float, *,
                  seed: int = 0, in_hypothesis: bool = True) -> None:
     messages = Messages()
@@ -362,6 +393,7 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                   seed: int, in_hypothesis: bool, messages: Messages) -> None:
     with uapi_dir() as path:
         fake = FakeHost(path)
+        host_before_us(fake)
         before = fake.net.state()
         rec = Recorder(seed, messages.lines)
         failures: list[str] = []
@@ -510,6 +542,7 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                         if step.action not in ("fault", "undo-fault") or step.at != 0:
                             nursery.start_soon(act, step)
                     await trio.sleep(stop_at)
+                    check_status(sup, fake, failures)
                     stopping()
                     sup.stop("end of schedule")
                     await trio.sleep_forever()
@@ -586,7 +619,7 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
             if name == "#unreachable" and "delete_routes" in leftover_ops:
                 # Held or kill-switch routes whose delete failed may stay.
                 assert link >= before[name], f"{name}: routes there before are gone"
-            elif name.startswith("#"):
+            elif name.startswith("#") or name in before:
                 assert link == before[name], f"{name} not restored"
             elif name not in before:
                 assert "delete_link" in leftover_ops or "close_tun" in leftover_ops, \

@@ -280,9 +280,14 @@ class FakeNet:
             return RouteBatchResult(added=tuple(n for n in prefixes if n not in existed),
                                     existed=existed)
         link = self.links[index]
-        for net in prefixes:
-            link.routes.add((table, net))
-        return RouteBatchResult(added=tuple(prefixes), existed=())
+        # As the kernel (NLM_F_EXCL): a route with the same key (table and
+        # prefix here) through any link already is someone else's: left
+        # alone, reported in ``existed``.
+        taken = {r for other in self.links.values() for r in other.routes}
+        existed = tuple(net for net in prefixes if (table, net) in taken)
+        added = tuple(net for net in prefixes if (table, net) not in taken)
+        link.routes |= {(table, net) for net in added}
+        return RouteBatchResult(added=added, existed=existed)
 
     @operation
     async def delete_routes(self, index: int, prefixes: Sequence[IPNetwork], *,
