@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import race_bugs  # noqa: E402
+import race_bugs
 
 ROOT = race_bugs.ROOT
 
