@@ -15,12 +15,17 @@ A schedule is a list of steps, each started as its own task at a drawn
 virtual time, so steps overlap each other and the engine's own work:
 stop, SIGTERM / SIGINT, SIGHUP after editing the configuration (a reload
 that takes time: reading the files), ``add`` / ``remove`` requests, a
-second ``run()``, a helper crash, a crash loop, a wedge, the next helper
-crashing or starting slowly or mute, a fault on the Nth call of a host
-operation made while applying (errno, hang, delay, applied-then-hang,
-applied-then-error) or while undoing (the same, and a helper that cannot
-be killed at once or at all).  A final stop ends every schedule; then
-more requests come (after ``run`` returned).
+second ``run()``, a helper crash, a crash series (crashes a drawn time
+apart: past the restart window or the backoff reset, or close), a crash
+loop, a wedge, the next helper crashing or starting slowly or mute, a
+fault on the Nth call of a host operation made while applying (errno,
+hang, delay, applied-then-hang, applied-then-error; a spawn then a wait
+that a stop may cancel) or while undoing (the same, a link that cannot be
+set down, and a helper that cannot be killed at once or at all); a fault
+at time 0 is in place before the first bring-up.  The host has a link and
+routes of its own before tunsup runs (one with the prefix of wgt1's
+AllowedIPs).  A final stop ends every schedule; then more requests come
+(after ``run`` returned).
 
 Invariants (checked after every schedule):
 
@@ -33,8 +38,18 @@ Invariants (checked after every schedule):
   step when an undo hangs), also during a reload, a restart or a backoff;
 - every failed undo step is reported by exactly that step, and the exit
   code is 3 then (1 for other failures, 0 for a clean stop);
-- the restart model: a tunnel fails with ``HelperExited`` if and only if
-  its helper died more than ``max_restarts`` times (within the window);
+- the restart model, computed from the documented policy and the
+  tunnel's jitter seed: at each failure the tunnel counts, it gives up if
+  and only if more than ``max_restarts`` fall within ``window``, else the
+  next helper is spawned exactly after ``backoff_initial`` doubled per
+  restart since the last reset (capped at ``backoff_max``), halved, plus
+  a uniform jitter of up to the other half; the backoff starts over once
+  the tunnel was up ``reset_after`` in a row;
+- a change applied before its operation failed or hung (then cancelled)
+  is taken back by the effect's abort;
+- ``remove`` returns once the tunnel is torn down; routes that already
+  existed (someone else's) survive, and a running tunnel's status counts
+  as its own exactly the routes on its link;
 - which tunnels run: a tunnel is stopped only by a stop, a ``remove`` of
   it, a reload, or its own failure (one's failure leaves the others);
 - latency: a wedged helper makes its tunnel leave *up* within probe
