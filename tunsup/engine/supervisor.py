@@ -79,11 +79,19 @@ class AlreadyRunning(TunsupError):
 
 class ChangeFailed(TunsupError):
     """An in-place change of a running tunnel failed; it was rolled back
-    to the running configuration (``restored`` says whether completely)."""
+    to the running configuration (``restored`` says whether completely,
+    ``rolled_back`` which steps were undone, ``failures`` which undo steps
+    failed)."""
 
-    def __init__(self, message: str, *, restored: bool) -> None:
+    def __init__(self, message: str, *, rolled_back: tuple[str, ...] = (),
+                 failures: tuple[str, ...] = ()) -> None:
         super().__init__(message)
-        self.restored = restored
+        self.rolled_back = rolled_back
+        self.failures = failures
+
+    @property
+    def restored(self) -> bool:
+        return not self.failures
 
 
 @attrs.frozen
@@ -128,6 +136,9 @@ class ConvergeResult:
     changed: tuple[tuple[str, str], ...] = ()
     #: name -> why it was rebuilt (its names are also in ``restarted``).
     rebuilt: tuple[tuple[str, str], ...] = ()
+    #: Names in ``failed`` whose undo was incomplete (an in-place change's
+    #: rollback, a failed start's teardown): the host is not as before.
+    incomplete: tuple[str, ...] = ()
 
 
 Plan = tuple[TunnelSpec, TunnelOptions]
@@ -616,6 +627,7 @@ class Supervisor:
         failed: list[tuple[str, str]] = []
         changed: list[tuple[str, str]] = []
         rebuilt: list[tuple[str, str]] = []
+        incomplete: list[str] = []
         async with self._converge_lock:
             for name in [n for n, s in self._failed_slots.items()
                          if s.origin == CONFIG and n not in want]:
@@ -642,6 +654,8 @@ class Supervisor:
                                 _, change = await self._change(slot, spec, options)
                             except Exception as exc:
                                 failed.append((name, describe_error(exc)))
+                                if not _undo_complete(exc):
+                                    incomplete.append(name)
                                 continue
                             if change.in_place is not None:
                                 changed.append((name, change.in_place))
@@ -655,13 +669,16 @@ class Supervisor:
                             await self._start(tunnel, CONFIG)
                         except Exception as exc:
                             failed.append((name, describe_error(exc)))
+                            if tunnel.report is not None and not tunnel.report.complete:
+                                incomplete.append(name)
                             continue
                         (restarted if slot is not None else started).append(name)
                 finally:
                     self._release(claims, name)
         self._announce()
         return ConvergeResult(tuple(started), tuple(stopped), tuple(restarted),
-                              tuple(unchanged), tuple(failed), tuple(changed), tuple(rebuilt))
+                              tuple(unchanged), tuple(failed), tuple(changed), tuple(rebuilt),
+                              tuple(incomplete))
 
     async def _change(self, slot: Slot, spec: TunnelSpec,
                       options: TunnelOptions) -> tuple[Tunnel, Change]:
@@ -677,9 +694,8 @@ class Supervisor:
         except NeedsRebuild as exc:
             reason = str(exc)
         except ReloadFailed as exc:
-            raise ChangeFailed(f"tunnel {spec.name}: in-place change failed, "
-                               f"{'rolled back' if exc.restored else 'rollback incomplete'}: "
-                               f"{exc}", restored=exc.restored) from exc
+            raise ChangeFailed(f"tunnel {spec.name}: in-place change failed: {exc}",
+                               rolled_back=exc.rolled_back, failures=exc.failures) from exc
         else:
             log.info("tunnel %s changed in place: %s", spec.name, summary)
             return tunnel, Change(in_place=summary)
@@ -772,6 +788,16 @@ class Supervisor:
         if self._failed:
             return ExitCode.FAILURE
         return ExitCode.OK
+
+
+def _undo_complete(exc: Exception) -> bool:
+    """Whether what a failed change had applied was fully undone: its
+    rollback (:class:`ChangeFailed`), or a failed rebuild's teardown."""
+    if isinstance(exc, ChangeFailed):
+        return exc.restored
+    if isinstance(exc, StartFailed):
+        return exc.tunnel.report is None or exc.tunnel.report.complete
+    return True
 
 
 def describe_error(exc: BaseException) -> str:

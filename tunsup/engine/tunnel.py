@@ -67,7 +67,14 @@ from .effects import (
     WireguardChanged,
     select_routes,
 )
-from .reload import NeedsRebuild, ReloadFailed, hooks_changed, peer_counts, rebuild_reason
+from .reload import (
+    NeedsRebuild,
+    ReloadFailed,
+    hooks_changed,
+    peer_counts,
+    rebuild_reason,
+    rollback_message,
+)
 from .restart import RestartTracker
 from .routing import RoutingPlan, apply_link_routes, apply_policy, plan_routing
 from .undo import EffectStack, StackObserver, TeardownReport
@@ -641,26 +648,24 @@ class Tunnel:
             summary, state = await self._apply_change(work, spec, options)
         except BaseException as exc:
             report = await work.unwind(self.options.stop_timeout)
+            if report.remaining:
+                # Their undo failed: the host is not as before.  They stay
+                # on the tunnel's stacks (in apply order), so that its stop
+                # tries again and reports what is left (their journal
+                # entries stay for `cleanup` meanwhile).
+                self._keep(list(reversed(report.remaining)), stack, link_stack)
             if not isinstance(exc, Exception):
                 raise
-            why = _one_line(exc)
-            if report.complete:
-                self.log.error("in-place change failed, rolled back: %s", why)
-            else:
-                self.log.error("in-place change failed: %s; rollback incomplete: %s", why,
-                               "; ".join(report.failures))
-            raise ReloadFailed(why if report.complete else
-                               f"{why}; rollback incomplete: {'; '.join(report.failures)}",
-                               restored=report.complete) from exc
+            message = rollback_message(_one_line(exc), report.undone, report.failures)
+            self.log.error("in-place change failed: %s", message)
+            raise ReloadFailed(message, rolled_back=report.undone,
+                               failures=report.failures) from exc
         # Made.  From here to the settle no checkpoint: a stop must find
         # every record on the tunnel's stacks and the new state in place.
         # What is not tied to the link (the kill switch) joins the tunnel's
         # stack, the rest the stack the link's records are on.
         records = work.take()
-        policy: list[Effect] = [r for r in records if isinstance(r, KillSwitch)
-                                or (isinstance(r, RoutesRemoved) and r.index == UNREACHABLE)]
-        stack.adopt(policy)
-        link_stack.adopt([r for r in records if not any(r is p for p in policy)])
+        self._keep(records, stack, link_stack)
         self.spec, self._endpoints, self._plan, self._mtu, self._request = spec, *state
         if options.restart != self.options.restart:
             self._tracker = RestartTracker(options.restart)
@@ -673,6 +678,17 @@ class Tunnel:
             if isinstance(record, WireguardChanged):
                 await link_stack.settle(record)
         return summary
+
+    @staticmethod
+    def _keep(records: list[Effect], stack: EffectStack, link_stack: EffectStack) -> None:
+        """Put the records of an in-place change on the tunnel's stacks, in
+        apply order: what is not tied to the link (the kill switch's
+        routes) on the tunnel's, the rest on the one the link's records
+        are on.  No checkpoint."""
+        policy: list[Effect] = [r for r in records if isinstance(r, KillSwitch)
+                                or (isinstance(r, RoutesRemoved) and r.index == UNREACHABLE)]
+        stack.adopt(policy, live=True)
+        link_stack.adopt([r for r in records if not any(r is p for p in policy)], live=True)
 
     async def _apply_change(self, work: EffectStack, spec: TunnelSpec, options: TunnelOptions
                             ) -> tuple[str, tuple[dict[Key, tuple[str, int]], RoutingPlan,
@@ -757,15 +773,21 @@ class Tunnel:
         if n_added or n_removed:
             parts.append(f"routes +{n_added}/-{n_removed}")
 
+        if ((old.dns_servers, old.dns_search) != (spec.dns_servers, spec.dns_search)
+                and options.dns_backend != "none"):
+            # Layered on the running one: its undo gives back what that one
+            # had set (a rollback, or a stop walking back), and the
+            # bring-up's record then the original.
+            await work.apply(Dns(name, options.dns_backend, spec.dns_servers, spec.dns_search,
+                                 layered=bool(old.dns_servers or old.dns_search),
+                                 previous_servers=old.dns_servers,
+                                 previous_search=old.dns_search))
+        # Last: an address in use until the new routes and DNS stand.
         for address in removed:
             await work.apply(AddressRemoved(name, index, address))
         if added or removed:
             parts.append(f"addresses +{len(added)}/-{len(removed)}")
-        if ((old.dns_servers, old.dns_search) != (spec.dns_servers, spec.dns_search)
-                and options.dns_backend != "none"):
-            # Layered on the running one: its undo gives back what that one
-            # had set, and the bring-up's record then the original.
-            await work.apply(Dns(name, options.dns_backend, spec.dns_servers, spec.dns_search))
+        if any(isinstance(r, Dns) for r in work.records):
             parts.append("DNS")
         if hooks_changed(old, spec):
             parts.append("hooks (apply at the next rebuild)")
