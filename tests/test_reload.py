@@ -6,6 +6,7 @@ prefixes until the new tunnel routes them."""
 from __future__ import annotations
 
 import copy
+import functools
 import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
@@ -418,3 +419,99 @@ def test_reload_exit_code_is_3_when_a_tunnels_undo_was_incomplete() -> None:
     finally:
         client._connect_or_report = original
     assert codes == [ExitCode.TEARDOWN_INCOMPLETE, ExitCode.FAILURE, ExitCode.OK]
+
+
+def test_a_removed_endpoint_recreates_that_peer_in_one_request(fake: FakeHost) -> None:
+    """UAPI cannot unset an endpoint: the peer whose Endpoint line was
+    deleted is removed and added again in the same ``set=1`` (what
+    wireguard-go applies as one, see the netns test), and the answer says
+    so; the other peer is untouched."""
+    base = attrs.evolve(spec(), peers=(
+        attrs.evolve(spec().peers[0], endpoint=Endpoint("192.0.2.2", 51820)),
+        PeerSpec(public_key=OTHER, allowed_ips=(net("10.77.0.0/16"),),
+                 endpoint=Endpoint("192.0.2.9", 51820))))
+    gone = attrs.evolve(base, peers=(attrs.evolve(base.peers[0], endpoint=None),
+                                     base.peers[1]))
+    code, seen = run_changes(fake, base, options(), [gone, base])
+    assert code == ExitCode.OK
+    first, second = seen[0][0][1], seen[1][0][1]
+    assert "1 peer(s) re-created (Endpoint removed" in first.in_place, first
+    assert "re-created" not in second.in_place, second
+    assert seen[0][2] == 1, "the helper was replaced"
+    change = next(b for b in fake.bodies if b.startswith("set=1") and "replace_peers" not in b)
+    lines = change.rstrip("\n").splitlines()
+    i = lines.index(f"public_key={PEER.hex()}")
+    assert lines[i + 1] == "remove=true" and lines[i + 2] == f"public_key={PEER.hex()}"
+    assert not any(x.startswith("endpoint=") for x in lines)
+    assert f"public_key={OTHER.hex()}" not in lines
+    assert_host_restored(fake)
+
+
+def test_a_full_tunnels_rebuild_holds_its_default_route_and_rules(fake: FakeHost) -> None:
+    """A full tunnel (0.0.0.0/0, Table = auto) rebuilt: before the old
+    tunnel goes down, the hold adds an unreachable default to its table
+    and ``fwmark 0`` copies of its rules; the new tunnel takes the same
+    table and priorities (its route takes the held traffic over at once);
+    then the hold goes, leaving exactly the rules of before."""
+    base = with_allowed(spec(), "0.0.0.0/0")
+    code, seen = run_changes(fake, base, options(),
+                             [(base, options(helper=("fake-wg2",))),
+                              (base, options(helper=("fake-wg3",)))])
+    assert code == ExitCode.OK
+    first, second = seen
+    assert isinstance(first[0][1], Change) and first[0][1].rebuilt == "option helper changed"
+    rules = first[3]["#rules"]
+    assert [(r.priority, r.table, r.fwmark, r.invert) for r in rules] == [
+        (32765, 51820, 51820, True), (32764, 254, None, False)], rules
+    assert second[3]["#rules"] == rules, "the priorities drifted"
+    assert first[3]["#unreachable"] == set(), "the hold was left behind"
+    ops = fake.ops
+    # The first rebuild: the hold (route, then both rules) before the old
+    # tunnel's link goes; the new tunnel's rules before the hold's go.
+    gone = ops.index("delete_link")
+    hold = max(i for i in range(gone) if ops[i:i + 3] == ["add_routes", "add_rule", "add_rule"])
+    assert "delete_rule" not in ops[hold:gone] and "add_rule" not in ops[hold + 3:gone]
+    after = ops[gone:]
+    old_gone = after.index("delete_rule")
+    assert after[old_gone:old_gone + 2] == ["delete_rule", "delete_rule"]
+    new_rules = after.index("add_rule")
+    assert new_rules > old_gone and after[new_rules:new_rules + 2] == ["add_rule", "add_rule"]
+    assert after[new_rules + 2:].count("delete_rule") >= 2
+    assert_host_restored(fake)
+    assert fake.net.policy_rules == []
+
+
+def test_a_hold_left_by_a_crash_is_removed_by_recovery(fake: FakeHost, tmp_path: Path) -> None:
+    """A full tunnel's hold journaled, then the process dies mid-rebuild:
+    recovery (what ``cleanup`` runs) removes the hold's unreachable
+    default and its rules, even for a tunnel about to start again (a hold
+    is no protection the user asked for)."""
+    import logging
+    import os
+
+    from tunsup.engine.effects import EffectContext, HeldRoutes, HeldRule
+    from tunsup.engine.journal import Journal, JournalObserver
+    from tunsup.engine.recovery import recover
+    from tunsup.engine.undo import EffectStack
+    from tunsup.host import PolicyRule
+
+    state_dir = tmp_path / "state"
+
+    async def crash() -> None:
+        journal = Journal(str(state_dir), 2**22 + 13, 1)
+        log = logging.getLogger("test")
+        async with trio.open_nursery() as nursery:
+            ctx = EffectContext(host=fake.host, log=log, nursery=nursery)
+            stack = EffectStack(ctx, log=log, observer=JournalObserver(journal, "wgt0"))
+            await stack.apply(HeldRoutes("wgt0", 51820, (net("0.0.0.0/0"),)))
+            for priority, table, suppress in ((32765, 51820, None), (32764, 254, 0)):
+                await stack.apply(HeldRule("wgt0", PolicyRule(
+                    4, priority, table, fwmark=0, suppress_prefixlength=suppress)))
+        await journal.close(remove=False)
+
+    trio.run(crash)
+    assert len(fake.net.policy_rules) == 2 and fake.net.unreachable
+    report = trio.run(functools.partial(recover, str(state_dir), fake.host,
+                                        me=(os.getpid(), 0), keep=lambda name: True))
+    assert report.complete, report
+    assert fake.net.policy_rules == [] and fake.net.unreachable == set()

@@ -827,6 +827,22 @@ class HeldRoutes(KillSwitch):
     protects: typing.ClassVar[bool] = False
 
 
+@attrs.frozen
+class HeldRule(Rule):
+    """A rule that holds a full tunnel's traffic while it is rebuilt: the
+    copy of one of its rules for unmarked packets only (``fwmark 0``), at
+    the same priority, so that once the old tunnel's rules are gone its
+    traffic still finds the tunnel's table (held by :class:`HeldRoutes`)
+    instead of the main table's default route, while the helpers' own
+    (marked) packets pass.  Never identical to a tunnel's own rule."""
+
+    #: Not a protection the user asked for: see :class:`HeldRoutes`.
+    protects: ClassVar[bool] = False
+
+    def describe(self) -> str:
+        return f"hold {self.rule}"
+
+
 # --- in-place changes (reload) ------------------------------------------------
 #
 # A reload pushes these on the running tunnel's stack, above what the

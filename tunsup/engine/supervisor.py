@@ -43,7 +43,7 @@ from ..config.conflicts import Tenant, find_conflicts
 from ..config.settings import OnFailure
 from ..config.spec import TunnelSpec
 from ..host import Host, sdnotify
-from .effects import EffectContext, HeldRoutes
+from .effects import EffectContext, HeldRoutes, HeldRule
 from .journal import Journal, JournalObserver
 from .recovery import Adoption
 from .reload import NeedsRebuild, ReloadFailed
@@ -707,18 +707,32 @@ class Supervisor:
         make-before-break: its routes are held by unreachable routes
         (journaled like any effect) from before the old tunnel goes down
         until the new one's routes stand (or its start failed), so that
-        nothing meant for the tunnel leaves another way meanwhile.  Raises
-        :class:`StartFailed` (the new tunnel's) when its start failed."""
+        nothing meant for the tunnel leaves another way meanwhile.  A full
+        tunnel's default route is held in its own table, which
+        :class:`HeldRule` copies of its rules keep leading to; the new
+        tunnel reuses that table and those priorities (``Tunnel.held``),
+        so its route takes over the held traffic as soon as it exists.
+        Raises :class:`StartFailed` (the new tunnel's) when its start
+        failed."""
         old = slot.tunnel
         assert self._root is not None
         ctx = EffectContext(host=self.host, log=old.log, nursery=self._root)
         observer = JournalObserver(self.journal, spec.name) if self.journal else None
         hold = EffectStack(ctx, log=old.log, observer=observer)
+        policy = old.held_policy()
         try:
             for table, prefixes in old.held_routes():
                 await hold.apply(HeldRoutes(spec.name, table, prefixes))
+            if policy is not None:
+                # A full tunnel: its default route lives in its table, which
+                # only its rules lead to.  The hold keeps both (for unmarked
+                # packets: the new helper's own still reach its endpoint).
+                await hold.apply(HeldRoutes(spec.name, policy.table, old.held_defaults()))
+                for rule in policy.rules:
+                    await hold.apply(HeldRule(spec.name, rule))
             await self._stop_slot(slot)
             tunnel = self._make_tunnel(spec, options)
+            tunnel.held = policy
             log.info("starting tunnel %s from %s", spec.name, spec.source)
             try:
                 await self._start(tunnel, slot.origin)

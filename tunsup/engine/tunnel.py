@@ -63,6 +63,7 @@ from .effects import (
     OwnedTun,
     Routes,
     RoutesRemoved,
+    Rule,
     StartHelper,
     WireguardChanged,
     select_routes,
@@ -76,7 +77,7 @@ from .reload import (
     rollback_message,
 )
 from .restart import RestartTracker
-from .routing import RoutingPlan, apply_link_routes, apply_policy, plan_routing
+from .routing import HeldPolicy, RoutingPlan, apply_link_routes, apply_policy, plan_routing
 from .undo import EffectStack, StackObserver, TeardownReport
 
 T = TypeVar("T")
@@ -215,6 +216,9 @@ class Tunnel:
         #: Protections a dead instance left, to hand over (set by the
         #: supervisor before the start; see tunsup.engine.recovery.Adoption).
         self.adopted: Handover | None = None
+        #: What a rebuild holds of the full tunnel this one replaces (set
+        #: by the supervisor before the start; see :meth:`held_policy`).
+        self.held: HeldPolicy | None = None
         #: While it runs: its effect stack and context (for status).
         self._stack: EffectStack | None = None
         self._ctx: EffectContext | None = None
@@ -285,6 +289,22 @@ class Tunnel:
         policy table, which no rule consults once its rules are gone)."""
         policy = self._plan.policy_table if self._plan is not None else None
         return _by_table({r for r in self.owned_routes() if r[0] != policy})
+
+    def held_policy(self) -> HeldPolicy | None:
+        """What a rebuild holds of this tunnel's full-tunnel routing (None
+        when it is not a full tunnel): its policy table, where the hold
+        puts an unreachable default, and the ``fwmark 0`` copy of each
+        policy rule it owns (see :class:`~tunsup.engine.effects.HeldRule`)."""
+        plan = self._plan
+        if plan is None or plan.policy_table is None:
+            return None
+        rules = tuple(attrs.evolve(r.rule, fwmark=0, invert=False) for r in self._records()
+                      if type(r) is Rule and r.owned)
+        return HeldPolicy(plan.policy_table, rules)
+
+    def held_defaults(self) -> tuple[IPNetwork, ...]:
+        """The default prefixes of a full tunnel (held in its table)."""
+        return self._plan.defaults if self._plan is not None else ()
 
     def _owned_addresses(self, extra: tuple[Effect, ...] = ()) -> list[IPInterface]:
         owned: list[IPInterface] = []
@@ -401,14 +421,14 @@ class Tunnel:
                 f"another network namespace): its UAPI socket {sock} is in use"
             )
         endpoints = self._endpoints = await self._resolve_endpoints()
-        self._plan = await plan_routing(spec, net, self.log, opts.lan)
+        self._plan = await plan_routing(spec, net, self.log, opts.lan, self.held)
         self._request = await self._render_request()
         self._mtu = spec.mtu or await self._auto_mtu([ip for ip, _ in endpoints.values()])
 
         if spec.pre_up or spec.post_down:
             await stack.apply(Hooks(spec.name, "PreUp", spec.pre_up, "PostDown", spec.post_down))
         await apply_policy(stack, self._plan, spec, net, self.log, kill_switch=opts.kill_switch,
-                           lan=opts.lan)
+                           lan=opts.lan, held=self.held)
         owned = opts.tun_mode == "owned"
         if owned:
             header = opts.tun_header
@@ -738,6 +758,12 @@ class Tunnel:
                                ("fwmark", "fwmark")):
                 if getattr(old, key) != getattr(spec, key):
                     what += f", {label}"
+            recreated = uapi.endpoint_removed(old, spec, self._endpoints, endpoints)
+            if recreated:
+                # No "unset endpoint" in UAPI: the peer is removed and added
+                # again in the same request (it handshakes anew).
+                what += (f", {len(recreated)} peer(s) re-created "
+                         "(Endpoint removed: a device cannot forget one)")
             await work.apply(WireguardChanged(name, what, request, inverse or b""))
             parts.append(what)
 
