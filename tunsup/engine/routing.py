@@ -72,6 +72,8 @@ class HeldPolicy:
 
     table: int
     rules: tuple[PolicyRule, ...] = ()
+    #: The default prefixes held in ``table``.
+    defaults: tuple[IPNetwork, ...] = ()
 
 
 async def plan_routing(spec: TunnelSpec, net: NetOps, log: logging.Logger,

@@ -727,7 +727,7 @@ class Supervisor:
                 # A full tunnel: its default route lives in its table, which
                 # only its rules lead to.  The hold keeps both (for unmarked
                 # packets: the new helper's own still reach its endpoint).
-                await hold.apply(HeldRoutes(spec.name, policy.table, old.held_defaults()))
+                await hold.apply(HeldRoutes(spec.name, policy.table, policy.defaults))
                 for rule in policy.rules:
                     await hold.apply(HeldRule(spec.name, rule))
             await self._stop_slot(slot)

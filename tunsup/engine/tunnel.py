@@ -300,11 +300,7 @@ class Tunnel:
             return None
         rules = tuple(attrs.evolve(r.rule, fwmark=0, invert=False) for r in self._records()
                       if type(r) is Rule and r.owned)
-        return HeldPolicy(plan.policy_table, rules)
-
-    def held_defaults(self) -> tuple[IPNetwork, ...]:
-        """The default prefixes of a full tunnel (held in its table)."""
-        return self._plan.defaults if self._plan is not None else ()
+        return HeldPolicy(plan.policy_table, rules, plan.defaults)
 
     def _owned_addresses(self, extra: tuple[Effect, ...] = ()) -> list[IPInterface]:
         owned: list[IPInterface] = []
