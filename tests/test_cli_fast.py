@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,7 +74,8 @@ def test_fast_table_knows_every_client_option() -> None:
 
 def test_client_command_imports_nothing_heavy(tmp_path: object) -> None:
     """`tunsup status` (here: no service runs) loads neither trio, pyroute2,
-    attrs, cattrs nor argparse, typing or logging."""
+    attrs, cattrs nor argparse, typing or logging, nor the socket and signal
+    wrappers (their enums cost every client start milliseconds)."""
     code = (
         "import sys\n"
         "from tunsup.cli import main\n"
@@ -86,5 +88,27 @@ def test_client_command_imports_nothing_heavy(tmp_path: object) -> None:
     rc, modules = json.loads(out.splitlines()[-1])
     assert rc == 3  # not running
     heavy = {"trio", "pyroute2", "attr", "attrs", "cattrs", "argparse", "typing", "logging",
-             "subprocess"}
+             "subprocess", "socket", "signal", "selectors"}
     assert heavy.isdisjoint(modules), heavy & set(modules)
+
+
+def test_run_of_a_conf_file_loads_no_toml_machinery(tmp_path: Path) -> None:
+    """What `run wg0.conf` imports and does before its event loop (read and
+    check the file, load the service) builds no cattrs converter and loads
+    neither tomllib nor difflib: those serve TOML files and error messages."""
+    conf = tmp_path / "wg7.conf"
+    conf.write_text("[Interface]\nPrivateKey = " + "A" * 43 + "=\n")
+    code = (
+        "import sys\n"
+        "from tunsup.config.sources import ConfigSource, prepare\n"
+        f"prepare(ConfigSource(({str(conf)!r},)))\n"
+        "import tunsup.cli, tunsup.service, tunsup.engine.tunnel, tunsup.engine.journal\n"
+        "import tunsup.host, json\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    modules = set(json.loads(out.splitlines()[-1]))
+    assert "tunsup.config.toml" in modules  # the records are there...
+    assert {"cattrs", "tomllib", "difflib"}.isdisjoint(modules), (  # ...not their loader
+        {"cattrs", "tomllib", "difflib"} & modules)

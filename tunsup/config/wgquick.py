@@ -16,7 +16,6 @@ value, and any echoed value that looks like a key is hidden.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
@@ -510,6 +509,8 @@ def _unknown_key(
     if other is not None:
         elsewhere = "[Peer]" if title == "[Interface]" else "[Interface]"
         return f"{message}; {other} belongs in {elsewhere}"
+    import difflib  # only for a bad file: off the start path
+
     close = difflib.get_close_matches(key.lower(), by_lower, n=1)
     return f"{message}; did you mean {by_lower[close[0]]!r}?" if close else message
 
