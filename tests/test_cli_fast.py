@@ -22,15 +22,23 @@ LINES = [
     ["down", "wg0"], ["reload"], ["reload", "-c", "x.toml"],
     ["logs"], ["logs", "-f", "-n", "5", "--json"], ["logs", "--lines=0", "--follow"],
     ["status", "--json", "--json"], ["logs", "-n", "3", "-n", "4"],
+    # run: the service's own start is read without argparse too.
+    ["run"], ["run", "a.conf"], ["run", "a.conf", "b.conf", "--debug"],
+    ["run", "--debug", "--dns", "file", "--resolv-conf", "/r.conf", "a.conf"],
+    ["run", "-c", "x.toml", "--state-dir=/s", "--runtime-dir", "/r", "--json-logs"],
+    ["run", "--dns=none", "a.conf", "b.conf"], ["run", "-c", "x.toml", "a.conf"],
 ]
 
 # Lines the fast path leaves to argparse (help, errors, argparse niceties).
 OTHERS = [
-    [], ["run", "a.conf"], ["check", "a.conf"], ["status", "--help"], ["status", "-h"],
+    [], ["check", "a.conf"], ["status", "--help"], ["status", "-h"],
     ["status", "--js"], ["status", "extra"], ["up"], ["up", "a", "b"], ["down", "-x"],
     ["stop", "--timeout"], ["stop", "--timeout", "soon"], ["stop", "--timeout", "-1"],
     ["logs", "-fn", "3"], ["status", "--json=1"], ["up", "--", "-a.conf"],
     ["status", "--runtime-dir", "--debug"],
+    ["run", "--dns", "bogus", "a.conf"], ["run", "a.conf", "--debug", "b.conf"],
+    ["run", "--help"], ["run", "--deb", "a.conf"], ["run", "--json-logs=1"],
+    ["run", "--", "a.conf"], ["run", "--state-dir"],
 ]
 
 
@@ -57,7 +65,9 @@ def test_fast_table_knows_every_client_option() -> None:
     parser = cli._parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(cli._CLIENT_LINES) == set(cli.CLIENT_COMMANDS)
-    for command, (positionals, options, _defaults) in cli._CLIENT_LINES.items():
+    listed, run_options, _run_defaults = cli._RUN_LINE
+    lines = {**cli._CLIENT_LINES, "run": ((listed,), run_options, _run_defaults)}
+    for command, (positionals, options, _defaults) in lines.items():
         known = {**options, **cli._COMMON_OPTIONS}
         argparse_options = {}
         argparse_positionals = []
@@ -93,22 +103,28 @@ def test_client_command_imports_nothing_heavy(tmp_path: object) -> None:
 
 
 def test_run_of_a_conf_file_loads_no_toml_machinery(tmp_path: Path) -> None:
-    """What `run wg0.conf` imports and does before its event loop (read and
-    check the file, load the service) builds no cattrs converter and loads
-    neither tomllib nor difflib: those serve TOML files and error messages."""
+    """What `run wg0.conf` imports and does before its event loop (read its
+    command line and the file, load the service, start logging) builds no
+    cattrs converter and loads neither tomllib nor difflib (they serve TOML
+    files and error messages), nor argparse or logging.handlers (pickle)."""
     conf = tmp_path / "wg7.conf"
     conf.write_text("[Interface]\nPrivateKey = " + "A" * 43 + "=\n")
     code = (
         "import sys\n"
+        "from tunsup import cli\n"
+        f"args = cli._client_args(['run', '--dns', 'none', {str(conf)!r}])\n"
         "from tunsup.config.sources import ConfigSource, prepare\n"
-        f"prepare(ConfigSource(({str(conf)!r},)))\n"
-        "import tunsup.cli, tunsup.service, tunsup.engine.tunnel, tunsup.engine.journal\n"
-        "import tunsup.host, json\n"
+        "prepare(ConfigSource(tuple(args.confs)))\n"
+        "import tunsup.service, tunsup.engine.tunnel, tunsup.engine.journal, tunsup.host\n"
+        "from tunsup import _log\n"
+        "_log.setup_logging()\n"
+        "_log.stop_logging()\n"
+        "import json\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60).stdout
     modules = set(json.loads(out.splitlines()[-1]))
     assert "tunsup.config.toml" in modules  # the records are there...
-    assert {"cattrs", "tomllib", "difflib"}.isdisjoint(modules), (  # ...not their loader
-        {"cattrs", "tomllib", "difflib"} & modules)
+    unwanted = {"cattrs", "tomllib", "difflib", "argparse", "logging.handlers", "pickle"}
+    assert unwanted.isdisjoint(modules), unwanted & modules  # ...not their loader
