@@ -1,0 +1,72 @@
+"""Route selection and LAN reconciliation compare prefixes as integer spans
+(for speed at 10,000 AllowedIPs): they decide exactly as ipaddress's
+``subnet_of`` and ``==`` would, for both families and every prefix length."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tunsup.config.spec import IPNetwork
+from tunsup.engine.effects import select_routes, span
+from tunsup.engine.routing import _reconcile_lan
+
+
+@st.composite
+def networks(draw: st.DrawFn) -> IPNetwork:
+    # Few distinct addresses, so that nesting and equality happen often.
+    if draw(st.booleans()):
+        base = draw(st.sampled_from([0, 0x0A000000, 0x0A000100, 0xC0A80000, 0xFFFFFFFF]))
+        return ipaddress.IPv4Network((base, draw(st.integers(0, 32))), strict=False)
+    base6 = draw(st.sampled_from([0, 0x20010DB8 << 96, (0x20010DB8 << 96) | 1, (1 << 128) - 1]))
+    return ipaddress.IPv6Network((base6, draw(st.integers(0, 128))), strict=False)
+
+
+def _subnet_of(a: IPNetwork, b: IPNetwork) -> bool:
+    return a.version == b.version and a.subnet_of(b)  # type: ignore[arg-type]
+
+
+@given(networks())
+def test_span_bounds_the_network(net: IPNetwork) -> None:
+    version, first, last = span(net)
+    assert (version, first, last) == (net.version, int(net.network_address),
+                                      int(net.broadcast_address))
+
+
+@given(st.lists(networks(), max_size=12), st.lists(networks(), max_size=4))
+def test_select_routes_decides_as_subnet_of(prefixes: list[IPNetwork],
+                                            existing: list[IPNetwork]) -> None:
+    expected = tuple(n for n in dict.fromkeys(prefixes)
+                     if not any(_subnet_of(n, c) for c in existing))
+    assert select_routes(prefixes, existing) == expected
+
+
+@given(st.lists(networks(), max_size=12), st.lists(networks(), max_size=4),
+       st.sampled_from(["direct", "tunnel"]))
+def test_lan_reconciliation_decides_as_subnet_of(prefixes: list[IPNetwork],
+                                                 lans: list[IPNetwork], lan: str) -> None:
+    connected = [(n, f"eth{i}") for i, n in enumerate(lans)]
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log = logging.getLogger("tunsup.test-spans")
+    log.propagate = False
+    log.setLevel(logging.DEBUG)
+    handler = Keep()
+    log.addHandler(handler)
+    try:
+        kept = _reconcile_lan(tuple(prefixes), connected, log, lan)
+    finally:
+        log.removeHandler(handler)
+    expected = tuple(p for p in prefixes
+                     if lan != "direct" or not any(_subnet_of(p, n) for n in lans))
+    assert kept == expected
+    # One line per LAN more specific than a prefix (equal is not more specific).
+    covers = sum(1 for p in prefixes for n in lans if _subnet_of(n, p) and n != p)
+    assert sum("stays directly reachable" in r.getMessage() for r in records) == covers
