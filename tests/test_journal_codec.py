@@ -140,6 +140,7 @@ def test_long_prefix_lists_are_written_exactly_each_time() -> None:
     first = tuple(ipaddress.ip_network(f"10.{i // 256}.{i % 256}.0/24") for i in range(200))
     second = (*first[:199], ipaddress.ip_network("2001:db8::/64"))
     intent = fx.Routes("wg0", 7, 254, first)
-    record = attrs.evolve(intent, index=8)
-    for effect in (intent, record, fx.Routes("wg0", 7, 254, second), intent):
+    record = attrs.evolve(intent, prefixes=tuple(list(first)))  # equal, not the same tuple
+    for effect in (intent, record, fx.Routes("wg0", 7, 254, second), intent,
+                   fx.Routes("wg0", 7, 254, first[:100] + first[101:])):
         assert effect_to_dict(effect) == _cattrs_reference(effect)

@@ -30,7 +30,7 @@ from .._bounded import deadline
 from .._errors import HostError
 from ..config.ifname import is_valid_ifname
 from ..config.keys import Key
-from ..config.spec import IPNetwork, TunnelSpec
+from ..config.spec import IPNetwork, TunnelSpec, network_text
 
 __all__ = [
     "MAX_REPLY",
@@ -164,7 +164,7 @@ def render_set(spec: TunnelSpec, endpoints: Mapping[Key, tuple[str, int]]) -> by
         if peer.persistent_keepalive is not None:
             lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
         lines.append("replace_allowed_ips=true")
-        lines.extend(f"allowed_ip={net}" for net in peer.allowed_ips)
+        lines.extend(f"allowed_ip={network_text(net)}" for net in peer.allowed_ips)
     return ("\n".join(lines) + "\n\n").encode("ascii")
 
 
@@ -213,7 +213,7 @@ def render_change(old: TunnelSpec, new: TunnelSpec,
             lines.append(f"endpoint={_format_endpoint(*resolved, index)}")
         lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive or 0}")
         lines.append("replace_allowed_ips=true")
-        lines.extend(f"allowed_ip={net}" for net in peer.allowed_ips)
+        lines.extend(f"allowed_ip={network_text(net)}" for net in peer.allowed_ips)
     if len(lines) == 1:
         return None
     return ("\n".join(lines) + "\n\n").encode("ascii")
