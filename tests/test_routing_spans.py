@@ -82,3 +82,29 @@ def test_lan_reconciliation_decides_as_subnet_of(prefixes: list[IPNetwork],
     # One line per LAN more specific than a prefix (equal is not more specific).
     covers = sum(1 for p in prefixes for n in lans if _subnet_of(n, p) and n != p)
     assert sum("stays directly reachable" in r.getMessage() for r in records) == covers
+
+
+_PIECES = st.sampled_from(["0", "1", "9", "10", "01", "00", "99", "100", "199", "200", "249",
+                           "250", "255", "256", "300", "", " ", "x", "\u0661"])
+
+
+@given(st.lists(_PIECES, min_size=1, max_size=5),
+       st.sampled_from(["", "/0", "/8", "/08", "/24", "/32", "/33", "/", "/-1", "/255.0.0.0",
+                        "/1a", " /8", "/\u0661"]))
+def test_allowed_ips_read_as_ipaddress_reads_them(octets: list[str], suffix: str) -> None:
+    """The fast IPv4 reading of an AllowedIPs item gives ipaddress's network,
+    and whatever ipaddress refuses is refused."""
+    from tunsup.config.wgquick import ip_network
+
+    item = ".".join(octets) + suffix
+    try:
+        expected: IPNetwork | type[ValueError] = ipaddress.ip_network(item, strict=False)
+    except ValueError:
+        expected = ValueError
+    try:
+        got: IPNetwork | type[ValueError] = ip_network(item)
+    except ValueError:
+        got = ValueError
+    assert got == expected
+    if not isinstance(got, type):
+        assert type(got) is type(expected)
