@@ -128,3 +128,32 @@ def test_run_of_a_conf_file_loads_no_toml_machinery(tmp_path: Path) -> None:
     assert "tunsup.config.toml" in modules  # the records are there...
     unwanted = {"cattrs", "tomllib", "difflib", "argparse", "logging.handlers", "pickle"}
     assert unwanted.isdisjoint(modules), unwanted & modules  # ...not their loader
+
+
+def test_run_reads_its_configuration_with_the_collector_paused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run` builds its service with the cyclic collector paused (a cold
+    start's objects hold no garbage worth the collections) and gives it
+    back as it was, also when the configuration is refused."""
+    import gc
+
+    from tunsup import _errors
+    from tunsup.config import sources
+
+    seen: list[bool] = []
+    real_prepare = sources.prepare
+
+    def prepare(source: sources.ConfigSource) -> sources.Prepared:
+        seen.append(gc.isenabled())  # observed, then the real check
+        return real_prepare(source)
+
+    monkeypatch.setattr(sources, "prepare", prepare)
+    bad = tmp_path / "wg8.conf"
+    bad.write_text("[Interface]\nPrivateKey = nonsense\n")
+    args = cli._client_args(["run", str(bad)])
+    assert args is not None
+    assert gc.isenabled()
+    with pytest.raises(_errors.ConfigError):
+        cli._run(args)
+    assert seen == [False]
+    assert gc.isenabled()
