@@ -106,7 +106,7 @@ class ServiceOps:
         Cancellable."""
         path = socket_path(tunnel.name, tunnel.host.uapi_dir)
         try:
-            device = await uapi_get(path, timeout=UAPI_STATUS_TIMEOUT)
+            device = await uapi_get(path, timeout=UAPI_STATUS_TIMEOUT, prefixes=False)
         except UapiError as exc:
             entry["peers_error"] = str(exc)
             return
@@ -120,7 +120,7 @@ class ServiceOps:
                                        else max(0.0, now - peer.last_handshake)),
                 "rx_bytes": peer.rx_bytes,
                 "tx_bytes": peer.tx_bytes,
-                "allowed_ips": len(peer.allowed_ips),
+                "allowed_ips": peer.allowed_ip_count,
                 "persistent_keepalive": peer.persistent_keepalive,
             }
             for peer in device.peers
@@ -209,11 +209,14 @@ class ServiceOps:
         for name, why in result.rebuilt:
             log.info("reload: tunnel %s rebuilt: %s", name, why)
         for name, why in result.failed:
-            log.error("reload: tunnel %s did not start or change: %s", name, why)
+            log.error("reload: tunnel %s did not start or change%s: %s", name,
+                      "; its undo was INCOMPLETE (leftovers recorded for 'tunsup cleanup')"
+                      if name in result.incomplete else "", why)
         out = attrs.asdict(result)
         out["failed"] = dict(result.failed)
         out["changed"] = dict(result.changed)
         out["rebuilt"] = dict(result.rebuilt)
+        out["incomplete"] = list(result.incomplete)
         out["warnings"] = warnings
         return out
 

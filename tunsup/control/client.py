@@ -16,12 +16,14 @@ teardown completed just before it exits.
 
 from __future__ import annotations
 
+# _socket, not socket: the wrapper module builds its enums and imports
+# selectors at start (milliseconds of every client command), and a blocking
+# AF_UNIX stream needs none of it.  signal (enums too) only for ``stop``.
+import _socket
 import contextlib
 import json
 import os
 import select
-import signal
-import socket
 import sys
 import time
 
@@ -116,7 +118,7 @@ class Connection:
         self.trace = _Trace(debug)
         self._buf = bytearray()
         self._next_id = 1
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(self.path)
@@ -386,6 +388,8 @@ def down(runtime_dir: str, name: str, *, debug: bool = False, timeout: float = 3
 
 
 def reload(runtime_dir: str, *, debug: bool = False, timeout: float = 330.0) -> int:
+    """Exit 0 done, 1 a tunnel failed to start or change (its changes
+    undone: host as before), 3 one's undo was incomplete, 7 no service."""
     conn = _connect_or_report(runtime_dir, debug, 5.0, "reload")
     if isinstance(conn, int):
         return conn
@@ -404,9 +408,14 @@ def reload(runtime_dir: str, *, debug: bool = False, timeout: float = 330.0) -> 
     for warning in result.get("warnings") or []:
         print(f"tunsup reload: warning: {warning}", file=sys.stderr)
     failed = result.get("failed") or {}
+    incomplete = set(result.get("incomplete") or ())
     for name, why in failed.items():
         print(f"failed: {name}: {why}", file=sys.stderr)
-    return FAILED if failed else OK
+    for name in sorted(incomplete):
+        print(f"INCOMPLETE: {name}: not everything could be undone; the host is not as "
+              "before (leftovers recorded for 'tunsup cleanup')", file=sys.stderr)
+    # As the stop: 3 when the host could not be restored, else 1.
+    return INCOMPLETE if incomplete else FAILED if failed else OK
 
 
 # ----------------------------------------------------------------- logs
@@ -524,6 +533,8 @@ def _stop(runtime_dir: str, owner: pidfile.ProcessId, pidfd: int, timeout: float
     deadline = started + timeout
     conn = _subscribe(runtime_dir, debug, min(deadline, started + 5.0))
     print(f"stopping tunsup (pid {owner.pid})", flush=True)
+    import signal
+
     try:
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
     except ProcessLookupError:
@@ -640,6 +651,8 @@ def _split_frames(buf: bytearray, trace: _Trace) -> Iterator[dict[str, Any]]:
 
 def _force(owner: pidfile.ProcessId, pidfd: int, cleanup: Callable[[], int] | None) -> int:
     print(f"sending SIGKILL to pid {owner.pid}", flush=True)
+    import signal
+
     with contextlib.suppress(ProcessLookupError):
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     if not select.select([pidfd], [], [], 10.0)[0]:

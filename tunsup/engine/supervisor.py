@@ -43,7 +43,7 @@ from ..config.conflicts import Tenant, find_conflicts
 from ..config.settings import OnFailure
 from ..config.spec import TunnelSpec
 from ..host import Host, sdnotify
-from .effects import EffectContext, HeldRoutes
+from .effects import EffectContext, HeldRoutes, HeldRule
 from .journal import Journal, JournalObserver
 from .recovery import Adoption
 from .reload import NeedsRebuild, ReloadFailed
@@ -79,11 +79,19 @@ class AlreadyRunning(TunsupError):
 
 class ChangeFailed(TunsupError):
     """An in-place change of a running tunnel failed; it was rolled back
-    to the running configuration (``restored`` says whether completely)."""
+    to the running configuration (``restored`` says whether completely,
+    ``rolled_back`` which steps were undone, ``failures`` which undo steps
+    failed)."""
 
-    def __init__(self, message: str, *, restored: bool) -> None:
+    def __init__(self, message: str, *, rolled_back: tuple[str, ...] = (),
+                 failures: tuple[str, ...] = ()) -> None:
         super().__init__(message)
-        self.restored = restored
+        self.rolled_back = rolled_back
+        self.failures = failures
+
+    @property
+    def restored(self) -> bool:
+        return not self.failures
 
 
 @attrs.frozen
@@ -128,6 +136,9 @@ class ConvergeResult:
     changed: tuple[tuple[str, str], ...] = ()
     #: name -> why it was rebuilt (its names are also in ``restarted``).
     rebuilt: tuple[tuple[str, str], ...] = ()
+    #: Names in ``failed`` whose undo was incomplete (an in-place change's
+    #: rollback, a failed start's teardown): the host is not as before.
+    incomplete: tuple[str, ...] = ()
 
 
 Plan = tuple[TunnelSpec, TunnelOptions]
@@ -619,6 +630,7 @@ class Supervisor:
         failed: list[tuple[str, str]] = []
         changed: list[tuple[str, str]] = []
         rebuilt: list[tuple[str, str]] = []
+        incomplete: list[str] = []
         async with self._converge_lock:
             for name in [n for n, s in self._failed_slots.items()
                          if s.origin == CONFIG and n not in want]:
@@ -645,6 +657,8 @@ class Supervisor:
                                 _, change = await self._change(slot, spec, options)
                             except Exception as exc:
                                 failed.append((name, describe_error(exc)))
+                                if not _undo_complete(exc):
+                                    incomplete.append(name)
                                 continue
                             if change.in_place is not None:
                                 changed.append((name, change.in_place))
@@ -658,13 +672,16 @@ class Supervisor:
                             await self._start(tunnel, CONFIG)
                         except Exception as exc:
                             failed.append((name, describe_error(exc)))
+                            if tunnel.report is not None and not tunnel.report.complete:
+                                incomplete.append(name)
                             continue
                         (restarted if slot is not None else started).append(name)
                 finally:
                     self._release(claims, name)
         self._announce()
         return ConvergeResult(tuple(started), tuple(stopped), tuple(restarted),
-                              tuple(unchanged), tuple(failed), tuple(changed), tuple(rebuilt))
+                              tuple(unchanged), tuple(failed), tuple(changed), tuple(rebuilt),
+                              tuple(incomplete))
 
     async def _change(self, slot: Slot, spec: TunnelSpec,
                       options: TunnelOptions) -> tuple[Tunnel, Change]:
@@ -680,9 +697,8 @@ class Supervisor:
         except NeedsRebuild as exc:
             reason = str(exc)
         except ReloadFailed as exc:
-            raise ChangeFailed(f"tunnel {spec.name}: in-place change failed, "
-                               f"{'rolled back' if exc.restored else 'rollback incomplete'}: "
-                               f"{exc}", restored=exc.restored) from exc
+            raise ChangeFailed(f"tunnel {spec.name}: in-place change failed: {exc}",
+                               rolled_back=exc.rolled_back, failures=exc.failures) from exc
         else:
             log.info("tunnel %s changed in place: %s", spec.name, summary)
             return tunnel, Change(in_place=summary)
@@ -694,18 +710,32 @@ class Supervisor:
         make-before-break: its routes are held by unreachable routes
         (journaled like any effect) from before the old tunnel goes down
         until the new one's routes stand (or its start failed), so that
-        nothing meant for the tunnel leaves another way meanwhile.  Raises
-        :class:`StartFailed` (the new tunnel's) when its start failed."""
+        nothing meant for the tunnel leaves another way meanwhile.  A full
+        tunnel's default route is held in its own table, which
+        :class:`HeldRule` copies of its rules keep leading to; the new
+        tunnel reuses that table and those priorities (``Tunnel.held``),
+        so its route takes over the held traffic as soon as it exists.
+        Raises :class:`StartFailed` (the new tunnel's) when its start
+        failed."""
         old = slot.tunnel
         assert self._root is not None
         ctx = EffectContext(host=self.host, log=old.log, nursery=self._root)
         observer = JournalObserver(self.journal, spec.name) if self.journal else None
         hold = EffectStack(ctx, log=old.log, observer=observer)
+        policy = old.held_policy()
         try:
             for table, prefixes in old.held_routes():
                 await hold.apply(HeldRoutes(spec.name, table, prefixes))
+            if policy is not None:
+                # A full tunnel: its default route lives in its table, which
+                # only its rules lead to.  The hold keeps both (for unmarked
+                # packets: the new helper's own still reach its endpoint).
+                await hold.apply(HeldRoutes(spec.name, policy.table, policy.defaults))
+                for rule in policy.rules:
+                    await hold.apply(HeldRule(spec.name, rule))
             await self._stop_slot(slot)
             tunnel = self._make_tunnel(spec, options)
+            tunnel.held = policy
             log.info("starting tunnel %s from %s", spec.name, spec.source)
             try:
                 await self._start(tunnel, slot.origin)
@@ -777,6 +807,16 @@ class Supervisor:
         if self._failed:
             return ExitCode.FAILURE
         return ExitCode.OK
+
+
+def _undo_complete(exc: Exception) -> bool:
+    """Whether what a failed change had applied was fully undone: its
+    rollback (:class:`ChangeFailed`), or a failed rebuild's teardown."""
+    if isinstance(exc, ChangeFailed):
+        return exc.restored
+    if isinstance(exc, StartFailed):
+        return exc.tunnel.report is None or exc.tunnel.report.complete
+    return True
 
 
 def describe_error(exc: BaseException) -> str:
