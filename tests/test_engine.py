@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from tunsup import ExitCode, _signals
+from tunsup._errors import HostError
 from tunsup.engine.supervisor import Supervisor
 from tunsup.host import Host
 
@@ -82,3 +83,42 @@ def test_a_stop_signal_that_came_before_the_run_stops_it_at_once() -> None:
 
     with _absorbing():
         trio.run(main)
+
+
+def _grouped(fail: bool) -> BaseExceptionGroup[BaseException]:
+    """What a nursery raises when a stop cancels it from outside while one
+    child is waiting and (``fail``) another fails at that moment."""
+    caught: list[BaseExceptionGroup[BaseException]] = []
+
+    async def main() -> None:
+        with trio.CancelScope() as outer:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.sleep_forever)
+
+                    async def child() -> None:
+                        await trio.lowlevel.checkpoint()
+                        outer.cancel()
+                        if fail:
+                            raise HostError("the helper's socket vanished")
+                        await trio.sleep_forever()
+
+                    nursery.start_soon(child)
+            except BaseExceptionGroup as group:
+                caught.append(group)
+
+    trio.run(main)
+    return caught[0]
+
+
+def test_a_failure_grouped_with_cancellations_is_a_failure() -> None:
+    """A tunnel tells its own failure from a stop by the exception that
+    ended it: a group holding a failure beside the cancellations of a
+    simultaneous stop is a failure (reported, FAILED), one of only
+    cancellations a stop."""
+    from tunsup.engine.tunnel import _only_cancelled
+
+    mixed = _grouped(fail=True)
+    assert mixed.split(trio.Cancelled)[0] is not None, "the group holds no cancellation"
+    assert not _only_cancelled(mixed)
+    assert _only_cancelled(_grouped(fail=False))

@@ -138,3 +138,41 @@ def test_adopted_kill_switch_is_handed_over_then_dropped(tmp_path: Path) -> None
                 assert net.unreachable == set()
 
         trio.run(main)
+
+
+def test_a_live_instances_journal_is_left_alone(tmp_path: Path) -> None:
+    """A journal whose owner (pid and start time) is alive belongs to a
+    running instance: recovery lists it as live and undoes nothing of it,
+    on the host or in the file."""
+    import subprocess
+
+    from tunsup.pidfile import process_start_time
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    owner = subprocess.Popen(["sleep", "60"])
+    try:
+        start = process_start_time(owner.pid)
+        assert start is not None
+        with uapi_dir() as sockets:
+            fake = FakeHost(sockets)
+            net = fake.host.net
+            assert isinstance(net, FakeNet)
+            link = net.create("wga", persistent=False)
+            net.links[link].routes.add((254, NET_A))
+            routes = Routes("wga", link, 254, (NET_A,))
+            lines = [{"op": "open", "pid": owner.pid, "start_time": start, "version": 1,
+                      "created": 0},
+                     {"op": "intent", "seq": 1, "tunnel": "wga",
+                      "effect": effect_to_dict(routes)},
+                     {"op": "applied", "seq": 1, "record": effect_to_dict(routes)}]
+            path = state / journal_name(owner.pid, start)
+            path.write_bytes(b"".join(encode_line(line) for line in lines))
+            before = path.read_bytes()
+            report = trio.run(recover, str(state), fake.host)
+            assert report.live and not report.undone, report
+            assert net.links[link].routes == {(254, NET_A)}, "a live instance's route was removed"
+        assert path.read_bytes() == before
+    finally:
+        owner.kill()
+        owner.wait()
