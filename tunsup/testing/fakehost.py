@@ -106,10 +106,13 @@ def operation(fn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
         # Setting a link down (only undo does) is an operation of its own.
         op = "set_link_down" if name == "set_link_up" and args[1:2] == (False,) else name
         fault = net.fault_for(op)
-        net.calls.append((op, args, dict(kwargs)))
         if fault is None or fault.kind not in AFTER:
             await _fire(fault, op)
+            # Recorded once it takes effect (a call cancelled or failed at
+            # its checkpoint changed nothing).
+            net.calls.append((op, args, dict(kwargs)))
             return await fn(self, *args, **kwargs)
+        net.calls.append((op, args, dict(kwargs)))
         result = await fn(self, *args, **kwargs)
         net.applied_then_failed.append(op)
         net.applied_calls.append(len(net.calls) - 1)
@@ -179,8 +182,8 @@ class FakeNet:
         self.fired: list[tuple[str, str]] = []
         #: Operations that took effect and then failed or hung.
         self.applied_then_failed: list[str] = []
-        #: Every operation with its arguments, in order; and the positions
-        #: in it of those that took effect and then failed or hung.
+        #: Every operation that took effect, with its arguments, in order;
+        #: and the positions in it of those that then failed or hung.
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.applied_calls: list[int] = []
 
