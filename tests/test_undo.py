@@ -346,3 +346,32 @@ def test_only_what_lies_directly_on_its_link_goes_with_it() -> None:
         "undo on7-routes", "undo between", "undo link7"]
     assert recorder.log == ["thing on7-routes", "thing between", "thing on7-address",
                             "thing link7"]
+
+
+def test_a_helper_undo_with_little_budget_left_kills_at_once() -> None:
+    """Past the stop deadline a helper's undo step gets only its last
+    chance: a helper that ignores SIGTERM must be killed at once, not after
+    the full grace (which would outlast the step and leave it running)."""
+    from tunsup.engine.effects import HelperRunning, StartHelper
+    from tunsup.testing import FakeHost, uapi_dir
+
+    with uapi_dir() as sockets:
+        fake = FakeHost(sockets)
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                ctx = EffectContext(host=fake.host, log=logging.getLogger("t"),
+                                    nursery=nursery, stop_grace=2.0)
+                record = await StartHelper("wgt9", ("fake-wg", "wgt9")).apply(ctx)
+                assert isinstance(record, HelperRunning)
+                fake.current.ignore_term = True
+                try:
+                    with trio.fail_after(1.5):  # less than the grace plus a second
+                        await record.undo(ctx)
+                finally:
+                    left = set(fake.alive)
+                    for helper in left:  # so that a failure does not hang
+                        helper.die(-9)
+                assert not left and fake.current.reaped
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
