@@ -950,6 +950,6 @@ def test_a_failed_undo_of_a_rebuilds_hold_makes_the_exit_code_3() -> None:
     its routes (unreachable) meanwhile; when removing that hold failed, the
     routes stayed on the host, the failure was logged, yet run() returned 0,
     not 3."""
-    run_schedule([("wgt1", "owned")],
+    run_schedule([("wgt2", "owned")],
                  [Step(0.5, "undo-fault", ("delete_routes", 1, "errno")),
-                  Step(1.0, "add", ("wgt1", "helper"))], 5.0, in_hypothesis=False)
+                  Step(1.0, "add", ("wgt2", "helper"))], 5.0, in_hypothesis=False)
