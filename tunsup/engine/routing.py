@@ -31,6 +31,7 @@ import trio
 from .._errors import HostError
 from ..config.spec import RT_TABLE_MAIN, IPNetwork, TunnelSpec
 from ..host import NetOps, PolicyRule
+from ..host.claims import Claims
 from .effects import KillSwitch, Routes, Rule, Sysctl, select_routes
 from .undo import EffectStack
 
@@ -61,9 +62,12 @@ class RoutingPlan:
 
 
 async def plan_routing(spec: TunnelSpec, net: NetOps, log: logging.Logger,
-                       lan: str = "direct") -> RoutingPlan:
+                       lan: str = "direct", *, claims: Claims | None = None,
+                       owner: object = None) -> RoutingPlan:
     """Decide tables, fwmark and which prefixes to route (before anything
-    is applied).  Reads the host only; cancellable."""
+    is applied).  Reads the host only; a full tunnel's table is claimed in
+    ``claims`` for ``owner`` (free on the host and unclaimed: concurrent
+    starts never share one).  Cancellable."""
     defaults = tuple(n for n in spec.allowed_ips if n.prefixlen == 0)
     full = spec.table == "auto" and bool(defaults)
     ordinary: tuple[IPNetwork, ...] = ()
@@ -84,8 +88,11 @@ async def plan_routing(spec: TunnelSpec, net: NetOps, log: logging.Logger,
         return RoutingPlan(spec.route_table, ordinary, fwmark=spec.fwmark)
     table = spec.fwmark
     if table is None:
+        claims = claims if claims is not None else Claims()
         table = FIRST_POLICY_TABLE
-        while await net.table_in_use(table):
+        # Claimed right after the host's answer, with no wait in between.
+        while not (claims.table_free(table, owner) and not await net.table_in_use(table)
+                   and claims.claim_table(table, owner)):
             table += 1
     log.info("full tunnel: default route(s) in table %d, fwmark %#x", table, table)
     return RoutingPlan(RT_TABLE_MAIN, ordinary, table, table, defaults)
@@ -100,10 +107,15 @@ async def apply_policy(
     *,
     kill_switch: bool = False,
     lan: str = "direct",
+    claims: Claims | None = None,
+    owner: object = None,
 ) -> None:
     """What is not tied to the tunnel's link and must outlive it (helper
     restarts, a killed tunsup): the kill switch's unreachable routes, the
-    full tunnel's rules and sysctl.  Cancellable between effects."""
+    full tunnel's rules and sysctl.  The rules' priorities are claimed in
+    ``claims`` for ``owner`` (below every rule on the host and every
+    claimed priority).  Cancellable between effects."""
+    claims = claims if claims is not None else Claims()
     name = spec.name
     if kill_switch and plan.table is not None and plan.ordinary:
         await stack.apply(KillSwitch(name, plan.table, plan.ordinary))
@@ -113,10 +125,12 @@ async def apply_policy(
     if kill_switch:
         await stack.apply(KillSwitch(name, table, plan.defaults))
     for family in sorted({n.version for n in plan.defaults}):
-        lowest = min((r.priority for r in await net.rules(family) if r.priority > 0),
-                     default=32766)
+        on_host = [r.priority for r in await net.rules(family) if r.priority > 0]
+        # No wait from here to the claim: concurrent starts see each other.
+        lowest = min([*on_host, *claims.priorities(family)], default=32766)
         if lowest < 3:
             raise HostError(f"no free IPv{family} rule priority below {lowest}")
+        claims.claim_priorities(family, (lowest - 1, lowest - 2), owner)
         await stack.apply(Rule(name, PolicyRule(family, lowest - 1, table, fwmark=table,
                                                 invert=True)))
         if lan == "direct":

@@ -12,6 +12,15 @@ its own; the others keep running.  Once no tunnel is left, ``run`` returns
 (exit code 1) unless ``on_failure`` is ``"keep-running"``.  With a journal,
 ``run`` first recovers what dead instances left (see :mod:`tunsup.engine.recovery`).
 
+Starts run concurrently, at most ``max_parallel`` at once (the initial
+set, a reload's, and ``up`` requests alike); so do teardowns (each tunnel
+waits for one of ``max_parallel`` teardown slots, within its stop
+timeout).  Most of a start is waiting (for the helper to come up, for the
+journal's fsyncs, which concurrent starts share), so overlapping them is
+what makes 50 tunnels come up in about the time of a few.  A tunnel that
+fails to start at the initial start still stops the service (exit 1);
+during a reload the others go on.
+
 While it runs, tunnels can be added (:meth:`Supervisor.add`), removed
 (:meth:`Supervisor.remove`) and the whole configured set replaced
 (:meth:`Supervisor.converge`, what a reload does).  Requests for one tunnel
@@ -25,12 +34,13 @@ first (starts in progress, reloads), then waits for every teardown.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import outcome
@@ -39,7 +49,7 @@ import trio
 from .. import _signals
 from .._errors import ExitCode, TunsupError
 from .._log import tag_tunnel
-from ..config.settings import OnFailure
+from ..config.settings import DEFAULT_MAX_PARALLEL, OnFailure
 from ..config.spec import TunnelSpec
 from ..host import Host, sdnotify
 from .journal import Journal
@@ -58,6 +68,12 @@ RELOAD_SIGNAL = signal.SIGHUP
 #: by reloads).
 CONFIG = "config"
 CONTROL = "control"
+
+#: Tunnels kept in :attr:`Supervisor.history` (the latest ones): a service
+#: that runs for months must not keep every tunnel it ever ran.
+HISTORY_SIZE = 32
+#: Teardown failure lines kept for the exit report (the first ones).
+MAX_TEARDOWN_FAILURES = 100
 
 
 class Stopping(TunsupError):
@@ -104,6 +120,8 @@ class ConvergeResult:
 
 
 Plan = tuple[TunnelSpec, TunnelOptions]
+#: The fields of a :class:`ConvergeResult`.
+_OUTCOMES = ("started", "stopped", "restarted", "unchanged", "failed")
 #: Names claimed by one configured start, each released once settled.
 Claims = dict[str, trio.Event]
 
@@ -133,6 +151,7 @@ class Supervisor:
         journal: Journal | None = None,
         on_failure: OnFailure = "exit",
         recovery_timeout: float = 30.0,
+        max_parallel: int = DEFAULT_MAX_PARALLEL,
     ):
         #: The tunnels to start first.
         self.tunnels = list(tunnels)
@@ -143,8 +162,17 @@ class Supervisor:
         self.on_failure = on_failure
         #: Bound on undoing one dead instance's journal (``stop_timeout``).
         self.recovery_timeout = recovery_timeout
-        #: Every tunnel that ran, in start order (for the exit code).
-        self.history: list[Tunnel] = []
+        #: The latest tunnels started, in start order (at most
+        #: HISTORY_SIZE; the exit code does not depend on it).
+        self.history: collections.deque[Tunnel] = collections.deque(maxlen=HISTORY_SIZE)
+        #: Whether some tunnel's teardown was incomplete, and the first
+        #: MAX_TEARDOWN_FAILURES lines saying what was left.
+        self._incomplete = False
+        self._teardown_failures: list[str] = []
+        self._more_failures = 0
+        #: Starts in flight at once, and teardowns (see :attr:`max_parallel`).
+        self._start_gate = trio.CapacityLimiter(max_parallel)
+        self._teardown_gate = trio.CapacityLimiter(max_parallel)
         self._handle_signals = handle_signals
         #: Keep running when no tunnel is left (a service: ``up`` may add one).
         self._persistent = persistent
@@ -173,6 +201,25 @@ class Supervisor:
         self.started_at: float | None = None
 
     # ------------------------------------------------------------ public API
+
+    @property
+    def max_parallel(self) -> int:
+        """How many tunnels start at once (and, separately, tear down at
+        once).  Settable while running (a reload): starts in flight keep
+        their slots."""
+        return int(self._start_gate.total_tokens)
+
+    @max_parallel.setter
+    def max_parallel(self, value: int) -> None:
+        self._start_gate.total_tokens = value
+        self._teardown_gate.total_tokens = value
+
+    @property
+    def teardown_failures(self) -> list[str]:
+        """What teardowns left on the host, one line each (the first
+        MAX_TEARDOWN_FAILURES, then how many more)."""
+        more = [f"and {self._more_failures} more"] if self._more_failures else []
+        return [*self._teardown_failures, *more]
 
     def stop(self, reason: str = "stop requested") -> None:
         """Ask a running supervisor to stop: it cancels first (interrupting a
@@ -328,7 +375,7 @@ class Supervisor:
     async def _close_journal(self) -> None:
         if self.journal is None:
             return
-        clean = all(t.report is None or t.report.complete for t in self.history)
+        clean = not self._incomplete
         try:
             await self.journal.close(remove=clean)
         except Exception as exc:
@@ -337,8 +384,19 @@ class Supervisor:
             log.error("leftovers are recorded in %s: run 'tunsup cleanup' to retry",
                       self.journal.path)
 
-    def _lock(self, name: str) -> trio.Lock:
-        return self._locks.setdefault(name, trio.Lock())
+    @contextlib.asynccontextmanager
+    async def _lock(self, name: str) -> AsyncIterator[None]:
+        """Hold the per-name lock that serializes requests for one tunnel.
+        The lock is forgotten once free, so that names that come and go do
+        not pile up.  Cancellable while waiting."""
+        lock = self._locks.setdefault(name, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if (not lock.locked() and lock.statistics().tasks_waiting == 0
+                    and self._locks.get(name) is lock):
+                del self._locks[name]
 
     def _claim(self, names: Sequence[str]) -> Claims:
         """Claim ``names`` for the configuration until :meth:`_release`."""
@@ -407,23 +465,37 @@ class Supervisor:
         return box[0].unwrap()
 
     async def _start_all(self, claims: Claims) -> None:
-        """Start the initial tunnels one by one (a failure propagates and
-        stops the supervisor), releasing each one's claim once its start
-        ended, then report ready.  Cancelled by a stop."""
+        """Start the initial tunnels, concurrently (at most
+        :attr:`max_parallel` at once; a failure propagates, cancels the
+        other starts and stops the supervisor), releasing each one's claim
+        once its start ended, then report ready.  Cancelled by a stop."""
         sdnotify.notify("STATUS=bringing up tunnels")
-        async with self._converge_lock:  # a reload waits for the initial start
+        began = trio.current_time()
+        # A reload waits for the initial start.
+        async with self._converge_lock, trio.open_nursery() as nursery:
             for tunnel in self.tunnels:
-                log.info("starting tunnel %s from %s", tunnel.name, tunnel.spec.source)
-                try:
-                    async with self._lock(tunnel.name):
-                        await self._start(tunnel, CONFIG)
-                finally:
-                    self._release(claims, tunnel.name)
+                # Start slots are taken in configuration order (with
+                # max_parallel = 1 the tunnels start one after another).
+                await self._start_gate.acquire_on_behalf_of(tunnel)
+                nursery.start_soon(self._start_configured, tunnel, claims)
+        took = trio.current_time() - began
         names = ", ".join(t.name for t in self.tunnels)
-        log.info("ready: %d tunnel(s) up (%s)", len(self.tunnels), names)
+        log.info("ready: %d tunnel(s) up in %.0f ms (%s)", len(self.tunnels), took * 1000,
+                 names)
         self.phase = "running"
         self.ready.set()
         sdnotify.notify("READY=1", self._status_line())
+
+    async def _start_configured(self, tunnel: Tunnel, claims: Claims) -> None:
+        """Start one initial tunnel (a start slot was taken on its behalf);
+        release the slot and its claim once the start ended.  Raises what
+        ended it; cancelled by a stop."""
+        try:
+            async with self._lock(tunnel.name):
+                await self._start(tunnel, CONFIG)
+        finally:
+            self._start_gate.release_on_behalf_of(tunnel)
+            self._release(claims, tunnel.name)
 
     def _status_line(self) -> str:
         up = [s.tunnel.name for s in self._slots.values() if s.up_since is not None]
@@ -435,15 +507,20 @@ class Supervisor:
 
     async def _start(self, tunnel: Tunnel, origin: str) -> None:
         """Start ``tunnel`` in the root nursery; return once it is up.  The
-        caller is a task of the root nursery holding the tunnel's lock.
-        Raises what ended the tunnel if it fails to start (after undo).
-        Cancelled by a stop (the tunnel unwinds before this returns)."""
+        caller is a task of the root nursery holding the tunnel's lock and
+        one of the :attr:`max_parallel` start slots (taken in the order the
+        starts were asked for: lock, then slot only for names nobody claims
+        first, so that no cycle can form).  Raises what ended the tunnel if
+        it fails to start (after undo).  Cancelled by a stop (the tunnel
+        unwinds before this returns)."""
         assert self._root is not None
         slot = Slot(tunnel, origin)
         self._slots[tunnel.name] = slot
         self._failed_slots.pop(tunnel.name, None)
         self.history.append(tunnel)
         tag_tunnel(tunnel.log, tunnel.name)
+        tunnel.teardown_slots = self._teardown_gate
+        log.info("starting tunnel %s from %s", tunnel.name, tunnel.spec.source)
         try:
             await self._root.start(self._run_slot, slot)
         except BaseException:
@@ -470,10 +547,22 @@ class Supervisor:
             self._failed_slots[tunnel.name] = slot
             self._tunnel_failed(tunnel)
         finally:
+            self._ended(tunnel)
             slot.done.set()
             if self._slots.get(tunnel.name) is slot:
                 del self._slots[tunnel.name]
             self._announce()
+
+    def _ended(self, tunnel: Tunnel) -> None:
+        """Keep what the exit code and report need of a tunnel that ended
+        (not the tunnel itself)."""
+        report = tunnel.report
+        if report is None or report.complete:
+            return
+        self._incomplete = True
+        room = MAX_TEARDOWN_FAILURES - len(self._teardown_failures)
+        self._teardown_failures += report.failures[:max(room, 0)]
+        self._more_failures += max(len(report.failures) - max(room, 0), 0)
 
     def _tunnel_failed(self, tunnel: Tunnel) -> None:
         self._failed = True
@@ -511,9 +600,9 @@ class Supervisor:
                 raise AlreadyRunning(f"tunnel {spec.name} already runs (from "
                                      f"{slot.tunnel.spec.source}) with another configuration")
             tunnel = self._make_tunnel(spec, options)
-            log.info("starting tunnel %s from %s", spec.name, spec.source)
             try:
-                await self._start(tunnel, origin)
+                async with self._start_gate:
+                    await self._start(tunnel, origin)
             except Exception as exc:
                 raise StartFailed(tunnel, describe_error(exc)) from exc
             self._announce()
@@ -533,48 +622,66 @@ class Supervisor:
 
     async def _converge_claimed(self, want: dict[str, Plan], claims: Claims) -> ConvergeResult:
         """:meth:`_converge` once ``want``'s names are claimed; releases
-        each claim once that name is settled."""
-        started: list[str] = []
-        stopped: list[str] = []
-        restarted: list[str] = []
-        unchanged: list[str] = []
-        failed: list[tuple[str, str]] = []
+        each claim once that name is settled.  Tunnels no longer wanted go
+        down first (concurrently), then every wanted name is settled
+        concurrently (starts bounded by :attr:`max_parallel`)."""
+        out: dict[str, list[Any]] = {key: [] for key in _OUTCOMES}
         async with self._converge_lock:
             for name in [n for n, s in self._failed_slots.items()
                          if s.origin == CONFIG and n not in want]:
                 del self._failed_slots[name]  # gone from the configuration
-            for name in [n for n, s in self._slots.items() if s.origin == CONFIG]:
-                if name in want:
-                    continue
-                async with self._lock(name):
-                    slot = self._slots.get(name)
-                    if slot is not None and slot.origin == CONFIG:
-                        await self._stop_slot(slot)
-                        stopped.append(name)
-            for name, (spec, options) in want.items():
-                try:
-                    async with self._lock(name):
-                        slot = self._slots.get(name)
-                        if slot is not None and same_plan(slot.tunnel, spec, options):
-                            slot.origin = CONFIG
-                            unchanged.append(name)
-                            continue
-                        if slot is not None:
-                            log.info("tunnel %s changed: restarting it", name)
-                            await self._stop_slot(slot)
-                        tunnel = self._make_tunnel(spec, options)
-                        log.info("starting tunnel %s from %s", name, spec.source)
-                        try:
-                            await self._start(tunnel, CONFIG)
-                        except Exception as exc:
-                            failed.append((name, describe_error(exc)))
-                            continue
-                        (restarted if slot is not None else started).append(name)
-                finally:
-                    self._release(claims, name)
+            removed = [n for n, s in self._slots.items() if s.origin == CONFIG and n not in want]
+            async with trio.open_nursery() as nursery:
+                for name in removed:
+                    nursery.start_soon(self._converge_remove, name, out)
+            async with trio.open_nursery() as nursery:
+                for name, plan in want.items():
+                    token = object()  # a start slot, taken in configuration order
+                    await self._start_gate.acquire_on_behalf_of(token)
+                    nursery.start_soon(self._converge_one, name, plan, claims, out, token)
         self._announce()
-        return ConvergeResult(tuple(started), tuple(stopped), tuple(restarted),
-                              tuple(unchanged), tuple(failed))
+        # In configuration order, whatever order the tasks ended in.
+        order = {name: i for i, name in enumerate([*removed, *want])}
+        for items in out.values():
+            items.sort(key=lambda item: order[item if isinstance(item, str) else item[0]])
+        return ConvergeResult(**{key: tuple(items) for key, items in out.items()})
+
+    async def _converge_remove(self, name: str, out: dict[str, list[Any]]) -> None:
+        """Stop configured tunnel ``name`` (no longer wanted).  Cancellable
+        wait; the teardown is not."""
+        async with self._lock(name):
+            slot = self._slots.get(name)
+            if slot is not None and slot.origin == CONFIG:
+                await self._stop_slot(slot)
+                out["stopped"].append(name)
+
+    async def _converge_one(self, name: str, plan: Plan, claims: Claims,
+                            out: dict[str, list[Any]], token: object) -> None:
+        """Settle one wanted tunnel: unchanged, started, or restarted
+        (stopped, then started anew); a failed start is recorded in
+        ``out``, never raised.  Releases its start slot (held on behalf of
+        ``token``) and its claim.  Cancelled by a stop."""
+        spec, options = plan
+        try:
+            async with self._lock(name):
+                slot = self._slots.get(name)
+                if slot is not None and same_plan(slot.tunnel, spec, options):
+                    slot.origin = CONFIG
+                    out["unchanged"].append(name)
+                    return
+                if slot is not None:
+                    log.info("tunnel %s changed: restarting it", name)
+                    await self._stop_slot(slot)
+                tunnel = self._make_tunnel(spec, options)
+                try:
+                    await self._start(tunnel, CONFIG)
+                except Exception as exc:
+                    out["failed"].append((name, describe_error(exc)))
+                    return
+                out["restarted" if slot is not None else "started"].append(name)
+        finally:
+            self._start_gate.release_on_behalf_of(token)
+            self._release(claims, name)
 
     async def _watch_signals(self, receiver: AsyncIterator[int]) -> None:
         """Acts on each signal (:meth:`_on_signal`).  Runs until cancelled,
@@ -628,7 +735,7 @@ class Supervisor:
             log.error("reload failed: %s", describe_error(exc))
 
     def _exit_code(self) -> ExitCode:
-        if any(t.report is not None and not t.report.complete for t in self.history):
+        if self._incomplete:
             return ExitCode.TEARDOWN_INCOMPLETE
         if self._failed:
             return ExitCode.FAILURE

@@ -19,6 +19,7 @@ from ..config.spec import IPAddress, IPInterface, IPNetwork
 from . import tun
 from ._rtnl import UNREACHABLE as UNREACHABLE
 from ._rtnl import RouteBatchResult as RouteBatchResult
+from .claims import Claims
 from .dns import DnsBackend
 
 
@@ -124,6 +125,9 @@ class Host:
     env: Mapping[str, str] = attrs.field(factory=dict)
     create_tun: CreateTun = tun.create_tun
     close_tun: CloseTun = tun.close_tun
+    #: Routing tables and rule priorities the tunnels on this host took
+    #: (so that concurrent starts never pick the same one).
+    claims: Claims = attrs.field(factory=Claims)
 
 
 def real_host(*, resolv_conf: str = "/etc/resolv.conf",
