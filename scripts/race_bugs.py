@@ -1,77 +1,296 @@
 #!/usr/bin/env python3
-"""Proof that the race suite bites: inject each known lifecycle bug into the
-working tree (edit, run ``tests/test_races.py``, restore), and
-report whether the suite found it and after how many examples.
+"""Proof that the tests bite: inject each hand-written lifecycle bug into the
+working tree (one at a time: edit, run the tests, restore) and report
+whether the tests found it, by which test, and after how many Hypothesis
+examples.
 
-Usage: ``scripts/race_bugs.py [substring-of-a-bug-name]``.  Every file is
-restored even when the run fails or is interrupted; ``git diff`` must be
-empty afterwards.  See tests/RACES.md for the last results.
+Usage::
+
+    scripts/race_bugs.py [--whole] [--list] [SUBSTRING]
+
+By default the race suite alone runs (``tests/test_races.py``, its ``ci``
+profile); ``--whole`` runs the whole suite (``pytest -x -q tests``; tests
+that need root and network namespaces skip themselves when not root).
+SUBSTRING picks the bugs whose name contains it.  Every file is restored
+even when a run fails or the script is interrupted (Ctrl-C, SIGTERM), and
+``git diff`` of the touched files is checked to be what it was before.
+The last results are in tests/RACES.md ("Bug set").
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
+from typing import NamedTuple
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+#: One run of the tests longer than this counts as a hang (found: CI's
+#: per-test timeout would fail it).
+RUN_LIMIT = {"race": 600.0, "whole": 3600.0}
 
-#: name -> (file, original text, buggy text)
-BUGS: dict[str, tuple[str, str, str]] = {
-    "skip one undo step (addresses)": (
-        "tunsup/engine/undo.py",
+
+class Bug(NamedTuple):
+    name: str
+    file: str
+    original: str
+    buggy: str
+
+
+E, T, S, U = ("tunsup/engine/effects.py", "tunsup/engine/tunnel.py",
+              "tunsup/engine/supervisor.py", "tunsup/engine/undo.py")
+R, P, REC = "tunsup/engine/restart.py", "tunsup/host/process.py", "tunsup/engine/recovery.py"
+
+BUGS: list[Bug] = [
+    # --- the original five -----------------------------------------------------
+    Bug("skip one undo step (addresses)", U,
         "                what = record.describe()\n",
         "                what = record.describe()\n"
         "                if what.startswith('address'):\n"
         "                    continue\n"),
-    "undo in the wrong order": (
-        "tunsup/engine/undo.py", "record = self._records.pop()", "record = self._records.pop(0)"),
-    "backoff sleep ignores cancellation": (
-        "tunsup/engine/tunnel.py",
+    Bug("undo in the wrong order", U,
+        "record = self._records.pop()", "record = self._records.pop(0)"),
+    Bug("backoff sleep ignores cancellation", T,
         "            await trio.sleep(delay)\n",
         "            with trio.CancelScope(shield=True):\n"
         "                await trio.sleep(delay)\n"),
-    "a double start proceeds": (
-        "tunsup/engine/supervisor.py",
+    Bug("a double start proceeds", S,
         "        if self._used:\n            raise RuntimeError",
         "        if False:\n            raise RuntimeError"),
-    "a helper exit is swallowed": (
-        "tunsup/engine/tunnel.py",
+    Bug("a helper exit is swallowed", T,
         "                await handle.exited.wait()\n"
         "                nursery.cancel_scope.cancel()",
         "                await trio.sleep_forever()\n"
         "                nursery.cancel_scope.cancel()"),
-}
+    # --- undo stack -------------------------------------------------------------
+    Bug("unwind not shielded from cancellation", U,
+        "        with trio.CancelScope(shield=True):\n            while self._records:",
+        "        with trio.CancelScope(shield=False):\n            while self._records:"),
+    Bug("a failing undo step ends the unwind", U,
+        '                    self._log.error("undo %s failed: %s", what, exc)\n',
+        '                    self._log.error("undo %s failed: %s", what, exc)\n'
+        "                    break\n"),
+    Bug("a cancelled apply is not aborted (except Exception)", U,
+        "            record = await effect.apply(self._ctx)\n        except BaseException:",
+        "            record = await effect.apply(self._ctx)\n        except Exception:"),
+    Bug("abort of a failed apply not shielded", U,
+        "            with trio.CancelScope(shield=True) as scope:",
+        "            with trio.CancelScope(shield=False) as scope:"),
+    # --- restart policy -----------------------------------------------------------
+    Bug("off-by-one in restart counting (>=)", R,
+        "if len(self._failures) > self.policy.max_restarts:",
+        "if len(self._failures) >= self.policy.max_restarts:"),
+    Bug("failures outside the window still count", R,
+        "        self._failures.append(now)\n        self._expire(now)\n",
+        "        self._failures.append(now)\n"),
+    Bug("backoff never grows (attempt not counted)", R,
+        "        self.attempt += 1\n", ""),
+    Bug("jitter ignored", R,
+        "return base / 2 + self._rng.uniform(0.0, base / 2)", "return base"),
+    Bug("backoff reset never happens", T,
+        "        self._tracker.reset()\n", ""),
+    # --- tunnel -------------------------------------------------------------------
+    Bug("restarted generation registered only once complete", T,
+        "                handle = await self._start_generation(self._new_generation(ctx), ctx)\n",
+        "                gen = EffectStack(ctx, log=self.log, observer=self._observer)\n"
+        "                handle = await self._start_generation(gen, ctx)\n"
+        "                ctx.generations[self.name] = gen\n"),
+    Bug("first generation's record pushed after the helper started", T,
+        "        await stack.apply(HelperGeneration(spec.name))\n"
+        "        await self._start_generation(self._new_generation(ctx), ctx)\n",
+        "        await self._start_generation(self._new_generation(ctx), ctx)\n"
+        "        await stack.apply(HelperGeneration(spec.name))\n"),
+    Bug("dead generation's unwind not awaited", T,
+        "        await self._end_generation(ctx)\n"
+        '        self.log.warning("helper died while',
+        "        self._end_generation(ctx)\n"
+        '        self.log.warning("helper died while'),
+    Bug("a failed restart's partial generation is not unwound", T,
+        "                self.helper_pid = None\n"
+        "                await self._end_generation(ctx)\n"
+        '                self.log.warning("restart failed',
+        "                self.helper_pid = None\n"
+        '                self.log.warning("restart failed'),
+    Bug("a failure grouped with cancellations is taken for a stop", T,
+        "return exc.split(trio.Cancelled)[1] is None",
+        "return exc.split(trio.Cancelled)[0] is not None"),
+    # --- supervisor ---------------------------------------------------------------
+    Bug("signal watcher awaits a reload", S,
+        "        async for signum in receiver:\n            self._on_signal(signum)\n",
+        "        async for signum in receiver:\n"
+        "            if (signum == RELOAD_SIGNAL and self._reload is not None\n"
+        "                    and self._root is not None and self.stop_reason is None):\n"
+        "                await self._reload_task()\n"
+        "            else:\n"
+        "                self._on_signal(signum)\n"),
+    Bug("one tunnel's failure cancels the root nursery", S,
+        "            if not tunnel.was_up:\n                raise\n"
+        "            self._failed_slots[tunnel.name] = slot\n",
+        "            raise\n"),
+    Bug("remove does not wait for the teardown", S,
+        "        slot.scope.cancel()\n        await slot.done.wait()\n",
+        "        slot.scope.cancel()\n"),
+    # --- effects ------------------------------------------------------------------
+    Bug("helper handle never registered (forgotten registration)", E,
+        "        ctx.helpers[handle.pid] = handle\n", ""),
+    Bug("helper grace ignores the undo step's deadline", E,
+        "        grace = max(0.0, min(ctx.stop_grace, left - 1.0))\n        reaped =",
+        "        grace = ctx.stop_grace\n        reaped ="),
+    Bug("routes record claims prefixes that already existed", E,
+        "                     elapsed * 1000)\n"
+        "        return attrs.evolve(self, prefixes=tuple(result.added))\n",
+        "                     elapsed * 1000)\n"
+        "        return self\n"),
+    Bug("a failed set-down aborts the link delete", E,
+        '        ctx.log.warning("setting %s down failed (deleting it anyway): %s", name, exc)\n',
+        "        raise\n"),
+    # --- helper processes (host/process.py) ---------------------------------------
+    Bug("SIGKILL never sent after the grace", P,
+        "            self.signal(signal.SIGKILL)\n",
+        "            self.signal(signal.SIGTERM)\n"),
+    Bug("reap not awaited after SIGKILL", P,
+        "            with trio.move_on_after(kill_wait):\n"
+        "                await self.exited.wait()\n",
+        "            return True\n"),
+    Bug("helper watcher not shielded", P,
+        "        scope = trio.CancelScope(shield=True)\n",
+        "        scope = trio.CancelScope()\n"),
+    Bug("a start cancelled after the spawn leaks the helper", P,
+        "    except BaseException:\n        # Cancelled (a stop",
+        "    except Exception:\n        # Cancelled (a stop"),
+    # --- crash recovery -----------------------------------------------------------
+    Bug("recovery undoes a live instance's journal", REC,
+        "        if alive:\n            live.append",
+        "        if False:\n            live.append"),
+    Bug("recovery undoes in journal order, not reverse", REC,
+        "        stack.adopt(pending)\n", "        stack.adopt(pending[::-1])\n"),
+]
 
-GENERATE = re.compile(r"during generate phase.*?(\d+) passing examples", re.S)
+#: Hypothesis statistics of the test that failed: old ("N passing
+#: examples, M failing examples") and new ("N passing, M failing") wording.
+PHASE = re.compile(r"during (\w+) phase.*?(\d+) passing(?: examples)?, (\d+) failing", re.S)
+FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+
+
+class Outcome(NamedTuple):
+    found: bool
+    by: str
+    examples: str
+    seconds: float
+
+
+def command(whole: bool) -> list[str]:
+    base = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+            "--hypothesis-show-statistics"]
+    return [*base, "tests"] if whole else [*base, "tests/test_races.py"]
+
+
+def run_tests(whole: bool) -> Outcome:
+    """Run the tests in a child we own (its own process group, so that it
+    can be stopped without touching anything else)."""
+    started = time.monotonic()
+    env = {**os.environ, "TUNSUP_RACE_PROFILE": "ci", "PYTHONPATH": str(ROOT / "scripts"),
+           "PYTEST_ADDOPTS": "-p noshrink"}
+    child = subprocess.Popen(command(whole), cwd=ROOT, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        out, _ = child.communicate(timeout=RUN_LIMIT["whole" if whole else "race"])
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        return Outcome(True, "(hang: run limit)", "-", time.monotonic() - started)
+    except BaseException:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        raise
+    took = time.monotonic() - started
+    if child.returncode == 0:
+        return Outcome(False, "", "", took)
+    failed = FAILED.findall(out)
+    by = failed[0].split("::")[-1] if failed else f"(pytest exit {child.returncode})"
+    # The statistics of the failing test: the section after its header.
+    section = out
+    if failed and f"{failed[0]}:" in out:
+        section = out.split(f"{failed[0]}:", 1)[1]
+    examples = "-"
+    for phase, passing, failing in PHASE.findall(section):
+        if int(failing):
+            examples = (str(int(passing) + 1) if phase == "generate"
+                        else f"{phase} phase")
+            break
+    return Outcome(True, by, examples, took)
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def on_signal(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def diff_of(files: list[str]) -> str:
+    return subprocess.run(["git", "diff", "--", *files], cwd=ROOT, text=True,
+                          capture_output=True, check=True).stdout
 
 
 def main() -> int:
-    only = sys.argv[1] if len(sys.argv) > 1 else ""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("only", nargs="?", default="", help="run the bugs whose name has this")
+    parser.add_argument("--whole", action="store_true", help="run the whole suite (pytest tests)")
+    parser.add_argument("--list", action="store_true", help="list the bugs and exit")
+    args = parser.parse_args()
+    chosen = [b for b in BUGS if args.only in b.name]
+    if args.list:
+        for bug in chosen:
+            print(f"{bug.file}: {bug.name}")
+        return 0
+    files = sorted({b.file for b in chosen})
+    originals = {f: (ROOT / f).read_text() for f in files}
+    diff_before = diff_of(files)
+    for signum in STOP_SIGNALS:  # SIGINT too: a background job inherits it ignored
+        signal.signal(signum, on_signal)
+    print(f"{len(chosen)} bug(s); tests: {' '.join(command(args.whole)[3:])}", flush=True)
+    print("| injected bug | file | found | by | examples | s |\n|---|---|---|---|---|---|",
+          flush=True)
     missed = 0
-    for name, (rel, old, new) in BUGS.items():
-        if only not in name:
-            continue
-        path = ROOT / rel
-        original = path.read_text()
-        if original.count(old) != 1:
-            print(f"{name}: cannot inject (the code changed)")
-            missed += 1
-            continue
-        path.write_text(original.replace(old, new))
-        try:
-            run = subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "-x",
-                 "tests/test_races.py", "--hypothesis-show-statistics"],
-                cwd=ROOT, capture_output=True, text=True, check=False)
-        finally:
-            path.write_text(original)
-        found = run.returncode != 0
-        match = GENERATE.search(run.stdout)
-        took = f"after {int(match.group(1)) + 1} example(s)" if match and found else ""
-        print(f"{name}: {'found' if found else 'NOT found'} {took}".rstrip(), flush=True)
-        missed += not found
+    try:
+        for bug in chosen:
+            path = ROOT / bug.file
+            original = originals[bug.file]
+            if original.count(bug.original) != 1:
+                print(f"| {bug.name} | `{bug.file}` | cannot inject (the code changed: "
+                      f"{original.count(bug.original)} matches) | | | |", flush=True)
+                missed += 1
+                continue
+            path.write_text(original.replace(bug.original, bug.buggy))
+            try:
+                result = run_tests(args.whole)
+            finally:
+                path.write_text(original)
+            print(f"| {bug.name} | `{bug.file.removeprefix('tunsup/')}` | "
+                  f"{'yes' if result.found else '**no**'} | {result.by} | "
+                  f"{result.examples if result.found else ''} | {result.seconds:.0f} |",
+                  flush=True)
+            missed += not result.found
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        missed += 1
+    finally:
+        # No second Ctrl-C may cut the restore short.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        for f, text in originals.items():
+            (ROOT / f).write_text(text)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    if diff_of(files) != diff_before:
+        print(f"FILES NOT RESTORED: {files}", file=sys.stderr)
+        return 2
+    print(f"found {len(chosen) - missed} of {len(chosen)}")
     return 1 if missed else 0
 
 

@@ -263,3 +263,24 @@ AllowedIPs = 10.251.1.0/24
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_deadline_raises_the_given_error_and_lets_results_through() -> None:
+    from tunsup._bounded import deadline
+
+    class Boom(Exception):
+        pass
+
+    async def main() -> None:
+        with pytest.raises(Boom, match=r"^nothing came within 1s$"), \
+                deadline(1, "nothing came within 1s", Boom):
+            await trio.sleep_forever()
+        with deadline(1, "unused"):
+            await trio.sleep(0.5)
+        # A cancellation from outside is not turned into the error.
+        with trio.move_on_after(0.5) as outer:
+            with deadline(5, "unused"):
+                await trio.sleep_forever()
+        assert outer.cancelled_caught
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -472,7 +472,7 @@ def test_not_utf8(tmp_path: Path) -> None:
     path.write_bytes(b'state_dir = "/a"\nruntime_dir = "/\xff"\n')
     with pytest.raises(ConfigError) as info:
         load_supervisor_config(path)
-    assert (info.value.line, info.value.message) == (2, "not valid UTF-8")
+    assert (info.value.line, info.value.message) == (2, "is not valid UTF-8")
 
 
 def test_from_dict_errors_have_no_line() -> None:
@@ -618,6 +618,7 @@ def test_to_dict_shape() -> None:
                 "stop_grace": 2.0,
                 "start_timeout": 10.0,
                 "kill_switch": False,
+                "allow_overlap": False,
                 "lan": "direct",
                 "resolve_interval": 60.0,
                 "tun": "auto",

@@ -143,7 +143,8 @@ def test_file_round_trip_restores_bytes_and_mode(
     assert backend.name == "file"
     state = apply(backend, servers=(V4, V6), search=("example.com",))
     rendered = render_resolv_conf("wg0", [V4, V6], ["example.com"])
-    assert state == FileDnsState(path=str(conf), original=ORIGINAL, written=rendered, mode=0o640)
+    assert state == FileDnsState(path=str(conf), original=ORIGINAL, written=rendered, mode=0o640,
+                                 ifname="wg0")
     assert conf.read_bytes() == rendered
     assert mode_of(conf) == 0o640
     assert f"wg0: DNS 10.0.0.53, fd00::53 search example.com via file {conf}" in caplog.text

@@ -143,10 +143,13 @@ def test_status_shows_peer_counters_and_stop_streams_the_teardown(pair: Pair) ->
     assert stop.returncode == 0, stop.stdout + stop.stderr + svc_a.output()
     out = stop.stdout
     for line in (f"stopping tunsup (pid {svc_a.proc.pid})", "received SIGTERM: stopping",
-                 "DNS restored", "1 route(s) removed", f"link {if_a} set down and deleted",
+                 "DNS restored", f"link {if_a} set down and deleted",
+                 "route(s) via", "gone with the link",
                  "tunnel down in", "teardown complete, host restored (exit code 0)"):
         assert line in out, out
-    assert out.index("DNS restored") < out.index("route(s) removed") < out.index("set down")
+    # The route went with the link (not removed on its own first).
+    assert "route(s) removed" not in out
+    assert out.index("DNS restored") < out.index("set down") < out.index("gone with the link")
     assert svc_a.proc.poll() == 0  # stop returned after the exit (pidfd)
     assert "STOPPING=1" in notifications(svc_a, "STOPPING=1")
     assert_restored(pair, pair.ns_a, before)
@@ -432,16 +435,24 @@ def test_up_of_a_fifo_or_a_device_leaves_no_thread_or_fd_behind(pair: Pair) -> N
     svc, rt = start(pair, str(conf))
     svc.wait_ready()
     pid = status_json(rt)["service"]["pid"]
-    threads, fds = _threads_and_fds(pid)
     fifo = pair.workdir / f"{unique('tsf')}.conf"
     os.mkfifo(fifo)
     zero = pair.workdir / f"{unique('tsz')}.conf"
     zero.symlink_to("/dev/zero")
-    for _ in range(10):
-        for path in (fifo, zero):
-            res = tunsup("up", str(path), "--runtime-dir", rt, timeout=60)
-            assert res.returncode == 2, res.stdout + res.stderr
-            assert f"{path}: not a regular file" in res.stderr
+
+    def refused_ups(rounds: int) -> None:
+        for _ in range(rounds):
+            for path in (fifo, zero):
+                res = tunsup("up", str(path), "--runtime-dir", rt, timeout=60)
+                assert res.returncode == 2, res.stdout + res.stderr
+                assert f"{path}: not a regular file" in res.stderr
+
+    # One round first, so that what the service creates lazily on its first
+    # requests (worker threads, their sockets) is in the baseline: only
+    # growth with the number of requests is a leak.
+    refused_ups(1)
+    threads, fds = _threads_and_fds(pid)
+    refused_ups(10)
     # A reload reads through the same function: the running tunnel's file
     # turned into a FIFO is refused, and the running configuration kept.
     saved = conf.read_text()
@@ -456,7 +467,7 @@ def test_up_of_a_fifo_or_a_device_leaves_no_thread_or_fd_behind(pair: Pair) -> N
     # (one blocked thread per FIFO request, with the defect).
     now_threads, now_fds = _threads_and_fds(pid)
     assert now_threads <= threads + 2, (threads, now_threads)
-    assert now_fds <= fds, (fds, now_fds)
+    assert now_fds <= fds + 2, (fds, now_fds)
     assert [t["name"] for t in status_json(rt)["tunnels"]] == [if_a]
     res = tunsup("stop", "--runtime-dir", rt)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -632,21 +643,25 @@ def test_sighup_reload_adds_removes_restarts_and_leaves_the_rest(pair: Pair) -> 
     first = tunnels_by_name(rt)
     index_c = link_index(pair.ns_a, names["c"])
 
-    # d changes, a goes, b comes, c stays as it is.
+    # d changes (in place: issue 14), a goes, b comes, c stays as it is.
+    # (d's new prefix must not overlap b's or e's: overlaps are refused.)
     Path(confs["d"]).write_text(Path(confs["d"]).read_text().replace(
-        "198.51.100.32/28", "198.51.100.32/27"))
+        "198.51.100.32/28", "198.51.100.128/27"))
     write_toml("c", "d", "b")
     svc.proc.send_signal(signal.SIGHUP)
-    wait_for_output(svc, "reloaded: 1 started, 1 stopped, 1 restarted, 1 unchanged, 0 failed")
+    wait_for_output(svc, "reloaded: 1 started, 1 stopped, 0 restarted, 1 unchanged, 0 failed, "
+                         "1 changed in place")
+    assert f"reload: tunnel {names['d']} changed in place: peers +0/-0/~1, routes +1/-1" \
+        in svc.output()
     now = tunnels_by_name(rt)
     assert sorted(now) == sorted(names[k] for k in "cdbe")
     assert now[names["c"]]["helper_pid"] == first[names["c"]]["helper_pid"]
     assert link_index(pair.ns_a, names["c"]) == index_c
     assert now[names["e"]]["helper_pid"] == first[names["e"]]["helper_pid"]
-    assert now[names["d"]]["helper_pid"] != first[names["d"]]["helper_pid"]
+    assert now[names["d"]]["helper_pid"] == first[names["d"]]["helper_pid"]
     assert link_index(pair.ns_a, names["a"]) is None
-    assert {r["dst"] for r in routes(pair.ns_a, "route", "show", "dev", names["d"])} >= {
-        "198.51.100.32/27"}
+    assert {r["dst"] for r in routes(pair.ns_a, "route", "show", "dev", names["d"])
+            if r.get("protocol") != "kernel"} == {"198.51.100.128/27"}
 
     # A broken file changes nothing (reload through the control socket).
     toml.write_text("[[tunnel]]\nconfig = 5\n")

@@ -58,6 +58,10 @@ class Outcome:
     tunnels: list[Tunnel]
 
 
+#: Virtual seconds after which a supervisor test has hung.
+HANG_LIMIT = 10_000.0
+
+
 def run_supervisor(fake: FakeHost, opts: list[TunnelOptions], driver: Driver, *,
                    on_failure: str = "exit", posts: tuple[str, ...] = (),
                    allowed: tuple[IPNetwork, ...] | None = None) -> Outcome:
@@ -93,7 +97,15 @@ def run_supervisor(fake: FakeHost, opts: list[TunnelOptions], driver: Driver, *,
         ended = result["ended"]
         return Outcome(result["code"], ended - result.get("driver_done", ended), tunnels)
 
-    outcome: Outcome = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    async def bounded_main() -> Outcome:
+        # A virtual deadline: were a probe to lose its timeout, every task
+        # would wait on a socket with no deadline left, and the MockClock
+        # would never jump: the test would hang in real time.  With this
+        # one the clock jumps to it and the test fails.
+        with trio.fail_after(HANG_LIMIT):
+            return await main()
+
+    outcome: Outcome = trio.run(bounded_main, clock=trio.testing.MockClock(autojump_threshold=0))
     return outcome
 
 

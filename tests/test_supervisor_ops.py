@@ -13,11 +13,12 @@ import trio
 import trio.testing
 
 from tunsup import ExitCode
-from tunsup._errors import HelperExited
+from tunsup._errors import ConfigError, HelperExited
 from tunsup.config.keys import Key
 from tunsup.config.spec import PeerSpec, TunnelSpec
+from tunsup.engine.reload import NeedsRebuild
 from tunsup.engine.supervisor import (
-    AlreadyRunning,
+    Change,
     NoSuchTunnel,
     StartFailed,
     Stopping,
@@ -42,9 +43,12 @@ def _host() -> Host:
                 dns_backend=lambda kind: None)
 
 
-def spec(name: str, allowed: str = "10.0.0.0/24", line: int = 5) -> TunnelSpec:
+def spec(name: str, allowed: str | None = None, line: int = 5) -> TunnelSpec:
+    """A tunnel of its own: by default its AllowedIPs overlap no other's
+    (overlaps are refused: see test_concurrent_full_tunnels_one_is_refused)."""
     import ipaddress
 
+    allowed = allowed or f"10.{ord(name[0])}.{len(name)}.0/24"
     peer = PeerSpec(public_key=Key(b"\x01" * 32),
                     allowed_ips=(ipaddress.ip_network(allowed),), line=line)
     return TunnelSpec(name=name, source=f"/etc/wg/{name}.conf", peers=(peer,))
@@ -78,6 +82,13 @@ class FakeTunnel:
     @property
     def was_up(self) -> bool:
         return "up" in self.timings
+
+    async def reconfigure(self, spec: TunnelSpec, options: TunnelOptions) -> str:
+        """A fake tunnel changes nothing in place: every change rebuilds it."""
+        raise NeedsRebuild("fake tunnels rebuild")
+
+    def held_routes(self) -> list[Any]:
+        return []
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         self.state = TunnelState.STARTING
@@ -166,6 +177,8 @@ def test_add_and_remove_leave_the_others_alone() -> None:
 
 
 def test_add_is_idempotent_for_the_same_configuration_only() -> None:
+    """The same configuration: nothing happens.  Another one changes the
+    running tunnel (issue 14; these fake tunnels can only be rebuilt)."""
     world = World()
     sup = world.supervisor("a")
 
@@ -174,13 +187,13 @@ def test_add_is_idempotent_for_the_same_configuration_only() -> None:
         # Same configuration, different line numbers: the same tunnel.
         tunnel, started = await sup.add(spec("a", line=99), TunnelOptions())
         assert tunnel is first and not started
-        with pytest.raises(AlreadyRunning):
-            await sup.add(spec("a", allowed="10.9.0.0/24"), TunnelOptions())
-        with pytest.raises(AlreadyRunning):
-            await sup.add(spec("a"), TunnelOptions(stop_grace=9.0))
+        tunnel, started = await sup.add(spec("a", allowed="10.9.0.0/24"), TunnelOptions())
+        assert started == Change(rebuilt="fake tunnels rebuild") and tunnel is not first
+        tunnel, started = await sup.add(spec("a", allowed="10.9.0.0/24"), TunnelOptions())
+        assert started is False
 
     assert run_with(sup, body) == ExitCode.OK
-    assert world.journal == ["start a", "down a"]
+    assert world.journal == ["start a", "down a", "start a", "down a"]
 
 
 def test_a_failed_add_is_reported_and_the_service_goes_on() -> None:
@@ -482,9 +495,8 @@ def test_up_of_a_configured_tunnel_not_started_yet_waits_for_it() -> None:
             results["same"] = await sup.add(spec("b"), TunnelOptions())
 
         async def up_other() -> None:
-            with pytest.raises(AlreadyRunning, match="another configuration"):
-                await sup.add(spec("b", allowed="10.9.0.0/24"), TunnelOptions())
-            results["other"] = "refused"
+            results["other"] = await sup.add(spec("b", allowed="10.9.0.0/24"),
+                                             TunnelOptions())
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(up_same)
@@ -493,17 +505,18 @@ def test_up_of_a_configured_tunnel_not_started_yet_waits_for_it() -> None:
             assert world.journal == ["start a"]  # no b of their own
             assert results == {}
             gate.set()
-        configured_b = world.made["b"][0]
-        assert results["same"] == (configured_b, False)
-        assert results["other"] == "refused"
-        assert len(world.made["b"]) == 1
+        # Both waited for the configured start; then each found a running
+        # ``b`` (in either order): the other configuration changed it.
+        assert results["same"][0] in world.made["b"]
+        assert results["other"][1] == Change(rebuilt="fake tunnels rebuild")
+        assert len(world.made["b"]) in (2, 3)
         assert [(s.tunnel.name, s.origin) for s in sup.slots()] == [("a", "config"),
                                                                     ("b", "config")]
         sup.stop("test over")
 
     assert trio.run(_run_until_done, sup, body) == ExitCode.OK
-    assert world.journal[:2] == ["start a", "start b"]
-    assert sorted(world.journal[2:]) == ["down a", "down b"]
+    assert world.journal[:4] == ["start a", "start b", "down b", "start b"]
+    assert sorted(world.journal[-2:]) == ["down a", "down b"]
 
 
 def test_down_of_a_configured_tunnel_not_started_yet_waits_then_takes_it_down() -> None:
@@ -533,8 +546,8 @@ def test_down_of_a_configured_tunnel_not_started_yet_waits_then_takes_it_down() 
 def test_up_racing_a_reload_that_adds_the_same_name_waits_for_the_reload() -> None:
     """A reload adds ``x`` (parked) then ``c``; an ``up`` of ``c`` with
     another configuration meanwhile must not start its own ``c`` (the
-    reload would then restart it under the client): it waits and is
-    refused."""
+    reload would then restart it under the client): it waits for the
+    reload, then changes the reload's ``c``."""
     world = World()
     gate = _gated(world, "x")
     sup = world.supervisor("a", max_parallel=1)  # c starts once x has
@@ -548,9 +561,8 @@ def test_up_racing_a_reload_that_adds_the_same_name_waits_for_the_reload() -> No
                                                    (spec("c"), TunnelOptions())]))
 
             async def up() -> None:
-                with pytest.raises(AlreadyRunning):
-                    await sup.add(spec("c", allowed="10.7.0.0/24"), TunnelOptions())
-                outcome["up"] = "refused"
+                outcome["up"] = await sup.add(spec("c", allowed="10.7.0.0/24"),
+                                              TunnelOptions())
 
             nursery.start_soon(reload)
             await _wait_made(world, "x")
@@ -558,7 +570,37 @@ def test_up_racing_a_reload_that_adds_the_same_name_waits_for_the_reload() -> No
             await trio.testing.wait_all_tasks_blocked()
             assert "c" not in world.made
             gate.set()
-        assert outcome["reload"].started == ("x", "c") and outcome["up"] == "refused"
-        assert len(world.made["c"]) == 1
+        assert outcome["reload"].started == ("x", "c")
+        assert outcome["up"][1] == Change(rebuilt="fake tunnels rebuild")
+        # Made by the reload first, then by the change after it.
+        assert len(world.made["c"]) == 2
 
     assert run_with(sup, body) == ExitCode.OK
+
+
+def test_concurrent_full_tunnels_one_is_refused_before_it_starts() -> None:
+    """Issue 13 item 3: two full tunnels (a default route under Table =
+    auto) added at once: the conflict check and the slot taking its place
+    are one step, so exactly one starts (and picks the policy table); the
+    other is refused with both lines and never runs."""
+    world = World()
+    sup = world.supervisor("a")
+    results: dict[str, object] = {}
+
+    async def body() -> None:
+        async def add(name: str) -> None:
+            try:
+                results[name] = await sup.add(spec(name, allowed="0.0.0.0/0"), TunnelOptions())
+            except Exception as exc:
+                results[name] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(add, "full1")
+            nursery.start_soon(add, "full2")
+
+    assert run_with(sup, body) == ExitCode.OK
+    refused = [r for r in results.values() if isinstance(r, ConfigError)]
+    assert len(refused) == 1, results
+    (started,) = [n for n in ("full1", "full2") if f"start {n}" in world.journal]
+    assert "is a full tunnel" in str(refused[0])
+    assert f"/etc/wg/{started}.conf:5" in str(refused[0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 import threading
 from collections.abc import Callable
@@ -119,3 +120,24 @@ def test_detect_header() -> None:
         version = subprocess.run(["wireguard-go", "--version"], capture_output=True,
                                  text=True, check=False).stdout
         assert real == (header_for_version(version) or "none")
+
+
+def test_detect_header_asks_each_helper_binary_once(tmp_path: pathlib.Path) -> None:
+    """`wireguard-go --version` runs once per binary, not on every `up`; a
+    binary replaced on disk (an upgrade) is asked again."""
+    runs = tmp_path / "runs"
+    program = tmp_path / "wireguard-go"
+
+    def install(version: str) -> None:
+        program.write_text(f"#!/bin/sh\necho run >> {runs}\necho 'wireguard-go {version}'\n")
+        program.chmod(0o755)
+
+    async def ask() -> str:
+        return await tun.detect_header(str(program))
+
+    install("v0.0.20230223")
+    assert [trio.run(ask) for _ in range(3)] == ["pi", "pi", "pi"]
+    assert runs.read_text().count("run") == 1
+    install("v0.0.20250522-newer")  # another size: another binary
+    assert trio.run(ask) == "none"
+    assert runs.read_text().count("run") == 2

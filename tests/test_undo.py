@@ -65,7 +65,13 @@ class Thing(Effect):
 
 
 def run(fn: Any) -> Any:
-    return trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
+    async def bounded() -> Any:
+        # A virtual deadline, so that a lost timeout fails instead of
+        # hanging in real time (the MockClock jumps only to deadlines).
+        with trio.fail_after(10_000):
+            return await fn()
+
+    return trio.run(bounded, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def ctx_for(nursery: trio.Nursery) -> EffectContext:
@@ -245,3 +251,98 @@ def test_whatever_fails_every_undoable_change_is_undone(
              for f in report.failures}
     assert named == stuck
     assert report.complete == (not world.objects)
+
+
+# --- what goes with a deleted link --------------------------------------------
+
+
+@attrs.frozen
+class OnLink(Thing):
+    """A route or address on link 7: deleting the link removes it too."""
+
+    def goes_with_link(self) -> int | None:
+        return 7
+
+
+@attrs.frozen
+class LinkSeven(Thing):
+    def deletes_link(self) -> int | None:
+        return 7
+
+    async def undo(self, ctx: EffectContext) -> None:
+        await super().undo(ctx)
+        # The kernel's part: what was on the link goes with it.
+        self.world.objects[:] = [o for o in self.world.objects if not o.startswith("on7")]
+
+
+@attrs.define
+class Recorder:
+    log: list[str] = attrs.field(factory=list)
+
+    async def intent(self, effect: Effect) -> None:
+        pass
+
+    async def applied(self, intent: Effect, record: Effect) -> None:
+        pass
+
+    async def undone(self, record: Effect) -> None:
+        self.log.append(record.describe())
+
+
+@pytest.mark.parametrize("link_fails", [False, True])
+def test_what_goes_with_a_link_is_not_undone_piece_by_piece(link_fails: bool) -> None:
+    """Routes and addresses on a link that the unwind deletes anyway are
+    recorded as undone once the deletion succeeded, not removed one by one;
+    if the deletion fails, they are undone one by one after all."""
+    world = World()
+    recorder = Recorder()
+
+    async def main() -> TeardownReport:
+        async with trio.open_nursery() as nursery:
+            stack = EffectStack(ctx_for(nursery), log=log, observer=recorder)
+            await stack.apply(Thing(world, "before"))
+            await stack.apply(LinkSeven(world, "link7", fail_undo=link_fails))
+            await stack.apply(OnLink(world, "on7-address"))
+            await stack.apply(OnLink(world, "on7-routes"))
+            await stack.apply(Thing(world, "after"))
+            return await stack.unwind(10)
+
+    report = run(main)
+    undos = [e for e in world.events if e.startswith("undo")]
+    if not link_fails:
+        assert undos == ["undo after", "undo link7", "undo before"]
+        assert world.objects == []
+        assert report.complete
+        assert recorder.log == ["thing after", "thing on7-routes", "thing on7-address",
+                                   "thing link7", "thing before"]
+    else:
+        assert undos == ["undo after", "undo link7", "undo on7-routes", "undo on7-address",
+                         "undo before"]
+        assert world.objects == ["link7"]
+        assert report.failures == ("undo thing link7: cannot undo link7",)
+        assert recorder.log == ["thing after", "thing on7-routes", "thing on7-address",
+                                   "thing before"]
+
+
+def test_only_what_lies_directly_on_its_link_goes_with_it() -> None:
+    """A record on the link with something else between it and the link is
+    undone on its own (in exact reverse order), so nothing else is undone
+    while it is still in place."""
+    world = World()
+    recorder = Recorder()
+
+    async def main() -> TeardownReport:
+        async with trio.open_nursery() as nursery:
+            stack = EffectStack(ctx_for(nursery), log=log, observer=recorder)
+            await stack.apply(LinkSeven(world, "link7"))
+            await stack.apply(OnLink(world, "on7-address"))
+            await stack.apply(Thing(world, "between"))
+            await stack.apply(OnLink(world, "on7-routes"))
+            return await stack.unwind(10)
+
+    report = run(main)
+    assert report.complete and world.objects == []
+    assert [e for e in world.events if e.startswith("undo")] == [
+        "undo on7-routes", "undo between", "undo link7"]
+    assert recorder.log == ["thing on7-routes", "thing between", "thing on7-address",
+                            "thing link7"]

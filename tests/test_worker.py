@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from tunsup._errors import HostError
+from tunsup.host import PolicyRule
 from tunsup.host.worker import SerialWorker
 from tunsup.testing import netns as _netns
 
@@ -260,19 +261,24 @@ def _in_namespace(ns: str, main: Callable[[], Awaitable[None]]) -> None:
     _netns.run_in_netns(ns, lambda: trio.run(main))
 
 
+#: Deleting it is a pyroute2 call (only policy rules still use pyroute2).
+NO_SUCH_RULE = PolicyRule(4, 12345, 4321)
+
+
 @needs_netns
 def test_netlink_call_wedged_in_pyroute2_is_replaced_and_the_next_call_succeeds(
     netns: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pyroute2 call that blocks its thread for good (a fake netlink
     socket that never lets go) fails after its timeout; the next call gets a
-    fresh thread and socket and succeeds."""
+    fresh thread and socket and succeeds.  (Only policy rules still go
+    through pyroute2.)"""
     from pyroute2.iproute.linux import AsyncIPRoute
 
     from tunsup.host.netlink import NetlinkHost
 
     release = threading.Event()
-    real = AsyncIPRoute.get_links
+    real = AsyncIPRoute.rule
     calls: list[int] = []
 
     async def first_call_wedges(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -281,15 +287,15 @@ def test_netlink_call_wedged_in_pyroute2_is_replaced_and_the_next_call_succeeds(
             release.wait()  # blocks the thread, timers and all
         return await real(self, *args, **kwargs)
 
-    monkeypatch.setattr(AsyncIPRoute, "get_links", first_call_wedges)
+    monkeypatch.setattr(AsyncIPRoute, "rule", first_call_wedges)
     host = NetlinkHost(timeout=0.2)
 
     async def main() -> None:
         try:
             with trio.fail_after(10):  # with the bug, the second call queues for good
                 with pytest.raises(HostError, match="no answer"):
-                    await host.link_name(1)
-                assert await host.link_name(1) == "lo"
+                    await host.delete_rule(NO_SUCH_RULE)
+                assert await host.delete_rule(NO_SUCH_RULE) is False
                 assert await host.link_name(1) == "lo"
             assert calls[0] != calls[1]
         finally:
@@ -311,7 +317,7 @@ def test_netlink_call_the_kernel_never_answers_times_out_in_its_thread(
 
     from tunsup.host.netlink import NetlinkHost
 
-    real = AsyncIPRoute.get_links
+    real = AsyncIPRoute.rule
     calls: list[int] = []
 
     async def never_answered(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -320,15 +326,15 @@ def test_netlink_call_the_kernel_never_answers_times_out_in_its_thread(
             await asyncio.sleep(3600)
         return await real(self, *args, **kwargs)
 
-    monkeypatch.setattr(AsyncIPRoute, "get_links", never_answered)
+    monkeypatch.setattr(AsyncIPRoute, "rule", never_answered)
     host = NetlinkHost(timeout=0.2)
 
     async def main() -> None:
         try:
             with trio.fail_after(10):
                 with pytest.raises(HostError, match=r"no answer from the kernel within 0\.2 s"):
-                    await host.link_name(1)
-                assert await host.link_name(1) == "lo"
+                    await host.delete_rule(NO_SUCH_RULE)
+                assert await host.delete_rule(NO_SUCH_RULE) is False
             assert host._worker.replaced == 0
         finally:
             await host.close()
@@ -351,15 +357,53 @@ def test_netlink_call_is_bounded_by_the_callers_deadline(
         release.wait()
         return []
 
-    monkeypatch.setattr(AsyncIPRoute, "get_routes", wedged)
+    monkeypatch.setattr(AsyncIPRoute, "get_rules", wedged)
     host = NetlinkHost()
 
     async def main() -> None:
         try:
             with trio.fail_after(DUMP_TIMEOUT / 3):  # with the bug: 30 s, then more
                 with trio.move_on_after(0.3) as scope:
-                    await host.link_routes(1, 254)
+                    await host.rules(4)
                 assert scope.cancelled_caught
+        finally:
+            release.set()
+            await host.close()
+
+    _in_namespace(netns("nlw"), main)
+
+
+@needs_netns
+def test_netlink_call_without_pyroute2_is_bounded_by_the_callers_deadline(
+    netns: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The calls that speak netlink without pyroute2 (links, addresses,
+    routes) are bounded the same way: a lookup wedged in the kernel does
+    not hold a caller that has 0.3 s left; the next call gets a fresh thread."""
+    import socket
+
+    from tunsup.host.netlink import NetlinkHost
+
+    release = threading.Event()
+    real = socket.if_indextoname
+    calls: list[int] = []
+
+    def first_call_wedges(index: int) -> str:
+        calls.append(index)
+        if len(calls) == 1:
+            release.wait()
+        return real(index)
+
+    monkeypatch.setattr(socket, "if_indextoname", first_call_wedges)
+    host = NetlinkHost()
+
+    async def main() -> None:
+        try:
+            with trio.fail_after(10):
+                with trio.move_on_after(0.3) as scope:
+                    await host.link_name(1)
+                assert scope.cancelled_caught
+                assert await host.link_name(1) == "lo"
         finally:
             release.set()
             await host.close()

@@ -1,4 +1,5 @@
-"""One bounded wait for a blocking call: an abandonable thread and a deadline.
+"""Bounded waits: :func:`bounded` for a blocking call (an abandonable
+thread and a deadline), :func:`deadline` for an awaitable one.
 
 ``fail_after`` around ``trio.to_thread.run_sync`` bounds nothing unless the
 thread may be abandoned: trio then waits for the thread, however long it
@@ -13,9 +14,10 @@ or one that checks a flag before a late change (see ``gave_up``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import trio
@@ -50,3 +52,16 @@ async def bounded(seconds: float, what: str, fn: Callable[..., T], *args: Any,
     finally:
         if not done and gave_up is not None:
             gave_up.set()
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, message: str, error: type[Exception] = HostError) -> Iterator[None]:
+    """``trio.fail_after(seconds)`` whose expiry raises ``error(message)``
+    (say what did not happen in time, and the bound).  Only for awaits that
+    trio can cancel (sockets, processes, sleeps); a blocking call in a
+    thread needs :func:`bounded`.  Cancellation from outside propagates."""
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError:
+        raise error(message) from None

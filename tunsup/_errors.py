@@ -8,7 +8,10 @@ This module imports nothing heavy (the client imports it).
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 class ExitCode(enum.IntEnum):

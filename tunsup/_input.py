@@ -55,3 +55,14 @@ def read_config_file(path: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
         raise ConfigError(path, None, f"cannot read: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
+
+
+def read_config_text(path: str, limit: int = MAX_CONFIG_BYTES) -> str:
+    """:func:`read_config_file`, decoded as UTF-8; a bad byte is a
+    :class:`ConfigError` at its line."""
+    data = read_config_file(path, limit)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(path, line, "is not valid UTF-8") from None

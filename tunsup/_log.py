@@ -24,20 +24,10 @@ import logging.handlers
 import queue
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-
-def format_log(entry: dict[str, Any]) -> str:
-    """A log entry as one human line: ``HH:MM:SS.mmm LEVEL   source: message``
-    (the service's stderr format)."""
-    ts = float(entry.get("ts") or 0.0)
-    stamp = time.strftime("%H:%M:%S", time.localtime(ts))
-    millis = int((ts - int(ts)) * 1000)
-    level = f"{entry.get('level', '')!s:<7}"
-    return f"{stamp}.{millis:03d} {level} {entry.get('logger', '')}: {entry.get('msg', '')}"
-
+from ._logformat import format_log as format_log
 
 #: How many recent entries ``tunsup logs`` can show.
 RING_SIZE = 1000

@@ -1,21 +1,28 @@
 """Command line: ``tunsup`` and ``python -m tunsup``.
 
 Heavy imports (trio, pyroute2) happen inside the commands that need them, so
-that client commands stay fast.
+that client commands stay fast: an ordinary client command line (``status``,
+``up X.conf``, ``down X``...) is even read without argparse (see
+:func:`_client_args`), whose import and parser cost a client start more than
+its whole round trip to the service.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
+from types import SimpleNamespace
 
 from ._errors import ConfigError, ExitCode
 
+# Annotations only: ``typing`` and argparse stay out of client starts.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Sequence
+    from typing import NoReturn
+
     from ._instrument import StepTimer
 
 CLIENT_COMMANDS = ("status", "stop", "up", "down", "reload", "logs")
@@ -23,7 +30,72 @@ DNS_CHOICES = ("auto", "resolved", "resolvconf", "file", "none")
 CAP_NET_ADMIN = 12
 
 
+#: The client commands' command lines, for the fast path (:func:`_client_args`):
+#: command -> (positional dests, {option: (dest, converter; None for a flag)},
+#: defaults).  It must say what :func:`_parser` says; tests/test_cli.py
+#: checks that both read every command line alike.
+_COMMON_OPTIONS: dict[str, tuple[str, Callable[[str], object] | None]] = {
+    "-c": ("config", str), "--config": ("config", str),
+    "--runtime-dir": ("runtime_dir", str), "--debug": ("debug", None)}
+_COMMON_DEFAULTS: dict[str, object] = {"config": None, "runtime_dir": None, "debug": False}
+_CLIENT_LINES: dict[str, tuple[tuple[str, ...],
+                               dict[str, tuple[str, Callable[[str], object] | None]],
+                               dict[str, object]]] = {
+    "status": ((), {"--json": ("json", None)}, {"json": False}),
+    "stop": ((), {"--timeout": ("timeout", float), "--force": ("force", None),
+                  "--state-dir": ("state_dir", str)},
+             {"timeout": 90.0, "force": False, "state_dir": None}),
+    "up": (("conf",), {}, {}),
+    "down": (("name",), {}, {}),
+    "reload": ((), {}, {}),
+    "logs": ((), {"-f": ("follow", None), "--follow": ("follow", None),
+                  "-n": ("lines", int), "--lines": ("lines", int), "--json": ("json", None)},
+             {"follow": False, "lines": 100, "json": False}),
+}
+
+
+def _client_args(argv: Sequence[str]) -> SimpleNamespace | None:
+    """A plain client command line read without argparse, with the values
+    argparse would give; None for anything else (``--help``, an unknown or
+    abbreviated option, a missing value, a value that starts with ``-``...),
+    which argparse then reads, and reports, as always."""
+    if not argv or argv[0] not in _CLIENT_LINES:
+        return None
+    positional_dests, options, defaults = _CLIENT_LINES[argv[0]]
+    values: dict[str, object] = {**_COMMON_DEFAULTS, **defaults, "command": argv[0]}
+    positionals: list[str] = []
+    rest = iter(argv[1:])
+    for arg in rest:
+        if not arg.startswith("-"):
+            positionals.append(arg)
+            continue
+        name, eq, value = arg.partition("=")
+        spec = options.get(name) or _COMMON_OPTIONS.get(name)
+        if spec is None:
+            return None
+        dest, convert = spec
+        if convert is None:
+            if eq:
+                return None
+            values[dest] = True
+            continue
+        if not eq:
+            value = next(rest, "-")
+            if value.startswith("-"):
+                return None
+        try:
+            values[dest] = convert(value)
+        except ValueError:
+            return None
+    if len(positionals) != len(positional_dests):
+        return None
+    values.update(zip(positional_dests, positionals, strict=True))
+    return SimpleNamespace(**values)
+
+
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     from . import __version__
 
     p = argparse.ArgumentParser(
@@ -64,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
         "restore DNS; each journal within stop_timeout (from -c FILE; default 30 s); then "
         "remove the dead service's pid file and control socket. Down "
         "hooks the dead instance's teardown had already gone past are never run again. "
+        "--keep-kill-switch keeps the kill switch of tunnels still configured, for the next "
+        "'run' to take over (make-before-break). "
         "Exit 0 when the host is restored, 3 when something could not be undone (it stays "
         "recorded: see --drop), 1 when a live instance owns the state.",
     )
@@ -81,6 +155,15 @@ def _parser() -> argparse.ArgumentParser:
                          "the journals) what cannot, instead of keeping it for a later "
                          "cleanup; exit 0. Check the printed objects on the host by hand. "
                          "With --dry-run: show what would be dropped")
+    scope = cleanup.add_mutually_exclusive_group()
+    scope.add_argument("--keep-kill-switch", action="store_true",
+                       help="keep the kill switch (unreachable routes, and a full tunnel's "
+                       "rules) of each tunnel still configured: with -c FILE those of its "
+                       "[[tunnel]] entries, else every one; the host stays closed until "
+                       "'run' starts the tunnel again (which takes them over) or 'cleanup "
+                       "--all' (for a systemd ExecStopPost=, see README)")
+    scope.add_argument("--all", action="store_true",
+                       help="undo everything, kill switches included (the default)")
     cleanup.add_argument("--debug", action="store_true", help="log debug messages")
 
     check = sub.add_parser(
@@ -182,7 +265,11 @@ def entry() -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    args: argparse.Namespace | SimpleNamespace | None = _client_args(argv)
+    if args is None:
+        args = _parser().parse_args(argv)
     try:
         if args.command == "run":
             from . import _signals
@@ -235,6 +322,14 @@ def _check(files: Sequence[str], *, debug: bool = False) -> int:
         except ConfigError as exc:
             print(f"{exc}", file=sys.stderr)
             status = ExitCode.USAGE
+    confs = tuple(path for path in files if not path.endswith(".toml"))
+    if status == ExitCode.OK and len(confs) > 1:
+        # Together, as `run` would run them: conflicts between tunnels.
+        try:
+            prepare(ConfigSource(confs=confs))
+        except ConfigError as exc:
+            print(f"{exc}", file=sys.stderr)
+            status = ExitCode.USAGE
     return status
 
 
@@ -261,7 +356,7 @@ def _step_timer(debug: bool) -> StepTimer | None:
     return StepTimer(0.1) if debug else None
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace | SimpleNamespace) -> int:
     from .config.sources import ConfigSource, prepare
 
     if not args.confs and not args.config:
@@ -336,7 +431,7 @@ def _run(args: argparse.Namespace) -> int:
     return int(code)
 
 
-def _cleanup(args: argparse.Namespace) -> int:
+def _cleanup(args: argparse.Namespace | SimpleNamespace) -> int:
     from ._paths import DEFAULT_STATE_DIR
     from .config.settings import TunnelOptions
     from .config.toml import load_supervisor_config
@@ -380,6 +475,7 @@ def _cleanup(args: argparse.Namespace) -> int:
     from .engine.recovery import recover
     from .host import real_host
 
+    keep = _kept_tunnels(args, cfg)
     setup_logging(debug=args.debug)
     try:
         host = real_host()
@@ -387,7 +483,8 @@ def _cleanup(args: argparse.Namespace) -> int:
         async def main() -> object:
             try:
                 return await recover(state_dir, host, dry_run=args.dry_run, drop=args.drop,
-                                     timeout=timeout, out=lambda line: print(line, flush=True))
+                                     timeout=timeout, out=lambda line: print(line, flush=True),
+                                     keep=keep)
             finally:
                 with trio.CancelScope(shield=True):
                     await host.net.close()
@@ -420,7 +517,11 @@ def _cleanup(args: argparse.Namespace) -> int:
                   "what they described may still be on the host", file=sys.stderr)
         return ExitCode.TEARDOWN_INCOMPLETE
     if not args.dry_run:
-        if report.recovered:
+        if report.kept:
+            print(f"host restored ({len(report.undone)} object(s) undone) but for the kill "
+                  f"switch of tunnels still configured ({len(report.kept)} object(s) kept: "
+                  "'tunsup run' takes them over, 'tunsup cleanup --all' removes them)")
+        elif report.recovered:
             print(f"host restored ({len(report.undone)} object(s) undone)")
         else:
             print("nothing to clean up")
@@ -428,7 +529,21 @@ def _cleanup(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _stale_runtime_files(args: argparse.Namespace) -> None:
+def _kept_tunnels(args: argparse.Namespace | SimpleNamespace,
+                  cfg: object) -> Callable[[str], bool] | None:
+    """``--keep-kill-switch``: which tunnels' kill switches stay (by
+    interface name: a ``.conf`` file's stem)."""
+    if not args.keep_kill_switch:
+        return None
+    from .config.toml import SupervisorConfig
+
+    if not isinstance(cfg, SupervisorConfig):
+        return lambda _name: True
+    names = {os.path.splitext(os.path.basename(t.config))[0] for t in cfg.tunnels}
+    return names.__contains__
+
+
+def _stale_runtime_files(args: argparse.Namespace | SimpleNamespace) -> None:
     """Once the host is restored: the pid file and control socket of a dead
     service (pid and start time checked; a live one's are never touched),
     which would make ``status`` keep saying the service died uncleanly."""

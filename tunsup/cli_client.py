@@ -6,16 +6,21 @@ contract keeps it so), so that they start fast.
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
-from collections.abc import Callable
 
 from ._errors import ExitCode
 from .control import client
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable
+    from types import SimpleNamespace
 
-def run_client_command(args: argparse.Namespace) -> int:
+    Args = argparse.Namespace | SimpleNamespace
+
+
+def run_client_command(args: Args) -> int:
     """Run ``args.command``, one of :data:`tunsup.cli.CLIENT_COMMANDS`."""
     runtime_dir = client.runtime_dir_of(args.runtime_dir, args.config)
     if args.command == "status":
@@ -38,11 +43,13 @@ def run_client_command(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-def _cleanup_command(args: argparse.Namespace) -> Callable[[], int]:
+def _cleanup_command(args: Args) -> Callable[[], int]:
     """What ``stop --force`` runs after SIGKILL: ``tunsup cleanup`` (crash
     recovery) in a fresh interpreter, with the same paths."""
 
     def cleanup() -> int:
+        import subprocess
+
         argv = [sys.executable, "-m", "tunsup", "cleanup"]
         if args.config:
             argv += ["-c", args.config]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import NamedTuple
 
 PID_NAME = "tunsup.pid"
 
@@ -38,11 +37,26 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19]) if fields is not None else None
 
 
-class ProcessId(NamedTuple):
-    """A process named by pid *and* start time."""
+class ProcessId:
+    """A process named by pid *and* start time.  (A plain class, not a
+    ``typing.NamedTuple``: client commands import this module, and
+    ``typing`` alone costs their start several milliseconds.)"""
 
-    pid: int
-    start_time: int
+    __slots__ = ("pid", "start_time")
+
+    def __init__(self, pid: int, start_time: int) -> None:
+        self.pid = pid
+        self.start_time = start_time
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, ProcessId) and self.pid == other.pid
+                and self.start_time == other.start_time)
+
+    def __hash__(self) -> int:
+        return hash((self.pid, self.start_time))
+
+    def __repr__(self) -> str:
+        return f"ProcessId(pid={self.pid}, start_time={self.start_time})"
 
     def alive(self) -> bool:
         """True while this very process runs.  A zombie (dead, not yet

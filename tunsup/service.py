@@ -26,8 +26,9 @@ from trio_util import periodic
 
 from . import __version__
 from ._bounded import bounded
-from ._errors import ConfigError, ExitCode, HostError
+from ._errors import ConfigError, ExitCode, HostError, config_errors
 from ._log import LogHub
+from .config.conflicts import Tenant, find_conflicts
 from .config.settings import OnFailure
 from .config.sources import ConfigSource, Loaded
 from .config.spec import TunnelSpec
@@ -35,7 +36,17 @@ from .config.toml import SupervisorConfig
 from .control import protocol as proto
 from .control.server import ControlServer, ControlSettings, OpError
 from .engine.journal import Journal, JournalObserver
-from .engine.supervisor import AlreadyRunning, NoSuchTunnel, Slot, StartFailed, Stopping, Supervisor
+from .engine.supervisor import (
+    CONFIG,
+    AlreadyRunning,
+    Change,
+    ChangeFailed,
+    NoSuchTunnel,
+    Slot,
+    StartFailed,
+    Stopping,
+    Supervisor,
+)
 from .engine.tunnel import Tunnel, TunnelOptions
 from .host import Host, sdnotify
 from .host.uapi import UapiError, socket_path, uapi_get
@@ -117,13 +128,20 @@ class ServiceOps:
 
     async def up(self, config: str) -> dict[str, Any]:
         """Start the tunnel of wg-quick file ``config``; answers once it is
-        up.  Cancelling abandons the wait, not the start."""
+        up.  A tunnel of that name that runs with another configuration is
+        changed to this one (in place where possible: see
+        :meth:`Supervisor.add`).  Cancelling abandons the wait, not the
+        start."""
         spec, entry = await self._load(self.source.load_one, config, self.loaded.config)
         options = self.loaded.config.tunnel_options(entry)
         try:
             tunnel, started = await self.supervisor.add(spec, options)
         except AlreadyRunning as exc:
             raise OpError(proto.CONFLICT, str(exc)) from None
+        except ConfigError as exc:  # it conflicts with a running tunnel
+            raise OpError(proto.CONFIG, str(exc)) from None
+        except ChangeFailed as exc:
+            raise OpError(proto.FAILED if exc.restored else proto.INCOMPLETE, str(exc)) from None
         except StartFailed as exc:
             report = exc.tunnel.report
             if report is not None and not report.complete:
@@ -132,6 +150,9 @@ class ServiceOps:
             raise OpError(proto.FAILED, f"{exc} (what it applied was undone)") from None
         except Stopping as exc:
             raise OpError(proto.STOPPING, str(exc)) from None
+        if isinstance(started, Change):
+            return {"name": tunnel.name, "started": False, "changed": started.in_place,
+                    "rebuilt": started.rebuilt, "took": tunnel.timings.get("up")}
         return {"name": tunnel.name, "started": started, "took": tunnel.timings.get("up")}
 
     async def down(self, name: str) -> dict[str, Any]:
@@ -165,19 +186,35 @@ class ServiceOps:
         for warning in warnings:
             log.warning("reload: %s", warning)
         plans = [(spec, loaded.config.tunnel_options(entry)) for spec, entry in loaded.entries()]
+        # The new configuration among itself was checked on load; against
+        # the tunnels started by `up` that it leaves running:
+        kept = [Tenant(s.tunnel.spec, s.tunnel.options.allow_overlap)
+                for s in self.supervisor.slots()
+                if s.origin != CONFIG and s.tunnel.name not in {p.name for p, _ in plans}]
+        error = config_errors(find_conflicts(
+            [Tenant(spec, options.allow_overlap) for spec, options in plans], kept))
+        if error is not None:
+            raise OpError(proto.CONFIG, str(error))
         self.supervisor.max_parallel = loaded.config.max_parallel
         try:
             result = await self.supervisor.converge(plans)
         except Stopping as exc:
             raise OpError(proto.STOPPING, str(exc)) from None
         self.loaded = loaded
-        log.info("reloaded: %d started, %d stopped, %d restarted, %d unchanged, %d failed",
-                 len(result.started), len(result.stopped), len(result.restarted),
-                 len(result.unchanged), len(result.failed))
+        log.info("reloaded: %d started, %d stopped, %d restarted, %d unchanged, %d failed, "
+                 "%d changed in place", len(result.started), len(result.stopped),
+                 len(result.restarted), len(result.unchanged), len(result.failed),
+                 len(result.changed))
+        for name, what in result.changed:
+            log.info("reload: tunnel %s changed in place: %s", name, what)
+        for name, why in result.rebuilt:
+            log.info("reload: tunnel %s rebuilt: %s", name, why)
         for name, why in result.failed:
-            log.error("reload: tunnel %s did not start: %s", name, why)
+            log.error("reload: tunnel %s did not start or change: %s", name, why)
         out = attrs.asdict(result)
         out["failed"] = dict(result.failed)
+        out["changed"] = dict(result.changed)
+        out["rebuilt"] = dict(result.rebuilt)
         out["warnings"] = warnings
         return out
 

@@ -73,6 +73,9 @@ class TunnelOptions:
     hook_timeout: float = 60.0
     kill_switch: bool = False
     lan: LanMode = "direct"
+    #: Its AllowedIPs may overlap another tunnel's in the same routing table
+    #: when that one allows it too (see :mod:`tunsup.config.conflicts`).
+    allow_overlap: bool = False
     #: Seconds between re-resolutions of hostname endpoints; 0: never.
     resolve_interval: float = 60.0
     #: "owned": tunsup creates a persistent TUN and hands it to the helper

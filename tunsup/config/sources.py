@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from .._errors import ConfigError, config_errors
+from .conflicts import Tenant, find_conflicts
 from .spec import TunnelSpec
 from .toml import (
     SupervisorConfig,
@@ -76,6 +77,10 @@ class ConfigSource:
                 check_helper(entry)
             except ConfigError as exc:
                 errors.append(exc)
+        if not errors:
+            # Claims on what the host has once (ports, names, tables).
+            errors = find_conflicts([Tenant(spec, entry.allow_overlap)
+                                     for spec, entry in zip(specs, cfg.tunnels, strict=True)])
         error = config_errors(errors)
         if error is not None:
             raise error

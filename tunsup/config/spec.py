@@ -54,6 +54,16 @@ class PeerSpec:
     #: Line of its ``Endpoint``, for messages (0: none, or not from a file);
     #: not compared, so moving a line never counts as a change on reload.
     endpoint_line: int = attrs.field(default=0, eq=False)
+    #: Line of each of ``allowed_ips`` (parallel; empty when not from a
+    #: file), for messages only.
+    allowed_lines: tuple[int, ...] = attrs.field(default=(), eq=False)
+
+    def allowed_line(self, net: IPNetwork) -> int | None:
+        """The line ``net`` was given on, if known."""
+        for prefix, line in zip(self.allowed_ips, self.allowed_lines, strict=False):
+            if prefix == net:
+                return line
+        return None
 
 
 @attrs.frozen
@@ -77,6 +87,13 @@ class TunnelSpec:
     pre_down: tuple[str, ...] = ()
     post_down: tuple[str, ...] = ()
     peers: tuple[PeerSpec, ...] = ()
+    #: Line of some keys (``"[Interface]"``, ``"ListenPort"``, ``"Table"``,
+    #: ``"FwMark"``) in ``source``, for messages only (not compared).
+    lines: tuple[tuple[str, int], ...] = attrs.field(default=(), eq=False)
+
+    def line_of(self, key: str) -> int | None:
+        """The line of ``key`` (see :attr:`lines`), if known."""
+        return dict(self.lines).get(key)
 
     @property
     def route_table(self) -> int | None:

@@ -70,7 +70,7 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from .._errors import ConfigError, config_errors
-from .._input import read_config_file
+from .._input import read_config_text
 from .._paths import DEFAULT_RESOLV_CONF, DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR
 from .ifname import IFNAME_RULE, is_valid_ifname
 from .settings import (
@@ -308,6 +308,9 @@ class TunnelEntry:
     #: Fail closed: while the tunnel is configured (and after a crash, until
     #: cleanup), its traffic is dropped rather than sent outside it.
     kill_switch: bool = attrs.field(default=_TUNNEL.kill_switch, validator=_check_bool)
+    #: Its AllowedIPs may overlap those of another tunnel that allows it too,
+    #: in the same routing table (refused otherwise: see config.conflicts).
+    allow_overlap: bool = attrs.field(default=_TUNNEL.allow_overlap, validator=_check_bool)
     #: Directly connected networks: keep them reachable directly ("direct"),
     #: or send them through the tunnel too ("tunnel").
     lan: LanMode = attrs.field(default=_TUNNEL.lan, validator=_check_lan)
@@ -550,12 +553,7 @@ def from_dict(d: Mapping[str, Any], path: str | os.PathLike[str]) -> SupervisorC
 def load_supervisor_config(path: str | os.PathLike[str]) -> SupervisorConfig:
     """Read, parse and validate a supervisor TOML file; raises :class:`ConfigError`."""
     where = os.fspath(path)
-    data = read_config_file(where)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        bad_line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(where, bad_line, "not valid UTF-8") from None
+    text = read_config_text(where)
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 import attrs
 
 from .._errors import ConfigError, config_errors
-from .._input import read_config_file
+from .._input import read_config_text
 from .ifname import IFNAME_RULE, is_valid_ifname
 from .keys import InvalidKey, Key
 from .spec import (
@@ -147,6 +147,7 @@ class _Peer(_Section):
             persistent_keepalive=self.keepalive,
             line=self.line,
             endpoint_line=self.endpoint_line,
+            allowed_lines=tuple(self.allowed_ips.values()),
         )
 
 
@@ -494,6 +495,8 @@ class _Parser:
             pre_down=tuple(i.hooks["PreDown"]),
             post_down=tuple(i.hooks["PostDown"]),
             peers=tuple(peer.spec() for peer in self.peers if peer.public_key is not None),
+            lines=(("[Interface]", i.line),
+                   *((k, i.seen[k]) for k in ("ListenPort", "Table", "FwMark") if k in i.seen)),
         )
 
 
@@ -528,10 +531,4 @@ def load_conf(path: str | os.PathLike[str]) -> TunnelSpec:
     """Read a wg-quick file (UTF-8, a regular file of at most
     ``MAX_CONFIG_BYTES``) and parse it; see :func:`parse_conf`."""
     name = os.fspath(path)
-    data = read_config_file(name)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ConfigError(name, line, "is not valid UTF-8") from None
-    return parse_conf(text, name)
+    return parse_conf(read_config_text(name), name)

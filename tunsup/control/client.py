@@ -24,14 +24,19 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
 
 from .. import pidfile
 from .._errors import ExitCode, StatusCode
-from .._log import format_log
+from .._logformat import format_log
 from .._paths import DEFAULT_RUNTIME_DIR
 from . import protocol as proto
+
+# Annotations only (``typing`` and ``collections.abc`` cost a client start
+# several milliseconds).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any
 
 # Short names for the exit codes, all defined in tunsup._errors.
 OK = ExitCode.OK
@@ -355,6 +360,10 @@ def up(runtime_dir: str, conf: str, *, debug: bool = False, timeout: float = 330
     took = result.get("took")
     if result.get("started"):
         print(f"tunnel {result.get('name')} up" + (f" in {took * 1000:.0f} ms" if took else ""))
+    elif result.get("changed"):
+        print(f"tunnel {result.get('name')} changed in place: {result['changed']}")
+    elif result.get("rebuilt"):
+        print(f"tunnel {result.get('name')} rebuilt: {result['rebuilt']}")
     else:
         print(f"tunnel {result.get('name')} already up with this configuration")
     return OK
@@ -388,6 +397,10 @@ def reload(runtime_dir: str, *, debug: bool = False, timeout: float = 330.0) -> 
     for key in ("started", "stopped", "restarted", "unchanged"):
         if result.get(key):
             print(f"{key}: {', '.join(result[key])}")
+    for name, what in (result.get("changed") or {}).items():
+        print(f"changed in place: {name}: {what}")
+    for name, why in (result.get("rebuilt") or {}).items():
+        print(f"rebuilt: {name}: {why}")
     for warning in result.get("warnings") or []:
         print(f"tunsup reload: warning: {warning}", file=sys.stderr)
     failed = result.get("failed") or {}

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 SOCKET_NAME = "control.sock"
 #: Largest frame a client accepts (a status with many peers is large).

@@ -26,7 +26,9 @@ import math
 import os
 import stat
 import threading
+import typing
 from collections.abc import Sequence
+from typing import ClassVar
 
 import attrs
 import trio
@@ -35,13 +37,14 @@ from .._bounded import bounded
 from .._errors import HostError
 from ..config.spec import IPAddress, IPInterface, IPNetwork
 from ..host import UNREACHABLE, PolicyRule
-from ..host.dns import DnsBackend, DnsError, DnsState
+from ..host.dns import DnsBackend, DnsError, DnsState, FileBackend, FileDnsState
 
 # The base types live beside the stack that runs them (no import cycle);
 # re-exported here for the effect modules and their users.
 from .undo import LAST_CHANCE
 from .undo import Effect as Effect
 from .undo import EffectContext as EffectContext
+from .undo import Handover as Handover
 from .undo import HookRecorder as HookRecorder
 from .undo import Log as Log
 from .undo import OnHook as OnHook
@@ -314,6 +317,9 @@ class OwnedTun(Effect):
     async def apply(self, ctx: EffectContext) -> Effect:
         return self
 
+    def deletes_link(self) -> int | None:
+        return self.index or None
+
     async def undo(self, ctx: EffectContext) -> None:
         fd = ctx.tun_fds.pop(self.name, None)
         try:
@@ -409,6 +415,9 @@ class Link(Effect):
             raise HostError(f"link {self.name} (#{self.index}) is not there")
         return self
 
+    def deletes_link(self) -> int | None:
+        return self.index
+
     async def undo(self, ctx: EffectContext) -> None:
         await _down_and_delete(ctx, self.index, self.name)
 
@@ -477,6 +486,9 @@ class Address(Effect):
             ctx.log.info("address %s added", self.address)
         return attrs.evolve(self, owned=created)
 
+    def goes_with_link(self) -> int | None:
+        return self.index
+
     async def undo(self, ctx: EffectContext) -> None:
         if self.owned:
             await ctx.host.net.delete_address(self.index, self.address)
@@ -495,6 +507,9 @@ class Mtu(Effect):
         await ctx.host.net.set_mtu(self.index, self.mtu)
         ctx.log.info("MTU %d set", self.mtu)
         return self
+
+    def goes_with_link(self) -> int | None:
+        return self.index
 
     async def undo(self, ctx: EffectContext) -> None:
         pass  # the link it was set on is deleted by the Link effect
@@ -515,6 +530,9 @@ class LinkUp(Effect):
         await ctx.host.net.set_link_up(self.index, True)
         ctx.log.info("link %s up", self.ifname)
         return self
+
+    def goes_with_link(self) -> int | None:
+        return self.index
 
     async def undo(self, ctx: EffectContext) -> None:
         pass  # see Link: down happens right before the delete
@@ -546,6 +564,9 @@ class Routes(Effect):
                      elapsed * 1000)
         return attrs.evolve(self, prefixes=tuple(result.added))
 
+    def goes_with_link(self) -> int | None:
+        return self.index
+
     async def undo(self, ctx: EffectContext) -> None:
         if not self.prefixes:
             return
@@ -573,8 +594,9 @@ class Dns(Effect):
 
     async def _backend(self, ctx: EffectContext) -> DnsBackend:
         # "auto" looks at the machine (files, PATH): off the trio thread.
-        return await bounded(self.timeout, f"choosing the {self.backend} DNS backend",
-                             ctx.host.dns_backend, self.backend, error=DnsError)
+        backend = await bounded(self.timeout, f"choosing the {self.backend} DNS backend",
+                                ctx.host.dns_backend, self.backend, error=DnsError)
+        return _shared(backend, ctx)
 
     async def prepare(self, ctx: EffectContext) -> Effect:
         backend = await self._backend(ctx)
@@ -594,7 +616,11 @@ class Dns(Effect):
     async def undo(self, ctx: EffectContext) -> None:
         if self.state is None:
             return
-        backend = await self._backend(ctx)
+        if isinstance(self.state, FileDnsState):
+            # The record says which file: its owner releases this claim.
+            backend: DnsBackend = FileBackend(self.state.path, owners=ctx.host.dns_owners)
+        else:
+            backend = await self._backend(ctx)
         if await backend.revert(self.state, timeout=self.timeout):
             ctx.log.info("DNS restored")
 
@@ -604,6 +630,18 @@ class Dns(Effect):
         # revert restores only if the file holds exactly that.
         if ctx.recovering:
             await self.undo(ctx)
+
+    def adopted(self, ctx: EffectContext) -> None:
+        if isinstance(self.state, FileDnsState) and self.state.ifname:
+            FileBackend(self.state.path, owners=ctx.host.dns_owners).readopt(
+                self.ifname, self.servers, self.search, self.state)
+
+
+def _shared(backend: DnsBackend, ctx: EffectContext) -> DnsBackend:
+    """The file backend goes through the host's one owner of its file."""
+    if isinstance(backend, FileBackend):
+        return attrs.evolve(backend, owners=ctx.host.dns_owners)
+    return backend
 
 
 def _as_logger(log: Log) -> logging.Logger:
@@ -632,6 +670,9 @@ def select_routes(
 @attrs.frozen
 class Rule(Effect):
     """A policy rule (full-tunnel routing)."""
+
+    #: The rules that lead to a full tunnel's table (and its kill switch).
+    protects: ClassVar[bool] = True
 
     ifname: str
     rule: PolicyRule
@@ -703,30 +744,192 @@ class KillSwitch(Effect):
     tunnel link disappears (helper killed, tunsup killed) these remain, so
     traffic fails instead of leaving through another interface.  They are
     not tied to any link: they outlive tunsup until ``cleanup`` or a stop.
+    Routes that already exist are owned only when an adopted kill switch
+    (of a dead instance, for this tunnel) hands them over.
     """
+
+    protects: ClassVar[bool] = True
 
     ifname: str
     table: int
     prefixes: tuple[IPNetwork, ...]
 
+    #: The metric of its unreachable routes.
+    metric: typing.ClassVar[int] = KILL_SWITCH_METRIC
+    what: typing.ClassVar[str] = "kill switch"
+
     def describe(self) -> str:
-        return f"kill switch of {self.ifname} ({len(self.prefixes)} unreachable route(s), " \
+        return f"{self.what} of {self.ifname} ({len(self.prefixes)} unreachable route(s), " \
                f"table {self.table})"
 
     async def apply(self, ctx: EffectContext) -> Effect:
-
         result = await ctx.host.net.add_routes(UNREACHABLE, self.prefixes, table=self.table,
-                                               metric=KILL_SWITCH_METRIC)
-        ctx.log.info("kill switch: %d unreachable route(s) in table %d", len(result.added),
-                     self.table)
-        return attrs.evolve(self, prefixes=tuple(result.added))
+                                               metric=self.metric)
+        taken: tuple[IPNetwork, ...] = ()
+        if ctx.adopted is not None and result.existed:
+            # The dead instance's kill switch: it never went away, and now
+            # this record owns those routes (no gap between the two).
+            taken = ctx.adopted.take_routes(self.ifname, self.table, result.existed)
+        ctx.log.info("%s: %d unreachable route(s) in table %d%s", self.what, len(result.added),
+                     self.table, f", {len(taken)} taken over" if taken else "")
+        return attrs.evolve(self, prefixes=(*result.added, *taken))
 
     async def undo(self, ctx: EffectContext) -> None:
-
         if self.prefixes:
             await ctx.host.net.delete_routes(UNREACHABLE, self.prefixes, table=self.table,
-                                             metric=KILL_SWITCH_METRIC)
-            ctx.log.info("kill switch removed")
+                                             metric=self.metric)
+            ctx.log.info("%s removed (%d route(s))", self.what, len(self.prefixes))
 
     def undo_timeout(self, ctx: EffectContext) -> float:
         return 60.0
+
+
+#: Metric of the routes that hold a tunnel's prefixes while it is rebuilt:
+#: better than the kill switch's (so the two never collide), worse than any
+#: real route (so the new tunnel's routes win as soon as they exist).
+HOLD_METRIC = KILL_SWITCH_METRIC - 1
+
+
+@attrs.frozen
+class HeldRoutes(KillSwitch):
+    """``unreachable`` routes that hold a tunnel's prefixes while it is
+    rebuilt (make-before-break): between the old tunnel's teardown and the
+    new one's routes, its traffic fails instead of leaving another way."""
+
+    metric: typing.ClassVar[int] = HOLD_METRIC
+    what: typing.ClassVar[str] = "hold"
+    #: Not a protection the user asked for: recovery removes a hold a dead
+    #: instance left (a tunnel without the kill switch must not stay
+    #: blackholed after a crash).
+    protects: typing.ClassVar[bool] = False
+
+
+# --- in-place changes (reload) ------------------------------------------------
+#
+# A reload pushes these on the running tunnel's stack, above what the
+# bring-up pushed.  Each one's undo puts back the value it replaced, so the
+# unwind of a stop (or of a crash recovery) walks the tunnel back through
+# every reload to the bring-up's records, which then restore the host.
+
+
+async def _link_is(ctx: EffectContext, index: int, name: str) -> bool:
+    return await ctx.host.net.link_name(index) == name
+
+
+@attrs.frozen
+class WireguardChanged(Effect):
+    """An in-place change of the running helper's WireGuard configuration:
+    a ``set=1`` request with only what differs (peers removed, added or
+    changed, keys, listen port, fwmark).  Undo sends the inverse request,
+    so that a failed reload rolls back.  Once the reload succeeded its
+    record is *settled* (dropped from the stack, marked undone in the
+    journal): the configuration lives in the helper, which a stop ends.
+    Both requests hold key material: never in repr, never journaled."""
+
+    ifname: str
+    summary: str
+    request: bytes = attrs.field(default=b"", repr=False, metadata={"secret": True})
+    undo_request: bytes = attrs.field(default=b"", repr=False, metadata={"secret": True})
+    timeout: float = 10.0
+
+    def describe(self) -> str:
+        return f"WireGuard change of {self.ifname} ({self.summary})"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        from ..host.uapi import socket_path, uapi_set
+
+        await uapi_set(socket_path(self.ifname, ctx.host.uapi_dir), self.request,
+                       timeout=self.timeout)
+        ctx.log.info("WireGuard configuration changed in place: %s", self.summary)
+        return self
+
+    async def undo(self, ctx: EffectContext) -> None:
+        # Recovery: the helper that holds the change is stopped anyway (and
+        # the journal never holds the request).
+        if ctx.recovering or not self.undo_request:
+            return
+        from ..host.uapi import socket_path, uapi_set
+
+        await uapi_set(socket_path(self.ifname, ctx.host.uapi_dir), self.undo_request,
+                       timeout=self.timeout)
+        ctx.log.info("WireGuard change undone: %s", self.summary)
+
+
+@attrs.frozen
+class RoutesRemoved(Effect):
+    """Routes removed in place (after their replacements were added); undo
+    adds them back while their link (or, for ``unreachable`` routes, the
+    table) is still there: a link that is gone took them with it."""
+
+    ifname: str
+    index: int
+    table: int
+    prefixes: tuple[IPNetwork, ...]
+    metric: int | None = None
+
+    def describe(self) -> str:
+        return f"removal of {len(self.prefixes)} route(s) via {self.ifname} in table {self.table}"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        n = await ctx.host.net.delete_routes(self.index, self.prefixes, table=self.table,
+                                             metric=self.metric)
+        ctx.log.info("%d route(s) removed from table %d", n, self.table)
+        return self
+
+    async def undo(self, ctx: EffectContext) -> None:
+        if not self.prefixes:
+            return
+        if self.index != UNREACHABLE and not await _link_is(ctx, self.index, self.ifname):
+            return
+        await ctx.host.net.add_routes(self.index, self.prefixes, table=self.table,
+                                      metric=self.metric)
+        ctx.log.info("%d route(s) put back in table %d", len(self.prefixes), self.table)
+
+    def undo_timeout(self, ctx: EffectContext) -> float:
+        return 60.0
+
+
+@attrs.frozen
+class AddressRemoved(Effect):
+    """An address tunsup had added, removed in place; undo adds it back
+    while the link is there."""
+
+    ifname: str
+    index: int
+    address: IPInterface
+
+    def describe(self) -> str:
+        return f"removal of address {self.address} from {self.ifname}"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        await ctx.host.net.delete_address(self.index, self.address)
+        ctx.log.info("address %s removed", self.address)
+        return self
+
+    async def undo(self, ctx: EffectContext) -> None:
+        if await _link_is(ctx, self.index, self.ifname):
+            await ctx.host.net.add_address(self.index, self.address)
+            ctx.log.info("address %s put back", self.address)
+
+
+@attrs.frozen
+class MtuChanged(Effect):
+    """The MTU replaced in place (``old`` -> ``new``); undo sets ``old``
+    back while the link is there."""
+
+    ifname: str
+    index: int
+    old: int
+    new: int
+
+    def describe(self) -> str:
+        return f"MTU {self.old} -> {self.new} on {self.ifname}"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        await ctx.host.net.set_mtu(self.index, self.new)
+        ctx.log.info("MTU changed in place: %d -> %d", self.old, self.new)
+        return self
+
+    async def undo(self, ctx: EffectContext) -> None:
+        if await _link_is(ctx, self.index, self.ifname):
+            await ctx.host.net.set_mtu(self.index, self.old)

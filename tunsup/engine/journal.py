@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -46,9 +47,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import cattrs
 import trio
-from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from .._errors import HostError
 from ..config.spec import IPAddress, IPInterface, IPNetwork
@@ -81,21 +80,71 @@ EFFECT_KINDS: dict[str, type[Effect]] = {
         effects.ConfigureWireguard, effects.WireguardConfigured, effects.Address,
         effects.Mtu, effects.LinkUp, effects.Routes, effects.Dns, effects.Rule,
         effects.Sysctl, effects.KillSwitch, effects.CreateTun, effects.OwnedTun,
-        effects.HelperGeneration,
+        effects.HelperGeneration, effects.HeldRoutes, effects.WireguardChanged,
+        effects.RoutesRemoved, effects.AddressRemoved, effects.MtuChanged,
     )
 }
 _DNS_KINDS: dict[str, type[Any]] = {
     "file": FileDnsState, "resolvconf": ResolvconfDnsState, "resolved": ResolvedDnsState,
 }
 
-_conv = cattrs.Converter(forbid_extra_keys=True)
+_IP_VALUES = (ipaddress.IPv4Interface, ipaddress.IPv6Interface, ipaddress.IPv4Network,
+              ipaddress.IPv6Network, ipaddress.IPv4Address, ipaddress.IPv6Address)
+_DNS_TAGS: dict[type[Any], str] = {cls: kind for kind, cls in _DNS_KINDS.items()}
 
 
-def _dns_state_out(state: DnsState | None) -> dict[str, Any] | None:
-    if state is None:
-        return None
-    kind = next(k for k, c in _DNS_KINDS.items() if isinstance(state, c))
-    return {"type": kind, **_conv.unstructure(state)}
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-ready data: attrs records as dicts without their
+    secret fields (a DNS state tagged with its ``type``), addresses and
+    networks as text, bytes as base64, sequences as lists."""
+    if value is None or isinstance(value, str | int | float):
+        return value
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, _IP_VALUES):
+        return str(value)
+    cls = type(value)
+    if attrs.has(cls):
+        out = {f.name: _plain(getattr(value, f.name))
+               for f in attrs.fields(cls) if not f.metadata.get("secret")}
+        tag = _DNS_TAGS.get(cls)
+        return {"type": tag, **out} if tag is not None else out
+    raise TypeError(f"cannot journal a {cls.__name__}")
+
+
+def effect_to_dict(effect: Effect) -> dict[str, Any]:
+    """A JSON-ready dict: ``{"kind": ClassName, ...fields}`` (no secrets).
+
+    Written by hand rather than through cattrs: a cattrs converter with
+    its generated functions cost every start ~25 ms (and a multiple of that
+    under load) before the first tunnel; cattrs now only reads journals
+    back (:func:`effect_from_dict`: recovery), and is imported then."""
+    return {"kind": type(effect).__name__, **_plain(effect)}
+
+
+@functools.cache
+def _converter() -> Any:
+    """The cattrs converter that reads records back (built on first use)."""
+    import cattrs
+    from cattrs.gen import make_dict_structure_fn, override
+
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook(bytes, lambda v, _: base64.b64decode(v, validate=True))
+    parsers: list[tuple[Any, Any]] = [(IPInterface, ipaddress.ip_interface),
+                                      (IPNetwork, ipaddress.ip_network),
+                                      (IPAddress, ipaddress.ip_address)]
+    for union, parse in parsers:
+        conv.register_structure_hook(union, _structure_with(parse))
+    dns_type: Any = DnsState | None
+    conv.register_structure_hook(dns_type, _dns_state_in)
+    for cls in EFFECT_KINDS.values():
+        fields: Any = attrs.fields(cls)  # type: ignore[arg-type]
+        secret: dict[str, Any] = {f.name: override(omit=True) for f in fields
+                                  if f.metadata.get("secret")}
+        conv.register_structure_hook(cls, make_dict_structure_fn(cls, conv, **secret))
+    return conv
 
 
 def _dns_state_in(value: Any, _: Any) -> DnsState | None:
@@ -103,7 +152,7 @@ def _dns_state_in(value: Any, _: Any) -> DnsState | None:
         return None
     value = dict(value)
     cls = _DNS_KINDS[value.pop("type")]
-    state: DnsState = _conv.structure(value, cls)
+    state: DnsState = _converter().structure(value, cls)
     return state
 
 
@@ -114,47 +163,19 @@ def _structure_with(parse: Any) -> Any:
     return structure
 
 
-def _register(conv: cattrs.Converter) -> None:
-    conv.register_unstructure_hook(bytes, lambda b: base64.b64encode(b).decode())
-    conv.register_structure_hook(bytes, lambda v, _: base64.b64decode(v, validate=True))
-    parsers: list[tuple[Any, Any]] = [(IPInterface, ipaddress.ip_interface),
-                                      (IPNetwork, ipaddress.ip_network),
-                                      (IPAddress, ipaddress.ip_address)]
-    for union, parse in parsers:
-        conv.register_unstructure_hook(union, str)
-        conv.register_structure_hook(union, _structure_with(parse))
-    for ip_class in (ipaddress.IPv4Interface, ipaddress.IPv6Interface, ipaddress.IPv4Network,
-                     ipaddress.IPv6Network, ipaddress.IPv4Address, ipaddress.IPv6Address):
-        conv.register_unstructure_hook(ip_class, str)
-    dns_type: Any = DnsState | None
-    conv.register_unstructure_hook(dns_type, _dns_state_out)
-    conv.register_structure_hook(dns_type, _dns_state_in)
-    for cls in EFFECT_KINDS.values():
-        fields: Any = attrs.fields(cls)  # type: ignore[arg-type]
-        secret: dict[str, Any] = {f.name: override(omit=True) for f in fields
-                                  if f.metadata.get("secret")}
-        conv.register_unstructure_hook(cls, make_dict_unstructure_fn(cls, conv, **secret))
-        conv.register_structure_hook(cls, make_dict_structure_fn(cls, conv, **secret))
-
-
-_register(_conv)
-
-
-def effect_to_dict(effect: Effect) -> dict[str, Any]:
-    """A JSON-ready dict: ``{"kind": ClassName, ...fields}`` (no secrets)."""
-    return {"kind": type(effect).__name__, **_conv.unstructure(effect, type(effect))}
-
-
 def effect_from_dict(data: dict[str, Any]) -> Effect:
     """The inverse of :func:`effect_to_dict`; raises ValueError if invalid."""
+    import cattrs
+
     data = dict(data)
     cls = EFFECT_KINDS.get(str(data.pop("kind", "")))
     if cls is None:
         raise ValueError("unknown effect kind")
     try:
-        return _conv.structure(data, cls)
+        effect: Effect = _converter().structure(data, cls)
     except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"invalid {cls.__name__} record: {exc}") from None
+    return effect
 
 
 # --- the file format ----------------------------------------------------------
@@ -280,6 +301,9 @@ class PendingIntent(Effect):
     def undo_timeout(self, ctx: effects.EffectContext) -> float:
         return self.intent.undo_timeout(ctx)
 
+    def adopted(self, ctx: effects.EffectContext) -> None:
+        self.intent.adopted(ctx)
+
 
 def read_journal(path: str) -> JournalContents:
     """Parse a journal (blocking).  Never raises for bad content: unreadable
@@ -398,10 +422,12 @@ _QUEUED, _TAKEN, _WRITTEN, _FAILED, _DROPPED = range(5)
 class _Ticket:
     """One append on its way to the file (see :meth:`Journal.append`)."""
 
-    __slots__ = ("done", "entry", "error", "given_up", "own_job", "state", "token")
+    __slots__ = ("done", "durable", "entry", "error", "given_up", "own_job", "state", "token")
 
-    def __init__(self, entry: Entry, token: trio.lowlevel.TrioToken) -> None:
+    def __init__(self, entry: Entry, token: trio.lowlevel.TrioToken, durable: bool) -> None:
         self.entry = entry
+        #: Whether it must be fsync'd before its append returns.
+        self.durable = durable
         self.token = token
         #: Set (on the trio thread) once it is written or failed.
         self.done = trio.Event()
@@ -449,11 +475,13 @@ class Journal:
         self._seq += 1
         return self._seq
 
-    async def append(self, entry: Entry) -> None:
-        """Append one entry durably.  ``entry`` may be a function building it:
-        it is then called on the worker thread (with effect records, that is
-        where the cost is).  Entries other tasks append meanwhile share the
-        write and its fsync.
+    async def append(self, entry: Entry, *, durable: bool = True) -> None:
+        """Append one entry, durably (fsync'd) unless ``durable`` is False:
+        then it is written (a crash of the process cannot lose it) and made
+        durable by the next durable append.  ``entry`` may be a function
+        building it: it is then called on the worker thread (with effect
+        records, that is where the cost is).  Entries other tasks append
+        meanwhile share the write and its fsync.
 
         Raises :class:`HostError` when it is not durable within
         APPEND_TIMEOUT, ``OSError`` when the write fails.  Cancellation: an
@@ -462,7 +490,7 @@ class Journal:
         SerialWorker): if it got written, this returns normally and the
         cancellation comes at the next checkpoint; else it may still land
         late."""
-        ticket = _Ticket(entry, trio.lowlevel.current_trio_token())
+        ticket = _Ticket(entry, trio.lowlevel.current_trio_token(), durable)
         caller_deadline = trio.current_effective_deadline()
         with self._lock:
             self._queue.append(ticket)
@@ -549,7 +577,8 @@ class Journal:
             self.size += written
             if written != len(blob):
                 raise OSError(f"short write to {self.path}")
-            os.fsync(self._fd)
+            if any(ticket.durable for ticket in encoded):
+                os.fsync(self._fd)
         except Abandoned:
             with self._lock:
                 again = [t for t in encoded if not t.given_up]
@@ -698,7 +727,11 @@ class JournalObserver:
     async def undone(self, record: Effect) -> None:
         seq = self._seqs.pop(id(record), None)
         if seq is not None:
-            await self.journal.append({"op": "undone", "seq": seq})
+            # Not fsync'd: losing it to a power cut only makes a later
+            # recovery undo again what is already gone (undo is idempotent:
+            # every undo checks that its object is still there and still
+            # ours), while a teardown saves one fsync per record.
+            await self.journal.append({"op": "undone", "seq": seq}, durable=False)
 
     async def hook_started(self, effect: Effect, phase: str, index: int, pid: int,
                            start_time: int | None) -> None:

@@ -47,13 +47,18 @@ import outcome
 import trio
 
 from .. import _signals
-from .._errors import ExitCode, TunsupError
+from .._errors import ConfigError, ExitCode, TunsupError, config_errors
 from .._log import tag_tunnel
+from ..config.conflicts import Tenant, find_conflicts
 from ..config.settings import DEFAULT_MAX_PARALLEL, OnFailure
 from ..config.spec import TunnelSpec
 from ..host import Host, sdnotify
-from .journal import Journal
-from .tunnel import Tunnel, TunnelOptions
+from .effects import EffectContext, HeldRoutes
+from .journal import Journal, JournalObserver
+from .recovery import Adoption
+from .reload import NeedsRebuild, ReloadFailed
+from .tunnel import Tunnel, TunnelOptions, cpu_bound
+from .undo import EffectStack
 
 log = logging.getLogger("tunsup")
 
@@ -88,6 +93,24 @@ class AlreadyRunning(TunsupError):
     """A tunnel of that name runs with a different configuration."""
 
 
+class ChangeFailed(TunsupError):
+    """An in-place change of a running tunnel failed; it was rolled back
+    to the running configuration (``restored`` says whether completely)."""
+
+    def __init__(self, message: str, *, restored: bool) -> None:
+        super().__init__(message)
+        self.restored = restored
+
+
+@attrs.frozen
+class Change:
+    """How a running tunnel took a new configuration: changed in place
+    (``in_place`` says what) or rebuilt (``rebuilt`` says why)."""
+
+    in_place: str | None = None
+    rebuilt: str | None = None
+
+
 class StartFailed(TunsupError):
     """A tunnel failed to start; its ``report`` says whether the host was
     restored."""
@@ -117,11 +140,15 @@ class ConvergeResult:
     unchanged: tuple[str, ...] = ()
     #: name -> why it could not be started (its host changes were undone).
     failed: tuple[tuple[str, str], ...] = ()
+    #: name -> what was changed in place (helper and interface kept).
+    changed: tuple[tuple[str, str], ...] = ()
+    #: name -> why it was rebuilt (its names are also in ``restarted``).
+    rebuilt: tuple[tuple[str, str], ...] = ()
 
 
 Plan = tuple[TunnelSpec, TunnelOptions]
 #: The fields of a :class:`ConvergeResult`.
-_OUTCOMES = ("started", "stopped", "restarted", "unchanged", "failed")
+_OUTCOMES = ("started", "stopped", "restarted", "unchanged", "failed", "changed", "rebuilt")
 #: Names claimed by one configured start, each released once settled.
 Claims = dict[str, trio.Event]
 
@@ -191,6 +218,8 @@ class Supervisor:
         #: from clients for them wait (see :meth:`_wait_claims`).
         self._claims: dict[str, list[trio.Event]] = {}
         self._converge_lock = trio.Lock()
+        #: Held from a start's conflict check until its slot is in place.
+        self._conflict_lock = trio.Lock()
         #: Stop signals received while already stopping.
         self._repeated: set[int] = set()
         self.ready = trio.Event()
@@ -199,6 +228,8 @@ class Supervisor:
         self.phase = "new"
         #: Wall-clock time ``run`` started.
         self.started_at: float | None = None
+        #: Kill switches of dead instances kept for the tunnels starting now.
+        self._adoption: Adoption | None = None
 
     # ------------------------------------------------------------ public API
 
@@ -243,14 +274,16 @@ class Supervisor:
         return list(self._failed_slots.values())
 
     async def add(self, spec: TunnelSpec, options: TunnelOptions, *,
-                  origin: str = CONTROL) -> tuple[Tunnel, bool]:
+                  origin: str = CONTROL) -> tuple[Tunnel, bool | Change]:
         """Start a tunnel; return it once it is up, and whether it was
-        started (False: it already ran with this very configuration).
+        started (False: it already ran with this very configuration; a
+        :class:`Change`: it ran with another one, which was changed in
+        place or rebuilt, see :meth:`change`).
 
-        Raises :class:`AlreadyRunning` when a tunnel of that name runs with
-        another configuration, :class:`StartFailed` when it fails to start
-        (what it applied is undone first), :class:`Stopping` when the
-        supervisor stops meanwhile.  The start runs in the root nursery: a
+        Raises :class:`ChangeFailed` when an in-place change failed (rolled
+        back), :class:`StartFailed` when it fails to start (what it applied
+        is undone first), :class:`Stopping` when the supervisor stops
+        meanwhile.  The start runs in the root nursery: a
         stop cancels it; cancelling the caller abandons the wait, never the
         start."""
         return await self._in_root(lambda: self._add(spec, options, origin))
@@ -281,7 +314,8 @@ class Supervisor:
     async def converge(self, wanted: Sequence[Plan]) -> ConvergeResult:
         """Make the configured tunnels be exactly ``wanted`` (a reload): new
         ones come up, configured ones no longer wanted go down, changed ones
-        are restarted, unchanged ones are untouched.  Tunnels added with
+        are changed in place or rebuilt (see :meth:`_change`), unchanged
+        ones are untouched.  Tunnels added with
         :meth:`add` are left alone unless ``wanted`` names them.  A tunnel
         that fails to start is reported in the result; the others go on.
         Runs in the root nursery (a stop cancels it); raises
@@ -346,6 +380,7 @@ class Supervisor:
             self.phase = "stopped"
             sdnotify.notify("STOPPING=1")
             with trio.CancelScope(shield=True):
+                await self._end_adoption()
                 await self._close_journal()
                 try:
                     await self.host.net.close()
@@ -361,9 +396,13 @@ class Supervisor:
             return
         from .recovery import recover
 
+        # Make-before-break: the kill switches of tunnels starting now stay
+        # until each one's own routing stands (see _start).
+        starting = {t.name for t in self.tunnels}
         report = await recover(self.journal.state_dir, self.host,
                                me=(self.journal.pid, self.journal.start_time),
-                               timeout=self.recovery_timeout)
+                               timeout=self.recovery_timeout, keep=starting.__contains__)
+        self._adoption = report.adoption
         for line in report.undone:
             log.info("recovery: undone %s", line)
         if report.recovered:
@@ -371,6 +410,19 @@ class Supervisor:
                      len(report.recovered), len(report.undone))
         for failure in report.failures:
             log.error("recovery: %s (left for 'tunsup cleanup')", failure)
+
+    async def _end_adoption(self) -> None:
+        """At exit: after a requested stop, what no tunnel replaced goes
+        (a stop restores everything); after a failure it stays, closed, in
+        the dead instance's journal (for the next start or a cleanup)."""
+        adoption, self._adoption = self._adoption, None
+        if adoption is None or not adoption.tunnels:
+            return
+        if self.stop_reason is None:
+            log.warning("keeping the kill switch of %s (not started again): 'tunsup cleanup "
+                        "--all' removes it", ", ".join(sorted(adoption.tunnels)))
+            return
+        await adoption.drop()
 
     async def _close_journal(self) -> None:
         if self.journal is None:
@@ -514,12 +566,15 @@ class Supervisor:
         it fails to start (after undo).  Cancelled by a stop (the tunnel
         unwinds before this returns)."""
         assert self._root is not None
-        slot = Slot(tunnel, origin)
-        self._slots[tunnel.name] = slot
+        async with self._conflict_lock:  # held until the slot takes its place
+            await self._refuse_conflicts(tunnel)
+            slot = Slot(tunnel, origin)
+            self._slots[tunnel.name] = slot
         self._failed_slots.pop(tunnel.name, None)
         self.history.append(tunnel)
         tag_tunnel(tunnel.log, tunnel.name)
         tunnel.teardown_slots = self._teardown_gate
+        tunnel.adopted = self._adoption
         log.info("starting tunnel %s from %s", tunnel.name, tunnel.spec.source)
         try:
             await self._root.start(self._run_slot, slot)
@@ -528,6 +583,25 @@ class Supervisor:
                 del self._slots[tunnel.name]
             raise
         slot.up_since = time.time()
+        if self._adoption is not None:
+            # The new tunnel's routing stands: the old protection may go.
+            await self._adoption.drop(tunnel.name)
+
+    async def _refuse_conflicts(self, tunnel: Tunnel) -> None:
+        """Raise :class:`ConfigError` if ``tunnel`` claims what a running
+        tunnel holds (see :mod:`tunsup.config.conflicts`).  The caller
+        holds ``_conflict_lock`` until the slot takes its place, so two
+        starts at once cannot both pass.  Many prefixes are checked in a
+        worker thread (pure computation); cancellation abandons it."""
+        running = [Tenant(s.tunnel.spec, s.tunnel.options.allow_overlap)
+                   for name, s in self._slots.items() if name != tunnel.name]
+        size = sum(len(p.allowed_ips) for t in [tunnel.spec, *(r.spec for r in running)]
+                   for p in t.peers)
+        errors = await cpu_bound(size, find_conflicts,
+                                 [Tenant(tunnel.spec, tunnel.options.allow_overlap)], running)
+        error = config_errors(errors)
+        if error is not None:
+            raise error
 
     async def _run_slot(self, slot: Slot, *,
                         task_status: trio.TaskStatus[Tunnel] = trio.TASK_STATUS_IGNORED) -> None:
@@ -586,23 +660,24 @@ class Supervisor:
         await slot.done.wait()
 
     async def _add(self, spec: TunnelSpec, options: TunnelOptions,
-                   origin: str) -> tuple[Tunnel, bool]:
+                   origin: str) -> tuple[Tunnel, bool | Change]:
         """See :meth:`add`; runs in the root nursery (a stop cancels it).
         A name the configuration claims is left to it: this waits for the
         configured start, then finds that tunnel (the same plan: not
-        started; another one: :class:`AlreadyRunning`)."""
+        started; another one: changed, see :meth:`_change`)."""
         await self._wait_claims(spec.name, "up")
         async with self._lock(spec.name):
             slot = self._slots.get(spec.name)
             if slot is not None:
                 if same_plan(slot.tunnel, spec, options):
                     return slot.tunnel, False
-                raise AlreadyRunning(f"tunnel {spec.name} already runs (from "
-                                     f"{slot.tunnel.spec.source}) with another configuration")
+                return await self._change(slot, spec, options)
             tunnel = self._make_tunnel(spec, options)
             try:
                 async with self._start_gate:
                     await self._start(tunnel, origin)
+            except ConfigError:
+                raise  # refused before anything was applied
             except Exception as exc:
                 raise StartFailed(tunnel, describe_error(exc)) from exc
             self._announce()
@@ -657,10 +732,10 @@ class Supervisor:
 
     async def _converge_one(self, name: str, plan: Plan, claims: Claims,
                             out: dict[str, list[Any]], token: object) -> None:
-        """Settle one wanted tunnel: unchanged, started, or restarted
-        (stopped, then started anew); a failed start is recorded in
-        ``out``, never raised.  Releases its start slot (held on behalf of
-        ``token``) and its claim.  Cancelled by a stop."""
+        """Settle one wanted tunnel: unchanged, changed in place, rebuilt,
+        or started; a failure is recorded in ``out``, never raised.
+        Releases its start slot (held on behalf of ``token``) and its
+        claim.  Cancelled by a stop."""
         spec, options = plan
         try:
             async with self._lock(name):
@@ -670,18 +745,79 @@ class Supervisor:
                     out["unchanged"].append(name)
                     return
                 if slot is not None:
-                    log.info("tunnel %s changed: restarting it", name)
-                    await self._stop_slot(slot)
+                    slot.origin = CONFIG
+                    try:
+                        _, change = await self._change(slot, spec, options)
+                    except Exception as exc:
+                        out["failed"].append((name, describe_error(exc)))
+                        return
+                    if change.in_place is not None:
+                        out["changed"].append((name, change.in_place))
+                    else:
+                        out["restarted"].append(name)
+                        out["rebuilt"].append((name, change.rebuilt or ""))
+                    return
                 tunnel = self._make_tunnel(spec, options)
                 try:
                     await self._start(tunnel, CONFIG)
                 except Exception as exc:
                     out["failed"].append((name, describe_error(exc)))
                     return
-                out["restarted" if slot is not None else "started"].append(name)
+                out["started"].append(name)
         finally:
             self._start_gate.release_on_behalf_of(token)
             self._release(claims, name)
+
+    async def _change(self, slot: Slot, spec: TunnelSpec,
+                      options: TunnelOptions) -> tuple[Tunnel, Change]:
+        """Give the running tunnel of ``slot`` a new configuration: in place
+        when it can (see :meth:`Tunnel.reconfigure`), else rebuilt
+        make-before-break (:meth:`_rebuild`).  The caller holds the
+        tunnel's lock in the root nursery.  Raises :class:`ChangeFailed`
+        (rolled back), or :class:`StartFailed` when a rebuild's start
+        failed."""
+        tunnel = slot.tunnel
+        try:
+            summary = await tunnel.reconfigure(spec, options)
+        except NeedsRebuild as exc:
+            reason = str(exc)
+        except ReloadFailed as exc:
+            raise ChangeFailed(f"tunnel {spec.name}: in-place change failed, "
+                               f"{'rolled back' if exc.restored else 'rollback incomplete'}: "
+                               f"{exc}", restored=exc.restored) from exc
+        else:
+            log.info("tunnel %s changed in place: %s", spec.name, summary)
+            return tunnel, Change(in_place=summary)
+        log.info("tunnel %s changed: rebuilding it (%s)", spec.name, reason)
+        return await self._rebuild(slot, spec, options), Change(rebuilt=reason)
+
+    async def _rebuild(self, slot: Slot, spec: TunnelSpec, options: TunnelOptions) -> Tunnel:
+        """Replace the tunnel of ``slot`` by a new one for ``spec``,
+        make-before-break: its routes are held by unreachable routes
+        (journaled like any effect) from before the old tunnel goes down
+        until the new one's routes stand (or its start failed), so that
+        nothing meant for the tunnel leaves another way meanwhile.  Raises
+        :class:`StartFailed` (the new tunnel's) when its start failed."""
+        old = slot.tunnel
+        assert self._root is not None
+        ctx = EffectContext(host=self.host, log=old.log, nursery=self._root)
+        observer = JournalObserver(self.journal, spec.name) if self.journal else None
+        hold = EffectStack(ctx, log=old.log, observer=observer)
+        try:
+            for table, prefixes in old.held_routes():
+                await hold.apply(HeldRoutes(spec.name, table, prefixes))
+            await self._stop_slot(slot)
+            tunnel = self._make_tunnel(spec, options)
+            try:
+                await self._start(tunnel, slot.origin)
+            except Exception as exc:
+                raise StartFailed(tunnel, describe_error(exc)) from exc
+            return tunnel
+        finally:
+            report = await hold.unwind(options.stop_timeout)
+            if not report.complete:
+                log.error("tunnel %s: removing the hold routes failed: %s", spec.name,
+                          "; ".join(report.failures))
 
     async def _watch_signals(self, receiver: AsyncIterator[int]) -> None:
         """Acts on each signal (:meth:`_on_signal`).  Runs until cancelled,

@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import math
 import os
+import random
 import signal
 import socket
 import time
@@ -41,25 +42,35 @@ from trio_util import AsyncValue
 from .._errors import HelperExited, HostError
 from ..config.keys import Key
 from ..config.settings import TunnelOptions as TunnelOptions
-from ..config.spec import IPAddress, TunnelSpec
-from ..host import HelperHandle, Host, uapi
+from ..config.spec import IPAddress, IPInterface, IPNetwork, TunnelSpec
+from ..host import UNREACHABLE, HelperHandle, Host, uapi
 from ..host import tun as tun_adapter
 from .effects import (
+    KILL_SWITCH_METRIC,
     Address,
+    AddressRemoved,
     ConfigureWireguard,
     CreateTun,
     Dns,
+    Effect,
     EffectContext,
+    Handover,
     HelperGeneration,
     HookRecorder,
     Hooks,
+    KillSwitch,
     Link,
     LinkUp,
     Mtu,
+    MtuChanged,
     OwnedTun,
     Routes,
+    RoutesRemoved,
     StartHelper,
+    WireguardChanged,
+    select_routes,
 )
+from .reload import NeedsRebuild, ReloadFailed, hooks_changed, peer_counts, rebuild_reason
 from .restart import RestartTracker
 from .routing import RoutingPlan, apply_link_routes, apply_policy, plan_routing
 from .undo import EffectStack, StackObserver, TeardownReport
@@ -164,7 +175,10 @@ class Tunnel:
         options: TunnelOptions | None = None,
         *,
         observer: StackObserver | None = None,
+        rng: random.Random | None = None,
     ) -> None:
+        """``rng``: the source of the restart backoff's jitter (tests pass a
+        seeded one so that a schedule replays exactly)."""
         self.spec = spec
         self.host = host
         self.options = options or TunnelOptions()
@@ -185,12 +199,18 @@ class Tunnel:
         #: Background work of an up tunnel (endpoint re-resolution); cancelled
         #: before teardown starts.
         self._background = trio.CancelScope()
-        self._tracker = RestartTracker(self.options.restart)
+        self._tracker = RestartTracker(self.options.restart, rng)
+        #: Failed undo steps of helper generations unwound by a restart:
+        #: part of the tunnel's teardown report (the host is not restored).
+        self._generation_failures: list[str] = []
         # Fixed at bring-up, reused by every helper generation.
         self._request = b""
         self._mtu = 0
         self._tun_index = 0
         self._plan: RoutingPlan | None = None
+        #: Protections a dead instance left, to hand over (set by the
+        #: supervisor before the start; see tunsup.engine.recovery.Adoption).
+        self.adopted: Handover | None = None
         #: While it runs: its effect stack and context (for status).
         self._stack: EffectStack | None = None
         self._ctx: EffectContext | None = None
@@ -198,6 +218,10 @@ class Tunnel:
         #: limiter (teardowns of many tunnels at once are bounded).  The
         #: wait counts against ``stop_timeout``.
         self.teardown_slots: trio.CapacityLimiter | None = None
+        #: Held by an in-place change and by a helper restart's new
+        #: generation: a restarted helper gets the configuration of a
+        #: change made before it, never half of one.
+        self._changing = trio.Lock()
 
     @property
     def name(self) -> str:
@@ -232,9 +256,44 @@ class Tunnel:
         """How many routes through the tunnel tunsup added and has not yet
         removed: the records on its effect stacks (a route that already
         existed is not in them; a helper generation's go with it)."""
+        return len(self.owned_routes())
+
+    def _records(self) -> list[Effect]:
+        """The records of the tunnel's stack, then of its helper generation."""
         stacks = [self._stack, self._ctx.generations.get(self.name) if self._ctx else None]
-        return sum(len(record.prefixes) for stack in stacks if stack is not None
-                   for record in stack.records if isinstance(record, Routes))
+        return [r for stack in stacks if stack is not None for r in stack.records]
+
+    def owned_routes(self, *, kill_switch: bool = False,
+                     extra: tuple[Effect, ...] = ()) -> set[tuple[int, IPNetwork]]:
+        """(table, prefix) of the routes through the tunnel that tunsup
+        added and has not removed (with ``kill_switch``: of the kill
+        switch's unreachable routes instead), after the records ``extra``."""
+        owned: set[tuple[int, IPNetwork]] = set()
+        for r in [*self._records(), *extra]:
+            if ((isinstance(r, Routes) and not kill_switch)
+                    or (type(r) is KillSwitch and kill_switch)):
+                owned |= {(r.table, p) for p in r.prefixes}
+            elif isinstance(r, RoutesRemoved) and (
+                    (r.index == UNREACHABLE and r.metric == KILL_SWITCH_METRIC) if kill_switch
+                    else r.index != UNREACHABLE):
+                owned -= {(r.table, p) for p in r.prefixes}
+        return owned
+
+    def held_routes(self) -> list[tuple[int, tuple[IPNetwork, ...]]]:
+        """What a rebuild holds while this tunnel is replaced: its routes,
+        by table, except a full tunnel's default routes (they live in its
+        policy table, which no rule consults once its rules are gone)."""
+        policy = self._plan.policy_table if self._plan is not None else None
+        return _by_table({r for r in self.owned_routes() if r[0] != policy})
+
+    def _owned_addresses(self, extra: tuple[Effect, ...] = ()) -> list[IPInterface]:
+        owned: list[IPInterface] = []
+        for r in [*self._records(), *extra]:
+            if isinstance(r, Address) and r.owned:
+                owned.append(r.address)
+            elif isinstance(r, AddressRemoved) and r.address in owned:
+                owned.remove(r.address)
+        return owned
 
     def _set_state(self, new: TunnelState) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -279,6 +338,7 @@ class Tunnel:
                 hook_timeout=self.options.hook_timeout,
                 on_hook=self._observer.hook_started
                 if isinstance(self._observer, HookRecorder) else None,
+                adopted=self.adopted,
             )
             stack = EffectStack(ctx, log=self.log, observer=self._observer)
             self._stack, self._ctx = stack, ctx
@@ -301,7 +361,9 @@ class Tunnel:
                 stop_started = trio.current_time()
                 async with _gate(self.teardown_slots):
                     waited = trio.current_time() - stop_started
-                    self.report = await stack.unwind(max(self.options.stop_timeout - waited, 0.0))
+                    report = await stack.unwind(max(self.options.stop_timeout - waited, 0.0))
+                self.report = attrs.evolve(
+                    report, failures=(*self._generation_failures, *report.failures))
                 self.helper_pid = None
                 # Its tables and rule priorities are gone from the host (or
                 # left there, where the next start sees them).
@@ -466,7 +528,8 @@ class Tunnel:
                 # Deleted from outside: no helper can bring it back.
                 raise HelperExited(f"TUN device {self.name} was deleted; giving up")
             try:
-                handle = await self._start_generation(self._new_generation(ctx), ctx)
+                async with self._changing:
+                    handle = await self._start_generation(self._new_generation(ctx), ctx)
             except HostError as exc:
                 self.helper_pid = None
                 await self._end_generation(ctx)
@@ -488,6 +551,7 @@ class Tunnel:
         if gen is None:
             return
         report = await gen.unwind(self.options.stop_timeout)
+        self._generation_failures.extend(report.failures)
         if not report.complete:
             raise HostError("cleaning up after the helper failed: " + "; ".join(report.failures))
 
@@ -553,8 +617,178 @@ class Tunnel:
         fwmark (rendering 10,000 allowed IPs is kept off the trio thread)."""
         assert self._plan is not None
         configured = attrs.evolve(self.spec, fwmark=self._plan.fwmark)
-        return await _cpu_bound(len(self.spec.allowed_ips), uapi.render_set, configured,
+        return await cpu_bound(len(self.spec.allowed_ips), uapi.render_set, configured,
                                 self._endpoints)
+
+    # ------------------------------------------------------------ reload in place
+
+    async def reconfigure(self, spec: TunnelSpec, options: TunnelOptions) -> str:
+        """Change the running tunnel to ``spec`` with ``options`` in place
+        (helper and interface kept) and return what changed, as one line.
+
+        Every change is an effect on a stack of its own, journaled before it
+        is made; once all are made they join the tunnel's stacks (their undo
+        restores the value each replaced, so a stop or a crash recovery
+        still gives the host back exactly).  Routes are added before the
+        ones they replace are removed; addresses are added first and
+        removed last.  PreUp/PostUp do not run; changed hooks apply at the
+        next rebuild.
+
+        Raises :class:`NeedsRebuild` (nothing changed) when only a rebuild
+        can apply it, :class:`ReloadFailed` when a change failed (what was
+        applied is rolled back first).  Cancellation rolls back the same
+        way (shielded, bounded by ``stop_timeout``), then propagates.
+        """
+        async with self._changing:
+            return await self._reconfigure(spec, options)
+
+    async def _reconfigure(self, spec: TunnelSpec, options: TunnelOptions) -> str:
+        """:meth:`reconfigure` under ``_changing``."""
+        reason = rebuild_reason(self.spec, self.options, spec, options)
+        if reason is None and self.state not in (TunnelState.UP, TunnelState.DEGRADED):
+            reason = f"the tunnel is {self.state.value}"
+        ctx, stack = self._ctx, self._stack
+        owned = self.options.tun_mode == "owned"
+        link_stack = stack if owned else (ctx.generations.get(self.name) if ctx else None)
+        if reason is None and (ctx is None or stack is None or link_stack is None):
+            reason = "the tunnel has no helper generation"
+        if reason is not None:
+            raise NeedsRebuild(reason)
+        assert ctx is not None and stack is not None and link_stack is not None
+        work = EffectStack(ctx, log=self.log, observer=self._observer)
+        try:
+            summary, state = await self._apply_change(work, spec, options)
+        except BaseException as exc:
+            report = await work.unwind(self.options.stop_timeout)
+            if not isinstance(exc, Exception):
+                raise
+            why = _one_line(exc)
+            if report.complete:
+                self.log.error("in-place change failed, rolled back: %s", why)
+            else:
+                self.log.error("in-place change failed: %s; rollback incomplete: %s", why,
+                               "; ".join(report.failures))
+            raise ReloadFailed(why if report.complete else
+                               f"{why}; rollback incomplete: {'; '.join(report.failures)}",
+                               restored=report.complete) from exc
+        # Made.  From here to the settle no checkpoint: a stop must find
+        # every record on the tunnel's stacks and the new state in place.
+        # What is not tied to the link (the kill switch) joins the tunnel's
+        # stack, the rest the stack the link's records are on.
+        records = work.take()
+        policy: list[Effect] = [r for r in records if isinstance(r, KillSwitch)
+                                or (isinstance(r, RoutesRemoved) and r.index == UNREACHABLE)]
+        stack.adopt(policy)
+        link_stack.adopt([r for r in records if not any(r is p for p in policy)])
+        self.spec, self._endpoints, self._plan, self._mtu, self._request = spec, *state
+        if options.restart != self.options.restart:
+            self._tracker = RestartTracker(options.restart)
+        self.options = options
+        ctx.stop_grace, ctx.hook_timeout = options.stop_grace, options.hook_timeout
+        self.log.info("changed in place: %s", summary)
+        # The WireGuard change now lives in the helper: nothing to undo at a
+        # stop (the helper ends; a restarted one gets the new request).
+        for record in records:
+            if isinstance(record, WireguardChanged):
+                await link_stack.settle(record)
+        return summary
+
+    async def _apply_change(self, work: EffectStack, spec: TunnelSpec, options: TunnelOptions
+                            ) -> tuple[str, tuple[dict[Key, tuple[str, int]], RoutingPlan,
+                                                  int, bytes]]:
+        """The in-place changes, in make-before-break order, onto ``work``;
+        returns the summary and the new (endpoints, plan, MTU, full UAPI
+        request for a restarted helper).
+        Cancellable; what was applied stays on ``work``."""
+        old, net, name = self.spec, self.host.net, self.name
+        assert self._plan is not None
+        index = self._tun_index if self.options.tun_mode == "owned" else \
+            await net.link_index(name)
+        if index is None:
+            raise HostError(f"interface {name} is gone")
+        endpoints = await self._resolve_endpoints(spec)
+        # A full tunnel keeps its policy table (rebuild_reason made sure its
+        # routing did not change); planning anew would find it in use.
+        planned = attrs.evolve(spec, fwmark=self._plan.fwmark) \
+            if self._plan.full_tunnel and spec.fwmark is None else spec
+        plan = await plan_routing(planned, net, self.log, options.lan)
+        mtu = spec.mtu or await self._auto_mtu([ip for ip, _ in endpoints.values()])
+        full_request = await cpu_bound(len(spec.allowed_ips), uapi.render_set,
+                                        attrs.evolve(spec, fwmark=plan.fwmark), endpoints)
+        parts: list[str] = []
+
+        added = [a for a in spec.addresses if a not in old.addresses]
+        mine = self._owned_addresses()
+        removed = [a for a in old.addresses if a not in spec.addresses and a in mine]
+        for address in added:
+            await work.apply(Address(name, index, address))
+        if mtu != self._mtu:
+            await work.apply(MtuChanged(name, index, self._mtu, mtu))
+            parts.append(f"MTU {self._mtu}->{mtu}")
+
+        request = await cpu_bound(
+            len(spec.allowed_ips) + len(old.allowed_ips), uapi.render_change,
+            attrs.evolve(old, fwmark=self._plan.fwmark), attrs.evolve(spec, fwmark=plan.fwmark),
+            self._endpoints, endpoints)
+        if request is not None:
+            inverse = await cpu_bound(
+                len(spec.allowed_ips) + len(old.allowed_ips), uapi.render_change,
+                attrs.evolve(spec, fwmark=plan.fwmark), attrs.evolve(old, fwmark=self._plan.fwmark),
+                endpoints, self._endpoints)
+            plus, minus, changed = peer_counts(old, spec)
+            what = f"peers +{plus}/-{minus}/~{changed}"
+            for key, label in (("private_key", "private key"), ("listen_port", "listen port"),
+                               ("fwmark", "fwmark")):
+                if getattr(old, key) != getattr(spec, key):
+                    what += f", {label}"
+            await work.apply(WireguardChanged(name, what, request, inverse or b""))
+            parts.append(what)
+
+        # Routes: the new ones first (make-before-break), then the old ones go.
+        current = self.owned_routes()
+        gone_nets = {a.network for a in removed}
+        wanted: set[tuple[int, IPNetwork]] = set()
+        if plan.table is not None and plan.ordinary:
+            existing = [n for n in await net.link_routes(index, plan.table)
+                        if (plan.table, n) not in current and n not in gone_nets]
+            wanted |= {(plan.table, p) for p in await cpu_bound(
+                len(plan.ordinary), select_routes, plan.ordinary, existing)}
+        if plan.policy_table is not None:
+            wanted |= {(plan.policy_table, d) for d in plan.defaults}
+        ks_now = self.owned_routes(kill_switch=True)
+        ks_wanted = ({(plan.table, p) for p in plan.ordinary}
+                     if options.kill_switch and plan.table is not None else set())
+        if options.kill_switch and plan.policy_table is not None:
+            ks_wanted |= {(plan.policy_table, d) for d in plan.defaults}
+        for table, prefixes in _by_table(ks_wanted - ks_now):
+            await work.apply(KillSwitch(name, table, prefixes))
+        n_added = n_removed = 0
+        for table, prefixes in _by_table(wanted - current):
+            record = await work.apply(Routes(name, index, table, prefixes))
+            assert isinstance(record, Routes)
+            n_added += len(record.prefixes)
+        for table, prefixes in _by_table(current - wanted):
+            await work.apply(RoutesRemoved(name, index, table, prefixes))
+            n_removed += len(prefixes)
+        for table, prefixes in _by_table(ks_now - ks_wanted):
+            await work.apply(RoutesRemoved(name, UNREACHABLE, table, prefixes,
+                                           metric=KILL_SWITCH_METRIC))
+        if n_added or n_removed:
+            parts.append(f"routes +{n_added}/-{n_removed}")
+
+        for address in removed:
+            await work.apply(AddressRemoved(name, index, address))
+        if added or removed:
+            parts.append(f"addresses +{len(added)}/-{len(removed)}")
+        if ((old.dns_servers, old.dns_search) != (spec.dns_servers, spec.dns_search)
+                and options.dns_backend != "none"):
+            # Layered on the running one: its undo gives back what that one
+            # had set, and the bring-up's record then the original.
+            await work.apply(Dns(name, options.dns_backend, spec.dns_servers, spec.dns_search))
+            parts.append("DNS")
+        if hooks_changed(old, spec):
+            parts.append("hooks (apply at the next rebuild)")
+        return ", ".join(parts) or "no change on the host", (endpoints, plan, mtu, full_request)
 
     async def _run_background(self) -> None:
         with self._background:
@@ -605,11 +839,14 @@ class Tunnel:
             raise OSError(f"no address for {host}")
         return str(infos[0][4][0])
 
-    async def _resolve_endpoints(self) -> dict[Key, tuple[str, int]]:
-        """Peer endpoints as (IP, port); hostnames are resolved in a worker
-        thread (trio's getaddrinfo) under ``resolve_timeout``.  Cancellable."""
+    async def _resolve_endpoints(self, spec: TunnelSpec | None = None
+                                 ) -> dict[Key, tuple[str, int]]:
+        """Peer endpoints of ``spec`` (default: the running one) as (IP,
+        port); hostnames are resolved in a worker thread (trio's
+        getaddrinfo) under ``resolve_timeout``.  Cancellable."""
+        spec = spec or self.spec
         resolved: dict[Key, tuple[str, int]] = {}
-        for peer in self.spec.peers:
+        for peer in spec.peers:
             ep = peer.endpoint
             if ep is None:
                 continue
@@ -623,7 +860,7 @@ class Tunnel:
             except (OSError, trio.TooSlowError) as exc:
                 reason = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
                 raise HostError(
-                    f"{self.spec.source}:{peer.endpoint_line or peer.line}: "
+                    f"{spec.source}:{peer.endpoint_line or peer.line}: "
                     f"cannot resolve endpoint {ep}: {reason}"
                 ) from None
             self.log.info("endpoint %s resolved to %s", ep.host, addr)
@@ -665,7 +902,7 @@ async def _gate(limiter: trio.CapacityLimiter | None) -> AsyncIterator[None]:
         limiter.release()
 
 
-async def _cpu_bound(size: int, fn: Callable[..., T], *args: Any) -> T:
+async def cpu_bound(size: int, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)``, in a worker thread when ``size`` (a prefix count) is
     above :data:`CPU_BOUND_PREFIXES`, so that a long computation does not
     hold the trio thread.  Cancellation: propagates at once; the thread,
@@ -673,6 +910,14 @@ async def _cpu_bound(size: int, fn: Callable[..., T], *args: Any) -> T:
     if size <= CPU_BOUND_PREFIXES:
         return fn(*args)
     return await trio.to_thread.run_sync(functools.partial(fn, *args), abandon_on_cancel=True)
+
+
+def _by_table(routes: set[tuple[int, IPNetwork]]) -> list[tuple[int, tuple[IPNetwork, ...]]]:
+    """(table, prefixes) groups, in a stable order."""
+    tables: dict[int, list[IPNetwork]] = {}
+    for table, prefix in sorted(routes, key=lambda r: (r[0], r[1].version, r[1])):
+        tables.setdefault(table, []).append(prefix)
+    return [(t, tuple(p)) for t, p in tables.items()]
 
 
 def _one_line(exc: BaseException) -> str:

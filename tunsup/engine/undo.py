@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from typing import Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
 import trio
@@ -54,6 +54,22 @@ class EffectContext:
     #: Told of every hook process once it exists (the journal records it:
     #: see :class:`HookRecorder`).
     on_hook: OnHook | None = None
+    #: Protections a dead instance left for this tunnel, kept until its own
+    #: stand (make-before-break; see :class:`Handover`).
+    adopted: Handover | None = None
+
+
+class Handover(Protocol):
+    """Protections adopted from a dead instance (crash recovery keeps them
+    for the tunnels a run starts).  An effect that finds its host object
+    already there asks whether an adopted protection holds it: if so the
+    object is handed over (the new record owns it; the adopted one no
+    longer does), so dropping the adopted one later leaves it in place."""
+
+    def take_routes(self, tunnel: str, table: int, found: Sequence[Any]) -> tuple[Any, ...]:
+        """Of the unreachable routes ``found`` in ``table``, those an
+        adopted protection of ``tunnel`` holds: handed over to the caller."""
+        ...
 
 
 #: ``(effect, "up" | "down", index in its list, pid, start time)``.
@@ -70,6 +86,11 @@ class HookRecorder(Protocol):
 
 class Effect:
     """Base class of effect records."""
+
+    #: A protection (kill switch, the rules leading to it): after a crash
+    #: it is kept for a tunnel that will start again, until that tunnel's
+    #: own is in place (make-before-break; see tunsup.engine.recovery).
+    protects: ClassVar[bool] = False
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -88,6 +109,23 @@ class Effect:
 
     def undo_timeout(self, ctx: EffectContext) -> float:
         return 10.0
+
+    def goes_with_link(self) -> int | None:
+        """The index of the link whose deletion also removes what this
+        record stands for (a route through it, an address on it), if any:
+        see :meth:`EffectStack.unwind`."""
+        return None
+
+    def deletes_link(self) -> int | None:
+        """The index of the link this record's undo deletes, if any."""
+        return None
+
+    def adopted(self, ctx: EffectContext) -> None:
+        """Recovery adopted this record of a dead instance (in the order
+        they were applied), before unwinding: an effect on a resource that
+        tunnels share re-registers its claim with the resource's owner
+        here, so that undoing each claim gives the right host state.  No
+        I/O; default: nothing."""
 
 
 class StackObserver(Protocol):
@@ -139,7 +177,26 @@ class EffectStack:
         this same stack."""
         if self._unwound:
             raise RuntimeError("effect stack already unwound")
+        for record in records:
+            record.adopted(self._ctx)
         self._records.extend(records)
+
+    def take(self) -> list[Effect]:
+        """Hand every record over (to :meth:`adopt` on another stack, in
+        this order) and leave this stack empty; their journal entries stay
+        as they are.  A reload applies its changes to a stack of its own,
+        so that a failure unwinds just those, then hands them to the
+        tunnel's stacks."""
+        records, self._records = self._records, []
+        return records
+
+    async def settle(self, record: Effect) -> None:
+        """Drop ``record`` (by identity): nothing is left to undo for it.
+        The observer hears of it as undone.  Cancellation: as the
+        observer's ``undone``."""
+        self._records = [r for r in self._records if r is not record]
+        if self._observer is not None:
+            await self._observer.undone(record)
 
     async def apply(self, effect: Effect) -> Effect:
         """Apply ``effect`` and push the record of what it did.
@@ -184,38 +241,90 @@ class EffectStack:
         milliseconds), so one slow step — a hanging PreDown hook — cannot
         leave the rest of the host unrestored.  Whole bound: ``timeout``
         plus ``LAST_CHANCE`` per step.
+
+        What goes with a link that the record right below it deletes
+        (routes through it, addresses, MTU and state on it, stacked directly
+        above it: :meth:`Effect.goes_with_link`) is not removed piece by
+        piece — 10,000 routes took longer than the whole rest of a stop —
+        but by that deletion: such records are recorded as undone right
+        after the link's undo succeeded (in reverse order, before the link
+        itself), and undone one by one only if it failed.
         """
         self._unwound = True
         undone: list[str] = []
         failures: list[str] = list(self._abort_failures)
         remaining: list[Effect] = []
         deadline = trio.current_time() + timeout if math.isfinite(timeout) else math.inf
+        #: Records waiting for the deletion of their link, by link index.
+        carried: dict[int, list[Effect]] = {}
         with trio.CancelScope(shield=True):
             while self._records:
                 record = self._records.pop()
-                what = record.describe()
-                left = deadline - trio.current_time()
-                budget = max(min(record.undo_timeout(self._ctx), left), LAST_CHANCE)
-                try:
-                    with trio.fail_after(budget):
-                        await record.undo(self._ctx)
-                except trio.TooSlowError:
-                    failures.append(f"undo {what}: timed out after {budget:.3g} s")
-                    remaining.append(record)
-                    self._log.error("undo %s: timed out after %.3g s", what, budget)
-                except Exception as exc:
-                    failures.append(f"undo {what}: {exc}")
-                    remaining.append(record)
-                    self._log.error("undo %s failed: %s", what, exc)
+                link = record.goes_with_link()
+                if link is not None and self._goes_with_link_below(link):
+                    carried.setdefault(link, []).append(record)
+                    continue
+                ok = await self._undo_one(record, deadline, undone, failures, remaining)
+                deleted = record.deletes_link()
+                gone = carried.pop(deleted, []) if deleted is not None else []
+                if ok:
+                    # What went with the link is recorded before the link
+                    # itself: a crash in between leaves only the (gone)
+                    # link for recovery, never routes on a deleted link.
+                    for piece in gone:
+                        undone.append(piece.describe())
+                        self._log.info("%s: gone with the link", piece.describe())
+                        await self._record_undone(piece)
+                    await self._record_undone(record)
                 else:
-                    undone.append(what)
-                    self._log.debug("undone: %s", what)
-                    if self._observer is not None:
-                        try:
-                            with trio.move_on_after(LAST_CHANCE):
-                                await self._observer.undone(record)
-                        except Exception as exc:
-                            # The host is restored; only the journal lags (a
-                            # later recovery finds the object gone: fine).
-                            self._log.warning("journal: %s", exc)
+                    for piece in gone:
+                        if await self._undo_one(piece, deadline, undone, failures, remaining):
+                            await self._record_undone(piece)
         return TeardownReport(tuple(undone), tuple(failures), tuple(remaining))
+
+    def _goes_with_link_below(self, link: int) -> bool:
+        """Whether the records still on the stack end, from the top down,
+        in a run of records on link ``link`` directly above the one that
+        deletes it: only then are the carried records' undos skipped, so
+        nothing else is undone while they are still in place and the
+        order of undos stays exactly the reverse of the applies."""
+        for record in reversed(self._records):
+            if record.deletes_link() == link:
+                return True
+            if record.goes_with_link() != link:
+                return False
+        return False
+
+    async def _undo_one(self, record: Effect, deadline: float, undone: list[str],
+                        failures: list[str], remaining: list[Effect]) -> bool:
+        """Undo one record within its budget (see :meth:`unwind`); True on
+        success (the caller then records it as undone).  Called shielded."""
+        what = record.describe()
+        left = deadline - trio.current_time()
+        budget = max(min(record.undo_timeout(self._ctx), left), LAST_CHANCE)
+        try:
+            with trio.fail_after(budget):
+                await record.undo(self._ctx)
+        except trio.TooSlowError:
+            failures.append(f"undo {what}: timed out after {budget:.3g} s")
+            remaining.append(record)
+            self._log.error("undo %s: timed out after %.3g s", what, budget)
+            return False
+        except Exception as exc:
+            failures.append(f"undo {what}: {exc}")
+            remaining.append(record)
+            self._log.error("undo %s failed: %s", what, exc)
+            return False
+        undone.append(what)
+        self._log.debug("undone: %s", what)
+        return True
+
+    async def _record_undone(self, record: Effect) -> None:
+        if self._observer is not None:
+            try:
+                with trio.move_on_after(LAST_CHANCE):
+                    await self._observer.undone(record)
+            except Exception as exc:
+                # The host is restored; only the journal lags (a later
+                # recovery finds the object gone: fine).
+                self._log.warning("journal: %s", exc)

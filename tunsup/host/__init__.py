@@ -20,7 +20,7 @@ from . import tun
 from ._rtnl import UNREACHABLE as UNREACHABLE
 from ._rtnl import RouteBatchResult as RouteBatchResult
 from .claims import Claims
-from .dns import DnsBackend
+from .dns import DnsBackend, ResolvConfOwners
 
 
 class RouteBatch(Protocol):
@@ -128,6 +128,9 @@ class Host:
     #: Routing tables and rule priorities the tunnels on this host took
     #: (so that concurrent starts never pick the same one).
     claims: Claims = attrs.field(factory=Claims)
+    #: The one owner of each resolv.conf the file DNS backend writes: every
+    #: tunnel on this host claims DNS through it (see ResolvConfOwner).
+    dns_owners: ResolvConfOwners = attrs.field(factory=ResolvConfOwners)
 
 
 def real_host(*, resolv_conf: str = "/etc/resolv.conf",

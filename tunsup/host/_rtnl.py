@@ -665,3 +665,254 @@ def delete_routes(
         raise RouteBatchError(errno.ENOBUFS, message, prefix=uncertain[0], table=table,
                               failed=len(uncertain), uncertain=tuple(uncertain))
     return deleted
+
+
+# --- route dumps ----------------------------------------------------------------
+
+RTM_GETROUTE: Final = 26
+NLM_F_DUMP: Final = 0x300
+NETLINK_GET_STRICT_CHK: Final = 12
+_DUMP_BUF = 1 << 20
+
+
+@attrs.frozen
+class RouteEntry:
+    """The fields of a dumped route that tunsup looks at; ``dst`` is the
+    raw destination address (empty for a default route)."""
+
+    family: int
+    dst: bytes
+    dst_len: int
+    table: int
+    protocol: int
+    scope: int
+    type: int
+    oif: int | None
+    #: The route's ``mtu`` metric, if it has one.
+    mtu: int | None = None
+
+    def network(self) -> IPNetwork:
+        size = 4 if self.family == socket.AF_INET else 16
+        raw = self.dst.ljust(size, b"\0")[:size]
+        addr = ipaddress.ip_address(raw)
+        return ipaddress.ip_network((addr, self.dst_len), strict=False)
+
+
+def dump_routes(
+    family: int,
+    *,
+    table: int | None = None,
+    oif: int | None = None,
+    keep: Callable[[RouteEntry], bool] | None = None,
+    check: Callable[[], None] | None = None,
+) -> list[RouteEntry]:
+    """The routes of ``family`` (optionally only of ``table`` / through
+    ``oif``, and only those ``keep`` accepts), decoded with ``struct``:
+    10,000 routes take milliseconds here, seconds through pyroute2.
+
+    The kernel is asked to filter (``NETLINK_GET_STRICT_CHK``) where it can;
+    the filters are applied here as well, so an older kernel that ignores
+    them gives the same answer.  Bounded by the socket's timeouts
+    (:data:`TIMEOUT` per ``recv``); ``check`` runs between datagrams (an
+    abandoned worker stops there).
+    """
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                         NETLINK_ROUTE)
+    with sock:
+        strict = True
+        try:
+            sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+        except OSError:
+            strict = False
+        tv = _TIMEVAL.pack(int(TIMEOUT), int(TIMEOUT % 1 * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        sock.bind((0, 0))
+        attrs_: list[bytes] = []
+        if strict and table is not None:
+            attrs_.append(_RTATTR.pack(8, RTA_TABLE) + struct.pack("=I", table))
+        if strict and oif is not None:
+            attrs_.append(_RTATTR.pack(8, RTA_OIF) + struct.pack("=I", oif))
+        body = _RTMSG.pack(family, 0, 0, 0, (table if strict and table is not None
+                                             and table < 256 else RT_TABLE_UNSPEC),
+                           0, 0, 0, 0) + b"".join(attrs_)
+        seq = 1
+        sock.send(_NLMSGHDR.pack(_HDR_LEN + len(body), RTM_GETROUTE,
+                                 NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+        out: list[RouteEntry] = []
+        buf = bytearray(_DUMP_BUF)
+        while True:
+            if check is not None:
+                check()
+            try:
+                n = sock.recv_into(buf)
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                raise OSError(errno.ETIMEDOUT, "route dump: no answer from the kernel") from None
+            if _parse_dump(memoryview(buf)[:n], seq, out, table, oif, keep):
+                return out
+
+
+def _parse_dump(view: memoryview, seq: int, out: list[RouteEntry], table: int | None,
+                oif: int | None, keep: Callable[[RouteEntry], bool] | None) -> bool:
+    """Decode one datagram of a dump into ``out``; True at its end."""
+    off, end = 0, len(view)
+    while off + _HDR_LEN <= end:
+        length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(view, off)
+        if length < _HDR_LEN or off + length > end:
+            raise OSError(errno.EPROTO, f"route dump: bad message length {length}")
+        if mseq != seq:
+            off += _align4(length)
+            continue
+        if mtype == NLMSG_DONE:
+            return True
+        if mtype == NLMSG_ERROR:
+            (err,) = _NLMSGERR.unpack_from(view, off + _HDR_LEN)
+            if err:
+                raise OSError(-err, f"route dump: {os.strerror(-err)}")
+            return True
+        if mtype == RTM_NEWROUTE:
+            entry = _route_entry(view, off + _HDR_LEN, off + length)
+            if ((table is None or entry.table == table) and (oif is None or entry.oif == oif)
+                    and (keep is None or keep(entry))):
+                out.append(entry)
+        off += _align4(length)
+    return False
+
+
+def _route_entry(view: memoryview, off: int, end: int) -> RouteEntry:
+    family, dst_len, _src_len, _tos, table, proto, scope, rtype, _flags = _RTMSG.unpack_from(
+        view, off)
+    dst = b""
+    oif: int | None = None
+    mtu: int | None = None
+    pos = off + _RTMSG.size
+    while pos + _RTATTR.size <= end:
+        alen, atype = _RTATTR.unpack_from(view, pos)
+        if alen < _RTATTR.size:
+            break
+        atype &= NLA_TYPE_MASK
+        if atype == RTA_DST:
+            dst = bytes(view[pos + _RTATTR.size:pos + alen])
+        elif atype == RTA_OIF:
+            (oif,) = struct.unpack_from("=I", view, pos + _RTATTR.size)
+        elif atype == RTA_TABLE:
+            (table,) = struct.unpack_from("=I", view, pos + _RTATTR.size)
+        elif atype == RTA_METRICS:
+            mtu = _metric_mtu(view, pos + _RTATTR.size, pos + alen)
+        pos += _align4(alen)
+    return RouteEntry(family, dst, dst_len, table, proto, scope, rtype, oif, mtu)
+
+
+def _metric_mtu(view: memoryview, pos: int, end: int) -> int | None:
+    while pos + _RTATTR.size <= end:
+        alen, atype = _RTATTR.unpack_from(view, pos)
+        if alen < _RTATTR.size:
+            break
+        if atype & NLA_TYPE_MASK == RTAX_MTU and alen >= _RTATTR.size + 4:
+            (mtu,) = struct.unpack_from("=I", view, pos + _RTATTR.size)
+            return int(mtu) or None
+        pos += _align4(alen)
+    return None
+
+
+# --- single requests: links, addresses, one route lookup ---------------------------
+
+RTM_NEWLINK: Final = 16
+RTM_DELLINK: Final = 17
+RTM_NEWADDR: Final = 20
+RTM_DELADDR: Final = 21
+RTA_METRICS: Final = 8
+RTAX_MTU: Final = 2
+IFLA_MTU: Final = 4
+IFA_ADDRESS: Final = 1
+IFA_LOCAL: Final = 2
+IFF_UP: Final = 0x1
+_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+
+
+def _attr(atype: int, payload: bytes) -> bytes:
+    data = _RTATTR.pack(_RTATTR.size + len(payload), atype) + payload
+    return data + b"\0" * (_align4(len(data)) - len(data))
+
+
+def request(mtype: int, body: bytes, *, flags: int = 0,
+            check: Callable[[], None] | None = None) -> list[bytes]:
+    """Send one rtnetlink request (with ``NLM_F_ACK``) and wait for its
+    ACK; returns the payloads of the messages that came before it (the
+    answer of a ``get``).  A negative ACK raises ``OSError(errno)``.
+    Bounded by the socket's timeouts (:data:`TIMEOUT`); ``check`` runs
+    just before the request is sent (an abandoned worker stops there)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                         NETLINK_ROUTE)
+    with sock:
+        tv = _TIMEVAL.pack(int(TIMEOUT), int(TIMEOUT % 1 * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        sock.bind((0, 0))
+        if check is not None:
+            check()
+        seq = 1
+        sock.send(_NLMSGHDR.pack(_HDR_LEN + len(body), mtype,
+                                 NLM_F_REQUEST | NLM_F_ACK | flags, seq, 0) + body)
+        answers: list[bytes] = []
+        while True:
+            try:
+                data = sock.recv(1 << 16)
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                raise OSError(errno.ETIMEDOUT, "no answer from the kernel") from None
+            off = 0
+            while off + _HDR_LEN <= len(data):
+                length, rtype, _f, rseq, _pid = _NLMSGHDR.unpack_from(data, off)
+                if length < _HDR_LEN or off + length > len(data):
+                    raise OSError(errno.EPROTO, f"bad netlink message length {length}")
+                if rseq == seq:
+                    if rtype == NLMSG_ERROR:
+                        (err,) = _NLMSGERR.unpack_from(data, off + _HDR_LEN)
+                        if err:
+                            raise OSError(-err, os.strerror(-err))
+                        return answers
+                    answers.append(data[off + _HDR_LEN:off + length])
+                off += _align4(length)
+
+
+def set_link(index: int, *, up: bool | None = None, mtu: int | None = None,
+             check: Callable[[], None] | None = None) -> None:
+    """Set link ``index`` up or down and/or its MTU (``RTM_NEWLINK``)."""
+    flags = IFF_UP if up else 0
+    change = IFF_UP if up is not None else 0
+    body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change)
+    if mtu is not None:
+        body += _attr(IFLA_MTU, struct.pack("=I", mtu))
+    request(RTM_NEWLINK, body, check=check)
+
+
+def delete_link(index: int, *, check: Callable[[], None] | None = None) -> None:
+    request(RTM_DELLINK, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0), check=check)
+
+
+def change_address(index: int, iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface, *,
+                   add: bool, check: Callable[[], None] | None = None) -> None:
+    """Add (exclusively: ``EEXIST`` if present) or delete an address."""
+    family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
+    raw = iface.ip.packed
+    body = _IFADDRMSG.pack(family, iface.network.prefixlen, 0, 0, index)
+    if family == socket.AF_INET:
+        body += _attr(IFA_LOCAL, raw)
+    body += _attr(IFA_ADDRESS, raw)
+    if add:
+        request(RTM_NEWADDR, body, flags=NLM_F_CREATE | NLM_F_EXCL, check=check)
+    else:
+        request(RTM_DELADDR, body, check=check)
+
+
+def route_to(dst: ipaddress.IPv4Address | ipaddress.IPv6Address, *,
+             check: Callable[[], None] | None = None) -> RouteEntry | None:
+    """The route the kernel would use towards ``dst`` (``ip route get``)."""
+    family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
+    raw = dst.packed
+    body = _RTMSG.pack(family, 8 * len(raw), 0, 0, 0, 0, 0, 0, 0) + _attr(RTA_DST, raw)
+    for answer in request(RTM_GETROUTE, body, check=check):
+        view = memoryview(answer)
+        return _route_entry(view, 0, len(view))
+    return None

@@ -1,9 +1,13 @@
 """Links, addresses and routes through netlink, off the trio thread.
 
-Everything here runs on one dedicated worker thread (:class:`SerialWorker`)
-that owns a pyroute2 ``IPRoute`` socket; routes in bulk go through the small
-encoder in :mod:`tunsup.host._rtnl`, which is ~50x faster than pyroute2's
-per-route calls for large AllowedIPs lists.
+Everything here runs on one dedicated worker thread (:class:`SerialWorker`).
+What every bring-up and teardown does — links, addresses, MTU, route
+lookups and dumps, routes in bulk — goes through the small struct-packed
+netlink code in :mod:`tunsup.host._rtnl` (routes in bulk ~50x faster than
+pyroute2's per-route calls, dumps of large tables ~100x faster to decode),
+so that ``import pyroute2`` (~0.1 s, the largest part of a cold start) is
+paid only by full tunnels, for their policy rules, through a pyroute2
+``IPRoute`` socket owned by the worker thread.
 
 Every call has a timeout, capped by the caller's own deadline, and it holds
 in the worker thread too: pyroute2's synchronous API waits for the kernel's
@@ -23,8 +27,9 @@ object was already gone (undo is idempotent).
 from __future__ import annotations
 
 import errno
-import ipaddress
+import fcntl
 import socket
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -135,30 +140,36 @@ class NetlinkHost:
         finally:
             self._worker.close()
 
+    async def _sys(self, what: str, fn: Callable[[], T], timeout: float | None = None) -> T:
+        """``fn`` on the worker thread without pyroute2: the calls of every
+        bring-up and teardown speak netlink through :mod:`._rtnl` (or plain
+        ``socket`` ioctls), so that ``import pyroute2`` (~0.1 s) stays off
+        their path.  Bounded like :meth:`_call` (the socket's own timeouts
+        in the thread, the budget on the trio side)."""
+        budget = self._budget(timeout)
+
+        def job() -> T:
+            raise_if_abandoned()
+            return fn()
+
+        try:
+            return await self._worker.call(job, timeout=budget + _SLACK, what=what)
+        except HostError:
+            raise
+        except OSError as exc:
+            reason = errno.errorcode.get(exc.errno or 0, "")
+            detail = f"{reason} ({exc.strerror or exc})" if reason else f"{exc}"
+            raise HostError(f"{what}: {detail}") from exc
+
     # --- links --------------------------------------------------------------
 
     async def link_index(self, name: str) -> int | None:
         """Index of link ``name``, or None if there is none."""
-
-        def fn(ipr: Any) -> int | None:
-            found = ipr.link_lookup(ifname=name)
-            return int(found[0]) if found else None
-
-        return await self._call(f"look up link {name}", fn)
+        return await self._sys(f"look up link {name}", lambda: _index_of(name))
 
     async def link_name(self, index: int) -> str | None:
         """Name of link ``index``, or None if there is none."""
-
-        def fn(ipr: Any) -> str | None:
-            try:
-                links = ipr.get_links(index)
-            except Exception as exc:
-                if _code(exc) in _GONE:
-                    return None
-                raise
-            return str(links[0].get_attr("IFLA_IFNAME")) if links else None
-
-        return await self._call(f"look up link #{index}", fn)
+        return await self._sys(f"look up link #{index}", lambda: _name_of(index))
 
     async def set_link_up(self, index: int, up: bool, *, name: str | None = None) -> bool:
         """Set link ``index`` up or down.  With ``name``, only if the index
@@ -166,20 +177,17 @@ class NetlinkHost:
         False when it does not."""
         state = "up" if up else "down"
 
-        def fn(ipr: Any) -> bool:
-            if name is not None:
-                links = ipr.get_links(index)
-                if not links or links[0].get_attr("IFLA_IFNAME") != name:
-                    return False
-            ipr.link("set", index=index, state=state)
+        def fn() -> bool:
+            if name is not None and _name_of(index) != name:
+                return False
+            _rtnl.set_link(index, up=up, check=raise_if_abandoned)
             return True
 
-        return await self._call(f"set link {name or f'#{index}'} {state}", fn)
+        return await self._sys(f"set link {name or f'#{index}'} {state}", fn)
 
     async def set_mtu(self, index: int, mtu: int) -> None:
-        await self._call(
-            f"set MTU {mtu} on link #{index}", lambda ipr: ipr.link("set", index=index, mtu=mtu)
-        )
+        await self._sys(f"set MTU {mtu} on link #{index}",
+                        lambda: _rtnl.set_link(index, mtu=mtu, check=raise_if_abandoned))
 
     async def delete_link(self, index: int, name: str) -> bool:
         """Delete link ``index`` if it is still called ``name``.
@@ -188,53 +196,48 @@ class NetlinkHost:
         Returns False when the link is already gone.
         """
 
-        def fn(ipr: Any) -> bool:
+        def fn() -> bool:
+            if _name_of(index) != name:
+                return False
             try:
-                links = ipr.get_links(index)
-                if not links or links[0].get_attr("IFLA_IFNAME") != name:
-                    return False
-                ipr.link("del", index=index)
-            except Exception as exc:
-                if _code(exc) in _GONE:
+                _rtnl.delete_link(index, check=raise_if_abandoned)
+            except OSError as exc:
+                if exc.errno in _GONE:
                     return False
                 raise
             return True
 
-        return await self._call(f"delete link {name}", fn)
+        return await self._sys(f"delete link {name}", fn)
 
     # --- addresses ----------------------------------------------------------
 
     async def add_address(self, index: int, iface: IPInterface) -> bool:
         """Add ``iface`` to link ``index``; False if it was already there."""
 
-        def fn(ipr: Any) -> bool:
+        def fn() -> bool:
             try:
-                ipr.addr(
-                    "add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen
-                )
-            except Exception as exc:
-                if _code(exc) == errno.EEXIST:
+                _rtnl.change_address(index, iface, add=True, check=raise_if_abandoned)
+            except OSError as exc:
+                if exc.errno == errno.EEXIST:
                     return False
                 raise
             return True
 
-        return await self._call(f"add address {iface}", fn)
+        return await self._sys(f"add address {iface}", fn)
 
     async def delete_address(self, index: int, iface: IPInterface) -> bool:
         """Remove ``iface`` from link ``index``; False if already gone."""
 
-        def fn(ipr: Any) -> bool:
+        def fn() -> bool:
             try:
-                ipr.addr(
-                    "del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen
-                )
-            except Exception as exc:
-                if _code(exc) in _GONE:
+                _rtnl.change_address(index, iface, add=False, check=raise_if_abandoned)
+            except OSError as exc:
+                if exc.errno in _GONE:
                     return False
                 raise
             return True
 
-        return await self._call(f"delete address {iface}", fn)
+        return await self._sys(f"delete address {iface}", fn)
 
     # --- routes -------------------------------------------------------------
 
@@ -243,73 +246,71 @@ class NetlinkHost:
         its device's MTU); with ``dst=None``, of the first default route.
         None when there is no route."""
 
-        def fn(ipr: Any) -> int | None:
-            oif: int | None = None
-            try:
-                if dst is None:
-                    defaults = [r for r in ipr.get_routes(family=2, table=254) if
-                                r["dst_len"] == 0 and r.get_attr("RTA_OIF")]
-                    if not defaults:
+        def fn() -> int | None:
+            route: _rtnl.RouteEntry | None
+            if dst is None:
+                defaults = _rtnl.dump_routes(
+                    socket.AF_INET, table=254, check=raise_if_abandoned,
+                    keep=lambda r: r.dst_len == 0 and r.oif is not None)
+                route = defaults[0] if defaults else None
+            else:
+                try:
+                    route = _rtnl.route_to(dst, check=raise_if_abandoned)
+                except OSError as exc:
+                    if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESRCH):
                         return None
-                    route = defaults[0]
-                else:
-                    route = ipr.route("get", dst=str(dst))[0]
-            except Exception as exc:
-                if _code(exc) in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESRCH):
-                    return None
-                raise
-            metrics = route.get_attr("RTA_METRICS")
-            if metrics is not None:
-                mtu = metrics.get_attr("RTAX_MTU")
-                if mtu:
-                    return int(mtu)
-            oif = route.get_attr("RTA_OIF")
-            if oif is None:
+                    raise
+            if route is None:
                 return None
-            links = ipr.get_links(oif)
-            return int(links[0].get_attr("IFLA_MTU")) if links else None
+            if route.mtu:
+                return route.mtu
+            if route.oif is None:
+                return None
+            return _device_mtu(route.oif)
 
         what = f"look up route to {dst}" if dst else "look up default route"
-        return await self._call(what, fn, DUMP_TIMEOUT)
+        return await self._sys(what, fn, DUMP_TIMEOUT)
+
+    async def _dump(self, what: str, fn: Callable[[], T]) -> T:
+        """A route dump through :func:`tunsup.host._rtnl.dump_routes` (struct
+        decoding: pyroute2 took seconds for a table of 10,000 routes) on
+        the worker thread, bounded like every call."""
+        try:
+            return await self._worker.call(fn, timeout=self._budget(DUMP_TIMEOUT), what=what)
+        except OSError as exc:
+            raise HostError(f"{what}: {exc.strerror or exc}") from exc
 
     async def link_routes(self, index: int, table: int) -> list[IPNetwork]:
-        """Prefixes of the routes through link ``index`` in ``table``."""
+        """Prefixes of the unicast routes through link ``index`` in ``table``."""
 
-        def fn(ipr: Any) -> list[IPNetwork]:
-            nets: list[IPNetwork] = []
-            for family in (2, 10):
-                for r in ipr.get_routes(family=family, table=table, oif=index):
-                    if r["type"] != 1:  # unicast only
-                        continue
-                    dst = r.get_attr("RTA_DST") or ("0.0.0.0" if family == 2 else "::")
-                    nets.append(ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False))
-            return nets
+        def fn() -> list[IPNetwork]:
+            return [r.network() for family in (socket.AF_INET, socket.AF_INET6)
+                    for r in _rtnl.dump_routes(family, table=table, oif=index,
+                                               keep=_is_unicast, check=raise_if_abandoned)]
 
-        return await self._call(f"list routes of link #{index}", fn, DUMP_TIMEOUT)
+        return await self._dump(f"list routes of link #{index}", fn)
 
     async def connected_networks(self) -> list[tuple[IPNetwork, str, int]]:
         """Directly connected networks (main-table routes of protocol kernel,
         scope link): (network, device name, device index)."""
 
-        def fn(ipr: Any) -> list[tuple[IPNetwork, str, int]]:
-            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        def fn() -> list[tuple[IPNetwork, str, int]]:
             out: list[tuple[IPNetwork, str, int]] = []
             for family in (socket.AF_INET, socket.AF_INET6):
-                for r in ipr.get_routes(family=family, table=254):
-                    kernel_unicast = r["proto"] == 2 and r["type"] == 1
-                    # IPv4 connected routes are scope link; IPv6 ones universe.
-                    if not kernel_unicast or (family == socket.AF_INET and r["scope"] != 253):
-                        continue
-                    dst, oif = r.get_attr("RTA_DST"), r.get_attr("RTA_OIF")
-                    if dst is None or oif is None:
-                        continue
-                    net = ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False)
+                for r in _rtnl.dump_routes(family, table=254, keep=_is_connected,
+                                           check=raise_if_abandoned):
+                    assert r.oif is not None  # _is_connected
+                    net = r.network()
                     if net.is_link_local or net.is_multicast:
                         continue
-                    out.append((net, str(names.get(oif, oif)), int(oif)))
+                    try:
+                        name = socket.if_indextoname(r.oif)
+                    except OSError:  # gone since the dump
+                        name = str(r.oif)
+                    out.append((net, name, r.oif))
             return out
 
-        return await self._call("list connected networks", fn, DUMP_TIMEOUT)
+        return await self._dump("list connected networks", fn)
 
     async def add_routes(
         self, index: int, prefixes: Sequence[IPNetwork], *, table: int, metric: int | None = None
@@ -418,20 +419,20 @@ class NetlinkHost:
         """Value of a ``net.*`` sysctl (``net.ipv4.conf.all.src_valid_mark``)."""
         path = _sysctl_path(key)
 
-        def fn(_ipr: Any) -> str:
+        def fn() -> str:
             with open(path) as f:
                 return f.read().strip()
 
-        return await self._call(f"read {key}", fn)
+        return await self._sys(f"read {key}", fn)
 
     async def write_sysctl(self, key: str, value: str) -> None:
         path = _sysctl_path(key)
 
-        def fn(_ipr: Any) -> None:
+        def fn() -> None:
             with open(path, "w") as f:
                 f.write(value)
 
-        await self._call(f"set {key}={value}", fn)
+        await self._sys(f"set {key}={value}", fn)
 
 
 #: Extra time the trio side gives a call over its in-thread timeout, so that
@@ -459,6 +460,19 @@ class _Guarded:
 
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_RTPROT_KERNEL = 2
+
+
+def _is_unicast(r: _rtnl.RouteEntry) -> bool:
+    return r.type == _rtnl.RTN_UNICAST
+
+
+def _is_connected(r: _rtnl.RouteEntry) -> bool:
+    """A connected route: unicast, protocol kernel, with a destination and a
+    device; IPv4 ones are scope link (IPv6 ones scope universe)."""
+    return (r.type == _rtnl.RTN_UNICAST and r.protocol == _RTPROT_KERNEL
+            and r.oif is not None and bool(r.dst)
+            and (r.family != socket.AF_INET or r.scope == _rtnl.RT_SCOPE_LINK))
 _FIB_RULE_INVERT = 0x2
 
 
@@ -472,6 +486,36 @@ def _rule_args(rule: PolicyRule) -> dict[str, Any]:
     if rule.suppress_prefixlength is not None:
         args["suppress_prefixlen"] = rule.suppress_prefixlength
     return args
+
+
+def _index_of(name: str) -> int | None:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:  # ENODEV: no such link
+        return None
+
+
+def _name_of(index: int) -> str | None:
+    try:
+        return socket.if_indextoname(index)
+    except OSError:  # ENXIO: no such link
+        return None
+
+
+_SIOCGIFMTU = 0x8921
+
+
+def _device_mtu(index: int) -> int | None:
+    """The MTU of link ``index`` (an ioctl: no netlink dump of links)."""
+    name = _name_of(index)
+    if name is None:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            ifreq = fcntl.ioctl(sock, _SIOCGIFMTU, struct.pack("16si12x", name.encode(), 0))
+        except OSError:
+            return None
+    return int(struct.unpack_from("i", ifreq, 16)[0])
 
 
 def _sysctl_path(key: str) -> str:

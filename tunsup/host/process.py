@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import trio
 
@@ -43,11 +44,54 @@ def describe_exit(program: str, pid: int, returncode: int | None,
     return f"helper {program} (pid {pid}) {status}" + (f"; last output: {last}" if last else "")
 
 
+class Process(Protocol):
+    """What :class:`HelperProcess` needs of a child process (a
+    ``trio.Process``, or a test's fake one)."""
+
+    pid: int
+
+    @property
+    def stdout(self) -> trio.abc.ReceiveStream | None: ...
+    @property
+    def stderr(self) -> trio.abc.ReceiveStream | None: ...
+
+    async def wait(self) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+
+
+class Spawner:
+    """The operating system boundary of helper processes: spawning one,
+    signalling its process group, reading its start time.  The default is
+    the real thing; tests substitute a fake process (see
+    :mod:`tunsup.testing.fakehost`) so that everything above this line,
+    :class:`HelperProcess` and :func:`start_helper`, runs unchanged."""
+
+    async def open_process(self, argv: Sequence[str], **options: Any) -> Process:
+        """Spawn ``argv`` (``options`` as for ``trio.lowlevel.open_process``)."""
+        proc: trio.Process = await trio.lowlevel.open_process(list(argv), **options)
+        return proc
+
+    def signal_group(self, pgid: int, sig: signal.Signals) -> None:
+        """``killpg``; raises ProcessLookupError / PermissionError like it."""
+        os.killpg(pgid, sig)
+
+    async def start_time(self, pid: int) -> int | None:
+        """The start time of ``pid`` (clock ticks since boot), off the trio
+        thread (it reads /proc).  Cancellable: the thread is short."""
+        return await trio.to_thread.run_sync(process_start_time, pid)
+
+
+#: The real operating system.
+OS = Spawner()
+
+
 class HelperProcess:
     """A running helper; created by :func:`start_helper`."""
 
-    def __init__(self, proc: trio.Process, argv: Sequence[str], log: logging.Logger) -> None:
+    def __init__(self, proc: Process, argv: Sequence[str], log: logging.Logger,
+                 spawner: Spawner = OS) -> None:
         self._proc = proc
+        self._spawner = spawner
         self.argv = tuple(argv)
         self.pid: int = proc.pid
         #: Set by start_helper (read from /proc off the trio thread).
@@ -115,7 +159,7 @@ class HelperProcess:
         if self.exited.is_set():
             return
         try:
-            os.killpg(self.pid, sig)
+            self._spawner.signal_group(self.pid, sig)
         except ProcessLookupError:
             pass
         except PermissionError:
@@ -158,6 +202,7 @@ async def start_helper(
     log: logging.Logger,
     env: Mapping[str, str] | None = None,
     pass_fds: Sequence[int] = (),
+    spawner: Spawner = OS,
 ) -> HelperProcess:
     """Spawn ``argv`` in its own session with captured output.
 
@@ -166,14 +211,15 @@ async def start_helper(
     for anything besides the spawn itself.  All or nothing: cancelled (or
     failing) once the process exists, it stops the process (SIGTERM, up to
     :data:`SPAWN_ABORT_GRACE` s, SIGKILL, reap; shielded, so at most that
-    plus 5 s) before the exception propagates.
+    plus 5 s) before the exception propagates.  ``spawner``: the OS (tests
+    pass a fake one).
     """
     full_env = dict(os.environ)
     if env:
         full_env.update(env)
     try:
-        proc = await trio.lowlevel.open_process(
-            list(argv),
+        proc = await spawner.open_process(
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -185,14 +231,14 @@ async def start_helper(
         raise HostError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
     # No checkpoint between the spawn and here: the helper is watched (so
     # reaped) and its output pumped before anything can be cancelled.
-    helper = HelperProcess(proc, argv, log)
+    helper = HelperProcess(proc, argv, log, spawner)
     nursery.start_soon(helper._shielded, helper._watch)
     for stream, label in ((proc.stdout, "out"), (proc.stderr, "err")):
         if stream is not None:
             helper._open_pumps += 1
             nursery.start_soon(helper._shielded, helper._pump, stream, label)
     try:
-        helper.start_time = await trio.to_thread.run_sync(process_start_time, proc.pid)
+        helper.start_time = await spawner.start_time(proc.pid)
     except BaseException:
         # Cancelled (a stop, a reload) or failed after the spawn: the caller
         # never gets the handle, so the helper must not outlive this call.

@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import os
 import re
+import shutil
 import socket
 import struct
 import subprocess
@@ -38,7 +39,7 @@ from typing import Literal, TypeAlias
 import attrs
 import trio
 
-from .._bounded import bounded
+from .._bounded import bounded, deadline
 from .._errors import HostError
 from ..config.ifname import is_valid_ifname
 
@@ -214,25 +215,49 @@ def header_for_version(text: str) -> TunHeader | None:
     return "pi" if int(m.group(1)) <= _LAST_PI_RELEASE else "none"
 
 
+#: :func:`detect_header`'s answers for the life of the process, per helper
+#: binary as it is on disk: (path, device, inode, size, mtime).  A helper
+#: replaced by an upgrade is asked again.
+_HEADERS: dict[tuple[str, int, int, int, int], TunHeader] = {}
+
+
+def _binary_identity(program: str) -> tuple[str, int, int, int, int] | None:
+    """What identifies the file ``program`` runs (found as exec would find
+    it), or None when it cannot be found."""
+    path = program if "/" in program else shutil.which(program)
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 async def detect_header(program: str, *, timeout: float = DEFAULT_TIMEOUT) -> TunHeader:
     """The framing helper ``program`` expects on a TUN fd it is handed.
 
     For wireguard-go, runs ``program --version`` (bounded by ``timeout``)
-    and decides by release; any other program, or a version not recognised,
-    gets ``"none"`` (``IFF_NO_PI``, what current helpers expect).  Raises
-    :class:`HostError` if wireguard-go cannot be run.  Cancellable (the
-    process is killed).
+    and decides by release, once per binary (see :data:`_HEADERS`: every
+    ``tunsup up`` used to start a process for this); any other program, or a
+    version not recognised, gets ``"none"`` (``IFF_NO_PI``, what current
+    helpers expect).  Raises :class:`HostError` if wireguard-go cannot be
+    run.  Cancellable (the process is killed).
     """
     if not os.path.basename(program).startswith("wireguard-go"):
         return "none"
+    identity = await bounded(timeout, f"find {program}", _binary_identity, program)
+    if identity is not None and identity in _HEADERS:
+        return _HEADERS[identity]
     try:
-        with trio.fail_after(timeout):
+        with deadline(timeout, f"{program} --version: no answer within {timeout:g} s"):
             done = await trio.run_process(
                 [program, "--version"], capture_stdout=True, stderr=subprocess.DEVNULL,
                 stdin=subprocess.DEVNULL, check=False,
                 env={**os.environ, "WG_PROCESS_FOREGROUND": "1"})
-    except trio.TooSlowError:
-        raise HostError(f"{program} --version: no answer within {timeout:g} s") from None
     except OSError as exc:
         raise HostError(f"cannot run {program} --version: {exc.strerror or exc}") from None
-    return header_for_version(done.stdout.decode("utf-8", "replace")) or "none"
+    header: TunHeader = header_for_version(done.stdout.decode("utf-8", "replace")) or "none"
+    if identity is not None and done.returncode == 0:
+        _HEADERS[identity] = header
+    return header

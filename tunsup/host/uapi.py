@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 import attrs
 import trio
 
+from .._bounded import deadline
 from .._errors import HostError
 from ..config.ifname import is_valid_ifname
 from ..config.keys import Key
@@ -164,6 +165,54 @@ def render_set(spec: TunnelSpec, endpoints: Mapping[Key, tuple[str, int]]) -> by
 
 
 # ---------------------------------------------------------------------- parse
+
+
+_ZERO_KEY = "0" * 64
+
+
+def render_change(old: TunnelSpec, new: TunnelSpec,
+                  old_endpoints: Mapping[Key, tuple[str, int]],
+                  new_endpoints: Mapping[Key, tuple[str, int]]) -> bytes | None:
+    """The ``set=1`` request that turns a device configured as ``old``
+    into ``new`` without touching what is the same (``wg syncconf``):
+    changed device keys, ``remove=true`` for each peer gone, and for each
+    peer added or changed its whole state (``replace_allowed_ips=true``).
+    ``fwmark`` is taken from the specs as given.  None when nothing
+    differs.  Swapping the arguments gives the inverse request.
+
+    A WireGuard device cannot forget a peer's endpoint: a peer whose
+    endpoint line was removed keeps the last one it had."""
+    lines = ["set=1"]
+    if old.private_key != new.private_key:
+        lines.append("private_key=" + (new.private_key.hex() if new.private_key else _ZERO_KEY))
+    if old.listen_port != new.listen_port:
+        lines.append(f"listen_port={new.listen_port or 0}")
+    if (old.fwmark or 0) != (new.fwmark or 0):
+        lines.append(f"fwmark={new.fwmark or 0}")
+    before = {p.public_key: p for p in old.peers}
+    after = {p.public_key for p in new.peers}
+    for peer in old.peers:
+        if peer.public_key not in after:
+            lines += [f"public_key={peer.public_key.hex()}", "remove=true"]
+    for index, peer in enumerate(new.peers, 1):
+        was = before.get(peer.public_key)
+        resolved = new_endpoints.get(peer.public_key)
+        if (was is not None and was.preshared_key == peer.preshared_key
+                and was.allowed_ips == peer.allowed_ips
+                and was.persistent_keepalive == peer.persistent_keepalive
+                and old_endpoints.get(peer.public_key) == resolved):
+            continue
+        lines.append(f"public_key={peer.public_key.hex()}")
+        lines.append("preshared_key=" + (peer.preshared_key.hex() if peer.preshared_key
+                                         else _ZERO_KEY))
+        if resolved is not None:
+            lines.append(f"endpoint={_format_endpoint(*resolved, index)}")
+        lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive or 0}")
+        lines.append("replace_allowed_ips=true")
+        lines.extend(f"allowed_ip={net}" for net in peer.allowed_ips)
+    if len(lines) == 1:
+        return None
+    return ("\n".join(lines) + "\n\n").encode("ascii")
 
 
 def render_endpoint_update(public_key: Key, host: str, port: int) -> bytes:
@@ -392,11 +441,8 @@ async def uapi_set(path: str, request: bytes, *, timeout: float) -> None:
     """
     if not request.startswith(b"set=1\n") or not request.endswith(b"\n\n"):
         raise ValueError("a UAPI set request starts with 'set=1' and ends with a blank line")
-    try:
-        with trio.fail_after(timeout):
-            reply = await _exchange(path, request, "set")
-    except trio.TooSlowError:
-        raise UapiError(f"UAPI socket {path} did not answer within {timeout:g}s") from None
+    with deadline(timeout, f"UAPI socket {path} did not answer within {timeout:g}s", UapiError):
+        reply = await _exchange(path, request, "set")
     _check_errno(_reply_lines(reply), "set")
     log.debug("uapi set on %s: ok (%d bytes sent)", path, len(request))
 
@@ -413,11 +459,8 @@ async def uapi_get(path: str, *, timeout: float) -> DeviceStatus:
     propagates as ``trio.Cancelled`` (the connection is closed; a parse
     under way is abandoned); ``get`` has no side effects on the device.
     """
-    try:
-        with trio.fail_after(timeout):
-            reply = await _exchange(path, b"get=1\n\n", "get")
-    except trio.TooSlowError:
-        raise UapiError(f"UAPI socket {path} did not answer within {timeout:g}s") from None
+    with deadline(timeout, f"UAPI socket {path} did not answer within {timeout:g}s", UapiError):
+        reply = await _exchange(path, b"get=1\n\n", "get")
     if len(reply) > PARSE_IN_THREAD:
         return await trio.to_thread.run_sync(parse_get, reply, abandon_on_cancel=True)
     return parse_get(reply)

@@ -38,17 +38,22 @@ import os
 import signal
 import socket
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
 
 import attrs
 import trio
 
+from tunsup._errors import HostError
 from tunsup.config.keys import Key
 from tunsup.config.spec import IPAddress, IPInterface, IPNetwork, PeerSpec, TunnelSpec
-from tunsup.host import Host, PolicyRule, RouteBatchResult
-from tunsup.host.process import describe_exit
+from tunsup.host import Host, PolicyRule, RouteBatchResult, process
+from tunsup.host.process import HelperProcess, describe_exit
 from tunsup.host.tun import TunDevice
+
+T = TypeVar("T")
+S = TypeVar("S")
+P = ParamSpec("P")
 
 PEER = Key.generate_private().public_key()
 
@@ -65,6 +70,51 @@ class FakeLink:
     persistent: bool = False
 
 
+FaultKind = Literal["errno", "hang", "delay", "applied-hang", "applied-errno"]
+#: Fault kinds that fire after the operation took effect.
+AFTER = ("applied-hang", "applied-errno")
+
+
+def _failure(name: str, fault: Fault) -> HostError:
+    return HostError(f"{name}: injected fault: {os.strerror(fault.errno)}")
+
+
+async def _fire(fault: Fault | None, name: str) -> None:
+    """What ``fault`` does to operation ``name`` (before it, or for the
+    AFTER kinds, after it).  Cancellation: a checkpoint; "hang" waits until
+    cancelled, "delay" is cancellable during its sleep."""
+    if fault is None:
+        await trio.lowlevel.checkpoint()
+    elif fault.kind in ("errno", "applied-errno"):
+        await trio.lowlevel.checkpoint()
+        raise _failure(name, fault)
+    elif fault.kind in ("hang", "applied-hang"):
+        await trio.sleep_forever()
+    else:
+        await trio.sleep(fault.delay)
+
+
+def operation(fn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
+              ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
+    """A host operation named like ``fn``: recorded in ``ops`` and subject
+    to ``faults`` (before it runs, or after it took effect)."""
+    name = fn.__name__
+
+    async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        net: FakeNet = self if isinstance(self, FakeNet) else cast(Any, self).net
+        fault = net.fault_for(name)
+        if fault is None or fault.kind not in AFTER:
+            await _fire(fault, name)
+            return await fn(self, *args, **kwargs)
+        result = await fn(self, *args, **kwargs)
+        net.applied_then_failed.append(name)
+        await _fire(fault, name)
+        return result
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
 @attrs.define
 class Fault:
     """Make a host operation misbehave.
@@ -72,13 +122,17 @@ class Fault:
     Matches operations named ``op`` (every operation when None); fires on
     the ``nth`` match (1-based; every match when None), at most ``times``
     times (unlimited when None).  ``kind``: "errno" raises
-    ``OSError(errno)``, "hang" waits until cancelled, "delay" sleeps
-    ``delay`` seconds (virtual under MockClock) and then proceeds.
+    :class:`~tunsup.HostError` (what the real netlink worker raises) naming
+    ``errno``, "hang" waits until cancelled, "delay" sleeps ``delay``
+    seconds (virtual under MockClock) and then proceeds; "applied-hang" and
+    "applied-errno" make the change first, then hang until cancelled or
+    raise (a netlink request the kernel applied while the worker's answer
+    was lost or timed out: what ``abort`` exists for).
     """
 
     op: str | None = None
     nth: int | None = None
-    kind: Literal["errno", "hang", "delay"] = "errno"
+    kind: FaultKind = "errno"
     errno: int = errno_mod.EIO
     delay: float = 1.0
     times: int | None = 1
@@ -116,22 +170,23 @@ class FakeNet:
         self.unreachable: set[tuple[int, IPNetwork]] = set()
         self.policy_rules: list[PolicyRule] = []
         self.sysctls: dict[str, str] = {}
+        #: (operation, fault kind) of every fault that fired, in order.
+        self.fired: list[tuple[str, str]] = []
+        #: Operations that took effect and then failed or hung.
+        self.applied_then_failed: list[str] = []
 
-    async def op(self, name: str) -> None:
-        """Record operation ``name`` and apply the first matching fault.
-        Cancellation: a checkpoint; a "hang" fault waits until cancelled,
-        a "delay" fault is cancellable during its sleep."""
+    def fault_for(self, name: str) -> Fault | None:
+        """Record operation ``name``; the first matching fault that fires."""
         self.ops.append(name)
         fault = next((f for f in self.faults if f.matches(name)), None)
-        if fault is None:
-            await trio.lowlevel.checkpoint()
-        elif fault.kind == "errno":
-            await trio.lowlevel.checkpoint()
-            raise OSError(fault.errno, f"injected fault in {name}: {os.strerror(fault.errno)}")
-        elif fault.kind == "hang":
-            await trio.sleep_forever()
-        else:
-            await trio.sleep(fault.delay)
+        if fault is not None:
+            self.fired.append((name, fault.kind))
+        return fault
+
+    async def op(self, name: str) -> None:
+        """Record operation ``name`` and apply the first matching fault
+        (before it).  Cancellation: see :func:`_fire`."""
+        await _fire(self.fault_for(name), name)
 
     def state(self) -> dict[str, Any]:
         """What must be back to the start when the engine returns."""
@@ -150,30 +205,30 @@ class FakeNet:
     def by_name(self, name: str) -> FakeLink | None:
         return next((lk for lk in self.links.values() if lk.name == name), None)
 
+    @operation
     async def link_index(self, name: str) -> int | None:
-        await self.op("link_index")
         link = self.by_name(name)
         return link.index if link else None
 
+    @operation
     async def link_name(self, index: int) -> str | None:
-        await self.op("link_name")
         link = self.links.get(index)
         return link.name if link else None
 
+    @operation
     async def set_link_up(self, index: int, up: bool, *, name: str | None = None) -> bool:
-        await self.op("set_link_up")
         link = self.links.get(index)
         if link is None or (name is not None and link.name != name):
             return False
         link.up = up
         return True
 
+    @operation
     async def set_mtu(self, index: int, mtu: int) -> None:
-        await self.op("set_mtu")
         self.links[index].mtu = mtu
 
+    @operation
     async def delete_link(self, index: int, name: str) -> bool:
-        await self.op("delete_link")
         link = self.links.get(index)
         if link is None or link.name != name:
             return False
@@ -181,45 +236,48 @@ class FakeNet:
         self.deleted.append(name)
         return True
 
+    @operation
     async def add_address(self, index: int, iface: IPInterface) -> bool:
-        await self.op("add_address")
         link = self.links[index]
         if iface in link.addresses:
             return False
         link.addresses.add(iface)
         return True
 
+    @operation
     async def delete_address(self, index: int, iface: IPInterface) -> bool:
-        await self.op("delete_address")
         link = self.links.get(index)
         if link is None or iface not in link.addresses:
             return False
         link.addresses.discard(iface)
         return True
 
+    @operation
     async def route_mtu(self, dst: IPAddress | None) -> int | None:
-        await self.op("route_mtu")
         return 1500
 
+    @operation
     async def link_routes(self, index: int, table: int) -> list[IPNetwork]:
-        await self.op("link_routes")
         link = self.links[index]
         return [a.network for a in link.addresses] if table == 254 else []
 
+    @operation
     async def add_routes(self, index: int, prefixes: Sequence[IPNetwork], *,
                          table: int, metric: int | None = None) -> RouteBatchResult:
-        await self.op("add_routes")
         if index == 0:  # unreachable routes (kill switch): not on any link
+            # As the kernel: one that is already there is not added again.
+            existed = tuple(net for net in prefixes if (table, net) in self.unreachable)
             self.unreachable |= {(table, net) for net in prefixes}
-            return RouteBatchResult(added=tuple(prefixes), existed=())
+            return RouteBatchResult(added=tuple(n for n in prefixes if n not in existed),
+                                    existed=existed)
         link = self.links[index]
         for net in prefixes:
             link.routes.add((table, net))
         return RouteBatchResult(added=tuple(prefixes), existed=())
 
+    @operation
     async def delete_routes(self, index: int, prefixes: Sequence[IPNetwork], *,
                             table: int, metric: int | None = None) -> int:
-        await self.op("delete_routes")
         if index == 0:
             before = len(self.unreachable)
             self.unreachable -= {(table, net) for net in prefixes}
@@ -231,40 +289,40 @@ class FakeNet:
         link.routes -= {(table, net) for net in prefixes}
         return before - len(link.routes)
 
+    @operation
     async def connected_networks(self) -> list[tuple[IPNetwork, str, int]]:
-        await self.op("connected_networks")
         return []
 
+    @operation
     async def rules(self, family: int) -> list[PolicyRule]:
-        await self.op("rules")
         return sorted((r for r in self.policy_rules if r.family == family),
                       key=lambda r: r.priority)
 
+    @operation
     async def add_rule(self, rule: PolicyRule) -> bool:
-        await self.op("add_rule")
         if rule in self.policy_rules:
             return False
         self.policy_rules.append(rule)
         return True
 
+    @operation
     async def delete_rule(self, rule: PolicyRule) -> bool:
-        await self.op("delete_rule")
         if rule not in self.policy_rules:
             return False
         self.policy_rules.remove(rule)
         return True
 
+    @operation
     async def table_in_use(self, table: int) -> bool:
-        await self.op("table_in_use")
         return any(t == table for link in self.links.values() for t, _ in link.routes) or any(
             r.table == table for r in self.policy_rules)
 
+    @operation
     async def read_sysctl(self, key: str) -> str:
-        await self.op("read_sysctl")
         return self.sysctls.get(key, "0")
 
+    @operation
     async def write_sysctl(self, key: str, value: str) -> None:
-        await self.op("write_sysctl")
         self.sysctls[key] = value
 
     async def close(self) -> None:
@@ -284,10 +342,49 @@ class Behaviour(enum.Enum):
     SLOW = "slow"
 
 
+class FakePipe(trio.abc.ReceiveStream):
+    """A helper's stdout or stderr: lines written by the fake, EOF once it
+    exits (as a pipe reaches EOF when the process dies)."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._closed = False
+        self._changed = trio.Event()
+
+    def write(self, data: bytes) -> None:
+        if not self._closed:
+            self._data += data
+            self._changed.set()
+
+    def close_write(self) -> None:
+        self._closed = True
+        self._changed.set()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Cancellation: waits (cancellably) for data or EOF."""
+        while not self._data and not self._closed:
+            self._changed = trio.Event()
+            await self._changed.wait()
+        await trio.lowlevel.checkpoint()
+        n = len(self._data) if max_bytes is None else max_bytes
+        chunk = bytes(self._data[:n])
+        del self._data[:n]
+        return chunk
+
+    async def aclose(self) -> None:
+        self.close_write()
+        await trio.lowlevel.checkpoint()
+
+
 class FakeHelper:
-    """Stands in for wireguard-go.  Its pid is the test process's own (the
-    tunnel checks the UAPI socket's SO_PEERCRED against it), so ``signal``
-    must never reach the OS: it only changes this object."""
+    """Stands in for a wireguard-go *process*: the operating system side of
+    :class:`tunsup.host.process.HelperProcess`, which runs unchanged on top
+    of it (spawn, watcher, log pumps, TERM -> grace -> KILL, reap).  Its pid
+    is the test process's own (the tunnel checks the UAPI socket's
+    SO_PEERCRED against it), so signals never reach the OS: the fake's
+    spawner delivers them here (:meth:`signal`)."""
+
+    _start_times = iter(range(1_000_000, 10**9))
 
     def __init__(self, host: FakeHost, argv: Sequence[str], env: dict[str, str],
                  pass_fds: Sequence[int], behaviour: Behaviour) -> None:
@@ -298,11 +395,20 @@ class FakeHelper:
         self.behaviour = behaviour
         self.pid = os.getpid()
         self.started_at = trio.current_time()
-        self.start_time: int | None = None
+        #: Unique per fake: tells the engine's records of helpers apart.
+        self.start_time: int | None = next(FakeHelper._start_times)
         self.returncode: int | None = None
         self.exited = trio.Event()
+        #: When the process ended, and whether it ended by a signal it was
+        #: sent (else it died on its own).
+        self.died_at: float | None = None
+        self.killed = False
+        #: Whether its exit status was collected (``wait`` returned).
+        self.reaped = False
         self.signals: list[signal.Signals] = []
         self.tail: collections.deque[str] = collections.deque(maxlen=20)
+        self.stdout = FakePipe()
+        self.stderr = FakePipe()
         self.ifname = self.argv[-1]
         self.owned_tun = "WG_TUN_FD" in env
         self._server_scope = trio.CancelScope()
@@ -310,6 +416,8 @@ class FakeHelper:
         self.mute = behaviour is Behaviour.MUTE
         #: Ignores SIGTERM (only SIGKILL ends it), like a wedged helper.
         self.ignore_term = False
+        #: Stuck in the kernel: not even SIGKILL ends it.
+        self.unkillable = False
 
     @property
     def sock_path(self) -> str:
@@ -318,23 +426,27 @@ class FakeHelper:
     def describe_exit(self) -> str:
         return describe_exit(self.argv[0], self.pid, self.returncode, self.tail)
 
+    # --- the process interface HelperProcess uses ---------------------------
+
+    async def wait(self) -> int:
+        """Wait for the exit and collect the status (the reap).
+        Cancellation: cancellable until the exit."""
+        await self.exited.wait()
+        assert self.returncode is not None
+        self.reaped = True
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self.signal(signal.Signals(sig))
+
     def signal(self, sig: signal.Signals) -> None:
+        """The signal arrives (delivered by the fake spawner)."""
         self.signals.append(sig)
-        if self.exited.is_set():
+        if self.exited.is_set() or self.unkillable:
             return
         if sig == signal.SIGKILL or (sig == signal.SIGTERM and not self.ignore_term):
+            self.killed = True
             self.die(-int(sig))
-
-    async def stop(self, grace: float) -> bool:
-        """SIGTERM, wait up to ``grace``, then SIGKILL.  Cancellation: ends
-        the wait early; nothing is left half done."""
-        if not self.exited.is_set():
-            self.signal(signal.SIGTERM)
-            with trio.move_on_after(grace):
-                await self.exited.wait()
-        if not self.exited.is_set():
-            self.signal(signal.SIGKILL)
-        return True
 
     def close(self) -> None:
         pass
@@ -346,12 +458,16 @@ class FakeHelper:
             return
         if line:
             self.tail.append(line)
+            self.stderr.write(line.encode() + b"\n")
+        self.stdout.close_write()
+        self.stderr.close_write()
         self._server_scope.cancel()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock_path)
         if self._link is not None:
             self.host.net.links.pop(self._link, None)
         self.returncode = returncode
+        self.died_at = trio.current_time()
         self.exited.set()
         self.host.alive.discard(self)
 
@@ -404,6 +520,7 @@ class FakeHelper:
                     return
                 buf += chunk
             self.host.requests.append(buf.split(b"\n", 1)[0].decode())
+            self.host.bodies.append(buf.decode())
             if buf.startswith(b"get=1") and self.mute:
                 await trio.sleep_forever()
             if buf.startswith(b"get=1"):
@@ -416,6 +533,61 @@ class FakeHelper:
                 await stream.send_all(reply.encode())
 
 
+class _Spawner(process.Spawner):
+    """The OS boundary for one fake helper process (its signals go to it)."""
+
+    def __init__(self, host: FakeHost, nursery: trio.Nursery) -> None:
+        self.host = host
+        self.nursery = nursery
+        self.helper: FakeHelper | None = None
+
+    async def open_process(self, argv: Sequence[str], **options: Any) -> process.Process:
+        """Spawn a fake helper.  Cancellation: never (no checkpoint before
+        the process exists: like the real spawn, it is all or nothing)."""
+        host = self.host
+        own = host.plans.get(argv[-1])
+        behaviour = (own.pop(0) if own else host.plan.pop(0) if host.plan
+                     else host.default)
+        env = dict(options.get("env") or {})
+        helper = FakeHelper(host, argv, env, options.get("pass_fds", ()), behaviour)
+        self.helper = helper
+        host.started.append(helper)
+        host.alive.add(helper)
+        await helper.start(self.nursery)
+        return helper
+
+    def signal_group(self, pgid: int, sig: signal.Signals) -> None:
+        """Deliver ``sig``.  Faults (operation "signal_helper"): "hang" makes
+        the process unkillable (stuck in the kernel), "delay" makes it so
+        for ``delay`` seconds (then the signals it got take effect)."""
+        helper = self.helper
+        assert helper is not None
+        fault = self.host.net.fault_for("signal_helper")
+        if fault is not None and not helper.exited.is_set():
+            helper.unkillable = True
+            if fault.kind == "delay":
+                self.nursery.start_soon(self._wake, helper, fault.delay)
+        helper.signal(sig)
+
+    async def _wake(self, helper: FakeHelper, delay: float) -> None:
+        """The process leaves the kernel after ``delay``: the OS's doing,
+        which no cancellation of tunsup's tasks interrupts."""
+        with trio.CancelScope(shield=True):
+            await trio.sleep(delay)
+        helper.unkillable = False
+        if signal.SIGKILL in helper.signals or (
+                signal.SIGTERM in helper.signals and not helper.ignore_term):
+            helper.killed = True
+            helper.die(-int(helper.signals[-1]))
+
+    async def start_time(self, pid: int) -> int | None:
+        """Faults: operation "start_time" (e.g. a hang: the start is then
+        cancelled after the spawn)."""
+        await self.host.net.op("start_time")
+        assert self.helper is not None
+        return self.helper.start_time
+
+
 class FakeHost:
     """A :class:`Host` whose helpers follow ``plan`` (one behaviour per
     start, then ``default``)."""
@@ -424,11 +596,15 @@ class FakeHost:
         self.net = FakeNet()
         self.uapi_dir = uapi_dir
         self.plan: list[Behaviour] = []
+        #: Behaviours of the next helpers of one interface (before ``plan``).
+        self.plans: dict[str, list[Behaviour]] = {}
         self.default = Behaviour.OK
         self.started: list[FakeHelper] = []
         self.alive: set[FakeHelper] = set()
         self.hooks: list[str] = []
         self.requests: list[str] = []
+        #: The whole text of every UAPI request, in order.
+        self.bodies: list[str] = []
         self.tun_fds: set[int] = set()
         #: Start delay of SLOW helpers (seconds).
         self.slow_start = 1.0
@@ -451,59 +627,62 @@ class FakeHost:
         """Every host operation so far, by name."""
         return self.net.ops
 
+    @operation
     async def start_helper(self, nursery: trio.Nursery, argv: Sequence[str], *,
                            log: logging.Logger, env: dict[str, str] | None = None,
-                           pass_fds: Sequence[int] = ()) -> FakeHelper:
-        """Start a fake helper following ``plan`` (then ``default``).
-        Cancellation: at the operation's checkpoint (or fault), before the
-        helper exists; never once it is started."""
-        await self.net.op("start_helper")
-        behaviour = self.plan.pop(0) if self.plan else self.default
-        helper = FakeHelper(self, argv, dict(env or {}), pass_fds, behaviour)
-        self.started.append(helper)
-        self.alive.add(helper)
-        await helper.start(nursery)
-        return helper
+                           pass_fds: Sequence[int] = ()) -> HelperProcess:
+        """tunsup's own :func:`~tunsup.host.process.start_helper` over a fake
+        process following ``plan`` (then ``default``).  Cancellation: as
+        the real one (a fault before the spawn: nothing exists yet)."""
+        return await process.start_helper(nursery, argv, log=log, env=env, pass_fds=pass_fds,
+                                          spawner=_Spawner(self, nursery))
 
+    @operation
     async def run_hook(self, command: str, log: logging.Logger, timeout: float, *,
                        started: Callable[[int, int | None], Awaitable[None]] | None = None,
                        ) -> None:
         """Record ``command`` (no process: ``started`` is not called).
         Cancellation: at the operation's checkpoint."""
-        await self.net.op("run_hook")
         self.hooks.append(command)
 
     def no_dns(self, kind: str) -> Any:
         raise AssertionError("no DNS in these tests")
 
+    @operation
     async def create_tun(self, name: str, *, packet_info: bool = False) -> TunDevice:
         """A persistent TUN link and a fake fd.  Cancellation: at the
         operation's checkpoint, before anything is created."""
-        await self.net.op("create_tun")
         index = self.net.create(name, persistent=True)
         self._next_fd += 1
         self.tun_fds.add(self._next_fd)
         return TunDevice(name, index, self._next_fd)
 
+    @operation
     async def close_tun(self, fd: int) -> None:
         """Forget the fd.  Cancellation: at the operation's checkpoint,
         before the fd is closed."""
-        await self.net.op("close_tun")
         self.tun_fds.remove(fd)
 
 
 def spec(name: str = "wgt0", *, post_up: tuple[str, ...] = ()) -> TunnelSpec:
+    """A tunnel whose ListenPort and AllowedIPs are its own (tunnels of one
+    service must not conflict): ``wgt0`` gets 51820 and 198.51.100.0/24,
+    ``wgtN`` 51820 + N and 10.100.0.0/24 + N (others by a hash of the name)."""
     import ipaddress
+    import zlib
 
+    digits = name[len(name.rstrip("0123456789")):]
+    n = int(digits) if digits else 1 + zlib.crc32(name.encode()) % 10000
+    allowed = (ipaddress.ip_network("198.51.100.0/24") if n == 0
+               else ipaddress.ip_network((0x0A640000 + 256 * n, 24)))
     return TunnelSpec(
         name=name, source=f"/fake/{name}.conf",
         private_key=Key.generate_private(),
         addresses=(ipaddress.ip_interface("10.9.0.1/24"),),
-        listen_port=51820,
+        listen_port=51820 + n,
         post_up=post_up,
         pre_down=("echo down",) if post_up else (),
-        peers=(PeerSpec(public_key=PEER,
-                        allowed_ips=(ipaddress.ip_network("198.51.100.0/24"),)),),
+        peers=(PeerSpec(public_key=PEER, allowed_ips=(allowed,)),),
     )
 
 

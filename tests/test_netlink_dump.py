@@ -1,0 +1,131 @@
+"""Route dumps decoded without pyroute2 (tunsup.host._rtnl.dump_routes)
+behind NetlinkHost.link_routes / connected_networks, in a scratch namespace."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+from collections.abc import Callable
+
+import trio
+
+from tunsup.host import _rtnl
+from tunsup.host.netlink import NetlinkHost
+from tunsup.testing import netns as _netns
+
+
+def net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text)
+
+
+def test_link_routes_and_connected_networks(netns: Callable[[str], str]) -> None:
+    ns = netns("dmp")
+
+    def ip(*args: str) -> str:
+        return _netns.ip(*args, ns=ns)
+
+    for dev in ("d0", "d1"):
+        ip("tuntap", "add", dev, "mode", "tun")
+        ip("link", "set", dev, "up")
+    ip("addr", "add", "192.0.2.1/24", "dev", "d0")
+    ip("-6", "addr", "add", "2001:db8::1/64", "dev", "d0", "nodad")
+    ip("addr", "add", "10.9.0.1/16", "dev", "d1")
+    ip("route", "add", "198.51.100.0/24", "dev", "d0")
+    ip("route", "add", "203.0.113.0/24", "dev", "d0", "table", "1000")
+    ip("-6", "route", "add", "2001:db8:1::/48", "dev", "d0", "table", "1000")
+    ip("route", "add", "unreachable", "10.8.0.0/16")
+    ip("route", "add", "0.0.0.0/0", "dev", "d0", "table", "1000")
+    # Enough routes on another link for several datagrams of dump.
+    batch = "".join(f"route add 10.{i // 250 + 100}.{i % 250}.0/24 dev d1\n"
+                    for i in range(3000))
+    _netns.run_in_netns(ns, lambda: _rtnl.add_routes(
+        socket.if_nametoindex("d1"),
+        [net(line.split()[2]) for line in batch.splitlines()], table=254))
+
+    async def main() -> tuple[list[object], list[object], list[object], int]:
+        host = NetlinkHost()
+        try:
+            d0 = socket.if_nametoindex("d0")
+            main_routes = await host.link_routes(d0, 254)
+            table_routes = await host.link_routes(d0, 1000)
+            connected = await host.connected_networks()
+        finally:
+            await host.close()
+        return list(main_routes), list(table_routes), list(connected), d0
+
+    main_routes, table_routes, connected, d0 = _netns.run_in_netns(ns, lambda: trio.run(main))
+    # What `ip` shows (any fe80::/64 included) is what link_routes says.
+    shown = {net(r["dst"] if r["dst"] != "default" else f"{zero}/0")
+             for v, zero in (("-4", "0.0.0.0"), ("-6", "::"))
+             for r in json.loads(ip(v, "-j", "route", "show", "table", "254", "dev", "d0",
+                                    "type", "unicast"))}
+    assert {net("192.0.2.0/24"), net("198.51.100.0/24"), net("2001:db8::/64")} <= shown
+    assert sorted(main_routes, key=str) == sorted(shown, key=str)
+    assert set(table_routes) == {net("203.0.113.0/24"), net("2001:db8:1::/48"),
+                                 net("0.0.0.0/0")}
+    d1 = _netns.run_in_netns(ns, lambda: socket.if_nametoindex("d1"))
+    assert sorted(connected, key=str) == sorted([
+        (net("192.0.2.0/24"), "d0", d0), (net("2001:db8::/64"), "d0", d0),
+        (net("10.9.0.0/16"), "d1", d1)], key=str)
+
+
+OPS = """
+import ipaddress, json, socket, sys
+import trio
+from tunsup.host.netlink import NetlinkHost
+from tunsup.testing import netns as _netns
+
+NS = sys.argv[1]
+
+async def main():
+    host = NetlinkHost()
+    out = {}
+    try:
+        i = await host.link_index("t0")
+        out["index"] = i == socket.if_nametoindex("t0")
+        out["name"] = await host.link_name(i)
+        out["missing"] = [await host.link_index("nope0"), await host.link_name(99999)]
+        await host.set_mtu(i, 1333)
+        out["up"] = await host.set_link_up(i, True)
+        out["up_wrong_name"] = await host.set_link_up(i, True, name="other")
+        a = ipaddress.ip_interface("10.77.0.1/24")
+        b = ipaddress.ip_interface("fd77::1/64")
+        out["add"] = [await host.add_address(i, a), await host.add_address(i, a),
+                      await host.add_address(i, b)]
+        out["mtu_via_link"] = await host.route_mtu(ipaddress.ip_address("10.77.0.9"))
+        out["mtu_none"] = await host.route_mtu(ipaddress.ip_address("192.0.2.9"))
+        out["default_mtu"] = await host.route_mtu(None)
+        out["del"] = [await host.delete_address(i, a), await host.delete_address(i, a)]
+        out["del_link"] = [await host.delete_link(i, "wrong"), await host.delete_link(i, "t0"),
+                           await host.delete_link(i, "t0")]
+        out["gone"] = await host.link_index("t0")
+    finally:
+        await host.close()
+    return out
+
+out = _netns.run_in_netns(NS, lambda: trio.run(main))
+out["pyroute2"] = "pyroute2" in sys.modules
+print(json.dumps(out))
+"""
+
+
+def test_link_and_address_calls_without_pyroute2(netns: Callable[[str], str]) -> None:
+    """Links, MTU, addresses and route lookups of a bring-up and teardown
+    work, with their ownership answers, and never import pyroute2."""
+    import subprocess
+    import sys
+
+    ns = netns("nlo")
+    _netns.ip("tuntap", "add", "t0", "mode", "tun", ns=ns)
+    _netns.ip("link", "set", "lo", "up", ns=ns)
+    done = subprocess.run([sys.executable, "-c", OPS, ns], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out == {
+        "index": True, "name": "t0", "missing": [None, None], "up": True,
+        "up_wrong_name": False, "add": [True, False, True], "mtu_via_link": 1333,
+        "mtu_none": None, "default_mtu": None, "del": [True, False],
+        "del_link": [False, True, False], "gone": None, "pyroute2": False,
+    }

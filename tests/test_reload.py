@@ -1,0 +1,291 @@
+"""Reload in place (issue 14), against the in-memory host of ``fakehost``
+under ``MockClock``: the diff, the in-place effects and their order, the
+rollback of a failed in-place step, and a rebuild that holds the tunnel's
+prefixes until the new tunnel routes them."""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from tunsup import ExitCode
+from tunsup.config.keys import Key
+from tunsup.config.spec import Endpoint, PeerSpec, TunnelSpec
+from tunsup.engine.reload import rebuild_reason
+from tunsup.engine.supervisor import Change, ChangeFailed, StartFailed, Supervisor
+from tunsup.engine.tunnel import Tunnel, TunnelOptions, TunnelState
+from tunsup.host import uapi
+from tunsup.testing import Behaviour, FakeHost, spec, uapi_dir
+from tunsup.testing.fakehost import PEER, Fault
+
+from .test_supervision import assert_host_restored, options
+
+net = ipaddress.ip_network
+OTHER = Key.generate_private().public_key()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeHost]:
+    with uapi_dir() as path:
+        yield FakeHost(path)
+
+
+def with_allowed(base: TunnelSpec, *prefixes: str) -> TunnelSpec:
+    peer = attrs.evolve(base.peers[0], allowed_ips=tuple(net(p) for p in prefixes))
+    return attrs.evolve(base, peers=(peer,))
+
+
+def routes(fake: FakeHost, name: str = "wgt0") -> set[tuple[int, Any]]:
+    link = fake.net.by_name(name)
+    assert link is not None
+    return set(link.routes)
+
+
+def run_changes(fake: FakeHost, base: TunnelSpec, opts: TunnelOptions, steps: list[Any]
+                ) -> tuple[ExitCode, list[Any]]:
+    """Run ``base``; for each step (a spec, or a (spec, options) pair, or a
+    callable taking the supervisor) call ``add`` and record its result or
+    error with the host's routes after it; then stop."""
+    seen: list[Any] = []
+
+    async def main() -> ExitCode:
+        tunnel = Tunnel(base, fake.host, opts)
+        sup = Supervisor([tunnel], fake.host, handle_signals=False, persistent=True)
+        result: dict[str, ExitCode] = {}
+        async with trio.open_nursery() as nursery:
+            async def runner() -> None:
+                result["code"] = await sup.run()
+
+            nursery.start_soon(runner)
+            await sup.ready.wait()
+            for step in steps:
+                if callable(step):
+                    got: Any = await step(sup)
+                    seen.append(got)
+                    continue
+                new, new_opts = step if isinstance(step, tuple) else (step, opts)
+                try:
+                    got = await sup.add(new, new_opts)
+                except Exception as exc:
+                    got = exc
+                link = fake.net.by_name(base.name)
+                seen.append((got, set(link.routes) if link else None,
+                             len(fake.started), copy.deepcopy(fake.net.state())))
+            sup.stop("test over")
+        return result["code"]
+
+    code = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return code, seen
+
+
+# ------------------------------------------------------------------ the diff
+
+
+def test_render_change_sends_only_what_differs_and_swapping_gives_the_inverse() -> None:
+    old = with_allowed(spec(), "198.51.100.0/24")
+    new = with_allowed(old, "198.51.100.0/24", "203.0.113.0/24")
+    eps = {PEER: ("192.0.2.2", 51820)}
+    request = uapi.render_change(old, new, eps, eps)
+    assert request is not None
+    lines = request.decode().rstrip("\n").splitlines()
+    assert lines[0] == "set=1" and "replace_peers=true" not in lines
+    assert f"public_key={PEER.hex()}" in lines and "replace_allowed_ips=true" in lines
+    assert lines[-2:] == ["allowed_ip=198.51.100.0/24", "allowed_ip=203.0.113.0/24"]
+    assert not any(x.startswith(("private_key", "listen_port", "fwmark")) for x in lines)
+    inverse = uapi.render_change(new, old, eps, eps)
+    assert inverse is not None and inverse.decode().rstrip("\n").splitlines()[-1] == \
+        "allowed_ip=198.51.100.0/24"
+    assert uapi.render_change(old, old, eps, eps) is None
+    # Peer added and removed; keepalive and endpoint changes.
+    added = attrs.evolve(old, peers=(*old.peers, PeerSpec(public_key=OTHER,
+                                                          allowed_ips=(net("10.1.0.0/16"),))))
+    text = (uapi.render_change(old, added, eps, eps) or b"").decode()
+    assert f"public_key={OTHER.hex()}" in text and f"public_key={PEER.hex()}" not in text
+    text = (uapi.render_change(added, old, eps, eps) or b"").decode()
+    assert f"public_key={OTHER.hex()}\nremove=true" in text
+    kept = attrs.evolve(old, peers=(attrs.evolve(old.peers[0], persistent_keepalive=25),))
+    assert "persistent_keepalive_interval=25" in (uapi.render_change(old, kept, eps, eps)
+                                                  or b"").decode()
+    moved = {PEER: ("192.0.2.3", 51820)}
+    assert "endpoint=192.0.2.3:51820" in (uapi.render_change(old, old, eps, moved)
+                                          or b"").decode()
+
+
+def test_rebuild_reasons() -> None:
+    base, opts = spec(), options()
+    assert rebuild_reason(base, opts, with_allowed(base, "10.0.0.0/8"), opts) is None
+    assert rebuild_reason(base, opts, attrs.evolve(base, mtu=1300,
+                                                   post_up=("true",)), opts) is None
+    assert rebuild_reason(base, opts, base, options(helper=("other",))) == \
+        "option helper changed"
+    assert rebuild_reason(base, opts, base, options(tun_mode="helper")) == \
+        "option tun_mode changed"
+    assert "full-tunnel" in (rebuild_reason(base, opts, with_allowed(base, "0.0.0.0/0"), opts)
+                             or "")
+    dns = attrs.evolve(base, dns_servers=(ipaddress.ip_address("10.9.0.53"),))
+    assert rebuild_reason(base, opts, dns, opts) is None
+    assert rebuild_reason(dns, opts, base, opts) == "DNS removed"
+
+
+# ------------------------------------------------------------------ in place
+
+
+def test_allowed_ips_added_then_removed_in_place_make_before_break(fake: FakeHost) -> None:
+    base = spec()
+    wider = with_allowed(base, "198.51.100.0/24", "203.0.113.0/24")
+    code, seen = run_changes(fake, base, options(), [wider, base])
+    assert code == ExitCode.OK
+    (first, routes1, helpers1, _), (second, routes2, helpers2, _) = seen
+    assert isinstance(first[1], Change) and first[1].in_place is not None
+    assert "routes +1/-0" in first[1].in_place and "peers +0/-0/~1" in first[1].in_place
+    assert routes1 == {(254, net("198.51.100.0/24")), (254, net("203.0.113.0/24"))}
+    assert isinstance(second[1], Change) and second[1].in_place is not None
+    assert "routes +0/-1" in second[1].in_place
+    assert routes2 == {(254, net("198.51.100.0/24"))}
+    assert helpers1 == helpers2 == 1, "the helper was replaced"
+    # The UAPI change is a diff (no replace_peers), then its way back.
+    changes = [b for b in fake.bodies if b.startswith("set=1") and "replace_peers" not in b]
+    assert len(changes) == 2
+    assert "allowed_ip=203.0.113.0/24" in changes[0]
+    assert "allowed_ip=203.0.113.0/24" not in changes[1]
+    assert_host_restored(fake)
+
+
+def test_make_before_break_order_of_host_operations(fake: FakeHost) -> None:
+    base = spec()
+    moved = with_allowed(base, "203.0.113.0/24")
+    run_changes(fake, base, options(), [moved])
+    ops = fake.ops
+    start = max(i for i, op in enumerate(ops) if op == "connected_networks")
+    during = ops[start:]
+    assert during.index("add_routes") < during.index("delete_routes"), during
+
+
+def test_addresses_mtu_peer_and_dns_free_changes_in_place(fake: FakeHost) -> None:
+    base = spec()
+    new = attrs.evolve(
+        base, mtu=1280,
+        addresses=(ipaddress.ip_interface("10.9.1.1/24"),),
+        peers=(*base.peers, PeerSpec(public_key=OTHER, allowed_ips=(net("10.77.0.0/16"),),
+                                     endpoint=Endpoint("192.0.2.9", 51820))))
+    code, seen = run_changes(fake, base, options(), [new, base])
+    assert code == ExitCode.OK
+    (first, _, helpers, state1), (second, routes2, _, state2) = seen
+    what = first[1].in_place
+    assert "MTU 1420->1280" in what and "addresses +1/-1" in what and "peers +1/-0/~0" in what
+    assert state1["wgt0"]["mtu"] == 1280
+    assert state1["wgt0"]["addresses"] == {ipaddress.ip_interface("10.9.1.1/24")}
+    assert (254, net("10.77.0.0/16")) in seen[0][1]
+    assert helpers == 1
+    assert "MTU 1280->1420" in second[1].in_place
+    assert state2["wgt0"]["addresses"] == {ipaddress.ip_interface("10.9.0.1/24")}
+    assert routes2 == {(254, net("198.51.100.0/24"))}
+    assert_host_restored(fake)
+
+
+def test_stop_after_changes_restores_the_host(fake: FakeHost) -> None:
+    """The unwind walks back through every in-place record: stopping a
+    tunnel that was changed twice (without changing back) leaves nothing."""
+    base = spec()
+    one = attrs.evolve(with_allowed(base, "203.0.113.0/24", "10.50.0.0/16"),
+                       addresses=(*base.addresses, ipaddress.ip_interface("10.9.2.1/24")),
+                       mtu=1300)
+    two = with_allowed(one, "10.60.0.0/16")
+    code, seen = run_changes(fake, base, options(kill_switch=True), [one, two])
+    assert code == ExitCode.OK
+    assert seen[1][1] == {(254, net("10.60.0.0/16"))}
+    assert seen[1][3]["#unreachable"] == {(254, net("10.60.0.0/16"))}
+    assert_host_restored(fake)
+    assert fake.net.unreachable == set()
+
+
+def test_failed_in_place_step_rolls_back_to_the_running_spec(fake: FakeHost) -> None:
+    """The old route's removal fails: the new route added before it is
+    removed again, the WireGuard change is reversed, the answer is a
+    ChangeFailed and the tunnel keeps running its old configuration."""
+    base = spec()
+    moved = attrs.evolve(with_allowed(base, "203.0.113.0/24"), mtu=1300)
+
+    fake.faults.append(Fault(op="delete_routes", nth=1))
+    code, seen = run_changes(fake, base, options(), [moved, moved])
+    assert code == ExitCode.OK
+    failed, routes1, helpers, state1 = seen[0]
+    assert isinstance(failed, ChangeFailed) and failed.restored, failed
+    assert "rolled back" in str(failed)
+    assert routes1 == {(254, net("198.51.100.0/24"))}
+    assert state1["wgt0"]["mtu"] == 1420
+    assert helpers == 1
+    inverse = [b for b in fake.bodies if "replace_peers" not in b and b.startswith("set=1")]
+    assert len(inverse) >= 2 and "allowed_ip=198.51.100.0/24" in inverse[1]
+    # The running spec is still the old one: the same change applies next time.
+    again = seen[1][0]
+    assert isinstance(again[1], Change) and again[1].in_place is not None
+    assert seen[1][1] == {(254, net("203.0.113.0/24"))}
+    assert_host_restored(fake)
+
+
+# ------------------------------------------------------------------ rebuild
+
+
+def test_rebuild_holds_the_prefixes_until_the_new_tunnel_routes_them(fake: FakeHost) -> None:
+    base = spec()
+    code, seen = run_changes(fake, base, options(), [(base, options(helper=("fake-wg2",)))])
+    assert code == ExitCode.OK
+    _tunnel, change = seen[0][0]
+    assert isinstance(change, Change) and change.rebuilt == "option helper changed"
+    assert seen[0][2] == 2, "a rebuild starts a new helper"
+    ops = fake.ops
+    # The hold (unreachable add) comes before the old link's delete, and
+    # goes after the new tunnel's routes.
+    hold = ops.index("add_routes")
+    first_delete = ops.index("delete_link")
+    assert hold < first_delete
+    assert seen[0][3]["#unreachable"] == set(), "the hold was left behind"
+    assert_host_restored(fake)
+
+
+def test_a_helper_restarted_after_a_change_gets_the_new_configuration(fake: FakeHost) -> None:
+    base = spec()
+    wider = with_allowed(base, "198.51.100.0/24", "203.0.113.0/24")
+
+    async def kill_helper(sup: Supervisor) -> int:
+        tunnel = sup.slots()[0].tunnel
+        fake.current.die(1)
+        await tunnel.wait_state(TunnelState.RESTARTING)
+        await tunnel.wait_state(TunnelState.UP)
+        return tunnel.restarts
+
+    code, seen = run_changes(fake, base, options(), [wider, kill_helper])
+    assert code == ExitCode.OK and seen[1] == 1
+    full = [b for b in fake.bodies if "replace_peers=true" in b]
+    assert len(full) == 2
+    assert "allowed_ip=203.0.113.0/24" in full[1], "the restarted helper got the old peers"
+    assert seen[0][1] == {(254, net("198.51.100.0/24")), (254, net("203.0.113.0/24"))}
+    assert_host_restored(fake)
+
+
+def test_a_rebuild_whose_start_fails_removes_the_hold_and_reports_it(fake: FakeHost) -> None:
+    """The new helper crashes at once: the change is a StartFailed naming
+    the new tunnel (its host changes undone), the hold routes are gone, and
+    the host is as it was before the tunnel came up."""
+    base = spec()
+
+    async def crash_next(sup: Supervisor) -> None:
+        fake.plan.append(Behaviour.CRASH)
+
+    code, seen = run_changes(fake, base, options(),
+                             [crash_next, (base, options(helper=("fake-wg2",)))])
+    failed = seen[1][0]
+    assert isinstance(failed, StartFailed), failed
+    assert failed.tunnel.options.helper == ("fake-wg2",)
+    assert seen[1][3]["#unreachable"] == set()
+    assert seen[1][1] is None, "the interface outlived a failed rebuild"
+    assert code == ExitCode.OK
+    assert_host_restored(fake)

@@ -1,0 +1,83 @@
+"""Reload in place: what differs between a running tunnel and its new
+configuration, and whether it can change without a rebuild.
+
+A running tunnel changes in place (helper and interface kept) unless
+something only a new helper or a new interface can take changed: the
+helper command, the TUN mode or header, the kill switch, the LAN mode, the
+DNS backend, the full-tunnel routing (its default routes, table or
+fwmark), or DNS removed altogether.  :func:`rebuild_reason` says which;
+the in-place path itself is :meth:`tunsup.engine.tunnel.Tunnel.reconfigure`.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from .._errors import TunsupError
+from ..config.settings import TunnelOptions
+from ..config.spec import TunnelSpec
+
+#: Options that only a rebuild applies (they shape the helper, the
+#: interface or the routing policy).
+REBUILD_OPTIONS = ("helper", "tun_mode", "tun_header", "kill_switch", "lan", "dns_backend")
+
+
+class NeedsRebuild(TunsupError):
+    """The change cannot be applied in place; the message says why.
+    Raised before anything changed."""
+
+
+class ReloadFailed(TunsupError):
+    """An in-place change failed; what it had applied was rolled back
+    (``restored`` says whether completely)."""
+
+    def __init__(self, message: str, *, restored: bool) -> None:
+        super().__init__(message)
+        self.restored = restored
+
+
+def is_full_tunnel(spec: TunnelSpec) -> bool:
+    return spec.table == "auto" and any(n.prefixlen == 0 for n in spec.allowed_ips)
+
+
+def rebuild_reason(old: TunnelSpec, old_options: TunnelOptions,
+                   new: TunnelSpec, new_options: TunnelOptions) -> str | None:
+    """Why ``old`` (running with ``old_options``) cannot become ``new`` in
+    place, or None when it can."""
+    for name in REBUILD_OPTIONS:
+        if getattr(old_options, name) != getattr(new_options, name):
+            return f"option {name} changed"
+    if old.name != new.name:
+        return "interface name changed"
+    if is_full_tunnel(old) or is_full_tunnel(new):
+        defaults = [{n for n in s.allowed_ips if n.prefixlen == 0} for s in (old, new)]
+        if (defaults[0] != defaults[1] or old.fwmark != new.fwmark
+                or old.table != new.table):
+            return "full-tunnel routing changed (default routes, Table or FwMark)"
+    had_dns = bool(old.dns_servers or old.dns_search)
+    if had_dns and not (new.dns_servers or new.dns_search):
+        return "DNS removed"
+    return None
+
+
+def hooks_changed(old: TunnelSpec, new: TunnelSpec) -> bool:
+    return any(getattr(old, h) != getattr(new, h)
+               for h in ("pre_up", "post_up", "pre_down", "post_down"))
+
+
+def same_spec(old: TunnelSpec, new: TunnelSpec) -> bool:
+    """Equal but for line numbers (kept for messages only) and source."""
+    def norm(spec: TunnelSpec) -> TunnelSpec:
+        return attrs.evolve(spec, source="",
+                            peers=tuple(attrs.evolve(p, line=0) for p in spec.peers))
+    return norm(old) == norm(new)
+
+
+def peer_counts(old: TunnelSpec, new: TunnelSpec) -> tuple[int, int, int]:
+    """(added, removed, changed) peers."""
+    before = {p.public_key: attrs.evolve(p, line=0) for p in old.peers}
+    after = {p.public_key: attrs.evolve(p, line=0) for p in new.peers}
+    added = len(after.keys() - before.keys())
+    removed = len(before.keys() - after.keys())
+    changed = sum(1 for k in after.keys() & before.keys() if after[k] != before[k])
+    return added, removed, changed
