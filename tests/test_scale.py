@@ -16,11 +16,12 @@ import pytest
 import trio
 import trio.testing
 
+from tunsup._errors import ExitCode
 from tunsup.engine.journal import Journal, JournalObserver, compacted, read_journal
 from tunsup.engine.restart import RestartPolicy
 from tunsup.engine.supervisor import HISTORY_SIZE, Supervisor
-from tunsup.engine.tunnel import Tunnel, TunnelOptions
-from tunsup.testing import FakeHost, spec, uapi_dir
+from tunsup.engine.tunnel import Tunnel, TunnelOptions, TunnelState
+from tunsup.testing import FakeHost, Fault, spec, uapi_dir
 
 
 @pytest.fixture
@@ -129,3 +130,65 @@ def test_compaction_keeps_exactly_the_pending_steps(tmp_path: Path) -> None:
     after = read_journal(str(small))
     assert [attrs.evolve(s) for s in after.steps] == [s for s in before.steps if not s.undone]
     assert [(s.seq, e) for s, e in after.pending()] == [(s.seq, e) for s, e in before.pending()]
+
+
+# --- concurrent starts and teardowns, bounded --------------------------------
+
+#: Virtual seconds after which a test here has hung: everything runs under
+#: ``MockClock(autojump_threshold=0)`` with no thread (FakeHost starts
+#: none), so once every task waits the clock jumps to this deadline and
+#: the test fails instead of hanging in real time.
+HANG_LIMIT = 1000.0
+#: Virtual seconds each helper start and each link deletion take.
+STEP = 1.0
+
+
+def _timed_run(fake: FakeHost, count: int, max_parallel: int) -> tuple[float, float, int]:
+    """Run ``count`` tunnels under one supervisor whose every helper start
+    and link deletion take STEP virtual seconds; return the virtual time
+    from ``run`` to READY, from ``stop`` to the return, and the exit code."""
+    fake.faults.append(Fault(op="start_helper", kind="delay", delay=STEP, times=None))
+    fake.faults.append(Fault(op="delete_link", kind="delay", delay=STEP, times=None))
+    times: dict[str, float] = {}
+
+    async def main() -> int:
+        tunnels = [Tunnel(spec(f"wgt{i}"), fake.host, options()) for i in range(count)]
+        sup = Supervisor(tunnels, fake.host, handle_signals=False, max_parallel=max_parallel)
+        async with trio.open_nursery() as nursery:
+            began = trio.current_time()
+            code: list[int] = []
+
+            async def run() -> None:
+                code.append(await sup.run())
+
+            nursery.start_soon(run)
+            await sup.ready.wait()
+            times["up"] = trio.current_time() - began
+            assert [t.state for t in tunnels] == [TunnelState.UP] * count
+            stopping = trio.current_time()
+            sup.stop("test over")
+        times["stop"] = trio.current_time() - stopping
+        return code[0]
+
+    async def bounded() -> int:
+        with trio.fail_after(HANG_LIMIT):
+            return await main()
+
+    code = trio.run(bounded, clock=trio.testing.MockClock(autojump_threshold=0))
+    return times["up"], times["stop"], code
+
+
+@pytest.mark.parametrize(("count", "max_parallel", "rounds"),
+                         [(20, 4, 5), (20, 1, 20), (6, 16, 1)])
+def test_starts_and_teardowns_run_concurrently_at_most_max_parallel_at_once(
+        fake: FakeHost, count: int, max_parallel: int, rounds: int) -> None:
+    """Issue 13 item 4: with every helper start (and link deletion) taking
+    one virtual second, ``count`` tunnels come up (and go down) in
+    ``ceil(count / max_parallel)`` seconds: concurrently, never more than
+    ``max_parallel`` at once.  Virtual time under MockClock: exact, not a
+    timing measurement."""
+    up, stop, code = _timed_run(fake, count, max_parallel)
+    assert code == ExitCode.OK
+    assert rounds * STEP <= up < (rounds + 1) * STEP, up
+    assert rounds * STEP <= stop < (rounds + 1) * STEP, stop
+    assert fake.net.links == {} and fake.alive == set()

@@ -183,6 +183,8 @@ class Supervisor:
         #: The tunnels to start first.
         self.tunnels = list(tunnels)
         self.host = host
+        # They start concurrently: shared DNS merges in configuration order.
+        host.dns_owners.set_order(t.name for t in self.tunnels)
         #: Crash-safe record of applied effects; also means: recover what
         #: dead instances left in its state directory before starting.
         self.journal = journal
@@ -687,6 +689,7 @@ class Supervisor:
         """See :meth:`converge`; runs in the root nursery (a stop cancels
         it between and during starts; teardowns it began still complete)."""
         want = {spec.name: (spec, options) for spec, options in wanted}
+        self.host.dns_owners.set_order(want)
         # Claimed before anything awaits (a reload waits for the initial
         # start), so that an `up` or `down` of these names waits for it.
         claims = self._claim(list(want))

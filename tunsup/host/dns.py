@@ -38,7 +38,7 @@ import stat
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import ClassVar, Protocol, TypeAlias
 
 import attrs
@@ -464,6 +464,16 @@ class ResolvConfOwner:
     #: Claims were re-registered from a dead instance's journal: the file
     #: may also hold the original (a crash before the first write).
     recovered: bool = False
+    #: Where the merge order comes from (see :meth:`ResolvConfOwners.set_order`).
+    shared: ResolvConfOwners | None = None
+
+    def _ordered(self, claims: Iterable[ResolvClaim]) -> list[ResolvClaim]:
+        """``claims`` (given in the order they were made) in merge order:
+        configured tunnels in configuration order first, then the others
+        in the order they claimed.  Tunnels start concurrently, so the
+        order of their claims alone would change from run to run."""
+        rank = self.shared.rank if self.shared is not None else {}
+        return sorted(claims, key=lambda c: rank.get(c.ifname, len(rank)))
 
     def _state(self, claim: ResolvClaim, written: bytes) -> FileDnsState:
         return FileDnsState(path=self.path, original=self.original, written=written,
@@ -492,7 +502,7 @@ class ResolvConfOwner:
         """What :meth:`claim` would record, reading the original only when
         no claim holds it yet.  Changes nothing."""
         others = [c for n, c in self.claims.items() if n != claim.ifname]
-        content = render_claims([*others, claim])
+        content = render_claims(self._ordered([*others, claim]))
         if self.claims:
             return self._state(claim, content)
         original, mode = _read(self.path)
@@ -502,8 +512,8 @@ class ResolvConfOwner:
     def claim(self, claim: ResolvClaim) -> FileDnsState:
         """Add (or replace) ``claim`` and write the merged file.  If writing
         fails, the claim is dropped and the file holds what it held."""
-        content = render_claims(
-            [*(c for n, c in self.claims.items() if n != claim.ifname), claim])
+        content = render_claims(self._ordered(
+            [*(c for n, c in self.claims.items() if n != claim.ifname), claim]))
         current, mode = _read(self.path)
         if not self.claims:
             self._reset()
@@ -544,7 +554,7 @@ class ResolvConfOwner:
                          self.path, state.ifname)
                 return False
             if self.claims:
-                content = render_claims(list(self.claims.values()))
+                content = render_claims(self._ordered(self.claims.values()))
                 if current != content:
                     _write_file(self.path, content, self.mode, current)
                 log.info("%s: DNS of %s removed; it holds the DNS of %s", self.path,
@@ -576,10 +586,17 @@ class ResolvConfOwners:
     per :class:`~tunsup.host.Host`, shared by all its tunnels."""
 
     by_path: dict[str, ResolvConfOwner] = attrs.field(factory=dict)
+    #: Position of each configured tunnel (see :meth:`set_order`).
+    rank: dict[str, int] = attrs.field(factory=dict)
 
     def owner(self, path: str) -> ResolvConfOwner:
         """The owner of ``path`` (a real path: symlinks resolved)."""
-        return self.by_path.setdefault(path, ResolvConfOwner(path))
+        return self.by_path.setdefault(path, ResolvConfOwner(path, shared=self))
+
+    def set_order(self, names: Iterable[str]) -> None:
+        """The merge order: tunnels ``names`` (the configuration's) first,
+        in that order.  Replaced whole (worker threads read it)."""
+        self.rank = {name: i for i, name in enumerate(names)}
 
 
 def _os_errors(path: str, what: str) -> contextlib.AbstractContextManager[None]:
