@@ -408,7 +408,9 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
 
         async def crash(name: str) -> None:
             helper = helper_of(name)
-            if helper is not None:
+            # A process stuck in the kernel (an undo fault made it
+            # unkillable) does not crash on its own either.
+            if helper is not None and not helper.unkillable:
                 helper.die(-int(signal.SIGKILL))
 
         async def wedge(name: str) -> None:
