@@ -18,13 +18,15 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tunsup._errors import HostError
 from tunsup.config.spec import IPAddress
-from tunsup.engine.effects import Dns, EffectContext
+from tunsup.engine.effects import Dns, Effect, EffectContext
 from tunsup.engine.journal import Journal, JournalObserver
 from tunsup.engine.recovery import recover
 from tunsup.engine.undo import EffectStack
@@ -255,3 +257,118 @@ def test_recovery_after_a_crash_mid_release(tmp_path: Path, file_holds: list[str
     path.write_bytes(content)
     trio.run(functools.partial(recover, str(state_dir), host_for(path), me=(os.getpid(), 0)))
     assert read(path) == ORIGINAL
+
+
+# --- a tunnel's DNS changed in place: a stack of claims (issue 14) ---------------
+
+
+def changed_servers(name: str) -> tuple[IPAddress, ...]:
+    return (ipaddress.ip_address(f"10.0.{NAMES.index(name) + 1}.54"),)
+
+
+def change_effect(name: str) -> Dns:
+    return Dns(name, "file", changed_servers(name), (), layered=True,
+               previous_servers=servers_of(name), previous_search=search_of(name))
+
+
+@attrs.frozen
+class Fails(Effect):
+    """A later step of the in-place change that fails."""
+
+    def describe(self) -> str:
+        return "a later step"
+
+    async def apply(self, ctx: EffectContext) -> Effect:
+        raise HostError("injected failure after the DNS step")
+
+    async def undo(self, ctx: EffectContext) -> None:
+        pass
+
+
+@pytest.mark.parametrize("changed", ["wga", "wgb"])
+def test_a_failed_change_after_the_dns_step_gives_the_previous_servers_back(
+        tmp_path: Path, changed: str) -> None:
+    """Two tunnels share the file; one's in-place change sets its DNS, then
+    a later step fails: the rollback pops its claim and the file is
+    exactly what it was before the change (not without that tunnel's
+    DNS).  A successful change, stacked the same way, is walked back by
+    the stop; the original comes back once both stopped."""
+    path = tmp_path / "resolv.conf"
+    path.write_bytes(ORIGINAL)
+    host = host_for(path)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            log = logging.getLogger("test")
+            ctx = EffectContext(host=host, log=log, nursery=nursery)
+            stacks = {n: EffectStack(ctx, log=log) for n in ("wga", "wgb")}
+            for name, stack in stacks.items():
+                await stack.apply(dns_effect(name))
+            before = read(path)
+            assert before == expected(["wga", "wgb"], ORIGINAL)
+            work = EffectStack(ctx, log=log)
+            await work.apply(change_effect(changed))
+            assert read(path) != before
+            with pytest.raises(HostError):
+                await work.apply(Fails())
+            report = await work.unwind(5)
+            assert report.complete and report.undone == (f"DNS change of {changed} (file)",)
+            assert read(path) == before
+            # The same change made for good: the stop walks it back.
+            work = EffectStack(ctx, log=log)
+            await work.apply(change_effect(changed))
+            stacks[changed].adopt(work.take())
+            assert b"10.0." in (read(path) or b"") and read(path) != before
+            for name in ("wga", "wgb"):
+                assert (await stacks[name].unwind(5)).complete
+            assert read(path) == ORIGINAL
+
+    trio.run(main)
+
+
+#: Where a crash can hit an in-place DNS change (see the test below).
+CHANGE_CRASHES = ["intent", "written", "applied", "rolled back", "rolled back, journaled"]
+
+
+@pytest.mark.parametrize("point", CHANGE_CRASHES)
+def test_crash_at_each_point_of_a_dns_change_then_cleanup_gives_the_original(
+        tmp_path: Path, point: str) -> None:
+    """Two tunnels hold DNS; wga's DNS is changed in place and the process
+    dies: after the change's intent was journaled (file not yet written),
+    after the write (journal not told), after the change was recorded,
+    during its rollback (file written back, journal not told) and after
+    it.  Recovery (what ``cleanup`` runs) gives back the original bytes."""
+    path = tmp_path / "resolv.conf"
+    path.write_bytes(ORIGINAL)
+    state_dir = tmp_path / "state"
+    host = host_for(path)
+
+    async def crash() -> None:
+        journal = Journal(str(state_dir), 2**22 + 11, 1)
+        async with trio.open_nursery() as nursery:
+            log = logging.getLogger("test")
+            ctx = EffectContext(host=host, log=log, nursery=nursery)
+            for name in ("wga", "wgb"):
+                stack = EffectStack(ctx, log=log, observer=JournalObserver(journal, name))
+                await stack.apply(dns_effect(name))
+            before = read(path)
+            observer = JournalObserver(journal, "wga")
+            work = EffectStack(ctx, log=log, observer=observer)
+            if point in ("intent", "written"):
+                effect = await change_effect("wga").prepare(ctx)
+                await observer.intent(effect)
+                if point == "written":
+                    await effect.apply(ctx)
+            else:
+                record = await work.apply(change_effect("wga"))
+                if point.startswith("rolled back"):
+                    await record.undo(ctx)
+                    assert read(path) == before
+                    if point.endswith("journaled"):
+                        await observer.undone(record)
+        await journal.close(remove=False)  # the process "dies" here
+
+    trio.run(crash)
+    trio.run(functools.partial(recover, str(state_dir), host_for(path), me=(os.getpid(), 0)))
+    assert read(path) == ORIGINAL
+    assert list(state_dir.iterdir()) == []

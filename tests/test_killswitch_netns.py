@@ -13,6 +13,7 @@ tunnel).  Not one datagram may leave through the LAN meanwhile.
 from __future__ import annotations
 
 import collections
+import json
 import signal
 import subprocess
 import sys
@@ -306,6 +307,50 @@ def test_cleanup_keeps_only_the_kill_switch_of_configured_tunnels(net: Net) -> N
     result = cleanup(net, "--keep-kill-switch")
     assert result.returncode == 0, result.stdout + result.stderr
     assert kill_switch_routes(net.a) == []
+    diff = _netns.diff_snapshots(before, net.snapshot())
+    assert not diff, "\n".join(diff)
+    assert server.stop()[0] == 0
+
+
+@pytest.mark.parametrize("kill_switch", [False, True])
+def test_a_full_tunnel_rebuild_leaks_nothing(net: Net, start_stream: Callable[[], Stream],
+                                             kill_switch: bool) -> None:
+    """Issue 14: a full tunnel rebuilt by a reload (here: its TUN mode
+    changed) holds its default route make-before-break, with or without
+    the kill switch: its unmarked traffic is held (never routed through
+    the LAN) from the old tunnel's teardown until the new one routes it,
+    the new helper's own (marked) packets and the LAN still pass, and the
+    host is as before after the stop."""
+    from .test_service_netns import tunsup
+
+    before = net.snapshot()
+    server = net.start_server()
+    server.wait_ready()
+    client = net.start_client(kill_switch=kill_switch, tun="helper")
+    client.wait_ready()
+    stream = start_stream()
+    stream.wait_for(TUNNEL_SOURCE, 50)
+    old = helper_pid(net.a)
+    (net.workdir / "client.toml").write_text(
+        f'[[tunnel]]\nconfig = "{net.if_a}.conf"\nkill_switch = {json.dumps(kill_switch)}\n'
+        'tun = "owned"\n')
+    res = tunsup("reload", "--runtime-dir", str(net.workdir / "a.run"))
+    assert res.returncode == 0, res.stdout + res.stderr + client.output_tail()
+    assert f"rebuilt: {net.if_a}: option tun_mode changed" in res.stdout, res.stdout
+    assert helper_pid(net.a) != old
+    through_tunnel = stream.seen(TUNNEL_SOURCE)
+    stream.wait_for(TUNNEL_SOURCE, through_tunnel + 50)
+    # The hold is gone: only the new tunnel's routes and rules are left.
+    assert not [r for r in kill_switch_routes(net.a) if "metric 4294967279" in r]
+    assert "0x0/0xffffffff" not in _netns.ip("rule", "show", ns=net.a)
+    stream.finish()
+    assert stream.seen(LAN_SOURCE) == 0, (
+        f"{stream.seen(LAN_SOURCE)} plaintext datagram(s) left through the LAN during the "
+        f"rebuild (sent {stream.sent}, refused {stream.failed})")
+    lost = stream.sent - stream.seen(TUNNEL_SOURCE) - stream.seen(LAN_SOURCE)
+    print(f"full-tunnel rebuild (kill_switch={kill_switch}): {stream.sent} sent, "
+          f"{stream.seen(LAN_SOURCE)} leaked, {lost} lost, {stream.failed} refused (held)")
+    assert client.stop()[0] == 0, client.output_tail()
     diff = _netns.diff_snapshots(before, net.snapshot())
     assert not diff, "\n".join(diff)
     assert server.stop()[0] == 0

@@ -6,9 +6,11 @@ prefixes until the new tunnel routes them."""
 from __future__ import annotations
 
 import copy
+import functools
 import ipaddress
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import attrs
 import pytest
@@ -22,6 +24,7 @@ from tunsup.engine.reload import rebuild_reason
 from tunsup.engine.supervisor import Change, ChangeFailed, StartFailed, Supervisor
 from tunsup.engine.tunnel import Tunnel, TunnelOptions, TunnelState
 from tunsup.host import uapi
+from tunsup.host.dns import FileBackend
 from tunsup.testing import Behaviour, FakeHost, spec, uapi_dir
 from tunsup.testing.fakehost import PEER, Fault
 
@@ -289,3 +292,226 @@ def test_a_rebuild_whose_start_fails_removes_the_hold_and_reports_it(fake: FakeH
     assert seen[1][1] is None, "the interface outlived a failed rebuild"
     assert code == ExitCode.OK
     assert_host_restored(fake)
+
+
+# ------------------------------------------------------------------ DNS shared
+
+
+def test_failed_change_after_its_dns_step_restores_the_previous_shared_dns(
+        fake: FakeHost, tmp_path: Path) -> None:
+    """Two tunnels share one resolv.conf.  wgt0's in-place change sets new
+    DNS, then its last step (removing its old address) fails: the rollback
+    names every step it undid, the file holds exactly what it held before
+    (both tunnels' servers, wgt0's previous ones in place), and the stop
+    gives back the original bytes."""
+    path = tmp_path / "resolv.conf"
+    original = b"nameserver 192.0.2.53\n"
+    path.write_bytes(original)
+    fake.host = attrs.evolve(fake.host, dns_backend=lambda kind: FileBackend(str(path)))
+    dns = (ipaddress.ip_address("10.9.0.53"),)
+    base0 = attrs.evolve(spec("wgt0"), dns_servers=dns, dns_search=("zero.example",))
+    base1 = attrs.evolve(spec("wgt1"), dns_servers=(ipaddress.ip_address("10.9.1.53"),))
+    changed = attrs.evolve(base0, dns_servers=(ipaddress.ip_address("10.9.0.54"),),
+                           addresses=(ipaddress.ip_interface("10.9.5.1/24"),))
+    opts = options(dns_backend="file")
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        tunnels = [Tunnel(s, fake.host, opts) for s in (base0, base1)]
+        sup = Supervisor(tunnels, fake.host, handle_signals=False, persistent=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup.run)
+            await sup.ready.wait()
+            seen["before"] = path.read_bytes()
+            fake.faults.append(Fault(op="delete_address", nth=1))
+            with pytest.raises(ChangeFailed) as failed:
+                await sup.add(changed, opts)
+            seen["failed"] = failed.value
+            seen["after"] = path.read_bytes()
+            seen["addresses"] = fake.net.state()["wgt0"]["addresses"]
+            sup.stop("test over")
+
+    trio.run(main)
+    before = seen["before"]
+    assert b"10.9.0.53" in before and b"10.9.1.53" in before
+    failed = seen["failed"]
+    assert failed.restored
+    assert seen["after"] == before, "the rollback dropped or changed the shared DNS"
+    assert seen["addresses"] == {ipaddress.ip_interface("10.9.0.1/24")}
+    # Exactly the steps applied before the failure, most recent first.
+    assert failed.rolled_back == ("DNS change of wgt0 (file)",
+                                  "address 10.9.5.1/24 on wgt0"), failed.rolled_back
+    assert str(failed).endswith("rolled back: DNS change of wgt0 (file); "
+                                "address 10.9.5.1/24 on wgt0"), str(failed)
+    assert path.read_bytes() == original
+    assert_host_restored(fake)
+
+
+# ------------------------------------------------------------------ rollback report
+
+
+def test_a_rollback_step_that_fails_is_named_and_reported_incomplete(fake: FakeHost) -> None:
+    """The old route's removal fails, and so does the rollback's removal of
+    the new route: the host is NOT as before, so the change is reported
+    incomplete (the reload's exit 3, as a stop's), naming the failed undo
+    step and every step rolled back.  The route left stays on the tunnel's
+    stack: the stop removes it and the host ends restored."""
+    base = spec()
+    moved = attrs.evolve(with_allowed(base, "203.0.113.0/24"), mtu=1300)
+    opts = options()
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        tunnel = Tunnel(base, fake.host, opts)
+        sup = Supervisor([tunnel], fake.host, handle_signals=False, persistent=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup.run)
+            await sup.ready.wait()
+            fake.faults.append(Fault(op="delete_routes", times=2))
+            seen["result"] = await sup.converge([(moved, opts)])
+            seen["routes"] = routes(fake)
+            sup.stop("test over")
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    result = seen["result"]
+    assert result.incomplete == ("wgt0",), result
+    (name, why), = result.failed
+    assert name == "wgt0"
+    assert "rollback incomplete: undo 1 route(s) via wgt0 in table 254: " in why, why
+    assert ("(rolled back: WireGuard change of wgt0 (peers +0/-0/~1); "
+            "MTU 1420 -> 1300 on wgt0)") in why, why
+    # The new route could not be removed: the host is not as before ...
+    assert seen["routes"] == {(254, net("198.51.100.0/24")), (254, net("203.0.113.0/24"))}
+    # ... and the stop, trying again, restores it.
+    assert_host_restored(fake)
+
+
+def test_reload_exit_code_is_3_when_a_tunnels_undo_was_incomplete() -> None:
+    """The client maps the answer's ``incomplete`` to exit 3 (as a stop
+    whose teardown was incomplete), a plain failure to 1."""
+    from tunsup.control import client
+
+    answers: list[dict[str, Any]] = [
+        {"failed": {"wgt0": "x"}, "incomplete": ["wgt0"]}, {"failed": {"wgt0": "x"}},
+        {"changed": {"wgt0": "DNS"}}]
+    codes = []
+
+    class Conn:
+        """The control connection (the OS boundary), answering ``answer``."""
+
+        answer: ClassVar[dict[str, Any]] = {}
+
+        def __enter__(self) -> Conn:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def request(self, op: str, **kw: Any) -> dict[str, Any]:
+            return self.answer
+
+    original = client._connect_or_report
+    client._connect_or_report = lambda *a, **k: Conn()  # type: ignore[assignment]
+    try:
+        for answer in answers:
+            Conn.answer = answer
+            codes.append(client.reload("/nonexistent"))
+    finally:
+        client._connect_or_report = original
+    assert codes == [ExitCode.TEARDOWN_INCOMPLETE, ExitCode.FAILURE, ExitCode.OK]
+
+
+def test_a_removed_endpoint_recreates_that_peer_in_one_request(fake: FakeHost) -> None:
+    """UAPI cannot unset an endpoint: the peer whose Endpoint line was
+    deleted is removed and added again in the same ``set=1`` (what
+    wireguard-go applies as one, see the netns test), and the answer says
+    so; the other peer is untouched."""
+    base = attrs.evolve(spec(), peers=(
+        attrs.evolve(spec().peers[0], endpoint=Endpoint("192.0.2.2", 51820)),
+        PeerSpec(public_key=OTHER, allowed_ips=(net("10.77.0.0/16"),),
+                 endpoint=Endpoint("192.0.2.9", 51820))))
+    gone = attrs.evolve(base, peers=(attrs.evolve(base.peers[0], endpoint=None),
+                                     base.peers[1]))
+    code, seen = run_changes(fake, base, options(), [gone, base])
+    assert code == ExitCode.OK
+    first, second = seen[0][0][1], seen[1][0][1]
+    assert "1 peer(s) re-created (Endpoint removed" in first.in_place, first
+    assert "re-created" not in second.in_place, second
+    assert seen[0][2] == 1, "the helper was replaced"
+    change = next(b for b in fake.bodies if b.startswith("set=1") and "replace_peers" not in b)
+    lines = change.rstrip("\n").splitlines()
+    i = lines.index(f"public_key={PEER.hex()}")
+    assert lines[i + 1] == "remove=true" and lines[i + 2] == f"public_key={PEER.hex()}"
+    assert not any(x.startswith("endpoint=") for x in lines)
+    assert f"public_key={OTHER.hex()}" not in lines
+    assert_host_restored(fake)
+
+
+def test_a_full_tunnels_rebuild_holds_its_default_route_and_rules(fake: FakeHost) -> None:
+    """A full tunnel (0.0.0.0/0, Table = auto) rebuilt: before the old
+    tunnel goes down, the hold adds an unreachable default to its table
+    and ``fwmark 0`` copies of its rules; the new tunnel takes the same
+    table and priorities (its route takes the held traffic over at once);
+    then the hold goes, leaving exactly the rules of before."""
+    base = with_allowed(spec(), "0.0.0.0/0")
+    code, seen = run_changes(fake, base, options(),
+                             [(base, options(helper=("fake-wg2",))),
+                              (base, options(helper=("fake-wg3",)))])
+    assert code == ExitCode.OK
+    first, second = seen
+    assert isinstance(first[0][1], Change) and first[0][1].rebuilt == "option helper changed"
+    rules = first[3]["#rules"]
+    assert [(r.priority, r.table, r.fwmark, r.invert) for r in rules] == [
+        (32765, 51820, 51820, True), (32764, 254, None, False)], rules
+    assert second[3]["#rules"] == rules, "the priorities drifted"
+    assert first[3]["#unreachable"] == set(), "the hold was left behind"
+    ops = fake.ops
+    # The first rebuild: the hold (route, then both rules) before the old
+    # tunnel's link goes; the new tunnel's rules before the hold's go.
+    gone = ops.index("delete_link")
+    hold = max(i for i in range(gone) if ops[i:i + 3] == ["add_routes", "add_rule", "add_rule"])
+    assert "delete_rule" not in ops[hold:gone] and "add_rule" not in ops[hold + 3:gone]
+    after = ops[gone:]
+    old_gone = after.index("delete_rule")
+    assert after[old_gone:old_gone + 2] == ["delete_rule", "delete_rule"]
+    new_rules = after.index("add_rule")
+    assert new_rules > old_gone and after[new_rules:new_rules + 2] == ["add_rule", "add_rule"]
+    assert after[new_rules + 2:].count("delete_rule") >= 2
+    assert_host_restored(fake)
+    assert fake.net.policy_rules == []
+
+
+def test_a_hold_left_by_a_crash_is_removed_by_recovery(fake: FakeHost, tmp_path: Path) -> None:
+    """A full tunnel's hold journaled, then the process dies mid-rebuild:
+    recovery (what ``cleanup`` runs) removes the hold's unreachable
+    default and its rules, even for a tunnel about to start again (a hold
+    is no protection the user asked for)."""
+    import logging
+    import os
+
+    from tunsup.engine.effects import EffectContext, HeldRoutes, HeldRule
+    from tunsup.engine.journal import Journal, JournalObserver
+    from tunsup.engine.recovery import recover
+    from tunsup.engine.undo import EffectStack
+    from tunsup.host import PolicyRule
+
+    state_dir = tmp_path / "state"
+
+    async def crash() -> None:
+        journal = Journal(str(state_dir), 2**22 + 13, 1)
+        log = logging.getLogger("test")
+        async with trio.open_nursery() as nursery:
+            ctx = EffectContext(host=fake.host, log=log, nursery=nursery)
+            stack = EffectStack(ctx, log=log, observer=JournalObserver(journal, "wgt0"))
+            await stack.apply(HeldRoutes("wgt0", 51820, (net("0.0.0.0/0"),)))
+            for priority, table, suppress in ((32765, 51820, None), (32764, 254, 0)):
+                await stack.apply(HeldRule("wgt0", PolicyRule(
+                    4, priority, table, fwmark=0, suppress_prefixlength=suppress)))
+        await journal.close(remove=False)
+
+    trio.run(crash)
+    assert len(fake.net.policy_rules) == 2 and fake.net.unreachable
+    report = trio.run(functools.partial(recover, str(state_dir), fake.host,
+                                        me=(os.getpid(), 0), keep=lambda name: True))
+    assert report.complete, report
+    assert fake.net.policy_rules == [] and fake.net.unreachable == set()

@@ -90,6 +90,9 @@ class FakeTunnel:
     def held_routes(self) -> list[Any]:
         return []
 
+    def held_policy(self) -> None:
+        return None
+
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         self.state = TunnelState.STARTING
         self.starting.set()

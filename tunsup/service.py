@@ -210,11 +210,14 @@ class ServiceOps:
         for name, why in result.rebuilt:
             log.info("reload: tunnel %s rebuilt: %s", name, why)
         for name, why in result.failed:
-            log.error("reload: tunnel %s did not start or change: %s", name, why)
+            log.error("reload: tunnel %s did not start or change%s: %s", name,
+                      "; its undo was INCOMPLETE (leftovers recorded for 'tunsup cleanup')"
+                      if name in result.incomplete else "", why)
         out = attrs.asdict(result)
         out["failed"] = dict(result.failed)
         out["changed"] = dict(result.changed)
         out["rebuilt"] = dict(result.rebuilt)
+        out["incomplete"] = list(result.incomplete)
         out["warnings"] = warnings
         return out
 

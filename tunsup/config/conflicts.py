@@ -27,7 +27,7 @@ tens of thousands of prefixes cost milliseconds, not a pairwise product.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import attrs
 
@@ -70,6 +70,32 @@ def _routed(spec: TunnelSpec) -> Iterator[tuple[int, IPNetwork, int | None]]:
                 yield table, net, line or None
 
 
+@attrs.frozen
+class _Unique:
+    """A setting no two tunnels may share: where it stands in a file
+    (``field``, as :meth:`TunnelSpec.line_of` knows it), its value (falsy:
+    unset, never a conflict) and the error text for a tunnel that repeats
+    the one of ``other`` (at ``where``)."""
+
+    field: str
+    value: Callable[[TunnelSpec], object]
+    message: Callable[[TunnelSpec, TunnelSpec, str], str]
+
+
+_UNIQUE = (
+    _Unique("[Interface]", lambda s: s.name,
+            lambda s, o, where: f"interface {s.name} is also the interface of {where}; "
+                                "names must be unique"),
+    _Unique("ListenPort", lambda s: s.listen_port,
+            lambda s, o, where: f"ListenPort {s.listen_port} is also the port of {o.name} "
+                                f"({where}); one UDP port serves one tunnel"),
+    _Unique("FwMark", lambda s: s.fwmark,
+            lambda s, o, where: f"FwMark {s.fwmark:#x} is also the fwmark of {o.name} "
+                                f"({where}); a full tunnel's policy rules tell tunnels "
+                                "apart by it"),
+)
+
+
 def find_conflicts(tunnels: Sequence[Tenant],
                    running: Sequence[Tenant] = ()) -> list[ConfigError]:
     """Conflicts of ``tunnels`` among themselves and with ``running``
@@ -78,39 +104,21 @@ def find_conflicts(tunnels: Sequence[Tenant],
     errors: list[ConfigError] = []
     everyone = [*running, *tunnels]
     first = len(running)
-    names: dict[str, TunnelSpec] = {}
-    ports: dict[int, TunnelSpec] = {}
-    marks: dict[int, TunnelSpec] = {}
+    holders: dict[tuple[str, object], TunnelSpec] = {}
     full: TunnelSpec | None = None
     for i, tenant in enumerate(everyone):
         spec, new = tenant.spec, i >= first
-        other = names.get(spec.name)
-        if other is not None and new:
-            errors.append(ConfigError(
-                spec.source, spec.line_of("[Interface]"),
-                f"interface {spec.name} is also the interface of "
-                f"{_where(other, other.line_of('[Interface]'))}; names must be unique"))
-        names.setdefault(spec.name, spec)
-        port = spec.listen_port
-        if port:
-            other = ports.get(port)
-            if other is not None and new:
+        for unique in _UNIQUE:
+            value = unique.value(spec)
+            if not value:
+                continue
+            other = holders.get((unique.field, value))
+            if other is None:
+                holders[unique.field, value] = spec
+            elif new:
                 errors.append(ConfigError(
-                    spec.source, spec.line_of("ListenPort"),
-                    f"ListenPort {port} is also the port of {other.name} "
-                    f"({_where(other, other.line_of('ListenPort'))}); one UDP port "
-                    "serves one tunnel"))
-            ports.setdefault(port, spec)
-        mark = spec.fwmark
-        if mark:
-            other = marks.get(mark)
-            if other is not None and new:
-                errors.append(ConfigError(
-                    spec.source, spec.line_of("FwMark"),
-                    f"FwMark {mark:#x} is also the fwmark of {other.name} "
-                    f"({_where(other, other.line_of('FwMark'))}); a full tunnel's policy "
-                    "rules tell tunnels apart by it"))
-            marks.setdefault(mark, spec)
+                    spec.source, spec.line_of(unique.field),
+                    unique.message(spec, other, _where(other, other.line_of(unique.field)))))
         if _is_full(spec):
             if full is not None and new:
                 errors.append(ConfigError(

@@ -386,6 +386,8 @@ def down(runtime_dir: str, name: str, *, debug: bool = False, timeout: float = 3
 
 
 def reload(runtime_dir: str, *, debug: bool = False, timeout: float = 330.0) -> int:
+    """Exit 0 done, 1 a tunnel failed to start or change (its changes
+    undone: host as before), 3 one's undo was incomplete, 7 no service."""
     conn = _connect_or_report(runtime_dir, debug, 5.0, "reload")
     if isinstance(conn, int):
         return conn
@@ -404,9 +406,14 @@ def reload(runtime_dir: str, *, debug: bool = False, timeout: float = 330.0) -> 
     for warning in result.get("warnings") or []:
         print(f"tunsup reload: warning: {warning}", file=sys.stderr)
     failed = result.get("failed") or {}
+    incomplete = set(result.get("incomplete") or ())
     for name, why in failed.items():
         print(f"failed: {name}: {why}", file=sys.stderr)
-    return FAILED if failed else OK
+    for name in sorted(incomplete):
+        print(f"INCOMPLETE: {name}: not everything could be undone; the host is not as "
+              "before (leftovers recorded for 'tunsup cleanup')", file=sys.stderr)
+    # As the stop: 3 when the host could not be restored, else 1.
+    return INCOMPLETE if incomplete else FAILED if failed else OK
 
 
 # ----------------------------------------------------------------- logs

@@ -581,6 +581,15 @@ class Routes(Effect):
 
 @attrs.frozen
 class Dns(Effect):
+    """A tunnel's DNS servers and search domains.
+
+    With ``layered`` it is an in-place change of a running tunnel's DNS,
+    on top of the claim it replaces (``previous_servers`` and
+    ``previous_search``): its undo gives those back (the file backend pops
+    the claim; the others set the previous values again), and the undo of
+    the tunnel's own record then restores the original.
+    """
+
     ifname: str
     backend: str
     servers: tuple[IPAddress, ...]
@@ -588,9 +597,13 @@ class Dns(Effect):
     timeout: float = 10.0
     #: Set on the pushed record: what the backend needs to revert.
     state: DnsState | None = None
+    layered: bool = False
+    previous_servers: tuple[IPAddress, ...] = ()
+    previous_search: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        return f"DNS of {self.ifname} ({self.backend})"
+        what = "DNS change" if self.layered else "DNS"
+        return f"{what} of {self.ifname} ({self.backend})"
 
     async def _backend(self, ctx: EffectContext) -> DnsBackend:
         # "auto" looks at the machine (files, PATH): off the trio thread.
@@ -601,13 +614,14 @@ class Dns(Effect):
     async def prepare(self, ctx: EffectContext) -> Effect:
         backend = await self._backend(ctx)
         state = await backend.prepare(self.ifname, self.servers, self.search,
-                                      timeout=self.timeout)
+                                      timeout=self.timeout, layer=self.layered)
         return attrs.evolve(self, backend=backend.name, state=state)
 
     async def apply(self, ctx: EffectContext) -> Effect:
         backend = await self._backend(ctx)
-        state = await backend.apply(self.ifname, self.servers, self.search, timeout=self.timeout)
-        ctx.log.info("DNS set via %s: %s", backend.name,
+        state = await backend.apply(self.ifname, self.servers, self.search, timeout=self.timeout,
+                                    layer=self.layered)
+        ctx.log.info("DNS %s via %s: %s", "changed" if self.layered else "set", backend.name,
                      " ".join(map(str, [*self.servers, *self.search])))
         # Record the backend actually used: "auto" could pick another one
         # at undo time if the machine changed meanwhile.
@@ -621,8 +635,17 @@ class Dns(Effect):
             backend: DnsBackend = FileBackend(self.state.path, owners=ctx.host.dns_owners)
         else:
             backend = await self._backend(ctx)
+            if self.layered:
+                # These backends hold one setting per interface: the change
+                # is undone by setting the previous servers again (after a
+                # crash the tunnel's own record then removes them).
+                if not ctx.recovering:
+                    await backend.apply(self.ifname, self.previous_servers,
+                                        self.previous_search, timeout=self.timeout)
+                    ctx.log.info("DNS change undone")
+                return
         if await backend.revert(self.state, timeout=self.timeout):
-            ctx.log.info("DNS restored")
+            ctx.log.info("DNS change undone" if self.layered else "DNS restored")
 
     async def abort(self, ctx: EffectContext) -> None:
         # Live: a backend's apply leaves the original in place when it fails.
@@ -802,6 +825,22 @@ class HeldRoutes(KillSwitch):
     #: instance left (a tunnel without the kill switch must not stay
     #: blackholed after a crash).
     protects: typing.ClassVar[bool] = False
+
+
+@attrs.frozen
+class HeldRule(Rule):
+    """A rule that holds a full tunnel's traffic while it is rebuilt: the
+    copy of one of its rules for unmarked packets only (``fwmark 0``), at
+    the same priority, so that once the old tunnel's rules are gone its
+    traffic still finds the tunnel's table (held by :class:`HeldRoutes`)
+    instead of the main table's default route, while the helpers' own
+    (marked) packets pass.  Never identical to a tunnel's own rule."""
+
+    #: Not a protection the user asked for: see :class:`HeldRoutes`.
+    protects: ClassVar[bool] = False
+
+    def describe(self) -> str:
+        return f"hold {self.rule}"
 
 
 # --- in-place changes (reload) ------------------------------------------------

@@ -81,7 +81,7 @@ EFFECT_KINDS: dict[str, type[Effect]] = {
         effects.Mtu, effects.LinkUp, effects.Routes, effects.Dns, effects.Rule,
         effects.Sysctl, effects.KillSwitch, effects.CreateTun, effects.OwnedTun,
         effects.HelperGeneration, effects.HeldRoutes, effects.WireguardChanged,
-        effects.RoutesRemoved, effects.AddressRemoved, effects.MtuChanged,
+        effects.RoutesRemoved, effects.AddressRemoved, effects.MtuChanged, effects.HeldRule,
     )
 }
 _DNS_KINDS: dict[str, type[Any]] = {

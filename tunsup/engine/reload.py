@@ -28,12 +28,29 @@ class NeedsRebuild(TunsupError):
 
 
 class ReloadFailed(TunsupError):
-    """An in-place change failed; what it had applied was rolled back
-    (``restored`` says whether completely)."""
+    """An in-place change failed; what it had applied was rolled back:
+    ``rolled_back`` names the steps undone (most recent first),
+    ``failures`` the undo steps that failed (then ``restored`` is False:
+    the host is not as before, and what is left stays on the tunnel's
+    stacks for its stop, or for ``cleanup``)."""
 
-    def __init__(self, message: str, *, restored: bool) -> None:
+    def __init__(self, message: str, *, rolled_back: tuple[str, ...] = (),
+                 failures: tuple[str, ...] = ()) -> None:
         super().__init__(message)
-        self.restored = restored
+        self.rolled_back = rolled_back
+        self.failures = failures
+
+    @property
+    def restored(self) -> bool:
+        return not self.failures
+
+
+def rollback_message(why: str, rolled_back: tuple[str, ...], failures: tuple[str, ...]) -> str:
+    """One line: why the change failed and what its rollback did."""
+    undone = "; ".join(rolled_back) or "nothing"
+    if not failures:
+        return f"{why}; rolled back: {undone}"
+    return f"{why}; rollback incomplete: {'; '.join(failures)} (rolled back: {undone})"
 
 
 def is_full_tunnel(spec: TunnelSpec) -> bool:

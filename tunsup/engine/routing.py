@@ -61,13 +61,30 @@ class RoutingPlan:
         return self.policy_table is not None
 
 
+@attrs.frozen
+class HeldPolicy:
+    """What a rebuild holds of a full tunnel (see
+    :meth:`~tunsup.engine.supervisor.Supervisor._rebuild`): its policy
+    ``table`` (an ``unreachable`` default at the hold's metric) and the
+    ``fwmark 0`` copies of its rules.  The new tunnel takes the same table
+    (when it picks its own) and the same rule priorities, so that it
+    routes through the hold at once: no loss, and no drift of priorities
+    from one rebuild to the next."""
+
+    table: int
+    rules: tuple[PolicyRule, ...] = ()
+    #: The default prefixes held in ``table``.
+    defaults: tuple[IPNetwork, ...] = ()
+
+
 async def plan_routing(spec: TunnelSpec, net: NetOps, log: logging.Logger,
-                       lan: str = "direct", *, claims: Claims | None = None,
-                       owner: object = None) -> RoutingPlan:
+                       lan: str = "direct", held: HeldPolicy | None = None, *,
+                       claims: Claims | None = None, owner: object = None) -> RoutingPlan:
     """Decide tables, fwmark and which prefixes to route (before anything
-    is applied).  Reads the host only; a full tunnel's table is claimed in
-    ``claims`` for ``owner`` (free on the host and unclaimed: concurrent
-    starts never share one).  Cancellable."""
+    is applied).  ``held``: a rebuild holds this table for the tunnel.
+    Reads the host only; a full tunnel's table is claimed in ``claims``
+    for ``owner`` (free on the host and unclaimed: concurrent starts never
+    share one).  Cancellable."""
     defaults = tuple(n for n in spec.allowed_ips if n.prefixlen == 0)
     full = spec.table == "auto" and bool(defaults)
     ordinary: tuple[IPNetwork, ...] = ()
@@ -87,8 +104,11 @@ async def plan_routing(spec: TunnelSpec, net: NetOps, log: logging.Logger,
     if not full:
         return RoutingPlan(spec.route_table, ordinary, fwmark=spec.fwmark)
     table = spec.fwmark
+    claims = claims if claims is not None else Claims()
+    if table is None and held is not None:
+        table = held.table  # in use by the hold only, which goes once this is up
+        claims.claim_table(table, owner)
     if table is None:
-        claims = claims if claims is not None else Claims()
         table = FIRST_POLICY_TABLE
         # Claimed right after the host's answer, with no wait in between.
         while not (claims.table_free(table, owner) and not await net.table_in_use(table)
@@ -107,14 +127,16 @@ async def apply_policy(
     *,
     kill_switch: bool = False,
     lan: str = "direct",
+    held: HeldPolicy | None = None,
     claims: Claims | None = None,
     owner: object = None,
 ) -> None:
     """What is not tied to the tunnel's link and must outlive it (helper
     restarts, a killed tunsup): the kill switch's unreachable routes, the
-    full tunnel's rules and sysctl.  The rules' priorities are claimed in
-    ``claims`` for ``owner`` (below every rule on the host and every
-    claimed priority).  Cancellable between effects."""
+    full tunnel's rules and sysctl.  The rules go below the lowest
+    priority in use (on the host, not counting ``held``'s: they go away
+    once the tunnel is up; and claimed in ``claims``), and their
+    priorities are claimed for ``owner``.  Cancellable between effects."""
     claims = claims if claims is not None else Claims()
     name = spec.name
     if kill_switch and plan.table is not None and plan.ordinary:
@@ -125,7 +147,9 @@ async def apply_policy(
     if kill_switch:
         await stack.apply(KillSwitch(name, table, plan.defaults))
     for family in sorted({n.version for n in plan.defaults}):
-        on_host = [r.priority for r in await net.rules(family) if r.priority > 0]
+        ignored = held.rules if held is not None else ()
+        on_host = [r.priority for r in await net.rules(family)
+                   if r.priority > 0 and r not in ignored]
         # No wait from here to the claim: concurrent starts see each other.
         lowest = min([*on_host, *claims.priorities(family)], default=32766)
         if lowest < 3:

@@ -53,7 +53,7 @@ from ..config.conflicts import Tenant, find_conflicts
 from ..config.settings import DEFAULT_MAX_PARALLEL, OnFailure
 from ..config.spec import TunnelSpec
 from ..host import Host, sdnotify
-from .effects import EffectContext, HeldRoutes
+from .effects import EffectContext, HeldRoutes, HeldRule
 from .journal import Journal, JournalObserver
 from .recovery import Adoption
 from .reload import NeedsRebuild, ReloadFailed
@@ -95,11 +95,19 @@ class AlreadyRunning(TunsupError):
 
 class ChangeFailed(TunsupError):
     """An in-place change of a running tunnel failed; it was rolled back
-    to the running configuration (``restored`` says whether completely)."""
+    to the running configuration (``restored`` says whether completely,
+    ``rolled_back`` which steps were undone, ``failures`` which undo steps
+    failed)."""
 
-    def __init__(self, message: str, *, restored: bool) -> None:
+    def __init__(self, message: str, *, rolled_back: tuple[str, ...] = (),
+                 failures: tuple[str, ...] = ()) -> None:
         super().__init__(message)
-        self.restored = restored
+        self.rolled_back = rolled_back
+        self.failures = failures
+
+    @property
+    def restored(self) -> bool:
+        return not self.failures
 
 
 @attrs.frozen
@@ -144,11 +152,15 @@ class ConvergeResult:
     changed: tuple[tuple[str, str], ...] = ()
     #: name -> why it was rebuilt (its names are also in ``restarted``).
     rebuilt: tuple[tuple[str, str], ...] = ()
+    #: Names in ``failed`` whose undo was incomplete (an in-place change's
+    #: rollback, a failed start's teardown): the host is not as before.
+    incomplete: tuple[str, ...] = ()
 
 
 Plan = tuple[TunnelSpec, TunnelOptions]
 #: The fields of a :class:`ConvergeResult`.
-_OUTCOMES = ("started", "stopped", "restarted", "unchanged", "failed", "changed", "rebuilt")
+_OUTCOMES = ("started", "stopped", "restarted", "unchanged", "failed", "changed", "rebuilt",
+             "incomplete")
 #: Names claimed by one configured start, each released once settled.
 Claims = dict[str, trio.Event]
 
@@ -753,6 +765,8 @@ class Supervisor:
                         _, change = await self._change(slot, spec, options)
                     except Exception as exc:
                         out["failed"].append((name, describe_error(exc)))
+                        if not _undo_complete(exc):
+                            out["incomplete"].append(name)
                         return
                     if change.in_place is not None:
                         out["changed"].append((name, change.in_place))
@@ -765,6 +779,8 @@ class Supervisor:
                     await self._start(tunnel, CONFIG)
                 except Exception as exc:
                     out["failed"].append((name, describe_error(exc)))
+                    if tunnel.report is not None and not tunnel.report.complete:
+                        out["incomplete"].append(name)
                     return
                 out["started"].append(name)
         finally:
@@ -785,9 +801,8 @@ class Supervisor:
         except NeedsRebuild as exc:
             reason = str(exc)
         except ReloadFailed as exc:
-            raise ChangeFailed(f"tunnel {spec.name}: in-place change failed, "
-                               f"{'rolled back' if exc.restored else 'rollback incomplete'}: "
-                               f"{exc}", restored=exc.restored) from exc
+            raise ChangeFailed(f"tunnel {spec.name}: in-place change failed: {exc}",
+                               rolled_back=exc.rolled_back, failures=exc.failures) from exc
         else:
             log.info("tunnel %s changed in place: %s", spec.name, summary)
             return tunnel, Change(in_place=summary)
@@ -799,18 +814,32 @@ class Supervisor:
         make-before-break: its routes are held by unreachable routes
         (journaled like any effect) from before the old tunnel goes down
         until the new one's routes stand (or its start failed), so that
-        nothing meant for the tunnel leaves another way meanwhile.  Raises
-        :class:`StartFailed` (the new tunnel's) when its start failed."""
+        nothing meant for the tunnel leaves another way meanwhile.  A full
+        tunnel's default route is held in its own table, which
+        :class:`HeldRule` copies of its rules keep leading to; the new
+        tunnel reuses that table and those priorities (``Tunnel.held``),
+        so its route takes over the held traffic as soon as it exists.
+        Raises :class:`StartFailed` (the new tunnel's) when its start
+        failed."""
         old = slot.tunnel
         assert self._root is not None
         ctx = EffectContext(host=self.host, log=old.log, nursery=self._root)
         observer = JournalObserver(self.journal, spec.name) if self.journal else None
         hold = EffectStack(ctx, log=old.log, observer=observer)
+        policy = old.held_policy()
         try:
             for table, prefixes in old.held_routes():
                 await hold.apply(HeldRoutes(spec.name, table, prefixes))
+            if policy is not None:
+                # A full tunnel: its default route lives in its table, which
+                # only its rules lead to.  The hold keeps both (for unmarked
+                # packets: the new helper's own still reach its endpoint).
+                await hold.apply(HeldRoutes(spec.name, policy.table, policy.defaults))
+                for rule in policy.rules:
+                    await hold.apply(HeldRule(spec.name, rule))
             await self._stop_slot(slot)
             tunnel = self._make_tunnel(spec, options)
+            tunnel.held = policy
             try:
                 await self._start(tunnel, slot.origin)
             except Exception as exc:
@@ -879,6 +908,16 @@ class Supervisor:
         if self._failed:
             return ExitCode.FAILURE
         return ExitCode.OK
+
+
+def _undo_complete(exc: Exception) -> bool:
+    """Whether what a failed change had applied was fully undone: its
+    rollback (:class:`ChangeFailed`), or a failed rebuild's teardown."""
+    if isinstance(exc, ChangeFailed):
+        return exc.restored
+    if isinstance(exc, StartFailed):
+        return exc.tunnel.report is None or exc.tunnel.report.complete
+    return True
 
 
 def describe_error(exc: BaseException) -> str:

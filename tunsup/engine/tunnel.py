@@ -66,13 +66,21 @@ from .effects import (
     OwnedTun,
     Routes,
     RoutesRemoved,
+    Rule,
     StartHelper,
     WireguardChanged,
     select_routes,
 )
-from .reload import NeedsRebuild, ReloadFailed, hooks_changed, peer_counts, rebuild_reason
+from .reload import (
+    NeedsRebuild,
+    ReloadFailed,
+    hooks_changed,
+    peer_counts,
+    rebuild_reason,
+    rollback_message,
+)
 from .restart import RestartTracker
-from .routing import RoutingPlan, apply_link_routes, apply_policy, plan_routing
+from .routing import HeldPolicy, RoutingPlan, apply_link_routes, apply_policy, plan_routing
 from .undo import EffectStack, StackObserver, TeardownReport
 
 T = TypeVar("T")
@@ -211,6 +219,9 @@ class Tunnel:
         #: Protections a dead instance left, to hand over (set by the
         #: supervisor before the start; see tunsup.engine.recovery.Adoption).
         self.adopted: Handover | None = None
+        #: What a rebuild holds of the full tunnel this one replaces (set
+        #: by the supervisor before the start; see :meth:`held_policy`).
+        self.held: HeldPolicy | None = None
         #: While it runs: its effect stack and context (for status).
         self._stack: EffectStack | None = None
         self._ctx: EffectContext | None = None
@@ -285,6 +296,18 @@ class Tunnel:
         policy table, which no rule consults once its rules are gone)."""
         policy = self._plan.policy_table if self._plan is not None else None
         return _by_table({r for r in self.owned_routes() if r[0] != policy})
+
+    def held_policy(self) -> HeldPolicy | None:
+        """What a rebuild holds of this tunnel's full-tunnel routing (None
+        when it is not a full tunnel): its policy table, where the hold
+        puts an unreachable default, and the ``fwmark 0`` copy of each
+        policy rule it owns (see :class:`~tunsup.engine.effects.HeldRule`)."""
+        plan = self._plan
+        if plan is None or plan.policy_table is None:
+            return None
+        rules = tuple(attrs.evolve(r.rule, fwmark=0, invert=False) for r in self._records()
+                      if type(r) is Rule and r.owned)
+        return HeldPolicy(plan.policy_table, rules, plan.defaults)
 
     def _owned_addresses(self, extra: tuple[Effect, ...] = ()) -> list[IPInterface]:
         owned: list[IPInterface] = []
@@ -406,7 +429,7 @@ class Tunnel:
                 f"another network namespace): its UAPI socket {sock} is in use"
             )
         endpoints = self._endpoints = await self._resolve_endpoints()
-        self._plan = await plan_routing(spec, net, self.log, opts.lan,
+        self._plan = await plan_routing(spec, net, self.log, opts.lan, self.held,
                                         claims=self.host.claims, owner=self)
         self._request = await self._render_request()
         self._mtu = spec.mtu or await self._auto_mtu([ip for ip, _ in endpoints.values()])
@@ -414,7 +437,7 @@ class Tunnel:
         if spec.pre_up or spec.post_down:
             await stack.apply(Hooks(spec.name, "PreUp", spec.pre_up, "PostDown", spec.post_down))
         await apply_policy(stack, self._plan, spec, net, self.log, kill_switch=opts.kill_switch,
-                           lan=opts.lan, claims=self.host.claims, owner=self)
+                           lan=opts.lan, held=self.held, claims=self.host.claims, owner=self)
         owned = opts.tun_mode == "owned"
         if owned:
             header = opts.tun_header
@@ -660,26 +683,24 @@ class Tunnel:
             summary, state = await self._apply_change(work, spec, options)
         except BaseException as exc:
             report = await work.unwind(self.options.stop_timeout)
+            if report.remaining:
+                # Their undo failed: the host is not as before.  They stay
+                # on the tunnel's stacks (in apply order), so that its stop
+                # tries again and reports what is left (their journal
+                # entries stay for `cleanup` meanwhile).
+                self._keep(list(reversed(report.remaining)), stack, link_stack)
             if not isinstance(exc, Exception):
                 raise
-            why = _one_line(exc)
-            if report.complete:
-                self.log.error("in-place change failed, rolled back: %s", why)
-            else:
-                self.log.error("in-place change failed: %s; rollback incomplete: %s", why,
-                               "; ".join(report.failures))
-            raise ReloadFailed(why if report.complete else
-                               f"{why}; rollback incomplete: {'; '.join(report.failures)}",
-                               restored=report.complete) from exc
+            message = rollback_message(_one_line(exc), report.undone, report.failures)
+            self.log.error("in-place change failed: %s", message)
+            raise ReloadFailed(message, rolled_back=report.undone,
+                               failures=report.failures) from exc
         # Made.  From here to the settle no checkpoint: a stop must find
         # every record on the tunnel's stacks and the new state in place.
         # What is not tied to the link (the kill switch) joins the tunnel's
         # stack, the rest the stack the link's records are on.
         records = work.take()
-        policy: list[Effect] = [r for r in records if isinstance(r, KillSwitch)
-                                or (isinstance(r, RoutesRemoved) and r.index == UNREACHABLE)]
-        stack.adopt(policy)
-        link_stack.adopt([r for r in records if not any(r is p for p in policy)])
+        self._keep(records, stack, link_stack)
         self.spec, self._endpoints, self._plan, self._mtu, self._request = spec, *state
         if options.restart != self.options.restart:
             self._tracker = RestartTracker(options.restart)
@@ -692,6 +713,17 @@ class Tunnel:
             if isinstance(record, WireguardChanged):
                 await link_stack.settle(record)
         return summary
+
+    @staticmethod
+    def _keep(records: list[Effect], stack: EffectStack, link_stack: EffectStack) -> None:
+        """Put the records of an in-place change on the tunnel's stacks, in
+        apply order: what is not tied to the link (the kill switch's
+        routes) on the tunnel's, the rest on the one the link's records
+        are on.  No checkpoint."""
+        policy: list[Effect] = [r for r in records if isinstance(r, KillSwitch)
+                                or (isinstance(r, RoutesRemoved) and r.index == UNREACHABLE)]
+        stack.adopt(policy, live=True)
+        link_stack.adopt([r for r in records if not any(r is p for p in policy)], live=True)
 
     async def _apply_change(self, work: EffectStack, spec: TunnelSpec, options: TunnelOptions
                             ) -> tuple[str, tuple[dict[Key, tuple[str, int]], RoutingPlan,
@@ -741,6 +773,12 @@ class Tunnel:
                                ("fwmark", "fwmark")):
                 if getattr(old, key) != getattr(spec, key):
                     what += f", {label}"
+            recreated = uapi.endpoint_removed(old, spec, self._endpoints, endpoints)
+            if recreated:
+                # No "unset endpoint" in UAPI: the peer is removed and added
+                # again in the same request (it handshakes anew).
+                what += (f", {len(recreated)} peer(s) re-created "
+                         "(Endpoint removed: a device cannot forget one)")
             await work.apply(WireguardChanged(name, what, request, inverse or b""))
             parts.append(what)
 
@@ -776,15 +814,21 @@ class Tunnel:
         if n_added or n_removed:
             parts.append(f"routes +{n_added}/-{n_removed}")
 
+        if ((old.dns_servers, old.dns_search) != (spec.dns_servers, spec.dns_search)
+                and options.dns_backend != "none"):
+            # Layered on the running one: its undo gives back what that one
+            # had set (a rollback, or a stop walking back), and the
+            # bring-up's record then the original.
+            await work.apply(Dns(name, options.dns_backend, spec.dns_servers, spec.dns_search,
+                                 layered=bool(old.dns_servers or old.dns_search),
+                                 previous_servers=old.dns_servers,
+                                 previous_search=old.dns_search))
+        # Last: an address in use until the new routes and DNS stand.
         for address in removed:
             await work.apply(AddressRemoved(name, index, address))
         if added or removed:
             parts.append(f"addresses +{len(added)}/-{len(removed)}")
-        if ((old.dns_servers, old.dns_search) != (spec.dns_servers, spec.dns_search)
-                and options.dns_backend != "none"):
-            # Layered on the running one: its undo gives back what that one
-            # had set, and the bring-up's record then the original.
-            await work.apply(Dns(name, options.dns_backend, spec.dns_servers, spec.dns_search))
+        if any(isinstance(r, Dns) for r in work.records):
             parts.append("DNS")
         if hooks_changed(old, spec):
             parts.append("hooks (apply at the next rebuild)")

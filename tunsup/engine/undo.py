@@ -171,13 +171,15 @@ class EffectStack:
     def records(self) -> tuple[Effect, ...]:
         return tuple(self._records)
 
-    def adopt(self, records: list[Effect]) -> None:
+    def adopt(self, records: list[Effect], *, live: bool = False) -> None:
         """Push records applied by someone else, in the order they were
         applied: crash recovery unwinds a dead instance's journal through
-        this same stack."""
+        this same stack (each record hears of it: :meth:`Effect.adopted`).
+        ``live``: records of this process (see :meth:`take`), whose shared
+        resources already know their claims."""
         if self._unwound:
             raise RuntimeError("effect stack already unwound")
-        for record in records:
+        for record in records if not live else ():
             record.adopted(self._ctx)
         self._records.extend(records)
 

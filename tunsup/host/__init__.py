@@ -32,8 +32,9 @@ class RouteBatch(Protocol):
 
 @attrs.frozen
 class PolicyRule:
-    """An ``ip rule``: ``[not] fwmark M`` (mask all ones) or
-    ``suppress_prefixlength N``, looking up ``table``, at ``priority``."""
+    """An ``ip rule``: ``[not] fwmark M`` (mask all ones: ``fwmark 0``
+    matches unmarked packets only) or ``suppress_prefixlength N``, looking
+    up ``table``, at ``priority``."""
 
     family: int  # 4 or 6
     priority: int

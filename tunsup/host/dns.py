@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import re
@@ -118,6 +119,10 @@ class FileDnsState:
     #: The interface whose claim this is (see :class:`ResolvConfOwner`);
     #: empty in records of older versions (then reverted on their own).
     ifname: str = ""
+    #: Which claim of that interface's stack: 0 the tunnel's own (its
+    #: release drops every claim of the interface), n > 0 the n-th change
+    #: of its DNS in place (its release goes back to claim n - 1).
+    depth: int = 0
 
 
 @attrs.frozen
@@ -153,6 +158,7 @@ class DnsBackend(Protocol):
         search: Sequence[str],
         *,
         timeout: float,
+        layer: bool = False,
     ) -> DnsState:
         """What :meth:`revert` will need, computed *before* anything changes
         (for the file backend: the original bytes), so that a crash-safe
@@ -168,8 +174,12 @@ class DnsBackend(Protocol):
         search: Sequence[str],
         *,
         timeout: float,
+        layer: bool = False,
     ) -> DnsState:
-        """Set DNS; return what :meth:`revert` needs.
+        """Set DNS; return what :meth:`revert` needs.  ``layer``: a change
+        of the interface's DNS in place, whose revert goes back to the
+        servers before it (the file backend; the others replace the
+        interface's settings, and the caller re-applies the previous ones).
 
         On failure, timeout (:class:`DnsError`) or cancellation nothing is
         left applied (or its rollback is under way, see the backends).
@@ -435,12 +445,18 @@ def _put_back(path: str, original: bytes | None, mode: int, current: bytes | Non
 class ResolvConfOwner:
     """The one owner of a resolv.conf that several tunnels set DNS in.
 
-    It knows every tunnel's claim (:class:`ResolvClaim`), in the order they
-    were made.  The file always holds :func:`render_claims` of the claims
-    left (the merge rule); the bytes and mode found before the first claim
-    (the *original*) are captured once and put back, byte for byte, when
-    the last claim is released.  Every record it returns carries that same
-    original, so whichever record a crash leaves in the journal can restore
+    It knows every tunnel's claims (:class:`ResolvClaim`): per interface a
+    *stack*, the tunnel's own claim at the bottom and one more on top for
+    each in-place change of its DNS (:meth:`claim` with ``layer``), the
+    interfaces in the order they first claimed.  The file always holds
+    :func:`render_claims` of the top claim of each interface (the merge
+    rule).  Releasing a change's record goes back to the claim below it
+    (a rolled-back change gives the previous servers back, byte for byte);
+    releasing the tunnel's own record drops the whole stack.  The bytes
+    and mode found before the first claim (the *original*) are captured
+    once and put back, byte for byte, when the last claim is released.
+    Every record it returns carries that same original and the claim's
+    depth, so whichever records a crash leaves in the journal can restore
     it.
 
     If someone else rewrites the file while tunnels hold it, the owner
@@ -450,19 +466,19 @@ class ResolvConfOwner:
     API (all synchronous file work: call with :data:`_file_lock` held, in a
     worker thread): :meth:`preview`, :meth:`claim`, :meth:`release`; and
     :meth:`readopt` (no I/O) for recovery, which re-registers a dead
-    instance's claims before undoing them.  A change of a running tunnel's
-    DNS is :meth:`claim` again (same interface: the claim is replaced and
-    moves to the end of the order).
+    instance's claims before undoing them.
     """
 
     path: str
-    claims: dict[str, ResolvClaim] = attrs.field(factory=dict)
+    claims: dict[str, list[ResolvClaim]] = attrs.field(factory=dict)
     original: bytes | None = None
     mode: int = NEW_FILE_MODE
     #: Someone else changed the file while claims were held: left alone.
     foreign: bool = False
     #: Claims were re-registered from a dead instance's journal: the file
-    #: may also hold the original (a crash before the first write).
+    #: may also hold the original (a crash before the first write), or an
+    #: interface's claim below its top (a crash before a change's write,
+    #: or after a release's write but before the journal said so).
     recovered: bool = False
     #: Where the merge order comes from (see :meth:`ResolvConfOwners.set_order`).
     shared: ResolvConfOwners | None = None
@@ -475,19 +491,28 @@ class ResolvConfOwner:
         rank = self.shared.rank if self.shared is not None else {}
         return sorted(claims, key=lambda c: rank.get(c.ifname, len(rank)))
 
-    def _state(self, claim: ResolvClaim, written: bytes) -> FileDnsState:
+    def _tops(self, claims: dict[str, list[ResolvClaim]] | None = None) -> list[ResolvClaim]:
+        """Each interface's top claim, in merge order (:meth:`_ordered`)."""
+        return self._ordered(
+            [stack[-1] for stack in (self.claims if claims is None else claims).values()])
+
+    def _state(self, claim: ResolvClaim, written: bytes, depth: int) -> FileDnsState:
         return FileDnsState(path=self.path, original=self.original, written=written,
-                            mode=self.mode, ifname=claim.ifname)
+                            mode=self.mode, ifname=claim.ifname, depth=depth)
 
     def _ours(self, current: bytes | None) -> bool:
         """Whether ``current`` is what tunsup wrote for (some of) the claims:
-        exactly the merge of the tunnels its header names, all claimed."""
+        exactly the merge of the tunnels its header names, all claimed
+        (after a recovery, each by its top claim or the one below)."""
         if self.recovered and current == self.original:
             return True
         names = _header_names(current)
         if names is None or not all(n in self.claims for n in names):
             return False
-        return current == render_claims([self.claims[n] for n in names])
+        depth = 2 if self.recovered else 1
+        choices = [self.claims[n][-depth:] for n in names]
+        return any(current == render_claims(list(pick))
+                   for pick in itertools.product(*choices))
 
     def _reset(self) -> None:
         self.original, self.mode, self.foreign, self.recovered = None, NEW_FILE_MODE, False, False
@@ -498,55 +523,76 @@ class ResolvConfOwner:
                         why)
         self.foreign = True
 
-    def preview(self, claim: ResolvClaim) -> FileDnsState:
+    def _with(self, claim: ResolvClaim, layer: bool) -> tuple[dict[str, list[ResolvClaim]], int]:
+        """The claims after :meth:`claim` (a copy) and the new claim's depth."""
+        claims = {n: list(s) for n, s in self.claims.items()}
+        if layer and claim.ifname in claims:
+            claims[claim.ifname].append(claim)
+        else:
+            # The tunnel's own claim (again: it replaces the stack and
+            # moves to the end of the order).
+            claims.pop(claim.ifname, None)
+            claims[claim.ifname] = [claim]
+        return claims, len(claims[claim.ifname]) - 1
+
+    def preview(self, claim: ResolvClaim, *, layer: bool = False) -> FileDnsState:
         """What :meth:`claim` would record, reading the original only when
         no claim holds it yet.  Changes nothing."""
-        others = [c for n, c in self.claims.items() if n != claim.ifname]
-        content = render_claims(self._ordered([*others, claim]))
+        claims, depth = self._with(claim, layer)
+        content = render_claims(self._tops(claims))
         if self.claims:
-            return self._state(claim, content)
+            return self._state(claim, content, depth)
         original, mode = _read(self.path)
         return FileDnsState(path=self.path, original=original, written=content, mode=mode,
-                            ifname=claim.ifname)
+                            ifname=claim.ifname, depth=depth)
 
-    def claim(self, claim: ResolvClaim) -> FileDnsState:
-        """Add (or replace) ``claim`` and write the merged file.  If writing
-        fails, the claim is dropped and the file holds what it held."""
-        content = render_claims(self._ordered(
-            [*(c for n, c in self.claims.items() if n != claim.ifname), claim]))
+    def claim(self, claim: ResolvClaim, *, layer: bool = False) -> FileDnsState:
+        """Add ``claim`` (with ``layer``: on top of the interface's stack, a
+        change in place; else as the tunnel's own, replacing its stack) and
+        write the merged file.  If writing fails, the claims are as they
+        were and the file holds what it held."""
+        claims, depth = self._with(claim, layer)
+        content = render_claims(self._tops(claims))
         current, mode = _read(self.path)
         if not self.claims:
             self._reset()
             self.original, self.mode = current, mode
         elif not self.foreign and not self._ours(current):
             self._left_alone(f"{claim.ifname}'s DNS is not added")
-        previous = self.claims.pop(claim.ifname, None)
-        self.claims[claim.ifname] = claim
+        before, self.claims = self.claims, claims
         if self.foreign:
-            return self._state(claim, content)
+            return self._state(claim, content, depth)
         try:
             if current != content:
                 _write_file(self.path, content, self.mode, current)
         except BaseException:
-            self.claims.pop(claim.ifname)
-            if previous is not None:
-                self.claims[claim.ifname] = previous
+            self.claims = before
             if not self.claims:
                 self._reset()
             raise
-        return self._state(claim, content)
+        return self._state(claim, content, depth)
 
     def release(self, state: FileDnsState) -> bool:
-        """Drop the claim of ``state.ifname``: the file then holds the merge
-        of the claims left, or the original once none is left.  True: done
-        (or nothing to do); False: the file was left alone (changed by
-        someone else).  A claim this owner does not know is reverted on
-        its own (see :func:`_revert_file_sync`)."""
-        if state.ifname not in self.claims:
-            return _revert_file_sync(state)
+        """Undo the claim of ``state``: a change's (depth n > 0) goes back to
+        the interface's claim n - 1, the tunnel's own (depth 0) drops all of
+        its claims.  The file then holds the merge of the claims left, or
+        the original once none is left.  True: done (or nothing to do);
+        False: the file was left alone (changed by someone else).  A claim
+        this owner does not know is reverted on its own (see
+        :func:`_revert_file_sync`), unless it is a change whose tunnel's
+        own claim is already gone (nothing left to do)."""
+        stack = self.claims.get(state.ifname)
+        if stack is None:
+            return True if state.depth > 0 else _revert_file_sync(state)
+        if len(stack) <= state.depth:
+            return True  # already back below it
         current, _ = _read(self.path)
         ours = not self.foreign and self._ours(current)
-        del self.claims[state.ifname]
+        if state.depth == 0:
+            del self.claims[state.ifname]
+        else:
+            del stack[state.depth:]
+        what = "removed" if state.depth == 0 else "change undone"
         try:
             if not ours:
                 self._left_alone(f"{state.ifname}'s DNS is not removed")
@@ -554,11 +600,11 @@ class ResolvConfOwner:
                          self.path, state.ifname)
                 return False
             if self.claims:
-                content = render_claims(self._ordered(self.claims.values()))
+                content = render_claims(self._tops())
                 if current != content:
                     _write_file(self.path, content, self.mode, current)
-                log.info("%s: DNS of %s removed; it holds the DNS of %s", self.path,
-                         state.ifname, ", ".join(self.claims))
+                log.info("%s: DNS of %s %s; it holds the DNS of %s", self.path,
+                         state.ifname, what, ", ".join(self.claims))
                 return True
             if current == self.original:
                 log.debug("%s: already as it was", self.path)
@@ -571,13 +617,18 @@ class ResolvConfOwner:
 
     def readopt(self, claim: ResolvClaim, state: FileDnsState) -> None:
         """Recovery: register a dead instance's claim (in journal order),
-        with the original its record carries.  No I/O."""
+        at its depth, with the original its record carries.  No I/O."""
         if not self.claims:
             self._reset()
             self.original, self.mode = state.original, state.mode
         self.recovered = True
-        self.claims.pop(claim.ifname, None)
-        self.claims[claim.ifname] = claim
+        stack = self.claims.get(claim.ifname)
+        if stack is None or state.depth == 0:
+            self.claims.pop(claim.ifname, None)
+            self.claims[claim.ifname] = [claim]
+            return
+        del stack[state.depth:]
+        stack.append(claim)
 
 
 @attrs.define(eq=False)
@@ -615,6 +666,7 @@ class _FileApplyJob:
 
     owner_of: Callable[[], ResolvConfOwner]
     claim: ResolvClaim
+    layer: bool = False
     abandoned: bool = False
     state: FileDnsState | None = None
     owner: ResolvConfOwner | None = None
@@ -625,7 +677,7 @@ class _FileApplyJob:
                 return None
             self.owner = owner = self.owner_of()
             with _os_errors(owner.path, "cannot write"):
-                self.state = owner.claim(self.claim)
+                self.state = owner.claim(self.claim, layer=self.layer)
             return self.state
 
     def rollback(self) -> None:
@@ -663,6 +715,7 @@ class FileBackend:
     async def prepare(
         self, ifname: str, servers: Sequence[IPAddress], search: Sequence[str], *,
         timeout: float,
+        layer: bool = False,
     ) -> FileDnsState:
         """Read the original bytes and mode, unless a claim already holds
         them (off the trio thread, under ``timeout``); see
@@ -674,7 +727,7 @@ class FileBackend:
             with _file_lock:
                 owner = self._owner()
                 with _os_errors(owner.path, "cannot read"):
-                    return owner.preview(claim)
+                    return owner.preview(claim, layer=layer)
 
         return await bounded(timeout, f"{ifname}: reading {self.path}", read, error=DnsError)
 
@@ -685,9 +738,11 @@ class FileBackend:
         search: Sequence[str],
         *,
         timeout: float,
+        layer: bool = False,
     ) -> FileDnsState:
         """Claim DNS in ``self.path`` (its symlink target, if it is a
-        symlink) and write the merged file: temp file, fsync, rename,
+        symlink; with ``layer`` on top of the interface's claim, see
+        :meth:`ResolvConfOwner.claim`) and write the merged file: temp file, fsync, rename,
         directory fsync; where the rename is refused (EBUSY/EXDEV/EPERM: a
         bind mount), an in-place rewrite.  The original mode (owner where
         possible) is kept, 0644 for a new file.  If the write fails the
@@ -700,7 +755,7 @@ class FileBackend:
         """
         claim = ResolvClaim(ifname, tuple(servers), tuple(search))
         render_claims([claim])
-        job = _FileApplyJob(self._owner, claim)
+        job = _FileApplyJob(self._owner, claim, layer)
         try:
             with trio.fail_after(timeout):
                 state = await trio.to_thread.run_sync(
@@ -819,6 +874,7 @@ class ResolvconfBackend:
         search: Sequence[str],
         *,
         timeout: float,
+        layer: bool = False,
     ) -> ResolvconfDnsState:
         """``resolvconf -a tun.IFACE -m 0 -x`` with the rendered file on stdin.
 
@@ -857,6 +913,7 @@ class ResolvconfBackend:
     async def prepare(
         self, ifname: str, servers: Sequence[IPAddress], search: Sequence[str], *,
         timeout: float,
+        layer: bool = False,
     ) -> ResolvconfDnsState:
         """See :meth:`DnsBackend.prepare`; nothing to read."""
         _check_request(ifname, servers, search)
@@ -891,6 +948,7 @@ class ResolvedBackend:
         search: Sequence[str],
         *,
         timeout: float,
+        layer: bool = False,
     ) -> ResolvedDnsState:
         """``resolvectl dns IFACE S...``, ``resolvectl domain IFACE D...``
         (``~.`` without search domains, so the tunnel's servers answer every
@@ -936,6 +994,7 @@ class ResolvedBackend:
     async def prepare(
         self, ifname: str, servers: Sequence[IPAddress], search: Sequence[str], *,
         timeout: float,
+        layer: bool = False,
     ) -> ResolvedDnsState:
         """See :meth:`DnsBackend.prepare`; nothing to read."""
         _check_request(ifname, servers, search)

@@ -371,6 +371,8 @@ class NetlinkHost:
             for r in ipr.get_rules(family=_AF[family]):
                 suppress = r.get_attr("FRA_SUPPRESS_PREFIXLEN")
                 mark = r.get_attr("FRA_FWMARK")
+                if mark is None and r.get_attr("FRA_FWMASK"):
+                    mark = 0  # "fwmark 0/0xffffffff": unmarked packets only
                 out.append(PolicyRule(
                     family=family,
                     priority=int(r.get_attr("FRA_PRIORITY") or 0),

@@ -180,8 +180,11 @@ def render_change(old: TunnelSpec, new: TunnelSpec,
     ``fwmark`` is taken from the specs as given.  None when nothing
     differs.  Swapping the arguments gives the inverse request.
 
-    A WireGuard device cannot forget a peer's endpoint: a peer whose
-    endpoint line was removed keeps the last one it had."""
+    A WireGuard device cannot forget a peer's endpoint (UAPI has no
+    "unset"): a peer whose endpoint was removed is re-created instead,
+    ``remove=true`` then its whole state in the same request (wireguard-go
+    applies it as one; the peer's session is dropped, so it handshakes
+    anew).  See :func:`endpoint_removed`."""
     lines = ["set=1"]
     if old.private_key != new.private_key:
         lines.append("private_key=" + (new.private_key.hex() if new.private_key else _ZERO_KEY))
@@ -191,13 +194,16 @@ def render_change(old: TunnelSpec, new: TunnelSpec,
         lines.append(f"fwmark={new.fwmark or 0}")
     before = {p.public_key: p for p in old.peers}
     after = {p.public_key for p in new.peers}
+    recreated = set(endpoint_removed(old, new, old_endpoints, new_endpoints))
     for peer in old.peers:
         if peer.public_key not in after:
             lines += [f"public_key={peer.public_key.hex()}", "remove=true"]
     for index, peer in enumerate(new.peers, 1):
         was = before.get(peer.public_key)
         resolved = new_endpoints.get(peer.public_key)
-        if (was is not None and was.preshared_key == peer.preshared_key
+        if peer.public_key in recreated:
+            lines += [f"public_key={peer.public_key.hex()}", "remove=true"]
+        elif (was is not None and was.preshared_key == peer.preshared_key
                 and was.allowed_ips == peer.allowed_ips
                 and was.persistent_keepalive == peer.persistent_keepalive
                 and old_endpoints.get(peer.public_key) == resolved):
@@ -213,6 +219,17 @@ def render_change(old: TunnelSpec, new: TunnelSpec,
     if len(lines) == 1:
         return None
     return ("\n".join(lines) + "\n\n").encode("ascii")
+
+
+def endpoint_removed(old: TunnelSpec, new: TunnelSpec,
+                     old_endpoints: Mapping[Key, tuple[str, int]],
+                     new_endpoints: Mapping[Key, tuple[str, int]]) -> list[Key]:
+    """The peers of both specs that had an endpoint and have none now: the
+    ones :func:`render_change` re-creates."""
+    kept = {p.public_key for p in old.peers}
+    return [p.public_key for p in new.peers
+            if p.public_key in kept and p.public_key in old_endpoints
+            and p.public_key not in new_endpoints]
 
 
 def render_endpoint_update(public_key: Key, host: str, port: int) -> bytes:
