@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,15 +22,23 @@ LINES = [
     ["down", "wg0"], ["reload"], ["reload", "-c", "x.toml"],
     ["logs"], ["logs", "-f", "-n", "5", "--json"], ["logs", "--lines=0", "--follow"],
     ["status", "--json", "--json"], ["logs", "-n", "3", "-n", "4"],
+    # run: the service's own start is read without argparse too.
+    ["run"], ["run", "a.conf"], ["run", "a.conf", "b.conf", "--debug"],
+    ["run", "--debug", "--dns", "file", "--resolv-conf", "/r.conf", "a.conf"],
+    ["run", "-c", "x.toml", "--state-dir=/s", "--runtime-dir", "/r", "--json-logs"],
+    ["run", "--dns=none", "a.conf", "b.conf"], ["run", "-c", "x.toml", "a.conf"],
 ]
 
 # Lines the fast path leaves to argparse (help, errors, argparse niceties).
 OTHERS = [
-    [], ["run", "a.conf"], ["check", "a.conf"], ["status", "--help"], ["status", "-h"],
+    [], ["check", "a.conf"], ["status", "--help"], ["status", "-h"],
     ["status", "--js"], ["status", "extra"], ["up"], ["up", "a", "b"], ["down", "-x"],
     ["stop", "--timeout"], ["stop", "--timeout", "soon"], ["stop", "--timeout", "-1"],
     ["logs", "-fn", "3"], ["status", "--json=1"], ["up", "--", "-a.conf"],
     ["status", "--runtime-dir", "--debug"],
+    ["run", "--dns", "bogus", "a.conf"], ["run", "a.conf", "--debug", "b.conf"],
+    ["run", "--help"], ["run", "--deb", "a.conf"], ["run", "--json-logs=1"],
+    ["run", "--", "a.conf"], ["run", "--state-dir"],
 ]
 
 
@@ -56,7 +65,9 @@ def test_fast_table_knows_every_client_option() -> None:
     parser = cli._parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(cli._CLIENT_LINES) == set(cli.CLIENT_COMMANDS)
-    for command, (positionals, options, _defaults) in cli._CLIENT_LINES.items():
+    listed, run_options, _run_defaults = cli._RUN_LINE
+    lines = {**cli._CLIENT_LINES, "run": ((listed,), run_options, _run_defaults)}
+    for command, (positionals, options, _defaults) in lines.items():
         known = {**options, **cli._COMMON_OPTIONS}
         argparse_options = {}
         argparse_positionals = []
@@ -73,7 +84,8 @@ def test_fast_table_knows_every_client_option() -> None:
 
 def test_client_command_imports_nothing_heavy(tmp_path: object) -> None:
     """`tunsup status` (here: no service runs) loads neither trio, pyroute2,
-    attrs, cattrs nor argparse, typing or logging."""
+    attrs, cattrs nor argparse, typing or logging, nor the socket and signal
+    wrappers (their enums cost every client start milliseconds)."""
     code = (
         "import sys\n"
         "from tunsup.cli import main\n"
@@ -86,5 +98,62 @@ def test_client_command_imports_nothing_heavy(tmp_path: object) -> None:
     rc, modules = json.loads(out.splitlines()[-1])
     assert rc == 3  # not running
     heavy = {"trio", "pyroute2", "attr", "attrs", "cattrs", "argparse", "typing", "logging",
-             "subprocess"}
+             "subprocess", "socket", "signal", "selectors"}
     assert heavy.isdisjoint(modules), heavy & set(modules)
+
+
+def test_run_of_a_conf_file_loads_no_toml_machinery(tmp_path: Path) -> None:
+    """What `run wg0.conf` imports and does before its event loop (read its
+    command line and the file, load the service, start logging) builds no
+    cattrs converter and loads neither tomllib nor difflib (they serve TOML
+    files and error messages), nor argparse or logging.handlers (pickle)."""
+    conf = tmp_path / "wg7.conf"
+    conf.write_text("[Interface]\nPrivateKey = " + "A" * 43 + "=\n")
+    code = (
+        "import sys\n"
+        "from tunsup import cli\n"
+        f"args = cli._client_args(['run', '--dns', 'none', {str(conf)!r}])\n"
+        "from tunsup.config.sources import ConfigSource, prepare\n"
+        "prepare(ConfigSource(tuple(args.confs)))\n"
+        "import tunsup.service, tunsup.engine.tunnel, tunsup.engine.journal, tunsup.host\n"
+        "from tunsup import _log\n"
+        "_log.setup_logging()\n"
+        "_log.stop_logging()\n"
+        "import json\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    modules = set(json.loads(out.splitlines()[-1]))
+    assert "tunsup.config.toml" in modules  # the records are there...
+    unwanted = {"cattrs", "tomllib", "difflib", "argparse", "logging.handlers", "pickle"}
+    assert unwanted.isdisjoint(modules), unwanted & modules  # ...not their loader
+
+
+def test_run_reads_its_configuration_with_the_collector_paused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run` builds its service with the cyclic collector paused (a cold
+    start's objects hold no garbage worth the collections) and gives it
+    back as it was, also when the configuration is refused."""
+    import gc
+
+    from tunsup import _errors
+    from tunsup.config import sources
+
+    seen: list[bool] = []
+    real_prepare = sources.prepare
+
+    def prepare(source: sources.ConfigSource) -> sources.Prepared:
+        seen.append(gc.isenabled())  # observed, then the real check
+        return real_prepare(source)
+
+    monkeypatch.setattr(sources, "prepare", prepare)
+    bad = tmp_path / "wg8.conf"
+    bad.write_text("[Interface]\nPrivateKey = nonsense\n")
+    args = cli._client_args(["run", str(bad)])
+    assert args is not None
+    assert gc.isenabled()
+    with pytest.raises(_errors.ConfigError):
+        cli._run(args)
+    assert seen == [False]
+    assert gc.isenabled()

@@ -135,3 +135,16 @@ def test_undone_records_are_written_without_an_fsync_of_their_own(
     assert before >= 2 and after == before
     contents = read_journal(journal.path)
     assert len(contents.steps) == 1 and contents.pending() == []
+
+
+def test_long_prefix_lists_are_written_exactly_each_time() -> None:
+    """A Routes record's prefixes are made text once for its intent and
+    applied records (equal tuples of the same networks); another tuple, even
+    equal in length, is never given the text of the last one."""
+    first = tuple(ipaddress.ip_network(f"10.{i // 256}.{i % 256}.0/24") for i in range(200))
+    second = (*first[:199], ipaddress.ip_network("2001:db8::/64"))
+    intent = fx.Routes("wg0", 7, 254, first)
+    record = attrs.evolve(intent, prefixes=tuple(list(first)))  # equal, not the same tuple
+    for effect in (intent, record, fx.Routes("wg0", 7, 254, second), intent,
+                   fx.Routes("wg0", 7, 254, first[:100] + first[101:])):
+        assert effect_to_dict(effect) == _cattrs_reference(effect)

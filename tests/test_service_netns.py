@@ -132,6 +132,7 @@ def test_status_shows_peer_counters_and_stop_streams_the_teardown(pair: Pair) ->
     (peer,) = tunnel["peers"]
     assert peer["public_key"] == pair.key_b.public_key().to_base64()
     assert peer["endpoint"] == "192.0.2.2:51821"
+    assert peer["allowed_ips"] == 2  # counted in the UAPI answer, not parsed
     assert peer["rx_bytes"] > 0 and peer["tx_bytes"] > 0
     assert peer["last_handshake_age"] is not None and peer["last_handshake_age"] < 60
 

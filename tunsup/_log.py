@@ -20,7 +20,6 @@ import collections
 import contextlib
 import json
 import logging
-import logging.handlers
 import queue
 import sys
 import threading
@@ -35,7 +34,7 @@ RING_SIZE = 1000
 Entry = dict[str, Any]
 Subscriber = Callable[[Entry], None]
 
-_listener: logging.handlers.QueueListener | None = None
+_listener: _Writer | None = None
 _hub_handler: logging.Handler | None = None
 
 
@@ -140,6 +139,51 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class _QueueHandler(logging.Handler):
+    """What ``logging.handlers.QueueHandler`` does, without importing
+    ``logging.handlers`` (and pickle with it: milliseconds of every start):
+    queue a copy of the record whose message is merged into text (its
+    arguments and traceback are not for another thread)."""
+
+    def __init__(self, q: queue.SimpleQueue[logging.LogRecord | None]) -> None:
+        super().__init__()
+        self.queue = q
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            copied = logging.makeLogRecord(record.__dict__)
+            copied.message = copied.msg = msg
+            copied.args = None
+            copied.exc_info = None
+            copied.exc_text = None
+            self.queue.put_nowait(copied)
+        except Exception:
+            self.handleError(record)
+
+
+class _Writer:
+    """The thread that writes queued records (``QueueListener``'s job)."""
+
+    def __init__(self, q: queue.SimpleQueue[logging.LogRecord | None],
+                 handler: logging.Handler) -> None:
+        self._queue = q
+        self._handler = handler
+        self._thread = threading.Thread(target=self._run, name="tunsup-log", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (record := self._queue.get()) is not None:
+            self._handler.handle(record)
+
+    def stop(self) -> None:
+        """Write what is queued, then end the thread (blocks until then)."""
+        self._queue.put_nowait(None)
+        self._thread.join()
+
+
 class _TunnelTag(logging.Filter):
     def __init__(self, tunnel: str) -> None:
         super().__init__()
@@ -163,13 +207,13 @@ def setup_logging(*, debug: bool = False, json_lines: bool = False,
     into ``hub``."""
     global _listener, _hub_handler
     stop_logging()
-    q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    q: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(_JsonFormatter() if json_lines else _Formatter())
-    _listener = logging.handlers.QueueListener(q, stream, respect_handler_level=False)
+    _listener = _Writer(q, stream)
     _listener.start()
     root = logging.getLogger("tunsup")
-    handlers: list[logging.Handler] = [logging.handlers.QueueHandler(q)]
+    handlers: list[logging.Handler] = [_QueueHandler(q)]
     if hub is not None:
         _hub_handler = _HubHandler(hub)
         handlers.append(_hub_handler)

@@ -2,9 +2,9 @@
 
 Heavy imports (trio, pyroute2) happen inside the commands that need them, so
 that client commands stay fast: an ordinary client command line (``status``,
-``up X.conf``, ``down X``...) is even read without argparse (see
-:func:`_client_args`), whose import and parser cost a client start more than
-its whole round trip to the service.
+``up X.conf``, ``down X``...) and ``run``'s are even read without argparse
+(see :func:`_client_args`), whose import and parser cost a client start more
+than its whole round trip to the service.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ._errors import ConfigError, ExitCode
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from typing import NoReturn
 
     from ._instrument import StepTimer
@@ -54,21 +54,50 @@ _CLIENT_LINES: dict[str, tuple[tuple[str, ...],
 }
 
 
+def _dns_choice(value: str) -> str:
+    if value not in DNS_CHOICES:
+        raise ValueError(value)
+    return value
+
+
+#: ``run``'s command line (the service's own start pays for argparse too):
+#: its CONF.conf files are the one list of positionals (``nargs="*"``).
+_RUN_LINE: tuple[str, dict[str, tuple[str, Callable[[str], object] | None]], dict[str, object]] = (
+    "confs",
+    {"--state-dir": ("state_dir", str), "--dns": ("dns", _dns_choice),
+     "--resolv-conf": ("resolv_conf", str), "--json-logs": ("json_logs", None)},
+    {"state_dir": None, "dns": None, "resolv_conf": None, "json_logs": False},
+)
+
+
 def _client_args(argv: Sequence[str]) -> SimpleNamespace | None:
-    """A plain client command line read without argparse, with the values
-    argparse would give; None for anything else (``--help``, an unknown or
-    abbreviated option, a missing value, a value that starts with ``-``...),
-    which argparse then reads, and reports, as always."""
-    if not argv or argv[0] not in _CLIENT_LINES:
+    """A plain client or ``run`` command line read without argparse, with the
+    values argparse would give; None for anything else (``--help``, an
+    unknown or abbreviated option, a missing value, a value that starts with
+    ``-``, ``run``'s files not all in one run...), which argparse then reads,
+    and reports, as always."""
+    if not argv:
         return None
-    positional_dests, options, defaults = _CLIENT_LINES[argv[0]]
+    if argv[0] == "run":
+        listed, options, defaults = _RUN_LINE
+        positional_dests: tuple[str, ...] = ()
+    elif argv[0] in _CLIENT_LINES:
+        listed = None
+        positional_dests, options, defaults = _CLIENT_LINES[argv[0]]
+    else:
+        return None
     values: dict[str, object] = {**_COMMON_DEFAULTS, **defaults, "command": argv[0]}
     positionals: list[str] = []
+    runs = 0  # runs of consecutive positionals
+    previous_positional = False
     rest = iter(argv[1:])
     for arg in rest:
         if not arg.startswith("-"):
+            runs += not previous_positional
+            previous_positional = True
             positionals.append(arg)
             continue
+        previous_positional = False
         name, eq, value = arg.partition("=")
         spec = options.get(name) or _COMMON_OPTIONS.get(name)
         if spec is None:
@@ -87,6 +116,12 @@ def _client_args(argv: Sequence[str]) -> SimpleNamespace | None:
             values[dest] = convert(value)
         except ValueError:
             return None
+    if listed is not None:
+        # argparse reads a nargs="*" list split by options its own way.
+        if runs > 1:
+            return None
+        values[listed] = positionals
+        return SimpleNamespace(**values)
     if len(positionals) != len(positional_dests):
         return None
     values.update(zip(positional_dests, positionals, strict=True))
@@ -356,7 +391,32 @@ def _step_timer(debug: bool) -> StepTimer | None:
     return StepTimer(0.1) if debug else None
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off inside, as it was after.
+
+    A cold start creates a few hundred thousand objects (imports, attrs
+    classes, the configuration) and no garbage worth collecting: the ~65
+    collections they would set off cost ~4 % of the start.  Once the
+    service is built, ``gc.freeze`` puts all of it out of the collector's
+    sight and the collector runs again (see :func:`_run_service`)."""
+    import gc
+
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _run(args: argparse.Namespace | SimpleNamespace) -> int:
+    with _collector_paused():
+        return _run_service(args)
+
+
+def _run_service(args: argparse.Namespace | SimpleNamespace) -> int:
     from .config.sources import ConfigSource, prepare
 
     if not args.confs and not args.config:
@@ -418,10 +478,12 @@ def _run(args: argparse.Namespace | SimpleNamespace) -> int:
         # Everything imported and built so far lives as long as the process:
         # out of the collector's sight, a full collection (set off by a burst
         # of connections, say) scans only what came later, and does not
-        # stall the event loop for tens of milliseconds.
+        # stall the event loop for tens of milliseconds.  The collector,
+        # paused for the start (_collector_paused), runs again from here.
         import gc
 
         gc.freeze()
+        gc.enable()
         code = trio.run(service, instruments=[timer] if timer is not None else [])
         if timer is not None:
             timer.report()

@@ -106,7 +106,7 @@ class ServiceOps:
         Cancellable."""
         path = socket_path(tunnel.name, tunnel.host.uapi_dir)
         try:
-            device = await uapi_get(path, timeout=UAPI_STATUS_TIMEOUT)
+            device = await uapi_get(path, timeout=UAPI_STATUS_TIMEOUT, prefixes=False)
         except UapiError as exc:
             entry["peers_error"] = str(exc)
             return
@@ -120,7 +120,7 @@ class ServiceOps:
                                        else max(0.0, now - peer.last_handshake)),
                 "rx_bytes": peer.rx_bytes,
                 "tx_bytes": peer.tx_bytes,
-                "allowed_ips": len(peer.allowed_ips),
+                "allowed_ips": peer.allowed_ip_count,
                 "persistent_keepalive": peer.persistent_keepalive,
             }
             for peer in device.peers

@@ -8,6 +8,7 @@ engine re-validates them.
 from __future__ import annotations
 
 import ipaddress
+from _socket import inet_ntoa  # (the socket wrapper module is not needed)
 from typing import Literal, TypeAlias
 
 import attrs
@@ -23,6 +24,14 @@ IPInterface: TypeAlias = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 RouteTable: TypeAlias = Literal["auto", "off"] | int
 
 RT_TABLE_MAIN = 254
+
+
+def network_text(net: IPNetwork) -> str:
+    """``str(net)``, twice as fast for IPv4 (10,000 AllowedIPs are written
+    out as text for the helper and for the journal at every start)."""
+    if net.version == 4:
+        return f"{inet_ntoa(net.network_address.packed)}/{net.prefixlen}"
+    return str(net)
 
 
 @attrs.frozen

@@ -51,23 +51,14 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import difflib
 import math
 import os
 import re
-import tomllib
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeAlias
 
 import attrs
-import cattrs
-from cattrs.errors import (
-    AttributeValidationNote,
-    ForbiddenExtraKeysError,
-    IterableValidationNote,
-)
-from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from .._errors import ConfigError, config_errors
 from .._input import read_config_text
@@ -90,6 +81,13 @@ from .settings import (
     TunMode,
     TunnelOptions,
 )
+
+# cattrs (and tomllib, difflib) only once a TOML document is read or written:
+# ``run wg0.conf`` builds its configuration from the records alone, and the
+# converter's generated functions cost a cold start tens of milliseconds.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import cattrs
 
 __all__ = [
     "DEFAULT_RESOLV_CONF",
@@ -410,7 +408,6 @@ def _toml_name(cls: object, attribute: str) -> str:
 
 # --------------------------------------------------------------------------- converter
 
-_converter = cattrs.Converter(forbid_extra_keys=True)
 
 
 def _passthrough(value: Any, _type: Any) -> Any:
@@ -429,13 +426,17 @@ def _structure_argv(value: Any, _type: Any) -> Any:
 
 
 def _table_hook(
-    cls: type[Any], what: str, inner: Callable[[Any, Any], Any] | None = None
+    conv: cattrs.Converter, cls: type[Any], what: str,
+    inner: Callable[[Any, Any], Any] | None = None,
 ) -> Callable[[Any, Any], Any]:
     """Structure a table into ``cls``.  cattrs stops before the validators
     when a key or a nested table is bad, and attrs at the first validator
     that fails; then every validator that can run is run, so that all bad
     values of the table are reported at once."""
-    build: Callable[[Any, Any], Any] = inner or make_dict_structure_fn(cls, _converter)
+    import cattrs
+    from cattrs.gen import make_dict_structure_fn
+
+    build: Callable[[Any, Any], Any] = inner or make_dict_structure_fn(cls, conv)
 
     def structure(value: Any, type_: Any) -> Any:
         if not isinstance(value, Mapping):
@@ -447,18 +448,19 @@ def _table_hook(
             # it comes back with all the others.
             kept = [e for e in group.exceptions
                     if not (isinstance(e, _Invalid) and not getattr(e, "__notes__", None))]
-            errors = [*kept, *_validator_errors(cls, value)]
+            errors = [*kept, *_validator_errors(conv, cls, value)]
             if not errors:
                 raise
             raise cattrs.ClassValidationError(group.message, errors, cls) from None
         except _Invalid as first:
-            errors = _validator_errors(cls, value) or [first]
+            errors = _validator_errors(conv, cls, value) or [first]
             raise cattrs.ClassValidationError(f"invalid {cls.__name__}", errors, cls) from None
 
     return structure
 
 
-def _validator_errors(cls: type[Any], table: Mapping[str, Any]) -> list[Exception]:
+def _validator_errors(conv: cattrs.Converter, cls: type[Any],
+                      table: Mapping[str, Any]) -> list[Exception]:
     """Every validator failure of ``cls`` built from ``table``; a value that
     does not even structure (reported by cattrs) is not validated."""
     fields = attrs.fields(attrs.resolve_types(cls))
@@ -468,7 +470,7 @@ def _validator_errors(cls: type[Any], table: Mapping[str, Any]) -> list[Exceptio
         key = _toml_name(cls, field.name)
         if key in table:
             try:
-                values[field.name] = _converter.structure(table[key], field.type)
+                values[field.name] = conv.structure(table[key], field.type)
             except Exception:
                 broken.add(field.name)
                 values[field.name] = None
@@ -490,44 +492,61 @@ def _validator_errors(cls: type[Any], table: Mapping[str, Any]) -> list[Exceptio
     return errors
 
 
-_converter.register_structure_hook(str, _passthrough)
-_converter.register_structure_hook(int, _passthrough)
-_converter.register_structure_hook(float, _structure_float)
-_converter.register_structure_hook_func(
-    lambda t: t in (DnsBackend, TunMode, TunHeader, OnFailure, LanMode), _passthrough
-)
-_converter.register_structure_hook(bool, _passthrough)
-_converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_argv)
-_converter.register_structure_hook_func(lambda t: t == (str | int | None), _passthrough)
-_converter.register_structure_hook(DnsSettings, _table_hook(DnsSettings, "a table"))
-_converter.register_structure_hook(ControlConfig, _table_hook(ControlConfig, "a table"))
-_converter.register_unstructure_hook(
-    ControlConfig,
-    make_dict_unstructure_fn(ControlConfig, _converter, group=override(omit_if_default=True)),
-)
-_converter.register_structure_hook(TunnelEntry, _table_hook(TunnelEntry, "a table"))
-_structure_tunnel_items = _converter.get_structure_hook(tuple[TunnelEntry, ...])
+_CONVERTER: cattrs.Converter | None = None
 
 
-def _structure_tunnels(value: Any, type_: Any) -> Any:
-    if not isinstance(value, list | tuple):
-        raise _Invalid((), "must be an array of tables ([[tunnel]])")
-    return _structure_tunnel_items(value, type_)
+def _converter() -> cattrs.Converter:
+    """The TOML converter, built on first use (a race of two threads builds
+    it twice, harmlessly: both are equal)."""
+    global _CONVERTER
+    if _CONVERTER is None:
+        _CONVERTER = _build_converter()
+    return _CONVERTER
 
 
-_converter.register_structure_hook_func(lambda t: t == tuple[TunnelEntry, ...], _structure_tunnels)
-_converter.register_structure_hook(
-    SupervisorConfig,
-    _table_hook(
+def _build_converter() -> cattrs.Converter:
+    import cattrs
+    from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook(str, _passthrough)
+    conv.register_structure_hook(int, _passthrough)
+    conv.register_structure_hook(float, _structure_float)
+    conv.register_structure_hook_func(
+        lambda t: t in (DnsBackend, TunMode, TunHeader, OnFailure, LanMode), _passthrough
+    )
+    conv.register_structure_hook(bool, _passthrough)
+    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_argv)
+    conv.register_structure_hook_func(lambda t: t == (str | int | None), _passthrough)
+    conv.register_structure_hook(DnsSettings, _table_hook(conv, DnsSettings, "a table"))
+    conv.register_structure_hook(ControlConfig, _table_hook(conv, ControlConfig, "a table"))
+    conv.register_unstructure_hook(
+        ControlConfig,
+        make_dict_unstructure_fn(ControlConfig, conv, group=override(omit_if_default=True)),
+    )
+    conv.register_structure_hook(TunnelEntry, _table_hook(conv, TunnelEntry, "a table"))
+    structure_items = conv.get_structure_hook(tuple[TunnelEntry, ...])
+
+    def structure_tunnels(value: Any, type_: Any) -> Any:
+        if not isinstance(value, list | tuple):
+            raise _Invalid((), "must be an array of tables ([[tunnel]])")
+        return structure_items(value, type_)
+
+    conv.register_structure_hook_func(lambda t: t == tuple[TunnelEntry, ...], structure_tunnels)
+    conv.register_structure_hook(
         SupervisorConfig,
-        "a table",
-        make_dict_structure_fn(SupervisorConfig, _converter, tunnels=override(rename="tunnel")),
-    ),
-)
-_converter.register_unstructure_hook(
-    SupervisorConfig,
-    make_dict_unstructure_fn(SupervisorConfig, _converter, tunnels=override(rename="tunnel")),
-)
+        _table_hook(
+            conv,
+            SupervisorConfig,
+            "a table",
+            make_dict_structure_fn(SupervisorConfig, conv, tunnels=override(rename="tunnel")),
+        ),
+    )
+    conv.register_unstructure_hook(
+        SupervisorConfig,
+        make_dict_unstructure_fn(SupervisorConfig, conv, tunnels=override(rename="tunnel")),
+    )
+    return conv
 
 
 # --------------------------------------------------------------------------- public API
@@ -536,7 +555,7 @@ _converter.register_unstructure_hook(
 def to_dict(cfg: SupervisorConfig) -> dict[str, Any]:
     """The TOML document of ``cfg``: only dicts, lists, strings, integers and
     floats (JSON-safe)."""
-    result: dict[str, Any] = _converter.unstructure(cfg)
+    result: dict[str, Any] = _converter().unstructure(cfg)
     return result
 
 
@@ -554,6 +573,8 @@ def load_supervisor_config(path: str | os.PathLike[str]) -> SupervisorConfig:
     """Read, parse and validate a supervisor TOML file; raises :class:`ConfigError`."""
     where = os.fspath(path)
     text = read_config_text(where)
+    import tomllib
+
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -638,7 +659,7 @@ def _from_document(d: object, path: str, text: str | None) -> SupervisorConfig:
         raise ConfigError(path, None, "the document must be a table")
     document = _resolve_paths(d, os.path.dirname(os.path.abspath(path)))
     try:
-        result: SupervisorConfig = _converter.structure(document, SupervisorConfig)
+        result: SupervisorConfig = _converter().structure(document, SupervisorConfig)
     except Exception as exc:
         locator = _TomlLocator(text) if text is not None else None
         found = [
@@ -691,6 +712,9 @@ def _leaves(
     exc: BaseException, path: _Path, owner: object
 ) -> Iterable[tuple[BaseException, _Path, object]]:
     """Every leaf error of ``exc`` with its location and the class being built there."""
+    import cattrs
+    from cattrs.errors import AttributeValidationNote, IterableValidationNote
+
     if not (isinstance(exc, BaseExceptionGroup) and exc.exceptions):
         yield exc, path, owner
         return
@@ -720,6 +744,10 @@ def _explain(exc: BaseException, document: Mapping[str, Any]) -> list[tuple[_Pat
 def _explain_leaf(
     exc: BaseException, path: list[str | int], owner: object, document: Mapping[str, Any]
 ) -> list[tuple[_Path, str]]:
+    import difflib
+
+    from cattrs.errors import ForbiddenExtraKeysError
+
     if isinstance(exc, ForbiddenExtraKeysError):
         here = tuple(path)
         table = _lookup(document, here)
@@ -892,6 +920,8 @@ class _TomlLocator:
 
     def _key(self, i: int) -> tuple[list[str], int]:
         """Parse a (dotted) key at ``i``; return its parts and the position after it."""
+        import tomllib
+
         text = self._text
         parts: list[str] = []
         while True:

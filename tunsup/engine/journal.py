@@ -50,7 +50,7 @@ import attrs
 import trio
 
 from .._errors import HostError
-from ..config.spec import IPAddress, IPInterface, IPNetwork
+from ..config.spec import IPAddress, IPInterface, IPNetwork, network_text
 from ..host.dns import DnsState, FileDnsState, ResolvconfDnsState, ResolvedDnsState
 from ..host.worker import CANCEL_GRACE, Abandoned, SerialWorker, raise_if_abandoned
 from . import effects
@@ -90,6 +90,7 @@ _DNS_KINDS: dict[str, type[Any]] = {
 
 _IP_VALUES = (ipaddress.IPv4Interface, ipaddress.IPv6Interface, ipaddress.IPv4Network,
               ipaddress.IPv6Network, ipaddress.IPv4Address, ipaddress.IPv6Address)
+_NETWORK_TYPES = frozenset((ipaddress.IPv4Network, ipaddress.IPv6Network))
 _DNS_TAGS: dict[type[Any], str] = {cls: kind for kind, cls in _DNS_KINDS.items()}
 
 
@@ -102,7 +103,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
     if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
+        return _plain_sequence(value)
     if isinstance(value, _IP_VALUES):
         return str(value)
     cls = type(value)
@@ -112,6 +113,30 @@ def _plain(value: Any) -> Any:
         tag = _DNS_TAGS.get(cls)
         return {"type": tag, **out} if tag is not None else out
     raise TypeError(f"cannot journal a {cls.__name__}")
+
+
+#: The last long tuple made plain, and its result: a Routes effect's
+#: prefixes are written twice (intent, then the applied record's, an equal
+#: tuple of the same objects), 10,000 of them a few tens of milliseconds
+#: each time.  Sound: tuples (and the values journaled) cannot change, and
+#: an equal tuple has the same text; comparing the same objects costs next
+#: to nothing (identity first).
+_LAST_LONG: tuple[tuple[Any, ...], list[Any]] = ((), [])
+_LONG = 64
+
+
+def _plain_sequence(value: tuple[Any, ...] | list[Any]) -> list[Any]:
+    global _LAST_LONG
+    last, result = _LAST_LONG
+    if isinstance(value, tuple) and len(value) == len(last) and (value is last or value == last):
+        return result
+    if all(type(v) in _NETWORK_TYPES for v in value):
+        result = [network_text(v) for v in value]  # prefixes: no recursion
+    else:
+        result = [_plain(v) for v in value]
+    if len(value) >= _LONG and isinstance(value, tuple):
+        _LAST_LONG = (value, result)
+    return result
 
 
 def effect_to_dict(effect: Effect) -> dict[str, Any]:

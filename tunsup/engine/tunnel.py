@@ -609,7 +609,8 @@ class Tunnel:
         started = trio.current_time()
         self.log.debug("probe: get=1 on %s", sock)
         try:
-            device = await uapi.uapi_get(sock, timeout=self.options.probe_timeout)
+            device = await uapi.uapi_get(sock, timeout=self.options.probe_timeout,
+                                         prefixes=False)
         except uapi.UapiError as exc:
             reason = str(exc)
             self._probe_ended(ProbeResult(at=time.time(), took=trio.current_time() - started,
