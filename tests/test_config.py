@@ -315,6 +315,18 @@ ERROR_CASES = [
         id="bad-on-failure",
     ),
     pytest.param(
+        'max_parallel = 0\n',
+        1,
+        "max_parallel must be an integer >= 1",
+        id="zero-max-parallel",
+    ),
+    pytest.param(
+        'max_parallel = 2.5\n',
+        1,
+        "max_parallel must be an integer >= 1",
+        id="fractional-max-parallel",
+    ),
+    pytest.param(
         TUNNELS_2 + "probe_interval = 0\n",
         6,
         "[[tunnel]] #2: probe_interval must be a number > 0",
@@ -575,6 +587,7 @@ def supervisor_configs(draw: st.DrawFn) -> SupervisorConfig:
         runtime_dir=draw(abs_paths),
         stop_timeout=draw(positive),
         on_failure=draw(st.sampled_from(ON_FAILURE)),
+        max_parallel=draw(st.integers(1, 1000)),
         dns=DnsSettings(backend=draw(st.sampled_from(DNS_BACKENDS)), resolv_conf=draw(abs_paths)),
         tunnels=tunnels,
     )
@@ -595,6 +608,7 @@ def test_to_dict_shape() -> None:
         "runtime_dir": "/run/tunsup",
         "stop_timeout": 30.0,
         "on_failure": "exit",
+        "max_parallel": 16,
         "dns": {"backend": "auto", "resolv_conf": "/etc/resolv.conf"},
         "control": {"idle_timeout": 30.0, "request_timeout": 10.0},
         "tunnel": [

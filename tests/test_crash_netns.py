@@ -400,3 +400,60 @@ def test_stop_force_never_runs_the_same_pre_down_twice_at_once(crash: Crash) -> 
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(hook, signal.SIGKILL)
+
+
+# --- crashes while the journal is compacted (issue 13 item 5) -----------------
+
+#: Bound on the up/down cycles it takes a journal to reach its first
+#: compaction (COMPACT_MIN = 64 KiB: about 25 cycles of the second tunnel
+#: next to the first one's 600 routes).
+MAX_CYCLES = 200
+COMPACT_POINTS = ["compact-write:1", "compact-written:1", "compact-renamed:1"]
+
+
+@pytest.mark.parametrize("point", COMPACT_POINTS)
+def test_crash_during_compaction_then_cleanup_restores(crash: Crash, point: str) -> None:
+    """SIGKILL half-way through writing the compacted journal, once it is
+    written (not renamed), and right after the rename (directory not yet
+    fsync'd): ``cleanup`` still undoes everything the first tunnel holds
+    (its 600 routes, addresses, DNS, hooks, helper: records that were
+    appended before the compaction, so compaction must have kept them) and
+    whatever the second one held, and leaves no journal and no ``.compact``
+    file behind."""
+    from tunsup.control.client import Connection
+
+    before = crash.snapshot()
+    svc = crash.run(crash.conf(), crash_at=point)
+    svc.wait_ready(60)
+    second = unique("tsk")
+    conf = crash.workdir / f"{second}.conf"
+    conf.write_text(f"""\
+[Interface]
+PrivateKey = {Key.generate_private().to_base64()}
+Address = 10.251.0.1/24
+DNS = 10.251.0.53
+
+[Peer]
+PublicKey = {Key.generate_private().public_key().to_base64()}
+AllowedIPs = 10.251.1.0/24
+""")
+    conf.chmod(0o600)
+    cycles = 0
+    with contextlib.suppress(ConnectionError, OSError), \
+            Connection(str(crash.workdir / "run"), timeout=30) as conn:
+        while cycles < MAX_CYCLES:
+            conn.request("up", config=str(conf), timeout=60)
+            conn.request("down", name=second, timeout=60)
+            cycles += 1
+    code = svc.wait_exit(60)
+    assert code == -signal.SIGKILL, f"{point}: exit {code} after {cycles} cycles\n{svc.output()}"
+    assert f"TUNSUP_CRASH_AT={point}: SIGKILL" in svc.output()
+    left = crash.journals()
+    assert any(name.endswith(".log") for name in left), left
+    if point != "compact-renamed:1":
+        assert any(name.endswith(".compact") for name in left), left
+
+    result = crash.cleanup()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_restored_ns(crash, before)
+    assert crash.journals() == []

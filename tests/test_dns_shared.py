@@ -3,8 +3,9 @@ network: the owner of the file (:class:`ResolvConfOwner`) through the file
 backend, the Dns effect on effect stacks, and crash recovery from a
 journal.  Files live under tmp_path only.
 
-The rule: the file holds the merge of the remaining tunnels' DNS in the
-order they claimed it, and the original bytes once none is left.
+The rule: the file holds the merge of the remaining tunnels' DNS (the
+configured ones in configuration order, then the others in the order they
+claimed it), and the original bytes once none is left.
 """
 
 from __future__ import annotations
@@ -92,6 +93,33 @@ def test_any_order_of_claims_and_releases(original: bytes | None,
                 assert read(path) == expected(list(held), original)
 
         trio.run(main)
+
+
+def test_configured_tunnels_merge_in_configuration_order_whatever_the_claim_order(
+        tmp_path: Path) -> None:
+    """Tunnels start concurrently (issue 13 item 4), so the order of their
+    claims changes from run to run: the configured ones merge in
+    configuration order, the others (``up``) after them in claim order."""
+    path = tmp_path / "resolv.conf"
+    path.write_bytes(ORIGINAL)
+    backend = FileBackend(str(path))
+    backend.owners.set_order(["wga", "wgb"])
+
+    async def main() -> None:
+        held = {}
+        for name in ("wgc", "wgb", "wga"):
+            held[name] = await backend.apply(name, servers_of(name), (), timeout=5)
+        assert read(path) == render_claims([claim_of(n) for n in ("wga", "wgb", "wgc")])
+        assert await backend.revert(held.pop("wgb"), timeout=5) is True
+        assert read(path) == render_claims([claim_of(n) for n in ("wga", "wgc")])
+        for state in held.values():
+            assert await backend.revert(state, timeout=5) is True
+        assert read(path) == ORIGINAL
+
+    def claim_of(name: str) -> ResolvClaim:
+        return ResolvClaim(name, servers_of(name), ())
+
+    trio.run(main)
 
 
 def test_someone_elses_file_is_left_alone_and_said_once(

@@ -195,6 +195,7 @@ class ServiceOps:
             [Tenant(spec, options.allow_overlap) for spec, options in plans], kept))
         if error is not None:
             raise OpError(proto.CONFIG, str(error))
+        self.supervisor.max_parallel = loaded.config.max_parallel
         try:
             result = await self.supervisor.converge(plans)
         except Stopping as exc:
@@ -278,8 +279,7 @@ async def _watchdog(interval: float) -> None:
 
 
 def exit_event(supervisor: Supervisor, code: ExitCode) -> dict[str, Any]:
-    failures = [f for t in supervisor.history if t.report is not None
-                for f in t.report.failures]
+    failures = supervisor.teardown_failures
     return {"type": "exit", "code": int(code),
             "complete": code != ExitCode.TEARDOWN_INCOMPLETE, "failures": failures}
 
@@ -309,7 +309,8 @@ async def run_service(
     supervisor = Supervisor(tunnels, host, persistent=True,
                             reload=lambda: ops.reload_on_signal(), make_tunnel=make_tunnel,
                             journal=journal, on_failure=on_failure,
-                            recovery_timeout=loaded.config.stop_timeout)
+                            recovery_timeout=loaded.config.stop_timeout,
+                            max_parallel=loaded.config.max_parallel)
     ops = ServiceOps(supervisor, source, loaded)
     path = proto.socket_path(loaded.config.runtime_dir)
     server = ControlServer(path, ops, hub, settings)

@@ -33,6 +33,10 @@ OnFailure: TypeAlias = Literal["exit", "keep-running"]
 ON_FAILURE: tuple[OnFailure, ...] = typing.get_args(OnFailure)
 LanMode: TypeAlias = Literal["direct", "tunnel"]
 LAN_MODES: tuple[LanMode, ...] = typing.get_args(LanMode)
+#: How many tunnels the supervisor starts (and tears down) at once: enough
+#: to overlap their waits (helper start-up, journal fsyncs), few enough to
+#: keep threads, file descriptors and the netlink queue small.
+DEFAULT_MAX_PARALLEL = 16
 
 
 @attrs.frozen

@@ -6,6 +6,7 @@ Example::
     runtime_dir = "/run/tunsup"        # optional
     stop_timeout = 30.0                # optional: bound on the whole teardown, seconds
     on_failure = "exit"                # optional: "exit" | "keep-running" once no tunnel is left
+    max_parallel = 16                  # optional: tunnels started (or stopped) at once
 
     [dns]
     backend = "auto"                   # auto | resolved | resolvconf | file | none
@@ -64,6 +65,7 @@ from .._input import read_config_text
 from .._paths import DEFAULT_RESOLV_CONF, DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR
 from .ifname import IFNAME_RULE, is_valid_ifname
 from .settings import (
+    DEFAULT_MAX_PARALLEL,
     DNS_BACKENDS,
     LAN_MODES,
     ON_FAILURE,
@@ -159,6 +161,11 @@ def _number(*, strict: bool) -> Callable[[object, attrs.Attribute[float], object
 def _check_count(_inst: object, attribute: attrs.Attribute[int], value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise _Invalid((attribute.name,), "must be an integer >= 0")
+
+
+def _check_positive_count(_inst: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _Invalid((attribute.name,), "must be an integer >= 1")
 
 
 def _check_backoff_max(inst: object, attribute: attrs.Attribute[float], value: object) -> None:
@@ -378,6 +385,9 @@ class SupervisorConfig:
     stop_timeout: float = attrs.field(default=_TUNNEL.stop_timeout, validator=_number(strict=True))
     #: Once no tunnel is left running after failures: exit (1) or keep running.
     on_failure: OnFailure = attrs.field(default="exit", validator=_one_of(ON_FAILURE))
+    #: How many tunnels start (and, at a stop, tear down) at once.
+    max_parallel: int = attrs.field(default=DEFAULT_MAX_PARALLEL,
+                                    validator=_check_positive_count)
     dns: DnsSettings = attrs.field(factory=DnsSettings)
     control: ControlConfig = attrs.field(factory=ControlConfig)
     #: ``[[tunnel]]`` entries, in file order; interface names are unique.

@@ -14,6 +14,18 @@ records are still used.  Encoding (a record may hold 100,000 prefixes:
 ~100 ms of JSON), appends and fsyncs run on a worker thread, never on the
 trio thread.
 
+Concurrent appends (many tunnels starting or stopping at once) share
+their write and fsync (*group commit*): each append still returns only once
+its record is durable, but one fsync covers every record queued meanwhile.
+
+The file is *compacted* while the service runs: once it has grown past
+:data:`COMPACT_MIN` bytes and twice its live size, it is rewritten with
+only what is still applied (steps not undone, with their hooks and stale
+marks): written to ``PATH.compact``, fsync'd, renamed over the journal, and
+the directory fsync'd.  A crash at any point leaves either the old journal
+or the new one, each complete (a leftover ``.compact`` file is removed by
+recovery).
+
 Key material is never journaled (fields with ``metadata={"secret": True}``
 are left out).
 """
@@ -28,16 +40,19 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 import zlib
 from collections.abc import Callable
 from typing import Any
 
 import attrs
+import trio
 
+from .._errors import HostError
 from ..config.spec import IPAddress, IPInterface, IPNetwork, network_text
 from ..host.dns import DnsState, FileDnsState, ResolvconfDnsState, ResolvedDnsState
-from ..host.worker import SerialWorker, raise_if_abandoned
+from ..host.worker import CANCEL_GRACE, Abandoned, SerialWorker, raise_if_abandoned
 from . import effects
 from .effects import Effect
 
@@ -48,6 +63,13 @@ JOURNAL_SUFFIX = ".log"
 FORMAT_VERSION = 1
 #: Bound on one append + fsync.
 APPEND_TIMEOUT = 10.0
+#: A journal is compacted once it is at least this big and twice its live
+#: size (what compaction last left): rewriting costs at most as much as
+#: was appended since, and the file stays within a small multiple of what
+#: is applied.
+COMPACT_MIN = 64 * 1024
+#: Suffix of the file a compaction writes before renaming it over the journal.
+COMPACT_SUFFIX = ".compact"
 
 # --- effects <-> JSON ---------------------------------------------------------
 
@@ -316,9 +338,33 @@ def read_journal(path: str) -> JournalContents:
             lines = f.readlines()
     except OSError as exc:
         return JournalContents(path, None, None, (), ((0, f"cannot read: {exc.strerror}"),))
-    pid = start = None
-    steps: dict[int, Step] = {}
-    damaged: list[tuple[int, str]] = []
+    parsed = _parse(lines)
+    steps = parsed.steps
+    damaged = parsed.damaged
+    torn = bool(damaged) and len(damaged) == 1 and damaged[0][0] == len(lines)
+    return JournalContents(path, parsed.pid, parsed.start_time,
+                           tuple(steps[k] for k in sorted(steps)), tuple(damaged), torn)
+
+
+@attrs.define
+class _Parsed:
+    pid: int | None = None
+    start_time: int | None = None
+    steps: dict[int, Step] = attrs.field(factory=dict)
+    damaged: list[tuple[int, str]] = attrs.field(factory=list)
+    #: The ``open`` line, and each step's lines (by seq), as read.
+    header: bytes | None = None
+    lines: dict[int, list[bytes]] = attrs.field(factory=dict)
+    #: Steps whose stale mark was written as a record (not inferred).
+    stale_written: set[int] = attrs.field(factory=set)
+
+
+def _parse(lines: list[bytes]) -> _Parsed:
+    """The steps of a journal's lines (see :func:`read_journal`), with the
+    raw lines of each (for compaction)."""
+    out = _Parsed()
+    steps = out.steps
+    damaged = out.damaged
     for number, line in enumerate(lines, 1):
         entry = decode_line(line)
         if entry is None:
@@ -327,8 +373,10 @@ def read_journal(path: str) -> JournalContents:
         try:
             op = entry["op"]
             if op == "open":
-                pid, start = int(entry["pid"]), int(entry["start_time"])
-            elif op == "intent":
+                out.pid, out.start_time = int(entry["pid"]), int(entry["start_time"])
+                out.header = line
+                continue
+            if op == "intent":
                 seq = int(entry["seq"])
                 steps[seq] = Step(seq, str(entry["tunnel"]), effect_from_dict(entry["effect"]))
             elif op == "applied":
@@ -346,13 +394,34 @@ def read_journal(path: str) -> JournalContents:
             elif op == "stale":
                 seq = int(entry["seq"])
                 steps[seq] = attrs.evolve(steps[seq], stale=str(entry["why"]))
+                out.stale_written.add(seq)
             else:
                 damaged.append((number, f"unknown record {op!r}"))
+                continue
+            out.lines.setdefault(seq, []).append(line)
         except (KeyError, ValueError, TypeError) as exc:
             damaged.append((number, f"unusable record: {exc}"))
-    torn = bool(damaged) and len(damaged) == 1 and damaged[0][0] == len(lines)
-    return JournalContents(path, pid, start, tuple(steps[k] for k in sorted(steps)),
-                           tuple(damaged), torn)
+    return out
+
+
+def compacted(lines: list[bytes]) -> list[bytes] | None:
+    """The lines of a journal that still matter, in order: its ``open``
+    line, then every step not undone with all its lines (a stale mark that
+    was only implied by a step now dropped is written out).  Reading the
+    result gives the same pending steps as reading ``lines``.  None when a
+    line is damaged (a file this process writes never is): leave it."""
+    parsed = _parse(lines)
+    if parsed.damaged or parsed.header is None:
+        return None
+    out = [parsed.header]
+    for seq in sorted(parsed.steps):
+        step = parsed.steps[seq]
+        if step.undone:
+            continue
+        out += parsed.lines[seq]
+        if step.stale is not None and seq not in parsed.stale_written:
+            out.append(encode_line({"op": "stale", "seq": seq, "why": step.stale}))
+    return out
 
 
 #: Why down hooks the teardown went past are not run again.
@@ -372,12 +441,37 @@ def _mark_passed(steps: dict[int, Step], undone: Step) -> None:
 # --- writing ------------------------------------------------------------------
 
 
-class Journal:
-    """The append side, for one running instance.  Appends are serialized
-    on a worker thread; each is written with O_APPEND and fsync'd before
-    :meth:`append` returns."""
+_QUEUED, _TAKEN, _WRITTEN, _FAILED, _DROPPED = range(5)
 
-    def __init__(self, state_dir: str, pid: int, start_time: int) -> None:
+
+class _Ticket:
+    """One append on its way to the file (see :meth:`Journal.append`)."""
+
+    __slots__ = ("done", "durable", "entry", "error", "given_up", "own_job", "state", "token")
+
+    def __init__(self, entry: Entry, token: trio.lowlevel.TrioToken, durable: bool) -> None:
+        self.entry = entry
+        #: Whether it must be fsync'd before its append returns.
+        self.durable = durable
+        self.token = token
+        #: Set (on the trio thread) once it is written or failed.
+        self.done = trio.Event()
+        self.state = _QUEUED
+        self.error: BaseException | None = None
+        #: Its caller stopped waiting: a written-off batch must not queue it again.
+        self.given_up = False
+        #: Its own worker job ran (so the worker already waited for it).
+        self.own_job = False
+
+
+class Journal:
+    """The append side, for one running instance.  Appends run on a worker
+    thread; each is written with O_APPEND and fsync'd before :meth:`append`
+    returns, together with whatever other tasks queued meanwhile (group
+    commit).  Compaction runs on the same thread, between writes."""
+
+    def __init__(self, state_dir: str, pid: int, start_time: int, *,
+                 compact_min: int = COMPACT_MIN) -> None:
         self.path = os.path.join(state_dir, journal_name(pid, start_time))
         self.state_dir = state_dir
         self.pid = pid
@@ -387,49 +481,217 @@ class Journal:
         self._seq = 0
         self.appends = 0
         self.fault = FaultPoint.from_env()
+        #: Compact once the file is this big and twice its live size.
+        self.compact_min = compact_min
+        #: Guards the queue and the tickets' states (trio and worker threads).
+        self._lock = threading.Lock()
+        self._queue: list[_Ticket] = []
+        #: Held while writing, syncing or replacing the file, so that a
+        #: written-off (wedged) thread and its successor never interleave.
+        self._file_lock = threading.Lock()
+        #: Bytes in the file; what the last compaction left in it.
+        self.size = 0
+        self._live = 0
+        #: Writes (each one fsync) and compactions so far.
+        self.commits = 0
+        self.compactions = 0
 
     def next_seq(self) -> int:
         self._seq += 1
         return self._seq
-
-    def _append_sync(self, entry: Entry, durable: bool = True) -> None:
-        data = encode_line(entry() if callable(entry) else entry)
-        if self._fd is None:
-            ensure_state_dir(self.state_dir)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                raise_if_abandoned()  # a late thread leaves the journal to its successor
-            except BaseException:
-                os.close(fd)
-                raise
-            self._fd = fd
-            header = encode_line({"op": "open", "pid": self.pid, "start_time": self.start_time,
-                                  "version": FORMAT_VERSION, "created": time.time()})
-            os.write(self._fd, header)
-            dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        # An append its caller gave up on (reported as failed) is not written late.
-        raise_if_abandoned()
-        written = os.write(self._fd, data)
-        if written != len(data):
-            raise OSError(f"short write to {self.path}")
-        if durable:
-            os.fsync(self._fd)
 
     async def append(self, entry: Entry, *, durable: bool = True) -> None:
         """Append one entry, durably (fsync'd) unless ``durable`` is False:
         then it is written (a crash of the process cannot lose it) and made
         durable by the next durable append.  ``entry`` may be a function
         building it: it is then called on the worker thread (with effect
-        records, that is where the cost is).  Cancellation: a queued append
-        is skipped; one being written completes within a grace, else it is
-        abandoned (see SerialWorker)."""
-        await self._worker.call(lambda: self._append_sync(entry, durable),
-                                timeout=APPEND_TIMEOUT, what=f"append to {self.path}")
+        records, that is where the cost is).  Entries other tasks append
+        meanwhile share the write and its fsync.
+
+        Raises :class:`HostError` when it is not durable within
+        APPEND_TIMEOUT, ``OSError`` when the write fails.  Cancellation: an
+        entry not yet being written is dropped; one being written (in this
+        call's batch or another's) is waited for within a grace (see
+        SerialWorker): if it got written, this returns normally and the
+        cancellation comes at the next checkpoint; else it may still land
+        late."""
+        ticket = _Ticket(entry, trio.lowlevel.current_trio_token(), durable)
+        caller_deadline = trio.current_effective_deadline()
+        with self._lock:
+            self._queue.append(ticket)
+        try:
+            await self._worker.call(lambda: self._commit(ticket), timeout=APPEND_TIMEOUT,
+                                    what=f"append to {self.path}")
+        except trio.Cancelled:
+            if not await self._written_anyway(ticket, caller_deadline):
+                raise
+        except BaseException:
+            self._give_up(ticket)
+            raise
         self.appends += 1
+
+    def _give_up(self, ticket: _Ticket) -> bool:
+        """The caller stops waiting for ``ticket``: drop it if it is still
+        queued.  Returns whether it was written."""
+        with self._lock:
+            if ticket.state == _QUEUED:
+                self._queue.remove(ticket)
+                ticket.state = _DROPPED
+            ticket.given_up = ticket.state != _WRITTEN
+            return ticket.state == _WRITTEN
+
+    async def _written_anyway(self, ticket: _Ticket, caller_deadline: float) -> bool:
+        """After a cancellation: whether ``ticket`` got written, waiting
+        (shielded, within CANCEL_GRACE and the caller's deadline) for a
+        batch of another task's that is writing it."""
+        with self._lock:
+            wait = ticket.state == _TAKEN and not ticket.own_job
+        if wait:
+            grace_end = min(trio.current_time() + CANCEL_GRACE, caller_deadline)
+            if grace_end > trio.current_time():
+                with trio.CancelScope(shield=True, deadline=grace_end):
+                    await ticket.done.wait()
+        return self._give_up(ticket)
+
+    # --- on the worker thread
+
+    def _commit(self, ticket: _Ticket) -> None:
+        """Make ``ticket`` durable: write it with every entry queued now,
+        unless an earlier batch already did; then compact if due."""
+        with self._lock:
+            ticket.own_job = True
+            if ticket.state == _TAKEN:  # by a write that was written off
+                raise HostError(f"append to {self.path}: an earlier write of this record "
+                                "did not finish")
+            batch = self._queue if ticket.state == _QUEUED else []
+            if batch:
+                self._queue = []
+                for queued in batch:
+                    queued.state = _TAKEN
+        if batch:
+            with self._file_lock:
+                self._write(batch)
+                if self._compaction_due():
+                    self._compact_or_log()
+        if ticket.state == _FAILED:
+            assert ticket.error is not None
+            raise ticket.error
+
+    def _write(self, batch: list[_Ticket]) -> None:
+        """One write and one fsync for ``batch``; every ticket ends written
+        or failed (or, when this thread was written off before writing,
+        queued again for its successor)."""
+        data: list[bytes] = []
+        encoded: list[_Ticket] = []
+        for ticket in batch:
+            try:
+                data.append(encode_line(ticket.entry() if callable(ticket.entry)
+                                        else ticket.entry))
+            except Exception as exc:
+                self._settle([ticket], exc)
+            else:
+                encoded.append(ticket)
+        try:
+            self._open()
+            # A batch its caller gave up on (reported as failed) is not
+            # written late: its successor writes what is still wanted.
+            raise_if_abandoned()
+            blob = b"".join(data)
+            assert self._fd is not None
+            written = os.write(self._fd, blob)
+            self.size += written
+            if written != len(blob):
+                raise OSError(f"short write to {self.path}")
+            if any(ticket.durable for ticket in encoded):
+                os.fsync(self._fd)
+        except Abandoned:
+            with self._lock:
+                again = [t for t in encoded if not t.given_up]
+                for ticket in again:
+                    ticket.state = _QUEUED
+                self._queue[:0] = again
+            raise
+        except Exception as exc:
+            self._settle(encoded, exc)
+            return
+        self.commits += 1
+        self._settle(encoded, None)
+
+    def _settle(self, tickets: list[_Ticket], error: BaseException | None) -> None:
+        with self._lock:
+            for ticket in tickets:
+                ticket.state = _WRITTEN if error is None else _FAILED
+                ticket.error = error
+        for ticket in tickets:
+            with contextlib.suppress(trio.RunFinishedError):
+                ticket.token.run_sync_soon(ticket.done.set)
+
+    def _open(self) -> None:
+        """Create the file with its ``open`` record (once)."""
+        if self._fd is not None:
+            return
+        ensure_state_dir(self.state_dir)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            raise_if_abandoned()  # a late thread leaves the journal to its successor
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        header = encode_line({"op": "open", "pid": self.pid, "start_time": self.start_time,
+                              "version": FORMAT_VERSION, "created": time.time()})
+        self.size = os.write(self._fd, header)
+        _fsync_dir(self.state_dir)
+
+    def _compaction_due(self) -> bool:
+        return self._fd is not None and self.size >= max(self.compact_min, 2 * self._live)
+
+    def _compact_or_log(self) -> None:
+        """Compact; a failure is logged and leaves the journal as it was
+        (retried once the file has doubled again)."""
+        try:
+            self._compact()
+        except Abandoned:
+            raise
+        except Exception as exc:
+            self._live = self.size
+            log.warning("journal %s: compaction failed, the journal is kept as it is: %s",
+                        self.path, exc)
+
+    def _compact(self) -> None:
+        """Rewrite the journal with what is still applied: a new file,
+        fsync'd, renamed over the journal, then the directory fsync'd.  A
+        crash anywhere leaves the old journal or the new one, both
+        complete.  Holds the file lock (no append interleaves)."""
+        assert self._fd is not None
+        with open(self.path, "rb") as f:
+            lines = f.readlines()
+        kept = compacted(lines)
+        if kept is None:
+            raise OSError("a record is damaged")
+        data = b"".join(kept)
+        tmp = self.path + COMPACT_SUFFIX
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            if self.fault.due("compact-write"):
+                os.write(fd, data[:len(data) // 2])
+                self.fault.crash()
+            if os.write(fd, data) != len(data):
+                raise OSError(f"short write to {tmp}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.fault.hit("compact-written")
+        raise_if_abandoned()
+        os.rename(tmp, self.path)
+        self.fault.hit("compact-renamed")
+        _fsync_dir(self.state_dir)
+        fresh = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        os.close(self._fd)
+        self._fd = fresh
+        log.debug("journal compacted: %d -> %d bytes", self.size, len(data))
+        self.size = self._live = len(data)
+        self.compactions += 1
 
     async def close(self, *, remove: bool) -> None:
         """Close the file; with ``remove`` (everything was undone) delete it.
@@ -440,17 +702,26 @@ class Journal:
             return
 
         def job() -> None:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-            if remove:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
+            with self._file_lock:
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
+                if remove:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path)
 
         try:
             await self._worker.call(job, timeout=APPEND_TIMEOUT, what=f"close {self.path}")
         finally:
             self._worker.close()
+
+
+def _fsync_dir(path: str) -> None:
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class JournalObserver:
@@ -508,9 +779,15 @@ class JournalObserver:
 #: Test-only: ``intent:N`` SIGKILLs the process right after the Nth intent is
 #: durable (before the change), ``effect:N`` right after the Nth change is
 #: made (before it is recorded), ``applied:N`` right after its record is
-#: durable; ``routes:K`` once K routes of a bulk batch are installed.  Off
-#: unless set; never set it in production.
+#: durable; ``routes:K`` once K routes of a bulk batch are installed.  The
+#: Nth compaction of the journal: ``compact-write:N`` half-way through
+#: writing the new file, ``compact-written:N`` once it is written and
+#: fsync'd (not yet renamed), ``compact-renamed:N`` right after the rename
+#: (before the directory is fsync'd).  Off unless set; never set it in
+#: production.
 FAULT_ENV = "TUNSUP_CRASH_AT"
+FAULT_KINDS = ("intent", "effect", "applied", "routes", "compact-write", "compact-written",
+               "compact-renamed")
 
 
 @attrs.define
@@ -523,23 +800,28 @@ class FaultPoint:
     def from_env(cls) -> FaultPoint:
         spec = os.environ.get(FAULT_ENV, "")
         kind, _, n = spec.partition(":")
-        if kind not in ("intent", "effect", "applied", "routes") or not n.isdigit():
+        if kind not in FAULT_KINDS or not n.isdigit():
             return cls()
         return cls(kind, int(n))
 
+    def due(self, kind: str) -> bool:
+        """Count one ``kind`` event; whether it is the Nth (crash now)."""
+        if self.kind != kind:
+            return False
+        self.seen[kind] = self.seen.get(kind, 0) + 1
+        return self.seen[kind] >= self.n
+
     def hit(self, kind: str) -> None:
         """Count one ``kind`` event; crash on the Nth."""
-        if self.kind == kind:
-            self.seen[kind] = self.seen.get(kind, 0) + 1
-            self._check(self.seen[kind])
+        if self.due(kind):
+            self.crash()
 
     def total(self, kind: str, total: int) -> None:
         """Report a running total (routes installed); crash once it reaches N."""
-        if self.kind == kind:
-            self._check(total)
+        if self.kind == kind and total >= self.n:
+            self.crash()
 
-    def _check(self, count: int) -> None:
-        if count >= self.n:
-            # stderr directly: the log writer thread would die with us.
-            os.write(2, f"{FAULT_ENV}={self.kind}:{self.n}: SIGKILL (test fault point)\n".encode())
-            os.kill(os.getpid(), signal.SIGKILL)
+    def crash(self) -> None:
+        # stderr directly: the log writer thread would die with us.
+        os.write(2, f"{FAULT_ENV}={self.kind}:{self.n}: SIGKILL (test fault point)\n".encode())
+        os.kill(os.getpid(), signal.SIGKILL)

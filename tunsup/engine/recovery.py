@@ -7,7 +7,9 @@ unwound in reverse order, exactly as a normal stop would.  Undo is
 idempotent: what is already gone is fine.  A journal that was fully undone
 is deleted; one with leftovers is rewritten to hold just those (a later
 ``tunsup cleanup`` retries them); a damaged one is kept aside as
-``*.corrupt.<timestamp>`` with a warning.
+``*.corrupt.<timestamp>`` with a warning.  A compaction the dead instance
+left half-done (``journal-*.log.compact``; its journal is complete) is
+deleted.
 
 Make-before-break: a protection (a kill switch and the rules leading to
 it, see :attr:`Effect.protects`) of a tunnel the caller is about to start
@@ -37,6 +39,7 @@ from ..pidfile import process_start_time
 from .effects import Effect, EffectContext, Hooks, KillSwitch, OnHook
 from .journal import (
     APPEND_TIMEOUT,
+    COMPACT_SUFFIX,
     FORMAT_VERSION,
     PASSED,
     JournalContents,
@@ -193,6 +196,11 @@ async def recover(
         # Kept last in undo order: a later undo removes them after the rest.
         left = [*left, *[(e, None) for _, e in reversed(keeping.values())]]
         tunnels = {id(e): s.tunnel for s, e in [*pending, *stale, *keeping.values()]}
+        try:
+            await bounded(io_timeout, f"removing {path}{COMPACT_SUFFIX}", _remove_if_there,
+                          path + COMPACT_SUFFIX)
+        except (HostError, OSError) as exc:
+            log.warning("leftover of a compaction: %s", exc)
         try:
             # Abandoned late, the rewrite still leaves what it was given to
             # leave (atomically, by rename): nothing else writes that file.
@@ -447,6 +455,16 @@ async def _undo(contents: JournalContents, pending: list[Effect], host: Host,
         report = await stack.unwind(timeout)
         nursery.cancel_scope.cancel()
     return report
+
+
+def _remove_if_there(path: str) -> None:
+    """Delete ``path`` (blocking); a missing file is fine."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    log.info("removed %s (a compaction interrupted by the crash; the journal was complete)",
+             path)
 
 
 async def _quarantine(path: str, io_timeout: float) -> str:

@@ -31,6 +31,7 @@ import trio
 from .._errors import HostError
 from ..config.spec import RT_TABLE_MAIN, IPNetwork, TunnelSpec
 from ..host import NetOps, PolicyRule
+from ..host.claims import Claims
 from .effects import KillSwitch, Routes, Rule, Sysctl, select_routes, span
 from .undo import EffectStack
 
@@ -77,10 +78,13 @@ class HeldPolicy:
 
 
 async def plan_routing(spec: TunnelSpec, net: NetOps, log: logging.Logger,
-                       lan: str = "direct", held: HeldPolicy | None = None) -> RoutingPlan:
+                       lan: str = "direct", held: HeldPolicy | None = None, *,
+                       claims: Claims | None = None, owner: object = None) -> RoutingPlan:
     """Decide tables, fwmark and which prefixes to route (before anything
     is applied).  ``held``: a rebuild holds this table for the tunnel.
-    Reads the host only; cancellable."""
+    Reads the host only; a full tunnel's table is claimed in ``claims``
+    for ``owner`` (free on the host and unclaimed: concurrent starts never
+    share one).  Cancellable."""
     defaults = tuple(n for n in spec.allowed_ips if n.prefixlen == 0)
     full = spec.table == "auto" and bool(defaults)
     ordinary: tuple[IPNetwork, ...] = ()
@@ -100,11 +104,15 @@ async def plan_routing(spec: TunnelSpec, net: NetOps, log: logging.Logger,
     if not full:
         return RoutingPlan(spec.route_table, ordinary, fwmark=spec.fwmark)
     table = spec.fwmark
+    claims = claims if claims is not None else Claims()
     if table is None and held is not None:
         table = held.table  # in use by the hold only, which goes once this is up
+        claims.claim_table(table, owner)
     if table is None:
         table = FIRST_POLICY_TABLE
-        while await net.table_in_use(table):
+        # Claimed right after the host's answer, with no wait in between.
+        while not (claims.table_free(table, owner) and not await net.table_in_use(table)
+                   and claims.claim_table(table, owner)):
             table += 1
     log.info("full tunnel: default route(s) in table %d, fwmark %#x", table, table)
     return RoutingPlan(RT_TABLE_MAIN, ordinary, table, table, defaults)
@@ -120,12 +128,16 @@ async def apply_policy(
     kill_switch: bool = False,
     lan: str = "direct",
     held: HeldPolicy | None = None,
+    claims: Claims | None = None,
+    owner: object = None,
 ) -> None:
     """What is not tied to the tunnel's link and must outlive it (helper
     restarts, a killed tunsup): the kill switch's unreachable routes, the
     full tunnel's rules and sysctl.  The rules go below the lowest
-    priority in use, not counting ``held``'s (they go away once the tunnel
-    is up).  Cancellable between effects."""
+    priority in use (on the host, not counting ``held``'s: they go away
+    once the tunnel is up; and claimed in ``claims``), and their
+    priorities are claimed for ``owner``.  Cancellable between effects."""
+    claims = claims if claims is not None else Claims()
     name = spec.name
     if kill_switch and plan.table is not None and plan.ordinary:
         await stack.apply(KillSwitch(name, plan.table, plan.ordinary))
@@ -136,10 +148,13 @@ async def apply_policy(
         await stack.apply(KillSwitch(name, table, plan.defaults))
     for family in sorted({n.version for n in plan.defaults}):
         ignored = held.rules if held is not None else ()
-        lowest = min((r.priority for r in await net.rules(family)
-                      if r.priority > 0 and r not in ignored), default=32766)
+        on_host = [r.priority for r in await net.rules(family)
+                   if r.priority > 0 and r not in ignored]
+        # No wait from here to the claim: concurrent starts see each other.
+        lowest = min([*on_host, *claims.priorities(family)], default=32766)
         if lowest < 3:
             raise HostError(f"no free IPv{family} rule priority below {lowest}")
+        claims.claim_priorities(family, (lowest - 1, lowest - 2), owner)
         await stack.apply(Rule(name, PolicyRule(family, lowest - 1, table, fwmark=table,
                                                 invert=True)))
         if lan == "direct":

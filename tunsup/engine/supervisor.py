@@ -12,6 +12,15 @@ its own; the others keep running.  Once no tunnel is left, ``run`` returns
 (exit code 1) unless ``on_failure`` is ``"keep-running"``.  With a journal,
 ``run`` first recovers what dead instances left (see :mod:`tunsup.engine.recovery`).
 
+Starts run concurrently, at most ``max_parallel`` at once (the initial
+set, a reload's, and ``up`` requests alike); so do teardowns (each tunnel
+waits for one of ``max_parallel`` teardown slots, within its stop
+timeout).  Most of a start is waiting (for the helper to come up, for the
+journal's fsyncs, which concurrent starts share), so overlapping them is
+what makes 50 tunnels come up in about the time of a few.  A tunnel that
+fails to start at the initial start still stops the service (exit 1);
+during a reload the others go on.
+
 While it runs, tunnels can be added (:meth:`Supervisor.add`), removed
 (:meth:`Supervisor.remove`) and the whole configured set replaced
 (:meth:`Supervisor.converge`, what a reload does).  Requests for one tunnel
@@ -25,12 +34,13 @@ first (starts in progress, reloads), then waits for every teardown.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import outcome
@@ -40,7 +50,7 @@ from .. import _signals
 from .._errors import ConfigError, ExitCode, TunsupError, config_errors
 from .._log import tag_tunnel
 from ..config.conflicts import Tenant, find_conflicts
-from ..config.settings import OnFailure
+from ..config.settings import DEFAULT_MAX_PARALLEL, OnFailure
 from ..config.spec import TunnelSpec
 from ..host import Host, sdnotify
 from .effects import EffectContext, HeldRoutes, HeldRule
@@ -63,6 +73,12 @@ RELOAD_SIGNAL = signal.SIGHUP
 #: by reloads).
 CONFIG = "config"
 CONTROL = "control"
+
+#: Tunnels kept in :attr:`Supervisor.history` (the latest ones): a service
+#: that runs for months must not keep every tunnel it ever ran.
+HISTORY_SIZE = 32
+#: Teardown failure lines kept for the exit report (the first ones).
+MAX_TEARDOWN_FAILURES = 100
 
 
 class Stopping(TunsupError):
@@ -142,6 +158,9 @@ class ConvergeResult:
 
 
 Plan = tuple[TunnelSpec, TunnelOptions]
+#: The fields of a :class:`ConvergeResult`.
+_OUTCOMES = ("started", "stopped", "restarted", "unchanged", "failed", "changed", "rebuilt",
+             "incomplete")
 #: Names claimed by one configured start, each released once settled.
 Claims = dict[str, trio.Event]
 
@@ -171,18 +190,30 @@ class Supervisor:
         journal: Journal | None = None,
         on_failure: OnFailure = "exit",
         recovery_timeout: float = 30.0,
+        max_parallel: int = DEFAULT_MAX_PARALLEL,
     ):
         #: The tunnels to start first.
         self.tunnels = list(tunnels)
         self.host = host
+        # They start concurrently: shared DNS merges in configuration order.
+        host.dns_owners.set_order(t.name for t in self.tunnels)
         #: Crash-safe record of applied effects; also means: recover what
         #: dead instances left in its state directory before starting.
         self.journal = journal
         self.on_failure = on_failure
         #: Bound on undoing one dead instance's journal (``stop_timeout``).
         self.recovery_timeout = recovery_timeout
-        #: Every tunnel that ran, in start order (for the exit code).
-        self.history: list[Tunnel] = []
+        #: The latest tunnels started, in start order (at most
+        #: HISTORY_SIZE; the exit code does not depend on it).
+        self.history: collections.deque[Tunnel] = collections.deque(maxlen=HISTORY_SIZE)
+        #: Whether some tunnel's teardown was incomplete, and the first
+        #: MAX_TEARDOWN_FAILURES lines saying what was left.
+        self._incomplete = False
+        self._teardown_failures: list[str] = []
+        self._more_failures = 0
+        #: Starts in flight at once, and teardowns (see :attr:`max_parallel`).
+        self._start_gate = trio.CapacityLimiter(max_parallel)
+        self._teardown_gate = trio.CapacityLimiter(max_parallel)
         self._handle_signals = handle_signals
         #: Keep running when no tunnel is left (a service: ``up`` may add one).
         self._persistent = persistent
@@ -190,9 +221,6 @@ class Supervisor:
         self._make_tunnel = make_tunnel or (lambda spec, options: Tunnel(spec, host, options))
         self._used = False
         self._failed = False
-        #: Undo failures outside any tunnel's teardown (a rebuild's hold):
-        #: the host is not restored either.
-        self._undo_failures: list[str] = []
         self._cancel_scope: trio.CancelScope | None = None
         self._root: trio.Nursery | None = None
         self._slots: dict[str, Slot] = {}
@@ -218,6 +246,25 @@ class Supervisor:
         self._adoption: Adoption | None = None
 
     # ------------------------------------------------------------ public API
+
+    @property
+    def max_parallel(self) -> int:
+        """How many tunnels start at once (and, separately, tear down at
+        once).  Settable while running (a reload): starts in flight keep
+        their slots."""
+        return int(self._start_gate.total_tokens)
+
+    @max_parallel.setter
+    def max_parallel(self, value: int) -> None:
+        self._start_gate.total_tokens = value
+        self._teardown_gate.total_tokens = value
+
+    @property
+    def teardown_failures(self) -> list[str]:
+        """What teardowns left on the host, one line each (the first
+        MAX_TEARDOWN_FAILURES, then how many more)."""
+        more = [f"and {self._more_failures} more"] if self._more_failures else []
+        return [*self._teardown_failures, *more]
 
     def stop(self, reason: str = "stop requested") -> None:
         """Ask a running supervisor to stop: it cancels first (interrupting a
@@ -394,7 +441,7 @@ class Supervisor:
     async def _close_journal(self) -> None:
         if self.journal is None:
             return
-        clean = all(t.report is None or t.report.complete for t in self.history)
+        clean = not self._incomplete
         try:
             await self.journal.close(remove=clean)
         except Exception as exc:
@@ -403,8 +450,19 @@ class Supervisor:
             log.error("leftovers are recorded in %s: run 'tunsup cleanup' to retry",
                       self.journal.path)
 
-    def _lock(self, name: str) -> trio.Lock:
-        return self._locks.setdefault(name, trio.Lock())
+    @contextlib.asynccontextmanager
+    async def _lock(self, name: str) -> AsyncIterator[None]:
+        """Hold the per-name lock that serializes requests for one tunnel.
+        The lock is forgotten once free, so that names that come and go do
+        not pile up.  Cancellable while waiting."""
+        lock = self._locks.setdefault(name, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if (not lock.locked() and lock.statistics().tasks_waiting == 0
+                    and self._locks.get(name) is lock):
+                del self._locks[name]
 
     def _claim(self, names: Sequence[str]) -> Claims:
         """Claim ``names`` for the configuration until :meth:`_release`."""
@@ -473,23 +531,37 @@ class Supervisor:
         return box[0].unwrap()
 
     async def _start_all(self, claims: Claims) -> None:
-        """Start the initial tunnels one by one (a failure propagates and
-        stops the supervisor), releasing each one's claim once its start
-        ended, then report ready.  Cancelled by a stop."""
+        """Start the initial tunnels, concurrently (at most
+        :attr:`max_parallel` at once; a failure propagates, cancels the
+        other starts and stops the supervisor), releasing each one's claim
+        once its start ended, then report ready.  Cancelled by a stop."""
         sdnotify.notify("STATUS=bringing up tunnels")
-        async with self._converge_lock:  # a reload waits for the initial start
+        began = trio.current_time()
+        # A reload waits for the initial start.
+        async with self._converge_lock, trio.open_nursery() as nursery:
             for tunnel in self.tunnels:
-                log.info("starting tunnel %s from %s", tunnel.name, tunnel.spec.source)
-                try:
-                    async with self._lock(tunnel.name):
-                        await self._start(tunnel, CONFIG)
-                finally:
-                    self._release(claims, tunnel.name)
+                # Start slots are taken in configuration order (with
+                # max_parallel = 1 the tunnels start one after another).
+                await self._start_gate.acquire_on_behalf_of(tunnel)
+                nursery.start_soon(self._start_configured, tunnel, claims)
+        took = trio.current_time() - began
         names = ", ".join(t.name for t in self.tunnels)
-        log.info("ready: %d tunnel(s) up (%s)", len(self.tunnels), names)
+        log.info("ready: %d tunnel(s) up in %.0f ms (%s)", len(self.tunnels), took * 1000,
+                 names)
         self.phase = "running"
         self.ready.set()
         sdnotify.notify("READY=1", self._status_line())
+
+    async def _start_configured(self, tunnel: Tunnel, claims: Claims) -> None:
+        """Start one initial tunnel (a start slot was taken on its behalf);
+        release the slot and its claim once the start ended.  Raises what
+        ended it; cancelled by a stop."""
+        try:
+            async with self._lock(tunnel.name):
+                await self._start(tunnel, CONFIG)
+        finally:
+            self._start_gate.release_on_behalf_of(tunnel)
+            self._release(claims, tunnel.name)
 
     def _status_line(self) -> str:
         up = [s.tunnel.name for s in self._slots.values() if s.up_since is not None]
@@ -501,9 +573,12 @@ class Supervisor:
 
     async def _start(self, tunnel: Tunnel, origin: str) -> None:
         """Start ``tunnel`` in the root nursery; return once it is up.  The
-        caller is a task of the root nursery holding the tunnel's lock.
-        Raises what ended the tunnel if it fails to start (after undo).
-        Cancelled by a stop (the tunnel unwinds before this returns)."""
+        caller is a task of the root nursery holding the tunnel's lock and
+        one of the :attr:`max_parallel` start slots (taken in the order the
+        starts were asked for: lock, then slot only for names nobody claims
+        first, so that no cycle can form).  Raises what ended the tunnel if
+        it fails to start (after undo).  Cancelled by a stop (the tunnel
+        unwinds before this returns)."""
         assert self._root is not None
         async with self._conflict_lock:  # held until the slot takes its place
             await self._refuse_conflicts(tunnel)
@@ -512,7 +587,9 @@ class Supervisor:
         self._failed_slots.pop(tunnel.name, None)
         self.history.append(tunnel)
         tag_tunnel(tunnel.log, tunnel.name)
+        tunnel.teardown_slots = self._teardown_gate
         tunnel.adopted = self._adoption
+        log.info("starting tunnel %s from %s", tunnel.name, tunnel.spec.source)
         try:
             await self._root.start(self._run_slot, slot)
         except BaseException:
@@ -558,10 +635,27 @@ class Supervisor:
             self._failed_slots[tunnel.name] = slot
             self._tunnel_failed(tunnel)
         finally:
+            self._ended(tunnel)
             slot.done.set()
             if self._slots.get(tunnel.name) is slot:
                 del self._slots[tunnel.name]
             self._announce()
+
+    def _ended(self, tunnel: Tunnel) -> None:
+        """Keep what the exit code and report need of a tunnel that ended
+        (not the tunnel itself)."""
+        report = tunnel.report
+        if report is None or report.complete:
+            return
+        self._left_behind(report.failures)
+
+    def _left_behind(self, failures: tuple[str, ...]) -> None:
+        """Undo steps failed: the exit code says so (3), and the report
+        keeps the first MAX_TEARDOWN_FAILURES lines."""
+        self._incomplete = True
+        room = MAX_TEARDOWN_FAILURES - len(self._teardown_failures)
+        self._teardown_failures += failures[:max(room, 0)]
+        self._more_failures += max(len(failures) - max(room, 0), 0)
 
     def _tunnel_failed(self, tunnel: Tunnel) -> None:
         self._failed = True
@@ -598,9 +692,9 @@ class Supervisor:
                     return slot.tunnel, False
                 return await self._change(slot, spec, options)
             tunnel = self._make_tunnel(spec, options)
-            log.info("starting tunnel %s from %s", spec.name, spec.source)
             try:
-                await self._start(tunnel, origin)
+                async with self._start_gate:
+                    await self._start(tunnel, origin)
             except ConfigError:
                 raise  # refused before anything was applied
             except Exception as exc:
@@ -612,6 +706,7 @@ class Supervisor:
         """See :meth:`converge`; runs in the root nursery (a stop cancels
         it between and during starts; teardowns it began still complete)."""
         want = {spec.name: (spec, options) for spec, options in wanted}
+        self.host.dns_owners.set_order(want)
         # Claimed before anything awaits (a reload waits for the initial
         # start), so that an `up` or `down` of these names waits for it.
         claims = self._claim(list(want))
@@ -622,66 +717,80 @@ class Supervisor:
 
     async def _converge_claimed(self, want: dict[str, Plan], claims: Claims) -> ConvergeResult:
         """:meth:`_converge` once ``want``'s names are claimed; releases
-        each claim once that name is settled."""
-        started: list[str] = []
-        stopped: list[str] = []
-        restarted: list[str] = []
-        unchanged: list[str] = []
-        failed: list[tuple[str, str]] = []
-        changed: list[tuple[str, str]] = []
-        rebuilt: list[tuple[str, str]] = []
-        incomplete: list[str] = []
+        each claim once that name is settled.  Tunnels no longer wanted go
+        down first (concurrently), then every wanted name is settled
+        concurrently (starts bounded by :attr:`max_parallel`)."""
+        out: dict[str, list[Any]] = {key: [] for key in _OUTCOMES}
         async with self._converge_lock:
             for name in [n for n, s in self._failed_slots.items()
                          if s.origin == CONFIG and n not in want]:
                 del self._failed_slots[name]  # gone from the configuration
-            for name in [n for n, s in self._slots.items() if s.origin == CONFIG]:
-                if name in want:
-                    continue
-                async with self._lock(name):
-                    slot = self._slots.get(name)
-                    if slot is not None and slot.origin == CONFIG:
-                        await self._stop_slot(slot)
-                        stopped.append(name)
-            for name, (spec, options) in want.items():
-                try:
-                    async with self._lock(name):
-                        slot = self._slots.get(name)
-                        if slot is not None and same_plan(slot.tunnel, spec, options):
-                            slot.origin = CONFIG
-                            unchanged.append(name)
-                            continue
-                        if slot is not None:
-                            slot.origin = CONFIG
-                            try:
-                                _, change = await self._change(slot, spec, options)
-                            except Exception as exc:
-                                failed.append((name, describe_error(exc)))
-                                if not _undo_complete(exc):
-                                    incomplete.append(name)
-                                continue
-                            if change.in_place is not None:
-                                changed.append((name, change.in_place))
-                            else:
-                                restarted.append(name)
-                                rebuilt.append((name, change.rebuilt or ""))
-                            continue
-                        tunnel = self._make_tunnel(spec, options)
-                        log.info("starting tunnel %s from %s", name, spec.source)
-                        try:
-                            await self._start(tunnel, CONFIG)
-                        except Exception as exc:
-                            failed.append((name, describe_error(exc)))
-                            if tunnel.report is not None and not tunnel.report.complete:
-                                incomplete.append(name)
-                            continue
-                        (restarted if slot is not None else started).append(name)
-                finally:
-                    self._release(claims, name)
+            removed = [n for n, s in self._slots.items() if s.origin == CONFIG and n not in want]
+            async with trio.open_nursery() as nursery:
+                for name in removed:
+                    nursery.start_soon(self._converge_remove, name, out)
+            async with trio.open_nursery() as nursery:
+                for name, plan in want.items():
+                    token = object()  # a start slot, taken in configuration order
+                    await self._start_gate.acquire_on_behalf_of(token)
+                    nursery.start_soon(self._converge_one, name, plan, claims, out, token)
         self._announce()
-        return ConvergeResult(tuple(started), tuple(stopped), tuple(restarted),
-                              tuple(unchanged), tuple(failed), tuple(changed), tuple(rebuilt),
-                              tuple(incomplete))
+        # In configuration order, whatever order the tasks ended in.
+        order = {name: i for i, name in enumerate([*removed, *want])}
+        for items in out.values():
+            items.sort(key=lambda item: order[item if isinstance(item, str) else item[0]])
+        return ConvergeResult(**{key: tuple(items) for key, items in out.items()})
+
+    async def _converge_remove(self, name: str, out: dict[str, list[Any]]) -> None:
+        """Stop configured tunnel ``name`` (no longer wanted).  Cancellable
+        wait; the teardown is not."""
+        async with self._lock(name):
+            slot = self._slots.get(name)
+            if slot is not None and slot.origin == CONFIG:
+                await self._stop_slot(slot)
+                out["stopped"].append(name)
+
+    async def _converge_one(self, name: str, plan: Plan, claims: Claims,
+                            out: dict[str, list[Any]], token: object) -> None:
+        """Settle one wanted tunnel: unchanged, changed in place, rebuilt,
+        or started; a failure is recorded in ``out``, never raised.
+        Releases its start slot (held on behalf of ``token``) and its
+        claim.  Cancelled by a stop."""
+        spec, options = plan
+        try:
+            async with self._lock(name):
+                slot = self._slots.get(name)
+                if slot is not None and same_plan(slot.tunnel, spec, options):
+                    slot.origin = CONFIG
+                    out["unchanged"].append(name)
+                    return
+                if slot is not None:
+                    slot.origin = CONFIG
+                    try:
+                        _, change = await self._change(slot, spec, options)
+                    except Exception as exc:
+                        out["failed"].append((name, describe_error(exc)))
+                        if not _undo_complete(exc):
+                            out["incomplete"].append(name)
+                        return
+                    if change.in_place is not None:
+                        out["changed"].append((name, change.in_place))
+                    else:
+                        out["restarted"].append(name)
+                        out["rebuilt"].append((name, change.rebuilt or ""))
+                    return
+                tunnel = self._make_tunnel(spec, options)
+                try:
+                    await self._start(tunnel, CONFIG)
+                except Exception as exc:
+                    out["failed"].append((name, describe_error(exc)))
+                    if tunnel.report is not None and not tunnel.report.complete:
+                        out["incomplete"].append(name)
+                    return
+                out["started"].append(name)
+        finally:
+            self._start_gate.release_on_behalf_of(token)
+            self._release(claims, name)
 
     async def _change(self, slot: Slot, spec: TunnelSpec,
                       options: TunnelOptions) -> tuple[Tunnel, Change]:
@@ -736,7 +845,6 @@ class Supervisor:
             await self._stop_slot(slot)
             tunnel = self._make_tunnel(spec, options)
             tunnel.held = policy
-            log.info("starting tunnel %s from %s", spec.name, spec.source)
             try:
                 await self._start(tunnel, slot.origin)
             except Exception as exc:
@@ -745,7 +853,9 @@ class Supervisor:
         finally:
             report = await hold.unwind(options.stop_timeout)
             if not report.complete:
-                self._undo_failures.extend(report.failures)
+                # Not a tunnel's teardown, but the host is not restored
+                # either (and the journal keeps the hold's records).
+                self._left_behind(report.failures)
                 log.error("tunnel %s: removing the hold routes failed: %s", spec.name,
                           "; ".join(report.failures))
 
@@ -801,8 +911,7 @@ class Supervisor:
             log.error("reload failed: %s", describe_error(exc))
 
     def _exit_code(self) -> ExitCode:
-        if self._undo_failures or any(t.report is not None and not t.report.complete
-                                      for t in self.history):
+        if self._incomplete:
             return ExitCode.TEARDOWN_INCOMPLETE
         if self._failed:
             return ExitCode.FAILURE

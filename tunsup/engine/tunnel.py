@@ -20,16 +20,19 @@ meanwhile, so nothing meant for the tunnel leaves another way.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import ipaddress
 import logging
+import math
 import os
 import random
 import signal
 import socket
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import attrs
@@ -222,6 +225,10 @@ class Tunnel:
         #: While it runs: its effect stack and context (for status).
         self._stack: EffectStack | None = None
         self._ctx: EffectContext | None = None
+        #: Set by a supervisor: its teardown waits for a slot of this
+        #: limiter (teardowns of many tunnels at once are bounded).  The
+        #: wait counts against ``stop_timeout``.
+        self.teardown_slots: trio.CapacityLimiter | None = None
         #: Held by an in-place change and by a helper restart's new
         #: generation: a restarted helper gets the configuration of a
         #: change made before it, never half of one.
@@ -375,10 +382,15 @@ class Tunnel:
                 self._background.cancel()
                 self._set_state(TunnelState.STOPPING)
                 stop_started = trio.current_time()
-                report = await stack.unwind(self.options.stop_timeout)
+                async with _gate(self.teardown_slots):
+                    waited = trio.current_time() - stop_started
+                    report = await stack.unwind(max(self.options.stop_timeout - waited, 0.0))
                 self.report = attrs.evolve(
                     report, failures=(*self._generation_failures, *report.failures))
                 self.helper_pid = None
+                # Its tables and rule priorities are gone from the host (or
+                # left there, where the next start sees them).
+                self.host.claims.release(self)
                 for handle in ctx.helpers.values():
                     # Only when its undo failed: never leave it running.
                     await _last_resort_kill(handle, self.log)
@@ -417,14 +429,15 @@ class Tunnel:
                 f"another network namespace): its UAPI socket {sock} is in use"
             )
         endpoints = self._endpoints = await self._resolve_endpoints()
-        self._plan = await plan_routing(spec, net, self.log, opts.lan, self.held)
+        self._plan = await plan_routing(spec, net, self.log, opts.lan, self.held,
+                                        claims=self.host.claims, owner=self)
         self._request = await self._render_request()
         self._mtu = spec.mtu or await self._auto_mtu([ip for ip, _ in endpoints.values()])
 
         if spec.pre_up or spec.post_down:
             await stack.apply(Hooks(spec.name, "PreUp", spec.pre_up, "PostDown", spec.post_down))
         await apply_policy(stack, self._plan, spec, net, self.log, kill_switch=opts.kill_switch,
-                           lan=opts.lan, held=self.held)
+                           lan=opts.lan, held=self.held, claims=self.host.claims, owner=self)
         owned = opts.tun_mode == "owned"
         if owned:
             header = opts.tun_header
@@ -577,12 +590,18 @@ class Tunnel:
                       self.options.restart.reset_after)
 
     async def _probe_loop(self) -> None:
-        """Probe now, then every ``probe_interval`` seconds.  Sleeps in
+        """Probe now, then every ``probe_interval`` seconds at this
+        tunnel's own phase (:func:`probe_phase`), so that many tunnels
+        started together do not all probe at the same moment.  Sleeps in
         between (no polling).  Cancellable at once, also mid-probe."""
         sock = uapi.socket_path(self.name, self.host.uapi_dir)
+        interval = self.options.probe_interval
+        offset = probe_phase(self.name) * interval
         while True:
             await self._probe(sock)
-            await trio.sleep(self.options.probe_interval)
+            # The next instant offset + k * interval after now.
+            now = trio.current_time()
+            await trio.sleep_until(offset + (math.floor((now - offset) / interval) + 1) * interval)
 
     async def _probe(self, sock: str) -> None:
         """One ``get=1`` under ``probe_timeout``; updates ``last_probe`` and
@@ -903,6 +922,29 @@ class Tunnel:
         if best == 0:
             best = await self.host.net.route_mtu(None) or 0
         return (best or DEFAULT_LINK_MTU) - WIREGUARD_OVERHEAD
+
+
+def probe_phase(name: str) -> float:
+    """Where in each probe interval tunnel ``name`` probes, as a fraction
+    in [0, 1): spread evenly over the interval by a hash of the name, the
+    same in every run (no thundering herd of probes, and reproducible
+    schedules under a mock clock)."""
+    return zlib.crc32(name.encode()) / 2**32
+
+
+@contextlib.asynccontextmanager
+async def _gate(limiter: trio.CapacityLimiter | None) -> AsyncIterator[None]:
+    """Hold a slot of ``limiter`` (if any).  The wait is shielded: it runs
+    in a teardown, and ends as the teardowns before it end (each bounded)."""
+    if limiter is None:
+        yield
+        return
+    with trio.CancelScope(shield=True):
+        await limiter.acquire()
+    try:
+        yield
+    finally:
+        limiter.release()
 
 
 async def cpu_bound(size: int, fn: Callable[..., T], *args: Any) -> T:

@@ -19,6 +19,7 @@ from ..config.spec import IPAddress, IPInterface, IPNetwork
 from . import tun
 from ._rtnl import UNREACHABLE as UNREACHABLE
 from ._rtnl import RouteBatchResult as RouteBatchResult
+from .claims import Claims
 from .dns import DnsBackend, ResolvConfOwners
 
 
@@ -125,6 +126,9 @@ class Host:
     env: Mapping[str, str] = attrs.field(factory=dict)
     create_tun: CreateTun = tun.create_tun
     close_tun: CloseTun = tun.close_tun
+    #: Routing tables and rule priorities the tunnels on this host took
+    #: (so that concurrent starts never pick the same one).
+    claims: Claims = attrs.field(factory=Claims)
     #: The one owner of each resolv.conf the file DNS backend writes: every
     #: tunnel on this host claims DNS through it (see ResolvConfOwner).
     dns_owners: ResolvConfOwners = attrs.field(factory=ResolvConfOwners)

@@ -39,7 +39,7 @@ import stat
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import ClassVar, Protocol, TypeAlias
 
 import attrs
@@ -480,9 +480,21 @@ class ResolvConfOwner:
     #: interface's claim below its top (a crash before a change's write,
     #: or after a release's write but before the journal said so).
     recovered: bool = False
+    #: Where the merge order comes from (see :meth:`ResolvConfOwners.set_order`).
+    shared: ResolvConfOwners | None = None
+
+    def _ordered(self, claims: Iterable[ResolvClaim]) -> list[ResolvClaim]:
+        """``claims`` (given in the order they were made) in merge order:
+        configured tunnels in configuration order first, then the others
+        in the order they claimed.  Tunnels start concurrently, so the
+        order of their claims alone would change from run to run."""
+        rank = self.shared.rank if self.shared is not None else {}
+        return sorted(claims, key=lambda c: rank.get(c.ifname, len(rank)))
 
     def _tops(self, claims: dict[str, list[ResolvClaim]] | None = None) -> list[ResolvClaim]:
-        return [stack[-1] for stack in (self.claims if claims is None else claims).values()]
+        """Each interface's top claim, in merge order (:meth:`_ordered`)."""
+        return self._ordered(
+            [stack[-1] for stack in (self.claims if claims is None else claims).values()])
 
     def _state(self, claim: ResolvClaim, written: bytes, depth: int) -> FileDnsState:
         return FileDnsState(path=self.path, original=self.original, written=written,
@@ -625,10 +637,17 @@ class ResolvConfOwners:
     per :class:`~tunsup.host.Host`, shared by all its tunnels."""
 
     by_path: dict[str, ResolvConfOwner] = attrs.field(factory=dict)
+    #: Position of each configured tunnel (see :meth:`set_order`).
+    rank: dict[str, int] = attrs.field(factory=dict)
 
     def owner(self, path: str) -> ResolvConfOwner:
         """The owner of ``path`` (a real path: symlinks resolved)."""
-        return self.by_path.setdefault(path, ResolvConfOwner(path))
+        return self.by_path.setdefault(path, ResolvConfOwner(path, shared=self))
+
+    def set_order(self, names: Iterable[str]) -> None:
+        """The merge order: tunnels ``names`` (the configuration's) first,
+        in that order.  Replaced whole (worker threads read it)."""
+        self.rank = {name: i for i, name in enumerate(names)}
 
 
 def _os_errors(path: str, what: str) -> contextlib.AbstractContextManager[None]:

@@ -140,12 +140,14 @@ class NetlinkHost:
         finally:
             self._worker.close()
 
-    async def _sys(self, what: str, fn: Callable[[], T], timeout: float | None = None) -> T:
+    async def _sys(self, what: str, fn: Callable[[], T], timeout: float | None = None, *,
+                   worker: SerialWorker | None = None) -> T:
         """``fn`` on the worker thread without pyroute2: the calls of every
         bring-up and teardown speak netlink through :mod:`._rtnl` (or plain
         ``socket`` ioctls), so that ``import pyroute2`` (~0.1 s) stays off
         their path.  Bounded like :meth:`_call` (the socket's own timeouts
-        in the thread, the budget on the trio side)."""
+        in the thread, the budget on the trio side).  On ``worker`` if
+        given, else on the shared one."""
         budget = self._budget(timeout)
 
         def job() -> T:
@@ -153,7 +155,7 @@ class NetlinkHost:
             return fn()
 
         try:
-            return await self._worker.call(job, timeout=budget + _SLACK, what=what)
+            return await (worker or self._worker).call(job, timeout=budget + _SLACK, what=what)
         except HostError:
             raise
         except OSError as exc:
@@ -194,6 +196,14 @@ class NetlinkHost:
 
         The name check guards against an index reused by another link.
         Returns False when the link is already gone.
+
+        Runs on a worker thread of its own, not on the shared one: the
+        kernel takes ~20 ms to unregister a link, mostly waiting (an RCU
+        grace period), so the teardowns of many tunnels overlap those waits
+        (50 TUN links deleted one after another: ~1 s; all at once:
+        ~0.2 s).  Each request opens its own netlink socket; the thread is
+        started from this one, so it is in the same network namespace.
+        Bounded and cancellable like every call (see :meth:`_sys`).
         """
 
         def fn() -> bool:
@@ -207,7 +217,11 @@ class NetlinkHost:
                 raise
             return True
 
-        return await self._sys(f"delete link {name}", fn)
+        worker = SerialWorker(f"tunsup-netlink-del-{name}")
+        try:
+            return await self._sys(f"delete link {name}", fn, worker=worker)
+        finally:
+            worker.close()
 
     # --- addresses ----------------------------------------------------------
 

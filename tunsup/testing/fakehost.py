@@ -514,6 +514,8 @@ class FakeHelper:
         with self._server_scope:
             await trio.sleep(self.host.slow_start)
         if not self.exited.is_set():
+            # A cancel scope serves one ``with`` block: _serve gets its own.
+            self._server_scope = trio.CancelScope()
             self._open(nursery)
 
     def _open(self, nursery: trio.Nursery) -> None:

@@ -1,0 +1,194 @@
+"""Many tunnels in one service (issue 13 items 4 and 5), against the
+in-memory host: up/down cycles keep the supervisor's and the journal's
+memory (and the journal file) bounded; compaction keeps exactly what is
+pending."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from tunsup._errors import ExitCode
+from tunsup.engine.journal import Journal, JournalObserver, compacted, read_journal
+from tunsup.engine.restart import RestartPolicy
+from tunsup.engine.supervisor import HISTORY_SIZE, Supervisor
+from tunsup.engine.tunnel import Tunnel, TunnelOptions, TunnelState
+from tunsup.testing import FakeHost, Fault, spec, uapi_dir
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeHost]:
+    with uapi_dir() as path:
+        yield FakeHost(path)
+
+
+def options(**changes: Any) -> TunnelOptions:
+    settings: dict[str, Any] = {
+        "helper": ("fake-wg",), "tun_header": "none", "stop_grace": 2.0,
+        "restart": RestartPolicy(backoff_initial=0.2, backoff_max=5.0)}
+    return TunnelOptions(**{**settings, **changes})
+
+
+def _cycles(fake: FakeHost, state: str, cycles: int, checkpoints: tuple[int, ...],
+            ) -> dict[int, dict[str, Any]]:
+    """Run a service-like supervisor with a journal and one tunnel; take a
+    second tunnel up and down ``cycles`` times; at each checkpoint, count
+    live objects and record the journal's size."""
+    out: dict[int, dict[str, Any]] = {}
+
+    async def main() -> None:
+        journal = Journal(state, os.getpid(), 1, compact_min=16 * 1024)
+
+        def make(s: Any, o: TunnelOptions) -> Tunnel:
+            return Tunnel(s, fake.host, o, observer=JournalObserver(journal, s.name))
+
+        sup = Supervisor([make(spec("wgt0"), options())], fake.host, handle_signals=False,
+                         persistent=True, make_tunnel=make, journal=journal)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup.run)
+            await sup.ready.wait()
+            for i in range(cycles + 1):
+                if i in checkpoints:
+                    # The fake host's own records are not tunsup's.
+                    fake.net.ops.clear()
+                    fake.started[:] = [h for h in fake.started if not h.exited.is_set()]
+                    fake.requests.clear()
+                    fake.net.deleted.clear()
+                    gc.collect()
+                    objects = gc.get_objects()
+                    out[i] = {
+                        "objects": len(objects),
+                        "tunnels": sum(isinstance(o, Tunnel) for o in objects),
+                        "history": len(sup.history),
+                        "journal": os.path.getsize(journal.path),
+                        "queued": len(journal._queue),
+                    }
+                    del objects
+                if i == cycles:
+                    break
+                await sup.add(spec("wgt1"), options())
+                await sup.remove("wgt1")
+            sup.stop()
+
+    trio.run(main)
+    return out
+
+
+def test_up_down_cycles_keep_memory_and_the_journal_bounded(fake: FakeHost,
+                                                            tmp_path: Path) -> None:
+    """Before the fix every tunnel ever run stayed in ``history`` with its
+    effect stacks (about 14 KB a cycle) and the journal only grew (2.8 KB
+    a cycle)."""
+    out = _cycles(fake, str(tmp_path), 300, (50, 300))
+    first, last = out[50], out[300]
+    assert last["history"] <= HISTORY_SIZE
+    assert last["tunnels"] <= HISTORY_SIZE + 2, last
+    # A leak of one tunnel per cycle is > 100 objects a cycle: 25,000 here.
+    assert last["objects"] - first["objects"] < 2000, (first, last)
+    # Compacted while running: a few times the compaction threshold at most.
+    assert last["journal"] < 2 * 16 * 1024 + 8 * 1024, last
+    assert last["queued"] == 0
+
+
+def test_compaction_keeps_exactly_the_pending_steps(tmp_path: Path) -> None:
+    """Reading a compacted journal gives the same pending steps (records,
+    hooks, stale marks) as reading the whole one."""
+    path = tmp_path / "journal-1-1.log"
+    import ipaddress
+
+    from tunsup.engine.effects import Address, LinkUp
+    from tunsup.engine.journal import effect_to_dict, encode_line
+
+    lines = [encode_line({"op": "open", "pid": 1, "start_time": 1, "version": 1,
+                          "created": 0.0})]
+    seq = 0
+    for cycle in range(20):
+        for name in ("a", "b"):
+            for effect in (LinkUp(name, 7 + cycle), Address(
+                    name, 7 + cycle, ipaddress.ip_interface(f"10.0.{cycle}.1/24"))):
+                seq += 1
+                lines.append(encode_line({"op": "intent", "seq": seq, "tunnel": name,
+                                          "effect": effect_to_dict(effect)}))
+                lines.append(encode_line({"op": "applied", "seq": seq,
+                                          "record": effect_to_dict(effect)}))
+                if name == "a" or cycle < 19:
+                    lines.append(encode_line({"op": "undone", "seq": seq}))
+    path.write_bytes(b"".join(lines))
+    before = read_journal(str(path))
+    kept = compacted(lines)
+    assert kept is not None and len(kept) < len(lines) // 5
+    small = tmp_path / "journal-1-1.compact.log"
+    small.write_bytes(b"".join(kept))
+    after = read_journal(str(small))
+    assert [attrs.evolve(s) for s in after.steps] == [s for s in before.steps if not s.undone]
+    assert [(s.seq, e) for s, e in after.pending()] == [(s.seq, e) for s, e in before.pending()]
+
+
+# --- concurrent starts and teardowns, bounded --------------------------------
+
+#: Virtual seconds after which a test here has hung: everything runs under
+#: ``MockClock(autojump_threshold=0)`` with no thread (FakeHost starts
+#: none), so once every task waits the clock jumps to this deadline and
+#: the test fails instead of hanging in real time.
+HANG_LIMIT = 1000.0
+#: Virtual seconds each helper start and each link deletion take.
+STEP = 1.0
+
+
+def _timed_run(fake: FakeHost, count: int, max_parallel: int) -> tuple[float, float, int]:
+    """Run ``count`` tunnels under one supervisor whose every helper start
+    and link deletion take STEP virtual seconds; return the virtual time
+    from ``run`` to READY, from ``stop`` to the return, and the exit code."""
+    fake.faults.append(Fault(op="start_helper", kind="delay", delay=STEP, times=None))
+    fake.faults.append(Fault(op="delete_link", kind="delay", delay=STEP, times=None))
+    times: dict[str, float] = {}
+
+    async def main() -> int:
+        tunnels = [Tunnel(spec(f"wgt{i}"), fake.host, options()) for i in range(count)]
+        sup = Supervisor(tunnels, fake.host, handle_signals=False, max_parallel=max_parallel)
+        async with trio.open_nursery() as nursery:
+            began = trio.current_time()
+            code: list[int] = []
+
+            async def run() -> None:
+                code.append(await sup.run())
+
+            nursery.start_soon(run)
+            await sup.ready.wait()
+            times["up"] = trio.current_time() - began
+            assert [t.state for t in tunnels] == [TunnelState.UP] * count
+            stopping = trio.current_time()
+            sup.stop("test over")
+        times["stop"] = trio.current_time() - stopping
+        return code[0]
+
+    async def bounded() -> int:
+        with trio.fail_after(HANG_LIMIT):
+            return await main()
+
+    code = trio.run(bounded, clock=trio.testing.MockClock(autojump_threshold=0))
+    return times["up"], times["stop"], code
+
+
+@pytest.mark.parametrize(("count", "max_parallel", "rounds"),
+                         [(20, 4, 5), (20, 1, 20), (6, 16, 1)])
+def test_starts_and_teardowns_run_concurrently_at_most_max_parallel_at_once(
+        fake: FakeHost, count: int, max_parallel: int, rounds: int) -> None:
+    """Issue 13 item 4: with every helper start (and link deletion) taking
+    one virtual second, ``count`` tunnels come up (and go down) in
+    ``ceil(count / max_parallel)`` seconds: concurrently, never more than
+    ``max_parallel`` at once.  Virtual time under MockClock: exact, not a
+    timing measurement."""
+    up, stop, code = _timed_run(fake, count, max_parallel)
+    assert code == ExitCode.OK
+    assert rounds * STEP <= up < (rounds + 1) * STEP, up
+    assert rounds * STEP <= stop < (rounds + 1) * STEP, stop
+    assert fake.net.links == {} and fake.alive == set()
