@@ -192,3 +192,78 @@ def test_concurrent_link_deletions_go_as_one_request(netns: Callable[[str], str]
     assert out["deleted"] == [True] * 5 + [False]
     assert out["left"] == [["f0", 7], ["lo", 0], ["t5", 0]]
     assert out["dellink_requests"] < 5, out
+
+
+CUT_SHORT = r"""
+import json, socket, sys, threading, time
+import trio
+import trio.testing
+from tunsup.host import _rtnl
+from tunsup.host.netlink import NetlinkHost
+from tunsup.testing import netns as _netns
+
+NS = sys.argv[1]
+real_request, real_dump = _rtnl.request, _rtnl.dump_links
+first_done = threading.Event()
+dumps = []
+stuck = {}
+
+def request(mtype, body, **kwargs):
+    if mtype == _rtnl.RTM_DELLINK and not first_done.is_set():
+        first_done.wait(10)  # the first deletion holds the others back
+    return real_request(mtype, body, **kwargs)
+
+def dump_links(**kwargs):
+    dumps.append(1)
+    if len(dumps) == 1:  # the kernel does not answer the group in time
+        stuck["token"].run_sync_soon(stuck["scope"].cancel)
+        time.sleep(2)
+    return real_dump(**kwargs)
+
+_rtnl.request, _rtnl.dump_links = request, dump_links
+
+async def main():
+    host = NetlinkHost()
+    index = {n: socket.if_nametoindex(n) for n in ("ta", "t0", "t1", "t2")}
+    out = {}
+    stuck["token"] = trio.lowlevel.current_trio_token()
+    stuck["scope"] = trio.CancelScope()
+
+    async def delete(name, scope=None):
+        with scope or trio.CancelScope():
+            out[name] = await host.delete_link(index[name], name)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(delete, "ta")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(delete, "t0", stuck["scope"])  # leads the next group
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(delete, "t1")
+            nursery.start_soon(delete, "t2")
+            await trio.testing.wait_all_tasks_blocked()
+            first_done.set()
+    finally:
+        await host.close()
+    return {"deleted": out, "left": sorted(n for _i, n, _g in real_dump())}
+
+print(json.dumps(_netns.run_in_netns(NS, lambda: trio.run(main))))
+"""
+
+
+def test_link_deletions_of_a_group_cut_short_try_again(netns: Callable[[str], str]) -> None:
+    """The deletion leading a group is cancelled while the kernel does not
+    answer: the others of its group are not lost with it, each tries again
+    and gets its own answer."""
+    import subprocess
+    import sys
+
+    ns = netns("nlc")
+    for dev in ("ta", "t0", "t1", "t2"):
+        _netns.ip("tuntap", "add", dev, "mode", "tun", ns=ns)
+    done = subprocess.run([sys.executable, "-c", CUT_SHORT, ns], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["deleted"] == {"ta": True, "t1": True, "t2": True}
+    assert out["left"] == ["lo", "t0"]

@@ -310,9 +310,10 @@ class NetlinkHost:
         """Delete ``mine`` with every deletion waiting now (under the lock);
         sets each one's outcome, or raises (the others are then left
         without one, to try again)."""
-        group = [mine, *(d for d in self._doomed if d is not mine and d.outcome is None)]
-        for doomed in group:
-            self._doomed.remove(doomed)
+        # ``mine`` is no longer waiting when it comes back from a group cut
+        # short: every other waiting one is.
+        group = [mine, *(d for d in self._doomed if d is not mine)]
+        self._doomed = []
         links = [(d.index, d.name) for d in group]
         what = f"delete link {mine.name}" + (f" and {len(group) - 1} more" if group[1:] else "")
         worker = SerialWorker(f"tunsup-netlink-del-{mine.name}")
