@@ -129,3 +129,141 @@ def test_link_and_address_calls_without_pyroute2(netns: Callable[[str], str]) ->
         "mtu_none": None, "default_mtu": None, "del": [True, False],
         "del_link": [False, True, False], "gone": None, "pyroute2": False,
     }
+
+
+DELETE_MANY = r"""
+import json, socket, sys
+import trio
+from tunsup.host import _rtnl
+from tunsup.host.netlink import NetlinkHost
+from tunsup.testing import netns as _netns
+
+NS = sys.argv[1]
+requests = []
+real_request = _rtnl.request
+
+def counted(mtype, body, **kwargs):
+    requests.append(mtype)  # every request still goes to the kernel
+    return real_request(mtype, body, **kwargs)
+
+_rtnl.request = counted
+
+async def main():
+    host = NetlinkHost()
+    names = [f"t{i}" for i in range(5)]
+    index = {n: socket.if_nametoindex(n) for n in [*names, "t5"]}
+    asked = [(index[n], n) for n in names] + [(index["t5"], "wrong")]
+    out = [None] * len(asked)
+
+    async def delete(i, link):
+        out[i] = await host.delete_link(*link)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for i, link in enumerate(asked):
+                nursery.start_soon(delete, i, link)
+    finally:
+        await host.close()
+    left = sorted((n, g) for _i, n, g in _rtnl.dump_links())
+    return {"deleted": out, "left": left,
+            "dellink_requests": requests.count(_rtnl.RTM_DELLINK)}
+
+print(json.dumps(_netns.run_in_netns(NS, lambda: trio.run(main))))
+"""
+
+
+def test_concurrent_link_deletions_go_as_one_request(netns: Callable[[str], str]) -> None:
+    """Links deleted at once (many tunnels stopping) take fewer kernel
+    requests than links (one wait for the kernel's unregistering instead
+    of one each), and each caller still gets its own link's answer: a link
+    whose index no longer has the name asked for is left alone (False),
+    and a link of another owner in a link group of its own stays."""
+    import subprocess
+    import sys
+
+    ns = netns("nld")
+    for dev in ("t0", "t1", "t2", "t3", "t4", "t5", "f0"):
+        _netns.ip("tuntap", "add", dev, "mode", "tun", ns=ns)
+    _netns.ip("link", "set", "f0", "group", "7", ns=ns)
+    done = subprocess.run([sys.executable, "-c", DELETE_MANY, ns], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["deleted"] == [True] * 5 + [False]
+    assert out["left"] == [["f0", 7], ["lo", 0], ["t5", 0]]
+    assert out["dellink_requests"] < 5, out
+
+
+CUT_SHORT = r"""
+import json, socket, sys, threading, time
+import trio
+import trio.testing
+from tunsup.host import _rtnl
+from tunsup.host.netlink import NetlinkHost
+from tunsup.testing import netns as _netns
+
+NS = sys.argv[1]
+real_request, real_dump = _rtnl.request, _rtnl.dump_links
+first_done = threading.Event()
+dumps = []
+stuck = {}
+
+def request(mtype, body, **kwargs):
+    if mtype == _rtnl.RTM_DELLINK and not first_done.is_set():
+        first_done.wait(10)  # the first deletion holds the others back
+    return real_request(mtype, body, **kwargs)
+
+def dump_links(**kwargs):
+    dumps.append(1)
+    if len(dumps) == 1:  # the kernel does not answer the group in time
+        stuck["token"].run_sync_soon(stuck["scope"].cancel)
+        time.sleep(2)
+    return real_dump(**kwargs)
+
+_rtnl.request, _rtnl.dump_links = request, dump_links
+
+async def main():
+    host = NetlinkHost()
+    index = {n: socket.if_nametoindex(n) for n in ("ta", "t0", "t1", "t2")}
+    out = {}
+    stuck["token"] = trio.lowlevel.current_trio_token()
+    stuck["scope"] = trio.CancelScope()
+
+    async def delete(name, scope=None):
+        with scope or trio.CancelScope():
+            out[name] = await host.delete_link(index[name], name)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(delete, "ta")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(delete, "t0", stuck["scope"])  # leads the next group
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(delete, "t1")
+            nursery.start_soon(delete, "t2")
+            await trio.testing.wait_all_tasks_blocked()
+            first_done.set()
+    finally:
+        await host.close()
+    return {"deleted": out, "left": sorted(n for _i, n, _g in real_dump())}
+
+print(json.dumps(_netns.run_in_netns(NS, lambda: trio.run(main))))
+"""
+
+
+def test_link_deletions_of_a_group_cut_short_try_again(netns: Callable[[str], str]) -> None:
+    """The deletion leading a group is cancelled while the kernel does not
+    answer: the others of its group are not lost with it, each tries again
+    and gets its own answer."""
+    import subprocess
+    import sys
+
+    ns = netns("nlc")
+    for dev in ("ta", "t0", "t1", "t2"):
+        _netns.ip("tuntap", "add", dev, "mode", "tun", ns=ns)
+    done = subprocess.run([sys.executable, "-c", CUT_SHORT, ns], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["deleted"] == {"ta": True, "t1": True, "t2": True}
+    assert out["left"] == ["lo", "t0"]

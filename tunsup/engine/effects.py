@@ -139,6 +139,8 @@ class StartHelper(Effect):
     helper gets ``WG_PROCESS_FOREGROUND=1`` (wireguard-go must not fork).
     """
 
+    gone_on_reboot: ClassVar[bool] = True
+
     ifname: str
     argv: tuple[str, ...]
     pass_tun: bool = False
@@ -183,6 +185,8 @@ class StartHelper(Effect):
 @attrs.frozen
 class HelperRunning(Effect):
     """A helper process, identified by pid *and* start time."""
+
+    gone_on_reboot: ClassVar[bool] = True
 
     ifname: str
     argv: tuple[str, ...]
@@ -276,6 +280,8 @@ class CreateTun(Effect):
     outlives any one helper); its record is an :class:`OwnedTun`.  The open
     fd is kept in the context for the helpers, never in a record."""
 
+    gone_on_reboot: ClassVar[bool] = True
+
     name: str
     #: Packets on the fd carry the packet-information header (no IFF_NO_PI).
     packet_info: bool = False
@@ -307,6 +313,8 @@ class CreateTun(Effect):
 class OwnedTun(Effect):
     """A persistent TUN device tunsup created.  Undo sets it down, deletes
     it (unless already gone) and closes tunsup's fd on it."""
+
+    gone_on_reboot: ClassVar[bool] = True
 
     name: str
     index: int
@@ -363,6 +371,8 @@ class HelperGeneration(Effect):
     unwinds whatever generation is current.
     """
 
+    gone_on_reboot: ClassVar[bool] = True
+
     ifname: str
 
     def describe(self) -> str:
@@ -403,6 +413,8 @@ class Link(Effect):
     this one covers it, right before the delete.
     """
 
+    gone_on_reboot: ClassVar[bool] = True
+
     name: str
     index: int
 
@@ -431,6 +443,8 @@ class ConfigureWireguard(Effect):
     """Configure the device over UAPI.  The request holds key material, so
     it is kept out of ``repr`` and out of the pushed record."""
 
+    gone_on_reboot: ClassVar[bool] = True
+
     ifname: str
     #: Key material: never in repr, never journaled (metadata "secret").
     request: bytes = attrs.field(default=b"", repr=False, metadata={"secret": True})
@@ -454,6 +468,8 @@ class ConfigureWireguard(Effect):
 class WireguardConfigured(Effect):
     """Nothing to undo: the configuration lives in the helper, which stops."""
 
+    gone_on_reboot: ClassVar[bool] = True
+
     ifname: str
 
     def describe(self) -> str:
@@ -468,6 +484,7 @@ class WireguardConfigured(Effect):
 
 @attrs.frozen
 class Address(Effect):
+    gone_on_reboot: ClassVar[bool] = True
     ifname: str
     index: int
     address: IPInterface
@@ -496,6 +513,7 @@ class Address(Effect):
 
 @attrs.frozen
 class Mtu(Effect):
+    gone_on_reboot: ClassVar[bool] = True
     ifname: str
     index: int
     mtu: int
@@ -520,6 +538,7 @@ class Mtu(Effect):
 
 @attrs.frozen
 class LinkUp(Effect):
+    gone_on_reboot: ClassVar[bool] = True
     ifname: str
     index: int
 
@@ -544,6 +563,8 @@ class LinkUp(Effect):
 @attrs.frozen
 class Routes(Effect):
     """Routes through the tunnel, installed and removed in bulk."""
+
+    gone_on_reboot: ClassVar[bool] = True
 
     ifname: str
     index: int
@@ -710,6 +731,8 @@ def span(net: IPNetwork) -> tuple[int, int, int]:
 class Rule(Effect):
     """A policy rule (full-tunnel routing)."""
 
+    gone_on_reboot: ClassVar[bool] = True
+
     #: The rules that lead to a full tunnel's table (and its kill switch).
     protects: ClassVar[bool] = True
 
@@ -738,6 +761,8 @@ class Rule(Effect):
 class Sysctl(Effect):
     """A ``net.*`` sysctl, put back at undo if tunsup changed it and nobody
     changed it since."""
+
+    gone_on_reboot: ClassVar[bool] = True
 
     ifname: str
     key: str
@@ -786,6 +811,8 @@ class KillSwitch(Effect):
     Routes that already exist are owned only when an adopted kill switch
     (of a dead instance, for this tunnel) hands them over.
     """
+
+    gone_on_reboot: ClassVar[bool] = True
 
     protects: ClassVar[bool] = True
 
@@ -881,6 +908,8 @@ class WireguardChanged(Effect):
     journal): the configuration lives in the helper, which a stop ends.
     Both requests hold key material: never in repr, never journaled."""
 
+    gone_on_reboot: ClassVar[bool] = True
+
     ifname: str
     summary: str
     request: bytes = attrs.field(default=b"", repr=False, metadata={"secret": True})
@@ -916,6 +945,8 @@ class RoutesRemoved(Effect):
     adds them back while their link (or, for ``unreachable`` routes, the
     table) is still there: a link that is gone took them with it."""
 
+    gone_on_reboot: ClassVar[bool] = True
+
     ifname: str
     index: int
     table: int
@@ -949,6 +980,8 @@ class AddressRemoved(Effect):
     """An address tunsup had added, removed in place; undo adds it back
     while the link is there."""
 
+    gone_on_reboot: ClassVar[bool] = True
+
     ifname: str
     index: int
     address: IPInterface
@@ -971,6 +1004,8 @@ class AddressRemoved(Effect):
 class MtuChanged(Effect):
     """The MTU replaced in place (``old`` -> ``new``); undo sets ``old``
     back while the link is there."""
+
+    gone_on_reboot: ClassVar[bool] = True
 
     ifname: str
     index: int

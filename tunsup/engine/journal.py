@@ -1,7 +1,8 @@
 """Crash-safe write-ahead journal of host changes.
 
 Before an effect is applied its *intent* is appended and fsync'd; once it
-is applied its *record* is appended; once it is undone, that too.  After a
+is applied its *record* is appended; once it is undone, that too (see
+"Durability" below for which appends are fsync'd).  After a
 crash (SIGKILL, power cut) the journal says exactly what may be on the host,
 and recovery (:mod:`tunsup.engine.recovery`) undoes it with the same undo code as a
 normal stop.
@@ -14,9 +15,41 @@ records are still used.  Encoding (a record may hold 100,000 prefixes:
 ~100 ms of JSON), appends and fsyncs run on a worker thread, never on the
 trio thread.
 
+Durability.  An intent is fsync'd before its change is made, always: it
+is what lets recovery find a change whatever happens next.  An *applied*
+record is written (``write`` into the page cache) before the next change
+is made, and fsync'd only when its change outlives a reboot (a file: DNS;
+whatever a hook does); the records of kernel and process state (links,
+addresses, MTU, routes, rules, sysctls, the helper, its UAPI
+configuration: ``Effect.gone_on_reboot``) are not fsync'd themselves but by
+the next durable append (the next intent, at the latest).  Why that is
+enough:
+
+* A crash of the process (SIGKILL, a bug) loses nothing written: the page
+  cache belongs to the kernel, and recovery reads the record.
+* A power cut or kernel crash may lose the unsynced tail of the file.  The
+  state it leaves, an intent durable and its applied record missing, is
+  one the journal could always be left in (a crash between the change and
+  its record's fsync): recovery undoes the intent with the effect's
+  ``abort``, which is safe whether or not the change happened.  And the
+  changes concerned died with the kernel anyway: there is nothing on the
+  host for their records to describe.  (The one thing an intent does not
+  say is that an object was found already there, not ours: a rule or
+  address recreated at boot by whoever had made it could then be removed
+  by recovery.  That needs a power cut in the same window of
+  microseconds to milliseconds as before, between a change and the next
+  fsync, which a bring-up's next intent follows at once.)  What survives
+  a reboot, files, is exactly what keeps fsync'd records.
+* Records stay in order: appends are written in the order they were made,
+  on one thread, to an O_APPEND file, and an fsync covers every byte
+  written before it.  Undone records are not fsync'd either (losing one
+  only makes a later recovery undo again what is gone: undo is
+  idempotent).
+
 Concurrent appends (many tunnels starting or stopping at once) share
-their write and fsync (*group commit*): each append still returns only once
-its record is durable, but one fsync covers every record queued meanwhile.
+their write and fsync (*group commit*): each durable append still returns
+only once its record is durable, but one fsync covers every record queued
+meanwhile.
 
 The file is *compacted* while the service runs: once it has grown past
 :data:`COMPACT_MIN` bytes and twice its live size, it is rewritten with
@@ -466,9 +499,9 @@ class _Ticket:
 
 class Journal:
     """The append side, for one running instance.  Appends run on a worker
-    thread; each is written with O_APPEND and fsync'd before :meth:`append`
-    returns, together with whatever other tasks queued meanwhile (group
-    commit).  Compaction runs on the same thread, between writes."""
+    thread; each is written with O_APPEND (and, if durable, fsync'd)
+    before :meth:`append` returns, together with whatever other tasks
+    queued meanwhile (group commit).  Compaction runs on the same thread, between writes."""
 
     def __init__(self, state_dir: str, pid: int, start_time: int, *,
                  compact_min: int = COMPACT_MIN) -> None:
@@ -745,8 +778,12 @@ class JournalObserver:
         self.journal.fault.hit("effect")  # applied, not yet recorded
         seq = self._pending_intent.pop(id(intent))
         self._seqs[id(record)] = seq
+        # Written before the next change either way (a SIGKILL cannot lose
+        # it); fsync'd only when the change outlives a reboot (see the
+        # module's "Durability").
+        durable = not (intent.gone_on_reboot and record.gone_on_reboot)
         await self.journal.append(lambda: {"op": "applied", "seq": seq,
-                                           "record": effect_to_dict(record)})
+                                           "record": effect_to_dict(record)}, durable=durable)
         self.journal.fault.hit("applied")
 
     async def undone(self, record: Effect) -> None:

@@ -91,6 +91,12 @@ class Effect:
     #: it is kept for a tunnel that will start again, until that tunnel's
     #: own is in place (make-before-break; see tunsup.engine.recovery).
     protects: ClassVar[bool] = False
+    #: What it changes is kernel or process state (links, addresses,
+    #: routes, rules, sysctls, helpers): a reboot takes it away.  Its
+    #: applied record is then written to the journal but not fsync'd (see
+    #: tunsup.engine.journal, "Durability"); a change that outlives a reboot
+    #: (a file, whatever a hook does) keeps an fsync'd record.
+    gone_on_reboot: ClassVar[bool] = False
 
     def describe(self) -> str:
         raise NotImplementedError

@@ -823,7 +823,10 @@ RTM_NEWADDR: Final = 20
 RTM_DELADDR: Final = 21
 RTA_METRICS: Final = 8
 RTAX_MTU: Final = 2
+RTM_GETLINK: Final = 18
+IFLA_IFNAME: Final = 3
 IFLA_MTU: Final = 4
+IFLA_GROUP: Final = 27
 IFA_ADDRESS: Final = 1
 IFA_LOCAL: Final = 2
 IFF_UP: Final = 0x1
@@ -877,18 +880,96 @@ def request(mtype: int, body: bytes, *, flags: int = 0,
 
 
 def set_link(index: int, *, up: bool | None = None, mtu: int | None = None,
-             check: Callable[[], None] | None = None) -> None:
-    """Set link ``index`` up or down and/or its MTU (``RTM_NEWLINK``)."""
+             group: int | None = None, check: Callable[[], None] | None = None) -> None:
+    """Set link ``index`` up or down, its MTU and/or its group
+    (``RTM_NEWLINK``)."""
     flags = IFF_UP if up else 0
     change = IFF_UP if up is not None else 0
     body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change)
     if mtu is not None:
         body += _attr(IFLA_MTU, struct.pack("=I", mtu))
+    if group is not None:
+        body += _attr(IFLA_GROUP, struct.pack("=I", group))
     request(RTM_NEWLINK, body, check=check)
 
 
 def delete_link(index: int, *, check: Callable[[], None] | None = None) -> None:
     request(RTM_DELLINK, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0), check=check)
+
+
+def delete_group(group: int, *, check: Callable[[], None] | None = None) -> None:
+    """Delete every link of ``group`` in one request: the kernel checks
+    them all first, then unregisters them together (one wait for the
+    network stack to let go, where deleting them one by one waits once
+    per link)."""
+    body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(IFLA_GROUP,
+                                                                struct.pack("=I", group))
+    request(RTM_DELLINK, body, check=check)
+
+
+def dump_links(*, check: Callable[[], None] | None = None) -> list[tuple[int, str, int]]:
+    """``(index, name, group)`` of every link (an ``RTM_GETLINK`` dump).
+    Bounded by the socket's timeouts; ``check`` runs between datagrams."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                         NETLINK_ROUTE)
+    with sock:
+        tv = _TIMEVAL.pack(int(TIMEOUT), int(TIMEOUT % 1 * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        sock.bind((0, 0))
+        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        seq = 1
+        sock.send(_NLMSGHDR.pack(_HDR_LEN + len(body), RTM_GETLINK,
+                                 NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+        out: list[tuple[int, str, int]] = []
+        buf = bytearray(_DUMP_BUF)
+        while True:
+            if check is not None:
+                check()
+            try:
+                n = sock.recv_into(buf)
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                raise OSError(errno.ETIMEDOUT, "link dump: no answer from the kernel") from None
+            if _parse_link_dump(memoryview(buf)[:n], seq, out):
+                return out
+
+
+def _parse_link_dump(view: memoryview, seq: int, out: list[tuple[int, str, int]]) -> bool:
+    """Decode one datagram of a link dump into ``out``; True at its end."""
+    off, end = 0, len(view)
+    while off + _HDR_LEN <= end:
+        length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(view, off)
+        if length < _HDR_LEN or off + length > end:
+            raise OSError(errno.EPROTO, f"link dump: bad message length {length}")
+        if mseq == seq:
+            if mtype == NLMSG_DONE:
+                return True
+            if mtype == NLMSG_ERROR:
+                (err,) = _NLMSGERR.unpack_from(view, off + _HDR_LEN)
+                if err:
+                    raise OSError(-err, f"link dump: {os.strerror(-err)}")
+                return True
+            if mtype == RTM_NEWLINK:
+                out.append(_link_entry(view, off + _HDR_LEN, off + length))
+        off += _align4(length)
+    return False
+
+
+def _link_entry(view: memoryview, off: int, end: int) -> tuple[int, str, int]:
+    _family, _type, index, _flags, _change = _IFINFOMSG.unpack_from(view, off)
+    name, group = "", 0
+    pos = off + _IFINFOMSG.size
+    while pos + _RTATTR.size <= end:
+        alen, atype = _RTATTR.unpack_from(view, pos)
+        if alen < _RTATTR.size:
+            break
+        atype &= NLA_TYPE_MASK
+        if atype == IFLA_IFNAME:
+            name = bytes(view[pos + _RTATTR.size:pos + alen]).split(b"\0", 1)[0].decode()
+        elif atype == IFLA_GROUP:
+            (group,) = struct.unpack_from("=I", view, pos + _RTATTR.size)
+        pos += _align4(alen)
+    return index, name, group
 
 
 def change_address(index: int, iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface, *,

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
+import secrets
 import socket
 import struct
 import threading
@@ -42,6 +44,8 @@ from . import PolicyRule, _rtnl
 from .worker import SerialWorker, raise_if_abandoned
 
 T = TypeVar("T")
+
+log = logging.getLogger("tunsup.netlink")
 
 #: Default bound on one netlink call.
 CALL_TIMEOUT = 5.0
@@ -62,6 +66,79 @@ def _code(exc: BaseException) -> int | None:
     return None
 
 
+class _Doomed:
+    """A link deletion asked for: its outcome once made (deleted, gone, or
+    the error of its own request)."""
+
+    __slots__ = ("index", "name", "outcome")
+
+    def __init__(self, index: int, name: str) -> None:
+        self.index = index
+        self.name = name
+        self.outcome: bool | OSError | None = None
+
+
+def _host_error(what: str, exc: OSError) -> HostError:
+    reason = errno.errorcode.get(exc.errno or 0, "")
+    detail = f"{reason} ({exc.strerror or exc})" if reason else f"{exc}"
+    return HostError(f"{what}: {detail}")
+
+
+def _delete_links(links: Sequence[tuple[int, str]]) -> list[bool | OSError]:
+    """Delete each link ``(index, name)`` that still has that name, in as
+    few kernel requests as possible (blocking: on a worker thread).  Per
+    link: True deleted, False gone (or its index names another link now),
+    or the error of its own deletion.
+
+    Two or more go as one group: they get a link group number no link has,
+    a dump checks that exactly they are in it, then one ``RTM_DELLINK`` of
+    the group deletes them (all or none: the kernel checks every link
+    before it deletes any).  Anything unexpected on that path (a failed
+    request, another link in the group) falls back to one request per
+    link, so every outcome stays its own link's."""
+    outcomes: list[bool | OSError | None] = [
+        None if _name_of(index) == name else False for index, name in links]
+    alive = [i for i, outcome in enumerate(outcomes) if outcome is None]
+    if len(alive) > 1 and _delete_as_group([links[i] for i in alive]):
+        for i in alive:
+            outcomes[i] = True
+    for i, outcome in enumerate(outcomes):
+        if outcome is None:
+            outcomes[i] = _delete_one(*links[i])
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _delete_one(index: int, name: str) -> bool | OSError:
+    if _name_of(index) != name:
+        return False
+    try:
+        _rtnl.delete_link(index, check=raise_if_abandoned)
+    except OSError as exc:
+        return False if exc.errno in _GONE else exc
+    return True
+
+
+def _delete_as_group(links: Sequence[tuple[int, str]]) -> bool:
+    """Delete ``links`` in one request; False if that was not done (then
+    nothing but their group numbers changed)."""
+    try:
+        used = {group for _i, _n, group in _rtnl.dump_links(check=raise_if_abandoned)}
+        group = next(g for g in iter(lambda: secrets.randbits(31) | 1 << 30, 0)
+                     if g not in used)
+        for index, _name in links:
+            _rtnl.set_link(index, group=group, check=raise_if_abandoned)
+        members = {(i, n) for i, n, g in _rtnl.dump_links(check=raise_if_abandoned)
+                   if g == group}
+        if members != set(links):
+            return False  # a link renamed or gone meanwhile: one by one
+        _rtnl.delete_group(group, check=raise_if_abandoned)
+    except OSError as exc:
+        log.debug("deleting %d links as one group failed (%s): one by one", len(links), exc)
+        return False
+    log.debug("%d links deleted in one request", len(links))
+    return True
+
+
 class NetlinkHost:
     """Real netlink operations for the namespace the process runs in."""
 
@@ -75,6 +152,10 @@ class NetlinkHost:
         #: Called (on the worker thread) as a bulk route batch progresses;
         #: the crash-test fault point hooks in here.
         self._route_progress = route_progress
+        #: Link deletions waiting to be made, and the one group at a time
+        #: (see :meth:`delete_link`).
+        self._doomed: list[_Doomed] = []
+        self._deleting = trio.Lock()
 
     # --- plumbing -----------------------------------------------------------
 
@@ -197,31 +278,51 @@ class NetlinkHost:
         The name check guards against an index reused by another link.
         Returns False when the link is already gone.
 
-        Runs on a worker thread of its own, not on the shared one: the
-        kernel takes ~20 ms to unregister a link, mostly waiting (an RCU
-        grace period), so the teardowns of many tunnels overlap those waits
-        (50 TUN links deleted one after another: ~1 s; all at once:
-        ~0.2 s).  Each request opens its own netlink socket; the thread is
-        started from this one, so it is in the same network namespace.
-        Bounded and cancellable like every call (see :meth:`_sys`).
+        The kernel takes ~20 ms to unregister a link, mostly waiting (an
+        RCU grace period), once per deletion request.  So deletions are
+        *grouped*, as the journal groups its appends: one runs at once, on
+        a worker thread of its own; those asked for meanwhile (many tunnels
+        stopping) go together in the next, as one kernel request (see
+        :func:`_delete_links`): 40 TUN links in ~30 ms, where 40 requests
+        on parallel threads took ~135 ms and one after another ~0.7 s.  A
+        single deletion waits for nobody.  Each caller gets its own link's
+        outcome (its own error); when a group's request fails, each of its
+        links is deleted on its own.  Bounded and cancellable like every
+        call (see :meth:`_sys`); a caller whose group was cut short by
+        another caller's timeout or cancellation tries again on its own.
         """
-
-        def fn() -> bool:
-            if _name_of(index) != name:
-                return False
-            try:
-                _rtnl.delete_link(index, check=raise_if_abandoned)
-            except OSError as exc:
-                if exc.errno in _GONE:
-                    return False
-                raise
-            return True
-
-        worker = SerialWorker(f"tunsup-netlink-del-{name}")
+        mine = _Doomed(index, name)
+        self._doomed.append(mine)
         try:
-            return await self._sys(f"delete link {name}", fn, worker=worker)
+            async with self._deleting:
+                if mine.outcome is None:
+                    await self._delete_group_of(mine)
+        finally:
+            if mine in self._doomed:
+                self._doomed.remove(mine)
+        outcome = mine.outcome
+        if isinstance(outcome, OSError):
+            raise _host_error(f"delete link {name}", outcome) from outcome
+        assert outcome is not None
+        return outcome
+
+    async def _delete_group_of(self, mine: _Doomed) -> None:
+        """Delete ``mine`` with every deletion waiting now (under the lock);
+        sets each one's outcome, or raises (the others are then left
+        without one, to try again)."""
+        # ``mine`` is no longer waiting when it comes back from a group cut
+        # short: every other waiting one is.
+        group = [mine, *(d for d in self._doomed if d is not mine)]
+        self._doomed = []
+        links = [(d.index, d.name) for d in group]
+        what = f"delete link {mine.name}" + (f" and {len(group) - 1} more" if group[1:] else "")
+        worker = SerialWorker(f"tunsup-netlink-del-{mine.name}")
+        try:
+            outcomes = await self._sys(what, lambda: _delete_links(links), worker=worker)
         finally:
             worker.close()
+        for doomed, outcome in zip(group, outcomes, strict=True):
+            doomed.outcome = outcome
 
     # --- addresses ----------------------------------------------------------
 

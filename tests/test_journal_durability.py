@@ -1,0 +1,124 @@
+"""What a power cut can take from the journal, and that recovery still
+restores what outlives a reboot (see tunsup.engine.journal, "Durability").
+
+A power cut keeps only what was fsync'd: the file as it was at its last
+fsync (seen at the OS boundary: ``os.fsync`` is wrapped to note the
+journal's size).  The kernel's state (links, addresses, routes) is gone
+after it: recovery then runs against a fresh in-memory host, with the
+files (resolv.conf) as they were."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from tunsup.engine.effects import Address, Dns, Effect, EffectContext, Hooks, LinkUp, Routes
+from tunsup.engine.journal import Journal, JournalObserver, journal_name, read_journal
+from tunsup.engine.recovery import recover
+from tunsup.engine.undo import EffectStack
+from tunsup.host.dns import FileBackend
+from tunsup.testing import FakeHost, uapi_dir
+
+ORIGINAL = b"nameserver 192.0.2.1\n"
+#: No such process: the journal's owner is dead.
+DEAD = (2**22 + 21, 1)
+IFNAME = "wgd0"
+
+
+def _effects(index: int) -> list[Effect]:
+    """A bring-up's effects after its link: hooks first and last (so that
+    the exact reverse gives wg-quick's order), DNS last but one."""
+    return [
+        Hooks(IFNAME, "PreUp", ("pre-up",), "PostDown", ("post-down",)),
+        Address(IFNAME, index, ipaddress.ip_interface("10.61.0.1/24")),
+        LinkUp(IFNAME, index),
+        Routes(IFNAME, index, 254, (ipaddress.ip_network("198.51.100.0/24"),)),
+        Dns(IFNAME, "file", (ipaddress.ip_address("10.61.0.53"),), ()),
+        Hooks(IFNAME, "PostUp", ("post-up",), "PreDown", ("pre-down",)),
+    ]
+
+
+def _host(fake: FakeHost, resolv: Path) -> FakeHost:
+    fake.host = attrs.evolve(fake.host, dns_backend=lambda kind: FileBackend(str(resolv)))
+    return fake
+
+
+@pytest.fixture
+def synced(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """Sizes of each file at each of its fsyncs, by path."""
+    sizes: dict[str, list[int]] = {}
+    real: Callable[[int], None] = os.fsync
+
+    def fsync(fd: int) -> None:
+        real(fd)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        sizes.setdefault(path, []).append(os.fstat(fd).st_size)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return sizes
+
+
+def test_power_cut_after_any_step_leaves_what_recovery_needs(
+        tmp_path: Path, synced: dict[str, list[int]]) -> None:
+    """After each step of a bring-up, what a power cut would leave of the
+    journal holds every intent, and the applied record of every change
+    that outlives a reboot (hooks, DNS); the records of kernel changes
+    (address, link up, routes) are written but left to the next fsync.
+    Recovery from what is left after any step runs the down hooks due and
+    gives resolv.conf back."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_bytes(ORIGINAL)
+    journal = Journal(str(tmp_path / "state"), *DEAD)
+    #: After each step: the journal as of its last fsync, and resolv.conf.
+    cuts: list[tuple[bytes, bytes]] = []
+
+    async def bring_up() -> None:
+        with uapi_dir() as sockets:
+            fake = _host(FakeHost(sockets), resolv)
+            index = fake.net.create(IFNAME, persistent=True)
+            async with trio.open_nursery() as nursery:
+                log = logging.getLogger("test")
+                ctx = EffectContext(host=fake.host, log=log, nursery=nursery)
+                stack = EffectStack(ctx, log=log, observer=JournalObserver(journal, IFNAME))
+                for effect in _effects(index):
+                    await stack.apply(effect)
+                    data = Path(journal.path).read_bytes()
+                    cuts.append((data[:synced[journal.path][-1]], resolv.read_bytes()))
+        await journal.close(remove=False)  # the process "dies" here, DNS still set
+
+    trio.run(bring_up)
+    kinds = [type(e).__name__ for e in _effects(0)]
+    for done, (cut, resolv_then) in enumerate(cuts, 1):
+        state = tmp_path / f"after-{done}"
+        state.mkdir(mode=0o700)
+        path = state / journal_name(*DEAD)
+        path.write_bytes(cut)
+        steps = read_journal(str(path)).steps
+        assert [type(s.intent).__name__ for s in steps] == kinds[:done], "an intent was lost"
+        for step in steps:
+            kept = step.record is not None
+            assert kept == (not step.intent.gone_on_reboot or step.seq < done), (
+                f"after step {done}: {step.intent.describe()}: record "
+                f"{'durable' if kept else 'lost'}")
+        resolv.write_bytes(resolv_then)
+        hooks = trio.run(_recover_after_reboot, state, resolv)
+        assert hooks == (["pre-down"] if done == len(kinds) else []) + ["post-down"]
+        assert resolv.read_bytes() == ORIGINAL, f"after step {done}"
+        assert list(state.iterdir()) == []
+
+
+async def _recover_after_reboot(state: Path, resolv: Path) -> list[str]:
+    """Recover ``state`` on a host whose kernel state is gone (a fresh
+    fake) and whose files are as they are; the hooks it ran."""
+    with uapi_dir() as sockets:
+        fake = _host(FakeHost(sockets), resolv)
+        report = await recover(str(state), fake.host, me=(os.getpid(), 0))
+        assert report.complete, report
+        return fake.hooks
