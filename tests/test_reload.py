@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import ipaddress
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +22,7 @@ from tunsup import ExitCode
 from tunsup.config.keys import Key
 from tunsup.config.spec import Endpoint, PeerSpec, TunnelSpec
 from tunsup.engine.reload import rebuild_reason
+from tunsup.engine.restart import RestartPolicy, RestartTracker
 from tunsup.engine.supervisor import Change, ChangeFailed, StartFailed, Supervisor
 from tunsup.engine.tunnel import Tunnel, TunnelOptions, TunnelState
 from tunsup.host import uapi
@@ -515,3 +517,47 @@ def test_a_hold_left_by_a_crash_is_removed_by_recovery(fake: FakeHost, tmp_path:
                                         me=(os.getpid(), 0), keep=lambda name: True))
     assert report.complete, report
     assert fake.net.policy_rules == [] and fake.net.unreachable == set()
+
+
+# ------------------------------------------------------------------ restart policy
+
+
+def test_a_changed_restart_policy_keeps_the_seeded_jitter(fake: FakeHost) -> None:
+    """A reload that changes only the restart policy is made in place; the
+    new policy's backoff must still draw its jitter from the tunnel's own
+    (seeded) source, so that the next restart's delay is exactly the one
+    the policy and the seed give."""
+    seed = 20261201
+    base, opts = spec(), options()
+    policy = RestartPolicy(max_restarts=5, window=60.0, backoff_initial=4.0,
+                           backoff_max=8.0, reset_after=30.0)
+    changed = attrs.evolve(opts, restart=policy)
+    seen: dict[str, float] = {}
+
+    async def main() -> ExitCode:
+        tunnel = Tunnel(base, fake.host, opts, rng=random.Random(seed))
+        sup = Supervisor([tunnel], fake.host, handle_signals=False, persistent=True)
+        result: dict[str, ExitCode] = {}
+        async with trio.open_nursery() as nursery:
+            async def runner() -> None:
+                result["code"] = await sup.run()
+
+            nursery.start_soon(runner)
+            await sup.ready.wait()
+            await sup.add(base, changed)
+            assert sup.slots()[0].tunnel is tunnel, "the policy change was not made in place"
+            dead = fake.current
+            dead.die(1)
+            await tunnel.wait_state(TunnelState.RESTARTING)
+            await tunnel.wait_state(TunnelState.UP)
+            seen["backoff"] = fake.current.started_at - dead.died_at
+            sup.stop("test over")
+        return result["code"]
+
+    code = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert code == ExitCode.OK
+    expected = RestartTracker(policy, random.Random(seed)).failure(0.0)
+    assert expected is not None
+    assert seen["backoff"] == pytest.approx(expected, abs=1e-9), \
+        "the backoff after the policy change did not come from the tunnel's seeded jitter"
+    assert_host_restored(fake)

@@ -207,6 +207,9 @@ class Tunnel:
         #: Background work of an up tunnel (endpoint re-resolution); cancelled
         #: before teardown starts.
         self._background = trio.CancelScope()
+        #: Kept for a tracker that replaces this one (a reload that
+        #: changes the restart policy): the jitter stays seeded.
+        self._rng = rng
         self._tracker = RestartTracker(self.options.restart, rng)
         #: Failed undo steps of helper generations unwound by a restart:
         #: part of the tunnel's teardown report (the host is not restored).
@@ -704,7 +707,7 @@ class Tunnel:
         self._keep(records, stack, link_stack)
         self.spec, self._endpoints, self._plan, self._mtu, self._request = spec, *state
         if options.restart != self.options.restart:
-            self._tracker = RestartTracker(options.restart)
+            self._tracker = RestartTracker(options.restart, self._rng)
         self.options = options
         ctx.stop_grace, ctx.hook_timeout = options.stop_grace, options.hook_timeout
         self.log.info("changed in place: %s", summary)
