@@ -550,6 +550,7 @@ def test_a_changed_restart_policy_keeps_the_seeded_jitter(fake: FakeHost) -> Non
             dead.die(1)
             await tunnel.wait_state(TunnelState.RESTARTING)
             await tunnel.wait_state(TunnelState.UP)
+            assert dead.died_at is not None
             seen["backoff"] = fake.current.started_at - dead.died_at
             sup.stop("test over")
         return result["code"]
