@@ -628,3 +628,26 @@ def test_apply_revert_restores_exact_original(
             assert path.read_bytes() == original
             assert mode_of(path) == mode
         assert leftovers(Path(tmp)) == []
+
+
+def test_a_failed_directory_sync_after_the_rename_keeps_the_claim_consistent(
+    conf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename is done (the new content is what everyone reads) when
+    syncing the directory fails: the write must not be reported as failed
+    (the claim dropped while the file holds its servers, never restored).
+    Found by the race suite (an EIO on the directory fsync)."""
+    real_fsync = dns._fsync
+
+    def dir_eio(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(dns, "_fsync", dir_eio)
+    backend = FileBackend(str(conf))
+    state = apply(backend)
+    assert conf.read_bytes() != ORIGINAL
+    assert revert(backend, state)
+    assert conf.read_bytes() == ORIGINAL
+    assert leftovers(conf.parent) == []

@@ -367,8 +367,21 @@ def _replace_atomically(path: str, data: bytes, mode: int) -> bool:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    _sync_done(path, directory)
     return True
+
+
+def _sync_done(path: str, directory: str) -> None:
+    """Sync ``directory`` after ``path`` was renamed or removed in it.  The
+    change is done and visible by then: a failing sync only means it may
+    not survive a power loss, so it is logged, not raised (raising would
+    tell the caller the file holds what it held before, and the claim
+    would be dropped while the file holds its servers)."""
+    try:
+        _fsync_dir(directory)
+    except OSError as exc:
+        log.warning("%s: changed, but syncing %s failed (%s): the change may not survive "
+                    "a power loss", path, directory, exc.strerror or exc)
 
 
 def _rewrite_in_place(path: str, data: bytes, previous: bytes | None) -> None:
@@ -431,7 +444,7 @@ def _revert_file_sync(state: FileDnsState) -> bool:
 def _put_back(path: str, original: bytes | None, mode: int, current: bytes | None) -> None:
     if original is None:
         os.unlink(path)
-        _fsync_dir(os.path.dirname(path) or ".")
+        _sync_done(path, os.path.dirname(path) or ".")
         log.info("removed %s (it did not exist before)", path)
     else:
         _write_file(path, original, mode, current)
