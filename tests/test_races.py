@@ -56,6 +56,16 @@ Invariants (checked after every schedule):
   interval + probe timeout; a helper's death (at start too) is noticed at
   once;
 - a reload leaves tunnels added by ``up`` alone;
+- the host's resolv.conf is shared by every tunnel through tunsup's own
+  file DNS backend and :class:`~tunsup.host.dns.ResolvConfOwner` (worker
+  threads inline, see :func:`~tunsup.testing.fakehost.inline_threads`):
+  while tunnels run (none starting, restarting or stopping, no reload in
+  flight) it holds exactly the running tunnels' DNS merged in the
+  documented order (configured tunnels in configuration order, then the
+  others in claim order); after the final stop it is byte-identical to
+  the original unless a DNS undo failed (a hung release, an fsync error);
+  a write that hangs, is slow, is applied then hangs, or fails, and a
+  failing directory sync, are faults like the others;
 - tunnel states only move along :data:`tunsup.engine.tunnel.TRANSITIONS`;
   a second ``run()`` raises, and so do requests after ``run()`` returned;
   status agrees with the model at the end.
@@ -69,6 +79,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ipaddress
 import logging
 import math
 import os
@@ -86,7 +97,7 @@ from hypothesis import strategies as st
 from tunsup import ExitCode
 from tunsup._errors import HelperExited
 from tunsup.config.spec import TunnelSpec
-from tunsup.engine.effects import Effect, HelperRunning
+from tunsup.engine.effects import Dns, Effect, HelperRunning
 from tunsup.engine.restart import RestartPolicy, RestartTracker
 from tunsup.engine.supervisor import (
     CONTROL,
@@ -98,7 +109,16 @@ from tunsup.engine.supervisor import (
 )
 from tunsup.engine.tunnel import TRANSITIONS, Tunnel, TunnelOptions, TunnelState
 from tunsup.engine.undo import LAST_CHANCE
-from tunsup.testing.fakehost import Behaviour, FakeHelper, FakeHost, Fault, spec, uapi_dir
+from tunsup.host.dns import FileBackend, ResolvClaim, render_claims
+from tunsup.testing.fakehost import (
+    Behaviour,
+    FakeHelper,
+    FakeHost,
+    Fault,
+    inline_threads,
+    spec,
+    uapi_dir,
+)
 
 settings.register_profile(
     "ci", derandomize=True, max_examples=200, deadline=None, print_blob=True,
@@ -131,11 +151,13 @@ HANG_LIMIT = 10_000.0
 
 #: Host operations made only while applying (never by an undo).
 APPLY_OPS = ("add_address", "add_routes", "set_mtu", "start_helper", "create_tun",
-             "start_time")
+             "start_time", "dns_apply", "dns_write", "dns_sync_dir")
 NETLINK_APPLY_OPS = ("add_address", "add_routes", "set_mtu")
 #: Operations of undo (and abort) only.
 UNDO_OPS = ("delete_link", "delete_address", "delete_routes", "close_tun", "signal_helper",
-            "set_link_down")
+            "set_link_down", "dns_revert", "dns_restore")
+#: The shared resolv.conf's undo operations (see ``inline_threads``).
+DNS_UNDO_OPS = ("dns_revert", "dns_restore")
 LINK_UNDO_OPS = ("delete_link", "set_link_down", "close_tun", "signal_helper")
 FAILING = ("errno", "hang", "applied-errno", "applied-hang")
 
@@ -144,6 +166,9 @@ def failed_undo(op: str, kind: str) -> bool:
     """Whether an undo fault of ``kind`` on ``op`` makes its undo step fail
     (a link that cannot be set down is deleted anyway: only a hang fails)."""
     if op == "set_link_down":
+        return kind in ("hang", "applied-hang")
+    if op == "dns_revert":
+        # A delay (3 s) stays within the DNS step's 10 s timeout.
         return kind in ("hang", "applied-hang")
     return kind in FAILING
 
@@ -222,6 +247,20 @@ steps = st.one_of(
     st.builds(Step, fault_times, st.just("undo-fault"),
               st.tuples(st.sampled_from(UNDO_OPS), st.integers(1, 3),
                         st.sampled_from(["errno", "hang", "delay", "applied-hang"]))),
+    # The shared resolv.conf: its write hangs or is slow (the thread
+    # abandoned and its change rolled back), or its fsync fails; the same
+    # while a tunnel's DNS is released.
+    st.builds(Step, fault_times, st.just("fault"),
+              st.tuples(st.just("dns_apply"), st.integers(1, 3),
+                        st.sampled_from(["hang", "delay", "applied-hang"]))),
+    st.builds(Step, fault_times, st.just("fault"),
+              st.tuples(st.sampled_from(["dns_write", "dns_sync_dir"]), st.integers(1, 3),
+                        st.just("errno"))),
+    st.builds(Step, fault_times, st.just("undo-fault"),
+              st.tuples(st.just("dns_revert"), st.integers(1, 2),
+                        st.sampled_from(["hang", "delay", "applied-hang"]))),
+    st.builds(Step, fault_times, st.just("undo-fault"),
+              st.tuples(st.just("dns_restore"), st.integers(1, 2), st.just("errno"))),
     st.builds(Step, times, st.just("second-run")),
 )
 
@@ -245,15 +284,28 @@ def options(mode: str, name: str = "wgt0") -> TunnelOptions:
     """The tunnel's options, with its restart policy (see :data:`POLICIES`)."""
     return TunnelOptions(
         helper=("fake-wg",), tun_header="none", tun_mode=mode,  # type: ignore[arg-type]
-        stop_grace=STOP_GRACE, start_timeout=5.0, stop_timeout=STOP_TIMEOUT,
+        stop_grace=STOP_GRACE, start_timeout=5.0, stop_timeout=STOP_TIMEOUT, dns_backend="file",
         probe_interval=PROBE_INTERVAL, probe_timeout=PROBE_TIMEOUT,
         restart=POLICIES[name])
+
+
+#: Each tunnel's DNS in the shared resolv.conf (wgt1 shares a server with
+#: wgt0: the merge writes it once).
+DNS = {
+    "wgt0": ((ipaddress.ip_address("10.9.0.53"),), ("zero.example",)),
+    "wgt1": ((ipaddress.ip_address("10.9.1.53"), ipaddress.ip_address("10.9.0.53")), ()),
+    "wgt2": ((ipaddress.ip_address("10.9.2.53"),), ("two.example", "zero.example")),
+}
+#: The host's resolv.conf before tunsup runs.
+RESOLV_CONF = b"# the host's own\nnameserver 192.0.2.53\nsearch lan.example\n"
 
 
 def tunnel_spec(name: str, shift: int = 0) -> TunnelSpec:
     made = spec(name)
     assert made.listen_port is not None
-    return attrs.evolve(made, listen_port=made.listen_port + shift, private_key=KEYS[name])
+    servers, search = DNS[name]
+    return attrs.evolve(made, listen_port=made.listen_port + shift, private_key=KEYS[name],
+                        dns_servers=servers, dns_search=search)
 
 
 KEYS = {name: spec(name).private_key for name in NAMES}
@@ -281,6 +333,9 @@ class StackWatch:
         #: The seed of the tunnel's jitter, and when it counted a failure.
         self.seed = 0
         self.failures: list[float] = []
+        #: Every tunnel's claim of the shared resolv.conf, in claim order
+        #: (one list for all tunnels).
+        self.dns_claims: list[Tunnel] = []
 
     async def intent(self, effect: Effect) -> None:
         pass
@@ -294,6 +349,8 @@ class StackWatch:
         self.stack_of[id(record)] = key
         self.live.setdefault(key, []).append(record)
         self.records.append(record)
+        if isinstance(record, Dns) and not record.layered and self.tunnel is not None:
+            self.dns_claims.append(self.tunnel)
 
     async def undone(self, record: Effect) -> None:
         self.undone_at[id(record)] = trio.current_time()
@@ -323,6 +380,7 @@ class Recorder:
         self.misordered: list[str] = []
         self.watches: list[StackWatch] = []
         self.rng = random.Random(seed)
+        self.dns_claims: list[Tunnel] = []
 
     def tunnel(self, spec_: TunnelSpec, opts: TunnelOptions, fake: FakeHost) -> Tunnel:
         recorder = self
@@ -336,6 +394,7 @@ class Recorder:
                 super()._set_state(new)
 
         watch = StackWatch(spec_.name, self.misordered, self.errors)
+        watch.dns_claims = self.dns_claims
         self.watches.append(watch)
         watch.seed = self.rng.getrandbits(64)
         tunnel = Recorded(spec_, fake.host, opts, observer=watch,
@@ -422,6 +481,12 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
         fake = FakeHost(path)
         host_before_us(fake)
         before = fake.net.state()
+        # One resolv.conf shared by every tunnel, through tunsup's own file
+        # backend and its owner (only the worker threads are inline).
+        resolv = os.path.join(path, "resolv.conf")
+        with open(resolv, "wb") as out:
+            out.write(RESOLV_CONF)
+        fake.host = attrs.evolve(fake.host, dns_backend=lambda kind: FileBackend(resolv))
         rec = Recorder(seed, messages.lines)
         failures: list[str] = []
         #: (time, kind, name): requests that may stop a tunnel.
@@ -429,18 +494,31 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
         stops: list[float] = []
         result: dict[str, Any] = {}
         config: dict[str, Any] = {"now": tuple((n, m, 0) for n, m in initial)}
+        #: The configured tunnels' names, in order, as the engine last took
+        #: them (the DNS merge order), and reloads in flight.
+        config["order"] = [n for n, _ in initial]
+        config["reloading"] = 0
 
         def plans(wanted: tuple[tuple[str, str, int], ...]) -> list[tuple[TunnelSpec,
                                                                          TunnelOptions]]:
             return [(tunnel_spec(n, shift), options(m, n)) for n, m, shift in wanted]
 
         async def reload() -> None:
+            config["reloading"] += 1
+            try:
+                await _reload()
+            finally:
+                config["reloading"] -= 1
+
+        async def _reload() -> None:
             wanted = config["now"]
             await trio.sleep(RELOAD_READ)  # reading the files
             requests.append((trio.current_time(), "reload", None))
             added = {s.tunnel.name: s.tunnel for s in sup.slots() if s.origin == CONTROL}
             since = trio.current_time()
+            config["order"] = None  # unknown until the converge has begun
             await sup.converge(plans(wanted))
+            config["order"] = [n for n, _, _ in wanted]
             for name, tunnel in added.items():
                 if name in {n for n, _, _ in wanted} or tunnel.failure is not None:
                     continue
@@ -469,10 +547,45 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
             slot = next((s for s in sup.slots() if s.tunnel.name == name), None)
             return slot.tunnel if slot is not None else None
 
+        def check_dns() -> None:
+            """While tunnels run (none starting or stopping, no reload in
+            flight, no stop requested, no DNS undo failed): the file holds
+            exactly the running tunnels' DNS, merged in the documented
+            order (configured tunnels in configuration order, then the
+            others in the order they claimed)."""
+            known = [w.tunnel for w in rec.watches if w.tunnel is not None]
+            # A restarting tunnel in "helper" mode has its DNS on the dead
+            # helper generation's stack: released, then claimed again.
+            moving = (TunnelState.STARTING, TunnelState.STOPPING, TunnelState.RESTARTING)
+            if (stops or config["reloading"] or config["order"] is None or "ended" in result
+                    or any(t.state in moving or t._changing.locked() for t in known)
+                    or any(op in DNS_UNDO_OPS for op, _ in fake.net.fired)):
+                return
+            running = [t for t in known if t.state in (TunnelState.UP, TunnelState.DEGRADED)]
+            claimed = {id(t): i for i, t in enumerate(rec.dns_claims)}
+            rank = {n: i for i, n in enumerate(config["order"])}
+            ordered = sorted(running, key=lambda t: (rank.get(t.name, len(rank)),
+                                                     claimed.get(id(t), -1)))
+            with open(resolv, "rb") as f:
+                content = f.read()
+            expected = RESOLV_CONF if not ordered else render_claims(
+                [ResolvClaim(t.name, *DNS[t.name]) for t in ordered])
+            if content != expected:
+                failures.append(f"t={trio.current_time():.3f}: resolv.conf holds {content!r}, "
+                                f"expected the DNS of {[t.name for t in ordered]}: "
+                                f"{expected!r}")
+
         async def act(step: Step) -> None:
             await trio.sleep(step.at)
             if "ended" in result:
                 return
+            try:
+                await _act(step)
+            finally:
+                if "ended" not in result:
+                    check_dns()
+
+        async def _act(step: Step) -> None:
             if step.action == "stop":
                 stopping()
                 sup.stop("schedule")
@@ -572,6 +685,7 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                             nursery.start_soon(act, step)
                     await trio.sleep(stop_at)
                     check_status(sup, fake, failures)
+                    check_dns()
                     stopping()
                     sup.stop("end of schedule")
                     await trio.sleep_forever()
@@ -603,7 +717,8 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                 failures.append("run() after stop() did not raise")
 
         try:
-            trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+            with inline_threads(fake.net):
+                trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
         except trio.TooSlowError:
             pytest.fail(f"the schedule hung: still running after {HANG_LIMIT} virtual s")
 
@@ -611,6 +726,8 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
             note("transitions: " + ", ".join(f"{t:.3f} {m.name} {a.value}->{b.value}"
                                              for t, m, a, b in rec.moves))
             note(f"faults fired: {fake.net.fired}")
+        with open(resolv, "rb") as f:
+            result["resolv.conf"] = f.read()
         check(fake, sup, rec, before, failures, requests, stops, result, messages)
 
 
@@ -666,6 +783,11 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
                 "a TUN fd was left open"
 
     check_aborted(fake, undo_failed)
+
+    # The shared resolv.conf is back byte for byte, unless a DNS undo failed.
+    if not any(op in DNS_UNDO_OPS for op, _ in undo_failed):
+        assert result["resolv.conf"] == RESOLV_CONF, \
+            f"resolv.conf not restored: {result['resolv.conf']!r}"
 
     # Every failed undo step is reported, by that step; exit code 3 then.
     undo_errors = [m for m in messages.lines if m.startswith(("undo ", "cleaning up after"))]

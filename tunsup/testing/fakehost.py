@@ -38,6 +38,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import tempfile
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast
@@ -48,7 +49,7 @@ import trio
 from tunsup._errors import HostError
 from tunsup.config.keys import Key
 from tunsup.config.spec import IPAddress, IPInterface, IPNetwork, PeerSpec, TunnelSpec
-from tunsup.host import Host, PolicyRule, RouteBatchResult, process
+from tunsup.host import Host, PolicyRule, RouteBatchResult, dns, process
 from tunsup.host.process import HelperProcess, describe_exit
 from tunsup.host.tun import TunDevice
 
@@ -691,6 +692,75 @@ class FakeHost:
         """Forget the fd.  Cancellation: at the operation's checkpoint,
         before the fd is closed."""
         self.tun_fds.remove(fd)
+
+
+#: Worker threads of the file DNS backend, by the start of the name it
+#: gives them, and the fault operation each is (hang, delay, applied-hang).
+DNS_THREADS = (("tunsup-dns", "dns_apply"), ("tunsup: restoring", "dns_revert"))
+#: The file writes of each (an fsync that fails: errno).
+DNS_WRITES = {"dns_apply": "dns_write", "dns_revert": "dns_restore"}
+
+
+@contextlib.contextmanager
+def inline_threads(net: FakeNet) -> Iterator[None]:
+    """Worker threads run inline on the trio thread, while this is active.
+
+    Under ``MockClock(autojump_threshold=0)`` a real worker thread lets
+    virtual time jump while it runs (trio is idle meanwhile), so timeouts
+    around it fire or not by chance.  The calls themselves are tunsup's
+    own (the file DNS backend and :class:`~tunsup.host.dns.ResolvConfOwner`
+    over a real temporary file); only the thread is replaced.  A thread of
+    the file DNS backend is an operation subject to ``net``'s faults
+    (:data:`DNS_THREADS`: "hang" and "delay" before the call, so a hang is
+    ended by the caller's timeout and the call never runs, like a thread
+    stuck in the kernel; "applied-hang" after it), and every fsync it
+    makes is one too (:data:`DNS_WRITES`, or "dns_sync_dir" for the
+    directory's sync after a rename: "errno" fails it with EIO, as a disk
+    can).  A thread started with ``start_thread_soon`` (the backend's
+    rollback of an abandoned write) runs at once."""
+    phase: list[str] = []
+
+    async def run_sync(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False,
+                       thread_name: str | None = None, limiter: Any = None) -> T:
+        op = next((o for prefix, o in DNS_THREADS if (thread_name or "").startswith(prefix)),
+                  None)
+        fault = net.fault_for(op) if op is not None else None
+        if fault is None or fault.kind not in AFTER:
+            await _fire(fault if fault is None or fault.kind != "errno" else None, op or "")
+        phase.append(DNS_WRITES.get(op or "", ""))
+        try:
+            result = fn(*args)
+        finally:
+            phase.pop()
+        if fault is not None and fault.kind in AFTER:
+            await _fire(fault, op or "")
+        return result
+
+    def start_thread_soon(fn: Callable[[], T], deliver: Callable[[Any], object],
+                          name: str | None = None) -> None:
+        import outcome
+        deliver(outcome.capture(fn))
+
+    real_fsync = dns._fsync
+
+    def fsync(fd: int) -> None:
+        op = phase[-1] if phase else ""
+        if op and stat.S_ISDIR(os.fstat(fd).st_mode):
+            # The directory's sync after a rename: the change is made.
+            op = "dns_sync_dir"
+        fault = net.fault_for(op) if op else None
+        if fault is not None and fault.kind == "errno":
+            raise OSError(fault.errno, os.strerror(fault.errno))
+        real_fsync(fd)
+
+    saved = (trio.to_thread.run_sync, trio.lowlevel.start_thread_soon, dns._fsync)
+    trio.to_thread.run_sync = run_sync  # type: ignore[assignment]
+    trio.lowlevel.start_thread_soon = start_thread_soon
+    dns._fsync = fsync
+    try:
+        yield
+    finally:
+        trio.to_thread.run_sync, trio.lowlevel.start_thread_soon, dns._fsync = saved
 
 
 def spec(name: str = "wgt0", *, post_up: tuple[str, ...] = ()) -> TunnelSpec:
