@@ -250,16 +250,17 @@ steps = st.one_of(
     # The shared resolv.conf: its write hangs or is slow (the thread
     # abandoned and its change rolled back), or its fsync fails; the same
     # while a tunnel's DNS is released.
-    # (Two alternatives only: each one more dilutes the rest of the draw.)
-    st.builds(Step, fault_times, st.just("fault"), st.one_of(
-        st.tuples(st.just("dns_apply"), st.integers(1, 3),
-                  st.sampled_from(["hang", "delay", "applied-hang"])),
-        st.tuples(st.sampled_from(["dns_write", "dns_sync_dir"]), st.integers(1, 3),
-                  st.just("errno")))),
-    st.builds(Step, fault_times, st.just("undo-fault"), st.one_of(
-        st.tuples(st.just("dns_revert"), st.integers(1, 2),
-                  st.sampled_from(["hang", "delay", "applied-hang"])),
-        st.tuples(st.just("dns_restore"), st.integers(1, 2), st.just("errno")))),
+    st.builds(Step, fault_times, st.just("fault"),
+              st.tuples(st.just("dns_apply"), st.integers(1, 3),
+                        st.sampled_from(["hang", "delay", "applied-hang"]))),
+    st.builds(Step, fault_times, st.just("fault"),
+              st.tuples(st.sampled_from(["dns_write", "dns_sync_dir"]), st.integers(1, 3),
+                        st.just("errno"))),
+    st.builds(Step, fault_times, st.just("undo-fault"),
+              st.tuples(st.just("dns_revert"), st.integers(1, 2),
+                        st.sampled_from(["hang", "delay", "applied-hang"]))),
+    st.builds(Step, fault_times, st.just("undo-fault"),
+              st.tuples(st.just("dns_restore"), st.integers(1, 2), st.just("errno"))),
     st.builds(Step, times, st.just("second-run")),
 )
 
