@@ -102,6 +102,7 @@ from tunsup.engine.restart import RestartPolicy, RestartTracker
 from tunsup.engine.supervisor import (
     CONTROL,
     AlreadyRunning,
+    ChangeFailed,
     NoSuchTunnel,
     StartFailed,
     Stopping,
@@ -607,7 +608,7 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                 # An `up` of a running name with another configuration
                 # rebuilds that tunnel.
                 requests.append((trio.current_time(), "add", name))
-                with contextlib.suppress(Stopping, StartFailed, AlreadyRunning):
+                with contextlib.suppress(Stopping, StartFailed, AlreadyRunning, ChangeFailed):
                     await sup.add(tunnel_spec(name), options(mode, name))
             elif step.action == "remove":
                 requests.append((trio.current_time(), "remove", step.arg))
@@ -1069,6 +1070,20 @@ def test_a_failed_undo_during_a_restart_makes_the_exit_code_3() -> None:
     run_schedule([("wgt1", "helper")],
                  [Step(0.0, "undo-fault", ("delete_link", 1, "errno")),
                   Step(1.0, "crash", "wgt1")], 5.0, in_hypothesis=False)
+
+
+def test_a_rebuild_whose_hold_fails_leaves_the_tunnel_running() -> None:
+    """Found by the suite (a mutmut run drew it): an ``up`` that rebuilds a
+    running tunnel first holds its routes; when adding the hold failed (the
+    route applied, then an error), the raw HostError escaped ``add`` — an
+    internal error for the client — instead of a refused change that
+    leaves the running tunnel as it was and takes the hold back."""
+    run_schedule([("wgt0", "owned"), ("wgt1", "helper")],
+                 [Step(0.0, "add", ("wgt0", "helper")),
+                  Step(0.0, "fault", ("add_routes", 2, "applied-errno")),
+                  Step(0.0, "fault", ("add_address", 1, "applied-hang")),
+                  Step(9.834, "crash-loop", "wgt1")], 5.342, seed=29357,
+                 in_hypothesis=False)
 
 
 def test_a_failed_undo_of_a_rebuilds_hold_makes_the_exit_code_3() -> None:

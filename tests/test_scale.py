@@ -59,6 +59,8 @@ def _cycles(fake: FakeHost, state: str, cycles: int, checkpoints: tuple[int, ...
                 if i in checkpoints:
                     # The fake host's own records are not tunsup's.
                     fake.net.ops.clear()
+                    fake.net.calls.clear()
+                    fake.net.applied_calls.clear()
                     fake.started[:] = [h for h in fake.started if not h.exited.is_set()]
                     fake.requests.clear()
                     fake.net.deleted.clear()

@@ -386,25 +386,32 @@ def test_netlink_call_without_pyroute2_is_bounded_by_the_callers_deadline(
 
     from tunsup.host.netlink import NetlinkHost
 
-    release = threading.Event()
+    release, wedged = threading.Event(), threading.Event()
     real = socket.if_indextoname
     calls: list[int] = []
 
-    def first_call_wedges(index: int) -> str:
+    def second_call_wedges(index: int) -> str:
         calls.append(index)
-        if len(calls) == 1:
+        if len(calls) == 2:
+            wedged.set()
             release.wait()
         return real(index)
 
-    monkeypatch.setattr(socket, "if_indextoname", first_call_wedges)
+    monkeypatch.setattr(socket, "if_indextoname", second_call_wedges)
     host = NetlinkHost()
 
     async def main() -> None:
         try:
             with trio.fail_after(10):
+                # The worker thread runs before the lookup that wedges: on a
+                # loaded machine a thread still starting when the caller's
+                # 0.3 s are over would skip the job instead (and the next
+                # call would wedge).
+                assert await host.link_name(1) == "lo"
                 with trio.move_on_after(0.3) as scope:
                     await host.link_name(1)
                 assert scope.cancelled_caught
+                assert wedged.is_set()
                 assert await host.link_name(1) == "lo"
         finally:
             release.set()

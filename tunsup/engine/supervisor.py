@@ -825,7 +825,8 @@ class Supervisor:
         tunnel reuses that table and those priorities (``Tunnel.held``),
         so its route takes over the held traffic as soon as it exists.
         Raises :class:`StartFailed` (the new tunnel's) when its start
-        failed."""
+        failed, :class:`ChangeFailed` when the hold could not be put in
+        place (then the old tunnel still runs)."""
         old = slot.tunnel
         assert self._root is not None
         ctx = EffectContext(host=self.host, log=old.log, nursery=self._root)
@@ -833,15 +834,24 @@ class Supervisor:
         hold = EffectStack(ctx, log=old.log, observer=observer)
         policy = old.held_policy()
         try:
-            for table, prefixes in old.held_routes():
-                await hold.apply(HeldRoutes(spec.name, table, prefixes))
-            if policy is not None:
-                # A full tunnel: its default route lives in its table, which
-                # only its rules lead to.  The hold keeps both (for unmarked
-                # packets: the new helper's own still reach its endpoint).
-                await hold.apply(HeldRoutes(spec.name, policy.table, policy.defaults))
-                for rule in policy.rules:
-                    await hold.apply(HeldRule(spec.name, rule))
+            try:
+                for table, prefixes in old.held_routes():
+                    await hold.apply(HeldRoutes(spec.name, table, prefixes))
+                if policy is not None:
+                    # A full tunnel: its default route lives in its table, which
+                    # only its rules lead to.  The hold keeps both (for unmarked
+                    # packets: the new helper's own still reach its endpoint).
+                    await hold.apply(HeldRoutes(spec.name, policy.table, policy.defaults))
+                    for rule in policy.rules:
+                        await hold.apply(HeldRule(spec.name, rule))
+            except Exception as exc:
+                # Nothing was stopped yet: the running tunnel is left as it
+                # is, and the hold so far is taken back like a failed change.
+                report = await hold.unwind(options.stop_timeout)
+                raise ChangeFailed(
+                    f"tunnel {spec.name}: not rebuilt, holding its routes failed: "
+                    f"{describe_error(exc)}; it keeps running unchanged",
+                    rolled_back=report.undone, failures=report.failures) from exc
             await self._stop_slot(slot)
             tunnel = self._make_tunnel(spec, options)
             tunnel.held = policy
