@@ -465,6 +465,28 @@ def check_status(sup: Supervisor, fake: FakeHost, failures: list[str]) -> None:
                             f"{sorted(map(str, link.routes))}")
 
 
+#: Virtual time within which an undisturbed start reaches UP.
+START_BOUND = 2.0
+#: Steps after which a tunnel may never come up (see ``check_liveness``).
+DISTURBING = frozenset({"crash", "crash-loop", "crash-series", "wedge", "next-helper"})
+
+
+def check_liveness(initial: list[tuple[str, str]], schedule: list[Step], stops: list[float],
+                   fake: FakeHost, rec: Recorder) -> None:
+    """Every tunnel the schedule starts with reaches UP, unless something
+    was done to it: a fault fired, a helper was made to crash, wedge, be
+    slow or mute, or a stop came before START_BOUND.  (A start that fails
+    everywhere passes every other invariant: a start that never began
+    leaves nothing behind.)"""
+    if fake.net.fired or (stops and stops[0] < START_BOUND):
+        return
+    if any(s.action in DISTURBING for s in schedule):
+        return
+    reached = {m.name for _, m, _, new in rec.moves if new is TunnelState.UP}
+    never = [name for name, _ in initial if name not in reached]
+    assert not never, f"{never} never came up though nothing disturbed their start"
+
+
 def run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at: float, *,
                  seed: int = 0, in_hypothesis: bool = True) -> None:
     messages = Messages()
@@ -608,12 +630,19 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                 # An `up` of a running name with another configuration
                 # rebuilds that tunnel.
                 requests.append((trio.current_time(), "add", name))
-                with contextlib.suppress(Stopping, StartFailed, AlreadyRunning, ChangeFailed):
-                    await sup.add(tunnel_spec(name), options(mode, name))
+                with contextlib.suppress(StartFailed, AlreadyRunning, ChangeFailed):
+                    try:
+                        await sup.add(tunnel_spec(name), options(mode, name))
+                    except Stopping:
+                        refused_as_stopping("add")
             elif step.action == "remove":
                 requests.append((trio.current_time(), "remove", step.arg))
-                with contextlib.suppress(Stopping, NoSuchTunnel):
-                    gone = await sup.remove(step.arg)
+                with contextlib.suppress(NoSuchTunnel):
+                    try:
+                        gone = await sup.remove(step.arg)
+                    except Stopping:
+                        refused_as_stopping("remove")
+                        return
                     # remove returns once the teardown is over.
                     if gone.state not in (TunnelState.STOPPED, TunnelState.FAILED) or (
                             gone.report is None):
@@ -644,6 +673,13 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                     pass
                 else:
                     failures.append(f"{step}: a second run() did not raise")
+
+        def refused_as_stopping(what: str) -> None:
+            # While the supervisor runs, a request is refused as "stopping"
+            # only once it is stopping (asked to, or on its own).
+            if sup.phase == "running" and sup.stop_reason is None:
+                failures.append(f"t={trio.current_time():.3f}: {what} refused as stopping "
+                                "while the supervisor was not stopping")
 
         def install(step: Step) -> None:
             op, nth, kind = step.arg
@@ -729,6 +765,7 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
             note(f"faults fired: {fake.net.fired}")
         with open(resolv, "rb") as f:
             result["resolv.conf"] = f.read()
+        check_liveness(initial, schedule, stops, fake, rec)
         check(fake, sup, rec, before, failures, requests, stops, result, messages)
 
 
