@@ -698,6 +698,41 @@ class RouteEntry:
         return ipaddress.ip_network((addr, self.dst_len), strict=False)
 
 
+@contextlib.contextmanager
+def _short_socket() -> Iterator[socket.socket]:
+    """A netlink socket for one request or dump, bounded by kernel-side
+    timeouts (:data:`TIMEOUT` per send and recv), closed on exit."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                         NETLINK_ROUTE)
+    with sock:
+        tv = _TIMEVAL.pack(int(TIMEOUT), int(TIMEOUT % 1 * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        sock.bind((0, 0))
+        yield sock
+
+
+def _dump(sock: socket.socket, mtype: int, body: bytes, what: str,
+          check: Callable[[], None] | None,
+          parse: Callable[[memoryview, int], bool]) -> None:
+    """Send a dump request and feed each datagram of the answer to
+    ``parse(view, seq)`` until it says the dump ended; ``check`` runs
+    between datagrams (an abandoned worker stops there)."""
+    seq = 1
+    sock.send(_NLMSGHDR.pack(_HDR_LEN + len(body), mtype, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+              + body)
+    buf = bytearray(_DUMP_BUF)
+    while True:
+        if check is not None:
+            check()
+        try:
+            n = sock.recv_into(buf)
+        except BlockingIOError:  # SO_RCVTIMEO expired
+            raise OSError(errno.ETIMEDOUT, f"{what}: no answer from the kernel") from None
+        if parse(memoryview(buf)[:n], seq):
+            return
+
+
 def dump_routes(
     family: int,
     *,
@@ -716,18 +751,12 @@ def dump_routes(
     (:data:`TIMEOUT` per ``recv``); ``check`` runs between datagrams (an
     abandoned worker stops there).
     """
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                         NETLINK_ROUTE)
-    with sock:
+    with _short_socket() as sock:
         strict = True
         try:
             sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
         except OSError:
             strict = False
-        tv = _TIMEVAL.pack(int(TIMEOUT), int(TIMEOUT % 1 * 1_000_000))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        sock.bind((0, 0))
         attrs_: list[bytes] = []
         if strict and table is not None:
             attrs_.append(_RTATTR.pack(8, RTA_TABLE) + struct.pack("=I", table))
@@ -736,20 +765,10 @@ def dump_routes(
         body = _RTMSG.pack(family, 0, 0, 0, (table if strict and table is not None
                                              and table < 256 else RT_TABLE_UNSPEC),
                            0, 0, 0, 0) + b"".join(attrs_)
-        seq = 1
-        sock.send(_NLMSGHDR.pack(_HDR_LEN + len(body), RTM_GETROUTE,
-                                 NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
         out: list[RouteEntry] = []
-        buf = bytearray(_DUMP_BUF)
-        while True:
-            if check is not None:
-                check()
-            try:
-                n = sock.recv_into(buf)
-            except BlockingIOError:  # SO_RCVTIMEO expired
-                raise OSError(errno.ETIMEDOUT, "route dump: no answer from the kernel") from None
-            if _parse_dump(memoryview(buf)[:n], seq, out, table, oif, keep):
-                return out
+        _dump(sock, RTM_GETROUTE, body, "route dump", check,
+              lambda view, seq: _parse_dump(view, seq, out, table, oif, keep))
+        return out
 
 
 def _parse_dump(view: memoryview, seq: int, out: list[RouteEntry], table: int | None,
@@ -846,13 +865,7 @@ def request(mtype: int, body: bytes, *, flags: int = 0,
     answer of a ``get``).  A negative ACK raises ``OSError(errno)``.
     Bounded by the socket's timeouts (:data:`TIMEOUT`); ``check`` runs
     just before the request is sent (an abandoned worker stops there)."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                         NETLINK_ROUTE)
-    with sock:
-        tv = _TIMEVAL.pack(int(TIMEOUT), int(TIMEOUT % 1 * 1_000_000))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        sock.bind((0, 0))
+    with _short_socket() as sock:
         if check is not None:
             check()
         seq = 1
@@ -910,28 +923,12 @@ def delete_group(group: int, *, check: Callable[[], None] | None = None) -> None
 def dump_links(*, check: Callable[[], None] | None = None) -> list[tuple[int, str, int]]:
     """``(index, name, group)`` of every link (an ``RTM_GETLINK`` dump).
     Bounded by the socket's timeouts; ``check`` runs between datagrams."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                         NETLINK_ROUTE)
-    with sock:
-        tv = _TIMEVAL.pack(int(TIMEOUT), int(TIMEOUT % 1 * 1_000_000))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        sock.bind((0, 0))
+    with _short_socket() as sock:
         body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-        seq = 1
-        sock.send(_NLMSGHDR.pack(_HDR_LEN + len(body), RTM_GETLINK,
-                                 NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
         out: list[tuple[int, str, int]] = []
-        buf = bytearray(_DUMP_BUF)
-        while True:
-            if check is not None:
-                check()
-            try:
-                n = sock.recv_into(buf)
-            except BlockingIOError:  # SO_RCVTIMEO expired
-                raise OSError(errno.ETIMEDOUT, "link dump: no answer from the kernel") from None
-            if _parse_link_dump(memoryview(buf)[:n], seq, out):
-                return out
+        _dump(sock, RTM_GETLINK, body, "link dump", check,
+              lambda view, seq: _parse_link_dump(view, seq, out))
+        return out
 
 
 def _parse_link_dump(view: memoryview, seq: int, out: list[tuple[int, str, int]]) -> bool:
