@@ -134,6 +134,41 @@ def test_compaction_keeps_exactly_the_pending_steps(tmp_path: Path) -> None:
     assert [(s.seq, e) for s, e in after.pending()] == [(s.seq, e) for s, e in before.pending()]
 
 
+def test_journal_is_not_rewritten_while_nothing_was_undone(tmp_path: Path) -> None:
+    """Only ``undone`` records let a compaction drop anything: a bring-up
+    of many tunnels (intents and records only) crosses the threshold but
+    does not rewrite the file (it used to, parsing every record meanwhile,
+    while every append waited); the first ``undone`` records make it due
+    again, and it keeps exactly the steps not undone."""
+    import ipaddress
+
+    from tunsup.engine.effects import Address
+
+    state = str(tmp_path)
+    effects = [Address(f"wg{i}", 7, ipaddress.ip_interface(f"10.0.{i}.1/24"))
+               for i in range(60)]
+
+    async def main() -> Journal:
+        journal = Journal(state, os.getpid(), 1, compact_min=4 * 1024)
+        observers = [JournalObserver(journal, e.ifname) for e in effects]
+        for observer, effect in zip(observers, effects, strict=True):
+            await observer.intent(effect)
+            await observer.applied(effect, effect)
+        assert journal.size > 3 * journal.compact_min
+        assert journal.compactions == 0
+        for observer, effect in list(zip(observers, effects, strict=True))[:50]:
+            await observer.undone(effect)
+        assert journal.compactions >= 1
+        lines = (tmp_path / os.path.basename(journal.path)).read_bytes().count(b"\n")
+        assert lines < 1 + 2 * len(effects) + 50  # some undone steps were dropped
+        await journal.close(remove=False)
+        return journal
+
+    journal = trio.run(main)
+    left = read_journal(journal.path)
+    assert [s.intent for s in left.steps if not s.undone] == effects[50:]
+
+
 # --- concurrent starts and teardowns, bounded --------------------------------
 
 #: Virtual seconds after which a test here has hung: everything runs under

@@ -141,3 +141,52 @@ def test_detect_header_asks_each_helper_binary_once(tmp_path: pathlib.Path) -> N
     install("v0.0.20250522-newer")  # another size: another binary
     assert trio.run(ask) == "none"
     assert runs.read_text().count("run") == 2
+
+
+def test_detect_header_asks_once_for_tunnels_starting_together(tmp_path: pathlib.Path) -> None:
+    """Tunnels starting at once (up to max_parallel) share one
+    ``--version`` run of their helper binary: they used to run one each,
+    since none was answered yet when the others asked."""
+    runs = tmp_path / "runs"
+    program = tmp_path / "wireguard-go"
+    program.write_text(f"#!/bin/sh\necho run >> {runs}\necho 'wireguard-go v0.0.20220316'\n")
+    program.chmod(0o755)
+    answers: list[str] = []
+
+    async def ask() -> None:
+        answers.append(await tun.detect_header(str(program)))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(ask)
+
+    trio.run(main)
+    assert answers == ["pi"] * 8
+    assert runs.read_text().count("run") == 1
+    assert not tun._ASKING
+
+
+def test_detect_header_waiters_ask_themselves_when_the_first_gets_no_answer(
+        tmp_path: pathlib.Path) -> None:
+    """A run that fails (here: exit status 1) gives no remembered answer;
+    the starts that waited for it ask in turn instead of waiting forever."""
+    runs = tmp_path / "runs"
+    program = tmp_path / "wireguard-go"
+    program.write_text(f"#!/bin/sh\necho run >> {runs}\nexit 1\n")
+    program.chmod(0o755)
+
+    async def main() -> list[str]:
+        answers: list[str] = []
+
+        async def ask() -> None:
+            answers.append(await tun.detect_header(str(program)))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(ask)
+        return answers
+
+    assert trio.run(main) == ["none"] * 3
+    assert runs.read_text().count("run") == 3
+    assert not tun._ASKING

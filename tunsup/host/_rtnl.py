@@ -738,12 +738,14 @@ def dump_routes(
     *,
     table: int | None = None,
     oif: int | None = None,
+    protocol: int | None = None,
     keep: Callable[[RouteEntry], bool] | None = None,
     check: Callable[[], None] | None = None,
 ) -> list[RouteEntry]:
     """The routes of ``family`` (optionally only of ``table`` / through
-    ``oif``, and only those ``keep`` accepts), decoded with ``struct``:
-    10,000 routes take milliseconds here, seconds through pyroute2.
+    ``oif`` / of ``protocol``, and only those ``keep`` accepts), decoded
+    with ``struct``: 10,000 routes take milliseconds here, seconds through
+    pyroute2.
 
     The kernel is asked to filter (``NETLINK_GET_STRICT_CHK``) where it can;
     the filters are applied here as well, so an older kernel that ignores
@@ -764,8 +766,12 @@ def dump_routes(
             attrs_.append(_RTATTR.pack(8, RTA_OIF) + struct.pack("=I", oif))
         body = _RTMSG.pack(family, 0, 0, 0, (table if strict and table is not None
                                              and table < 256 else RT_TABLE_UNSPEC),
-                           0, 0, 0, 0) + b"".join(attrs_)
+                           protocol if strict and protocol is not None else 0,
+                           0, 0, 0) + b"".join(attrs_)
         out: list[RouteEntry] = []
+        if protocol is not None:
+            wanted, given = protocol, keep
+            keep = lambda r: r.protocol == wanted and (given is None or given(r))  # noqa: E731
         _dump(sock, RTM_GETROUTE, body, "route dump", check,
               lambda view, seq: _parse_dump(view, seq, out, table, oif, keep))
         return out

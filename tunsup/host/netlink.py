@@ -412,8 +412,10 @@ class NetlinkHost:
         def fn() -> list[tuple[IPNetwork, str, int]]:
             out: list[tuple[IPNetwork, str, int]] = []
             for family in (socket.AF_INET, socket.AF_INET6):
-                for r in _rtnl.dump_routes(family, table=254, keep=_is_connected,
-                                           check=raise_if_abandoned):
+                # The kernel sends only protocol-kernel routes, not every
+                # tunnel's routes to each tunnel that starts.
+                for r in _rtnl.dump_routes(family, table=254, protocol=_RTPROT_KERNEL,
+                                           keep=_is_connected, check=raise_if_abandoned):
                     assert r.oif is not None  # _is_connected
                     net = r.network()
                     if net.is_link_local or net.is_multicast:

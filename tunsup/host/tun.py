@@ -219,6 +219,10 @@ def header_for_version(text: str) -> TunHeader | None:
 #: binary as it is on disk: (path, device, inode, size, mtime).  A helper
 #: replaced by an upgrade is asked again.
 _HEADERS: dict[tuple[str, int, int, int, int], TunHeader] = {}
+#: Binaries being asked right now, and the event set once that ended:
+#: tunnels starting together (16 at once) wait for one answer instead of
+#: each running ``--version`` (a process and a Go runtime start each).
+_ASKING: dict[tuple[str, int, int, int, int], trio.Event] = {}
 
 
 def _binary_identity(program: str) -> tuple[str, int, int, int, int] | None:
@@ -247,8 +251,27 @@ async def detect_header(program: str, *, timeout: float = DEFAULT_TIMEOUT) -> Tu
     if not os.path.basename(program).startswith("wireguard-go"):
         return "none"
     identity = await bounded(timeout, f"find {program}", _binary_identity, program)
-    if identity is not None and identity in _HEADERS:
+    if identity is None:
+        return await _ask_version(program, None, timeout)
+    with deadline(timeout, f"{program} --version: no answer within {timeout:g} s"):
+        # Another start asking the same binary: wait for its answer (if it
+        # got none, one of the waiters asks in turn).
+        while identity not in _HEADERS and (asking := _ASKING.get(identity)) is not None:
+            await asking.wait()
+    if identity in _HEADERS:
         return _HEADERS[identity]
+    _ASKING[identity] = done = trio.Event()
+    try:
+        return await _ask_version(program, identity, timeout)
+    finally:
+        del _ASKING[identity]
+        done.set()
+
+
+async def _ask_version(program: str, identity: tuple[str, int, int, int, int] | None,
+                       timeout: float) -> TunHeader:
+    """Run ``program --version`` (bounded by ``timeout``) and remember the
+    answer for ``identity``.  Cancellable (the process is killed)."""
     try:
         with deadline(timeout, f"{program} --version: no answer within {timeout:g} s"):
             done = await trio.run_process(
