@@ -578,3 +578,26 @@ def test_whatever_happens_the_host_is_restored(
         assert (out.code == ExitCode.FAILURE) == (tunnel.failure is not None)
         assert out.stop_took <= 2.0 + 1e-9
         assert_host_restored(fake)
+
+
+# ------------------------------------------------------------ helper environment
+
+
+@pytest.mark.parametrize("inherited", [None, "0", "4"])
+def test_helpers_get_one_go_thread_unless_the_service_sets_gomaxprocs(
+        fake: FakeHost, monkeypatch: pytest.MonkeyPatch, inherited: str | None) -> None:
+    """A helper gets GOMAXPROCS=1 (its wake-ups on every netlink event of
+    the namespace cost less than half; see effects.HELPER_GOMAXPROCS);
+    a GOMAXPROCS in tunsup's own environment reaches it unchanged (how an
+    operator overrides it, "0" meaning Go's default)."""
+    if inherited is None:
+        monkeypatch.delenv("GOMAXPROCS", raising=False)
+    else:
+        monkeypatch.setenv("GOMAXPROCS", inherited)
+    outcome = run_supervisor(fake, [options(), options()], stop)
+    assert outcome.code == ExitCode.OK
+    assert len(fake.started) == 2
+    for helper in fake.started:
+        assert helper.env["GOMAXPROCS"] == (inherited or "1")
+        assert helper.env["WG_PROCESS_FOREGROUND"] == "1"
+    assert_host_restored(fake)
