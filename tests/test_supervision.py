@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import random
 import signal
 import time
@@ -452,11 +453,17 @@ def test_probe_against_a_server_that_never_answers_degrades_and_stop_is_unaffect
     fake.plan = [Behaviour.MUTE]
 
     async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        from tunsup.engine.tunnel import probe_phase
+
         tunnel = tunnels[0]
         start = trio.current_time()
         await tunnel.wait_state(TunnelState.DEGRADED)
-        # The first probe went out at once and timed out after probe_timeout.
-        assert trio.current_time() - start == pytest.approx(1.5)
+        # The first probe went out at the tunnel's phase of the interval
+        # (within one interval of the start) and timed out after probe_timeout.
+        phase = probe_phase(tunnel.name) * 5.0
+        first = phase + (math.floor((start - phase) / 5.0) + 1) * 5.0
+        assert start < first <= start + 5.0
+        assert trio.current_time() == pytest.approx(first + 1.5)
         status = tunnel.status
         assert status.state == "degraded"
         assert status.degraded_reason is not None
@@ -600,4 +607,38 @@ def test_helpers_get_one_go_thread_unless_the_service_sets_gomaxprocs(
     for helper in fake.started:
         assert helper.env["GOMAXPROCS"] == (inherited or "1")
         assert helper.env["WG_PROCESS_FOREGROUND"] == "1"
+    assert_host_restored(fake)
+
+
+def test_the_first_probe_comes_at_the_tunnels_phase_not_at_once(fake: FakeHost) -> None:
+    """Tunnels started together do not probe while they start (the helper
+    has just answered the configuration request): each probes first at
+    its own phase of the interval, then every interval."""
+    from tunsup.engine.tunnel import probe_phase
+
+    interval = 5.0
+    seen: dict[str, list[float]] = {}
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        up_at = trio.current_time()
+        assert all(t.last_probe is None for t in tunnels)
+
+        async def watch(tunnel: Tunnel) -> None:
+            times = seen.setdefault(tunnel.name, [])
+            while len(times) < 2:
+                probe = await tunnel.next_probe()
+                assert probe.ok
+                times.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            for tunnel in tunnels:
+                nursery.start_soon(watch, tunnel)
+        assert all(up_at < times[0] <= up_at + interval for times in seen.values())
+        sup.stop("test")
+
+    outcome = run_supervisor(fake, [options(probe_interval=interval)] * 4, driver)
+    assert outcome.code == ExitCode.OK
+    for name, (first, second) in seen.items():
+        assert first % interval == pytest.approx(probe_phase(name) * interval, abs=1e-6)
+        assert second - first == pytest.approx(interval)
     assert_host_restored(fake)

@@ -593,18 +593,22 @@ class Tunnel:
                       self.options.restart.reset_after)
 
     async def _probe_loop(self) -> None:
-        """Probe now, then every ``probe_interval`` seconds at this
-        tunnel's own phase (:func:`probe_phase`), so that many tunnels
-        started together do not all probe at the same moment.  Sleeps in
-        between (no polling).  Cancellable at once, also mid-probe."""
+        """Probe every ``probe_interval`` seconds at this tunnel's own
+        phase (:func:`probe_phase`), the first time too, so that many
+        tunnels started together do not all probe at the same moment (nor
+        while the others are still starting: the helper has just answered
+        the configuration request; 50 tunnels used to make 50 probes during
+        their own bring-up).  A wedged helper is still noticed within
+        ``probe_interval`` + ``probe_timeout``.  Sleeps in between (no
+        polling).  Cancellable at once, also mid-probe."""
         sock = uapi.socket_path(self.name, self.host.uapi_dir)
         interval = self.options.probe_interval
         offset = probe_phase(self.name) * interval
         while True:
-            await self._probe(sock)
             # The next instant offset + k * interval after now.
             now = trio.current_time()
             await trio.sleep_until(offset + (math.floor((now - offset) / interval) + 1) * interval)
+            await self._probe(sock)
 
     async def _probe(self, sock: str) -> None:
         """One ``get=1`` under ``probe_timeout``; updates ``last_probe`` and
