@@ -473,17 +473,17 @@ def _run_service(args: argparse.Namespace | SimpleNamespace) -> int:
         async def service() -> int:
             return await run_service(tunnels, host, source=source, loaded=loaded, hub=HUB,
                                      settings=settings, journal=journal,
-                                     on_failure=cfg.on_failure)
+                                     on_failure=cfg.on_failure, collector_paused=True)
 
         # Everything imported and built so far lives as long as the process:
         # out of the collector's sight, a full collection (set off by a burst
         # of connections, say) scans only what came later, and does not
         # stall the event loop for tens of milliseconds.  The collector,
-        # paused for the start (_collector_paused), runs again from here.
+        # paused for the start (_collector_paused), stays paused through the
+        # tunnels' bring-up too: run_service gives it back once they are up.
         import gc
 
         gc.freeze()
-        gc.enable()
         code = trio.run(service, instruments=[timer] if timer is not None else [])
         if timer is not None:
             timer.report()

@@ -15,6 +15,7 @@ engine beyond this object.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import time
@@ -284,6 +285,19 @@ def exit_event(supervisor: Supervisor, code: ExitCode) -> dict[str, Any]:
             "complete": code != ExitCode.TEARDOWN_INCOMPLETE, "failures": failures}
 
 
+async def _collector_back_when_ready(supervisor: Supervisor) -> None:
+    """Once the initial tunnels are up: collect what their bring-up left
+    (one collection, instead of the ~60 young-generation ones and the
+    older ones it set off while every tunnel was starting: 20-35 ms of a
+    50-tunnel start under load), put the rest out of the collector's
+    sight like the start's objects, and let the collector run again.
+    Cancellable (a stop before the tunnels are up: the process is ending)."""
+    await supervisor.ready.wait()
+    gc.collect()
+    gc.freeze()
+    gc.enable()
+
+
 async def run_service(
     tunnels: list[Tunnel],
     host: Host,
@@ -294,8 +308,13 @@ async def run_service(
     settings: ControlSettings,
     journal: Journal | None = None,
     on_failure: OnFailure = "exit",
+    collector_paused: bool = False,
 ) -> ExitCode:
     """Run ``tunnels`` as a service with its control socket until stopped.
+
+    ``collector_paused``: the caller paused the cyclic garbage collector
+    for the start; it runs again once the tunnels are up (see
+    :func:`_collector_back_when_ready`).
 
     Returns the supervisor's exit code, or USAGE when the control socket
     cannot be created (nothing was applied then).  Cancellation acts like a
@@ -325,6 +344,8 @@ async def run_service(
         interval = sdnotify.watchdog_interval()
         if interval is not None:
             nursery.start_soon(_watchdog, interval)
+        if collector_paused:
+            nursery.start_soon(_collector_back_when_ready, supervisor)
         code = await supervisor.run()
         await server.finish(exit_event(supervisor, code))
         nursery.cancel_scope.cancel()
