@@ -100,3 +100,27 @@ def test_entry_of_a_record() -> None:
     record = logging.LogRecord("tunsup.dns", logging.INFO, __file__, 1, "set %s", ("x",), None)
     entry = entry_from_record(record)
     assert entry["logger"] == "dns" and entry["msg"] == "set x" and entry["tunnel"] is None
+
+
+def test_records_reach_stderr_as_human_lines_and_the_hub_as_the_same_entries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One entry per record serves the hub and the stderr line (written by
+    the writer thread); nothing is logged to stderr after stop_logging."""
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    hub = LogHub()
+    _log.setup_logging(hub=hub)
+    try:
+        _log_some()
+    finally:
+        _log.stop_logging()
+    logging.getLogger("tunsup").error("after the stop")
+    entries = hub.recent(10)
+    lines = stderr.getvalue().splitlines()
+    assert [line.split(" ", 1)[1].split(": ", 1)[0] for line in lines[:2]] == [
+        "INFO    tsthub0", "WARNING tunsup"]
+    assert lines[0].endswith("tsthub0: [wireguard-go out] hello")
+    assert lines[:2] == [_log.format_log(e) for e in entries[:2]]
+    assert "ValueError: bad" in stderr.getvalue()
+    assert "after the stop" not in stderr.getvalue()
+    assert [e["seq"] for e in entries] == sorted(e["seq"] for e in entries)

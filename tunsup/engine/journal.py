@@ -664,9 +664,13 @@ class Journal:
             for ticket in tickets:
                 ticket.state = _WRITTEN if error is None else _FAILED
                 ticket.error = error
+        # One wake-up of the trio thread per batch, not one per ticket.
+        by_token: dict[trio.lowlevel.TrioToken, list[trio.Event]] = {}
         for ticket in tickets:
+            by_token.setdefault(ticket.token, []).append(ticket.done)
+        for token, events in by_token.items():
             with contextlib.suppress(trio.RunFinishedError):
-                ticket.token.run_sync_soon(ticket.done.set)
+                token.run_sync_soon(_set_all, events)
 
     def _open(self) -> None:
         """Create the file with its ``open`` record (once)."""
@@ -758,6 +762,11 @@ class Journal:
             await self._worker.call(job, timeout=APPEND_TIMEOUT, what=f"close {self.path}")
         finally:
             self._worker.close()
+
+
+def _set_all(events: list[trio.Event]) -> None:
+    for event in events:
+        event.set()
 
 
 def _fsync_dir(path: str) -> None:
