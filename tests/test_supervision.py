@@ -588,28 +588,6 @@ def test_whatever_happens_the_host_is_restored(
         assert_host_restored(fake)
 
 
-# ------------------------------------------------------------ helper environment
-
-
-@pytest.mark.parametrize("inherited", [None, "0", "4"])
-def test_helpers_get_one_go_thread_unless_the_service_sets_gomaxprocs(
-        fake: FakeHost, monkeypatch: pytest.MonkeyPatch, inherited: str | None) -> None:
-    """A helper gets GOMAXPROCS=1 (its wake-ups on every netlink event of
-    the namespace cost less than half; see effects.HELPER_GOMAXPROCS);
-    a GOMAXPROCS in tunsup's own environment reaches it unchanged (how an
-    operator overrides it, "0" meaning Go's default)."""
-    if inherited is None:
-        monkeypatch.delenv("GOMAXPROCS", raising=False)
-    else:
-        monkeypatch.setenv("GOMAXPROCS", inherited)
-    outcome = run_supervisor(fake, [options(), options()], stop)
-    assert outcome.code == ExitCode.OK
-    assert len(fake.started) == 2
-    for helper in fake.started:
-        assert helper.env["GOMAXPROCS"] == (inherited or "1")
-        assert helper.env["WG_PROCESS_FOREGROUND"] == "1"
-    assert_host_restored(fake)
-
 
 def test_the_first_probe_comes_at_the_tunnels_phase_not_at_once(fake: FakeHost) -> None:
     """Tunnels started together do not probe while they start (the helper

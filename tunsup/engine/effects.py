@@ -130,20 +130,6 @@ class Hooks(Effect):
         return ctx.hook_timeout * max(1, len(self.down)) + 1
 
 
-#: GOMAXPROCS of a helper when tunsup's own environment does not set it
-#: (set it there, e.g. ``Environment=GOMAXPROCS=0`` in the unit, to give
-#: helpers Go's default of one per CPU).  Every link, address and route
-#: change in the namespace wakes every wireguard-go (its netlink
-#: listeners); with several Ps each wake-up also wakes idle Go threads,
-#: which spin: ~230 us of CPU per event per helper, against ~85 us with
-#: one.  50 tunnels make ~350 such events while they start: their helpers
-#: used 1.47 s of CPU up to READY, 0.86 s with one P (medians of 5 paired
-#: runs; start-up alone is 8-9 ms either way).  The cost: one helper's
-#: crypto runs on one CPU at a time (no loss measured on 2 vCPUs:
-#: 160-190 Mbit/s either way through a tunnel pair).
-HELPER_GOMAXPROCS = "1"
-
-
 @attrs.frozen
 class StartHelper(Effect):
     """Start the data-plane helper; its record is a :class:`HelperRunning`.
@@ -164,8 +150,6 @@ class StartHelper(Effect):
 
     async def apply(self, ctx: EffectContext) -> Effect:
         env = {**ctx.host.env, "WG_PROCESS_FOREGROUND": "1"}
-        if "GOMAXPROCS" not in os.environ and "GOMAXPROCS" not in env:
-            env["GOMAXPROCS"] = HELPER_GOMAXPROCS
         pass_fds: tuple[int, ...] = ()
         if self.pass_tun:
             fd = ctx.tun_fds.get(self.ifname)
