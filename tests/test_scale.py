@@ -229,3 +229,113 @@ def test_starts_and_teardowns_run_concurrently_at_most_max_parallel_at_once(
     assert rounds * STEP <= up < (rounds + 1) * STEP, up
     assert rounds * STEP <= stop < (rounds + 1) * STEP, stop
     assert fake.net.links == {} and fake.alive == set()
+
+
+def _ops_of_a_start(fake: FakeHost, count: int, max_parallel: int
+                    ) -> tuple[list[str], float, int]:
+    """Start ``count`` tunnels under one supervisor (helper starts take STEP
+    virtual seconds), stop; return the host operations up to READY, the
+    virtual time to READY and the exit code."""
+    fake.faults.append(Fault(op="start_helper", kind="delay", delay=STEP, times=None))
+    seen: dict[str, Any] = {}
+
+    async def main() -> int:
+        tunnels = [Tunnel(spec(f"wgt{i}"), fake.host, options()) for i in range(count)]
+        sup = Supervisor(tunnels, fake.host, handle_signals=False, max_parallel=max_parallel)
+        code: list[int] = []
+        async with trio.open_nursery() as nursery:
+            began = trio.current_time()
+
+            async def run() -> None:
+                code.append(await sup.run())
+
+            nursery.start_soon(run)
+            await sup.ready.wait()
+            seen["up"] = trio.current_time() - began
+            seen["ops"] = list(fake.ops)
+            assert [t.state for t in tunnels] == [TunnelState.UP] * count
+            sup.stop("test over")
+        return code[0]
+
+    async def bounded() -> int:
+        with trio.fail_after(HANG_LIMIT):
+            return await main()
+
+    code = trio.run(bounded, clock=trio.testing.MockClock(autojump_threshold=0))
+    return seen["ops"], seen["up"], code
+
+
+LINK_OPS = ("create_tun", "add_address", "set_link_up", "add_routes")
+
+
+@pytest.mark.parametrize(("count", "max_parallel"), [(7, 3), (7, 1), (4, 16)])
+def test_initial_tunnels_configure_every_link_before_any_helper_starts(
+        fake: FakeHost, count: int, max_parallel: int) -> None:
+    """Every wireguard-go wakes up for each link, address and route change
+    in the namespace: the initial tunnels (owned TUN) put all their links
+    in place before the first helper starts, so no helper sees another
+    tunnel's changes.  Starts stay bounded: the helpers then start
+    ``max_parallel`` at once (each takes STEP virtual seconds), and a
+    tunnel waiting for the others holds no start slot (with
+    ``max_parallel`` below the count this would otherwise never end)."""
+    ops, up, code = _ops_of_a_start(fake, count, max_parallel)
+    assert code == ExitCode.OK
+    first_helper = ops.index("start_helper")
+    link_changes = [i for i, op in enumerate(ops) if op in LINK_OPS]
+    assert len(link_changes) == len(LINK_OPS) * count
+    assert max(link_changes) < first_helper, ops
+    assert ops.count("start_helper") == count
+    rounds = -(-count // max_parallel)
+    assert rounds * STEP <= up < (rounds + 1) * STEP, up
+    assert_all_stopped(fake)
+
+
+def test_a_tunnel_failing_before_the_helpers_start_stops_the_others_waiting(
+        fake: FakeHost) -> None:
+    """A tunnel whose link cannot be configured fails the initial start
+    (as before): the tunnels already waiting for the others' links are
+    cancelled and unwound, no helper ever started, nothing is left."""
+    fake.faults.append(Fault(op="add_address", nth=3, kind="errno"))
+
+    async def main() -> tuple[int, list[Tunnel]]:
+        tunnels = [Tunnel(spec(f"wgt{i}"), fake.host, options()) for i in range(5)]
+        sup = Supervisor(tunnels, fake.host, handle_signals=False, max_parallel=2)
+        with trio.fail_after(HANG_LIMIT):
+            return await sup.run(), tunnels
+
+    code, tunnels = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert code == ExitCode.FAILURE
+    assert "start_helper" not in fake.ops
+    assert all(t.report is None or t.report.complete for t in tunnels)
+    assert_all_stopped(fake)
+
+
+def test_a_tunnel_started_alone_also_has_its_link_before_its_helper(fake: FakeHost) -> None:
+    """Owned TUN: the link, its addresses, state and routes are in place
+    before the helper starts (traffic for the tunnel waits in the TUN
+    device, never leaves another way), the MTU once the helper runs
+    (wireguard-go resets it); helper mode keeps the helper first (it
+    creates the link)."""
+    async def start(mode: str) -> list[str]:
+        fake.net.ops.clear()
+        tunnel = Tunnel(spec(f"wgt{mode[0]}"), fake.host, options(tun_mode=mode))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tunnel.run)
+            ops = list(fake.ops)
+            nursery.cancel_scope.cancel()
+        return ops
+
+    async def main() -> tuple[list[str], list[str]]:
+        with trio.fail_after(HANG_LIMIT):
+            return await start("owned"), await start("helper")
+
+    owned, helper = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert owned.index("add_routes") < owned.index("start_helper") < owned.index("set_mtu")
+    assert helper.index("start_helper") < helper.index("add_address")
+    assert_all_stopped(fake)
+
+
+def assert_all_stopped(fake: FakeHost) -> None:
+    assert fake.net.links == {}, fake.net.links
+    assert fake.tun_fds == set(), "a TUN fd was left open"
+    assert fake.alive == set(), "a helper was left running"

@@ -185,10 +185,13 @@ def test_tunnel_up_ping_and_sigterm_restores_everything(pair: Pair) -> None:
     # stop (not removed on its own first: assert_restored checked it is gone).
     assert "1 route(s) added to table 254" in out
     assert "route(s) removed" not in out
-    # Teardown order is the exact reverse of bring-up.
-    order = [out.index(s) for s in ("DNS restored", f"link {if_a} set down and deleted",
-                                    "helper pid")]
+    # Teardown order is the exact reverse of bring-up (owned TUN: the link
+    # and its routes, then the helper, then DNS).
+    order = [out.index(s) for s in ("DNS restored", "helper pid",
+                                    f"link {if_a} set down and deleted")]
     assert order == sorted(order), out
+    up = [out.index(s) for s in (f"link {if_a} up", "started helper", "DNS set")]
+    assert up == sorted(up), out
 
 
 def test_failing_postup_exits_1_and_restores(pair: Pair) -> None:

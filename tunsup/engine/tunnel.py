@@ -32,7 +32,7 @@ import signal
 import socket
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import attrs
@@ -232,6 +232,10 @@ class Tunnel:
         #: limiter (teardowns of many tunnels at once are bounded).  The
         #: wait counts against ``stop_timeout``.
         self.teardown_slots: trio.CapacityLimiter | None = None
+        #: Set by a supervisor starting many tunnels at once: awaited in
+        #: the bring-up once the tunnel's own link is in place, right
+        #: before its helper starts (see :meth:`_bring_up`).  Cancellable.
+        self.before_helper: Callable[[], Awaitable[None]] | None = None
         #: Held by an in-place change and by a helper restart's new
         #: generation: a restarted helper gets the configuration of a
         #: change made before it, never half of one.
@@ -416,7 +420,19 @@ class Tunnel:
     async def _bring_up(self, stack: EffectStack, ctx: EffectContext) -> None:
         """Checks, then every effect of the bring-up onto ``stack`` (the
         helper's generation onto a nested one).  Cancellable at every step;
-        what was applied stays on the stacks for the caller's unwind."""
+        what was applied stays on the stacks for the caller's unwind.
+
+        In owned-TUN mode the link, its addresses, its state and its routes
+        are in place *before* the helper starts (traffic for the tunnel
+        waits in the TUN device meanwhile, never leaves another way), and
+        :attr:`before_helper` is awaited between the two: every link,
+        address and route change in the namespace wakes every wireguard-go
+        running there (two netlink listeners each), so a supervisor
+        starting many tunnels lets all of them configure their links
+        first, then starts their helpers (50 tunnels: the helpers' CPU up
+        to READY went from ~1.8 s to ~0.35 s).  Once the helper answers:
+        its WireGuard configuration and MTU (wireguard-go resets the MTU of
+        a TUN it is handed), then DNS and PostUp."""
         spec, net, opts = self.spec, self.host.net, self.options
         if await net.link_index(spec.name) is not None:
             raise HostError(
@@ -449,11 +465,14 @@ class Tunnel:
             tun = await stack.apply(CreateTun(spec.name, packet_info=header == "pi"))
             assert isinstance(tun, OwnedTun)
             self._tun_index = tun.index
+            await stack.apply(Link(spec.name, self._tun_index))
+            await self._configure_link(stack, self._tun_index, set_mtu=False)
+        if self.before_helper is not None:
+            await self.before_helper()
         await stack.apply(HelperGeneration(spec.name))
         await self._start_generation(self._new_generation(ctx), ctx)
         if owned:
-            await stack.apply(Link(spec.name, self._tun_index))
-            await self._configure_link(stack, self._tun_index, set_mtu=False)
+            await self._configure_services(stack)
 
     def _new_generation(self, ctx: EffectContext) -> EffectStack:
         gen = EffectStack(ctx, log=self.log, observer=self._observer)
@@ -492,12 +511,13 @@ class Tunnel:
             await gen.apply(Mtu(spec.name, index, self._mtu))
         else:
             await self._configure_link(gen, index, set_mtu=True)
+            await self._configure_services(gen)
         self.helper_pid = pid
         return handle
 
     async def _configure_link(self, stack: EffectStack, index: int, *, set_mtu: bool) -> None:
-        """Addresses, MTU, link up, routes, DNS, PostUp hooks.  Cancellable."""
-        spec, net, opts = self.spec, self.host.net, self.options
+        """Addresses, MTU, link up, routes.  Cancellable."""
+        spec, net = self.spec, self.host.net
         for address in spec.addresses:
             await stack.apply(Address(spec.name, index, address))
         if set_mtu:
@@ -505,6 +525,10 @@ class Tunnel:
         await stack.apply(LinkUp(spec.name, index))
         assert self._plan is not None
         await apply_link_routes(stack, self._plan, spec, index, net, self.log)
+
+    async def _configure_services(self, stack: EffectStack) -> None:
+        """DNS, PostUp hooks (once the tunnel carries traffic).  Cancellable."""
+        spec, opts = self.spec, self.options
         if (spec.dns_servers or spec.dns_search) and opts.dns_backend != "none":
             await stack.apply(Dns(spec.name, opts.dns_backend, spec.dns_servers, spec.dns_search))
         if spec.post_up or spec.pre_down:
