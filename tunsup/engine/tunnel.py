@@ -466,7 +466,11 @@ class Tunnel:
             assert isinstance(tun, OwnedTun)
             self._tun_index = tun.index
             await stack.apply(Link(spec.name, self._tun_index))
-            await self._configure_link(stack, self._tun_index, set_mtu=False)
+            # The MTU too, although the helper resets it (its generation
+            # sets it again): when it already is what the helper sets
+            # (1420, wg-quick's usual value too) neither change is one, and
+            # no running helper wakes up for it.
+            await self._configure_link(stack, self._tun_index, set_mtu=True)
         if self.before_helper is not None:
             await self.before_helper()
         await stack.apply(HelperGeneration(spec.name))
