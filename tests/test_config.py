@@ -608,7 +608,7 @@ def test_to_dict_shape() -> None:
         "runtime_dir": "/run/tunsup",
         "stop_timeout": 30.0,
         "on_failure": "exit",
-        "max_parallel": 16,
+        "max_parallel": 64,
         "dns": {"backend": "auto", "resolv_conf": "/etc/resolv.conf"},
         "control": {"idle_timeout": 30.0, "request_timeout": 10.0},
         "tunnel": [

@@ -6,7 +6,7 @@ Example::
     runtime_dir = "/run/tunsup"        # optional
     stop_timeout = 30.0                # optional: bound on the whole teardown, seconds
     on_failure = "exit"                # optional: "exit" | "keep-running" once no tunnel is left
-    max_parallel = 16                  # optional: tunnels started (or stopped) at once
+    max_parallel = 64                  # optional: tunnels started (or stopped) at once
 
     [dns]
     backend = "auto"                   # auto | resolved | resolvconf | file | none

@@ -220,7 +220,7 @@ def header_for_version(text: str) -> TunHeader | None:
 #: replaced by an upgrade is asked again.
 _HEADERS: dict[tuple[str, int, int, int, int], TunHeader] = {}
 #: Binaries being asked right now, and the event set once that ended:
-#: tunnels starting together (16 at once) wait for one answer instead of
+#: tunnels starting together (up to max_parallel at once) wait for one answer instead of
 #: each running ``--version`` (a process and a Go runtime start each).
 _ASKING: dict[tuple[str, int, int, int, int], trio.Event] = {}
 
