@@ -17,7 +17,10 @@ set, a reload's, and ``up`` requests alike); so do teardowns (each tunnel
 waits for one of ``max_parallel`` teardown slots, within its stop
 timeout).  Most of a start is waiting (for the helper to come up, for the
 journal's fsyncs, which concurrent starts share), so overlapping them is
-what makes 50 tunnels come up in about the time of a few.  A tunnel that
+what makes 50 tunnels come up in about the time of a few.  The initial
+tunnels start their helpers only once all of them have their links in
+place (:class:`HelperGate`): every wireguard-go wakes up for each link,
+address and route change in the namespace.  A tunnel that
 fails to start at the initial start still stops the service (exit 1);
 during a reload the others go on.
 
