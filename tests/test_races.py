@@ -226,6 +226,11 @@ steps = st.one_of(
     # spread past the window or the backoff reset, or close together
     # (weighted: restarts are where the policy is seen).
     *map(crash_series, NAMES),
+    # wgt1's crashes spaced past its backoff (at most 1 s at first) and its
+    # 1.5 s reset: each restart must start again from the first delay.
+    st.builds(Step, times, st.just("crash-series"),
+              st.tuples(st.just("wgt1"), st.lists(st.floats(2.8, 4.5).map(lambda t: round(t, 3)),
+                                                   min_size=2, max_size=2).map(tuple))),
     *(st.builds(Step, times, st.just("wedge"), st.just(name)) for name in NAMES),
     st.builds(Step, times, st.just("next-helper"), st.sampled_from(["crash", "slow", "mute"])),
     st.builds(Step, fault_times, st.just("fault"),
@@ -766,7 +771,21 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
         with open(resolv, "rb") as f:
             result["resolv.conf"] = f.read()
         check_liveness(initial, schedule, stops, fake, rec)
+        result["helper-made"] = helper_made(initial, schedule)
         check(fake, sup, rec, before, failures, requests, stops, result, messages)
+
+
+def helper_made(initial: list[tuple[str, str]], schedule: list[Step]) -> set[str]:
+    """Tunnels that ran in "helper" mode at some point: their link is the
+    helper's own, and a helper stuck in the kernel (unkillable) keeps it."""
+    made = {name for name, mode in initial if mode == "helper"}
+    for step in schedule:
+        if step.action == "add":
+            made |= {step.arg[0]} if step.arg[1] == "helper" else set()
+        elif step.action in ("reload", "reload-then-term"):
+            config = step.arg if step.action == "reload" else step.arg[0]
+            made |= {name for name, mode, _ in config if mode == "helper"}
+    return made
 
 
 def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any],
@@ -806,7 +825,10 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
             elif name.startswith("#") or name in before:
                 assert link == before[name], f"{name} not restored"
             elif name not in before:
-                assert leftover_ops & {"delete_link", "close_tun", "set_link_down"}, \
+                link_undo = {"delete_link", "close_tun", "set_link_down"}
+                if name in result["helper-made"]:
+                    link_undo.add("signal_helper")  # the stuck helper holds its link
+                assert leftover_ops & link_undo, \
                     f"link {name} left behind, yet no link undo failed ({undo_failed})"
                 if link["addresses"]:
                     assert leftover_ops & {"delete_address", "delete_link", "close_tun",
@@ -1001,9 +1023,12 @@ def check_restart_model(fake: FakeHost, rec: Recorder,
             attempt += 1
             due = at + delay
             spawn = next((t for t in spawns if t > at), None)
-            if (spawn is None or spawn > due + 1e-6) and stopping <= due + 1e-9 and (
+            # A slowed spawn (a delay fault on start_helper or link_name)
+            # may still be on its way when the stop comes.
+            grace = DELAY if slowed else 0.0
+            if (spawn is None or spawn > due + 1e-6) and stopping <= due + grace + 1e-9 and (
                     spawn is None or spawn > stopping):
-                break  # stopped during the backoff
+                break  # stopped during the backoff (or the slowed spawn)
             assert spawn is not None, (
                 f"{tunnel.name}: failure at {at:.3f}, backoff {delay:.3f} s, but no helper "
                 f"was spawned again ({tunnel.state.value}, {tunnel.failure!r})")

@@ -660,12 +660,14 @@ class FakeHost:
     @operation
     async def start_helper(self, nursery: trio.Nursery, argv: Sequence[str], *,
                            log: logging.Logger, env: dict[str, str] | None = None,
-                           pass_fds: Sequence[int] = ()) -> HelperProcess:
+                           pass_fds: Sequence[int] = (),
+                           on_spawn: Callable[[HelperProcess], None] | None = None,
+                           ) -> HelperProcess:
         """tunsup's own :func:`~tunsup.host.process.start_helper` over a fake
         process following ``plan`` (then ``default``).  Cancellation: as
         the real one (a fault before the spawn: nothing exists yet)."""
         return await process.start_helper(nursery, argv, log=log, env=env, pass_fds=pass_fds,
-                                          spawner=_Spawner(self, nursery))
+                                          spawner=_Spawner(self, nursery), on_spawn=on_spawn)
 
     @operation
     async def run_hook(self, command: str, log: logging.Logger, timeout: float, *,
