@@ -45,6 +45,7 @@ class Bug(NamedTuple):
 E, T, S, U = ("tunsup/engine/effects.py", "tunsup/engine/tunnel.py",
               "tunsup/engine/supervisor.py", "tunsup/engine/undo.py")
 R, P, REC = "tunsup/engine/restart.py", "tunsup/host/process.py", "tunsup/engine/recovery.py"
+ROUTING, CLAIMS = "tunsup/engine/routing.py", "tunsup/host/claims.py"
 
 BUGS: list[Bug] = [
     # --- the original five -----------------------------------------------------
@@ -171,6 +172,18 @@ BUGS: list[Bug] = [
         "        if False:\n            live.append"),
     Bug("recovery undoes in journal order, not reverse", REC,
         "        stack.adopt(pending)\n", "        stack.adopt(pending[::-1])\n"),
+    # --- full tunnel: tables, rule priorities, holds ---------------------------
+    Bug("table claims never released", CLAIMS,
+        "        self._tables = {t: o for t, o in self._tables.items() if o is not owner}\n", ""),
+    Bug("a rebuild's hold rules count when picking priorities", ROUTING,
+        "        ignored = held.rules if held is not None else ()\n",
+        "        ignored = ()\n"),
+    Bug("a rebuild does not reuse its hold's table", ROUTING,
+        "    if table is None and held is not None:\n",
+        "    if False:\n"),
+    Bug("no kill switch for the default route", ROUTING,
+        "    if kill_switch:\n        await stack.apply(KillSwitch(name, table, plan.defaults))",
+        "    if False:\n        await stack.apply(KillSwitch(name, table, plan.defaults))"),
 ]
 
 #: Hypothesis statistics of the test that failed: old ("N passing
