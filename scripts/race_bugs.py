@@ -8,7 +8,8 @@ Usage::
 
     scripts/race_bugs.py [--whole] [--list] [SUBSTRING]
 
-By default the race suite alone runs (``tests/test_races.py``, its ``ci``
+By default the race suite alone runs (``tests/test_races.py`` and
+``tests/test_races_crash.py``, their ``ci``
 profile); ``--whole`` runs the whole suite (``pytest -x -q tests``; tests
 that need root and network namespaces skip themselves when not root).
 SUBSTRING picks the bugs whose name contains it.  Every file is restored
@@ -172,6 +173,12 @@ BUGS: list[Bug] = [
         "        if False:\n            live.append"),
     Bug("recovery undoes in journal order, not reverse", REC,
         "        stack.adopt(pending)\n", "        stack.adopt(pending[::-1])\n"),
+    Bug("recovery for a restart keeps no kill switch", REC,
+        "    if keep is None:\n        return {}\n",
+        "    if True:\n        return {}\n"),
+    Bug("an intent without its outcome is not undone", "tunsup/engine/journal.py",
+        "        return self.record if self.record is not None else PendingIntent(self.intent)",
+        "        return self.record"),
     # --- full tunnel: tables, rule priorities, holds ---------------------------
     Bug("table claims never released", CLAIMS,
         "        self._tables = {t: o for t, o in self._tables.items() if o is not owner}\n", ""),
@@ -192,6 +199,11 @@ PHASE = re.compile(r"during (\w+) phase.*?(\d+) passing(?: examples)?, (\d+) fai
 FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
 
 
+#: The race suite: lifecycle schedules, and a crash at any point of one
+#: followed by recovery.
+RACE_SUITE = ("tests/test_races.py", "tests/test_races_crash.py")
+
+
 class Outcome(NamedTuple):
     found: bool
     by: str
@@ -202,7 +214,7 @@ class Outcome(NamedTuple):
 def command(whole: bool) -> list[str]:
     base = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
             "--hypothesis-show-statistics"]
-    return [*base, "tests"] if whole else [*base, "tests/test_races.py"]
+    return [*base, "tests"] if whole else [*base, *RACE_SUITE]
 
 
 def run_tests(whole: bool) -> Outcome:
