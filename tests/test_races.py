@@ -150,6 +150,8 @@ PROBE_TIMEOUT = 1.0
 MAX_RESTARTS = 2
 #: Injected delays (faults, a helper slow to die), in virtual seconds.
 DELAY = 3.0
+#: A slow undo step ("slow-teardown"): most of STOP_TIMEOUT.
+SLOW_UNDO = 8.5
 #: Reading the configuration files on SIGHUP takes this long: a reload is
 #: always in flight for a while (a stop must not wait for it).
 RELOAD_READ = 2.5
@@ -276,6 +278,10 @@ steps = st.one_of(
     st.builds(Step, fault_times, st.just("undo-fault"),
               st.tuples(st.just("dns_restore"), st.integers(1, 2), st.just("errno"))),
     st.builds(Step, times, st.just("second-run")),
+    # A helper that ignores SIGTERM, and a slow deletion of its link (the
+    # undo step before the helper's) that leaves less than the grace of
+    # the stop's budget: the helper's grace must shrink to fit.
+    st.builds(Step, times, st.just("slow-teardown"), names),
 )
 
 
@@ -744,6 +750,11 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                     await crash(name)
             elif step.action == "wedge":
                 await wedge(step.arg)
+            elif step.action == "slow-teardown":
+                helper = helper_of(step.arg)
+                if helper is not None:
+                    helper.ignore_term = True
+                    fake.faults.append(Fault(op="delete_link", kind="delay", delay=SLOW_UNDO))
             elif step.action == "next-helper":
                 fake.plan.append({"crash": Behaviour.CRASH, "slow": Behaviour.SLOW,
                                   "mute": Behaviour.MUTE}[step.arg])
@@ -873,7 +884,8 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
     fired = fake.net.fired
     undo_faults = [(op, kind) for op, kind in fired if op in UNDO_OPS]
     undo_failed = [(op, kind) for op, kind in undo_faults if failed_undo(op, kind)]
-    undo_delay = DELAY * sum(1 for _, kind in undo_faults if kind == "delay")
+    undo_delay = sum(f.delay * f.fired for f in fake.faults
+                     if f.kind == "delay" and f.op in UNDO_OPS)
     unkillable = any(op == "signal_helper" and kind != "delay" for op, kind in undo_faults)
 
     assert not failures, failures
