@@ -105,7 +105,7 @@ from hypothesis import strategies as st
 from tunsup import ExitCode
 from tunsup._errors import HelperExited
 from tunsup.config.spec import TunnelSpec
-from tunsup.engine.effects import Dns, Effect, HelperRunning
+from tunsup.engine.effects import Dns, Effect, HelperRunning, WireguardChanged
 from tunsup.engine.restart import RestartPolicy, RestartTracker
 from tunsup.engine.supervisor import (
     CONTROL,
@@ -391,6 +391,13 @@ class StackWatch:
         self.undone_at[id(record)] = trio.current_time()
         key = self.stack_of.get(id(record))
         live = self.live.get(key, [])
+        if isinstance(record, WireguardChanged) and self.tunnel is not None and (
+                self.tunnel.state in (TunnelState.UP, TunnelState.DEGRADED)):
+            # Settled, not undone: once an in-place change is made, the
+            # WireGuard change lives in the helper (EffectStack.settle),
+            # whatever was applied after it.
+            self.live[key] = [r for r in live if r is not record]
+            return
         above = live[next((i for i, r in enumerate(live) if r is record), len(live)) + 1:]
         failed = [r for r in above if any(e.startswith(f"undo {r.describe()}")
                                           for e in self.errors)]
