@@ -185,10 +185,11 @@ def test_tunnel_up_ping_and_sigterm_restores_everything(pair: Pair) -> None:
     # stop (not removed on its own first: assert_restored checked it is gone).
     assert "1 route(s) added to table 254" in out
     assert "route(s) removed" not in out
-    # Teardown order is the exact reverse of bring-up (owned TUN: the link
-    # and its routes, then the helper, then DNS).
-    order = [out.index(s) for s in ("DNS restored", "helper pid",
-                                    f"link {if_a} set down and deleted")]
+    # Teardown order is the exact reverse of bring-up: the owned TUN's
+    # addresses, state and routes come before the helper (they go with the
+    # TUN, below it), the link's own record after it (deleted first).
+    order = [out.index(s) for s in ("DNS restored", f"link {if_a} set down and deleted",
+                                    "helper pid")]
     assert order == sorted(order), out
     up = [out.index(s) for s in (f"link {if_a} up", "started helper", "DNS set")]
     assert up == sorted(up), out

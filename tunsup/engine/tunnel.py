@@ -432,7 +432,8 @@ class Tunnel:
         first, then starts their helpers (50 tunnels: the helpers' CPU up
         to READY went from ~1.8 s to ~0.35 s).  Once the helper answers:
         its WireGuard configuration and MTU (wireguard-go resets the MTU of
-        a TUN it is handed), then DNS and PostUp."""
+        a TUN it is handed), the link's own record (so that a stop deletes
+        the link first, as before), then DNS and PostUp."""
         spec, net, opts = self.spec, self.host.net, self.options
         if await net.link_index(spec.name) is not None:
             raise HostError(
@@ -465,17 +466,21 @@ class Tunnel:
             tun = await stack.apply(CreateTun(spec.name, packet_info=header == "pi"))
             assert isinstance(tun, OwnedTun)
             self._tun_index = tun.index
-            await stack.apply(Link(spec.name, self._tun_index))
             # The MTU too, although the helper resets it (its generation
             # sets it again): when it already is what the helper sets
             # (1420, wg-quick's usual value too) neither change is one, and
-            # no running helper wakes up for it.
+            # no running helper wakes up for it.  These records sit right
+            # above the TUN's: they go with it at a stop.
             await self._configure_link(stack, self._tun_index, set_mtu=True)
         if self.before_helper is not None:
             await self.before_helper()
         await stack.apply(HelperGeneration(spec.name))
         await self._start_generation(self._new_generation(ctx), ctx)
         if owned:
+            # Above the helper's generation: a stop deletes the link before
+            # it stops the helper, which then exits by itself (one that
+            # ignores SIGTERM costs no grace), as when the link came last.
+            await stack.apply(Link(spec.name, self._tun_index))
             await self._configure_services(stack)
 
     def _new_generation(self, ctx: EffectContext) -> EffectStack:
