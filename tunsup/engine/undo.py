@@ -263,7 +263,10 @@ class EffectStack:
         """
         self._unwound = True
         undone: list[str] = []
+        # Reported once: a stack unwound again (a helper generation, after
+        # a failed restart, by the tunnel's teardown) does not repeat them.
         failures: list[str] = list(self._abort_failures)
+        self._abort_failures.clear()
         remaining: list[Effect] = []
         deadline = trio.current_time() + timeout if math.isfinite(timeout) else math.inf
         #: Records waiting for the deletion of their link, by link index.
