@@ -29,6 +29,7 @@ import copy
 import ipaddress
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -58,6 +59,7 @@ from tunsup.engine.supervisor import (
 )
 from tunsup.engine.tunnel import Tunnel
 from tunsup.host.dns import FileBackend
+from tunsup.host.worker import SerialWorker
 from tunsup.pidfile import process_start_time
 from tunsup.testing.fakehost import FakeHost, Fault, inline_threads, uapi_dir
 
@@ -87,6 +89,9 @@ LAST_CRASH = 10.0
 crash_points = st.one_of(
     st.tuples(st.just("op"), st.integers(4, 90)),
     st.tuples(st.just("op"), st.integers(4, 40)),
+    # Before the Nth write of the journal: a change made (or undone) whose
+    # record is not written yet.
+    st.tuples(st.just("write"), st.integers(2, 60)),
     st.tuples(st.just("time"), st.floats(0, 8, allow_nan=False).map(lambda t: round(t, 3))))
 step_times = st.floats(0, 6, allow_nan=False).map(lambda t: round(t, 3))
 
@@ -191,6 +196,26 @@ def live_run(fake: FakeHost, state_dir: str, initial: list[tuple[str, str]],
         return real_fault_for(name)
 
     fake.net.fault_for = fault_for  # type: ignore[method-assign]
+    writes = [0]
+
+    @contextlib.contextmanager
+    def crash_before_a_write() -> Iterator[None]:
+        """Count the journal's jobs (inline: see inline_threads) and crash
+        before the Nth."""
+        inline = SerialWorker.call
+
+        async def call(self: SerialWorker, fn: Any, *, timeout: float, what: str) -> Any:
+            writes[0] += 1
+            if kind == "write" and writes[0] == when and not crashed.is_set():
+                take_snapshot()
+                crashed.set()
+            return await inline(self, fn, timeout=timeout, what=what)
+
+        SerialWorker.call = call  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            SerialWorker.call = inline  # type: ignore[method-assign]
 
     def make_tunnel(spec: Any, opts: Any) -> Tunnel:
         return Tunnel(spec, fake.host, opts, observer=JournalObserver(journal, spec.name))
@@ -245,7 +270,7 @@ def live_run(fake: FakeHost, state_dir: str, initial: list[tuple[str, str]],
                 # What follows is the dead process's: nothing of it counts.
                 nursery.cancel_scope.cancel()
 
-    with inline_threads(fake.net):
+    with inline_threads(fake.net), crash_before_a_write():
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
