@@ -8,7 +8,8 @@ Usage::
 
     scripts/race_bugs.py [--whole] [--list] [SUBSTRING]
 
-By default the race suite alone runs (``tests/test_races.py``, its ``ci``
+By default the race suite alone runs (``tests/test_races.py`` and
+``tests/test_races_crash.py``, their ``ci``
 profile); ``--whole`` runs the whole suite (``pytest -x -q tests``; tests
 that need root and network namespaces skip themselves when not root).
 SUBSTRING picks the bugs whose name contains it.  Every file is restored
@@ -45,6 +46,7 @@ class Bug(NamedTuple):
 E, T, S, U = ("tunsup/engine/effects.py", "tunsup/engine/tunnel.py",
               "tunsup/engine/supervisor.py", "tunsup/engine/undo.py")
 R, P, REC = "tunsup/engine/restart.py", "tunsup/host/process.py", "tunsup/engine/recovery.py"
+ROUTING, CLAIMS = "tunsup/engine/routing.py", "tunsup/host/claims.py"
 
 BUGS: list[Bug] = [
     # --- the original five -----------------------------------------------------
@@ -171,12 +173,35 @@ BUGS: list[Bug] = [
         "        if False:\n            live.append"),
     Bug("recovery undoes in journal order, not reverse", REC,
         "        stack.adopt(pending)\n", "        stack.adopt(pending[::-1])\n"),
+    Bug("recovery for a restart keeps no kill switch", REC,
+        "    if keep is None:\n        return {}\n",
+        "    if True:\n        return {}\n"),
+    Bug("an intent without its outcome is not undone", "tunsup/engine/journal.py",
+        "        return self.record if self.record is not None else PendingIntent(self.intent)",
+        "        return self.record"),
+    # --- full tunnel: tables, rule priorities, holds ---------------------------
+    Bug("table claims never released", CLAIMS,
+        "        self._tables = {t: o for t, o in self._tables.items() if o is not owner}\n", ""),
+    Bug("a rebuild's hold rules count when picking priorities", ROUTING,
+        "        ignored = held.rules if held is not None else ()\n",
+        "        ignored = ()\n"),
+    Bug("a rebuild does not reuse its hold's table", ROUTING,
+        "    if table is None and held is not None:\n",
+        "    if False:\n"),
+    Bug("no kill switch for the default route", ROUTING,
+        "    if kill_switch:\n        await stack.apply(KillSwitch(name, table, plan.defaults))",
+        "    if False:\n        await stack.apply(KillSwitch(name, table, plan.defaults))"),
 ]
 
 #: Hypothesis statistics of the test that failed: old ("N passing
 #: examples, M failing examples") and new ("N passing, M failing") wording.
 PHASE = re.compile(r"during (\w+) phase.*?(\d+) passing(?: examples)?, (\d+) failing", re.S)
 FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+
+
+#: The race suite: lifecycle schedules, and a crash at any point of one
+#: followed by recovery.
+RACE_SUITE = ("tests/test_races.py", "tests/test_races_crash.py")
 
 
 class Outcome(NamedTuple):
@@ -189,7 +214,7 @@ class Outcome(NamedTuple):
 def command(whole: bool) -> list[str]:
     base = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
             "--hypothesis-show-statistics"]
-    return [*base, "tests"] if whole else [*base, "tests/test_races.py"]
+    return [*base, "tests"] if whole else [*base, *RACE_SUITE]
 
 
 def run_tests(whole: bool) -> Outcome:

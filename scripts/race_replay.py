@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Check that the race suite's ``ci`` profile replays exactly: inject one
 bug of ``scripts/race_bugs.py`` (default: "jitter ignored", found only
-through the seeded restart jitter), run the property test twice in fresh
+through the seeded restart jitter), run the race suite (both property
+tests) twice in fresh
 processes, and compare the failing example's report (its schedule, jitter
 seed, transitions with their virtual times, faults fired, the assertion).
 
@@ -33,7 +34,7 @@ def failing_report() -> list[str]:
            "PYTEST_ADDOPTS": "-p noshrink"}
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-         "tests/test_races.py", "-k", "test_every_schedule_keeps_the_invariants"],
+         *race_bugs.RACE_SUITE],
         cwd=ROOT, env=env, text=True, capture_output=True, timeout=600).stdout
     # The assertion and Hypothesis' notes (schedule, transitions, faults):
     # everything pytest prints with the "E" prefix.

@@ -66,6 +66,14 @@ Invariants (checked after every schedule):
   the original unless a DNS undo failed (a hung release, an fsync error);
   a write that hangs, is slow, is applied then hangs, or fails, and a
   failing directory sync, are faults like the others;
+- tables and rule priorities: wgt2 is a full tunnel (``0.0.0.0/0``,
+  ``Table = auto``, kill switch on); while quiet and running it routes
+  through table 51820, claimed by it alone, with exactly its two rules at
+  the first free priorities (32765, 32764: no drift over rebuilds, which
+  reuse the hold's table and priorities) and its kill switch; with no full
+  tunnel running no rule, claim or unreachable route of tunsup's is left;
+  every claim is released by the end (faults hit ``add_rule`` and
+  ``delete_rule`` like the other operations);
 - tunnel states only move along :data:`tunsup.engine.tunnel.TRANSITIONS`;
   a second ``run()`` raises, and so do requests after ``run()`` returned;
   status agrees with the model at the end.
@@ -142,6 +150,8 @@ PROBE_TIMEOUT = 1.0
 MAX_RESTARTS = 2
 #: Injected delays (faults, a helper slow to die), in virtual seconds.
 DELAY = 3.0
+#: A slow undo step ("slow-teardown"): most of STOP_TIMEOUT.
+SLOW_UNDO = 8.5
 #: Reading the configuration files on SIGHUP takes this long: a reload is
 #: always in flight for a while (a stop must not wait for it).
 RELOAD_READ = 2.5
@@ -152,11 +162,11 @@ HANG_LIMIT = 10_000.0
 
 #: Host operations made only while applying (never by an undo).
 APPLY_OPS = ("add_address", "add_routes", "set_mtu", "start_helper", "create_tun",
-             "start_time", "dns_apply", "dns_write", "dns_sync_dir")
-NETLINK_APPLY_OPS = ("add_address", "add_routes", "set_mtu")
+             "start_time", "dns_apply", "dns_write", "dns_sync_dir", "add_rule")
+NETLINK_APPLY_OPS = ("add_address", "add_routes", "set_mtu", "add_rule")
 #: Operations of undo (and abort) only.
 UNDO_OPS = ("delete_link", "delete_address", "delete_routes", "close_tun", "signal_helper",
-            "set_link_down", "dns_revert", "dns_restore")
+            "set_link_down", "dns_revert", "dns_restore", "delete_rule")
 #: The shared resolv.conf's undo operations (see ``inline_threads``).
 DNS_UNDO_OPS = ("dns_revert", "dns_restore")
 LINK_UNDO_OPS = ("delete_link", "set_link_down", "close_tun", "signal_helper")
@@ -226,6 +236,11 @@ steps = st.one_of(
     # spread past the window or the backoff reset, or close together
     # (weighted: restarts are where the policy is seen).
     *map(crash_series, NAMES),
+    # wgt1's crashes spaced past its backoff (at most 1 s at first) and its
+    # 1.5 s reset: each restart must start again from the first delay.
+    st.builds(Step, times, st.just("crash-series"),
+              st.tuples(st.just("wgt1"), st.lists(st.floats(2.8, 4.5).map(lambda t: round(t, 3)),
+                                                   min_size=2, max_size=2).map(tuple))),
     *(st.builds(Step, times, st.just("wedge"), st.just(name)) for name in NAMES),
     st.builds(Step, times, st.just("next-helper"), st.sampled_from(["crash", "slow", "mute"])),
     st.builds(Step, fault_times, st.just("fault"),
@@ -263,6 +278,10 @@ steps = st.one_of(
     st.builds(Step, fault_times, st.just("undo-fault"),
               st.tuples(st.just("dns_restore"), st.integers(1, 2), st.just("errno"))),
     st.builds(Step, times, st.just("second-run")),
+    # A helper that ignores SIGTERM, and a slow deletion of its link (the
+    # undo step before the helper's) that leaves less than the grace of
+    # the stop's budget: the helper's grace must shrink to fit.
+    st.builds(Step, times, st.just("slow-teardown"), names),
 )
 
 
@@ -287,7 +306,7 @@ def options(mode: str, name: str = "wgt0") -> TunnelOptions:
         helper=("fake-wg",), tun_header="none", tun_mode=mode,  # type: ignore[arg-type]
         stop_grace=STOP_GRACE, start_timeout=5.0, stop_timeout=STOP_TIMEOUT, dns_backend="file",
         probe_interval=PROBE_INTERVAL, probe_timeout=PROBE_TIMEOUT,
-        restart=POLICIES[name])
+        restart=POLICIES[name], kill_switch=name == FULL)
 
 
 #: Each tunnel's DNS in the shared resolv.conf (wgt1 shares a server with
@@ -301,10 +320,20 @@ DNS = {
 RESOLV_CONF = b"# the host's own\nnameserver 192.0.2.53\nsearch lan.example\n"
 
 
+#: wgt2 is a full tunnel (AllowedIPs 0.0.0.0/0, Table = auto): its default
+#: route goes into a policy table it picks, with two rules leading there
+#: (see tunsup.engine.routing), and a kill switch.
+FULL = "wgt2"
+DEFAULT4 = ipaddress.ip_network("0.0.0.0/0")
+
+
 def tunnel_spec(name: str, shift: int = 0) -> TunnelSpec:
     made = spec(name)
     assert made.listen_port is not None
     servers, search = DNS[name]
+    if name == FULL:
+        made = attrs.evolve(made, peers=tuple(attrs.evolve(p, allowed_ips=(DEFAULT4,))
+                                              for p in made.peers))
     return attrs.evolve(made, listen_port=made.listen_port + shift, private_key=KEYS[name],
                         dns_servers=servers, dns_search=search)
 
@@ -447,6 +476,8 @@ def host_before_us(fake: FakeHost) -> None:
     eth0.up = True
     eth0.routes.add(THEIRS)
     fake.net.unreachable.add((100, spec("wgt2").peers[0].allowed_ips[0]))
+    # A full tunnel sets it (and restores it at stop).
+    fake.net.sysctls["net.ipv4.conf.all.src_valid_mark"] = "0"
 
 
 def check_status(sup: Supervisor, fake: FakeHost, failures: list[str]) -> None:
@@ -570,19 +601,76 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
             slot = next((s for s in sup.slots() if s.tunnel.name == name), None)
             return slot.tunnel if slot is not None else None
 
+        def quiet_tunnels() -> list[Tunnel] | None:
+            """Every tunnel so far, if none is starting, restarting or
+            stopping, no reload is in flight and no stop was asked for;
+            else None."""
+            known = [w.tunnel for w in rec.watches if w.tunnel is not None]
+            # A restarting tunnel in "helper" mode has its DNS on the dead
+            # helper generation's stack: released, then claimed again.
+            moving = (TunnelState.STARTING, TunnelState.STOPPING, TunnelState.RESTARTING)
+            if (stops or config["reloading"] or config["order"] is None or "ended" in result
+                    or any(t.state in moving or t._changing.locked() for t in known)):
+                return None
+            return known
+
+        def check_policy() -> None:
+            """While quiet: the full tunnel, if it runs, routes through a
+            table of its own, claimed by it alone, that holds its default
+            route on its link, with exactly its two rules there (not
+            fwmark T lookup T; main with suppress_prefixlength 0) at the
+            priorities it claimed, and its kill switch in place; with no
+            full tunnel running, no rule, claim, hold or kill switch of
+            tunsup's is left."""
+            known = quiet_tunnels()
+            if known is None or any(op in ("delete_rule", "delete_routes")
+                                    for op, _ in fake.net.fired):
+                return
+            now = f"t={trio.current_time():.3f}"
+            owners = fake.host.claims.owners()
+            rules = [r for r in fake.net.policy_rules if r not in before["#rules"]]
+            ours = set(fake.net.unreachable) - before["#unreachable"]
+            full = [t for t in known if t.name == FULL
+                    and t.state in (TunnelState.UP, TunnelState.DEGRADED)]
+            if not full:
+                if rules or owners["tables"] or owners["priorities"] or ours:
+                    failures.append(f"{now}: no full tunnel runs, yet rules {rules}, claims "
+                                    f"{owners} or unreachable routes {ours} are left")
+                return
+            tunnel = full[0]
+            tables = [t for t, o in owners["tables"].items() if o is tunnel]
+            if len(tables) != 1 or len(owners["tables"]) != 1:
+                failures.append(f"{now}: table claims {owners['tables']}, expected one "
+                                f"of {FULL} alone")
+                return
+            table = tables[0]
+            want = sorted([(table, table, True, None), (254, None, False, 0)])
+            got = sorted((r.table, r.fwmark, r.invert, r.suppress_prefixlength) for r in rules)
+            claimed = {p for (_, p), o in owners["priorities"].items() if o is tunnel}
+            # Nothing else of the host uses table 51820 or rule priorities
+            # below main's: the first free ones, the same after every
+            # rebuild (no drift: a rebuild reuses its hold's table and
+            # priorities).
+            if (got != want or {r.priority for r in rules} != claimed
+                    or claimed != {32765, 32764} or table != 51820):
+                failures.append(f"{now}: rules {[str(r) for r in rules]} (claimed "
+                                f"priorities {sorted(claimed)}), expected those of table 51820 "
+                                "at 32765 and 32764")
+            link = fake.net.by_name(FULL)
+            if link is None or (table, DEFAULT4) not in link.routes:
+                failures.append(f"{now}: {FULL} runs but table {table} has no default route "
+                                "on its link")
+            if not ours:
+                failures.append(f"{now}: {FULL} runs without its kill switch")
+
         def check_dns() -> None:
             """While tunnels run (none starting or stopping, no reload in
             flight, no stop requested, no DNS undo failed): the file holds
             exactly the running tunnels' DNS, merged in the documented
             order (configured tunnels in configuration order, then the
             others in the order they claimed)."""
-            known = [w.tunnel for w in rec.watches if w.tunnel is not None]
-            # A restarting tunnel in "helper" mode has its DNS on the dead
-            # helper generation's stack: released, then claimed again.
-            moving = (TunnelState.STARTING, TunnelState.STOPPING, TunnelState.RESTARTING)
-            if (stops or config["reloading"] or config["order"] is None or "ended" in result
-                    or any(t.state in moving or t._changing.locked() for t in known)
-                    or any(op in DNS_UNDO_OPS for op, _ in fake.net.fired)):
+            known = quiet_tunnels()
+            if known is None or any(op in DNS_UNDO_OPS for op, _ in fake.net.fired):
                 return
             running = [t for t in known if t.state in (TunnelState.UP, TunnelState.DEGRADED)]
             claimed = {id(t): i for i, t in enumerate(rec.dns_claims)}
@@ -607,6 +695,7 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
             finally:
                 if "ended" not in result:
                     check_dns()
+                    check_policy()
 
         async def _act(step: Step) -> None:
             if step.action == "stop":
@@ -661,6 +750,11 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                     await crash(name)
             elif step.action == "wedge":
                 await wedge(step.arg)
+            elif step.action == "slow-teardown":
+                helper = helper_of(step.arg)
+                if helper is not None:
+                    helper.ignore_term = True
+                    fake.faults.append(Fault(op="delete_link", kind="delay", delay=SLOW_UNDO))
             elif step.action == "next-helper":
                 fake.plan.append({"crash": Behaviour.CRASH, "slow": Behaviour.SLOW,
                                   "mute": Behaviour.MUTE}[step.arg])
@@ -723,6 +817,7 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                     await trio.sleep(stop_at)
                     check_status(sup, fake, failures)
                     check_dns()
+                    check_policy()
                     stopping()
                     sup.stop("end of schedule")
                     await trio.sleep_forever()
@@ -766,7 +861,21 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
         with open(resolv, "rb") as f:
             result["resolv.conf"] = f.read()
         check_liveness(initial, schedule, stops, fake, rec)
+        result["helper-made"] = helper_made(initial, schedule)
         check(fake, sup, rec, before, failures, requests, stops, result, messages)
+
+
+def helper_made(initial: list[tuple[str, str]], schedule: list[Step]) -> set[str]:
+    """Tunnels that ran in "helper" mode at some point: their link is the
+    helper's own, and a helper stuck in the kernel (unkillable) keeps it."""
+    made = {name for name, mode in initial if mode == "helper"}
+    for step in schedule:
+        if step.action == "add":
+            made |= {step.arg[0]} if step.arg[1] == "helper" else set()
+        elif step.action in ("reload", "reload-then-term"):
+            config = step.arg if step.action == "reload" else step.arg[0]
+            made |= {name for name, mode, _ in config if mode == "helper"}
+    return made
 
 
 def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any],
@@ -775,7 +884,8 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
     fired = fake.net.fired
     undo_faults = [(op, kind) for op, kind in fired if op in UNDO_OPS]
     undo_failed = [(op, kind) for op, kind in undo_faults if failed_undo(op, kind)]
-    undo_delay = DELAY * sum(1 for _, kind in undo_faults if kind == "delay")
+    undo_delay = sum(f.delay * f.fired for f in fake.faults
+                     if f.kind == "delay" and f.op in UNDO_OPS)
     unkillable = any(op == "signal_helper" and kind != "delay" for op, kind in undo_faults)
 
     assert not failures, failures
@@ -803,10 +913,16 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
             if name == "#unreachable" and "delete_routes" in leftover_ops:
                 # Held or kill-switch routes whose delete failed may stay.
                 assert link >= before[name], f"{name}: routes there before are gone"
+            elif name == "#rules" and "delete_rule" in leftover_ops:
+                # A full tunnel's rules whose delete failed may stay.
+                assert all(r in link for r in before[name]), f"{name}: rules there before gone"
             elif name.startswith("#") or name in before:
                 assert link == before[name], f"{name} not restored"
             elif name not in before:
-                assert leftover_ops & {"delete_link", "close_tun", "set_link_down"}, \
+                link_undo = {"delete_link", "close_tun", "set_link_down"}
+                if name in result["helper-made"]:
+                    link_undo.add("signal_helper")  # the stuck helper holds its link
+                assert leftover_ops & link_undo, \
                     f"link {name} left behind, yet no link undo failed ({undo_failed})"
                 if link["addresses"]:
                     assert leftover_ops & {"delete_address", "delete_link", "close_tun",
@@ -849,6 +965,10 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
             bound = max(bound, STOP_TIMEOUT + LAST_CHANCE * 20 + 3.0)
         assert ended - stops[0] <= bound + 1e-6, f"stop took {ended - stops[0]:.3f} s"
 
+    # Every table and rule priority claim was released.
+    assert fake.host.claims.owners() == {"tables": {}, "priorities": {}}, \
+        fake.host.claims.owners()
+
     # Status agrees with the model.
     assert sup.slots() == []
     assert sup.phase == "stopped"
@@ -871,7 +991,8 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
 
 
 #: What takes back a change that an apply made before it failed or hung.
-INVERSE = {"add_address": "delete_address", "add_routes": "delete_routes"}
+INVERSE = {"add_address": "delete_address", "add_routes": "delete_routes",
+           "add_rule": "delete_rule"}
 
 
 def check_aborted(fake: FakeHost, undo_failed: list[tuple[str, str]]) -> None:
@@ -883,6 +1004,10 @@ def check_aborted(fake: FakeHost, undo_failed: list[tuple[str, str]]) -> None:
         op, args, kwargs = calls[i]
         inverse = INVERSE.get(op)
         if inverse is None or any(o == inverse for o, _ in undo_failed):
+            continue
+        if op == "add_rule":
+            assert any(o == inverse and a == args for o, a, _ in calls[i + 1:]), \
+                f"{op}{args} took effect, then failed or hung: never taken back"
             continue
         index, what = args[0], args[1]
         undone = any(
@@ -1001,9 +1126,12 @@ def check_restart_model(fake: FakeHost, rec: Recorder,
             attempt += 1
             due = at + delay
             spawn = next((t for t in spawns if t > at), None)
-            if (spawn is None or spawn > due + 1e-6) and stopping <= due + 1e-9 and (
+            # A slowed spawn (a delay fault on start_helper or link_name)
+            # may still be on its way when the stop comes.
+            grace = DELAY if slowed else 0.0
+            if (spawn is None or spawn > due + 1e-6) and stopping <= due + grace + 1e-9 and (
                     spawn is None or spawn > stopping):
-                break  # stopped during the backoff
+                break  # stopped during the backoff (or the slowed spawn)
             assert spawn is not None, (
                 f"{tunnel.name}: failure at {at:.3f}, backoff {delay:.3f} s, but no helper "
                 f"was spawned again ({tunnel.state.value}, {tunnel.failure!r})")

@@ -31,6 +31,7 @@ from tunsup.engine.supervisor import Supervisor
 from tunsup.engine.tunnel import TRANSITIONS, Tunnel, TunnelOptions, TunnelState
 from tunsup.service import ServiceOps
 from tunsup.testing import Behaviour, FakeHost, spec, uapi_dir
+from tunsup.testing.fakehost import Fault
 
 
 @pytest.fixture
@@ -525,6 +526,20 @@ def test_wedged_helper_stop_kills_after_the_grace_and_returns_in_bounds(
     # The link went down and away before the helper was even signalled.
     assert fake.net.deleted[0] == "wgt0"
     assert_host_restored(fake)
+
+
+def test_a_helper_that_cannot_be_stopped_after_a_failed_start_is_reported(
+        fake: FakeHost, caplog: pytest.LogCaptureFixture) -> None:
+    """The start fails right after the spawn (its start time cannot be
+    read) and the helper is stuck in the kernel (no signal takes): the
+    start's clean-up must say the helper is still running, and run exits 3
+    (teardown incomplete), not 1 as if the host were restored."""
+    fake.faults.extend([Fault(op="start_time"), Fault(op="signal_helper", kind="hang")])
+    out = run_supervisor(fake, [options(tun_mode="helper")], stop)
+    assert out.code == ExitCode.TEARDOWN_INCOMPLETE
+    helper = fake.started[0]
+    assert not helper.exited.is_set()
+    assert f"fake-wg (pid {helper.pid}) is still running" in caplog.text, caplog.text
 
 
 # ------------------------------------------------------- generated schedules

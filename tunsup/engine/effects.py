@@ -36,7 +36,7 @@ import trio
 from .._bounded import bounded
 from .._errors import HostError
 from ..config.spec import IPAddress, IPInterface, IPNetwork
-from ..host import UNREACHABLE, PolicyRule
+from ..host import UNREACHABLE, HelperHandle, PolicyRule
 from ..host.dns import DnsBackend, DnsError, DnsState, FileBackend, FileDnsState
 
 # The base types live beside the stack that runs them (no import cycle);
@@ -157,8 +157,18 @@ class StartHelper(Effect):
                 raise HostError(f"no TUN device of {self.ifname} to hand to the helper")
             env["WG_TUN_FD"] = str(fd)
             pass_fds = (fd,)
-        handle = await ctx.host.start_helper(ctx.nursery, self.argv, log=_as_logger(ctx.log),
-                                             env=env, pass_fds=pass_fds)
+        spawned: list[HelperHandle] = []
+        try:
+            handle = await ctx.host.start_helper(ctx.nursery, self.argv, log=_as_logger(ctx.log),
+                                                 env=env, pass_fds=pass_fds,
+                                                 on_spawn=spawned.append)
+        except BaseException:
+            # start_helper stopped what it spawned, unless the process is
+            # stuck in the kernel: then abort must say it is still running.
+            for helper in spawned:
+                if not helper.exited.is_set():
+                    ctx.unreaped[self.ifname] = helper
+            raise
         ctx.helpers[handle.pid] = handle
         ctx.log.info("started helper %s (pid %d)", self.argv[0], handle.pid)
         return HelperRunning(self.ifname, self.argv, handle.pid, handle.start_time)
@@ -169,6 +179,12 @@ class StartHelper(Effect):
         # UAPI socket file.  Recovery: the instance may have died between
         # the spawn and its record; find the helper by its exact command
         # line, started after the dead instance itself.
+        stuck = ctx.unreaped.pop(self.ifname, None)
+        if stuck is not None and not stuck.exited.is_set():
+            # Its UAPI socket is live: leave it.  The intent stays in the
+            # journal, so `cleanup` tries again once the process can die.
+            raise HostError(f"helper {self.argv[0]} (pid {stuck.pid}) is still running: "
+                            "it did not exit after SIGKILL")
         if not ctx.recovering or ctx.instance_start is None:
             await _remove_stale_socket(ctx, self.ifname)
             return

@@ -41,6 +41,9 @@ class EffectContext:
     hook_timeout: float = 60.0
     #: Live helper handles by pid (records only hold pid + start time).
     helpers: dict[int, HelperHandle] = attrs.field(factory=dict)
+    #: Helpers whose start failed and that could not be stopped (stuck in
+    #: the kernel), by interface name: the start's abort reports them.
+    unreaped: dict[str, HelperHandle] = attrs.field(factory=dict)
     #: Crash recovery: undoing a dead instance's journal.  Helpers are then
     #: not our children; they are found by pid *and* start time.
     recovering: bool = False

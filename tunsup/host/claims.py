@@ -14,6 +14,7 @@ teardown has run.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 
 class Claims:
@@ -43,6 +44,11 @@ class Claims:
         """Claim rule ``priorities`` of IPv``family`` for ``owner``."""
         for priority in priorities:
             self._priorities[(family, priority)] = owner
+
+    def owners(self) -> dict[str, dict[Any, object]]:
+        """What is claimed now, for diagnostics and tests: ``tables``
+        (table -> owner) and ``priorities`` ((family, priority) -> owner)."""
+        return {"tables": dict(self._tables), "priorities": dict(self._priorities)}
 
     def release(self, owner: object) -> None:
         """Drop every claim of ``owner`` (its teardown has run)."""

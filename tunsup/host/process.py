@@ -203,6 +203,7 @@ async def start_helper(
     env: Mapping[str, str] | None = None,
     pass_fds: Sequence[int] = (),
     spawner: Spawner = OS,
+    on_spawn: Callable[[HelperProcess], None] | None = None,
 ) -> HelperProcess:
     """Spawn ``argv`` in its own session with captured output.
 
@@ -212,7 +213,10 @@ async def start_helper(
     failing) once the process exists, it stops the process (SIGTERM, up to
     :data:`SPAWN_ABORT_GRACE` s, SIGKILL, reap; shielded, so at most that
     plus 5 s) before the exception propagates.  ``spawner``: the OS (tests
-    pass a fake one).
+    pass a fake one).  ``on_spawn`` hears of the process the moment it
+    exists: if it cannot be stopped (stuck in the kernel), the exception
+    propagates all the same and only the caller that kept it can tell
+    that a helper was left running (its ``exited`` is not set).
     """
     full_env = dict(os.environ)
     if env:
@@ -232,6 +236,8 @@ async def start_helper(
     # No checkpoint between the spawn and here: the helper is watched (so
     # reaped) and its output pumped before anything can be cancelled.
     helper = HelperProcess(proc, argv, log, spawner)
+    if on_spawn is not None:
+        on_spawn(helper)
     nursery.start_soon(helper._shielded, helper._watch)
     for stream, label in ((proc.stdout, "out"), (proc.stderr, "err")):
         if stream is not None:
@@ -244,6 +250,7 @@ async def start_helper(
         # never gets the handle, so the helper must not outlive this call.
         with trio.CancelScope(shield=True):
             if not await helper.stop(SPAWN_ABORT_GRACE):
+                log.error("helper %s (pid %d) did not exit after SIGKILL", argv[0], helper.pid)
                 helper.close()
         raise
     return helper

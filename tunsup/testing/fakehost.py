@@ -52,6 +52,7 @@ from tunsup.config.spec import IPAddress, IPInterface, IPNetwork, PeerSpec, Tunn
 from tunsup.host import Host, PolicyRule, RouteBatchResult, dns, process
 from tunsup.host.process import HelperProcess, describe_exit
 from tunsup.host.tun import TunDevice
+from tunsup.host.worker import SerialWorker
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -660,12 +661,14 @@ class FakeHost:
     @operation
     async def start_helper(self, nursery: trio.Nursery, argv: Sequence[str], *,
                            log: logging.Logger, env: dict[str, str] | None = None,
-                           pass_fds: Sequence[int] = ()) -> HelperProcess:
+                           pass_fds: Sequence[int] = (),
+                           on_spawn: Callable[[HelperProcess], None] | None = None,
+                           ) -> HelperProcess:
         """tunsup's own :func:`~tunsup.host.process.start_helper` over a fake
         process following ``plan`` (then ``default``).  Cancellation: as
         the real one (a fault before the spawn: nothing exists yet)."""
         return await process.start_helper(nursery, argv, log=log, env=env, pass_fds=pass_fds,
-                                          spawner=_Spawner(self, nursery))
+                                          spawner=_Spawner(self, nursery), on_spawn=on_spawn)
 
     @operation
     async def run_hook(self, command: str, log: logging.Logger, timeout: float, *,
@@ -717,7 +720,8 @@ def inline_threads(net: FakeNet) -> Iterator[None]:
     makes is one too (:data:`DNS_WRITES`, or "dns_sync_dir" for the
     directory's sync after a rename: "errno" fails it with EIO, as a disk
     can).  A thread started with ``start_thread_soon`` (the backend's
-    rollback of an abandoned write) runs at once."""
+    rollback of an abandoned write) runs at once, and so does a job of a
+    :class:`~tunsup.host.worker.SerialWorker` (the journal's appends)."""
     phase: list[str] = []
 
     async def run_sync(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False,
@@ -753,14 +757,23 @@ def inline_threads(net: FakeNet) -> Iterator[None]:
             raise OSError(fault.errno, os.strerror(fault.errno))
         real_fsync(fd)
 
-    saved = (trio.to_thread.run_sync, trio.lowlevel.start_thread_soon, dns._fsync)
+    async def serial_call(self: SerialWorker, fn: Callable[[], T], *, timeout: float,
+                          what: str) -> T:
+        # A queued job is skipped when its caller is cancelled first.
+        await trio.lowlevel.checkpoint()
+        return fn()
+
+    saved = (trio.to_thread.run_sync, trio.lowlevel.start_thread_soon, dns._fsync,
+             SerialWorker.call)
     trio.to_thread.run_sync = run_sync  # type: ignore[assignment]
     trio.lowlevel.start_thread_soon = start_thread_soon
     dns._fsync = fsync
+    SerialWorker.call = serial_call  # type: ignore[method-assign]
     try:
         yield
     finally:
-        trio.to_thread.run_sync, trio.lowlevel.start_thread_soon, dns._fsync = saved
+        (trio.to_thread.run_sync, trio.lowlevel.start_thread_soon, dns._fsync,
+         SerialWorker.call) = saved  # type: ignore[method-assign]
 
 
 def spec(name: str = "wgt0", *, post_up: tuple[str, ...] = ()) -> TunnelSpec:
