@@ -67,6 +67,13 @@ def test_exit_codes_behave_as_int_enum_members() -> None:
     assert repr(code) == repr(ref).replace("Reference", "ExitCode")
     assert {c: c.name for c in (StatusCode.RUNNING, StatusCode.DEAD)} == {0: "RUNNING",
                                                                          1: "DEAD"}
+    assert ExitCode(3) is code and StatusCode(1) is StatusCode.DEAD  # lookup by value
+    with pytest.raises(ValueError, match="5 is not a valid ExitCode"):
+        ExitCode(5)
+    import copy
+    import pickle
+
+    assert copy.deepcopy(code) is code and pickle.loads(pickle.dumps(code)) is code
     values = [v for k, v in vars(ExitCode).items() if k.isupper()]
     assert sorted(values) == [0, 1, 2, 3, 4, 7]
     assert all(type(v) is ExitCode for v in values)

@@ -23,14 +23,28 @@ else:
         checker sees a real IntEnum."""
 
         name: str
+        _members: tuple[_Codes, ...] = ()
 
         def __init_subclass__(cls) -> None:
             super().__init_subclass__()
+            members = []
             for key, value in list(vars(cls).items()):
                 if key.isupper() and type(value) is int:
                     member = int.__new__(cls, value)
                     member.name = key
                     setattr(cls, key, member)
+                    members.append(member)
+            cls._members = tuple(members)
+
+        def __new__(cls, value: int) -> _Codes:
+            """``ExitCode(3)``: the member of that value, as for an enum."""
+            for member in cls._members:
+                if member == value:
+                    return member
+            raise ValueError(f"{value!r} is not a valid {cls.__name__}")
+
+        def __reduce__(self) -> tuple[type[_Codes], tuple[int]]:
+            return type(self), (int(self),)
 
         @property
         def value(self) -> int:
