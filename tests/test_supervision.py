@@ -27,7 +27,7 @@ from tunsup.config.sources import ConfigSource, Loaded
 from tunsup.config.spec import IPNetwork, TunnelSpec
 from tunsup.config.toml import SupervisorConfig
 from tunsup.engine.restart import RestartPolicy, RestartTracker
-from tunsup.engine.supervisor import Supervisor
+from tunsup.engine.supervisor import Stopping, Supervisor
 from tunsup.engine.tunnel import TRANSITIONS, Tunnel, TunnelOptions, TunnelState
 from tunsup.service import ServiceOps
 from tunsup.testing import Behaviour, FakeHost, spec, uapi_dir
@@ -540,6 +540,29 @@ def test_a_helper_that_cannot_be_stopped_after_a_failed_start_is_reported(
     helper = fake.started[0]
     assert not helper.exited.is_set()
     assert f"fake-wg (pid {helper.pid}) is still running" in caplog.text, caplog.text
+
+
+def test_after_run_returned_a_failed_tunnel_cannot_be_cleared(fake: FakeHost) -> None:
+    """A tunnel that failed while up stays listed (for status) until a
+    `down` clears it; once run() has returned, that request is refused
+    like every other (found by the race suite: it returned the tunnel)."""
+    fake.default = Behaviour.CRASH
+    fake.plan = [Behaviour.OK]
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        tunnel = Tunnel(spec("wgt0"), fake.host, options(restart=RestartPolicy(max_restarts=0)))
+        sup = Supervisor([tunnel], fake.host, handle_signals=False)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup.run)
+            await sup.ready.wait()
+            fake.current.die(1, "ERROR: lost it")
+        seen["failed"] = [slot.tunnel.name for slot in sup.failed()]
+        with pytest.raises(Stopping):
+            await sup.remove("wgt0")
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert seen["failed"] == ["wgt0"]
 
 
 # ------------------------------------------------------- generated schedules

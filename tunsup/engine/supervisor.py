@@ -308,7 +308,7 @@ class Supervisor:
 
         Waits for requests in flight for the same tunnel first.  Raises
         :class:`NoSuchTunnel`, or :class:`Stopping` when a stop already took
-        it down.  Cancelling the caller abandons the wait,
+        it down (or once run() returned).  Cancelling the caller abandons the wait,
         never the teardown (which is shielded).  A configured tunnel that
         has not started yet is waited for, then stopped.  A tunnel that
         failed while up (already torn down) is cleared from :meth:`failed`
@@ -316,11 +316,13 @@ class Supervisor:
         await self._wait_claims(name, "down")
         async with self._lock(name):
             slot = self._slots.get(name)
-            if slot is None and name in self._failed_slots:
-                return self._failed_slots.pop(name).tunnel
             if slot is None:
-                if self.stop_reason is not None:
+                # Once stopping (or stopped), no request is taken, not even
+                # clearing a failed tunnel: after run() returns, all raise.
+                if self.stop_reason is not None or self.phase in ("stopping", "stopped"):
                     raise Stopping(f"the service is stopping; tunnel {name} is already down")
+                if name in self._failed_slots:
+                    return self._failed_slots.pop(name).tunnel
                 raise NoSuchTunnel(f"no tunnel named {name!r} is running")
             await self._stop_slot(slot)
             return slot.tunnel
