@@ -665,3 +665,36 @@ def test_whatever_happens_the_host_is_restored(
         assert (out.code == ExitCode.FAILURE) == (tunnel.failure is not None)
         assert out.stop_took <= 2.0 + 1e-9
         assert_host_restored(fake)
+
+
+def test_tun_framing_is_detected_while_the_bring_up_checks_the_host(
+        fake: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With tun_header = "auto", asking the helper binary for its framing
+    (a process: `wireguard-go --version`, stood in for here at that
+    boundary) starts with the bring-up and runs while the checks before
+    the TUN wait for the host; the TUN gets what it answered."""
+    from tunsup.host import tun as tun_adapter
+
+    seen: dict[str, Any] = {}
+
+    async def detect_header(program: str, **_: Any) -> str:
+        seen["ops_at_start"] = list(fake.net.ops)
+        await trio.sleep(1.0)  # the process takes its time
+        seen["ops_at_end"] = list(fake.net.ops)
+        return "pi"
+
+    monkeypatch.setattr(tun_adapter, "detect_header", detect_header)
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        sup.stop()
+
+    out = run_supervisor(fake, [options(tun_header="auto", tun_mode="owned")], driver)
+    assert out.code == ExitCode.OK
+    # Asked at the start (at most the first check had been sent), and the
+    # checks went on meanwhile; the TUN waited for the answer.
+    assert seen["ops_at_start"] in ([], ["link_index"])
+    assert len(seen["ops_at_end"]) > len(seen["ops_at_start"])
+    assert "create_tun" not in seen["ops_at_end"]
+    creates = [call for call in fake.net.calls if call[0] == "create_tun"]
+    assert creates and creates[0][2] == {"packet_info": True}
+    assert_host_restored(fake)
