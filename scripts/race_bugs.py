@@ -179,6 +179,9 @@ BUGS: list[Bug] = [
     Bug("an intent without its outcome is not undone", "tunsup/engine/journal.py",
         "        return self.record if self.record is not None else PendingIntent(self.intent)",
         "        return self.record"),
+    Bug("a helper stuck after a failed start is forgotten", E,
+        "                    ctx.unreaped[self.ifname] = helper\n",
+        "                    pass\n"),
     # --- full tunnel: tables, rule priorities, holds ---------------------------
     Bug("table claims never released", CLAIMS,
         "        self._tables = {t: o for t, o in self._tables.items() if o is not owner}\n", ""),

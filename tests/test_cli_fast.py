@@ -102,6 +102,38 @@ def test_client_command_imports_nothing_heavy(tmp_path: object) -> None:
     assert heavy.isdisjoint(modules), heavy & set(modules)
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _modules_imported_by(argv: list[str]) -> set[str]:
+    """The modules the installed command (bin/tunsup, as pip installs it)
+    imports for ``argv``, from ``python -X importtime``; ``-S``: the
+    interpreter's own site (.pth files, an editable install's finder) is
+    not tunsup's."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-S", "-X", "importtime", str(ROOT / "bin" / "tunsup"),
+                          *argv], capture_output=True, text=True, timeout=60, env=env)
+    modules = {line.rsplit("|", 1)[1].strip() for line in res.stderr.splitlines()
+               if line.startswith("import time:") and "imported package" not in line}
+    assert "tunsup.cli" in modules, res.stderr
+    return modules
+
+
+def test_installed_command_loads_no_stdlib_weight_for_a_client_command(
+        tmp_path: Path) -> None:
+    """`tunsup status`/`down` as installed import neither re nor enum (pip's
+    entry-point wrapper, json's decoder and encoder and an IntEnum would
+    load them), json, contextlib, collections, functools nor types: about
+    15 ms of a command that should take about 20 in all."""
+    unwanted = {"re", "enum", "json", "json.decoder", "contextlib", "collections",
+                "functools", "types", "typing", "argparse", "socket", "signal"}
+    for argv in (["status", "--runtime-dir", str(tmp_path)],
+                 ["down", "wg9", "--runtime-dir", str(tmp_path)],
+                 ["up", str(tmp_path / "wg9.conf"), "--runtime-dir", str(tmp_path)]):
+        modules = _modules_imported_by(argv)
+        assert unwanted.isdisjoint(modules), (argv, unwanted & modules)
+
+
 def test_run_of_a_conf_file_loads_no_toml_machinery(tmp_path: Path) -> None:
     """What `run wg0.conf` imports and does before its event loop (read its
     command line and the file, load the service, start logging) builds no

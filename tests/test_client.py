@@ -48,6 +48,37 @@ def test_exit_codes_have_one_source() -> None:
     assert numbers == set()
 
 
+def test_exit_codes_behave_as_int_enum_members() -> None:
+    """The exit codes are built without importing enum (client start-up
+    time) but read as IntEnum members do: ints equal to and hashing as
+    their values, with their name, one object each, shown as IntEnum
+    shows them."""
+    import enum
+
+    class Reference(enum.IntEnum):
+        TEARDOWN_INCOMPLETE = 3
+
+    code = ExitCode.TEARDOWN_INCOMPLETE
+    ref = Reference.TEARDOWN_INCOMPLETE
+    assert code == 3 and hash(code) == hash(3) and isinstance(code, int)
+    assert isinstance(code, ExitCode) and ExitCode.TEARDOWN_INCOMPLETE is code
+    assert (code.name, code.value) == (ref.name, ref.value)
+    assert (str(code), f"{code}", f"{code:>3}", int(code)) == (str(ref), f"{ref}", f"{ref:>3}", 3)
+    assert repr(code) == repr(ref).replace("Reference", "ExitCode")
+    assert {c: c.name for c in (StatusCode.RUNNING, StatusCode.DEAD)} == {0: "RUNNING",
+                                                                         1: "DEAD"}
+    assert ExitCode(3) is code and StatusCode(1) is StatusCode.DEAD  # lookup by value
+    with pytest.raises(ValueError, match="5 is not a valid ExitCode"):
+        ExitCode(5)
+    import copy
+    import pickle
+
+    assert copy.deepcopy(code) is code and pickle.loads(pickle.dumps(code)) is code
+    values = [v for k, v in vars(ExitCode).items() if k.isupper()]
+    assert sorted(values) == [0, 1, 2, 3, 4, 7]
+    assert all(type(v) is ExitCode for v in values)
+
+
 def test_pid_file_round_trip_and_liveness(tmp_path: Path) -> None:
     run = str(tmp_path / "run")
     me = pidfile.write(run)

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tunsup._log import LogHub
 from tunsup.control import client
@@ -608,3 +610,46 @@ def test_serve_fails_early_for_a_path_too_long(tmp_path: Path) -> None:
             await server.serve()
 
     run(main)
+
+
+# The client's frame codec: json's C scanner and encoder used directly (no
+# `import json`, which loads re and enum); it must read and write every
+# frame exactly as json.loads / json.dumps do.
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20)
+
+
+@given(st.dictionaries(st.text(), _JSON, max_size=5))
+def test_frame_codec_writes_and_reads_as_json_does(frame: dict[str, Any]) -> None:
+    try:
+        expected = json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate: sent \u-escaped
+        expected = json.dumps(frame, separators=(",", ":")).encode()
+    encoded = proto.encode(frame)
+    assert encoded == expected + b"\n"
+    assert proto.decode(encoded) == json.loads(encoded) == frame
+
+
+@pytest.mark.parametrize("text", [
+    b'{"a":1}', b'  {"a": [1, 2.5e3, -0, true, null]} \r\n', b'"x"', b"NaN", b"-Infinity",
+    b'{"s":"\\u00e9\\ud800"}', b'{"a":1,}', b"{", b"", b"  ", b'{"a":1}x', b"[1,]", b"\xff",
+    b'"\\q"', b"01", b"{'a':1}", b"1 2"])
+def test_frame_decoder_accepts_and_refuses_what_json_loads_does(text: bytes) -> None:
+    try:
+        expected: object = json.loads(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            proto.decode(text)
+        return
+    assert repr(proto.decode(text)) == repr(expected)
+
+
+def test_frame_encoder_refuses_what_json_dumps_refuses() -> None:
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        proto.encode({"a": object()})
+    looped: dict[str, Any] = {}
+    looped["self"] = looped
+    with pytest.raises(ValueError, match="Circular"):
+        proto.encode(looped)

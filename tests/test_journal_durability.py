@@ -19,7 +19,15 @@ import attrs
 import pytest
 import trio
 
-from tunsup.engine.effects import Address, Dns, Effect, EffectContext, Hooks, LinkUp, Routes
+from tunsup.engine.effects import (
+    Address,
+    Dns,
+    Effect,
+    EffectContext,
+    Hooks,
+    LinkUp,
+    Routes,
+)
 from tunsup.engine.journal import Journal, JournalObserver, journal_name, read_journal
 from tunsup.engine.recovery import recover
 from tunsup.engine.undo import EffectStack
@@ -122,3 +130,34 @@ async def _recover_after_reboot(state: Path, resolv: Path) -> list[str]:
         report = await recover(str(state), fake.host, me=(os.getpid(), 0))
         assert report.complete, report
         return fake.hooks
+
+
+def test_a_teardown_writes_its_undone_records_at_once_and_in_order(tmp_path: Path) -> None:
+    """An unwind does not wait for each undone record to be written before
+    its next step (one trip to the journal's thread per record on the path
+    of every stop): it queues them and writes them together at its end, in
+    the order of the undos, before it returns."""
+    journal = Journal(str(tmp_path / "state"), *DEAD)
+
+    async def main() -> int:
+        with uapi_dir() as sockets:
+            fake = FakeHost(sockets)
+            index = fake.net.create(IFNAME, persistent=True)
+            async with trio.open_nursery() as nursery:
+                log = logging.getLogger("test")
+                ctx = EffectContext(host=fake.host, log=log, nursery=nursery)
+                stack = EffectStack(ctx, log=log, observer=JournalObserver(journal, IFNAME))
+                for effect in _effects(index)[1:-2]:  # address, link up, routes
+                    await stack.apply(effect)
+                writes = journal.commits
+                report = await stack.unwind(10)
+                assert report.complete
+                writes = journal.commits - writes
+        await journal.close(remove=False)
+        return writes
+
+    assert trio.run(main) == 1
+    contents = read_journal(journal.path)
+    assert contents.pending() == [] and not contents.damaged
+    undone = [line for line in Path(journal.path).read_bytes().splitlines() if b'"undone"' in line]
+    assert [int(line.split(b'"seq":')[1].rstrip(b"}")) for line in undone] == [3, 2, 1]

@@ -273,3 +273,54 @@ def test_link_deletions_of_a_group_cut_short_try_again(netns: Callable[[str], st
     out = json.loads(done.stdout)
     assert out["deleted"] == {"ta": True, "t1": True, "t2": True}
     assert out["left"] == ["lo", "t0"]
+
+
+DELETE_ONE_THREAD = r"""
+import json, socket, sys, threading
+import trio
+from tunsup.host import _rtnl
+from tunsup.host.netlink import NetlinkHost
+from tunsup.testing import netns as _netns
+
+NS = sys.argv[1]
+threads = []  # kept: no two of them can share an id
+real_request = _rtnl.request
+
+def request(mtype, body, **kwargs):
+    if mtype == _rtnl.RTM_DELLINK:
+        threads.append(threading.current_thread())
+    return real_request(mtype, body, **kwargs)
+
+_rtnl.request = request
+
+async def main():
+    host = NetlinkHost()
+    try:
+        await host.link_index("lo")  # the shared worker's thread
+        shared = [t for t in threading.enumerate() if t.name == "tunsup-netlink"]
+        out = [await host.delete_link(socket.if_nametoindex(n), n) for n in ("t0", "t1", "t2")]
+    finally:
+        await host.close()
+    return {"deleted": out, "threads": len({id(t) for t in threads}),
+            "on_shared": any(t in shared for t in threads)}
+
+print(json.dumps(_netns.run_in_netns(NS, lambda: trio.run(main))))
+"""
+
+
+def test_link_deletions_one_after_another_share_one_thread(
+        netns: Callable[[str], str]) -> None:
+    """Deletions run on a thread of their own, not the shared netlink
+    thread (each waits for the kernel's unregistering), and that thread
+    serves every deletion of the service's life: one started per deletion
+    cost every stop a thread start."""
+    import subprocess
+    import sys
+
+    ns = netns("nlt")
+    for dev in ("t0", "t1", "t2"):
+        _netns.ip("tuntap", "add", dev, "mode", "tun", ns=ns)
+    done = subprocess.run([sys.executable, "-c", DELETE_ONE_THREAD, ns], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"deleted": [True] * 3, "threads": 1, "on_shared": False}

@@ -105,7 +105,7 @@ from hypothesis import strategies as st
 from tunsup import ExitCode
 from tunsup._errors import HelperExited
 from tunsup.config.spec import TunnelSpec
-from tunsup.engine.effects import Dns, Effect, HelperRunning, WireguardChanged
+from tunsup.engine.effects import Dns, Effect, HelperRunning
 from tunsup.engine.restart import RestartPolicy, RestartTracker
 from tunsup.engine.supervisor import (
     CONTROL,
@@ -117,7 +117,7 @@ from tunsup.engine.supervisor import (
     Supervisor,
 )
 from tunsup.engine.tunnel import TRANSITIONS, Tunnel, TunnelOptions, TunnelState
-from tunsup.engine.undo import LAST_CHANCE
+from tunsup.engine.undo import LAST_CHANCE, EffectStack
 from tunsup.host.dns import FileBackend, ResolvClaim, render_claims
 from tunsup.testing.fakehost import (
     Behaviour,
@@ -287,6 +287,9 @@ steps = st.one_of(
     # undo step before the helper's) that leaves less than the grace of
     # the stop's budget: the helper's grace must shrink to fit.
     st.builds(Step, times, st.just("slow-teardown"), names),
+    # A helper's restart whose new process cannot be read (its start time)
+    # nor killed (stuck in the kernel): it must be reported, not forgotten.
+    st.builds(Step, times, st.just("stuck-start"), names),
 )
 
 
@@ -371,6 +374,8 @@ class StackWatch:
         #: Every tunnel's claim of the shared resolv.conf, in claim order
         #: (one list for all tunnels).
         self.dns_claims: list[Tunnel] = []
+        #: Records dropped with EffectStack.settle (ids; all tunnels).
+        self.settled: set[int] = set()
 
     async def intent(self, effect: Effect) -> None:
         pass
@@ -391,10 +396,9 @@ class StackWatch:
         self.undone_at[id(record)] = trio.current_time()
         key = self.stack_of.get(id(record))
         live = self.live.get(key, [])
-        if isinstance(record, WireguardChanged) and self.tunnel is not None and (
-                self.tunnel.state in (TunnelState.UP, TunnelState.DEGRADED)):
-            # Settled, not undone: once an in-place change is made, the
-            # WireGuard change lives in the helper (EffectStack.settle),
+        if id(record) in self.settled:
+            # Settled, not undone (EffectStack.settle): once an in-place
+            # change is made, its WireGuard change lives in the helper,
             # whatever was applied after it.
             self.live[key] = [r for r in live if r is not record]
             return
@@ -411,6 +415,23 @@ class StackWatch:
         return [r for records in self.live.values() for r in records]
 
 
+@contextlib.contextmanager
+def settles_seen(settled: set[int]) -> Any:
+    """Note the id of every record dropped with ``EffectStack.settle``
+    (nothing to undo: not an undo, for the order check), while active."""
+    real = EffectStack.settle
+
+    async def settle(self: EffectStack, record: Effect) -> None:
+        settled.add(id(record))
+        await real(self, record)
+
+    EffectStack.settle = settle  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        EffectStack.settle = real  # type: ignore[method-assign]
+
+
 class Recorder:
     """Every state change of every tunnel (with its time), checked against
     TRANSITIONS, and every tunnel's stacks (see :class:`StackWatch`)."""
@@ -423,6 +444,7 @@ class Recorder:
         self.watches: list[StackWatch] = []
         self.rng = random.Random(seed)
         self.dns_claims: list[Tunnel] = []
+        self.settled: set[int] = set()
 
     def tunnel(self, spec_: TunnelSpec, opts: TunnelOptions, fake: FakeHost) -> Tunnel:
         recorder = self
@@ -437,6 +459,7 @@ class Recorder:
 
         watch = StackWatch(spec_.name, self.misordered, self.errors)
         watch.dns_claims = self.dns_claims
+        watch.settled = self.settled
         self.watches.append(watch)
         watch.seed = self.rng.getrandbits(64)
         tunnel = Recorded(spec_, fake.host, opts, observer=watch,
@@ -511,7 +534,8 @@ def check_status(sup: Supervisor, fake: FakeHost, failures: list[str]) -> None:
 #: Virtual time within which an undisturbed start reaches UP.
 START_BOUND = 2.0
 #: Steps after which a tunnel may never come up (see ``check_liveness``).
-DISTURBING = frozenset({"crash", "crash-loop", "crash-series", "wedge", "next-helper"})
+DISTURBING = frozenset({"crash", "crash-loop", "crash-series", "wedge", "next-helper",
+                        "stuck-start"})
 
 
 def check_liveness(initial: list[tuple[str, str]], schedule: list[Step], stops: list[float],
@@ -626,6 +650,21 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                 return None
             return known
 
+        def check_kill_switch() -> None:
+            """Whenever the full tunnel has stood and is not being stopped
+            (up, degraded, or restarting its helper: the link may be gone),
+            its kill switch is in place: traffic fails rather than leaks."""
+            for watch in rec.watches:
+                tunnel = watch.tunnel
+                if tunnel is None or tunnel.name != FULL or tunnel.state not in (
+                        TunnelState.UP, TunnelState.DEGRADED, TunnelState.RESTARTING):
+                    continue
+                if not any((table, DEFAULT4) in fake.net.unreachable
+                           for table, owner in fake.host.claims.owners()["tables"].items()
+                           if owner is tunnel):
+                    failures.append(f"t={trio.current_time():.3f}: {FULL} is "
+                                    f"{tunnel.state.value} without its kill switch")
+
         def check_policy() -> None:
             """While quiet: the full tunnel, if it runs, routes through a
             table of its own, claimed by it alone, that holds its default
@@ -634,6 +673,8 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
             priorities it claimed, and its kill switch in place; with no
             full tunnel running, no rule, claim, hold or kill switch of
             tunsup's is left."""
+            if not any(op in ("delete_rule", "delete_routes") for op, _ in fake.net.fired):
+                check_kill_switch()
             known = quiet_tunnels()
             if known is None or any(op in ("delete_rule", "delete_routes")
                                     for op, _ in fake.net.fired):
@@ -764,6 +805,14 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                     await crash(name)
             elif step.action == "wedge":
                 await wedge(step.arg)
+            elif step.action == "stuck-start":
+                with trio.move_on_after(START_BOUND):  # (drawn at 0: before it runs)
+                    while helper_of(step.arg) is None:
+                        await trio.sleep(0.1)
+                if helper_of(step.arg) is not None and "ended" not in result:
+                    fake.faults.append(Fault(op="start_time"))
+                    fake.faults.append(Fault(op="signal_helper", kind="hang"))
+                    await crash(step.arg)
             elif step.action == "slow-teardown":
                 helper = helper_of(step.arg)
                 if helper is not None:
@@ -869,7 +918,7 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                 failures.append("run() after stop() did not raise")
 
         try:
-            with inline_threads(fake.net):
+            with inline_threads(fake.net), settles_seen(rec.settled):
                 trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
         except trio.TooSlowError:
             pytest.fail(f"the schedule hung: still running after {HANG_LIMIT} virtual s")
@@ -914,9 +963,11 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
 
     # Every helper was reaped (its exit status collected by tunsup's
     # watcher); none left running unless one could not be killed.
+    # (Per helper: only one stuck in the kernel for good may stay.)
+    stuck = {h for h in fake.started if h.stuck_for_good}
+    assert fake.alive <= stuck, "a helper was left running"
+    assert all(h.reaped for h in fake.started if h not in stuck), "a helper was not reaped"
     if not unkillable:
-        assert fake.alive == set(), "a helper was left running"
-        assert all(h.reaped for h in fake.started), "a helper was not reaped"
         assert not [m for m in messages.lines if "still running after teardown" in m], \
             "the last-resort kill was needed"
 
@@ -940,8 +991,8 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
                 assert link == before[name], f"{name} not restored"
             elif name not in before:
                 link_undo = {"delete_link", "close_tun", "set_link_down"}
-                if name in result["helper-made"]:
-                    link_undo.add("signal_helper")  # the stuck helper holds its link
+                if name in result["helper-made"] and name in {h.ifname for h in stuck}:
+                    link_undo.add("signal_helper")  # its stuck helper holds its link
                 assert leftover_ops & link_undo, \
                     f"link {name} left behind, yet no link undo failed ({undo_failed})"
                 if link["addresses"]:

@@ -433,6 +433,35 @@ def test_status_op_shows_degraded_reason_last_probe_failure_and_installed_routes
     assert_host_restored(fake)
 
 
+def test_down_while_stopping_is_answered_as_stopping_not_as_an_internal_error(
+        fake: FakeHost) -> None:
+    """`tunsup down` of a tunnel that failed while up, once a stop has
+    begun: the answer is "stopping" (exit 1 with that message), not an
+    internal error with a traceback (review finding)."""
+    from tunsup.control import protocol as proto
+    from tunsup.control.server import OpError
+
+    seen: dict[str, Any] = {}
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        ops = ServiceOps(sup, ConfigSource(), Loaded(SupervisorConfig(), ()))
+        fake.started[0].die(1)
+        await tunnels[0].wait_state(TunnelState.FAILED)
+        await trio.testing.wait_all_tasks_blocked()
+        sup.stop()
+        try:
+            await ops.down("wgt0")
+        except OpError as exc:
+            seen["code"] = exc.code
+        await trio.sleep_forever()
+
+    out = run_supervisor(fake, [options(restart=RestartPolicy(max_restarts=0)), options()],
+                         driver, on_failure="keep-running")
+    assert seen.get("code") == proto.STOPPING, seen
+    assert out.code == ExitCode.FAILURE
+    assert_host_restored(fake)
+
+
 def test_keep_running_after_the_last_tunnel_failed(fake: FakeHost) -> None:
     async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
         fake.current.die(1)
@@ -548,6 +577,26 @@ def test_a_helper_that_cannot_be_stopped_after_a_failed_start_is_reported(
     helper = fake.started[0]
     assert not helper.exited.is_set()
     assert f"fake-wg (pid {helper.pid}) is still running" in caplog.text, caplog.text
+
+
+def test_a_helper_stuck_after_a_failed_restart_is_reported_once(fake: FakeHost) -> None:
+    """The helper dies; its restart fails right after the spawn and the new
+    process cannot be killed: the report names it exactly once (the
+    generation's stack, unwound again by the teardown, used to repeat its
+    clean-up failure), and run exits 3."""
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        fake.faults.extend([Fault(op="start_time"), Fault(op="signal_helper", kind="hang")])
+        fake.current.die(-9)
+        await trio.sleep_forever()  # the tunnel fails: run returns by itself
+
+    out = run_supervisor(fake, [options(restart=RestartPolicy(max_restarts=3,
+                                                              backoff_initial=0.2))], driver)
+    assert out.code == ExitCode.TEARDOWN_INCOMPLETE
+    report = out.tunnels[0].report
+    assert report is not None
+    stuck = [f for f in report.failures if "is still running" in f]
+    assert len(stuck) == 1, report.failures
 
 
 def test_after_run_returned_a_failed_tunnel_cannot_be_cleared(fake: FakeHost) -> None:
@@ -707,4 +756,37 @@ def test_service_gives_the_collector_back_once_its_tunnels_are_up(
         else:
             gc.disable()
     assert seen == {"while starting": False, "once up": True}
+    assert_host_restored(fake)
+
+
+def test_tun_framing_is_detected_while_the_bring_up_checks_the_host(
+        fake: FakeHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With tun_header = "auto", asking the helper binary for its framing
+    (a process: `wireguard-go --version`, stood in for here at that
+    boundary) starts with the bring-up and runs while the checks before
+    the TUN wait for the host; the TUN gets what it answered."""
+    from tunsup.host import tun as tun_adapter
+
+    seen: dict[str, Any] = {}
+
+    async def detect_header(program: str, **_: Any) -> str:
+        seen["ops_at_start"] = list(fake.net.ops)
+        await trio.sleep(1.0)  # the process takes its time
+        seen["ops_at_end"] = list(fake.net.ops)
+        return "pi"
+
+    monkeypatch.setattr(tun_adapter, "detect_header", detect_header)
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        sup.stop()
+
+    out = run_supervisor(fake, [options(tun_header="auto", tun_mode="owned")], driver)
+    assert out.code == ExitCode.OK
+    # Asked at the start (at most the first check had been sent), and the
+    # checks went on meanwhile; the TUN waited for the answer.
+    assert seen["ops_at_start"] in ([], ["link_index"])
+    assert len(seen["ops_at_end"]) > len(seen["ops_at_start"])
+    assert "create_tun" not in seen["ops_at_end"]
+    creates = [call for call in fake.net.calls if call[0] == "create_tun"]
+    assert creates and creates[0][2] == {"packet_info": True}
     assert_host_restored(fake)

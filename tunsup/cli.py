@@ -9,10 +9,10 @@ than its whole round trip to the service.
 
 from __future__ import annotations
 
-import contextlib
+# Not contextlib (it loads collections and functools: milliseconds of
+# every client start).
 import os
 import sys
-from types import SimpleNamespace
 
 from ._errors import ConfigError, ExitCode
 
@@ -20,10 +20,15 @@ from ._errors import ConfigError, ExitCode
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Sequence
+    from types import SimpleNamespace
     from typing import NoReturn
 
     from ._instrument import StepTimer
+else:
+    # What types.SimpleNamespace is (types.py defines it so), without
+    # importing types.
+    SimpleNamespace = type(sys.implementation)
 
 CLIENT_COMMANDS = ("status", "stop", "up", "down", "reload", "logs")
 DNS_CHOICES = ("auto", "resolved", "resolvconf", "file", "none")
@@ -294,8 +299,10 @@ def entry() -> NoReturn:
         code = ExitCode.FAILURE
     except KeyboardInterrupt:  # Ctrl-C in a client command
         code = 130
-    with contextlib.suppress(OSError, ValueError):
+    try:  # noqa: SIM105 (contextlib costs client starts ms)
         sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
     os._exit(code)
 
 
@@ -391,9 +398,9 @@ def _step_timer(debug: bool) -> StepTimer | None:
     return StepTimer(0.1) if debug else None
 
 
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """The cyclic garbage collector off inside, as it was after.
+def _run(args: argparse.Namespace | SimpleNamespace) -> int:
+    """:func:`_run_service` with the cyclic garbage collector off, and as it
+    was after.
 
     A cold start creates a few hundred thousand objects (imports, attrs
     classes, the configuration) and no garbage worth collecting: the ~65
@@ -405,15 +412,10 @@ def _collector_paused() -> Iterator[None]:
     was = gc.isenabled()
     gc.disable()
     try:
-        yield
+        return _run_service(args)
     finally:
         if was:
             gc.enable()
-
-
-def _run(args: argparse.Namespace | SimpleNamespace) -> int:
-    with _collector_paused():
-        return _run_service(args)
 
 
 def _run_service(args: argparse.Namespace | SimpleNamespace) -> int:

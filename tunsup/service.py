@@ -163,6 +163,8 @@ class ServiceOps:
             tunnel = await self.supervisor.remove(name)
         except NoSuchTunnel as exc:
             raise OpError(proto.NOT_FOUND, str(exc)) from None
+        except Stopping as exc:
+            raise OpError(proto.STOPPING, str(exc)) from None
         report = tunnel.report
         if report is not None and not report.complete:
             raise OpError(proto.INCOMPLETE, "teardown incomplete: " + "; ".join(report.failures))

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 # _socket, not socket: the wrapper module builds its enums and imports
 # selectors at start (milliseconds of every client command), and a blocking
-# AF_UNIX stream needs none of it.  signal (enums too) only for ``stop``.
+# AF_UNIX stream needs none of it.  signal (enums too) only for ``stop``;
+# json (which loads re and enum) only to print JSON: frames are read with
+# protocol.decode; contextlib (collections, functools) only for ``stop --force``.
 import _socket
-import contextlib
-import json
 import os
 import select
 import sys
@@ -154,7 +154,7 @@ class Connection:
             if end >= 0:
                 line = bytes(self._buf[:end])
                 del self._buf[: end + 1]
-                frame = json.loads(line)
+                frame = proto.decode(line)
                 self.trace("<-", line.decode(errors="replace"))
                 if not isinstance(frame, dict):
                     raise ValueError("the service sent a frame that is not an object")
@@ -197,6 +197,13 @@ class Connection:
 
 
 # ----------------------------------------------------------------- helpers
+
+
+def _dumps(value: object, **options: Any) -> str:
+    """``json.dumps``, imported only when JSON is printed (``--json``)."""
+    import json
+
+    return json.dumps(value, **options)
 
 
 def _duration(seconds: float | None) -> str:
@@ -276,7 +283,7 @@ def status(runtime_dir: str, *, as_json: bool = False, debug: bool = False) -> i
             _error_exit("status", exc)
             return STATUS_UNKNOWN
     if as_json:
-        print(json.dumps({"running": True, **result}, indent=2))
+        print(_dumps({"running": True, **result}, indent=2))
     else:
         _print_status(result)
     return StatusCode.RUNNING
@@ -296,7 +303,7 @@ def _not_running_status(runtime_dir: str, as_json: bool) -> int:
         message = "tunsup is not running"
         code = STATUS_NOT_RUNNING
     if as_json:
-        print(json.dumps({"running": False, "message": message}, indent=2))
+        print(_dumps({"running": False, "message": message}, indent=2))
     else:
         print(message)
     return code
@@ -459,7 +466,7 @@ def _log_end(as_json: bool, message: str, event: dict[str, Any]) -> None:
     """The last line of ``logs -f``: how the stream ended.  With ``--json``
     it is JSON too (every line is): ``{"event": {...}, "msg": "..."}``."""
     if as_json:
-        print(json.dumps({"event": event, "msg": message}, ensure_ascii=False), flush=True)
+        print(_dumps({"event": event, "msg": message}, ensure_ascii=False), flush=True)
     else:
         print(f"-- {message} --", flush=True)
 
@@ -467,7 +474,7 @@ def _log_end(as_json: bool, message: str, event: dict[str, Any]) -> None:
 def _log_printer(as_json: bool) -> Callable[[dict[str, Any]], None]:
     def show(entry: dict[str, Any]) -> None:
         if as_json:
-            print(json.dumps(entry, ensure_ascii=False), flush=True)
+            print(_dumps(entry, ensure_ascii=False), flush=True)
         else:
             print(format_log(entry), flush=True)
 
@@ -643,14 +650,17 @@ def _split_frames(buf: bytearray, trace: _Trace) -> Iterator[dict[str, Any]]:
         line = bytes(buf[:end])
         del buf[: end + 1]
         trace("<-", line.decode(errors="replace"))
-        with contextlib.suppress(ValueError):
-            frame = json.loads(line)
-            if isinstance(frame, dict):
-                yield frame
+        try:
+            frame = proto.decode(line)
+        except ValueError:
+            continue
+        if isinstance(frame, dict):
+            yield frame
 
 
 def _force(owner: pidfile.ProcessId, pidfd: int, cleanup: Callable[[], int] | None) -> int:
     print(f"sending SIGKILL to pid {owner.pid}", flush=True)
+    import contextlib
     import signal
 
     with contextlib.suppress(ProcessLookupError):

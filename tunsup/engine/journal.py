@@ -44,7 +44,12 @@ enough:
   on one thread, to an O_APPEND file, and an fsync covers every byte
   written before it.  Undone records are not fsync'd either (losing one
   only makes a later recovery undo again what is gone: undo is
-  idempotent).
+  idempotent).  For the same reason a teardown does not wait for each
+  one to be written before its next step: it queues them
+  (:meth:`Journal.append_soon`), in order, and waits once at its end for
+  all of them (:meth:`Journal.flush`), before it reports the tunnel down.
+  A crash in between loses at most some of them, a state a crash right
+  after an undo and before its record could always leave.
 
 Concurrent appends (many tunnels starting or stopping at once) share
 their write and fsync (*group commit*): each durable append still returns
@@ -569,6 +574,37 @@ class Journal:
             raise
         self.appends += 1
 
+    def append_soon(self, entry: Entry) -> _Ticket:
+        """Queue ``entry`` (not durable) without waiting for it: the next
+        append's write, or :meth:`flush`, writes it, in order with every
+        other entry (one queue, one writing thread).  For records whose
+        loss in a crash is harmless (undone records: see the module's
+        "Durability"); whoever queues them flushes them before reporting
+        what they describe as done."""
+        ticket = _Ticket(entry, trio.lowlevel.current_trio_token(), False)
+        with self._lock:
+            self._queue.append(ticket)
+        self.appends += 1
+        return ticket
+
+    async def flush(self, tickets: list[_Ticket]) -> None:
+        """Wait until ``tickets`` (from :meth:`append_soon`, in the order
+        queued) are written, with one write for all still queued.  Raises
+        as :meth:`append` when one of them could not be written.
+        Cancellation: as :meth:`append` (what is still queued stays queued
+        for the next write)."""
+        if not tickets:
+            return
+        last = tickets[-1]
+        # The queue is first in, first out: writing the last one writes
+        # every one before it that an earlier write did not take.
+        await self._worker.call(lambda: self._commit(last), timeout=APPEND_TIMEOUT,
+                                what=f"append to {self.path}")
+        with self._lock:
+            failed = [t for t in tickets if t.state != _WRITTEN]
+        if failed:
+            raise failed[0].error or HostError(f"append to {self.path}: a record was not written")
+
     def _give_up(self, ticket: _Ticket) -> bool:
         """The caller stops waiting for ``ticket``: drop it if it is still
         queued.  Returns whether it was written."""
@@ -785,6 +821,8 @@ class JournalObserver:
         self.tunnel = tunnel
         self._seqs: dict[int, int] = {}
         self._pending_intent: dict[int, int] = {}
+        #: Undone records queued by :meth:`undone_soon`, not yet flushed.
+        self._unflushed: list[_Ticket] = []
 
     async def intent(self, effect: Effect) -> None:
         seq = self.journal.next_seq()
@@ -814,6 +852,24 @@ class JournalObserver:
             # every undo checks that its object is still there and still
             # ours), while a teardown saves one fsync per record.
             await self.journal.append({"op": "undone", "seq": seq}, durable=False)
+
+    def undone_soon(self, record: Effect) -> None:
+        """:meth:`undone` without waiting for the write: an unwind queues
+        its undone records and writes them all at its end (:meth:`flush`),
+        one write instead of one trip to the journal's thread per record
+        on the path of a stop.  Safe for the same reason they are not
+        fsync'd: a crash that loses queued ones only makes recovery undo
+        again what is gone; and the queue keeps them in order, before
+        anything appended later."""
+        seq = self._seqs.pop(id(record), None)
+        if seq is not None:
+            self._unflushed.append(self.journal.append_soon({"op": "undone", "seq": seq}))
+
+    async def flush(self) -> None:
+        """Wait until the records queued by :meth:`undone_soon` are written.
+        Cancellation: as :meth:`Journal.append`."""
+        tickets, self._unflushed = self._unflushed, []
+        await self.journal.flush(tickets)
 
     async def hook_started(self, effect: Effect, phase: str, index: int, pid: int,
                            start_time: int | None) -> None:

@@ -33,7 +33,7 @@ import socket
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import attrs
 import trio
@@ -435,6 +435,13 @@ class Tunnel:
         a TUN it is handed), the link's own record (so that a stop deletes
         the link first, as before), then DNS and PostUp."""
         spec, net, opts = self.spec, self.host.net, self.options
+        owned = opts.tun_mode == "owned"
+        # The TUN's framing (wireguard-go --version, a process: milliseconds,
+        # once per binary) is asked for now and needed only at the TUN:
+        # it runs while the checks and lookups below wait for the kernel.
+        header: _Soon[str] | None = None
+        if owned and opts.tun_header == "auto":
+            header = _Soon(ctx.nursery, tun_adapter.detect_header, opts.helper[0])
         if await net.link_index(spec.name) is not None:
             raise HostError(
                 f"interface {spec.name} already exists; another tunnel or an earlier run "
@@ -458,12 +465,9 @@ class Tunnel:
             await stack.apply(Hooks(spec.name, "PreUp", spec.pre_up, "PostDown", spec.post_down))
         await apply_policy(stack, self._plan, spec, net, self.log, kill_switch=opts.kill_switch,
                            lan=opts.lan, held=self.held, claims=self.host.claims, owner=self)
-        owned = opts.tun_mode == "owned"
         if owned:
-            header = opts.tun_header
-            if header == "auto":
-                header = await tun_adapter.detect_header(opts.helper[0])
-            tun = await stack.apply(CreateTun(spec.name, packet_info=header == "pi"))
+            framing = opts.tun_header if header is None else await header.result()
+            tun = await stack.apply(CreateTun(spec.name, packet_info=framing == "pi"))
             assert isinstance(tun, OwnedTun)
             self._tun_index = tun.index
             # The MTU too, although the helper resets it (its generation
@@ -962,6 +966,37 @@ class Tunnel:
         if best == 0:
             best = await self.host.net.route_mtu(None) or 0
         return (best or DEFAULT_LINK_MTU) - WIREGUARD_OVERHEAD
+
+
+class _Soon(Generic[T]):
+    """``fn(*args)``, started at once in ``nursery``; :meth:`result` waits
+    for what it returns or raises.  Cancelled with the nursery (the
+    tunnel's, which its end cancels) if nobody asks for it."""
+
+    def __init__(self, nursery: trio.Nursery, fn: Callable[..., Awaitable[T]],
+                 *args: Any) -> None:
+        self._done = trio.Event()
+        self._value: T | None = None
+        self._error: Exception | None = None
+        nursery.start_soon(self._run, fn, args)
+
+    async def _run(self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> None:
+        try:
+            self._value = await fn(*args)
+        except Exception as exc:
+            self._error = exc
+        finally:
+            self._done.set()
+
+    async def result(self) -> T:
+        """Its value, or its exception raised here.  Cancellation: only
+        this wait is cancelled, not the call."""
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        if self._value is None:  # the call was cancelled
+            raise HostError("cancelled before it finished")
+        return self._value
 
 
 def probe_phase(name: str) -> float:

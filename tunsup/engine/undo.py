@@ -143,6 +143,16 @@ class StackObserver(Protocol):
     async def undone(self, record: Effect) -> None: ...
 
 
+@runtime_checkable
+class QueueingObserver(Protocol):
+    """An observer that can take undone records without a wait each:
+    :meth:`EffectStack.unwind` queues them (``undone_soon``) and waits once,
+    at its end (``flush``), for all of them."""
+
+    def undone_soon(self, record: Effect) -> None: ...
+    async def flush(self) -> None: ...
+
+
 @attrs.frozen
 class TeardownReport:
     """What unwinding achieved."""
@@ -263,7 +273,10 @@ class EffectStack:
         """
         self._unwound = True
         undone: list[str] = []
+        # Reported once: a stack unwound again (a helper generation, after
+        # a failed restart, by the tunnel's teardown) does not repeat them.
         failures: list[str] = list(self._abort_failures)
+        self._abort_failures.clear()
         remaining: list[Effect] = []
         deadline = trio.current_time() + timeout if math.isfinite(timeout) else math.inf
         #: Records waiting for the deletion of their link, by link index.
@@ -291,6 +304,7 @@ class EffectStack:
                     for piece in gone:
                         if await self._undo_one(piece, deadline, undone, failures, remaining):
                             await self._record_undone(piece)
+            await self._flush_undone()
         return TeardownReport(tuple(undone), tuple(failures), tuple(remaining))
 
     def _goes_with_link_below(self, link: int) -> bool:
@@ -331,6 +345,12 @@ class EffectStack:
         return True
 
     async def _record_undone(self, record: Effect) -> None:
+        """Tell the observer ``record`` is undone: queued, when it can
+        queue (written by :meth:`_flush_undone`, at the end of the
+        unwind), else waited for.  Called shielded."""
+        if isinstance(self._observer, QueueingObserver):
+            self._observer.undone_soon(record)
+            return
         if self._observer is not None:
             try:
                 with trio.move_on_after(LAST_CHANCE):
@@ -339,3 +359,15 @@ class EffectStack:
                 # The host is restored; only the journal lags (a later
                 # recovery finds the object gone: fine).
                 self._log.warning("journal: %s", exc)
+
+    async def _flush_undone(self) -> None:
+        """Wait (at most :data:`LAST_CHANCE`) for the undone records queued
+        by :meth:`_record_undone`; a failure is logged, as there.  Called
+        shielded."""
+        if not isinstance(self._observer, QueueingObserver):
+            return
+        try:
+            with trio.move_on_after(LAST_CHANCE):
+                await self._observer.flush()
+        except Exception as exc:
+            self._log.warning("journal: %s", exc)

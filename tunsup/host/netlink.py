@@ -156,6 +156,11 @@ class NetlinkHost:
         #: (see :meth:`delete_link`).
         self._doomed: list[_Doomed] = []
         self._deleting = trio.Lock()
+        #: Their thread: a kernel deletion waits ~10-20 ms, which must not
+        #: hold up the other calls.  One for the service's life (a thread
+        #: started per deletion cost every stop a millisecond or more
+        #: under load); a wedged one is replaced as on any worker.
+        self._delete_worker = SerialWorker("tunsup-netlink-del")
 
     # --- plumbing -----------------------------------------------------------
 
@@ -220,6 +225,7 @@ class NetlinkHost:
                                     what="close netlink")
         finally:
             self._worker.close()
+            self._delete_worker.close()
 
     async def _sys(self, what: str, fn: Callable[[], T], timeout: float | None = None, *,
                    worker: SerialWorker | None = None) -> T:
@@ -281,8 +287,9 @@ class NetlinkHost:
         The kernel takes ~20 ms to unregister a link, mostly waiting (an
         RCU grace period), once per deletion request.  So deletions are
         *grouped*, as the journal groups its appends: one runs at once, on
-        a worker thread of its own; those asked for meanwhile (many tunnels
-        stopping) go together in the next, as one kernel request (see
+        a worker thread of its own (not the one of every other call);
+        those asked for meanwhile (many tunnels stopping) go together in
+        the next, as one kernel request (see
         :func:`_delete_links`): 40 TUN links in ~30 ms, where 40 requests
         on parallel threads took ~135 ms and one after another ~0.7 s.  A
         single deletion waits for nobody.  Each caller gets its own link's
@@ -316,11 +323,8 @@ class NetlinkHost:
         self._doomed = []
         links = [(d.index, d.name) for d in group]
         what = f"delete link {mine.name}" + (f" and {len(group) - 1} more" if group[1:] else "")
-        worker = SerialWorker(f"tunsup-netlink-del-{mine.name}")
-        try:
-            outcomes = await self._sys(what, lambda: _delete_links(links), worker=worker)
-        finally:
-            worker.close()
+        outcomes = await self._sys(what, lambda: _delete_links(links),
+                                   worker=self._delete_worker)
         for doomed, outcome in zip(group, outcomes, strict=True):
             doomed.outcome = outcome
 

@@ -403,7 +403,11 @@ class FakeHelper:
     SO_PEERCRED against it), so signals never reach the OS: the fake's
     spawner delivers them here (:meth:`signal`)."""
 
-    _start_times = iter(range(1_000_000, 10**9))
+    #: Start times (clock ticks since boot) no real process can have (10**15
+    #: ticks is 300,000 years of uptime): crash recovery, which checks a
+    #: helper's pid against /proc before signalling it, always finds the
+    #: test process (whose pid fakes carry) to be another process.
+    _start_times = iter(range(10**15, 10**15 + 10**9))
 
     def __init__(self, host: FakeHost, argv: Sequence[str], env: dict[str, str],
                  pass_fds: Sequence[int], behaviour: Behaviour) -> None:
