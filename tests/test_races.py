@@ -290,6 +290,7 @@ steps = st.one_of(
     # A helper's restart whose new process cannot be read (its start time)
     # nor killed (stuck in the kernel): it must be reported, not forgotten.
     st.builds(Step, times, st.just("stuck-start"), names),
+    st.builds(Step, times, st.just("rebuild-full")),
 )
 
 
@@ -752,6 +753,16 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                     check_dns()
                     check_policy()
 
+        async def up(name: str, mode: str) -> None:
+            # An `up` of a running name with another configuration
+            # rebuilds that tunnel.
+            requests.append((trio.current_time(), "add", name))
+            with contextlib.suppress(StartFailed, AlreadyRunning, ChangeFailed):
+                try:
+                    await sup.add(tunnel_spec(name), options(mode, name))
+                except Stopping:
+                    refused_as_stopping("add")
+
         async def _act(step: Step) -> None:
             if step.action == "stop":
                 stopping()
@@ -770,15 +781,19 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                     stopping()
                     send.send_nowait(int(signal.SIGTERM))
             elif step.action == "add":
-                name, mode = step.arg
-                # An `up` of a running name with another configuration
-                # rebuilds that tunnel.
-                requests.append((trio.current_time(), "add", name))
-                with contextlib.suppress(StartFailed, AlreadyRunning, ChangeFailed):
-                    try:
-                        await sup.add(tunnel_spec(name), options(mode, name))
-                    except Stopping:
-                        refused_as_stopping("add")
+                await up(*step.arg)
+            elif step.action == "rebuild-full":
+                # An `up` of the running full tunnel in its other TUN mode:
+                # a rebuild, held by its table's unreachable default and
+                # copies of its rules, which the new one takes over.
+                with trio.move_on_after(START_BOUND):  # (drawn at 0: before it runs)
+                    while (tunnel_of(FULL) is None
+                           or tunnel_of(FULL).state is not TunnelState.UP):  # type: ignore[union-attr]
+                        await trio.sleep(0.1)
+                running = tunnel_of(FULL)
+                if running is not None and "ended" not in result:
+                    mode = running.options.tun_mode
+                    await up(FULL, "helper" if mode == "owned" else "owned")
             elif step.action == "remove":
                 requests.append((trio.current_time(), "remove", step.arg))
                 with contextlib.suppress(NoSuchTunnel):
@@ -941,6 +956,8 @@ def helper_made(initial: list[tuple[str, str]], schedule: list[Step]) -> set[str
     for step in schedule:
         if step.action == "add":
             made |= {step.arg[0]} if step.arg[1] == "helper" else set()
+        elif step.action == "rebuild-full":
+            made |= {FULL}
         elif step.action in ("reload", "reload-then-term"):
             config = step.arg if step.action == "reload" else step.arg[0]
             made |= {name for name, mode, _ in config if mode == "helper"}

@@ -401,12 +401,8 @@ def test_a_crash_at_any_moment_then_recovery_restores_the_host(data: st.DataObje
                 for rule in snap.net["policy_rules"] if rule.invert)
             problems = restart_service(after, state_dir, initial, held)
             assert not problems, problems
-            assert os.listdir(state_dir) == [os.path.basename(live)], os.listdir(state_dir)
-            with open(live, "rb") as f:
-                assert f.read() == live_bytes, "the live instance's journal was changed"
-            assert after.net.state() == expected, "the restarted service did not restore the host"
-            with open(resolv, "rb") as f:
-                assert f.read() == RESOLV_CONF, "resolv.conf not restored after the restart"
+            assert_restored(after, state_dir, live, live_bytes, expected, resolv,
+                            "the restarted service")
             event("restarted" + (" behind the kept kill switch" if held else ""))
             return
         if restart:
@@ -437,13 +433,18 @@ def test_a_crash_at_any_moment_then_recovery_restores_the_host(data: st.DataObje
               + (" after a restart's" if restart else ""))
         assert not report.failures, report.failures
         assert report.complete, report
-        # The live instance's journal and route are untouched.
-        # Nothing else is left in the state directory either (a leftovers
-        # file, a temporary rewrite, a compaction's copy).
-        assert os.listdir(state_dir) == [os.path.basename(live)], os.listdir(state_dir)
-        with open(live, "rb") as f:
-            assert f.read() == live_bytes, "the live instance's journal was changed"
-        # (The live instance's route is still there.)
-        assert after.net.state() == expected, "recovery did not restore the host"
-        with open(resolv, "rb") as f:
-            assert f.read() == RESOLV_CONF, "recovery did not restore resolv.conf"
+        assert_restored(after, state_dir, live, live_bytes, expected, resolv, "recovery")
+
+
+def assert_restored(fake: FakeHost, state_dir: str, live: str, live_bytes: bytes,
+                    expected: dict[str, Any], resolv: str, who: str) -> None:
+    """The host is as before (with the live instance's route), resolv.conf
+    holds its original bytes, and the state directory holds the live
+    instance's journal, unchanged, and nothing else (no leftovers file,
+    temporary rewrite or compaction's copy)."""
+    assert os.listdir(state_dir) == [os.path.basename(live)], os.listdir(state_dir)
+    with open(live, "rb") as f:
+        assert f.read() == live_bytes, "the live instance's journal was changed"
+    assert fake.net.state() == expected, f"{who} did not restore the host"
+    with open(resolv, "rb") as f:
+        assert f.read() == RESOLV_CONF, f"{who} did not restore resolv.conf"
