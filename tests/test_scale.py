@@ -275,9 +275,10 @@ def test_initial_tunnels_configure_every_link_before_any_helper_starts(
     in the namespace: the initial tunnels (owned TUN) put all their links
     in place before the first helper starts, so no helper sees another
     tunnel's changes.  Starts stay bounded: the helpers then start
-    ``max_parallel`` at once (each takes STEP virtual seconds), and a
-    tunnel waiting for the others holds no start slot (with
-    ``max_parallel`` below the count this would otherwise never end)."""
+    ``max_parallel`` at once (each takes STEP virtual seconds), in
+    configuration order, and a tunnel waiting for the others holds no
+    start slot (with ``max_parallel`` below the count this would otherwise
+    never end)."""
     ops, up, code = _ops_of_a_start(fake, count, max_parallel)
     assert code == ExitCode.OK
     first_helper = ops.index("start_helper")
@@ -285,6 +286,12 @@ def test_initial_tunnels_configure_every_link_before_any_helper_starts(
     assert len(link_changes) == len(LINK_OPS) * count
     assert max(link_changes) < first_helper, ops
     assert ops.count("start_helper") == count
+    # Slots taken again in configuration order: round by round (each
+    # start takes STEP), the helpers of the next max_parallel tunnels.
+    started = [h.argv[-1] for h in fake.started]
+    names = [f"wgt{i}" for i in range(count)]
+    assert [set(started[i:i + max_parallel]) for i in range(0, count, max_parallel)] == \
+        [set(names[i:i + max_parallel]) for i in range(0, count, max_parallel)]
     rounds = -(-count // max_parallel)
     assert rounds * STEP <= up < (rounds + 1) * STEP, up
     assert_all_stopped(fake)

@@ -189,8 +189,10 @@ class HelperGate:
 
     A tunnel waiting here gives its start slot back, so that the others
     can reach the gate (the slots still bound the starts in flight), and
-    takes one again before its helper starts.  :meth:`ended` releases the
-    slot if the tunnel holds one."""
+    takes one again before its helper starts: in configuration order, as
+    the first slots were taken (each takes its turn after the one before
+    it took a slot or ended).  :meth:`ended` releases the slot if the
+    tunnel holds one."""
 
     def __init__(self, tunnels: Sequence[Tunnel], slots: trio.CapacityLimiter) -> None:
         self._slots = slots
@@ -201,22 +203,41 @@ class HelperGate:
         self._open = trio.Event()
         if not self._pending:
             self._open.set()
+        #: Configuration order; the first one not yet through its turn
+        #: (a slot taken again, or its start ended) is the one whose turn it is.
+        self._order = [id(t) for t in tunnels]
+        self._through: set[int] = set()
+        self._turn = 0
+        self._turn_moved = trio.Event()
 
     def _arrived(self, tunnel: Tunnel) -> None:
         self._pending.discard(id(tunnel))
         if not self._pending:
             self._open.set()
 
+    def _through_turn(self, tunnel: Tunnel) -> None:
+        self._through.add(id(tunnel))
+        while self._turn < len(self._order) and self._order[self._turn] in self._through:
+            self._turn += 1
+        self._turn_moved.set()
+        self._turn_moved = trio.Event()
+
     async def wait(self, tunnel: Tunnel) -> None:
         """At the gate: give the slot back, wait until every initial tunnel
-        is at the gate or ended, take a slot again.  Cancellable (then the
-        tunnel holds no slot)."""
+        is at the gate or ended, then for this tunnel's turn, take a slot
+        again.  Cancellable (then the tunnel holds no slot; its start ends,
+        and :meth:`ended` passes its turn on)."""
         self._holding.discard(id(tunnel))
         self._slots.release_on_behalf_of(tunnel)
         self._arrived(tunnel)
         await self._open.wait()
-        await self._slots.acquire_on_behalf_of(tunnel)
-        self._holding.add(id(tunnel))
+        while self._order[self._turn] != id(tunnel):
+            await self._turn_moved.wait()
+        try:
+            await self._slots.acquire_on_behalf_of(tunnel)
+            self._holding.add(id(tunnel))
+        finally:
+            self._through_turn(tunnel)
 
     def ended(self, tunnel: Tunnel) -> None:
         """The tunnel's start ended (up, failed or cancelled): its slot goes
@@ -225,6 +246,7 @@ class HelperGate:
             self._holding.discard(id(tunnel))
             self._slots.release_on_behalf_of(tunnel)
         self._arrived(tunnel)
+        self._through_turn(tunnel)
 
 
 class Supervisor:
