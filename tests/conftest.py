@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tunsup.testing import FakeHost, uapi_dir
 from tunsup.testing import netns as _netns
 
 _counter = itertools.count()
@@ -178,3 +179,11 @@ def _restore_tunsup_logging() -> Iterator[None]:
     logger.handlers[:] = handlers
     logger.setLevel(level)
     logger.propagate = propagate
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeHost]:
+    """An in-memory host (tunsup.testing.FakeHost) with its own short
+    UAPI socket directory."""
+    with uapi_dir() as path:
+        yield FakeHost(path)

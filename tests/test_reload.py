@@ -9,7 +9,6 @@ import copy
 import functools
 import ipaddress
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,19 +26,13 @@ from tunsup.engine.supervisor import Change, ChangeFailed, StartFailed, Supervis
 from tunsup.engine.tunnel import Tunnel, TunnelOptions, TunnelState
 from tunsup.host import uapi
 from tunsup.host.dns import FileBackend
-from tunsup.testing import Behaviour, FakeHost, spec, uapi_dir
+from tunsup.testing import Behaviour, FakeHost, spec
 from tunsup.testing.fakehost import PEER, Fault
 
 from .test_supervision import assert_host_restored, options
 
 net = ipaddress.ip_network
 OTHER = Key.generate_private().public_key()
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeHost]:
-    with uapi_dir() as path:
-        yield FakeHost(path)
 
 
 def with_allowed(base: TunnelSpec, *prefixes: str) -> TunnelSpec:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +17,11 @@ import trio.testing
 
 from tunsup._errors import ExitCode
 from tunsup.engine.journal import Journal, JournalObserver, compacted, read_journal
-from tunsup.engine.restart import RestartPolicy
 from tunsup.engine.supervisor import HISTORY_SIZE, Supervisor
 from tunsup.engine.tunnel import Tunnel, TunnelOptions, TunnelState
-from tunsup.testing import FakeHost, Fault, spec, uapi_dir
+from tunsup.testing import FakeHost, Fault, spec
 
-
-@pytest.fixture
-def fake() -> Iterator[FakeHost]:
-    with uapi_dir() as path:
-        yield FakeHost(path)
-
-
-def options(**changes: Any) -> TunnelOptions:
-    settings: dict[str, Any] = {
-        "helper": ("fake-wg",), "tun_header": "none", "stop_grace": 2.0,
-        "restart": RestartPolicy(backoff_initial=0.2, backoff_max=5.0)}
-    return TunnelOptions(**{**settings, **changes})
+from .test_supervision import options
 
 
 def _cycles(fake: FakeHost, state: str, cycles: int, checkpoints: tuple[int, ...],

@@ -14,7 +14,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -34,12 +34,6 @@ from tunsup.engine.tunnel import TRANSITIONS, Tunnel, TunnelOptions, TunnelState
 from tunsup.service import ServiceOps
 from tunsup.testing import Behaviour, FakeHost, spec, uapi_dir
 from tunsup.testing.fakehost import Fault
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeHost]:
-    with uapi_dir() as path:
-        yield FakeHost(path)
 
 
 def options(**changes: Any) -> TunnelOptions:
