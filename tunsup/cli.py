@@ -312,6 +312,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args: argparse.Namespace | SimpleNamespace | None = _client_args(argv)
     if args is None:
         args = _parser().parse_args(argv)
+    if args.command in _COMPILING_COMMANDS:
+        # Before anything defines an attrs class (see _codecache).
+        from . import _codecache
+
+        _codecache.install()
+        try:
+            return _dispatch(args)
+        finally:
+            _codecache.save_if_allowed()
+    return _dispatch(args)
+
+
+#: The commands that import the engine (and with it ~130 attrs classes).
+_COMPILING_COMMANDS = frozenset({"run", "check", "cleanup"})
+
+
+def _dispatch(args: argparse.Namespace | SimpleNamespace) -> int:
     try:
         if args.command == "run":
             from . import _signals
