@@ -153,3 +153,31 @@ def test_a_command_writes_the_cache_only_where_bytecode_may_be_written(
         assert res.returncode == 0, res.stderr
         written = list(prefix.rglob("attrs-methods.*.marshal"))
         assert (written == []) if dont_write else (len(written) == 1)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "oversize"])
+def test_a_cache_path_that_is_no_small_regular_file_is_ignored(tmp_path: Path, kind: str) -> None:
+    """Hostile input is normal input: a FIFO at the cache's path must not
+    hold up a start (opened without blocking), nor a directory or a huge
+    file break it; the classes are compiled as attrs does."""
+    path = tmp_path / "cache.marshal"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        with open(path, "wb") as f:
+            f.truncate((16 << 20) + 1)
+    code = textwrap.dedent("""
+        import sys
+        from tunsup import _codecache
+        cache = _codecache.install(sys.argv[1])
+        from tunsup.config.settings import RestartPolicy
+        assert RestartPolicy() == RestartPolicy()
+        print(len(cache.entries), cache.hits, cache.misses > 0)
+    """)
+    env = dict(os.environ, PYTHONHASHSEED="5")
+    res = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["0", "0", "True"]

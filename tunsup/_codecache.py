@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import marshal
 import os
+import stat
 import sys
 
 TYPE_CHECKING = False
@@ -54,6 +55,8 @@ _FILE = "attrs-methods.{tag}.marshal"  # one file per tag
 #: At most this many entries are kept: a cache that outgrew it (many
 #: versions of the code) keeps only what the last command used.
 _MAX_ENTRIES = 4000
+#: A cache file larger than this is not read (nor written): ~0.5 MB today.
+_MAX_BYTES = 16 << 20
 
 _Key = tuple[str, str]
 
@@ -73,8 +76,7 @@ class CodeCache:
     def _load(self) -> dict[_Key, CodeType]:
         assert self.path is not None
         try:
-            with open(self.path, "rb") as f:
-                data = marshal.loads(f.read())
+            data = marshal.loads(_read_regular(self.path, _MAX_BYTES))
         except (OSError, EOFError, ValueError, TypeError):
             return {}
         if (not isinstance(data, tuple) or len(data) != 2 or data[0] != self.tag
@@ -113,9 +115,15 @@ class CodeCache:
             entries = dict(self.used)
         tmp = f"{self.path}.{os.getpid()}.tmp"
         try:
+            data = marshal.dumps((self.tag, entries))
+            if len(data) > _MAX_BYTES:
+                return False
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(marshal.dumps((self.tag, entries)))
+            # A new file of our own (never through a link someone left).
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644)
+            with open(fd, "wb") as f:
+                f.write(data)
             os.replace(tmp, self.path)
         except (OSError, ValueError):
             with contextlib.suppress(OSError):
@@ -123,6 +131,27 @@ class CodeCache:
             return False
         self.entries, self.misses = entries, 0
         return True
+
+
+def _read_regular(path: str, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit``
+    bytes; OSError otherwise.  Opened without blocking, so that a FIFO or
+    a device left at the path cannot hold up a start."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            raise OSError(f"{path}: not a regular file of at most {limit} bytes")
+        chunks = []
+        left = st.st_size + 1  # a file that grew meanwhile is refused
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:
+            raise OSError(f"{path}: changed while read")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _mark_salt(script: str) -> tuple[int | None, str]:
