@@ -110,6 +110,24 @@ class _Job(Generic[T]):
         return True
 
 
+class _Posted:
+    """A job nobody waits for (see :meth:`SerialWorker.post`)."""
+
+    __slots__ = ("fn", "what")
+    abandoned = False
+
+    def __init__(self, fn: Callable[[], object], what: str) -> None:
+        self.fn = fn
+        self.what = what
+
+    def run(self) -> bool:
+        try:
+            self.fn()
+        except Exception as exc:
+            log.warning("%s failed: %s", self.what, exc)
+        return True
+
+
 class SerialWorker:
     """Runs blocking callables one at a time on a dedicated daemon thread.
 
@@ -121,7 +139,7 @@ class SerialWorker:
     def __init__(self, name: str, *, on_exit: Callable[[], None] | None = None) -> None:
         self._name = name
         self._on_exit = on_exit
-        self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job[Any] | _Posted | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         #: Threads written off so far (a wedged job each).
         self.replaced = 0
@@ -193,6 +211,15 @@ class SerialWorker:
             # Its scope is still cancelled, so the next checkpoint raises.
         assert job.result is not None
         return job.result.unwrap()
+
+    def post(self, fn: Callable[[], object], *, what: str) -> None:
+        """Queue ``fn()`` to run after the jobs queued so far, with nobody
+        waiting for it (callable from any thread, a job included): for
+        housekeeping that must not hold up the caller whose job made it
+        due.  An exception it raises is logged.  A job queued after it
+        waits for it, within that job's own timeout."""
+        self._ensure_thread()
+        self._queue.put(_Posted(fn, what))
 
     def close(self) -> None:
         """Let the thread exit once queued jobs are done."""

@@ -767,17 +767,26 @@ def inline_threads(net: FakeNet) -> Iterator[None]:
         await trio.lowlevel.checkpoint()
         return fn()
 
+    def serial_post(self: SerialWorker, fn: Callable[[], object], *, what: str) -> None:
+        # Inline, "after the jobs queued so far" is now (an error is
+        # logged, as on the thread).
+        try:
+            fn()
+        except Exception as exc:
+            logging.getLogger("tunsup.worker").warning("%s failed: %s", what, exc)
+
     saved = (trio.to_thread.run_sync, trio.lowlevel.start_thread_soon, dns._fsync,
-             SerialWorker.call)
+             SerialWorker.call, SerialWorker.post)
     trio.to_thread.run_sync = run_sync  # type: ignore[assignment]
     trio.lowlevel.start_thread_soon = start_thread_soon
     dns._fsync = fsync
     SerialWorker.call = serial_call  # type: ignore[method-assign]
+    SerialWorker.post = serial_post  # type: ignore[method-assign]
     try:
         yield
     finally:
         (trio.to_thread.run_sync, trio.lowlevel.start_thread_soon, dns._fsync,
-         SerialWorker.call) = saved  # type: ignore[method-assign]
+         SerialWorker.call, SerialWorker.post) = saved  # type: ignore[method-assign]
 
 
 def spec(name: str = "wgt0", *, post_up: tuple[str, ...] = ()) -> TunnelSpec:
