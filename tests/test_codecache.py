@@ -24,6 +24,35 @@ import attrs
 class Probe:
     a: int
     b: str
+
+# The shapes of generated code the package itself may not have.
+@attrs.frozen(cache_hash=True)
+class CachedHash:
+    a: int
+
+@attrs.frozen
+class Empty:
+    pass
+
+@attrs.frozen
+class NoFieldHashed:
+    a: int = attrs.field(eq=False)
+
+@attrs.define(slots=False, eq=True, unsafe_hash=True)
+class DictClass:
+    a: int
+    b: str = attrs.field(eq=str.lower)
+
+@attrs.frozen
+class Twice:
+    a: int
+
+TwiceFirst = Twice
+
+@attrs.frozen
+class Twice:
+    a: int
+    b: int
 """
 
 _WRITE = """
@@ -60,13 +89,13 @@ prints = {{}}
 for name, module in list(sys.modules.items()):
     if not name.startswith(("tunsup", "trio", "__main__")):
         continue
-    for cls in list(vars(module).values()):
+    for attr, cls in list(vars(module).items()):
         if not (isinstance(cls, type) and attrs.has(cls) and cls.__module__ == name):
             continue
         for meth, fn in vars(cls).items():
             code = getattr(fn, "__code__", None)
             if code is not None and code.co_filename.startswith("<attrs generated"):
-                prints[f"{{name}}.{{cls.__qualname__}}.{{meth}}"] = hashlib.sha256(
+                prints[f"{{name}}.{{attr}}.{{meth}}"] = hashlib.sha256(
                     repr(shape(code)).encode()).hexdigest()
 salt = hash("<attrs generated hash __main__.Probe>")
 print(json.dumps({{
@@ -104,21 +133,31 @@ def test_a_cached_class_gets_exactly_the_code_attrs_would_compile(tmp_path: Path
                        if cached["prints"].get(k) != compiled["prints"][k])
     assert different == [], different[:10]
     assert cached["prints"].keys() == compiled["prints"].keys()
+    for name in ("Probe", "CachedHash", "Empty", "NoFieldHashed", "DictClass", "TwiceFirst",
+                 "Twice"):
+        assert f"__main__.{name}.__init__" in cached["prints"], name
+    assert "__main__.CachedHash.__hash__" in cached["prints"]
     # The salt of this process, not of the one that wrote the cache.
     assert cached["probe_hash_ok"] and compiled["probe_hash_ok"]
     assert cached["probe_eq"]
     assert cached["probe_repr"] == "Probe(a=1, b='x')"
 
 
-@pytest.mark.parametrize("content", [b"", b"garbage", b"\xe3\x00\x00", None])
+# b"[" and a length of 2**31 - 1: marshal would reserve gigabytes for it.
+@pytest.mark.parametrize("content", [b"", b"garbage", b"\xe3\x00\x00",
+                                     b"tsattrs1\0\0\0\0[\xff\xff\xff\x7f", None])
 def test_an_unreadable_or_foreign_cache_is_ignored_and_rewritten(
         tmp_path: Path, content: bytes | None) -> None:
     path = tmp_path / "cache.marshal"
     if content is None:  # a valid file of another interpreter or attrs
         import marshal
+        import zlib
 
-        content = marshal.dumps(("another-tag", {("<f>", "x = 1"): compile("x = 1", "<f>",
+        from tunsup import _codecache
+
+        payload = marshal.dumps(("another-tag", {("<f>", "x = 1"): compile("x = 1", "<f>",
                                                                           "exec")}))
+        content = _codecache._HEAD.pack(_codecache._MAGIC, zlib.crc32(payload)) + payload
     path.write_bytes(content)
     code = textwrap.dedent("""
         import sys
@@ -153,21 +192,40 @@ def test_a_command_writes_the_cache_only_where_bytecode_may_be_written(
         assert res.returncode == 0, res.stderr
         written = list(prefix.rglob("attrs-methods.*.marshal"))
         assert (written == []) if dont_write else (len(written) == 1)
+    # Run again, it compiles nothing (every class hits): nothing to write.
+    before = written[0].stat().st_mtime_ns
+    res = subprocess.run([sys.executable, "-X", f"pycache_prefix={tmp_path / 'yes'}", "-m",
+                          "tunsup", "check", str(conf)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    assert written[0].stat().st_mtime_ns == before
 
 
-@pytest.mark.parametrize("kind", ["fifo", "directory", "oversize"])
+@pytest.mark.parametrize("kind", ["fifo", "directory", "oversize", "world-writable",
+                                  "bad-checksum"])
 def test_a_cache_path_that_is_no_small_regular_file_is_ignored(tmp_path: Path, kind: str) -> None:
     """Hostile input is normal input: a FIFO at the cache's path must not
     hold up a start (opened without blocking), nor a directory or a huge
-    file break it; the classes are compiled as attrs does."""
+    file break it, and a file others than root may write is not run; the
+    classes are compiled as attrs does."""
     path = tmp_path / "cache.marshal"
     if kind == "fifo":
         os.mkfifo(path)
     elif kind == "directory":
         path.mkdir()
-    else:
+    elif kind == "oversize":
         with open(path, "wb") as f:
             f.truncate((16 << 20) + 1)
+    else:  # a good cache, but anyone could have written it, or damaged
+        good = str(tmp_path / "good.marshal")
+        assert int(_python(_WRITE.format(probe=""), good, seed="1")) >= 100
+        os.rename(good, path)
+        if kind == "world-writable":
+            path.chmod(0o666)
+        else:
+            data = bytearray(path.read_bytes())
+            data[8] ^= 0xFF  # the checksum: the records themselves still decode
+            path.write_bytes(bytes(data))
     code = textwrap.dedent("""
         import sys
         from tunsup import _codecache

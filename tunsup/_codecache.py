@@ -38,7 +38,9 @@ import contextlib
 import marshal
 import os
 import stat
+import struct
 import sys
+import zlib
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -57,6 +59,9 @@ _FILE = "attrs-methods.{tag}.marshal"  # one file per tag
 _MAX_ENTRIES = 4000
 #: A cache file larger than this is not read (nor written): ~0.5 MB today.
 _MAX_BYTES = 16 << 20
+#: The file: this header (magic, CRC-32 of the rest), then the marshal data.
+_HEAD = struct.Struct("<8sI")
+_MAGIC = b"tsattrs1"
 
 _Key = tuple[str, str]
 
@@ -76,8 +81,15 @@ class CodeCache:
     def _load(self) -> dict[_Key, CodeType]:
         assert self.path is not None
         try:
-            data = marshal.loads(_read_regular(self.path, _MAX_BYTES))
-        except (OSError, EOFError, ValueError, TypeError):
+            blob = _read_regular(self.path, _MAX_BYTES)
+            # The checksum first: marshal trusts the lengths it reads (five
+            # bytes can make it reserve gigabytes).
+            payload = memoryview(blob)[_HEAD.size:]
+            if (len(blob) < _HEAD.size
+                    or _HEAD.unpack_from(blob) != (_MAGIC, zlib.crc32(payload) & 0xFFFFFFFF)):
+                return {}
+            data = marshal.loads(payload)
+        except Exception:  # unreadable, damaged, foreign: it is only a cache
             return {}
         if (not isinstance(data, tuple) or len(data) != 2 or data[0] != self.tag
                 or not isinstance(data[1], dict)):
@@ -114,34 +126,55 @@ class CodeCache:
         if len(entries) > _MAX_ENTRIES:
             entries = dict(self.used)
         tmp = f"{self.path}.{os.getpid()}.tmp"
+        created = False
         try:
-            data = marshal.dumps((self.tag, entries))
+            payload = marshal.dumps((self.tag, entries))
+            data = _HEAD.pack(_MAGIC, zlib.crc32(payload) & 0xFFFFFFFF) + payload
             if len(data) > _MAX_BYTES:
                 return False
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            directory = os.path.dirname(self.path)
+            os.makedirs(directory, exist_ok=True)
             # A new file of our own (never through a link someone left).
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o644)
+            created = True
             with open(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, self.path)
+            created = False
+            _remove_other_tags(directory, os.path.basename(self.path))
         except (OSError, ValueError):
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if created:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             return False
         self.entries, self.misses = entries, 0
         return True
 
 
+def _remove_other_tags(directory: str, keep: str) -> None:
+    """Remove the caches of other interpreters or attrs versions (each
+    upgrade would otherwise leave one behind)."""
+    prefix, suffix = _FILE.split("{tag}")
+    for name in os.listdir(directory):
+        if name != keep and name.startswith(prefix) and name.endswith(suffix):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+
+
 def _read_regular(path: str, limit: int) -> bytes:
     """The bytes of ``path`` if it is a regular file of at most ``limit``
-    bytes; OSError otherwise.  Opened without blocking, so that a FIFO or
+    bytes, owned by root or this user and writable by nobody else; OSError
+    otherwise.  Opened without blocking, so that a FIFO or
     a device left at the path cannot hold up a start."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
             raise OSError(f"{path}: not a regular file of at most {limit} bytes")
+        # Code is run from it: only as trusted as its writers (as a .pyc).
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            raise OSError(f"{path}: writable by others than root and this user")
         chunks = []
         left = st.st_size + 1  # a file that grew meanwhile is refused
         while left > 0 and (chunk := os.read(fd, left)):
@@ -182,6 +215,10 @@ def _swap_const(code: CodeType, old: int, new: int) -> tuple[CodeType, int]:
         if type(const) is int and const == old:
             const = new
             count += 1
+        elif type(const) is tuple and any(type(c) is int and c == old for c in const):
+            # ``hash((salt,))`` (no field hashed): folded into one constant.
+            const = tuple(new if type(c) is int and c == old else c for c in const)
+            count += 1
         elif type(const) is type(code):
             const, inner = _swap_const(const, old, new)
             count += inner
@@ -215,10 +252,17 @@ def install(path: str | None = None) -> CodeCache | None:
         return None
     original: Any = getattr(_make, "_compile_and_eval", None)
     code = getattr(original, "__code__", None)
-    if code is None or code.co_varnames[:4] != ("script", "globs", "locs", "filename"):
+    # Exactly what attrs 22-26 do there: compile(script, filename), eval.
+    if (code is None or code.co_varnames[:4] != ("script", "globs", "locs", "filename")
+            or code.co_names != ("compile", "eval")):
         return None
-    feature = getattr(_make, "annotations", None)
-    flags = int(getattr(feature, "compiler_flag", 0))
+    import __future__
+
+    # compile() there inherits the __future__ flags of attrs' own module.
+    future = 0
+    for feature in __future__.all_feature_names:
+        future |= getattr(__future__, feature).compiler_flag
+    flags = code.co_flags & future
     try:
         # attrs' version would cost an importlib.metadata import (~25 ms):
         # its code generator's file identifies it as well (as a .pyc's
@@ -226,7 +270,8 @@ def install(path: str | None = None) -> CodeCache | None:
         st = os.stat(_make.__file__)
     except (OSError, TypeError):
         return None
-    tag = f"{sys.implementation.cache_tag}-{sys.hexversion:x}-{st.st_size}-{st.st_mtime_ns}"
+    tag = (f"{sys.implementation.cache_tag}-{sys.hexversion:x}-O{sys.flags.optimize}"
+           f"-{st.st_size}-{st.st_mtime_ns}")
     cache = CodeCache(_cache_path(tag) if path is None else path, tag, flags)
 
     def compile_and_eval(script: str, globs: dict[str, Any] | None,
