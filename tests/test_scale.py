@@ -121,6 +121,23 @@ def test_compaction_keeps_exactly_the_pending_steps(tmp_path: Path) -> None:
     assert [(s.seq, e) for s, e in after.pending()] == [(s.seq, e) for s, e in before.pending()]
 
 
+def test_compaction_keeps_records_as_written_without_decoding_their_effects() -> None:
+    """What compaction keeps is decided by the records' kinds, steps and
+    hooks, never by their effects, which it keeps as written: an effect
+    this version cannot even decode is kept, byte for byte (decoding every
+    route of every record was all of a compaction's cost)."""
+    from tunsup.engine.journal import encode_line
+
+    header = encode_line({"op": "open", "pid": 1, "start_time": 1, "version": 1,
+                          "created": 0.0})
+    future = {"kind": "not-yet-invented", "anything": [1, 2, 3]}
+    kept = [encode_line({"op": "intent", "seq": 1, "tunnel": "a", "effect": future}),
+            encode_line({"op": "applied", "seq": 1, "record": future})]
+    dropped = [encode_line({"op": "intent", "seq": 2, "tunnel": "a", "effect": future}),
+               encode_line({"op": "undone", "seq": 2})]
+    assert compacted([header, kept[0], dropped[0], kept[1], dropped[1]]) == [header, *kept]
+
+
 def test_journal_is_not_rewritten_while_nothing_was_undone(tmp_path: Path) -> None:
     """Only ``undone`` records let a compaction drop anything: a bring-up
     of many tunnels (intents and records only) crosses the threshold but

@@ -398,9 +398,14 @@ class _Parsed:
     stale_written: set[int] = attrs.field(factory=set)
 
 
-def _parse(lines: list[bytes]) -> _Parsed:
+#: Stands for every effect where only the shape of a journal matters.
+_NOT_DECODED = Effect()
+
+
+def _parse(lines: list[bytes], *,
+           decode: Callable[[dict[str, Any]], Effect] = effect_from_dict) -> _Parsed:
     """The steps of a journal's lines (see :func:`read_journal`), with the
-    raw lines of each (for compaction)."""
+    raw lines of each (for compaction), effects read with ``decode``."""
     out = _Parsed()
     steps = out.steps
     damaged = out.damaged
@@ -417,10 +422,10 @@ def _parse(lines: list[bytes]) -> _Parsed:
                 continue
             if op == "intent":
                 seq = int(entry["seq"])
-                steps[seq] = Step(seq, str(entry["tunnel"]), effect_from_dict(entry["effect"]))
+                steps[seq] = Step(seq, str(entry["tunnel"]), decode(entry["effect"]))
             elif op == "applied":
                 seq = int(entry["seq"])
-                steps[seq] = attrs.evolve(steps[seq], record=effect_from_dict(entry["record"]))
+                steps[seq] = attrs.evolve(steps[seq], record=decode(entry["record"]))
             elif op == "undone":
                 seq = int(entry["seq"])
                 steps[seq] = attrs.evolve(steps[seq], undone=True)
@@ -448,8 +453,14 @@ def compacted(lines: list[bytes]) -> list[bytes] | None:
     line, then every step not undone with all its lines (a stale mark that
     was only implied by a step now dropped is written out).  Reading the
     result gives the same pending steps as reading ``lines``.  None when a
-    line is damaged (a file this process writes never is): leave it."""
-    parsed = _parse(lines)
+    line is damaged (a file this process writes never is): leave it.
+
+    Effects are not decoded: each step keeps its raw lines, and what
+    decides which to keep (undone, hooks, stale marks) is outside them.
+    Decoding was all of its cost: 27 ms of 27 for two tunnels of 1,000
+    routes (cattrs building every prefix of every record), during which
+    every append waits."""
+    parsed = _parse(lines, decode=lambda _data: _NOT_DECODED)
     if parsed.damaged or parsed.header is None:
         return None
     out = [parsed.header]
