@@ -206,9 +206,12 @@ def _mark_salt(script: str) -> tuple[int | None, str]:
     return salt, f"{script[:start]}{script[start:end].replace(literal, str(_MARK))}{script[end:]}"
 
 
-def _swap_const(code: CodeType, old: int, new: int) -> tuple[CodeType, int]:
+def _swap_const(code: CodeType, old: int, new: int, *, only: str | None = "__hash__"
+                ) -> tuple[CodeType, int]:
     """``code`` with the int constant ``old`` replaced by ``new`` in it and
-    in the code nested in it; and how many were replaced."""
+    in the code nested in it (at the top, only in functions named ``only``:
+    attrs puts the salt in ``__hash__`` alone, and a script holds up to a
+    dozen methods); and how many were replaced."""
     count = 0
     consts = []
     for const in code.co_consts:
@@ -219,8 +222,8 @@ def _swap_const(code: CodeType, old: int, new: int) -> tuple[CodeType, int]:
             # ``hash((salt,))`` (no field hashed): folded into one constant.
             const = tuple(new if type(c) is int and c == old else c for c in const)
             count += 1
-        elif type(const) is type(code):
-            const, inner = _swap_const(const, old, new)
+        elif type(const) is type(code) and (only is None or const.co_name == only):
+            const, inner = _swap_const(const, old, new, only=None)
             count += inner
         consts.append(const)
     return (code.replace(co_consts=tuple(consts)) if count else code), count

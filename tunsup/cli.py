@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
     from ._instrument import StepTimer
+    from .config.settings import TunnelOptions
+    from .config.sources import ConfigSource, Loaded
+    from .engine.lock import InstanceLock
 else:
     # What types.SimpleNamespace is (types.py defines it so), without
     # importing types.
@@ -470,6 +473,26 @@ def _run_service(args: argparse.Namespace | SimpleNamespace) -> int:
         print(f"tunsup run: cannot lock {exc.filename}: {exc.strerror}", file=sys.stderr)
         return ExitCode.USAGE
 
+    from . import _prefetch
+
+    try:
+        # The helpers' --version runs end on the other CPU while trio and
+        # the engine are imported (~100 ms): see tunsup._prefetch.
+        options = [cfg.tunnel_options(entry) for _, entry in loaded.entries()]
+        _prefetch.start({o.helper[0] for o in options
+                         if o.tun_mode == "owned" and o.tun_header == "auto"})
+        return _start_service(args, loaded, group, lock, options, source)
+    finally:
+        lock.release()
+        _prefetch.discard()
+
+
+def _start_service(args: argparse.Namespace | SimpleNamespace, loaded: Loaded,
+                   group: int | None, lock: InstanceLock, options: list[TunnelOptions],
+                   source: ConfigSource) -> int:
+    """The service's part of ``run``, once the configuration is checked and
+    the instance lock held (released by the caller)."""
+    cfg = loaded.config
     import trio
 
     from ._log import HUB, setup_logging, stop_logging
@@ -483,9 +506,8 @@ def _run_service(args: argparse.Namespace | SimpleNamespace) -> int:
         journal = Journal(cfg.state_dir, lock.pid, lock.start_time)
         host = real_host(resolv_conf=cfg.dns.resolv_conf,
                          route_progress=lambda n: journal.fault.total("routes", n))
-        tunnels = [Tunnel(spec, host, cfg.tunnel_options(entry),
-                          observer=JournalObserver(journal, spec.name))
-                   for spec, entry in loaded.entries()]
+        tunnels = [Tunnel(spec, host, opts, observer=JournalObserver(journal, spec.name))
+                   for (spec, _), opts in zip(loaded.entries(), options, strict=True)]
         settings = cfg.control.settings(group)
         timer = _step_timer(args.debug)
 
@@ -507,7 +529,6 @@ def _run_service(args: argparse.Namespace | SimpleNamespace) -> int:
         if timer is not None:
             timer.report()
     finally:
-        lock.release()
         stop_logging()
     return int(code)
 

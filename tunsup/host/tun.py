@@ -29,7 +29,6 @@ import contextlib
 import fcntl
 import os
 import re
-import shutil
 import socket
 import struct
 import subprocess
@@ -39,6 +38,7 @@ from typing import Literal, TypeAlias
 import attrs
 import trio
 
+from .. import _prefetch
 from .._bounded import bounded, deadline
 from .._errors import HostError
 from ..config.ifname import is_valid_ifname
@@ -71,6 +71,8 @@ IFF_TUN_EXCL = 0x8000
 _IFREQ = struct.Struct("16sH22x")
 
 DEFAULT_TIMEOUT = 5.0
+#: How long a killed ``--version`` run is waited for before it is left to be reaped later.
+_KILL_GRACE = 1.0
 
 
 @attrs.frozen
@@ -216,26 +218,13 @@ def header_for_version(text: str) -> TunHeader | None:
 
 
 #: :func:`detect_header`'s answers for the life of the process, per helper
-#: binary as it is on disk: (path, device, inode, size, mtime).  A helper
-#: replaced by an upgrade is asked again.
-_HEADERS: dict[tuple[str, int, int, int, int], TunHeader] = {}
+#: binary as it is on disk (see :func:`tunsup._prefetch.binary_identity`).
+#: A helper replaced by an upgrade is asked again.
+_HEADERS: dict[_prefetch.Identity, TunHeader] = {}
 #: Binaries being asked right now, and the event set once that ended:
 #: tunnels starting together (up to max_parallel at once) wait for one answer instead of
 #: each running ``--version`` (a process and a Go runtime start each).
-_ASKING: dict[tuple[str, int, int, int, int], trio.Event] = {}
-
-
-def _binary_identity(program: str) -> tuple[str, int, int, int, int] | None:
-    """What identifies the file ``program`` runs (found as exec would find
-    it), or None when it cannot be found."""
-    path = program if "/" in program else shutil.which(program)
-    if path is None:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+_ASKING: dict[_prefetch.Identity, trio.Event] = {}
 
 
 async def detect_header(program: str, *, timeout: float = DEFAULT_TIMEOUT) -> TunHeader:
@@ -246,11 +235,13 @@ async def detect_header(program: str, *, timeout: float = DEFAULT_TIMEOUT) -> Tu
     ``tunsup up`` used to start a process for this); any other program, or a
     version not recognised, gets ``"none"`` (``IFF_NO_PI``, what current
     helpers expect).  Raises :class:`HostError` if wireguard-go cannot be
-    run.  Cancellable (the process is killed).
+    run or gives no answer within ``timeout``.  ``tunsup run`` starts that
+    run before it imports trio (:mod:`tunsup._prefetch`); its answer is
+    taken here.  Cancellable (the process is killed).
     """
-    if not os.path.basename(program).startswith("wireguard-go"):
+    if not _prefetch.is_wireguard_go(program):
         return "none"
-    identity = await bounded(timeout, f"find {program}", _binary_identity, program)
+    identity = await bounded(timeout, f"find {program}", _prefetch.binary_identity, program)
     if identity is None:
         return await _ask_version(program, None, timeout)
     with deadline(timeout, f"{program} --version: no answer within {timeout:g} s"):
@@ -262,22 +253,53 @@ async def detect_header(program: str, *, timeout: float = DEFAULT_TIMEOUT) -> Tu
         return _HEADERS[identity]
     _ASKING[identity] = done = trio.Event()
     try:
+        started = _prefetch.take(identity)
+        if started is not None:
+            return await _prefetched_answer(started, program, identity, timeout)
         return await _ask_version(program, identity, timeout)
     finally:
         del _ASKING[identity]
         done.set()
 
 
-async def _ask_version(program: str, identity: tuple[str, int, int, int, int] | None,
+async def _prefetched_answer(started: _prefetch.Started, program: str,
+                             identity: _prefetch.Identity, timeout: float) -> TunHeader:
+    """The answer of a ``--version`` run started before trio (usually over
+    by now), as :func:`_ask_version` gives it.  Waits for its exit on its
+    pidfd, bounded by ``timeout`` (then :class:`HostError`); killed on
+    timeout or cancellation; reaped (or, stuck in the kernel, left to
+    :func:`tunsup._prefetch.discard`) and its fds closed either way."""
+    proc, pidfd = started.proc, started.pidfd
+    try:
+        with deadline(timeout, f"{program} --version: no answer within {timeout:g} s"):
+            await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            # SIGKILLed: gone at once, unless stuck in the kernel.
+            with trio.CancelScope(shield=True), trio.move_on_after(_KILL_GRACE):
+                await trio.lowlevel.wait_readable(pidfd)
+            if proc.poll() is None:
+                _prefetch.reap_later(proc)
+        trio.lowlevel.notify_closing(pidfd)
+        os.close(pidfd)
+        output = _prefetch.read_available(proc)
+    header: TunHeader = header_for_version(output.decode("utf-8", "replace")) or "none"
+    if proc.returncode == 0:
+        _HEADERS[identity] = header
+    return header
+
+
+async def _ask_version(program: str, identity: _prefetch.Identity | None,
                        timeout: float) -> TunHeader:
     """Run ``program --version`` (bounded by ``timeout``) and remember the
     answer for ``identity``.  Cancellable (the process is killed)."""
     try:
         with deadline(timeout, f"{program} --version: no answer within {timeout:g} s"):
             done = await trio.run_process(
-                [program, "--version"], capture_stdout=True, stderr=subprocess.DEVNULL,
-                stdin=subprocess.DEVNULL, check=False,
-                env={**os.environ, "WG_PROCESS_FOREGROUND": "1"})
+                _prefetch.version_argv(program), capture_stdout=True,
+                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, check=False,
+                env=_prefetch.version_env())
     except OSError as exc:
         raise HostError(f"cannot run {program} --version: {exc.strerror or exc}") from None
     header: TunHeader = header_for_version(done.stdout.decode("utf-8", "replace")) or "none"
