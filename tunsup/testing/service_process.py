@@ -9,18 +9,63 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from . import netns as _netns
 
 
 class ServiceFailed(Exception):
     """The service exited or did not become ready in time."""
+
+
+#: How long a SIGKILLed process is waited for.
+KILL_REAP_TIMEOUT = 10.0
+
+
+def reap(proc: subprocess.Popen[Any], timeout: float) -> int | None:
+    """Wait up to ``timeout`` seconds (0: just look) for ``proc`` to exit,
+    reap it and return its exit code as ``Popen`` gives it (negative: a
+    signal); None while it runs.
+
+    Not through ``Popen.wait``/``poll``: a signal handler that raises (the
+    demo turns SIGTERM into KeyboardInterrupt) can land between ``Popen``
+    taking its internal lock and the ``try`` that gives it back, and every
+    later ``wait()`` then blocks on that lock for ever (seen: an interrupted
+    demo hung with its second service still running).  A pidfd needs no
+    lock.  A child someone else reaped (``delete_namespace`` reaps its own
+    children) counts as exited with 0, as ``Popen`` counts it."""
+    if proc.returncode is not None:
+        return int(proc.returncode)
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        return _set_code(proc, 0)
+    try:
+        readable, _, _ = select.select([fd], [], [], max(timeout, 0.0))
+    finally:
+        os.close(fd)
+    if not readable:
+        return None
+    try:
+        pid, status = os.waitpid(proc.pid, os.WNOHANG)
+    except ChildProcessError:
+        return _set_code(proc, 0)
+    if pid == 0:  # not yet waitable (cannot be: the pidfd said it exited)
+        return None
+    return _set_code(proc, os.waitstatus_to_exitcode(status))
+
+
+def _set_code(proc: subprocess.Popen[Any], code: int) -> int:
+    if proc.returncode is None:  # Popen may have reaped it meanwhile
+        proc.returncode = code
+    return int(proc.returncode)
 
 
 class ServiceProcess:
@@ -60,7 +105,7 @@ class ServiceProcess:
         """Wait for ``READY=1``; return seconds since the process started."""
         deadline = time.monotonic() + timeout
         while True:
-            if self.proc.poll() is not None:
+            if reap(self.proc, 0) is not None:
                 raise ServiceFailed(
                     f"tunsup ({self.label}) exited with {self.proc.returncode} before it "
                     f"was ready:\n{self.output_tail()}")
@@ -82,19 +127,22 @@ class ServiceProcess:
              timeout: float = 30.0) -> tuple[int | None, float]:
         """Send ``sig`` and wait for the exit: (exit code or None, seconds)."""
         started = time.monotonic()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+        if reap(self.proc, 0) is None:
+            # Not reaped: the pid is still this process's, never a reused one.
+            os.kill(self.proc.pid, sig)
         code = self.wait_exit(timeout)
         return code, time.monotonic() - started
 
     def wait_exit(self, timeout: float = 30.0) -> int | None:
-        """Exit code, or None if it had to be killed after ``timeout``."""
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None
+        """Exit code, or None if it had to be killed after ``timeout``
+        (then waited for up to :data:`KILL_REAP_TIMEOUT` more).  Bounded
+        whatever state an interrupted ``Popen`` call left (see :func:`reap`)."""
+        code = reap(self.proc, timeout)
+        if code is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+            reap(self.proc, KILL_REAP_TIMEOUT)
+        return code
 
     def output(self) -> str:
         if not self._log.closed:
@@ -107,7 +155,7 @@ class ServiceProcess:
 
     def close(self) -> None:
         """Stop the service if still running (SIGTERM, then SIGKILL)."""
-        if self.proc.poll() is None:
+        if reap(self.proc, 0) is None:
             self.stop(signal.SIGTERM, timeout=15)
         self._log.close()
         self.notify.close()
