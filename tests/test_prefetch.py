@@ -19,6 +19,7 @@ from tunsup.host import tun
 from tunsup.testing import netns as _netns
 
 from .conftest import needs_netns
+from .test_tun import ask_together, fake_wireguard_go
 
 
 @pytest.fixture(autouse=True)
@@ -30,15 +31,6 @@ def _nothing_left() -> object:
     assert not leftover, "a --version run was left behind"
 
 
-def fake_helper(tmp_path: pathlib.Path, body: str) -> tuple[pathlib.Path, pathlib.Path]:
-    """A ``wireguard-go`` that notes each run in ``runs``, then runs ``body``."""
-    runs = tmp_path / "runs"
-    program = tmp_path / "wireguard-go"
-    program.write_text(f"#!/bin/sh\necho run >> {runs}\n{body}\n")
-    program.chmod(0o755)
-    return program, runs
-
-
 def started_proc(program: pathlib.Path) -> subprocess.Popen[bytes]:
     identity = _prefetch.binary_identity(str(program))
     assert identity is not None
@@ -46,7 +38,7 @@ def started_proc(program: pathlib.Path) -> subprocess.Popen[bytes]:
 
 
 def test_the_run_started_before_trio_gives_the_answer(tmp_path: pathlib.Path) -> None:
-    program, runs = fake_helper(tmp_path, "echo 'wireguard-go v0.0.20220316'")
+    program, runs = fake_wireguard_go(tmp_path, "echo 'wireguard-go v0.0.20220316'")
     _prefetch.start([str(program)])
     proc = started_proc(program)
 
@@ -64,7 +56,7 @@ def test_the_run_started_before_trio_gives_the_answer(tmp_path: pathlib.Path) ->
 def test_a_failed_early_run_is_not_remembered(tmp_path: pathlib.Path) -> None:
     """As with a run of detect_header's own: exit status 1 answers "none"
     this time, and the next start asks again."""
-    program, runs = fake_helper(tmp_path, "exit 1")
+    program, runs = fake_wireguard_go(tmp_path, "exit 1")
     _prefetch.start([str(program)])
 
     async def ask() -> str:
@@ -77,7 +69,7 @@ def test_a_failed_early_run_is_not_remembered(tmp_path: pathlib.Path) -> None:
 
 def test_an_early_run_that_never_answers_is_bounded_killed_and_reaped(
         tmp_path: pathlib.Path) -> None:
-    program, _ = fake_helper(tmp_path, "exec sleep 60")
+    program, _ = fake_wireguard_go(tmp_path, "exec sleep 60")
     _prefetch.start([str(program)])
     proc = started_proc(program)
 
@@ -92,7 +84,7 @@ def test_an_early_run_that_never_answers_is_bounded_killed_and_reaped(
 
 def test_a_start_cancelled_while_the_early_run_runs_kills_and_reaps_it(
         tmp_path: pathlib.Path) -> None:
-    program, _ = fake_helper(tmp_path, "exec sleep 60")
+    program, _ = fake_wireguard_go(tmp_path, "exec sleep 60")
     _prefetch.start([str(program)])
     proc = started_proc(program)
 
@@ -107,25 +99,14 @@ def test_a_start_cancelled_while_the_early_run_runs_kills_and_reaps_it(
 
 
 def test_tunnels_starting_together_share_the_early_run(tmp_path: pathlib.Path) -> None:
-    program, runs = fake_helper(tmp_path, "sleep 0.2; echo 'wireguard-go v0.0.20250522'")
+    program, runs = fake_wireguard_go(tmp_path, "sleep 0.2; echo 'wireguard-go v0.0.20250522'")
     _prefetch.start([str(program)])
-    answers: list[str] = []
-
-    async def main() -> None:
-        async def ask() -> None:
-            answers.append(await tun.detect_header(str(program)))
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(5):
-                nursery.start_soon(ask)
-
-    trio.run(main)
-    assert answers == ["none"] * 5
+    assert ask_together(program, 5) == ["none"] * 5
     assert runs.read_text().count("run") == 1
 
 
 def test_only_wireguard_go_binaries_that_exist_are_asked(tmp_path: pathlib.Path) -> None:
-    program, _ = fake_helper(tmp_path, "echo 'wireguard-go v0.0.20220316'")
+    program, _ = fake_wireguard_go(tmp_path, "echo 'wireguard-go v0.0.20220316'")
     other_runs = tmp_path / "other-runs"
     other = tmp_path / "boringtun"
     other.write_text(f"#!/bin/sh\necho run >> {other_runs}\n")
@@ -140,7 +121,7 @@ def test_only_wireguard_go_binaries_that_exist_are_asked(tmp_path: pathlib.Path)
 
 
 def test_discard_kills_and_reaps_what_nobody_took(tmp_path: pathlib.Path) -> None:
-    program, _ = fake_helper(tmp_path, "exec sleep 60")
+    program, _ = fake_wireguard_go(tmp_path, "exec sleep 60")
     _prefetch.start([str(program)])
     proc = started_proc(program)
     _prefetch.discard()

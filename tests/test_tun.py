@@ -122,23 +122,44 @@ def test_detect_header() -> None:
         assert real == (header_for_version(version) or "none")
 
 
+def fake_wireguard_go(tmp_path: pathlib.Path, body: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """A ``wireguard-go`` in ``tmp_path`` that notes each run in the file
+    returned second, then runs the shell commands ``body``."""
+    runs = tmp_path / "runs"
+    program = tmp_path / "wireguard-go"
+    program.write_text(f"#!/bin/sh\necho run >> {runs}\n{body}\n")
+    program.chmod(0o755)
+    return program, runs
+
+
+def ask_together(program: pathlib.Path, starts: int) -> list[str]:
+    """The answers of ``detect_header(program)`` asked by ``starts``
+    tasks at once (tunnels starting together)."""
+    answers: list[str] = []
+
+    async def main() -> None:
+        async def ask() -> None:
+            answers.append(await tun.detect_header(str(program)))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(starts):
+                nursery.start_soon(ask)
+
+    trio.run(main)
+    return answers
+
+
 def test_detect_header_asks_each_helper_binary_once(tmp_path: pathlib.Path) -> None:
     """`wireguard-go --version` runs once per binary, not on every `up`; a
     binary replaced on disk (an upgrade) is asked again."""
-    runs = tmp_path / "runs"
-    program = tmp_path / "wireguard-go"
-
-    def install(version: str) -> None:
-        program.write_text(f"#!/bin/sh\necho run >> {runs}\necho 'wireguard-go {version}'\n")
-        program.chmod(0o755)
+    program, runs = fake_wireguard_go(tmp_path, "echo 'wireguard-go v0.0.20230223'")
 
     async def ask() -> str:
         return await tun.detect_header(str(program))
 
-    install("v0.0.20230223")
     assert [trio.run(ask) for _ in range(3)] == ["pi", "pi", "pi"]
     assert runs.read_text().count("run") == 1
-    install("v0.0.20250522-newer")  # another size: another binary
+    fake_wireguard_go(tmp_path, "echo 'wireguard-go v0.0.20250522-newer'")  # another binary
     assert trio.run(ask) == "none"
     assert runs.read_text().count("run") == 2
 
@@ -147,22 +168,8 @@ def test_detect_header_asks_once_for_tunnels_starting_together(tmp_path: pathlib
     """Tunnels starting at once (up to max_parallel) share one
     ``--version`` run of their helper binary: they used to run one each,
     since none was answered yet when the others asked."""
-    runs = tmp_path / "runs"
-    program = tmp_path / "wireguard-go"
-    program.write_text(f"#!/bin/sh\necho run >> {runs}\necho 'wireguard-go v0.0.20220316'\n")
-    program.chmod(0o755)
-    answers: list[str] = []
-
-    async def ask() -> None:
-        answers.append(await tun.detect_header(str(program)))
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            for _ in range(8):
-                nursery.start_soon(ask)
-
-    trio.run(main)
-    assert answers == ["pi"] * 8
+    program, runs = fake_wireguard_go(tmp_path, "echo 'wireguard-go v0.0.20220316'")
+    assert ask_together(program, 8) == ["pi"] * 8
     assert runs.read_text().count("run") == 1
     assert not tun._ASKING
 
@@ -171,22 +178,7 @@ def test_detect_header_waiters_ask_themselves_when_the_first_gets_no_answer(
         tmp_path: pathlib.Path) -> None:
     """A run that fails (here: exit status 1) gives no remembered answer;
     the starts that waited for it ask in turn instead of waiting forever."""
-    runs = tmp_path / "runs"
-    program = tmp_path / "wireguard-go"
-    program.write_text(f"#!/bin/sh\necho run >> {runs}\nexit 1\n")
-    program.chmod(0o755)
-
-    async def main() -> list[str]:
-        answers: list[str] = []
-
-        async def ask() -> None:
-            answers.append(await tun.detect_header(str(program)))
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(3):
-                nursery.start_soon(ask)
-        return answers
-
-    assert trio.run(main) == ["none"] * 3
+    program, runs = fake_wireguard_go(tmp_path, "exit 1")
+    assert ask_together(program, 3) == ["none"] * 3
     assert runs.read_text().count("run") == 3
     assert not tun._ASKING
