@@ -48,3 +48,20 @@ def test_reap_of_a_child_reaped_elsewhere() -> None:
     proc = subprocess.Popen(["true"])
     os.waitpid(proc.pid, 0)
     assert reap(proc, 5) == 0
+
+
+def test_reap_never_takes_another_process_for_the_child() -> None:
+    """Reaped elsewhere, the child's pid may already be another process's:
+    ``reap`` says exited (so ``stop`` signals nobody), not "running"."""
+    proc = subprocess.Popen(["true"])
+    os.waitpid(proc.pid, 0)
+    # A live process that is not our child (its parent shell has exited).
+    spawner = subprocess.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
+                             capture_output=True, text=True, check=True)
+    stranger = int(spawner.stdout)
+    try:
+        proc.pid = stranger  # as if the pid had been reused
+        assert reap(proc, 0) == 0
+        assert os.path.exists(f"/proc/{stranger}")  # and it was left alone
+    finally:
+        os.kill(stranger, signal.SIGKILL)

@@ -11,10 +11,17 @@ right there, in plain :mod:`subprocess`: they end on the other CPU while
 this one imports, and :func:`take` hands the finished process to
 ``detect_header``, which reads its answer without starting another.
 
-Nothing here waits: :func:`start` only spawns (an error is ignored:
-``detect_header`` asks again and reports it), and what nobody took is
-killed and reaped by :func:`discard`, which the caller runs once trio has
-returned.  No trio here: this module runs before it is imported.
+:func:`start` only looks the binary up and spawns it (``Popen`` returns
+once the exec is done; an error is ignored: ``detect_header`` asks again
+and reports it).  What nobody took (a tunnel with a fixed framing, a start
+that failed first, a binary replaced meanwhile) is killed and reaped by
+:func:`discard`, which the caller runs once trio has returned.  No trio
+here: this module runs before it is imported.
+
+Known limit: the lookup and the exec run on the main thread, not bounded
+(``tunsup run``'s check of the configuration already looks every helper up
+in PATH there, so a helper on a hung mount held up a start before this
+too); SIGKILL ends such a start, and nothing was applied by then.
 """
 
 from __future__ import annotations
@@ -102,8 +109,9 @@ def start(programs: Iterable[str]) -> None:
         try:
             pidfd = os.pidfd_open(proc.pid)
         except (OSError, AttributeError):  # no pidfds: detect_header asks itself
-            _LEFT.append(proc)
             _reap(proc)
+            if proc.returncode is None:  # stuck in the kernel: try again at the end
+                _LEFT.append(proc)
             continue
         _STARTED[identity] = Started(proc, pidfd)
 

@@ -483,8 +483,10 @@ def _run_service(args: argparse.Namespace | SimpleNamespace) -> int:
                          if o.tun_mode == "owned" and o.tun_header == "auto"})
         return _start_service(args, loaded, group, lock, options, source)
     finally:
-        lock.release()
-        _prefetch.discard()
+        try:
+            lock.release()
+        finally:
+            _prefetch.discard()
 
 
 def _start_service(args: argparse.Namespace | SimpleNamespace, loaded: Loaded,

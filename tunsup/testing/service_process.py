@@ -40,7 +40,8 @@ def reap(proc: subprocess.Popen[Any], timeout: float) -> int | None:
     later ``wait()`` then blocks on that lock for ever (seen: an interrupted
     demo hung with its second service still running).  A pidfd needs no
     lock.  A child someone else reaped (``delete_namespace`` reaps its own
-    children) counts as exited with 0, as ``Popen`` counts it."""
+    children) counts as exited with 0, as ``Popen`` counts it, also when
+    its pid already belongs to another process."""
     if proc.returncode is not None:
         return int(proc.returncode)
     try:
@@ -48,7 +49,15 @@ def reap(proc: subprocess.Popen[Any], timeout: float) -> int | None:
     except ProcessLookupError:
         return _set_code(proc, 0)
     try:
-        readable, _, _ = select.select([fd], [], [], max(timeout, 0.0))
+        try:
+            # Still our child?  Reaped elsewhere, its pid may now be another
+            # process's: never wait for (nor signal) that one.
+            os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return _set_code(proc, 0)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        readable = poller.poll(max(timeout, 0.0) * 1000)
     finally:
         os.close(fd)
     if not readable:
