@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 Identity = tuple[str, int, int, int, int]
 
 
-
 class Started:
     """A ``--version`` run: the process and a pidfd to wait for its exit
     on (readable once it has exited)."""
