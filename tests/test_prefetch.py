@@ -66,10 +66,17 @@ def started_proc(program: pathlib.Path) -> subprocess.Popen[bytes]:
     return _prefetch._STARTED[identity].proc
 
 
-def test_the_run_started_before_trio_gives_the_answer(tmp_path: pathlib.Path) -> None:
-    program, runs = fake_wireguard_go(tmp_path, "echo 'wireguard-go v0.0.20220316'")
+def prefetched(tmp_path: pathlib.Path, body: str
+               ) -> tuple[pathlib.Path, pathlib.Path, subprocess.Popen[bytes]]:
+    """A fake ``wireguard-go`` running ``body`` (see ``fake_wireguard_go``),
+    its ``--version`` started as ``tunsup run`` starts it, and that process."""
+    program, runs = fake_wireguard_go(tmp_path, body)
     _prefetch.start([str(program)])
-    proc = started_proc(program)
+    return program, runs, started_proc(program)
+
+
+def test_the_run_started_before_trio_gives_the_answer(tmp_path: pathlib.Path) -> None:
+    program, runs, proc = prefetched(tmp_path, "echo 'wireguard-go v0.0.20220316'")
 
     async def ask() -> str:
         return await tun.detect_header(str(program))
@@ -85,8 +92,7 @@ def test_the_run_started_before_trio_gives_the_answer(tmp_path: pathlib.Path) ->
 def test_a_failed_early_run_is_not_remembered(tmp_path: pathlib.Path) -> None:
     """As with a run of detect_header's own: exit status 1 answers "none"
     this time, and the next start asks again."""
-    program, runs = fake_wireguard_go(tmp_path, "exit 1")
-    _prefetch.start([str(program)])
+    program, runs, _ = prefetched(tmp_path, "exit 1")
 
     async def ask() -> str:
         return await tun.detect_header(str(program))
@@ -98,9 +104,7 @@ def test_a_failed_early_run_is_not_remembered(tmp_path: pathlib.Path) -> None:
 
 def test_an_early_run_that_never_answers_is_bounded_killed_and_reaped(
         tmp_path: pathlib.Path) -> None:
-    program, _ = fake_wireguard_go(tmp_path, "exec sleep 60")
-    _prefetch.start([str(program)])
-    proc = started_proc(program)
+    program, _, proc = prefetched(tmp_path, "exec sleep 60")
 
     async def ask() -> str:
         return await tun.detect_header(str(program), timeout=0.3)
@@ -113,9 +117,7 @@ def test_an_early_run_that_never_answers_is_bounded_killed_and_reaped(
 
 def test_a_start_cancelled_while_the_early_run_runs_kills_and_reaps_it(
         tmp_path: pathlib.Path) -> None:
-    program, _ = fake_wireguard_go(tmp_path, "exec sleep 60")
-    _prefetch.start([str(program)])
-    proc = started_proc(program)
+    program, _, proc = prefetched(tmp_path, "exec sleep 60")
 
     async def main() -> None:
         with trio.move_on_after(0.2) as scope:
@@ -128,8 +130,7 @@ def test_a_start_cancelled_while_the_early_run_runs_kills_and_reaps_it(
 
 
 def test_tunnels_starting_together_share_the_early_run(tmp_path: pathlib.Path) -> None:
-    program, runs = fake_wireguard_go(tmp_path, "sleep 0.2; echo 'wireguard-go v0.0.20250522'")
-    _prefetch.start([str(program)])
+    program, runs, _ = prefetched(tmp_path, "sleep 0.2; echo 'wireguard-go v0.0.20250522'")
     assert ask_together(program, 5) == ["none"] * 5
     assert runs.read_text().count("run") == 1
 
@@ -140,10 +141,8 @@ def test_a_grandchild_holding_its_stdout_does_not_hold_up_the_answer(
     open.  The answer is read without waiting for that one (a blocking read
     would wait for its end on the trio thread)."""
     pidfile = tmp_path / "grandchild.pid"
-    program, _ = fake_wireguard_go(
+    program, _, _ = prefetched(  # it is there to take
         tmp_path, f"sleep 60 & echo $! > {pidfile}; echo 'wireguard-go v0.0.20220316'")
-    _prefetch.start([str(program)])
-    started_proc(program)  # it is there to take
 
     async def ask() -> str:
         return await tun.detect_header(str(program))
@@ -172,9 +171,7 @@ def test_only_wireguard_go_binaries_that_exist_are_asked(tmp_path: pathlib.Path)
 
 
 def test_discard_kills_and_reaps_what_nobody_took(tmp_path: pathlib.Path) -> None:
-    program, _ = fake_wireguard_go(tmp_path, "exec sleep 60")
-    _prefetch.start([str(program)])
-    proc = started_proc(program)
+    _, _, proc = prefetched(tmp_path, "exec sleep 60")
     _prefetch.discard()
     assert proc.returncode == -signal.SIGKILL
     assert not _prefetch._STARTED
