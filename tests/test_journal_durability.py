@@ -9,15 +9,18 @@ files (resolv.conf) as they were."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from tunsup.engine.effects import (
     Address,
@@ -28,7 +31,13 @@ from tunsup.engine.effects import (
     LinkUp,
     Routes,
 )
-from tunsup.engine.journal import Journal, JournalObserver, journal_name, read_journal
+from tunsup.engine.journal import (
+    Journal,
+    JournalObserver,
+    decode_line,
+    journal_name,
+    read_journal,
+)
 from tunsup.engine.recovery import recover
 from tunsup.engine.undo import EffectStack
 from tunsup.host.dns import FileBackend
@@ -149,6 +158,7 @@ def test_a_teardown_writes_its_undone_records_at_once_and_in_order(tmp_path: Pat
                 stack = EffectStack(ctx, log=log, observer=JournalObserver(journal, IFNAME))
                 for effect in _effects(index)[1:-2]:  # address, link up, routes
                     await stack.apply(effect)
+                await stack.flush()  # as a bring-up does before it reports up
                 writes = journal.commits
                 report = await stack.unwind(10)
                 assert report.complete
@@ -161,3 +171,145 @@ def test_a_teardown_writes_its_undone_records_at_once_and_in_order(tmp_path: Pat
     assert contents.pending() == [] and not contents.damaged
     undone = [line for line in Path(journal.path).read_bytes().splitlines() if b'"undone"' in line]
     assert [int(line.split(b'"seq":')[1].rstrip(b"}")) for line in undone] == [3, 2, 1]
+
+
+class _GatedWrites:
+    """``os.write`` of the journal's applied records, held or failed at the
+    OS boundary: the journal's thread blocks in (or fails) the write."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, fail: bool = False,
+                 kind: str = "") -> None:
+        self.gate = threading.Event()
+        self.tried = threading.Event()
+        self.fail = fail
+        real = os.write
+        marks = [b'"op":"applied"', f'"kind":"{kind}'.encode()]
+
+        def write(fd: int, data: bytes) -> int:  # type: ignore[override]
+            if all(mark in bytes(data) for mark in marks) and not self.tried.is_set():
+                self.tried.set()
+                if self.fail:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                self.gate.wait(30)
+            return real(fd, data)
+
+        monkeypatch.setattr(os, "write", write)
+
+
+def _ops(path: str) -> list[tuple[str, int]]:
+    return [(entry["op"], entry["seq"]) for entry in map(decode_line, Path(path).read_bytes()
+                                                         .splitlines(keepends=True))
+            if entry is not None and "seq" in entry]
+
+
+def test_a_change_does_not_wait_for_its_record_but_the_next_change_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel change's applied record is written without the bring-up
+    waiting for it (one trip to the journal's thread less per change),
+    yet before the next change is made: that change's intent is written
+    behind it.  A flush waits for it."""
+    journal = Journal(str(tmp_path / "state"), *DEAD)
+    writes = _GatedWrites(monkeypatch)
+
+    async def main() -> None:
+        with uapi_dir() as sockets:
+            fake = FakeHost(sockets)
+            index = fake.net.create(IFNAME, persistent=True)
+            async with trio.open_nursery() as nursery:
+                log = logging.getLogger("test")
+                ctx = EffectContext(host=fake.host, log=log, nursery=nursery)
+                stack = EffectStack(ctx, log=log, observer=JournalObserver(journal, IFNAME))
+                try:
+                    with trio.fail_after(10):  # its record's write is held
+                        await stack.apply(Address(IFNAME, index,
+                                                  ipaddress.ip_interface("10.61.0.1/24")))
+                    nursery.start_soon(stack.apply, LinkUp(IFNAME, index))
+                    await trio.testing.wait_all_tasks_blocked(0.05)
+                    assert not fake.net.links[index].up, "the next change was made first"
+                    flushed = False
+
+                    async def flush() -> None:
+                        nonlocal flushed
+                        await stack.flush()
+                        flushed = True
+
+                    nursery.start_soon(flush)
+                    await trio.testing.wait_all_tasks_blocked(0.05)
+                    assert not flushed, "a flush did not wait for the held record"
+                finally:
+                    writes.gate.set()
+            assert fake.net.links[index].up and flushed
+        await journal.close(remove=False)
+
+    trio.run(main)
+    assert _ops(journal.path) == [("intent", 1), ("applied", 1), ("intent", 2), ("applied", 2)]
+
+
+def test_a_record_that_could_not_be_written_fails_the_next_change_before_it_is_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write of an applied record fails on its own (nobody waits for
+    it): the next change is not made (its apply raises that error after
+    writing its intent), and a flush raises it too."""
+    journal = Journal(str(tmp_path / "state"), *DEAD)
+    writes = _GatedWrites(monkeypatch, fail=True)
+
+    async def main() -> None:
+        with uapi_dir() as sockets:
+            fake = FakeHost(sockets)
+            index = fake.net.create(IFNAME, persistent=True)
+            async with trio.open_nursery() as nursery:
+                log = logging.getLogger("test")
+                ctx = EffectContext(host=fake.host, log=log, nursery=nursery)
+                observer = JournalObserver(journal, IFNAME)
+                stack = EffectStack(ctx, log=log, observer=observer)
+                await stack.apply(Address(IFNAME, index, ipaddress.ip_interface("10.61.0.1/24")))
+                # Its write has failed, alone, before the next intent's.
+                await trio.to_thread.run_sync(writes.tried.wait, 10)
+                with pytest.raises(OSError, match="No space"):
+                    await stack.apply(LinkUp(IFNAME, index))
+                assert not fake.net.links[index].up
+                with pytest.raises(OSError, match="No space"):
+                    await stack.flush()
+        await journal.close(remove=False)
+
+    trio.run(main)
+
+
+def test_a_tunnel_is_reported_up_only_once_every_record_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last change of a bring-up has no next intent to write its
+    record first: the tunnel waits for it before it reports up."""
+    from tunsup.engine.tunnel import Tunnel, TunnelOptions
+    from tunsup.testing import spec
+
+    journal = Journal(str(tmp_path / "state"), *DEAD)
+    writes = _GatedWrites(monkeypatch, kind="Link")  # the owned TUN's, the last
+    options = TunnelOptions(helper=("fake-wg",), tun_header="none")
+
+    async def main() -> None:
+        with uapi_dir() as sockets:
+            fake = FakeHost(sockets)
+            tunnel = Tunnel(spec("wgt0"), fake.host, options,
+                            observer=JournalObserver(journal, "wgt0"))
+            async with trio.open_nursery() as nursery:
+                started = trio.Event()
+
+                async def run() -> None:
+                    await nursery.start(tunnel.run)
+                    started.set()
+
+                nursery.start_soon(run)
+                try:
+                    assert await trio.to_thread.run_sync(writes.tried.wait, 10)
+                    await trio.testing.wait_all_tasks_blocked(0.05)
+                    assert not started.is_set(), "reported up before its last record was written"
+                finally:
+                    writes.gate.set()
+                with trio.fail_after(10):
+                    await started.wait()
+                steps = read_journal(journal.path).steps
+                assert steps and all(step.record is not None for step in steps)
+                nursery.cancel_scope.cancel()
+        await journal.close(remove=False)
+
+    trio.run(main)

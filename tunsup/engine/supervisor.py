@@ -924,6 +924,7 @@ class Supervisor:
                     await hold.apply(HeldRoutes(spec.name, policy.table, policy.defaults))
                     for rule in policy.rules:
                         await hold.apply(HeldRule(spec.name, rule))
+                await hold.flush()
             except Exception as exc:
                 # Nothing was stopped yet: the running tunnel is left as it
                 # is, and the hold so far is taken back like a failed change.

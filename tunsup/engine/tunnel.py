@@ -486,6 +486,9 @@ class Tunnel:
             # ignores SIGTERM costs no grace), as when the link came last.
             await stack.apply(Link(spec.name, self._tun_index))
             await self._configure_services(stack)
+        # Every record journaled before the tunnel is reported up (the
+        # generation's too: both stacks have this tunnel's observer).
+        await stack.flush()
 
     def _new_generation(self, ctx: EffectContext) -> EffectStack:
         gen = EffectStack(ctx, log=self.log, observer=self._observer)
@@ -592,7 +595,9 @@ class Tunnel:
                 raise HelperExited(f"TUN device {self.name} was deleted; giving up")
             try:
                 async with self._changing:
-                    handle = await self._start_generation(self._new_generation(ctx), ctx)
+                    gen = self._new_generation(ctx)
+                    handle = await self._start_generation(gen, ctx)
+                    await gen.flush()
             except HostError as exc:
                 self.helper_pid = None
                 await self._end_generation(ctx)
@@ -726,6 +731,7 @@ class Tunnel:
         work = EffectStack(ctx, log=self.log, observer=self._observer)
         try:
             summary, state = await self._apply_change(work, spec, options)
+            await work.flush()
         except BaseException as exc:
             report = await work.unwind(self.options.stop_timeout)
             if report.remaining:

@@ -252,6 +252,14 @@ class EffectStack:
             await self._observer.applied(effect, record)
         return record
 
+    async def flush(self) -> None:
+        """Wait until the observer holds every record applied so far (a
+        queueing observer starts their writes without waiting for them);
+        raises as the observer's ``flush``.  Called before anything
+        applied is reported done.  Cancellation: as the observer's."""
+        if isinstance(self._observer, QueueingObserver):
+            await self._observer.flush()
+
     async def unwind(self, timeout: float) -> TeardownReport:
         """Undo every record in reverse order; never raises.
 
