@@ -58,9 +58,10 @@ class Twice:
 _WRITE = """
 import sys
 from tunsup import _codecache
-cache = _codecache.install(sys.argv[1])
+_codecache.install(sys.argv[1])  # before attrs is imported, as `tunsup run` does
 _codecache._import_command_modules()
 {probe}
+cache = _codecache.installed()
 cache.save()
 print(len(cache.entries))
 """
@@ -70,11 +71,13 @@ print(len(cache.entries))
 # argument, with attrs' own compile.
 _FINGERPRINT = """
 import hashlib, json, sys, types
-import attrs
 from tunsup import _codecache
-cache = _codecache.install(sys.argv[1]) if len(sys.argv) > 1 else None
+if len(sys.argv) > 1:
+    _codecache.install(sys.argv[1])  # before attrs is imported, as `tunsup run` does
+import attrs
 _codecache._import_command_modules()
 {probe}
+cache = _codecache.installed()
 fields = ("co_code", "co_names", "co_varnames", "co_freevars", "co_cellvars",
           "co_filename", "co_name", "co_qualname", "co_firstlineno", "co_flags",
           "co_argcount", "co_kwonlyargcount", "co_posonlyargcount", "co_nlocals",
@@ -87,7 +90,7 @@ def shape(code):
 
 prints = {{}}
 for name, module in list(sys.modules.items()):
-    if not name.startswith(("tunsup", "trio", "__main__")):
+    if not name.startswith(("tunsup", "trio", "__main__", "attr.")):
         continue
     for attr, cls in list(vars(module).items()):
         if not (isinstance(cls, type) and attrs.has(cls) and cls.__module__ == name):
@@ -101,6 +104,8 @@ salt = hash("<attrs generated hash __main__.Probe>")
 print(json.dumps({{
     "prints": prints,
     "hits": cache.hits if cache else None, "misses": cache.misses if cache else None,
+    "validators_cached": sorted({{f for f, _ in cache.used if "attr.validators" in f}})
+                         if cache else [],
     "probe_hash_ok": hash(Probe(1, "x")) == hash((salt, 1, "x")),
     "probe_eq": Probe(1, "x") == Probe(1, "x") and Probe(1, "x") != Probe(2, "x"),
     "probe_repr": repr(Probe(1, "x")),
@@ -137,6 +142,9 @@ def test_a_cached_class_gets_exactly_the_code_attrs_would_compile(tmp_path: Path
                  "Twice"):
         assert f"__main__.{name}.__init__" in cached["prints"], name
     assert "__main__.CachedHash.__hash__" in cached["prints"]
+    # attrs' own validators, defined while attrs is imported, hit it too.
+    assert any(k.startswith("attr.validators.") for k in cached["prints"])
+    assert len(cached["validators_cached"]) >= 10, cached["validators_cached"]
     # The salt of this process, not of the one that wrote the cache.
     assert cached["probe_hash_ok"] and compiled["probe_hash_ok"]
     assert cached["probe_eq"]
@@ -162,10 +170,11 @@ def test_an_unreadable_or_foreign_cache_is_ignored_and_rewritten(
     code = textwrap.dedent("""
         import sys
         from tunsup import _codecache
-        cache = _codecache.install(sys.argv[1])
+        _codecache.install(sys.argv[1])
         import tunsup.config.settings
         from tunsup.config.settings import RestartPolicy
         assert RestartPolicy() == RestartPolicy()
+        cache = _codecache.installed()
         print(cache.hits, cache.misses, cache.save())
     """)
     hits, misses, saved = _python(code, str(path), seed="3").split()
@@ -229,9 +238,10 @@ def test_a_cache_path_that_is_no_small_regular_file_is_ignored(tmp_path: Path, k
     code = textwrap.dedent("""
         import sys
         from tunsup import _codecache
-        cache = _codecache.install(sys.argv[1])
+        _codecache.install(sys.argv[1])
         from tunsup.config.settings import RestartPolicy
         assert RestartPolicy() == RestartPolicy()
+        cache = _codecache.installed()
         print(len(cache.entries), cache.hits, cache.misses > 0)
     """)
     env = dict(os.environ, PYTHONHASHSEED="5")
