@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import logging
 import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
 import trio
 import trio.testing
 
+from tunsup._errors import HostError
 from tunsup.engine.effects import (
     Address,
     Dns,
@@ -178,15 +181,19 @@ class _GatedWrites:
     OS boundary: the journal's thread blocks in (or fails) the write."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *, fail: bool = False,
-                 kind: str = "") -> None:
+                 record: str | None = None) -> None:
         self.gate = threading.Event()
         self.tried = threading.Event()
         self.fail = fail
         real = os.write
-        marks = [b'"op":"applied"', f'"kind":"{kind}'.encode()]
+        # Any applied record, or that of one kind of effect exactly.
+        kind = b"" if record is None else f'"kind":"{record}",'.encode()
+
+        def applied(line: bytes) -> bool:
+            return b'"op":"applied"' in line and kind in line
 
         def write(fd: int, data: bytes) -> int:  # type: ignore[override]
-            if all(mark in bytes(data) for mark in marks) and not self.tried.is_set():
+            if not self.tried.is_set() and any(map(applied, bytes(data).splitlines())):
                 self.tried.set()
                 if self.fail:
                     raise OSError(errno.ENOSPC, "No space left on device")
@@ -249,7 +256,8 @@ def test_a_record_that_could_not_be_written_fails_the_next_change_before_it_is_m
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The write of an applied record fails on its own (nobody waits for
     it): the next change is not made (its apply raises that error after
-    writing its intent), and a flush raises it too."""
+    writing its intent, which it closes at once), and a flush raises it
+    too; after the teardown nothing is left pending in the journal."""
     journal = Journal(str(tmp_path / "state"), *DEAD)
     writes = _GatedWrites(monkeypatch, fail=True)
 
@@ -270,9 +278,12 @@ def test_a_record_that_could_not_be_written_fails_the_next_change_before_it_is_m
                 assert not fake.net.links[index].up
                 with pytest.raises(OSError, match="No space"):
                     await stack.flush()
+                assert (await stack.unwind(10)).complete
         await journal.close(remove=False)
 
     trio.run(main)
+    contents = read_journal(journal.path)
+    assert contents.pending() == [], "an intent without a change is left open"
 
 
 def test_a_tunnel_is_reported_up_only_once_every_record_is_written(
@@ -283,7 +294,7 @@ def test_a_tunnel_is_reported_up_only_once_every_record_is_written(
     from tunsup.testing import spec
 
     journal = Journal(str(tmp_path / "state"), *DEAD)
-    writes = _GatedWrites(monkeypatch, kind="Link")  # the owned TUN's, the last
+    writes = _GatedWrites(monkeypatch, record="Link")  # the owned TUN's, the last
     options = TunnelOptions(helper=("fake-wg",), tun_header="none")
 
     async def main() -> None:
@@ -309,6 +320,160 @@ def test_a_tunnel_is_reported_up_only_once_every_record_is_written(
                     await started.wait()
                 steps = read_journal(journal.path).steps
                 assert steps and all(step.record is not None for step in steps)
+                assert type(steps[-1].record).__name__ == "Link"  # the one held: the last
+                nursery.cancel_scope.cancel()
+        await journal.close(remove=False)
+
+    trio.run(main)
+
+
+class _ContendedLock:
+    """A lock that says when a second thread waits for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.contended = threading.Event()
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            self.contended.set()
+            self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_a_record_a_written_off_write_left_behind_fails_the_next_change(tmp_path: Path) -> None:
+    """Another task's write took a change's record into its batch, then
+    hung and was written off (its caller gave up); the next change's
+    intent, written by the fresh thread, gets to the file first.  The
+    change must not be made while that record is unwritten."""
+    journal = Journal(str(tmp_path / "state"), *DEAD)
+    busy, entered, hung = threading.Event(), threading.Event(), threading.Event()
+    journal._file_lock = file_lock = _ContendedLock()  # the hung write holds it
+
+    def hanging_entry() -> dict[str, object]:
+        entered.set()
+        hung.wait(30)
+        return {"op": "hook", "seq": 99, "phase": "up", "index": 0, "pid": 1,
+                "start_time": None}
+
+    async def main() -> None:
+        observer = JournalObserver(journal, IFNAME)
+        address = Address(IFNAME, 7, ipaddress.ip_interface("10.61.0.1/24"))
+        await observer.intent(address)
+        try:
+            async with trio.open_nursery() as nursery:
+                other = trio.CancelScope()
+
+                async def other_append() -> None:
+                    with other:
+                        await journal.append(hanging_entry)
+
+                journal._worker.post(lambda: busy.wait(30), what="busy")  # the thread is busy
+                nursery.start_soon(other_append)
+                await trio.testing.wait_all_tasks_blocked()
+                await observer.applied(address, address)  # queued behind the other's
+                busy.set()  # the other's write takes both, and hangs
+                assert await trio.to_thread.run_sync(entered.wait, 10)
+                other.cancel()  # its caller gives up: the thread is written off
+
+            async def next_change() -> None:
+                with pytest.raises(HostError, match="earlier record was not written"):
+                    await observer.intent(LinkUp(IFNAME, 7))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(next_change)
+                # The fresh thread took the next intent alone and waits for
+                # the file; the hung one then ends, and puts the record back.
+                assert await trio.to_thread.run_sync(file_lock.contended.wait, 10)
+                hung.set()
+        finally:
+            hung.set()
+        await journal.close(remove=False)
+
+    trio.run(main)
+    lines = [json.loads(line.split(b" ", 1)[1]) for line in Path(journal.path).read_bytes()
+             .splitlines()]
+    assert [(e["op"], e.get("seq")) for e in lines[1:]] == [("intent", 1), ("intent", 2)]
+
+
+def _tunnel_with_journal(journal: Journal, fake: FakeHost) -> Any:
+    from tunsup.engine.restart import RestartPolicy
+    from tunsup.engine.tunnel import Tunnel, TunnelOptions
+    from tunsup.testing import spec
+
+    options = TunnelOptions(helper=("fake-wg",), tun_header="none",
+                            restart=RestartPolicy(backoff_initial=0.01, backoff_max=0.01))
+    return Tunnel(spec("wgt0"), fake.host, options, observer=JournalObserver(journal, "wgt0"))
+
+
+def test_an_in_place_change_is_reported_only_once_its_records_are_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload's last record (an MTU changed in place: no WireGuard change
+    to settle after it) held in its write: the change does not return
+    before it is written."""
+    journal = Journal(str(tmp_path / "state"), *DEAD)
+
+    async def main() -> None:
+        with uapi_dir() as sockets:
+            fake = FakeHost(sockets)
+            tunnel = _tunnel_with_journal(journal, fake)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(tunnel.run)
+                writes = _GatedWrites(monkeypatch, record="MtuChanged")
+                changed = trio.Event()
+
+                async def reload() -> None:
+                    summary = await tunnel.reconfigure(attrs.evolve(tunnel.spec, mtu=1300),
+                                                       tunnel.options)
+                    assert "MTU" in summary, summary
+                    changed.set()
+
+                nursery.start_soon(reload)
+                try:
+                    assert await trio.to_thread.run_sync(writes.tried.wait, 10)
+                    await trio.testing.wait_all_tasks_blocked(0.05)
+                    assert not changed.is_set(), "reported changed before its record was written"
+                finally:
+                    writes.gate.set()
+                with trio.fail_after(10):
+                    await changed.wait()
+                steps = read_journal(journal.path).steps
+                assert all(step.record is not None for step in steps)
+                nursery.cancel_scope.cancel()
+        await journal.close(remove=False)
+
+    trio.run(main)
+
+
+def test_a_restarted_helper_is_reported_up_only_once_its_records_are_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new generation's last record (the MTU the helper reset) held in
+    its write: the tunnel is not up again before it is written."""
+    from tunsup.engine.tunnel import TunnelState
+
+    journal = Journal(str(tmp_path / "state"), *DEAD)
+
+    async def main() -> None:
+        with uapi_dir() as sockets:
+            fake = FakeHost(sockets)
+            tunnel = _tunnel_with_journal(journal, fake)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(tunnel.run)
+                writes = _GatedWrites(monkeypatch, record="Mtu")
+                fake.current.die(1, "ERROR: gone")
+                try:
+                    assert await trio.to_thread.run_sync(writes.tried.wait, 10)
+                    await trio.testing.wait_all_tasks_blocked(0.05)
+                    assert tunnel.state is not TunnelState.UP, "up before its record was written"
+                finally:
+                    writes.gate.set()
+                with trio.fail_after(10):
+                    await tunnel.wait_state(TunnelState.UP)
+                assert tunnel.restarts == 1
+                steps = read_journal(journal.path).steps
+                assert all(step.record is not None for step in steps)
                 nursery.cancel_scope.cancel()
         await journal.close(remove=False)
 

@@ -280,8 +280,9 @@ class _HookWhenAttrsCompiles:
     def find_spec(self, name: str, path: object = None, target: object = None) -> None:
         make = sys.modules.get("attr._make")
         if getattr(make, "_compile_and_eval", None) is not None:
-            with contextlib.suppress(ValueError):
-                sys.meta_path.remove(self)
+            # A new list, not the one the import system is going through
+            # right now: removing from that one would skip the next finder.
+            sys.meta_path = [f for f in sys.meta_path if f is not self]
             _hook(self.path, make)
 
 

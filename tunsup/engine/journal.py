@@ -630,13 +630,14 @@ class Journal:
             self._commit(ticket)
 
     def failure(self, tickets: list[_Ticket]) -> BaseException | None:
-        """The error of the first of ``tickets`` that failed (or was
-        dropped), if any.  No wait."""
+        """Why the first of ``tickets`` that is not written is not (its
+        error, or that it is still to be written), if any.  No wait."""
         with self._lock:
             for ticket in tickets:
-                if ticket.state in (_FAILED, _DROPPED):
+                if ticket.state != _WRITTEN:
                     return ticket.error or HostError(
-                        f"append to {self.path}: a record was not written")
+                        f"append to {self.path}: an earlier record was not written "
+                        "(its write did not finish)")
         return None
 
     async def flush(self, tickets: list[_Ticket]) -> None:
@@ -907,11 +908,17 @@ class JournalObserver:
         tunnel = self.tunnel
         await self.journal.append(lambda: {"op": "intent", "seq": seq, "tunnel": tunnel,
                                            "effect": effect_to_dict(effect)})
-        # The applied records started before it were written first (one
-        # queue, one thread): one that failed fails this change before it
-        # is made, as its own append would have.  (Its intent, written,
-        # is then one without a change: recovery's abort is safe for it.)
-        self._raise_failed_applied()
+        # The applied records started before it are written first (one
+        # queue, one thread): one that is not (its write failed, or a
+        # written-off thread left it behind) fails this change before it
+        # is made, as its own append would have.  The intent, written, is
+        # closed at once: no change was made for it.
+        applied, self._applied = self._applied, []
+        error = self.journal.failure(applied)
+        if error is not None:
+            del self._pending_intent[id(effect)]
+            self._unflushed.append(self.journal.append_soon({"op": "undone", "seq": seq}))
+            raise error
         self.journal.fault.hit("intent")
 
     async def applied(self, intent: Effect, record: Effect) -> None:
@@ -942,12 +949,6 @@ class JournalObserver:
                 # The crash point means "right after its record is written".
                 await self.flush()
         self.journal.fault.hit("applied")
-
-    def _raise_failed_applied(self) -> None:
-        applied, self._applied = self._applied, []
-        error = self.journal.failure(applied)
-        if error is not None:
-            raise error
 
     async def undone(self, record: Effect) -> None:
         seq = self._seqs.pop(id(record), None)
