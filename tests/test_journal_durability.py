@@ -9,13 +9,14 @@ files (resolv.conf) as they were."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import json
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,18 @@ def synced(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     return sizes
 
 
+@contextlib.asynccontextmanager
+async def _journaled_stack(journal: Journal, fake: FakeHost
+                           ) -> AsyncIterator[tuple[int, EffectStack]]:
+    """A persistent link on ``fake`` and an effect stack journaled to
+    ``journal``, in a nursery: (the link's index, the stack)."""
+    index = fake.net.create(IFNAME, persistent=True)
+    async with trio.open_nursery() as nursery:
+        log = logging.getLogger("test")
+        ctx = EffectContext(host=fake.host, log=log, nursery=nursery)
+        yield index, EffectStack(ctx, log=log, observer=JournalObserver(journal, IFNAME))
+
+
 def test_power_cut_after_any_step_leaves_what_recovery_needs(
         tmp_path: Path, synced: dict[str, list[int]]) -> None:
     """After each step of a bring-up, what a power cut would leave of the
@@ -102,11 +115,7 @@ def test_power_cut_after_any_step_leaves_what_recovery_needs(
     async def bring_up() -> None:
         with uapi_dir() as sockets:
             fake = _host(FakeHost(sockets), resolv)
-            index = fake.net.create(IFNAME, persistent=True)
-            async with trio.open_nursery() as nursery:
-                log = logging.getLogger("test")
-                ctx = EffectContext(host=fake.host, log=log, nursery=nursery)
-                stack = EffectStack(ctx, log=log, observer=JournalObserver(journal, IFNAME))
+            async with _journaled_stack(journal, fake) as (index, stack):
                 for effect in _effects(index):
                     await stack.apply(effect)
                     data = Path(journal.path).read_bytes()
@@ -154,11 +163,7 @@ def test_a_teardown_writes_its_undone_records_at_once_and_in_order(tmp_path: Pat
     async def main() -> int:
         with uapi_dir() as sockets:
             fake = FakeHost(sockets)
-            index = fake.net.create(IFNAME, persistent=True)
-            async with trio.open_nursery() as nursery:
-                log = logging.getLogger("test")
-                ctx = EffectContext(host=fake.host, log=log, nursery=nursery)
-                stack = EffectStack(ctx, log=log, observer=JournalObserver(journal, IFNAME))
+            async with _journaled_stack(journal, fake) as (index, stack):
                 for effect in _effects(index)[1:-2]:  # address, link up, routes
                     await stack.apply(effect)
                 await stack.flush()  # as a bring-up does before it reports up
@@ -209,6 +214,36 @@ def _ops(path: str) -> list[tuple[str, int]]:
             if entry is not None and "seq" in entry]
 
 
+def _tunnel_with_journal(journal: Journal, fake: FakeHost) -> Any:
+    from tunsup.engine.restart import RestartPolicy
+    from tunsup.engine.tunnel import Tunnel, TunnelOptions
+    from tunsup.testing import spec
+
+    options = TunnelOptions(helper=("fake-wg",), tun_header="none",
+                            restart=RestartPolicy(backoff_initial=0.01, backoff_max=0.01))
+    return Tunnel(spec("wgt0"), fake.host, options, observer=JournalObserver(journal, "wgt0"))
+
+
+async def _reported_only_once_written(writes: _GatedWrites, journal: Journal,
+                                      reported: Callable[[], bool],
+                                      wait_reported: Callable[[], Awaitable[object]]
+                                      ) -> list[Any]:
+    """With the held record's write under way: nothing is reported until
+    the write is let go; then every step of the journal has its record
+    (returned)."""
+    try:
+        assert await trio.to_thread.run_sync(writes.tried.wait, 10)
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        assert not reported(), "reported before its record was written"
+    finally:
+        writes.gate.set()
+    with trio.fail_after(10):
+        await wait_reported()
+    steps = read_journal(journal.path).steps
+    assert steps and all(step.record is not None for step in steps)
+    return steps
+
+
 def test_a_change_does_not_wait_for_its_record_but_the_next_change_does(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A kernel change's applied record is written without the bring-up
@@ -221,11 +256,8 @@ def test_a_change_does_not_wait_for_its_record_but_the_next_change_does(
     async def main() -> None:
         with uapi_dir() as sockets:
             fake = FakeHost(sockets)
-            index = fake.net.create(IFNAME, persistent=True)
-            async with trio.open_nursery() as nursery:
-                log = logging.getLogger("test")
-                ctx = EffectContext(host=fake.host, log=log, nursery=nursery)
-                stack = EffectStack(ctx, log=log, observer=JournalObserver(journal, IFNAME))
+            async with _journaled_stack(journal, fake) as (index, stack), \
+                    trio.open_nursery() as nursery:
                 try:
                     with trio.fail_after(10):  # its record's write is held
                         await stack.apply(Address(IFNAME, index,
@@ -264,12 +296,7 @@ def test_a_record_that_could_not_be_written_fails_the_next_change_before_it_is_m
     async def main() -> None:
         with uapi_dir() as sockets:
             fake = FakeHost(sockets)
-            index = fake.net.create(IFNAME, persistent=True)
-            async with trio.open_nursery() as nursery:
-                log = logging.getLogger("test")
-                ctx = EffectContext(host=fake.host, log=log, nursery=nursery)
-                observer = JournalObserver(journal, IFNAME)
-                stack = EffectStack(ctx, log=log, observer=observer)
+            async with _journaled_stack(journal, fake) as (index, stack):
                 await stack.apply(Address(IFNAME, index, ipaddress.ip_interface("10.61.0.1/24")))
                 # Its write has failed, alone, before the next intent's.
                 await trio.to_thread.run_sync(writes.tried.wait, 10)
@@ -290,18 +317,12 @@ def test_a_tunnel_is_reported_up_only_once_every_record_is_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The last change of a bring-up has no next intent to write its
     record first: the tunnel waits for it before it reports up."""
-    from tunsup.engine.tunnel import Tunnel, TunnelOptions
-    from tunsup.testing import spec
-
     journal = Journal(str(tmp_path / "state"), *DEAD)
     writes = _GatedWrites(monkeypatch, record="Link")  # the owned TUN's, the last
-    options = TunnelOptions(helper=("fake-wg",), tun_header="none")
 
     async def main() -> None:
         with uapi_dir() as sockets:
-            fake = FakeHost(sockets)
-            tunnel = Tunnel(spec("wgt0"), fake.host, options,
-                            observer=JournalObserver(journal, "wgt0"))
+            tunnel = _tunnel_with_journal(journal, FakeHost(sockets))
             async with trio.open_nursery() as nursery:
                 started = trio.Event()
 
@@ -310,16 +331,8 @@ def test_a_tunnel_is_reported_up_only_once_every_record_is_written(
                     started.set()
 
                 nursery.start_soon(run)
-                try:
-                    assert await trio.to_thread.run_sync(writes.tried.wait, 10)
-                    await trio.testing.wait_all_tasks_blocked(0.05)
-                    assert not started.is_set(), "reported up before its last record was written"
-                finally:
-                    writes.gate.set()
-                with trio.fail_after(10):
-                    await started.wait()
-                steps = read_journal(journal.path).steps
-                assert steps and all(step.record is not None for step in steps)
+                steps = await _reported_only_once_written(writes, journal, started.is_set,
+                                                          started.wait)
                 assert type(steps[-1].record).__name__ == "Link"  # the one held: the last
                 nursery.cancel_scope.cancel()
         await journal.close(remove=False)
@@ -398,59 +411,13 @@ def test_a_record_a_written_off_write_left_behind_fails_the_next_change(tmp_path
     assert [(e["op"], e.get("seq")) for e in lines[1:]] == [("intent", 1), ("intent", 2)]
 
 
-def _tunnel_with_journal(journal: Journal, fake: FakeHost) -> Any:
-    from tunsup.engine.restart import RestartPolicy
-    from tunsup.engine.tunnel import Tunnel, TunnelOptions
-    from tunsup.testing import spec
-
-    options = TunnelOptions(helper=("fake-wg",), tun_header="none",
-                            restart=RestartPolicy(backoff_initial=0.01, backoff_max=0.01))
-    return Tunnel(spec("wgt0"), fake.host, options, observer=JournalObserver(journal, "wgt0"))
-
-
-def test_an_in_place_change_is_reported_only_once_its_records_are_written(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A reload's last record (an MTU changed in place: no WireGuard change
-    to settle after it) held in its write: the change does not return
-    before it is written."""
-    journal = Journal(str(tmp_path / "state"), *DEAD)
-
-    async def main() -> None:
-        with uapi_dir() as sockets:
-            fake = FakeHost(sockets)
-            tunnel = _tunnel_with_journal(journal, fake)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(tunnel.run)
-                writes = _GatedWrites(monkeypatch, record="MtuChanged")
-                changed = trio.Event()
-
-                async def reload() -> None:
-                    summary = await tunnel.reconfigure(attrs.evolve(tunnel.spec, mtu=1300),
-                                                       tunnel.options)
-                    assert "MTU" in summary, summary
-                    changed.set()
-
-                nursery.start_soon(reload)
-                try:
-                    assert await trio.to_thread.run_sync(writes.tried.wait, 10)
-                    await trio.testing.wait_all_tasks_blocked(0.05)
-                    assert not changed.is_set(), "reported changed before its record was written"
-                finally:
-                    writes.gate.set()
-                with trio.fail_after(10):
-                    await changed.wait()
-                steps = read_journal(journal.path).steps
-                assert all(step.record is not None for step in steps)
-                nursery.cancel_scope.cancel()
-        await journal.close(remove=False)
-
-    trio.run(main)
-
-
-def test_a_restarted_helper_is_reported_up_only_once_its_records_are_written(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The new generation's last record (the MTU the helper reset) held in
-    its write: the tunnel is not up again before it is written."""
+@pytest.mark.parametrize("change", ["reload", "restart"])
+def test_a_change_to_a_running_tunnel_is_reported_only_once_its_records_are_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    """The last record of the change held in its write: a reload's (an MTU
+    changed in place: no WireGuard change to settle after it) does not
+    return, a restarted helper's tunnel (the MTU the helper reset) is not
+    up again, before it is written."""
     from tunsup.engine.tunnel import TunnelState
 
     journal = Journal(str(tmp_path / "state"), *DEAD)
@@ -461,19 +428,27 @@ def test_a_restarted_helper_is_reported_up_only_once_its_records_are_written(
             tunnel = _tunnel_with_journal(journal, fake)
             async with trio.open_nursery() as nursery:
                 await nursery.start(tunnel.run)
-                writes = _GatedWrites(monkeypatch, record="Mtu")
-                fake.current.die(1, "ERROR: gone")
-                try:
-                    assert await trio.to_thread.run_sync(writes.tried.wait, 10)
-                    await trio.testing.wait_all_tasks_blocked(0.05)
-                    assert tunnel.state is not TunnelState.UP, "up before its record was written"
-                finally:
-                    writes.gate.set()
-                with trio.fail_after(10):
-                    await tunnel.wait_state(TunnelState.UP)
-                assert tunnel.restarts == 1
-                steps = read_journal(journal.path).steps
-                assert all(step.record is not None for step in steps)
+                reported: Callable[[], bool]
+                wait: Callable[[], Awaitable[object]]
+                if change == "reload":
+                    writes = _GatedWrites(monkeypatch, record="MtuChanged")
+                    changed = trio.Event()
+
+                    async def reload() -> None:
+                        summary = await tunnel.reconfigure(attrs.evolve(tunnel.spec, mtu=1300),
+                                                           tunnel.options)
+                        assert "MTU" in summary, summary
+                        changed.set()
+
+                    nursery.start_soon(reload)
+                    reported, wait = changed.is_set, changed.wait
+                else:
+                    writes = _GatedWrites(monkeypatch, record="Mtu")
+                    fake.current.die(1, "ERROR: gone")
+                    reported = lambda: tunnel.state is TunnelState.UP  # noqa: E731
+                    wait = lambda: tunnel.wait_state(TunnelState.UP)  # noqa: E731
+                await _reported_only_once_written(writes, journal, reported, wait)
+                assert tunnel.restarts == (change == "restart")
                 nursery.cancel_scope.cancel()
         await journal.close(remove=False)
 
