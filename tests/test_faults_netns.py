@@ -158,9 +158,14 @@ def test_stop_with_a_wedged_helper_and_a_stuck_probe(pair: Pair) -> None:
     (helper,) = helper_pids(pair.ns_a)
     os.kill(helper, signal.SIGSTOP)
     wait_until(svc, lambda: proc_state(helper) == "T", "the helper to stop")
-    # A probe that starts now cannot be answered: it is stuck.
-    probes = svc.output().count("probe: get=1")
-    wait_until(svc, lambda: svc.output().count("probe: get=1") > probes, "a stuck probe")
+    # A probe that starts now cannot be answered: it is stuck; so is one
+    # that was under way when the helper stopped (probes run one at a
+    # time: no other starts behind it).
+    def stuck() -> bool:
+        out = svc.output()
+        return out.count("probe: get=1") > out.count("probe answered in")
+
+    wait_until(svc, stuck, "a stuck probe")
 
     code, took = svc.stop(signal.SIGTERM, timeout=30)
     out = svc.output()

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -182,23 +183,26 @@ def test_a_teardown_writes_its_undone_records_at_once_and_in_order(tmp_path: Pat
 
 
 class _GatedWrites:
-    """``os.write`` of the journal's applied records, held or failed at the
-    OS boundary: the journal's thread blocks in (or fails) the write."""
+    """``os.write`` of the journal's first applied record (or intent: ``op``),
+    held or failed at the OS boundary: the journal's thread blocks in (or
+    fails) the write.  Two of them stack (each wraps the ``os.write`` it
+    finds)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *, fail: bool = False,
-                 record: str | None = None) -> None:
+                 record: str | None = None, op: str = "applied") -> None:
         self.gate = threading.Event()
         self.tried = threading.Event()
         self.fail = fail
         real = os.write
-        # Any applied record, or that of one kind of effect exactly.
-        kind = b"" if record is None else f'"kind":"{record}",'.encode()
+        # Any such line, or that of one kind of effect exactly.
+        kind = f'"kind":"{record}"'.encode() if record is not None else None
+        mark = f'"op":"{op}"'.encode()
 
-        def applied(line: bytes) -> bool:
-            return b'"op":"applied"' in line and kind in line
+        def matches(line: bytes) -> bool:
+            return mark in line and (kind is None or kind + b"," in line or kind + b"}" in line)
 
         def write(fd: int, data: bytes) -> int:  # type: ignore[override]
-            if not self.tried.is_set() and any(map(applied, bytes(data).splitlines())):
+            if not self.tried.is_set() and any(map(matches, bytes(data).splitlines())):
                 self.tried.set()
                 if self.fail:
                     raise OSError(errno.ENOSPC, "No space left on device")
@@ -453,3 +457,73 @@ def test_a_change_to_a_running_tunnel_is_reported_only_once_its_records_are_writ
         await journal.close(remove=False)
 
     trio.run(main)
+
+
+def test_recovering_a_tunnel_started_alone_lets_its_link_take_its_records(
+        tmp_path: Path) -> None:
+    """A tunnel started alone journals its helper among its link's records
+    (the helper starts while the link is configured).  Recovering what a
+    kill -9 leaves of it undoes neither its routes nor its address nor its
+    MTU one by one (10,000 routes on a deleted link): they go with the
+    link, as after a start whose helper came last."""
+    journal = Journal(str(tmp_path / "state"), *DEAD)
+    dead = tmp_path / "dead"
+    dead.mkdir(mode=0o700)
+
+    async def run_and_keep_the_journal() -> list[str]:
+        with uapi_dir() as sockets:
+            tunnel = _tunnel_with_journal(journal, FakeHost(sockets))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(tunnel.run)
+                # What a kill -9 would leave now.
+                shutil.copy(journal.path, dead / journal_name(*DEAD))
+                nursery.cancel_scope.cancel()
+        await journal.close(remove=True)
+        return [type(s.intent).__name__ for s in read_journal(str(dead / journal_name(*DEAD)))
+                .steps]
+
+    async def recovery() -> list[str]:
+        with uapi_dir() as sockets:
+            fake = FakeHost(sockets)
+            report = await recover(str(dead), fake.host, me=(os.getpid(), 0))
+            assert report.complete, report
+            return list(fake.ops)
+
+    journaled = trio.run(run_and_keep_the_journal)
+    # The helper's start between the link's records (else this tests nothing).
+    assert journaled.index("StartHelper") < journaled.index("Routes"), journaled
+    ops = trio.run(recovery)
+    assert not {"delete_routes", "delete_address"} & set(ops), ops
+
+
+def test_a_record_another_stack_of_the_tunnel_starts_meanwhile_fails_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two stacks of one tunnel (its own and the helper's generation, while
+    the helper starts as the link is configured) share its observer: a
+    record one of them starts while the other's intent is being written
+    comes after that intent in the queue, and its write still under way
+    does not fail the other's change."""
+    journal = Journal(str(tmp_path / "state"), *DEAD)
+    intent_held = _GatedWrites(monkeypatch, op="intent", record="LinkUp")
+    record_held = _GatedWrites(monkeypatch, record="Address")
+    observer = JournalObserver(journal, IFNAME)
+    address = Address(IFNAME, 7, ipaddress.ip_interface("10.61.0.1/24"))
+    link_up = LinkUp(IFNAME, 7)
+
+    async def main() -> None:
+        await observer.intent(address)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(observer.intent, link_up)  # the other stack
+                assert await trio.to_thread.run_sync(intent_held.tried.wait, 10)
+                await observer.applied(address, address)  # queued after that intent
+                intent_held.gate.set()  # the intent is written; the record is not yet
+                assert await trio.to_thread.run_sync(record_held.tried.wait, 10)
+        finally:
+            intent_held.gate.set()
+            record_held.gate.set()
+        await observer.flush()
+        await journal.close(remove=False)
+
+    trio.run(main)
+    assert _ops(journal.path) == [("intent", 1), ("intent", 2), ("applied", 1)]

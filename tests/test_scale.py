@@ -5,6 +5,7 @@ pending."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ from tunsup._errors import ExitCode
 from tunsup.engine.journal import Journal, JournalObserver, compacted, read_journal
 from tunsup.engine.supervisor import HISTORY_SIZE, Supervisor
 from tunsup.engine.tunnel import Tunnel, TunnelOptions, TunnelState
-from tunsup.testing import FakeHost, Fault, spec
+from tunsup.testing import Behaviour, FakeHost, Fault, spec
 
 from .test_supervision import options
 
@@ -404,32 +405,70 @@ def test_a_tunnel_failing_before_the_helpers_start_stops_the_others_waiting(
     assert_all_stopped(fake)
 
 
-def test_a_tunnel_started_alone_also_has_its_link_before_its_helper(fake: FakeHost) -> None:
-    """Owned TUN: the link, its addresses, state and routes are in place
-    before the helper starts (traffic for the tunnel waits in the TUN
-    device, never leaves another way), the MTU once the helper runs
-    (wireguard-go resets it); helper mode keeps the helper first (it
+def test_a_tunnel_started_alone_starts_its_helper_while_its_link_is_configured(
+        fake: FakeHost) -> None:
+    """Owned TUN, no other tunnel starting with it (an `up`): the helper
+    starts while the link's addresses, state and routes are applied, not
+    after them (initial tunnels keep their links first: see the test
+    above); the stacks keep their order all the same (the link's records
+    right above the TUN's, so that they go with it at a stop, the helper's
+    generation above them), and the MTU is set again once the helper runs
+    (wireguard-go resets it).  Helper mode keeps the helper first (it
     creates the link)."""
-    async def start(mode: str) -> list[str]:
+    async def start(mode: str) -> tuple[list[str], list[str]]:
         fake.net.ops.clear()
         tunnel = Tunnel(spec(f"wgt{mode[0]}"), fake.host, options(tun_mode=mode))
         async with trio.open_nursery() as nursery:
             await nursery.start(tunnel.run)
             ops = list(fake.ops)
+            assert tunnel._stack is not None
+            records = [type(r).__name__ for r in tunnel._stack.records]
             nursery.cancel_scope.cancel()
-        return ops
+        return ops, records
 
-    async def main() -> tuple[list[str], list[str]]:
+    async def main() -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
         with trio.fail_after(HANG_LIMIT):
             return await start("owned"), await start("helper")
 
-    owned, helper = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    assert owned.index("add_routes") < owned.index("start_helper")
-    # The MTU before the helper (no change for the running helpers to see
-    # when it starts and sets it) and again once it runs.
+    (owned, stack), (helper, _) = trio.run(
+        main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert owned.index("start_helper") < owned.index("add_routes")
+    assert stack[stack.index("OwnedTun"):] == [
+        "OwnedTun", "Address", "Mtu", "LinkUp", "Routes", "HelperGeneration", "Link"]
     mtus = [i for i, op in enumerate(owned) if op == "set_mtu"]
-    assert len(mtus) == 2 and mtus[0] < owned.index("start_helper") < mtus[1]
+    assert len(mtus) == 2 and owned.index("add_routes") < mtus[1]  # the helper's, once it runs
     assert helper.index("start_helper") < helper.index("add_address")
+    assert_all_stopped(fake)
+
+
+@pytest.mark.parametrize("failing", ["helper", "link", "both"])
+def test_a_failure_on_either_side_of_a_start_alone_restores_the_host(
+        fake: FakeHost, failing: str, caplog: pytest.LogCaptureFixture) -> None:
+    """While the helper starts and the link is configured together, a
+    helper that dies before its UAPI socket, a route that cannot be added,
+    or both: the start fails with that error (not an exception group),
+    the other side is stopped, the helper's generation undone (not left to
+    the last-resort kill), and the host restored."""
+    if failing in ("helper", "both"):
+        fake.plan = [Behaviour.CRASH]
+    if failing in ("link", "both"):
+        fake.faults.append(Fault(op="add_routes", kind="errno"))
+
+    async def main() -> BaseException | None:
+        with trio.fail_after(HANG_LIMIT):
+            tunnel = Tunnel(spec("wgt0"), fake.host, options())
+            with contextlib.suppress(Exception):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(tunnel.run)
+            return tunnel.failure  # what the bring-up raised
+
+    error = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert error is not None and not isinstance(error, BaseExceptionGroup), repr(error)
+    if failing == "link":
+        assert "EIO" in str(error) or "Input/output" in str(error), error
+    elif failing == "helper":
+        assert "exited" in str(error) or "status 1" in str(error), error
+    assert "still running after teardown" not in caplog.text
     assert_all_stopped(fake)
 
 

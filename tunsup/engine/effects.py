@@ -140,6 +140,7 @@ class StartHelper(Effect):
     """
 
     gone_on_reboot: ClassVar[bool] = True
+    link_neutral: ClassVar[bool] = True
 
     ifname: str
     argv: tuple[str, ...]
@@ -203,6 +204,7 @@ class HelperRunning(Effect):
     """A helper process, identified by pid *and* start time."""
 
     gone_on_reboot: ClassVar[bool] = True
+    link_neutral: ClassVar[bool] = True
 
     ifname: str
     argv: tuple[str, ...]

@@ -906,14 +906,20 @@ class JournalObserver:
         seq = self.journal.next_seq()
         self._pending_intent[id(effect)] = seq
         tunnel = self.tunnel
-        await self.journal.append(lambda: {"op": "intent", "seq": seq, "tunnel": tunnel,
-                                           "effect": effect_to_dict(effect)})
-        # The applied records started before it are written first (one
-        # queue, one thread): one that is not (its write failed, or a
-        # written-off thread left it behind) fails this change before it
-        # is made, as its own append would have.  The intent, written, is
-        # closed at once: no change was made for it.
+        # The applied records started before it (not those another task
+        # of this tunnel starts meanwhile: a helper starting while the link
+        # is configured) are queued before it, so written first: one that
+        # is not (its write failed, or a written-off thread left it
+        # behind) fails this change before it is made, as its own append
+        # would have.  The intent, written, is then closed at once: no
+        # change was made for it.
         applied, self._applied = self._applied, []
+        try:
+            await self.journal.append(lambda: {"op": "intent", "seq": seq, "tunnel": tunnel,
+                                               "effect": effect_to_dict(effect)})
+        except BaseException:
+            self._applied[:0] = applied  # still to be checked (or flushed)
+            raise
         error = self.journal.failure(applied)
         if error is not None:
             del self._pending_intent[id(effect)]

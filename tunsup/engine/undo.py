@@ -100,6 +100,12 @@ class Effect:
     #: tunsup.engine.journal, "Durability"); a change that outlives a reboot
     #: (a file, whatever a hook does) keeps an fsync'd record.
     gone_on_reboot: ClassVar[bool] = False
+    #: Its undo neither needs a link nor changes one (a helper process):
+    #: records that go with a link are carried past it to the record that
+    #: deletes the link (see :meth:`EffectStack.unwind`).  In a journal a
+    #: helper started while its link was configured sits among the link's
+    #: records.
+    link_neutral: ClassVar[bool] = False
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -317,13 +323,16 @@ class EffectStack:
 
     def _goes_with_link_below(self, link: int) -> bool:
         """Whether the records still on the stack end, from the top down,
-        in a run of records on link ``link`` directly above the one that
-        deletes it: only then are the carried records' undos skipped, so
-        nothing else is undone while they are still in place and the
-        order of undos stays exactly the reverse of the applies."""
+        in a run of records on link ``link`` (and link-neutral ones: a
+        helper) directly above the one that deletes it: only then are the
+        carried records' undos skipped, so nothing but link-neutral undos
+        happens while they are still in place, and the order of the other
+        undos stays exactly the reverse of the applies."""
         for record in reversed(self._records):
             if record.deletes_link() == link:
                 return True
+            if record.link_neutral:
+                continue
             if record.goes_with_link() != link:
                 return False
         return False
