@@ -472,6 +472,31 @@ def test_a_failure_on_either_side_of_a_start_alone_restores_the_host(
     assert_all_stopped(fake)
 
 
+@pytest.mark.parametrize("at_ms", range(14))  # the start takes ~12 virtual ms
+def test_a_start_alone_cancelled_at_any_moment_restores_the_host(
+        fake: FakeHost, at_ms: int, caplog: pytest.LogCaptureFixture) -> None:
+    """A stop that comes at any moment of a start alone (every host
+    operation takes a virtual millisecond, so the moments fall on every
+    step of both sides): nothing failed, the teardown is complete, no
+    helper needed the last-resort kill, the host is as before."""
+    fake.faults.append(Fault(op=None, kind="delay", delay=0.001, times=None))
+
+    async def main() -> Tunnel:
+        tunnel = Tunnel(spec("wgt0"), fake.host, options())
+        with trio.fail_after(HANG_LIMIT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(tunnel.run)
+                await trio.sleep(at_ms / 1000)
+                nursery.cancel_scope.cancel()
+        return tunnel
+
+    tunnel = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert tunnel.failure is None, repr(tunnel.failure)
+    assert tunnel.report is not None and tunnel.report.complete, tunnel.report
+    assert "still running after teardown" not in caplog.text
+    assert_all_stopped(fake)
+
+
 def assert_all_stopped(fake: FakeHost) -> None:
     assert fake.net.links == {}, fake.net.links
     assert fake.tun_fds == set(), "a TUN fd was left open"
