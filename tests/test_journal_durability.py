@@ -220,12 +220,14 @@ def _ops(path: str) -> list[tuple[str, int]]:
 
 def _tunnel_with_journal(journal: Journal, fake: FakeHost) -> Any:
     from tunsup.engine.restart import RestartPolicy
-    from tunsup.engine.tunnel import Tunnel, TunnelOptions
+    from tunsup.engine.tunnel import Tunnel
     from tunsup.testing import spec
 
-    options = TunnelOptions(helper=("fake-wg",), tun_header="none",
-                            restart=RestartPolicy(backoff_initial=0.01, backoff_max=0.01))
-    return Tunnel(spec("wgt0"), fake.host, options, observer=JournalObserver(journal, "wgt0"))
+    from .test_supervision import options
+
+    return Tunnel(spec("wgt0"), fake.host,
+                  options(restart=RestartPolicy(backoff_initial=0.01, backoff_max=0.01)),
+                  observer=JournalObserver(journal, "wgt0"))
 
 
 async def _reported_only_once_written(writes: _GatedWrites, journal: Journal,

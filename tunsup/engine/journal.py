@@ -629,15 +629,15 @@ class Journal:
         with contextlib.suppress(Exception):
             self._commit(ticket)
 
-    def failure(self, tickets: list[_Ticket]) -> BaseException | None:
+    def failure(self, tickets: list[_Ticket], *,
+                unwritten: str = "an earlier record was not written (its write did not finish)"
+                ) -> BaseException | None:
         """Why the first of ``tickets`` that is not written is not (its
-        error, or that it is still to be written), if any.  No wait."""
+        error, else ``unwritten``), if any.  No wait."""
         with self._lock:
             for ticket in tickets:
                 if ticket.state != _WRITTEN:
-                    return ticket.error or HostError(
-                        f"append to {self.path}: an earlier record was not written "
-                        "(its write did not finish)")
+                    return ticket.error or HostError(f"append to {self.path}: {unwritten}")
         return None
 
     async def flush(self, tickets: list[_Ticket]) -> None:
@@ -656,10 +656,9 @@ class Journal:
         if pending:  # else written already (started ones usually are)
             await self._worker.call(lambda: self._commit(last), timeout=APPEND_TIMEOUT,
                                     what=f"append to {self.path}")
-        with self._lock:
-            failed = [t for t in tickets if t.state != _WRITTEN]
-        if failed:
-            raise failed[0].error or HostError(f"append to {self.path}: a record was not written")
+        error = self.failure(tickets, unwritten="a record was not written")
+        if error is not None:
+            raise error
 
     def _give_up(self, ticket: _Ticket) -> bool:
         """The caller stops waiting for ``ticket``: drop it if it is still
