@@ -714,3 +714,20 @@ def test_round_trip(spec: TunnelSpec, style: Style) -> None:
         peers=tuple(attrs.evolve(p, line=n) for p, n in zip(spec.peers, peer_lines, strict=True)),
     )
     assert parse_conf(text, spec.source) == expected
+
+
+def test_a_network_given_again_for_the_same_peer_is_kept_once_at_its_first_line() -> None:
+    """wg accepts a prefix twice for one peer (host bits masked): kept once,
+    in file order, with the line it was first given on; the peer's lines
+    stay parallel to its networks, and the tunnel's list has no duplicate."""
+    text = conf(HEAD + "Table = off\n" + PEER
+                + "AllowedIPs = 10.0.0.0/24, 10.0.0.0/24\n"   # line 6: twice on one line
+                + "AllowedIPs = 10.1.0.0/16\n"                # line 7
+                + "AllowedIPs = 10.0.0.9/24, 10.2.0.0/16\n")  # line 8: 10.0.0.0/24 again
+    spec = parse_conf(text, PATH)
+    (peer,) = spec.peers
+    nets = [ipaddress.ip_network(n) for n in ("10.0.0.0/24", "10.1.0.0/16", "10.2.0.0/16")]
+    assert list(peer.allowed_ips) == nets
+    assert list(peer.allowed_lines) == [6, 7, 8]
+    assert peer.allowed_line(nets[0]) == 6
+    assert list(spec.allowed_ips) == nets

@@ -7,6 +7,7 @@ engine re-validates them.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from _socket import inet_ntoa  # (the socket wrapper module is not needed)
 from typing import Literal, TypeAlias
@@ -113,7 +114,10 @@ class TunnelSpec:
             return RT_TABLE_MAIN
         return self.table
 
-    @property
+    @functools.cached_property
     def allowed_ips(self) -> tuple[IPNetwork, ...]:
-        """Every peer's AllowedIPs, in file order, duplicates removed."""
+        """Every peer's AllowedIPs, in file order, duplicates removed.
+        Computed once per spec (attrs gives the frozen class a slot for
+        it): a start asks several times, and hashing 10,000 networks
+        costs ~6 ms each time."""
         return tuple(dict.fromkeys(n for p in self.peers for n in p.allowed_ips))

@@ -135,7 +135,10 @@ class _Interface(_Section):
 class _Peer(_Section):
     public_key: Key | None = None
     preshared_key: Key | None = None
-    allowed_ips: dict[IPNetwork, int] = attrs.Factory(dict)
+    #: Its AllowedIPs networks and the line of each, in file order, no
+    #: duplicates (:attr:`_Parser.routes` finds those).
+    allowed_ips: list[IPNetwork] = attrs.Factory(list)
+    allowed_lines: list[int] = attrs.Factory(list)
     endpoint: Endpoint | None = None
     endpoint_line: int = 0
     keepalive: int | None = None
@@ -150,7 +153,7 @@ class _Peer(_Section):
             persistent_keepalive=self.keepalive,
             line=self.line,
             endpoint_line=self.endpoint_line,
-            allowed_lines=tuple(self.allowed_ips.values()),
+            allowed_lines=tuple(self.allowed_lines),
         )
 
 
@@ -286,13 +289,19 @@ def _allowed_ips(p: _Parser, sec: _Peer, value: str, line: int) -> None:
             raise _Invalid(
                 f"AllowedIPs {_show(item)} is not an IP network (address/prefix)"
             ) from None
-        owner = p.routes.setdefault(net, sec)
-        if owner is not sec:
+        # One lookup per network (hashing an ipaddress network is slow:
+        # 10,000 AllowedIPs); a network given again for the same peer is
+        # kept once, at its first line, as before.
+        known = len(p.routes)
+        owner, first = p.routes.setdefault(net, (sec, line))
+        if len(p.routes) > known:
+            sec.allowed_ips.append(net)
+            sec.allowed_lines.append(line)
+        elif owner is not sec:
             raise _Invalid(
-                f"AllowedIPs {net} is already given at line {owner.allowed_ips[net]} "
+                f"AllowedIPs {net} is already given at line {first} "
                 f"for the [Peer] at line {owner.line}; a network can route to one peer only"
             )
-        sec.allowed_ips.setdefault(net, line)
 
 
 def ip_network(item: str) -> IPNetwork:
@@ -366,6 +375,10 @@ _PEER_FIELDS: dict[str, _Field[_Peer]] = {
     "Endpoint": _Field(_endpoint),
     "PersistentKeepalive": _Field(_keepalive),
 }
+#: Each section's keys by their lower-case spelling (keys are matched
+#: case-insensitively): built once, not for each of 10,000 lines.
+_INTERFACE_KEYS = {k.lower(): k for k in _INTERFACE_FIELDS}
+_PEER_KEYS = {k.lower(): k for k in _PEER_FIELDS}
 
 
 # --- the parser ---------------------------------------------------------------
@@ -379,7 +392,8 @@ class _Parser:
         self.peers: list[_Peer] = []
         self.section: _Interface | _Peer | None = None
         #: Every AllowedIPs network -> the peer it routes to.
-        self.routes: dict[IPNetwork, _Peer] = {}
+        #: (and the line it was first given on).
+        self.routes: dict[IPNetwork, tuple[_Peer, int]] = {}
         #: Inside a section whose header was refused: its keys are skipped.
         self.skipping = False
         self.errors: list[ConfigError] = []
@@ -449,13 +463,16 @@ class _Parser:
             self.skipping = True  # one report for the keys up to the next header
             raise _Invalid("key outside any section; start with [Interface] or [Peer]")
         if isinstance(self.section, _Interface):
-            self._apply(_INTERFACE_FIELDS, _PEER_FIELDS, self.section, key, value, line)
+            self._apply(_INTERFACE_FIELDS, _INTERFACE_KEYS, _PEER_FIELDS, self.section,
+                        key, value, line)
         else:
-            self._apply(_PEER_FIELDS, _INTERFACE_FIELDS, self.section, key, value, line)
+            self._apply(_PEER_FIELDS, _PEER_KEYS, _INTERFACE_FIELDS, self.section,
+                        key, value, line)
 
     def _apply(
         self,
         fields: Mapping[str, _Field[S]],
+        by_lower: Mapping[str, str],
         other_fields: Mapping[str, object],
         sec: S,
         key: str,
@@ -463,7 +480,6 @@ class _Parser:
         line: int,
     ) -> None:
         title = "[Interface]" if isinstance(sec, _Interface) else "[Peer]"
-        by_lower = {k.lower(): k for k in fields}
         name = by_lower.get(key.lower())
         if name is None:
             raise _Invalid(_unknown_key(key, title, by_lower, other_fields))

@@ -620,7 +620,10 @@ class Supervisor:
                 # Start slots are taken in configuration order (with
                 # max_parallel = 1 the tunnels start one after another).
                 await self._start_gate.acquire_on_behalf_of(tunnel)
-                tunnel.before_helper = functools.partial(gate.wait, tunnel)
+                if len(self.tunnels) > 1:
+                    tunnel.before_helper = functools.partial(gate.wait, tunnel)
+                # else: no other initial tunnel for its helper to wake up:
+                # it starts while the link is configured, as an `up` does.
                 nursery.start_soon(self._start_configured, tunnel, claims, gate)
         took = trio.current_time() - began
         names = ", ".join(t.name for t in self.tunnels)
