@@ -550,28 +550,67 @@ def test_delete_only_matches_our_routes(scratch: Scratch) -> None:
 
 
 @pytest.mark.netns
-def test_lost_acks_are_reported_not_guessed(
+def test_lost_answers_are_reported_not_guessed(
     scratch: Scratch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With a tiny receive buffer and huge chunks the kernel drops ACKs; the
-    routes whose ACK was lost are reported as uncertain."""
+    """The kernel answers only failures (and each chunk's last request):
+    with a tiny receive buffer and huge chunks in which every request fails
+    (routes that already exist; then routes that are gone), it drops
+    answers.  The routes without an answer are reported as uncertain, never
+    taken for added (and rolled back) nor for deleted; the routes stay as
+    the kernel has them."""
     s = scratch
+    nets = [ipaddress.IPv4Network((0x0AC00000 + i, 32)) for i in range(2000)]
+    assert len(s.run(lambda: add_routes(s.idx, nets, table=254)).added) == len(nets)
     monkeypatch.setattr(_rtnl, "RCVBUF_WANTED", 4096)
     monkeypatch.setattr(_rtnl, "ACK_TRUESIZE", 1)
     monkeypatch.setattr(_rtnl, "CHUNK_MAX", 2000)
-    nets = [ipaddress.IPv4Network((0x0AC00000 + i, 32)) for i in range(2000)]
     with pytest.raises(RouteBatchError) as info:
-        s.run(lambda: add_routes(s.idx, nets, table=254))
+        s.run(lambda: add_routes(s.idx, nets, table=254))  # every one: EEXIST
     e = info.value
     assert e.errno == errno.ENOBUFS
     assert e.uncertain and e.failed == len(e.uncertain)
-    # Every add succeeded; the acknowledged ones were rolled back, the others
-    # are left for the caller to decide about.
-    left = {dst(r) for r in s.routes("dev", s.dev)}
-    assert left == {str(n) for n in e.uncertain}
+    # Nothing was taken for ours: no rollback deleted any of them.
+    assert {dst(r) for r in s.routes("dev", s.dev)} == {str(n) for n in nets}
+    monkeypatch.undo()
+    assert s.run(lambda: delete_routes(s.idx, nets, table=254)) == len(nets)
+    monkeypatch.setattr(_rtnl, "RCVBUF_WANTED", 4096)
+    monkeypatch.setattr(_rtnl, "ACK_TRUESIZE", 1)
+    monkeypatch.setattr(_rtnl, "CHUNK_MAX", 2000)
     with pytest.raises(RouteBatchError) as info:
-        s.run(lambda: delete_routes(s.idx, nets, table=254))
+        s.run(lambda: delete_routes(s.idx, nets, table=254))  # every one: ESRCH
     assert info.value.errno == errno.ENOBUFS
+    assert info.value.uncertain
     monkeypatch.undo()
     assert s.run(lambda: delete_routes(s.idx, nets, table=254)) == 0
     assert s.routes("dev", s.dev) == []
+
+
+@pytest.mark.netns
+def test_only_the_last_request_of_a_chunk_asks_for_an_ack(
+    scratch: Scratch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Successes are not answered one by one (one ``recv`` each was most of
+    the Python side of a large batch): the kernel's answers to a batch of
+    3 chunks that all succeed are exactly 3 ACKs, the chunks' last
+    requests'; failures in between are still each read and reported."""
+    s = scratch
+    monkeypatch.setattr(_rtnl, "CHUNK_MAX", 100)
+    answers: list[int] = []
+    real = _rtnl._RtnlSocket._record
+
+    def record(self: object, view: memoryview, *args: object) -> int:
+        answers.extend(seq for seq, _err, _msg in _rtnl.parse_acks(view))
+        return real(self, view, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_rtnl._RtnlSocket, "_record", record)
+    monkeypatch.setattr(_rtnl, "_ACK", struct.Struct("<0s"))  # no fast path: see every answer
+    nets = [ipaddress.IPv4Network((0x0AC10000 + i, 32)) for i in range(300)]
+    assert len(s.run(lambda: add_routes(s.idx, nets, table=254)).added) == 300
+    assert len(answers) == 3
+    answers.clear()
+    result = s.run(lambda: add_routes(s.idx, [*nets[:150], *(
+        ipaddress.IPv4Network((0x0AC20000 + i, 32)) for i in range(150))], table=254))
+    assert len(result.existed) == 150 and len(result.added) == 150
+    assert len(answers) == 150 + 2  # each EEXIST, and the last of the other two chunks
+    assert s.run(lambda: delete_routes(s.idx, nets, table=254)) == 300
