@@ -196,14 +196,26 @@ def _reconcile_lan(prefixes: tuple[IPNetwork, ...], connected: list[tuple[IPNetw
     part of the LAN off: by default they are not routed (logged)."""
     kept = []
     # subnet_of in integers (see effects.span): 10,000 prefixes in a tenth
-    # of the time.  Equal spans of one version are equal networks.
-    lans = [(span(n), n, dev) for n, dev in connected]
+    # of the time.  Equal spans of one version are equal networks.  Most
+    # prefixes touch no LAN: one test of overlap each (both tests below
+    # imply it), against the LANs of their own version only.
+    lans: dict[int, list[tuple[int, int, IPNetwork, str]]] = {4: [], 6: []}
+    for n, dev in connected:
+        version, lo, hi = span(n)
+        lans[version].append((lo, hi, n, dev))
     for prefix in prefixes:
-        version, first, last = span(prefix)
-        inside = [(n, dev) for (v, lo, hi), n, dev in lans
-                  if v == version and lo <= first and last <= hi]
-        covers = [(n, dev) for (v, lo, hi), n, dev in lans
-                  if v == version and first <= lo and hi <= last and (lo, hi) != (first, last)]
+        candidates = lans[prefix.version]
+        if not candidates:
+            kept.append(prefix)
+            continue
+        _, first, last = span(prefix)
+        near = [lan for lan in candidates if lan[0] <= last and first <= lan[1]]
+        if not near:
+            kept.append(prefix)
+            continue
+        inside = [(n, dev) for lo, hi, n, dev in near if lo <= first and last <= hi]
+        covers = [(n, dev) for lo, hi, n, dev in near
+                  if first <= lo and hi <= last and (lo, hi) != (first, last)]
         for lan_net, dev in covers:
             log.info("LAN %s on %s stays directly reachable (more specific than AllowedIPs %s)",
                      lan_net, dev, prefix)
