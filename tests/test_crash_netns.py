@@ -30,8 +30,8 @@ from .test_tunnel_netns import STEP_GUARD, assert_restored, ping
 pytestmark = [needs_wireguard, pytest.mark.netns]
 
 #: Effects of the bring-up below, in order: PreUp/PostDown hooks, the owned
-#: TUN, its MTU, 2 addresses, link up, routes (all before the helper: see
-#: Tunnel._bring_up), the helper generation (helper, WireGuard
+#: TUN, its MTU, 2 addresses, link up, routes (the helper starts while they
+#: are applied, one tunnel alone: see Tunnel._bring_up), the helper generation (helper, WireGuard
 #: configuration, MTU again), link, DNS, PostUp/PreDown hooks.
 STEPS = 14
 #: 600 routes go in chunks of 256: a crash after 300 lands mid-batch.

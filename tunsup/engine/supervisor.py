@@ -180,7 +180,7 @@ def _normalized(spec: TunnelSpec) -> TunnelSpec:
 
 
 class HelperGate:
-    """The initial tunnels start their helpers only once every one of them
+    """The initial tunnels (two or more) start their helpers only once every one of them
     has its link in place (or its start ended): each wireguard-go wakes up
     for every link, address and route change in the namespace, so links
     configured while helpers run cost every running helper CPU (50 tunnels

@@ -423,7 +423,7 @@ class Tunnel:
         what was applied stays on the stacks for the caller's unwind.
 
         In owned-TUN mode, with a :attr:`before_helper` (the initial
-        tunnels of a supervisor), the link, its addresses, its state and
+        tunnels of a supervisor that starts two or more), the link, its addresses, its state and
         its routes are in place *before* the helper starts, and
         :attr:`before_helper` is awaited between the two: every link,
         address and route change in the namespace wakes every wireguard-go

@@ -131,7 +131,9 @@ DELETE_FLAGS: Final = NLM_F_REQUEST | NLM_F_ACK
 #: Upper bound of messages per ``send()``.  Measured with 10k and 100k routes:
 #: 32 to 4096 messages per chunk run at the same speed, within noise (one
 #: ``recv`` per ACK and the kernel's own work dominate); 256 keeps the queue
-#: of ACKs, and so the receive buffer needed (about 830 bytes per ACK), small.
+#: of answers, and so the receive buffer needed (about 830 bytes each), small
+#: even when every request of a chunk fails (only failures, and each
+#: chunk's last request, are answered).
 CHUNK_MAX = 256
 #: Receive buffer asked for.  Memory is only charged while ACKs are queued.
 RCVBUF_WANTED = 4 << 20
