@@ -12,6 +12,7 @@ import functools
 import ipaddress
 import itertools
 import json
+import logging
 import os
 import struct
 import subprocess
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 
 import attrs
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -587,6 +589,73 @@ def test_lost_answers_are_reported_not_guessed(
 
 
 @pytest.mark.netns
+def test_routes_added_silently_before_lost_answers_are_removed_by_the_abort(
+    scratch: Scratch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk mixing new routes (answered by nothing: successes are
+    silent) with routes that exist on another device (each answered
+    EEXIST) overflows a tiny receive buffer.  ``add_routes`` cannot tell
+    the silent successes from failures whose answer was lost: they are
+    uncertain, not rolled back there.  The ``Routes`` effect's abort, run
+    by the effect stack over the intent's whole prefix list, removes them;
+    the other device's routes stay."""
+    from tunsup._errors import HostError
+    from tunsup.engine.effects import Routes
+    from tunsup.engine.undo import EffectContext, EffectStack
+    from tunsup.host import Host
+    from tunsup.host.netlink import NetlinkHost
+
+    s = scratch
+    theirs = [ipaddress.IPv4Network((0x0AC30000 + 2 * i, 32)) for i in range(1000)]
+    ours = [ipaddress.IPv4Network((0x0AC30000 + 2 * i + 1, 32)) for i in range(1000)]
+    s.run(lambda: add_routes(s.other_idx, theirs, table=254))
+    before = s.keys()
+    mixed = tuple(itertools.chain.from_iterable(zip(theirs, ours, strict=True)))
+    real_add = _rtnl.add_routes
+
+    def add_with_tiny_buffer(*args: Any, **kwargs: Any) -> _rtnl.RouteBatchResult:
+        # Only the adding loses answers; the abort's delete has the real buffer.
+        with monkeypatch.context() as m:
+            m.setattr(_rtnl, "RCVBUF_WANTED", 4096)
+            m.setattr(_rtnl, "ACK_TRUESIZE", 1)
+            m.setattr(_rtnl, "CHUNK_MAX", 2000)
+            return real_add(*args, **kwargs)
+
+    monkeypatch.setattr(_rtnl, "add_routes", add_with_tiny_buffer)
+
+    with pytest.raises(RouteBatchError) as info:
+        s.run(lambda: _rtnl.add_routes(s.idx, mixed, table=254))
+    e = info.value
+    assert e.errno == errno.ENOBUFS
+    assert set(ours) <= set(e.uncertain)  # never answered, so never taken for added
+    assert {dst(r) for r in s.routes("dev", s.dev)} == {str(n) for n in ours}  # yet there
+    assert s.run(lambda: delete_routes(s.idx, ours, table=254)) == len(ours)
+    assert s.keys() == before
+
+    async def through_the_stack() -> str:
+        net = NetlinkHost()
+        host = Host(net=net, start_helper=None, run_hook=None,  # type: ignore[arg-type]
+                    dns_backend=None)  # type: ignore[arg-type]
+        log = logging.getLogger("test_rtnl")
+        try:
+            async with trio.open_nursery() as nursery:
+                stack = EffectStack(EffectContext(host=host, log=log, nursery=nursery), log=log)
+                with pytest.raises(HostError) as failed:
+                    await stack.apply(Routes(s.dev, s.idx, 254, mixed))
+                assert not stack.records  # nothing recorded as applied
+                report = await stack.unwind(30)
+                assert report.complete, report
+                return str(failed.value)
+        finally:
+            await net.close()
+
+    message = s.run(lambda: trio.run(through_the_stack))
+    assert "the state of" in message and "is unknown" in message
+    assert s.routes("dev", s.dev) == []
+    assert s.keys() == before
+
+
+@pytest.mark.netns
 def test_only_the_last_request_of_a_chunk_asks_for_an_ack(
     scratch: Scratch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -599,9 +668,9 @@ def test_only_the_last_request_of_a_chunk_asks_for_an_ack(
     answers: list[int] = []
     real = _rtnl._RtnlSocket._record
 
-    def record(self: object, view: memoryview, *args: object) -> int:
+    def record(self: object, view: memoryview, *args: object) -> None:
         answers.extend(seq for seq, _err, _msg in _rtnl.parse_acks(view))
-        return real(self, view, *args)  # type: ignore[arg-type]
+        real(self, view, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_rtnl._RtnlSocket, "_record", record)
     monkeypatch.setattr(_rtnl, "_ACK", struct.Struct("<0s"))  # no fast path: see every answer

@@ -356,7 +356,7 @@ def _ops_of_a_start(fake: FakeHost, count: int, max_parallel: int
 LINK_OPS = ("create_tun", "add_address", "set_link_up", "add_routes")
 
 
-@pytest.mark.parametrize(("count", "max_parallel"), [(7, 3), (7, 1), (4, 16)])
+@pytest.mark.parametrize(("count", "max_parallel"), [(7, 3), (7, 1), (4, 16), (2, 4)])
 def test_initial_tunnels_configure_every_link_before_any_helper_starts(
         fake: FakeHost, count: int, max_parallel: int) -> None:
     """Every wireguard-go wakes up for each link, address and route change
@@ -391,11 +391,14 @@ def test_a_single_initial_tunnel_starts_its_helper_while_its_link_is_configured(
     changes to wake up: its helper starts while the link is configured (as
     an `up`'s does: the cold start of one tunnel, ~7 ms), and it still
     reaches READY with everything in place and stops cleanly."""
+    # Installing the routes takes as long as starting the helper: one after
+    # the other they would take 2 * STEP.
+    fake.faults.append(Fault(op="add_routes", kind="delay", delay=STEP, times=None))
     ops, up, code = _ops_of_a_start(fake, 1, 4)
     assert code == ExitCode.OK
     assert ops.index("start_helper") < ops.index("add_routes"), ops
     assert all(op in ops for op in LINK_OPS)
-    # The helper's start (STEP) overlapped the link's configuration.
+    # The helper's start overlapped the link's configuration.
     assert STEP <= up < 2 * STEP, up
     assert_all_stopped(fake)
 

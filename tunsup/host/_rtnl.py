@@ -454,14 +454,11 @@ class _RtnlSocket:
         results: list[tuple[int, str | None] | None],
         first: int,
         count: int,
-    ) -> int:
-        got = 0
+    ) -> None:
         for seq, err, msg in _iter_acks(view):
             i = (seq - first) & 0xFFFFFFFF
             if i < count and results[i] is None:
                 results[i] = (err, msg)
-                got += 1
-        return got
 
     def _drain(
         self, results: list[tuple[int, str | None] | None], first: int, count: int
@@ -550,6 +547,13 @@ def add_routes(
                     results = nl.exchange(chunk, ifindex=ifindex, table=table,
                                           metric4=metric4, metric6=metric6, delete=False)
                 except _AcksLost as lost:
+                    # A route of this chunk with no answer was either added
+                    # (successes are silent) or failed with its answer lost:
+                    # it is reported uncertain and not rolled back here,
+                    # since deleting it could remove a route that is not
+                    # ours.  The caller's undo of its intent (Routes.abort
+                    # deletes the whole list, matching only our device and
+                    # protocol) removes the silent successes.
                     _sort_lost(chunk, lost, added, existed)
                     raise _lost_error("adding routes", chunk, lost, table) from None
                 failure: tuple[IPNetwork, int, str | None] | None = None
