@@ -498,6 +498,73 @@ def test_recovering_a_tunnel_started_alone_lets_its_link_take_its_records(
     assert not {"delete_routes", "delete_address"} & set(ops), ops
 
 
+def test_a_helper_configured_before_its_routes_still_lets_the_link_take_them(
+        tmp_path: Path) -> None:
+    """A tunnel started alone configures its helper (WireGuard, over UAPI)
+    while its link is configured: here, before its routes (the link is set
+    up only once the configuration is journaled).  Its records then sit
+    between the link's in the journal; recovering what a kill -9 leaves
+    still deletes no route and no address one by one."""
+    from tunsup.engine.restart import RestartPolicy
+    from tunsup.engine.tunnel import Tunnel
+    from tunsup.testing import spec
+
+    from .test_supervision import options
+
+    journal = Journal(str(tmp_path / "state"), *DEAD)
+    dead = tmp_path / "dead"
+    dead.mkdir(mode=0o700)
+
+    class Watching(JournalObserver):
+        """The product's observer, telling the test when the helper's
+        configuration is journaled."""
+
+        configured = trio.Event()
+
+        async def applied(self, intent: Any, record: Any) -> None:
+            await super().applied(intent, record)
+            if type(record).__name__ == "WireguardConfigured":
+                self.configured.set()
+
+    async def run_and_keep_the_journal() -> list[str]:
+        with uapi_dir() as sockets:
+            fake = FakeHost(sockets)
+            observer = Watching(journal, "wgt0")
+            real_set_link_up = fake.net.set_link_up
+
+            async def set_link_up(index: int, up: bool, **kwargs: Any) -> bool:
+                if up:
+                    await observer.configured.wait()
+                return await real_set_link_up(index, up, **kwargs)
+
+            fake.net.set_link_up = set_link_up  # type: ignore[method-assign]
+            tunnel = Tunnel(spec("wgt0"), fake.host, options(
+                restart=RestartPolicy(backoff_initial=0.01, backoff_max=0.01)),
+                observer=observer)
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(30):
+                    await nursery.start(tunnel.run)
+                await observer.flush()
+                shutil.copy(journal.path, dead / journal_name(*DEAD))  # a kill -9 now
+                nursery.cancel_scope.cancel()
+        await journal.close(remove=True)
+        return [type(s.intent).__name__ for s in read_journal(str(dead / journal_name(*DEAD)))
+                .steps]
+
+    async def recovery() -> list[str]:
+        with uapi_dir() as sockets:
+            fake = FakeHost(sockets)
+            report = await recover(str(dead), fake.host, me=(os.getpid(), 0))
+            assert report.complete, report
+            return list(fake.ops)
+
+    journaled = trio.run(run_and_keep_the_journal)
+    assert journaled.index("Address") < journaled.index("ConfigureWireguard") \
+        < journaled.index("LinkUp") < journaled.index("Routes"), journaled
+    ops = trio.run(recovery)
+    assert not {"delete_routes", "delete_address"} & set(ops), ops
+
+
 def test_a_record_another_stack_of_the_tunnel_starts_meanwhile_fails_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two stacks of one tunnel (its own and the helper's generation, while

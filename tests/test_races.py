@@ -354,7 +354,9 @@ class StackWatch:
     """Observes a tunnel's effect stacks (the tunnel's own, and each helper
     generation's, told apart by which stack holds the record once applied):
     every undo must be of the most recently applied record still in place on
-    the same stack, and at the end nothing applied may be left in place."""
+    the same stack (or of a link-neutral one under records carried to their
+    link's deletion: see ``Effect.link_neutral``), and at the end nothing
+    applied may be left in place."""
 
     def __init__(self, name: str, out: list[str], errors: list[str]) -> None:
         self.name = name
@@ -403,10 +405,17 @@ class StackWatch:
             # whatever was applied after it.
             self.live[key] = [r for r in live if r is not record]
             return
-        above = live[next((i for i, r in enumerate(live) if r is record), len(live)) + 1:]
+        at = next((i for i, r in enumerate(live) if r is record), len(live))
+        above = live[at + 1:]
         failed = [r for r in above if any(e.startswith(f"undo {r.describe()}")
                                           for e in self.errors)]
-        if record not in live or len(failed) != len(above):
+        # What goes with a link may be carried past a link-neutral record
+        # (a helper, its WireGuard configuration) to the record below that
+        # deletes the link: undone with it, later.
+        carried = [r for r in above if record.link_neutral
+                   and r.goes_with_link() is not None
+                   and any(b.deletes_link() == r.goes_with_link() for b in live[:at])]
+        if record not in live or any(r not in failed and r not in carried for r in above):
             top = live[-1].describe() if live else "nothing"
             self.out.append(f"{self.name}: undid {record.describe()} while {top} was still "
                             "in place on its stack")

@@ -784,3 +784,32 @@ def test_tun_framing_is_detected_while_the_bring_up_checks_the_host(
     creates = [call for call in fake.net.calls if call[0] == "create_tun"]
     assert creates and creates[0][2] == {"packet_info": True}
     assert_host_restored(fake)
+
+
+def test_a_fake_helper_that_cannot_set_up_exits_as_wireguard_go_does(fake: FakeHost) -> None:
+    """The fake process, like wireguard-go, exits with status 1 when the
+    link it would create exists or its UAPI socket is another live
+    helper's: it was spawned (its start is not "never started"), it is
+    not left among the living, and the other helper's socket stays."""
+    log = logging.getLogger("test")
+
+    async def main() -> None:
+        with trio.fail_after(10):
+            await started_twice()
+
+    async def started_twice() -> None:
+        async with trio.open_nursery() as nursery:
+            first = await fake.host.start_helper(nursery, ["fake-wg", "wgt0"], log=log)
+            try:
+                second = await fake.host.start_helper(nursery, ["fake-wg", "wgt0"], log=log)
+                await second.exited.wait()
+                assert second.returncode == 1
+                assert "setup failed" in second.describe_exit()
+                assert fake.alive == {fake.started[0]}
+                assert fake.net.by_name("wgt0") is not None  # the first one's link
+            finally:
+                # Its watcher is shielded: stopped, or the nursery waits on.
+                assert await first.stop(0.1)
+            assert fake.alive == set()
+
+    trio.run(main)

@@ -462,6 +462,9 @@ class ConfigureWireguard(Effect):
     it is kept out of ``repr`` and out of the pushed record."""
 
     gone_on_reboot: ClassVar[bool] = True
+    #: It lives in the helper (a tunnel started alone configures it while
+    #: the link is configured: its records sit among the link's).
+    link_neutral: ClassVar[bool] = True
 
     ifname: str
     #: Key material: never in repr, never journaled (metadata "secret").
@@ -487,6 +490,7 @@ class WireguardConfigured(Effect):
     """Nothing to undo: the configuration lives in the helper, which stops."""
 
     gone_on_reboot: ClassVar[bool] = True
+    link_neutral: ClassVar[bool] = True
 
     ifname: str
 

@@ -216,6 +216,9 @@ class Tunnel:
         self._generation_failures: list[str] = []
         # Fixed at bring-up, reused by every helper generation.
         self._request = b""
+        #: The bring-up's render of ``_request``, running until the first
+        #: generation's configuration needs it.
+        self._rendering: _Soon[bytes] | None = None
         self._mtu = 0
         self._tun_index = 0
         self._plan: RoutingPlan | None = None
@@ -432,10 +435,11 @@ class Tunnel:
         first, then starts their helpers (50 tunnels: the helpers' CPU up
         to READY went from ~1.8 s to ~0.35 s).  Without one (a tunnel
         started alone) the helper starts while the link is configured
-        (:meth:`_configure_link_while_helper_starts`).  Once the helper answers:
-        its WireGuard configuration and MTU (wireguard-go resets the MTU of
-        a TUN it is handed), the link's own record (so that a stop deletes
-        the link first, as before), then DNS and PostUp."""
+        (:meth:`_configure_link_while_helper_starts`), and is configured
+        as soon as it answers.  Once both are done: the helper's MTU
+        (wireguard-go resets the MTU of a TUN it is handed), the link's own
+        record (so that a stop deletes the link first, as before), then DNS
+        and PostUp."""
         spec, net, opts = self.spec, self.host.net, self.options
         owned = opts.tun_mode == "owned"
         # The TUN's framing (wireguard-go --version, a process: milliseconds,
@@ -460,7 +464,10 @@ class Tunnel:
         endpoints = self._endpoints = await self._resolve_endpoints()
         self._plan = await plan_routing(spec, net, self.log, opts.lan, self.held,
                                         claims=self.host.claims, owner=self)
-        self._request = await self._render_request()
+        # Rendered while the policy, the TUN and the link are put in place
+        # (10,000 allowed IPs: ~14 ms, in a worker thread), needed only
+        # once the helper answers.
+        self._rendering = _Soon(ctx.nursery, self._render_request)
         self._mtu = spec.mtu or await self._auto_mtu([ip for ip, _ in endpoints.values()])
 
         if spec.pre_up or spec.post_down:
@@ -506,17 +513,19 @@ class Tunnel:
     async def _configure_link_while_helper_starts(self, stack: EffectStack,
                                                   ctx: EffectContext) -> None:
         """Owned TUN, no other tunnel to wait for: the helper's start (a
-        process, then its UAPI socket: 13-16 ms on a 2-vCPU machine) runs
-        while the link is configured (addresses, MTU, up, routes: a
-        journal write and a netlink round trip each, ~14 ms), instead of
-        after it.  The stacks keep their order: the link's records right
-        above the TUN's (they go with it at a stop), the generation's
-        record above them, pushed once both are done; the generation's
-        WireGuard configuration and MTU come after that, as always.  Until
-        its record is on the tunnel's stack a failure unwinds the
-        generation here (shielded, bounded by ``stop_timeout``).
-        Cancellable; what was applied to ``stack`` stays there for the
-        caller's unwind."""
+        process, then its UAPI socket: 13-16 ms on a 2-vCPU machine) and
+        its WireGuard configuration (10,000 allowed IPs: ~15 ms in
+        wireguard-go) run while the link is configured (addresses, MTU,
+        up, routes: a journal write and a netlink round trip each, ~14 ms;
+        10,000 routes ~100 ms), instead of after it.  The stacks keep their
+        order: the link's records right above the TUN's (they go with it
+        at a stop), the generation's record above them, pushed once both
+        are done; the generation's MTU comes after that, as always (after
+        wireguard-go has reset it).  In the journal the generation's
+        records sit among the link's: they are link-neutral.  Until its
+        record is on the tunnel's stack a failure unwinds the generation
+        here (shielded, bounded by ``stop_timeout``).  Cancellable; what
+        was applied to ``stack`` stays there for the caller's unwind."""
         gen = self._new_generation(ctx)
         spawned: list[tuple[HelperHandle, int]] = []
         #: The first failure of either side (the other is then cancelled);
@@ -533,6 +542,7 @@ class Tunnel:
 
         async def spawn() -> None:
             spawned.append(await self._spawn_generation(gen, ctx))
+            await self._configure_wireguard(gen)
 
         async def configure() -> None:
             await self._configure_link(stack, self._tun_index, set_mtu=True)
@@ -551,7 +561,7 @@ class Tunnel:
                 self._generation_failures.extend(report.failures)
             raise
         handle, index = spawned[0]
-        await self._configure_generation(gen, handle, index)
+        await self._finish_generation(gen, handle, index)
 
     async def _start_generation(self, gen: EffectStack, ctx: EffectContext) -> HelperHandle:
         """Apply one helper generation to ``gen``: the helper, the wait for
@@ -560,7 +570,8 @@ class Tunnel:
         mode the link and everything on it (they die with that helper).
         Cancellable; what was applied stays on ``gen`` for its unwind."""
         handle, index = await self._spawn_generation(gen, ctx)
-        await self._configure_generation(gen, handle, index)
+        await self._configure_wireguard(gen)
+        await self._finish_generation(gen, handle, index)
         return handle
 
     async def _spawn_generation(self, gen: EffectStack, ctx: EffectContext
@@ -591,11 +602,21 @@ class Tunnel:
             await gen.apply(Link(spec.name, index))
         return handle, index
 
-    async def _configure_generation(self, gen: EffectStack, handle: HelperHandle,
-                                    index: int) -> None:
-        """The rest of :meth:`_start_generation`, once the helper answers."""
+    async def _configure_wireguard(self, gen: EffectStack) -> None:
+        """The second part of :meth:`_start_generation`, once the helper
+        answers: its WireGuard configuration (at the first generation,
+        once the bring-up's render of it is done).  Cancellable."""
+        if self._rendering is not None:
+            self._request = await self._rendering.result()
+            self._rendering = None
+        await gen.apply(ConfigureWireguard(self.spec.name, self._request))
+
+    async def _finish_generation(self, gen: EffectStack, handle: HelperHandle,
+                                 index: int) -> None:
+        """The rest of :meth:`_start_generation`: in owned mode the MTU
+        again (wireguard-go resets it), in helper mode the link and
+        everything on it.  Cancellable."""
         spec = self.spec
-        await gen.apply(ConfigureWireguard(spec.name, self._request))
         if self.options.tun_mode == "owned":
             await gen.apply(Mtu(spec.name, index, self._mtu))
         else:

@@ -100,10 +100,11 @@ class Effect:
     #: tunsup.engine.journal, "Durability"); a change that outlives a reboot
     #: (a file, whatever a hook does) keeps an fsync'd record.
     gone_on_reboot: ClassVar[bool] = False
-    #: Its undo neither needs a link nor changes one (a helper process):
-    #: records that go with a link are carried past it to the record that
-    #: deletes the link (see :meth:`EffectStack.unwind`).  In a journal a
-    #: helper started while its link was configured sits among the link's
+    #: Its undo neither needs a link nor changes one (a helper process,
+    #: its WireGuard configuration): records that go with a link are
+    #: carried past it to the record that deletes the link (see
+    #: :meth:`EffectStack.unwind`).  In a journal a helper started and
+    #: configured while its link was configured sits among the link's
     #: records.
     link_neutral: ClassVar[bool] = False
 

@@ -479,8 +479,10 @@ class FakeHelper:
     def close(self) -> None:
         pass
 
-    def die(self, returncode: int, line: str | None = None) -> None:
-        """The helper process ends: its socket goes, and a TUN it created
+    def die(self, returncode: int, line: str | None = None, *,
+            keep_socket: bool = False) -> None:
+        """The helper process ends: its socket goes (unless it never had
+        one: ``keep_socket``, the path is another's), and a TUN it created
         itself goes with it (as the kernel does)."""
         if self.exited.is_set():
             return
@@ -490,8 +492,9 @@ class FakeHelper:
         self.stdout.close_write()
         self.stderr.close_write()
         self._server_scope.cancel()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.sock_path)
+        if not keep_socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.sock_path)
         if self._link is not None:
             self.host.net.links.pop(self._link, None)
         self.returncode = returncode
@@ -525,13 +528,22 @@ class FakeHelper:
             self._open(nursery)
 
     def _open(self, nursery: trio.Nursery) -> None:
-        if self.owned_tun:
-            assert self.host.net.by_name(self.ifname) is not None, "no owned TUN to attach to"
-        else:
-            self._link = self.host.net.create(self.ifname, persistent=False)
+        """Create the link (helper mode) and listen on the UAPI socket.  If
+        either fails (a link of that name exists, the socket is another
+        live helper's) the process exits with status 1, as wireguard-go
+        does: it was spawned, so it is not "never started"."""
         std = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        std.bind(self.sock_path)
-        std.listen(16)
+        try:
+            if self.owned_tun:
+                assert self.host.net.by_name(self.ifname) is not None, "no owned TUN to attach to"
+            else:
+                self._link = self.host.net.create(self.ifname, persistent=False)
+            std.bind(self.sock_path)
+            std.listen(16)
+        except OSError as exc:
+            std.close()
+            self.die(1, f"ERROR: setup failed: {exc}", keep_socket=True)
+            return
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(std))
         nursery.start_soon(self._serve, listener)
 

@@ -123,11 +123,16 @@ _VOLATILE = {
     "stats", "stats64", "operstate", "linkmode", "valid_life_time", "preferred_life_time",
     "expires", "age", "used", "cache", "flags_extended", "qdisc", "txqlen",
 }
+# Link flags the kernel sets as carrier comes and goes (a fresh veth pair
+# shows NO-CARRIER for a moment after it is set up).
+_CARRIER_FLAGS = {"NO-CARRIER", "LOWER_UP", "DORMANT", "linkdown"}
 
 
 def _clean(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items() if k not in _VOLATILE}
+        return {k: ([f for f in v if f not in _CARRIER_FLAGS]
+                    if k == "flags" and isinstance(v, list) else _clean(v))
+                for k, v in obj.items() if k not in _VOLATILE}
     if isinstance(obj, list):
         return [_clean(v) for v in obj]
     return obj
