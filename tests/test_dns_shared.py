@@ -122,6 +122,44 @@ def test_configured_tunnels_merge_in_configuration_order_whatever_the_claim_orde
     trio.run(main)
 
 
+def test_a_reload_that_reorders_the_configuration_rewrites_the_merge(
+        tmp_path: Path) -> None:
+    """A reload that only changes the configuration's order changes no
+    claim, yet the documented merge follows the order of the last reload:
+    ``write_order`` rewrites the file in it; the records still restore the
+    original; a file someone else changed meanwhile is left alone."""
+    path = tmp_path / "resolv.conf"
+    path.write_bytes(ORIGINAL)
+    backend = FileBackend(str(path))
+    backend.owners.set_order(["wga", "wgb"])
+
+    def claim_of(name: str) -> ResolvClaim:
+        return ResolvClaim(name, servers_of(name), ())
+
+    async def main() -> None:
+        held = [await backend.apply(n, servers_of(n), (), timeout=5) for n in ("wga", "wgb")]
+        assert read(path) == render_claims([claim_of("wga"), claim_of("wgb")])
+        await backend.owners.write_order(timeout=5)  # the order did not change
+        assert read(path) == render_claims([claim_of("wga"), claim_of("wgb")])
+        backend.owners.set_order(["wgb", "wga"])
+        await backend.owners.write_order(timeout=5)
+        assert read(path) == render_claims([claim_of("wgb"), claim_of("wga")])
+        for state in held:
+            assert await backend.revert(state, timeout=5) is True
+        assert read(path) == ORIGINAL
+
+        held = [await backend.apply(n, servers_of(n), (), timeout=5) for n in ("wga", "wgb")]
+        path.write_bytes(b"nameserver 192.0.2.99\n")  # someone else's now
+        backend.owners.set_order(["wga", "wgb"])
+        await backend.owners.write_order(timeout=5)
+        assert read(path) == b"nameserver 192.0.2.99\n"
+        for state in held:
+            await backend.revert(state, timeout=5)
+        assert read(path) == b"nameserver 192.0.2.99\n"
+
+    trio.run(main)
+
+
 def test_someone_elses_file_is_left_alone_and_said_once(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "resolv.conf"

@@ -31,6 +31,7 @@ from tunsup.config.toml import SupervisorConfig
 from tunsup.engine.restart import RestartPolicy, RestartTracker
 from tunsup.engine.supervisor import Stopping, Supervisor
 from tunsup.engine.tunnel import TRANSITIONS, Tunnel, TunnelOptions, TunnelState
+from tunsup.engine.undo import LAST_CHANCE
 from tunsup.service import ServiceOps
 from tunsup.testing import Behaviour, FakeHost, spec, uapi_dir
 from tunsup.testing.fakehost import Fault
@@ -813,3 +814,101 @@ def test_a_fake_helper_that_cannot_set_up_exits_as_wireguard_go_does(fake: FakeH
             assert fake.alive == set()
 
     trio.run(main)
+
+
+def test_a_tun_fd_is_closed_even_when_the_deletion_of_its_link_hangs(
+        fake: FakeHost) -> None:
+    """Every link deletion hangs: the teardown's deadline passes inside the
+    TUN's undo, yet its fd is closed (it was taken from the tunnel's fds:
+    nothing else would close it, and an open fd keeps the device attached
+    for the life of the service)."""
+    fake.faults.append(Fault(op="delete_link", kind="hang", times=None))
+    outcome = run_supervisor(fake, [options(stop_timeout=4.0)], stop)
+    assert outcome.code == ExitCode.TEARDOWN_INCOMPLETE
+    assert "timed out" in " ".join(outcome.tunnels[0].report.failures)
+    assert fake.tun_fds == set(), "a TUN fd was left open"
+    assert fake.alive == set()
+
+
+def test_a_helper_given_up_on_is_reaped_when_it_dies_later(
+        fake: FakeHost, caplog: pytest.LogCaptureFixture) -> None:
+    """wgt0's helper stays in the kernel for 60 s after its first signal,
+    longer than its teardown waits (grace, SIGKILL, the last resort): the
+    teardown gives up on it, and the service (wgt1 still runs) reaps it
+    when it dies, so no zombie piles up in a long-running service."""
+    fake.faults.append(Fault(op="signal_helper", kind="delay", delay=60.0))
+
+    async def down_wgt0_then_wait(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        await sup.remove("wgt0")
+        helper = next(h for h in fake.started if h.ifname == "wgt0")
+        assert not helper.exited.is_set(), "the helper died within the teardown"
+        assert "still running after teardown" in caplog.text
+        await helper.exited.wait()
+        await trio.sleep(1.0)
+        assert helper.reaped, "the helper given up on was never reaped"
+        sup.stop("test")
+
+    caplog.set_level(logging.INFO)
+    outcome = run_supervisor(fake, [options(), options()], down_wgt0_then_wait,
+                             on_failure="keep-running")
+    assert "has exited and was reaped" in caplog.text
+    assert outcome.code == ExitCode.TEARDOWN_INCOMPLETE
+    assert_host_restored(fake)
+
+
+@pytest.mark.parametrize("checkpoints", range(5))
+def test_a_stop_in_the_first_steps_of_run_is_obeyed(fake: FakeHost, checkpoints: int) -> None:
+    """``stop`` a few scheduler steps after ``run`` began (before or while
+    its reaper starts, before its tunnels): ``run`` returns without waiting
+    on anything (a stop that came before the cancel scope existed was once
+    ignored: the tunnels started and ran on)."""
+
+    async def main() -> None:
+        tunnels = [Tunnel(spec("wgt0"), fake.host, options())]
+        sup = Supervisor(tunnels, fake.host, handle_signals=False)
+        with trio.fail_after(HANG_LIMIT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sup.run)
+                while sup.phase == "new":
+                    await trio.lowlevel.checkpoint()
+                for _ in range(checkpoints):
+                    await trio.lowlevel.checkpoint()
+                asked = trio.current_time()
+                sup.stop("test")
+        assert trio.current_time() == asked
+        assert_host_restored(fake)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_stop_during_a_start_pays_the_abort_from_the_teardown_budget(
+        fake: FakeHost) -> None:
+    """The route install of a start hangs after the kernel took the routes
+    (its answer lost), and removing them hangs too.  A stop then cancels
+    the install; its abort (the teardown's first step) gets no more than
+    ``stop_timeout`` (the routes' own undo bound is 60 s), and the rest of
+    the teardown only what is left of that budget (each step its last
+    second)."""
+    fake.faults.append(Fault(op="add_routes", kind="applied-hang"))
+    fake.faults.append(Fault(op="delete_routes", kind="hang", times=None))
+    # The link's deletion hangs as well: a step that would take whatever
+    # budget it were given.
+    fake.faults.append(Fault(op="delete_link", kind="hang", times=None))
+    opts = options(stop_timeout=4.0)
+
+    async def main() -> float:
+        sup = Supervisor([Tunnel(spec("wgt0"), fake.host, opts)], fake.host,
+                         handle_signals=False)
+        with trio.fail_after(HANG_LIMIT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sup.run)
+                # Virtual time: the install hangs from t=0 on.
+                await trio.sleep(1.0)
+                assert "add_routes" in fake.ops and sup.phase == "starting"
+                asked = trio.current_time()
+                sup.stop("test")
+        return trio.current_time() - asked
+
+    took = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert took <= opts.stop_timeout + 3 * LAST_CHANCE, f"the stop took {took:.1f} s"
+    assert fake.alive == set() and fake.tun_fds == set()

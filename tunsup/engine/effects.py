@@ -162,7 +162,8 @@ class StartHelper(Effect):
         try:
             handle = await ctx.host.start_helper(ctx.nursery, self.argv, log=_as_logger(ctx.log),
                                                  env=env, pass_fds=pass_fds,
-                                                 on_spawn=spawned.append)
+                                                 on_spawn=spawned.append,
+                                                 reaper=ctx.host.reaper)
         except BaseException:
             # start_helper stopped what it spawned, unless the process is
             # stuck in the kernel: then abort must say it is still running.
@@ -348,6 +349,7 @@ class OwnedTun(Effect):
 
     async def undo(self, ctx: EffectContext) -> None:
         fd = ctx.tun_fds.pop(self.name, None)
+        closed = True
         try:
             if self.index and await ctx.host.net.link_name(self.index) == self.name:
                 await _down_and_delete(ctx, self.index, self.name)
@@ -355,10 +357,36 @@ class OwnedTun(Effect):
                 ctx.log.debug("TUN device %s already gone", self.name)
         finally:
             if fd is not None:
-                await ctx.host.close_tun(fd)
+                closed = await _close_tun_anyway(ctx, fd)
+        if not closed:
+            raise HostError(f"closing TUN fd {fd} did not finish in time "
+                            "(it may complete in the background)")
 
     async def abort(self, ctx: EffectContext) -> None:
         pass
+
+
+#: How long a teardown whose deadline has passed still waits for the close
+#: of a TUN fd to start and finish (it finishes in its abandoned thread).
+TUN_CLOSE_GRACE = 2.0
+
+
+async def _close_tun_anyway(ctx: EffectContext, fd: int) -> bool:
+    """Close ``fd``, even when the undo step's deadline has passed (a link
+    deletion that hung): the fd is no longer in ``ctx.tun_fds``, so nothing
+    else would close it, and an open fd keeps the device attached for the
+    life of the service (a later start of the tunnel could not take it).
+    Shielded, within what is left of the step's budget, but at least
+    :data:`TUN_CLOSE_GRACE`; past it the close may still happen in its
+    abandoned thread.  False when it did not finish."""
+    bound = max(trio.current_effective_deadline() - trio.current_time(), TUN_CLOSE_GRACE)
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(bound) as waited:
+            await ctx.host.close_tun(fd)
+        if waited.cancelled_caught:
+            ctx.log.warning("closing TUN fd %d did not finish within %.3g s", fd, bound)
+            return False
+    return True
 
 
 async def _down_and_delete(ctx: EffectContext, index: int, name: str) -> None:

@@ -51,7 +51,7 @@ import outcome
 import trio
 
 from .. import _signals
-from .._errors import ConfigError, ExitCode, TunsupError, config_errors
+from .._errors import ConfigError, ExitCode, HostError, TunsupError, config_errors
 from .._log import tag_tunnel
 from ..config.conflicts import Tenant, find_conflicts
 from ..config.settings import DEFAULT_MAX_PARALLEL, OnFailure
@@ -160,6 +160,9 @@ class ConvergeResult:
     #: rollback, a failed start's teardown): the host is not as before.
     incomplete: tuple[str, ...] = ()
 
+
+#: Bound on writing a shared resolv.conf again in a reload's new order.
+DNS_ORDER_TIMEOUT = 10.0
 
 Plan = tuple[TunnelSpec, TunnelOptions]
 #: The fields of a :class:`ConvergeResult`.
@@ -439,12 +442,18 @@ class Supervisor:
             # (``run`` does: tunsup._signals).
             with receiver_cm as receiver:
                 async with trio.open_nursery() as outer:
+                    # Helpers a teardown gave up on are reaped while the
+                    # service runs (cancelled with ``outer``, at the end).
+                    await outer.start(self.host.reaper.serve)
                     if receiver is not None:
                         outer.start_soon(self._watch_signals, receiver)
                     try:
                         async with trio.open_nursery() as root:
                             self._root = root
                             self._cancel_scope = root.cancel_scope
+                            if self.stop_reason is not None:
+                                # Asked to stop while the reaper started.
+                                root.cancel_scope.cancel()
                             if receiver is not None:
                                 # Signals that came before the receiver
                                 # opened (see tunsup._signals).
@@ -817,6 +826,12 @@ class Supervisor:
                     token = object()  # a start slot, taken in configuration order
                     await self._start_gate.acquire_on_behalf_of(token)
                     nursery.start_soon(self._converge_one, name, plan, claims, out, token)
+            # A reload that reordered the configuration changed no claim:
+            # the shared resolv.conf is written again in the new order.
+            try:
+                await self.host.dns_owners.write_order(timeout=DNS_ORDER_TIMEOUT)
+            except HostError as exc:
+                log.warning("%s", exc)
         self._announce()
         # In configuration order, whatever order the tasks ended in.
         order = {name: i for i, name in enumerate([*removed, *want])}

@@ -369,6 +369,7 @@ class Tunnel:
                 nursery=nursery,
                 stop_grace=self.options.stop_grace,
                 hook_timeout=self.options.hook_timeout,
+                stop_timeout=self.options.stop_timeout,
                 on_hook=self._observer.hook_started
                 if isinstance(self._observer, HookRecorder) else None,
                 adopted=self.adopted,
@@ -394,7 +395,10 @@ class Tunnel:
                 stop_started = trio.current_time()
                 async with _gate(self.teardown_slots):
                     waited = trio.current_time() - stop_started
-                    report = await stack.unwind(max(self.options.stop_timeout - waited, 0.0))
+                    # An abort of the bring-up's last step was the
+                    # teardown's first: it is paid from the same budget.
+                    report = await stack.unwind(max(
+                        self.options.stop_timeout - waited - stack.abort_seconds, 0.0))
                 self.report = attrs.evolve(
                     report, failures=(*self._generation_failures, *report.failures))
                 self.helper_pid = None

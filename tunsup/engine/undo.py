@@ -39,6 +39,9 @@ class EffectContext:
     nursery: trio.Nursery
     stop_grace: float = 2.0
     hook_timeout: float = 60.0
+    #: The bound on a teardown: the abort of an apply a stop interrupted
+    #: is its first step, so it gets no longer than this either.
+    stop_timeout: float = math.inf
     #: Live helper handles by pid (records only hold pid + start time).
     helpers: dict[int, HelperHandle] = attrs.field(factory=dict)
     #: Helpers whose start failed and that could not be stopped (stuck in
@@ -191,6 +194,8 @@ class EffectStack:
         self._records: list[Effect] = []
         #: Aborts of half-applied effects that failed: reported by unwind.
         self._abort_failures: list[str] = []
+        #: Seconds spent in those aborts (the teardown's budget pays them).
+        self.abort_seconds = 0.0
         self._unwound = False
 
     @property
@@ -231,8 +236,8 @@ class EffectStack:
 
         If applying fails or is cancelled, the effect's ``abort`` cleans up
         whatever part of it may have happened (shielded, bounded by its undo
-        timeout) before the exception propagates; the stack itself is left
-        for the caller to unwind.
+        timeout and the context's ``stop_timeout``) before the exception
+        propagates; the stack itself is left for the caller to unwind.
         """
         if self._unwound:
             raise RuntimeError("effect stack already unwound")
@@ -243,13 +248,16 @@ class EffectStack:
             record = await effect.apply(self._ctx)
         except BaseException:
             what = effect.describe()
+            began = trio.current_time()
             with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + effect.undo_timeout(self._ctx)
+                scope.deadline = began + min(effect.undo_timeout(self._ctx),
+                                             self._ctx.stop_timeout)
                 try:
                     await effect.abort(self._ctx)
                 except Exception as exc:
                     self._abort_failures.append(f"clean up after failed {what}: {exc}")
                     self._log.error("cleaning up after failed %s: %s", what, exc)
+            self.abort_seconds += trio.current_time() - began
             if scope.cancelled_caught:
                 self._abort_failures.append(f"clean up after failed {what}: timed out")
                 self._log.error("cleaning up after failed %s: timed out", what)

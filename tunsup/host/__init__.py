@@ -21,6 +21,7 @@ from ._rtnl import UNREACHABLE as UNREACHABLE
 from ._rtnl import RouteBatchResult as RouteBatchResult
 from .claims import Claims
 from .dns import DnsBackend, ResolvConfOwners
+from .reaper import Reaper
 
 
 class RouteBatch(Protocol):
@@ -132,6 +133,9 @@ class Host:
     #: The one owner of each resolv.conf the file DNS backend writes: every
     #: tunnel on this host claims DNS through it (see ResolvConfOwner).
     dns_owners: ResolvConfOwners = attrs.field(factory=ResolvConfOwners)
+    #: Collects the exit status of helpers a teardown gave up on (stuck in
+    #: the kernel past its bound), while the service runs.
+    reaper: Reaper = attrs.field(factory=Reaper)
 
 
 def real_host(*, resolv_conf: str = "/etc/resolv.conf",

@@ -628,6 +628,24 @@ class ResolvConfOwner:
             if not self.claims:
                 self._reset()
 
+    def reorder(self) -> None:
+        """Write the file again in the current merge order (a reload
+        changed the configuration's order, nothing else).  Nothing to do
+        without claims, when the file is left alone, or when it already
+        holds that order; a file someone else changed is left alone from
+        then on."""
+        if not self.claims or self.foreign:
+            return
+        current, _ = _read(self.path)
+        if not self._ours(current):
+            self._left_alone("its tunnels' DNS is not reordered")
+            return
+        content = render_claims(self._tops())
+        if current != content:
+            _write_file(self.path, content, self.mode, current)
+            log.info("%s: DNS of %s, in the configuration's new order", self.path,
+                     ", ".join(c.ifname for c in self._tops()))
+
     def readopt(self, claim: ResolvClaim, state: FileDnsState) -> None:
         """Recovery: register a dead instance's claim (in journal order),
         at its depth, with the original its record carries.  No I/O."""
@@ -652,6 +670,8 @@ class ResolvConfOwners:
     by_path: dict[str, ResolvConfOwner] = attrs.field(factory=dict)
     #: Position of each configured tunnel (see :meth:`set_order`).
     rank: dict[str, int] = attrs.field(factory=dict)
+    #: The order changed since the files were last written in it.
+    reordered: bool = False
 
     def owner(self, path: str) -> ResolvConfOwner:
         """The owner of ``path`` (a real path: symlinks resolved)."""
@@ -659,8 +679,32 @@ class ResolvConfOwners:
 
     def set_order(self, names: Iterable[str]) -> None:
         """The merge order: tunnels ``names`` (the configuration's) first,
-        in that order.  Replaced whole (worker threads read it)."""
-        self.rank = {name: i for i, name in enumerate(names)}
+        in that order.  Replaced whole (worker threads read it).  Files
+        written in another order are rewritten by :meth:`write_order`."""
+        rank = {name: i for i, name in enumerate(names)}
+        self.reordered = self.reordered or (bool(self.rank) and rank != self.rank)
+        self.rank = rank
+
+    async def write_order(self, *, timeout: float) -> None:
+        """After :meth:`set_order` changed the order: write each file that
+        tunnels hold in the new order (:meth:`ResolvConfOwner.reorder`),
+        each in a worker thread within ``timeout``.  Raises
+        :class:`DnsError` (the file then holds the old order, or nothing
+        changed).  Cancellation: propagates at once, abandoning the thread
+        (which compares contents first: safe whenever it runs)."""
+        if not self.reordered:
+            return
+        self.reordered = False
+        for owner in list(self.by_path.values()):
+            if not owner.claims:
+                continue
+
+            def reorder(owner: ResolvConfOwner = owner) -> None:
+                with _file_lock, _os_errors(owner.path, "cannot rewrite"):
+                    owner.reorder()
+
+            await bounded(timeout, f"rewriting {owner.path} in the new order", reorder,
+                          error=DnsError)
 
 
 def _os_errors(path: str, what: str) -> contextlib.AbstractContextManager[None]:

@@ -23,6 +23,7 @@ from .._bounded import bounded
 from .._errors import HostError
 from ..pidfile import process_start_time as process_start_time
 from ._pump import pump_lines, truncation_note
+from .reaper import Reaper
 
 #: How many of a helper's last output lines are kept for error messages.
 TAIL_LINES = 20
@@ -89,9 +90,10 @@ class HelperProcess:
     """A running helper; created by :func:`start_helper`."""
 
     def __init__(self, proc: Process, argv: Sequence[str], log: logging.Logger,
-                 spawner: Spawner = OS) -> None:
+                 spawner: Spawner = OS, reaper: Reaper | None = None) -> None:
         self._proc = proc
         self._spawner = spawner
+        self._reaper = reaper
         self.argv = tuple(argv)
         self.pid: int = proc.pid
         #: Set by start_helper (read from /proc off the trio thread).
@@ -115,9 +117,17 @@ class HelperProcess:
 
     def close(self) -> None:
         """Stop the watcher and log pumps (after :meth:`stop`, or when
-        giving up on the helper)."""
+        giving up on the helper: one that has not exited is then handed to
+        the reaper, which collects its exit status when it comes)."""
         for scope in self._scopes:
             scope.cancel()
+        if not self.exited.is_set() and self._reaper is not None:
+            self._reaper.adopt(self, self.log)
+
+    async def wait_reaped(self) -> None:
+        """Wait for the exit and collect its status (the reaper's wait,
+        once the watcher is closed).  Cancellable."""
+        await self._watch()
 
     async def _watch(self) -> None:
         try:
@@ -204,6 +214,7 @@ async def start_helper(
     pass_fds: Sequence[int] = (),
     spawner: Spawner = OS,
     on_spawn: Callable[[HelperProcess], None] | None = None,
+    reaper: Reaper | None = None,
 ) -> HelperProcess:
     """Spawn ``argv`` in its own session with captured output.
 
@@ -217,6 +228,8 @@ async def start_helper(
     exists: if it cannot be stopped (stuck in the kernel), the exception
     propagates all the same and only the caller that kept it can tell
     that a helper was left running (its ``exited`` is not set).
+    ``reaper``: where a helper given up on (:meth:`HelperProcess.close`
+    before it exited) is still reaped.
     """
     full_env = dict(os.environ)
     if env:
@@ -235,7 +248,7 @@ async def start_helper(
         raise HostError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
     # No checkpoint between the spawn and here: the helper is watched (so
     # reaped) and its output pumped before anything can be cancelled.
-    helper = HelperProcess(proc, argv, log, spawner)
+    helper = HelperProcess(proc, argv, log, spawner, reaper)
     if on_spawn is not None:
         on_spawn(helper)
     nursery.start_soon(helper._shielded, helper._watch)

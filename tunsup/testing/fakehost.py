@@ -51,6 +51,7 @@ from tunsup.config.keys import Key
 from tunsup.config.spec import IPAddress, IPInterface, IPNetwork, PeerSpec, TunnelSpec
 from tunsup.host import Host, PolicyRule, RouteBatchResult, dns, process
 from tunsup.host.process import HelperProcess, describe_exit
+from tunsup.host.reaper import Reaper
 from tunsup.host.tun import TunDevice
 from tunsup.host.worker import SerialWorker
 
@@ -76,6 +77,10 @@ class FakeLink:
 FaultKind = Literal["errno", "hang", "delay", "applied-hang", "applied-errno"]
 #: Fault kinds that fire after the operation took effect.
 AFTER = ("applied-hang", "applied-errno")
+#: Operations whose "delay" takes effect even if the caller stops waiting
+#: (:func:`tunsup.host.tun.close_tun`: the close still happens in the
+#: abandoned thread).
+COMPLETES_ABANDONED = ("close_tun",)
 
 
 def _failure(name: str, fault: Fault) -> HostError:
@@ -108,7 +113,11 @@ def operation(fn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
         # Setting a link down (only undo does) is an operation of its own.
         op = "set_link_down" if name == "set_link_up" and args[1:2] == (False,) else name
         fault = net.fault_for(op)
-        if fault is None or fault.kind not in AFTER:
+        # An operation the real host runs in a thread it may abandon (the
+        # close of a TUN fd) still takes effect when its caller gives up
+        # during a delay: it happens first, the caller waits after.
+        effect_first = fault is not None and fault.kind == "delay" and op in COMPLETES_ABANDONED
+        if fault is None or (fault.kind not in AFTER and not effect_first):
             await _fire(fault, op)
             # Recorded once it takes effect (a call cancelled or failed at
             # its checkpoint changed nothing).
@@ -116,8 +125,9 @@ def operation(fn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
             return await fn(self, *args, **kwargs)
         net.calls.append((op, args, dict(kwargs)))
         result = await fn(self, *args, **kwargs)
-        net.applied_then_failed.append(op)
-        net.applied_calls.append(len(net.calls) - 1)
+        if not effect_first:
+            net.applied_then_failed.append(op)
+            net.applied_calls.append(len(net.calls) - 1)
         await _fire(fault, op)
         return result
 
@@ -189,10 +199,13 @@ class FakeNet:
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.applied_calls: list[int] = []
 
-    def fault_for(self, name: str) -> Fault | None:
-        """Record operation ``name``; the first matching fault that fires."""
+    def fault_for(self, name: str, kinds: Sequence[str] | None = None) -> Fault | None:
+        """Record operation ``name``; the first matching fault that fires
+        (of ``kinds`` only, when the operation can do nothing else: the
+        others never see it, and never fire)."""
         self.ops.append(name)
-        fault = next((f for f in self.faults if f.matches(name)), None)
+        fault = next((f for f in self.faults
+                      if (kinds is None or f.kind in kinds) and f.matches(name)), None)
         if fault is not None:
             self.fired.append((name, fault.kind))
         return fault
@@ -215,6 +228,14 @@ class FakeNet:
         self._next_index += 1
         self.links[self._next_index] = FakeLink(name, self._next_index, persistent=persistent)
         return self._next_index
+
+    def _existing(self, index: int) -> FakeLink:
+        """Link ``index``; a gone one fails as the kernel answers (ENODEV:
+        a helper-made link dies with its helper at any moment)."""
+        link = self.links.get(index)
+        if link is None:
+            raise HostError(f"link index {index}: {os.strerror(errno_mod.ENODEV)}")
+        return link
 
     def by_name(self, name: str) -> FakeLink | None:
         return next((lk for lk in self.links.values() if lk.name == name), None)
@@ -239,7 +260,7 @@ class FakeNet:
 
     @operation
     async def set_mtu(self, index: int, mtu: int) -> None:
-        self.links[index].mtu = mtu
+        self._existing(index).mtu = mtu
 
     @operation
     async def delete_link(self, index: int, name: str) -> bool:
@@ -252,7 +273,7 @@ class FakeNet:
 
     @operation
     async def add_address(self, index: int, iface: IPInterface) -> bool:
-        link = self.links[index]
+        link = self._existing(index)
         if iface in link.addresses:
             return False
         link.addresses.add(iface)
@@ -272,7 +293,7 @@ class FakeNet:
 
     @operation
     async def link_routes(self, index: int, table: int) -> list[IPNetwork]:
-        link = self.links[index]
+        link = self._existing(index)
         return [a.network for a in link.addresses] if table == 254 else []
 
     @operation
@@ -284,7 +305,7 @@ class FakeNet:
             self.unreachable |= {(table, net) for net in prefixes}
             return RouteBatchResult(added=tuple(n for n in prefixes if n not in existed),
                                     existed=existed)
-        link = self.links[index]
+        link = self._existing(index)
         # As the kernel (NLM_F_EXCL): a route with the same key (table and
         # prefix here) through any link already is someone else's: left
         # alone, reported in ``existed``.
@@ -605,20 +626,28 @@ class _Spawner(process.Spawner):
         for ``delay`` seconds (then the signals it got take effect)."""
         helper = self.helper
         assert helper is not None
+        if helper.exited.is_set():
+            helper.signal(sig)  # no process left to be stuck in the kernel: no fault
+            return
         fault = self.host.net.fault_for("signal_helper")
-        if fault is not None and not helper.exited.is_set():
+        if fault is not None:
             helper.unkillable = True
             if fault.kind == "delay":
-                self.nursery.start_soon(self._wake, helper, fault.delay)
+                # The OS's doing: no nursery of tunsup's waits for it.
+                woken = trio.Event()
+                self.host.waking.append(woken)
+                trio.lowlevel.spawn_system_task(self._wake, helper, fault.delay, woken)
             else:
                 helper.stuck_for_good = True
         helper.signal(sig)
 
-    async def _wake(self, helper: FakeHelper, delay: float) -> None:
-        """The process leaves the kernel after ``delay``: the OS's doing,
+    async def _wake(self, helper: FakeHelper, delay: float, woken: trio.Event) -> None:
+        """The process leaves the kernel after ``delay``: a system task,
         which no cancellation of tunsup's tasks interrupts."""
-        with trio.CancelScope(shield=True):
+        try:
             await trio.sleep(delay)
+        finally:
+            woken.set()
         if helper.stuck_for_good:
             return  # a later fault left it stuck for good
         helper.unkillable = False
@@ -648,6 +677,9 @@ class FakeHost:
         self.default = Behaviour.OK
         self.started: list[FakeHelper] = []
         self.alive: set[FakeHelper] = set()
+        #: Set when a helper a "delay" fault on signal_helper holds in the
+        #: kernel leaves it (see :meth:`kernel_settled`).
+        self.waking: list[trio.Event] = []
         self.hooks: list[str] = []
         self.requests: list[str] = []
         #: The whole text of every UAPI request, in order.
@@ -669,6 +701,12 @@ class FakeHost:
         """Faults to inject into host operations (see :class:`Fault`)."""
         return self.net.faults
 
+    async def kernel_settled(self) -> None:
+        """Wait until every helper held in the kernel for a while has left
+        it (they may outlive the engine: the test waits for them)."""
+        for woken in list(self.waking):
+            await woken.wait()
+
     @property
     def ops(self) -> list[str]:
         """Every host operation so far, by name."""
@@ -679,12 +717,13 @@ class FakeHost:
                            log: logging.Logger, env: dict[str, str] | None = None,
                            pass_fds: Sequence[int] = (),
                            on_spawn: Callable[[HelperProcess], None] | None = None,
-                           ) -> HelperProcess:
+                           reaper: Reaper | None = None) -> HelperProcess:
         """tunsup's own :func:`~tunsup.host.process.start_helper` over a fake
         process following ``plan`` (then ``default``).  Cancellation: as
         the real one (a fault before the spawn: nothing exists yet)."""
         return await process.start_helper(nursery, argv, log=log, env=env, pass_fds=pass_fds,
-                                          spawner=_Spawner(self, nursery), on_spawn=on_spawn)
+                                          spawner=_Spawner(self, nursery), on_spawn=on_spawn,
+                                          reaper=reaper)
 
     @operation
     async def run_hook(self, command: str, log: logging.Logger, timeout: float, *,
@@ -709,7 +748,8 @@ class FakeHost:
     @operation
     async def close_tun(self, fd: int) -> None:
         """Forget the fd.  Cancellation: at the operation's checkpoint,
-        before the fd is closed."""
+        before the fd is closed (a delay: after it, see
+        ``COMPLETES_ABANDONED``)."""
         self.tun_fds.remove(fd)
 
 
@@ -768,8 +808,9 @@ def inline_threads(net: FakeNet) -> Iterator[None]:
         if op and stat.S_ISDIR(os.fstat(fd).st_mode):
             # The directory's sync after a rename: the change is made.
             op = "dns_sync_dir"
-        fault = net.fault_for(op) if op else None
-        if fault is not None and fault.kind == "errno":
+        # An fsync can only fail here (a hang or delay is the thread's).
+        fault = net.fault_for(op, kinds=("errno",)) if op else None
+        if fault is not None:
             raise OSError(fault.errno, os.strerror(fault.errno))
         real_fsync(fd)
 
