@@ -15,6 +15,7 @@ import random
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -32,6 +33,7 @@ from tunsup.engine.restart import RestartPolicy, RestartTracker
 from tunsup.engine.supervisor import Stopping, Supervisor
 from tunsup.engine.tunnel import TRANSITIONS, Tunnel, TunnelOptions, TunnelState
 from tunsup.engine.undo import LAST_CHANCE
+from tunsup.host.dns import FileBackend, ResolvClaim, render_claims
 from tunsup.service import ServiceOps
 from tunsup.testing import Behaviour, FakeHost, spec, uapi_dir
 from tunsup.testing.fakehost import Fault
@@ -912,3 +914,38 @@ def test_a_stop_during_a_start_pays_the_abort_from_the_teardown_budget(
     took = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert took <= opts.stop_timeout + 3 * LAST_CHANCE, f"the stop took {took:.1f} s"
     assert fake.alive == set() and fake.tun_fds == set()
+
+
+def test_a_reload_that_only_reorders_tunnels_rewrites_their_dns_in_the_new_order(
+        fake: FakeHost, tmp_path: Path) -> None:
+    """Two tunnels share resolv.conf in configuration order; a reload that
+    names them the other way round changes no tunnel, yet the file follows
+    the new order (the merge follows the last reload)."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_bytes(b"nameserver 192.0.2.1\n")
+    fake.host = attrs.evolve(fake.host, dns_backend=lambda kind: FileBackend(str(resolv)))
+    opts = options(dns_backend="file")
+    specs = {name: attrs.evolve(spec(name), dns_servers=(ipaddress.ip_address(server),))
+             for name, server in (("wgt0", "10.9.0.53"), ("wgt1", "10.9.1.53"))}
+
+    def merged(*names: str) -> bytes:
+        return render_claims([ResolvClaim(n, specs[n].dns_servers, ()) for n in names])
+
+    async def reorder(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        assert resolv.read_bytes() == merged("wgt0", "wgt1")
+        result = await sup.converge([(specs["wgt1"], opts), (specs["wgt0"], opts)])
+        assert set(result.unchanged) == {"wgt0", "wgt1"}, result
+        assert resolv.read_bytes() == merged("wgt1", "wgt0")
+        sup.stop("test")
+
+    async def main() -> None:
+        sup = Supervisor([Tunnel(specs[n], fake.host, opts) for n in ("wgt0", "wgt1")],
+                         fake.host, handle_signals=False)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sup.run)
+                await sup.ready.wait()
+                await reorder(sup, [])
+
+    trio.run(main)
+    assert resolv.read_bytes() == b"nameserver 192.0.2.1\n"
