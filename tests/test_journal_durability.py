@@ -477,24 +477,14 @@ def test_recovering_a_tunnel_started_alone_lets_its_link_take_its_records(
             tunnel = _tunnel_with_journal(journal, FakeHost(sockets))
             async with trio.open_nursery() as nursery:
                 await nursery.start(tunnel.run)
-                # What a kill -9 would leave now.
-                shutil.copy(journal.path, dead / journal_name(*DEAD))
+                _keep_what_a_kill_leaves(journal, dead)
                 nursery.cancel_scope.cancel()
-        await journal.close(remove=True)
-        return [type(s.intent).__name__ for s in read_journal(str(dead / journal_name(*DEAD)))
-                .steps]
-
-    async def recovery() -> list[str]:
-        with uapi_dir() as sockets:
-            fake = FakeHost(sockets)
-            report = await recover(str(dead), fake.host, me=(os.getpid(), 0))
-            assert report.complete, report
-            return list(fake.ops)
+        return await _steps_kept(journal, dead)
 
     journaled = trio.run(run_and_keep_the_journal)
     # The helper's start between the link's records (else this tests nothing).
     assert journaled.index("StartHelper") < journaled.index("Routes"), journaled
-    ops = trio.run(recovery)
+    ops = _ops_of_recovery(dead)
     assert not {"delete_routes", "delete_address"} & set(ops), ops
 
 
@@ -545,18 +535,9 @@ def test_a_helper_configured_before_its_routes_still_lets_the_link_take_them(
                 with trio.fail_after(30):
                     await nursery.start(tunnel.run)
                 await observer.flush()
-                shutil.copy(journal.path, dead / journal_name(*DEAD))  # a kill -9 now
+                _keep_what_a_kill_leaves(journal, dead)
                 nursery.cancel_scope.cancel()
-        await journal.close(remove=True)
-        return [type(s.intent).__name__ for s in read_journal(str(dead / journal_name(*DEAD)))
-                .steps]
-
-    async def recovery() -> list[str]:
-        with uapi_dir() as sockets:
-            fake = FakeHost(sockets)
-            report = await recover(str(dead), fake.host, me=(os.getpid(), 0))
-            assert report.complete, report
-            return list(fake.ops)
+        return await _steps_kept(journal, dead)
 
     journaled = trio.run(run_and_keep_the_journal)
     # The routes' intent comes once the link is up, which waits for the
@@ -564,8 +545,33 @@ def test_a_helper_configured_before_its_routes_still_lets_the_link_take_them(
     # may come before or after it).
     assert journaled.index("CreateTun") < journaled.index("ConfigureWireguard") \
         < journaled.index("Routes"), journaled
-    ops = trio.run(recovery)
+    ops = _ops_of_recovery(dead)
     assert not {"delete_routes", "delete_address"} & set(ops), ops
+
+
+def _keep_what_a_kill_leaves(journal: Journal, dead: Path) -> None:
+    """Copy ``journal`` into ``dead``: what a kill -9 would leave now."""
+    shutil.copy(journal.path, dead / journal_name(*DEAD))
+
+
+async def _steps_kept(journal: Journal, dead: Path) -> list[str]:
+    """Close (and remove) the live journal; the kinds of the intents of
+    the copy kept in ``dead``, in journal order."""
+    await journal.close(remove=True)
+    return [type(s.intent).__name__ for s in read_journal(str(dead / journal_name(*DEAD))).steps]
+
+
+def _ops_of_recovery(dead: Path) -> list[str]:
+    """Recover the journal in ``dead`` on a fresh fake host; its host
+    operations (the recovery must be complete)."""
+    async def recovery() -> list[str]:
+        with uapi_dir() as sockets:
+            fake = FakeHost(sockets)
+            report = await recover(str(dead), fake.host, me=(os.getpid(), 0))
+            assert report.complete, report
+            return list(fake.ops)
+
+    return trio.run(recovery)
 
 
 def test_a_record_another_stack_of_the_tunnel_starts_meanwhile_fails_nothing(
