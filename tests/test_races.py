@@ -598,6 +598,7 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
         #: them (the DNS merge order), and reloads in flight.
         config["order"] = [n for n, _ in initial]
         config["reloading"] = 0
+        config["adding"] = 0
 
         def plans(wanted: tuple[tuple[str, str, int], ...]) -> list[tuple[TunnelSpec,
                                                                          TunnelOptions]]:
@@ -649,13 +650,14 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
 
         def quiet_tunnels() -> list[Tunnel] | None:
             """Every tunnel so far, if none is starting, restarting or
-            stopping, no reload is in flight and no stop was asked for;
-            else None."""
+            stopping, no reload or `up` is in flight and no stop was asked
+            for; else None."""
             known = [w.tunnel for w in rec.watches if w.tunnel is not None]
             # A restarting tunnel in "helper" mode has its DNS on the dead
             # helper generation's stack: released, then claimed again.
             moving = (TunnelState.STARTING, TunnelState.STOPPING, TunnelState.RESTARTING)
-            if (stops or config["reloading"] or config["order"] is None or "ended" in result
+            if (stops or config["reloading"] or config["adding"] or config["order"] is None
+                    or "ended" in result
                     or any(t.state in moving or t._changing.locked() for t in known)):
                 return None
             return known
@@ -766,11 +768,17 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
             # An `up` of a running name with another configuration
             # rebuilds that tunnel.
             requests.append((trio.current_time(), "add", name))
-            with contextlib.suppress(StartFailed, AlreadyRunning, ChangeFailed):
-                try:
-                    await sup.add(tunnel_spec(name), options(mode, name))
-                except Stopping:
-                    refused_as_stopping("add")
+            # In flight, a rebuild holds the running tunnel's rules and
+            # table (copies) before any new tunnel exists: not quiet.
+            config["adding"] += 1
+            try:
+                with contextlib.suppress(StartFailed, AlreadyRunning, ChangeFailed):
+                    try:
+                        await sup.add(tunnel_spec(name), options(mode, name))
+                    except Stopping:
+                        refused_as_stopping("add")
+            finally:
+                config["adding"] -= 1
 
         async def _act(step: Step) -> None:
             if step.action == "stop":
@@ -980,16 +988,24 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
           stops: list[float], result: dict[str, Any], messages: Messages) -> None:
     fired = fake.net.fired
     undo_faults = [(op, kind) for op, kind in fired if op in UNDO_OPS]
-    # Behind an undo that hung (it used the stop's budget up), a delayed
-    # undo step no longer fits what is left (``LAST_CHANCE``): it fails.
-    # So does a helper held in the kernel for longer than that: the
-    # last-resort kill is then its due.
-    undo_hung = any(kind in ("hang", "applied-hang") for _, kind in undo_faults)
-    undo_failed = [(op, kind) for op, kind in undo_faults
-                   if failed_undo(op, kind) or (undo_hung and kind == "delay")]
+    undo_failed = [(op, kind) for op, kind in undo_faults if failed_undo(op, kind)]
     undo_delay = sum(f.delay * f.fired for f in fake.faults
                      if f.kind == "delay" and f.op in UNDO_OPS)
-    unkillable = any(op == "signal_helper" and (kind != "delay" or undo_hung)
+    # Undo steps that ran out of their tunnel's budget (a hang before
+    # them, or delays that add up past it), as each step reports it: what
+    # such a step leaves is excused for that step's own object only.
+    # Without an undo fault nothing may time out (then it is an error
+    # reported without a fault, below).
+    timed_out = [m for m in messages.lines if undo_faults and m.startswith("undo ")
+                 and ("timed out" in m or "did not finish" in m)]
+
+    def step_timed_out(*steps: str) -> bool:
+        return any(m.startswith(f"undo {step}") for m in timed_out for step in steps)
+
+    incomplete = bool(undo_failed or timed_out)
+    # A helper stuck in the kernel for good, or for longer than its undo
+    # step could wait: the last-resort kill is then its due.
+    unkillable = any(op == "signal_helper" and (kind != "delay" or step_timed_out("helper"))
                      for op, kind in undo_faults)
 
     assert not failures, failures
@@ -1014,7 +1030,7 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
 
     # The host is restored, except what a failed undo left (and only then).
     left = [r.describe() for w in rec.watches for r in w.left()]
-    if not undo_failed:
+    if not incomplete:
         assert fake.net.state() == before
         assert fake.tun_fds == set(), "a TUN fd was left open"
         assert not left, f"applied but never undone: {left}"
@@ -1034,19 +1050,20 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
                 link_undo = {"delete_link", "close_tun", "set_link_down"}
                 if name in result["helper-made"] and name in {h.ifname for h in stuck}:
                     link_undo.add("signal_helper")  # its stuck helper holds its link
-                assert leftover_ops & link_undo, \
+                link_timed_out = step_timed_out(f"link {name}", f"TUN device {name}")
+                assert leftover_ops & link_undo or link_timed_out, \
                     f"link {name} left behind, yet no link undo failed ({undo_failed})"
                 if link["addresses"]:
                     assert leftover_ops & {"delete_address", "delete_link", "close_tun",
-                                           "set_link_down"}, \
+                                           "set_link_down"} or link_timed_out, \
                         f"addresses left on {name}: {link['addresses']}"
                 if link["routes"]:
                     assert leftover_ops & {"delete_routes", "delete_link", "close_tun",
-                                           "set_link_down"}, \
+                                           "set_link_down"} or link_timed_out, \
                         f"routes left on {name}: {link['routes']}"
         if fake.tun_fds:
-            assert leftover_ops & {"close_tun", "delete_link", "set_link_down"}, \
-                "a TUN fd was left open"
+            assert leftover_ops & {"close_tun", "delete_link", "set_link_down"} \
+                or step_timed_out("TUN device"), "a TUN fd was left open"
 
     check_aborted(fake, undo_failed)
 
@@ -1058,7 +1075,7 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
     # Every failed undo step is reported, by that step; exit code 3 then.
     undo_errors = [m for m in messages.lines if m.startswith(("undo ", "cleaning up after"))]
     code = result["code"]
-    if undo_failed:
+    if incomplete:
         assert undo_errors, f"undo faults {undo_failed} fired but no step reported a failure"
         assert code == ExitCode.TEARDOWN_INCOMPLETE, \
             f"exit code {code!r} after a failed undo step ({undo_errors})"
@@ -1073,7 +1090,7 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
         # Without a wedged helper nothing may make a stop wait.
         wedged = any(h.ignore_term for h in fake.started)
         bound = (STOP_GRACE if wedged else 0.0) + undo_delay
-        if undo_failed:
+        if incomplete:
             bound = max(bound, STOP_TIMEOUT + LAST_CHANCE * 20 + 3.0)
         assert ended - stops[0] <= bound + 1e-6, f"stop took {ended - stops[0]:.3f} s"
 
@@ -1088,7 +1105,7 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
         assert tunnel.state in (TunnelState.STOPPED, TunnelState.FAILED), tunnel.state
         assert tunnel.helper_pid is None
         assert tunnel.report is not None
-        assert tunnel.report.complete or undo_failed, tunnel.report
+        assert tunnel.report.complete or incomplete, tunnel.report
         assert tunnel.status.state == tunnel.state.value
         assert (tunnel.state is TunnelState.FAILED) == (
             tunnel.failure is not None or not tunnel.report.complete)
@@ -1097,7 +1114,7 @@ def check(fake: FakeHost, sup: Supervisor, rec: Recorder, before: dict[str, Any]
 
     # A hung undo step before the helper's own may take its whole budget.
     check_deaths_noticed(fake, rec, undo_delay + (STOP_TIMEOUT + LAST_CHANCE * 20
-                                                  if undo_failed else 0.0))
+                                                  if incomplete else 0.0))
     check_who_stopped(rec, requests, sup.tunnels)
     check_restart_model(fake, rec, requests)
 
@@ -1202,9 +1219,11 @@ def check_restart_model(fake: FakeHost, rec: Recorder,
     exactly when the next helper is spawned; the backoff starts over once
     the tunnel was up for ``reset_after`` in a row."""
     slowed = any(op in ("start_helper", "link_name") for op, _ in fake.net.fired)
-    # A spawn that hangs waits for the stop (or the start's timeout).
-    hung = any(op in ("start_helper", "link_name") and kind == "hang"
-               for op, kind in fake.net.fired)
+    # A spawn that hangs waits for the stop (or the start's timeout): the
+    # tunnels whose spawn hung (any, if a link lookup hung: it names none).
+    hung = {args[1][-1] for op, kind, args in fake.net.fired_calls
+            if op == "start_helper" and kind == "hang"}
+    any_hung = any(op == "link_name" and kind == "hang" for op, kind in fake.net.fired)
     for watch in rec.watches:
         tunnel = watch.tunnel
         assert tunnel is not None
@@ -1241,9 +1260,15 @@ def check_restart_model(fake: FakeHost, rec: Recorder,
             attempt += 1
             due = at + delay
             spawn = next((t for t in spawns if t > at), None)
+            # A restart that failed before its helper existed (its spawn
+            # failed) is the next failure, at the attempt's time.
+            attempt_failed = next((f for f in watch.failures if f > at), None)
+            if attempt_failed is not None and (spawn is None or attempt_failed < spawn):
+                spawn = attempt_failed
             # A slowed spawn (a delay fault on start_helper or link_name)
             # may still be on its way when the stop comes.
-            grace = math.inf if hung else DELAY if slowed else 0.0
+            grace = (math.inf if any_hung or tunnel.name in hung
+                     else DELAY if slowed else 0.0)
             if (spawn is None or spawn > due + 1e-6) and stopping <= due + grace + 1e-9 and (
                     spawn is None or spawn > stopping):
                 break  # stopped during the backoff (or the slowed spawn)

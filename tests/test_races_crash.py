@@ -126,6 +126,7 @@ class Snapshot:
 def take(fake: FakeHost, resolv: str, state_dir: str) -> Snapshot:
     net = fake.net
     kept = {"links": net.links, "_next_index": net._next_index, "unreachable": net.unreachable,
+            "unreachable_metrics": net.unreachable_metrics,
             "policy_rules": net.policy_rules, "sysctls": net.sysctls}
     files = {}
     for name in os.listdir(state_dir):

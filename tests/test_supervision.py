@@ -883,20 +883,22 @@ def test_a_stop_in_the_first_steps_of_run_is_obeyed(fake: FakeHost, checkpoints:
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+@pytest.mark.parametrize("tun_mode", ["owned", "helper"])
 def test_a_stop_during_a_start_pays_the_abort_from_the_teardown_budget(
-        fake: FakeHost) -> None:
+        fake: FakeHost, tun_mode: str) -> None:
     """The route install of a start hangs after the kernel took the routes
     (its answer lost), and removing them hangs too.  A stop then cancels
     the install; its abort (the teardown's first step) gets no more than
     ``stop_timeout`` (the routes' own undo bound is 60 s), and the rest of
     the teardown only what is left of that budget (each step its last
-    second)."""
+    second).  In helper mode the routes are on the helper generation's
+    stack, unwound in place before the tunnel's: one budget for both."""
     fake.faults.append(Fault(op="add_routes", kind="applied-hang"))
     fake.faults.append(Fault(op="delete_routes", kind="hang", times=None))
     # The link's deletion hangs as well: a step that would take whatever
     # budget it were given.
     fake.faults.append(Fault(op="delete_link", kind="hang", times=None))
-    opts = options(stop_timeout=4.0)
+    opts = options(stop_timeout=4.0, tun_mode=tun_mode)
 
     async def main() -> float:
         sup = Supervisor([Tunnel(spec("wgt0"), fake.host, opts)], fake.host,

@@ -378,7 +378,9 @@ async def _close_tun_anyway(ctx: EffectContext, fd: int) -> bool:
     life of the service (a later start of the tunnel could not take it).
     Shielded, within what is left of the step's budget, but at least
     :data:`TUN_CLOSE_GRACE`; past it the close may still happen in its
-    abandoned thread.  False when it did not finish."""
+    abandoned thread.  False when it did not finish in that time; the
+    host's close raises :class:`HostError` past its own bound (5 s) or
+    when the close fails."""
     bound = max(trio.current_effective_deadline() - trio.current_time(), TUN_CLOSE_GRACE)
     with trio.CancelScope(shield=True):
         with trio.move_on_after(bound) as waited:

@@ -379,6 +379,7 @@ class Tunnel:
             try:
                 await self._bring_up(stack, ctx)
                 self.timings["up"] = trio.current_time() - started
+                ctx.cleanup_seconds = 0.0
                 self._set_state(TunnelState.UP)
                 self.log.info("tunnel up in %.0f ms", self.timings["up"] * 1000)
                 task_status.started(self)
@@ -395,10 +396,11 @@ class Tunnel:
                 stop_started = trio.current_time()
                 async with _gate(self.teardown_slots):
                     waited = trio.current_time() - stop_started
-                    # An abort of the bring-up's last step was the
-                    # teardown's first: it is paid from the same budget.
+                    # Aborts and in-place unwinds since the tunnel was
+                    # last up were the teardown's first steps: they are
+                    # paid from the same budget.
                     report = await stack.unwind(max(
-                        self.options.stop_timeout - waited - stack.abort_seconds, 0.0))
+                        self.options.stop_timeout - waited - ctx.cleanup_seconds, 0.0))
                 self.report = attrs.evolve(
                     report, failures=(*self._generation_failures, *report.failures))
                 self.helper_pid = None
@@ -561,7 +563,10 @@ class Tunnel:
         except BaseException:
             if not any(isinstance(r, HelperGeneration) for r in stack.records):
                 ctx.generations.pop(self.name, None)
-                report = await gen.unwind(self.options.stop_timeout)
+                began = trio.current_time()
+                report = await gen.unwind(
+                    max(self.options.stop_timeout - ctx.cleanup_seconds, 0.0))
+                ctx.cleanup_seconds += trio.current_time() - began
                 self._generation_failures.extend(report.failures)
             raise
         handle, index = spawned[0]
@@ -692,6 +697,8 @@ class Tunnel:
                 raise HelperExited(f"TUN device {self.name} was deleted; giving up")
             try:
                 async with self._changing:
+                    # A stop during this attempt pays only its cleanup.
+                    ctx.cleanup_seconds = 0.0
                     gen = self._new_generation(ctx)
                     handle = await self._start_generation(gen, ctx)
                     await gen.flush()

@@ -42,6 +42,11 @@ class EffectContext:
     #: The bound on a teardown: the abort of an apply a stop interrupted
     #: is its first step, so it gets no longer than this either.
     stop_timeout: float = math.inf
+    #: Seconds spent cleaning up since the tunnel last came up (or began a
+    #: restart): aborts of interrupted applies on any of its stacks, a
+    #: generation unwound in place.  A teardown that follows pays them
+    #: from its ``stop_timeout``.
+    cleanup_seconds: float = 0.0
     #: Live helper handles by pid (records only hold pid + start time).
     helpers: dict[int, HelperHandle] = attrs.field(factory=dict)
     #: Helpers whose start failed and that could not be stopped (stuck in
@@ -194,8 +199,6 @@ class EffectStack:
         self._records: list[Effect] = []
         #: Aborts of half-applied effects that failed: reported by unwind.
         self._abort_failures: list[str] = []
-        #: Seconds spent in those aborts (the teardown's budget pays them).
-        self.abort_seconds = 0.0
         self._unwound = False
 
     @property
@@ -236,8 +239,9 @@ class EffectStack:
 
         If applying fails or is cancelled, the effect's ``abort`` cleans up
         whatever part of it may have happened (shielded, bounded by its undo
-        timeout and the context's ``stop_timeout``) before the exception
-        propagates; the stack itself is left for the caller to unwind.
+        timeout and what is left of the context's ``stop_timeout``, its
+        last second at least) before the exception propagates; the stack
+        itself is left for the caller to unwind.
         """
         if self._unwound:
             raise RuntimeError("effect stack already unwound")
@@ -249,15 +253,18 @@ class EffectStack:
         except BaseException:
             what = effect.describe()
             began = trio.current_time()
+            ctx = self._ctx
             with trio.CancelScope(shield=True) as scope:
-                scope.deadline = began + min(effect.undo_timeout(self._ctx),
-                                             self._ctx.stop_timeout)
+                # What is left of the teardown's budget, but its last
+                # second at least (as every undo step gets).
+                left = max(ctx.stop_timeout - ctx.cleanup_seconds, LAST_CHANCE)
+                scope.deadline = began + min(effect.undo_timeout(ctx), left)
                 try:
                     await effect.abort(self._ctx)
                 except Exception as exc:
                     self._abort_failures.append(f"clean up after failed {what}: {exc}")
                     self._log.error("cleaning up after failed %s: %s", what, exc)
-            self.abort_seconds += trio.current_time() - began
+            ctx.cleanup_seconds += trio.current_time() - began
             if scope.cancelled_caught:
                 self._abort_failures.append(f"clean up after failed {what}: timed out")
                 self._log.error("cleaning up after failed %s: timed out", what)

@@ -689,12 +689,13 @@ class ResolvConfOwners:
         """After :meth:`set_order` changed the order: write each file that
         tunnels hold in the new order (:meth:`ResolvConfOwner.reorder`),
         each in a worker thread within ``timeout``.  Raises
-        :class:`DnsError` (the file then holds the old order, or nothing
-        changed).  Cancellation: propagates at once, abandoning the thread
-        (which compares contents first: safe whenever it runs)."""
+        :class:`DnsError` once every file was tried, naming those that
+        failed (they hold the old order; the next call tries them again).
+        Cancellation: propagates at once, abandoning the thread (which
+        compares contents first: safe whenever it runs)."""
         if not self.reordered:
             return
-        self.reordered = False
+        errors: list[str] = []
         for owner in list(self.by_path.values()):
             if not owner.claims:
                 continue
@@ -703,8 +704,14 @@ class ResolvConfOwners:
                 with _file_lock, _os_errors(owner.path, "cannot rewrite"):
                     owner.reorder()
 
-            await bounded(timeout, f"rewriting {owner.path} in the new order", reorder,
-                          error=DnsError)
+            try:
+                await bounded(timeout, f"rewriting {owner.path} in the new order", reorder,
+                              error=DnsError)
+            except DnsError as exc:
+                errors.append(str(exc))
+        self.reordered = bool(errors)
+        if errors:
+            raise DnsError("; ".join(errors))
 
 
 def _os_errors(path: str, what: str) -> contextlib.AbstractContextManager[None]:

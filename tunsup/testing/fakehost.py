@@ -117,6 +117,8 @@ def operation(fn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
         # close of a TUN fd) still takes effect when its caller gives up
         # during a delay: it happens first, the caller waits after.
         effect_first = fault is not None and fault.kind == "delay" and op in COMPLETES_ABANDONED
+        if fault is not None:
+            net.fired_calls.append((op, fault.kind, args))
         if fault is None or (fault.kind not in AFTER and not effect_first):
             await _fire(fault, op)
             # Recorded once it takes effect (a call cancelled or failed at
@@ -188,10 +190,19 @@ class FakeNet:
         #: Names of links deleted through netlink (not by a helper's death).
         self.deleted: list[str] = []
         self.unreachable: set[tuple[int, IPNetwork]] = set()
+        #: The metrics of the unreachable routes tunsup added, by (table,
+        #: prefix): as in the kernel, one route per metric (a rebuild's
+        #: hold and the kill switch share a table and prefixes).  An entry
+        #: of ``unreachable`` without one was put there by a test (any
+        #: metric matches it).
+        self.unreachable_metrics: dict[tuple[int, IPNetwork], set[int | None]] = {}
         self.policy_rules: list[PolicyRule] = []
         self.sysctls: dict[str, str] = {}
         #: (operation, fault kind) of every fault that fired, in order.
         self.fired: list[tuple[str, str]] = []
+        #: (operation, fault kind, arguments) of the faults that fired on a
+        #: host operation (tells which tunnel it hit).
+        self.fired_calls: list[tuple[str, str, tuple[Any, ...]]] = []
         #: Operations that took effect and then failed or hung.
         self.applied_then_failed: list[str] = []
         #: Every operation that took effect, with its arguments, in order;
@@ -301,8 +312,15 @@ class FakeNet:
                          table: int, metric: int | None = None) -> RouteBatchResult:
         if index == 0:  # unreachable routes (kill switch): not on any link
             # As the kernel: one that is already there is not added again.
-            existed = tuple(net for net in prefixes if (table, net) in self.unreachable)
-            self.unreachable |= {(table, net) for net in prefixes}
+            def there(key: tuple[int, IPNetwork]) -> bool:
+                metrics = self.unreachable_metrics.get(key)
+                return key in self.unreachable and (metrics is None or metric in metrics)
+
+            existed = tuple(net for net in prefixes if there((table, net)))
+            for net in prefixes:
+                if net not in existed:
+                    self.unreachable_metrics.setdefault((table, net), set()).add(metric)
+                    self.unreachable.add((table, net))
             return RouteBatchResult(added=tuple(n for n in prefixes if n not in existed),
                                     existed=existed)
         link = self._existing(index)
@@ -319,9 +337,23 @@ class FakeNet:
     async def delete_routes(self, index: int, prefixes: Sequence[IPNetwork], *,
                             table: int, metric: int | None = None) -> int:
         if index == 0:
-            before = len(self.unreachable)
-            self.unreachable -= {(table, net) for net in prefixes}
-            return before - len(self.unreachable)
+            removed = 0
+            for net in prefixes:
+                key = (table, net)
+                if key not in self.unreachable:
+                    continue
+                metrics = self.unreachable_metrics.get(key)
+                if metrics is not None and metric is not None and metric not in metrics:
+                    continue  # another route of that prefix (another metric)
+                if metrics is not None and metric is not None:
+                    metrics.discard(metric)
+                else:
+                    metrics = set()
+                removed += 1
+                if not metrics:
+                    self.unreachable_metrics.pop(key, None)
+                    self.unreachable.discard(key)
+            return removed
         link = self.links.get(index)
         if link is None:
             return 0
