@@ -100,15 +100,16 @@ BUGS: list[Bug] = [
         "        self._tracker.reset()\n", ""),
     # --- tunnel -------------------------------------------------------------------
     Bug("restarted generation registered only once complete", T,
-        "                handle = await self._start_generation(self._new_generation(ctx), ctx)\n",
-        "                gen = EffectStack(ctx, log=self.log, observer=self._observer)\n"
-        "                handle = await self._start_generation(gen, ctx)\n"
-        "                ctx.generations[self.name] = gen\n"),
+        "                    gen = self._new_generation(ctx)\n"
+        "                    handle = await self._start_generation(gen, ctx)\n",
+        "                    gen = EffectStack(ctx, log=self.log, observer=self._observer)\n"
+        "                    handle = await self._start_generation(gen, ctx)\n"
+        "                    ctx.generations[self.name] = gen\n"),
     Bug("first generation's record pushed after the helper started", T,
-        "        await stack.apply(HelperGeneration(spec.name))\n"
-        "        await self._start_generation(self._new_generation(ctx), ctx)\n",
-        "        await self._start_generation(self._new_generation(ctx), ctx)\n"
-        "        await stack.apply(HelperGeneration(spec.name))\n"),
+        "            await stack.apply(HelperGeneration(spec.name))\n"
+        "            await self._start_generation(self._new_generation(ctx), ctx)\n",
+        "            await self._start_generation(self._new_generation(ctx), ctx)\n"
+        "            await stack.apply(HelperGeneration(spec.name))\n"),
     Bug("dead generation's unwind not awaited", T,
         "        await self._end_generation(ctx)\n"
         '        self.log.warning("helper died while',
