@@ -399,8 +399,7 @@ class Tunnel:
                     # Aborts and in-place unwinds since the tunnel was
                     # last up were the teardown's first steps: they are
                     # paid from the same budget.
-                    report = await stack.unwind(max(
-                        self.options.stop_timeout - waited - ctx.cleanup_seconds, 0.0))
+                    report = await stack.unwind(max(ctx.budget_left() - waited, 0.0))
                 self.report = attrs.evolve(
                     report, failures=(*self._generation_failures, *report.failures))
                 self.helper_pid = None
@@ -563,10 +562,8 @@ class Tunnel:
         except BaseException:
             if not any(isinstance(r, HelperGeneration) for r in stack.records):
                 ctx.generations.pop(self.name, None)
-                began = trio.current_time()
-                report = await gen.unwind(
-                    max(self.options.stop_timeout - ctx.cleanup_seconds, 0.0))
-                ctx.cleanup_seconds += trio.current_time() - began
+                with ctx.cleaning_up():
+                    report = await gen.unwind(ctx.budget_left())
                 self._generation_failures.extend(report.failures)
             raise
         handle, index = spawned[0]

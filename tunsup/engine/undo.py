@@ -12,9 +12,10 @@ journal plugs in there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
@@ -47,6 +48,19 @@ class EffectContext:
     #: generation unwound in place.  A teardown that follows pays them
     #: from its ``stop_timeout``.
     cleanup_seconds: float = 0.0
+
+    def budget_left(self) -> float:
+        """What is left of ``stop_timeout`` after the cleanup so far."""
+        return max(self.stop_timeout - self.cleanup_seconds, 0.0)
+
+    @contextlib.contextmanager
+    def cleaning_up(self) -> Iterator[None]:
+        """Count the time spent inside in ``cleanup_seconds``."""
+        began = trio.current_time()
+        try:
+            yield
+        finally:
+            self.cleanup_seconds += trio.current_time() - began
     #: Live helper handles by pid (records only hold pid + start time).
     helpers: dict[int, HelperHandle] = attrs.field(factory=dict)
     #: Helpers whose start failed and that could not be stopped (stuck in
@@ -252,19 +266,17 @@ class EffectStack:
             record = await effect.apply(self._ctx)
         except BaseException:
             what = effect.describe()
-            began = trio.current_time()
             ctx = self._ctx
-            with trio.CancelScope(shield=True) as scope:
+            with ctx.cleaning_up(), trio.CancelScope(shield=True) as scope:
                 # What is left of the teardown's budget, but its last
                 # second at least (as every undo step gets).
-                left = max(ctx.stop_timeout - ctx.cleanup_seconds, LAST_CHANCE)
-                scope.deadline = began + min(effect.undo_timeout(ctx), left)
+                scope.deadline = trio.current_time() + min(
+                    effect.undo_timeout(ctx), max(ctx.budget_left(), LAST_CHANCE))
                 try:
-                    await effect.abort(self._ctx)
+                    await effect.abort(ctx)
                 except Exception as exc:
                     self._abort_failures.append(f"clean up after failed {what}: {exc}")
                     self._log.error("cleaning up after failed %s: %s", what, exc)
-            ctx.cleanup_seconds += trio.current_time() - began
             if scope.cancelled_caught:
                 self._abort_failures.append(f"clean up after failed {what}: timed out")
                 self._log.error("cleaning up after failed %s: timed out", what)
