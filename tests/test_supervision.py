@@ -918,6 +918,38 @@ def test_a_stop_during_a_start_pays_the_abort_from_the_teardown_budget(
     assert fake.alive == set() and fake.tun_fds == set()
 
 
+# The last chances past stop_timeout: the kill switch's (its removal hangs
+# once the budget is spent), and for the in-place unwind its own last step
+# (the SIGKILL after the helper's grace took the whole budget).
+@pytest.mark.parametrize(("fails_at", "last_chances"), [("start_time", 1), ("set_mtu", 2)])
+@pytest.mark.parametrize("tun_mode", ["owned", "helper"])
+def test_a_stop_during_a_failed_restarts_cleanup_pays_it_from_the_teardown_budget(
+        fake: FakeHost, tun_mode: str, fails_at: str, last_chances: int) -> None:
+    """The helper dies; its restart fails, right after the spawn (the
+    spawn stops the new helper itself) or once the new helper runs
+    (setting the MTU fails: the generation is unwound in place), and the
+    new helper ignores every signal, so that clean-up takes its whole
+    bound.  A stop asked for meanwhile waits for it, which is then the
+    teardown's first step: the teardown, whose removal of the kill switch
+    hangs as well, gets only what is left of the same ``stop_timeout``,
+    not a second one."""
+    opts = options(stop_timeout=2.0, tun_mode=tun_mode, kill_switch=True,
+                   restart=RestartPolicy(max_restarts=3, backoff_initial=0.2))
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        fake.faults.extend([Fault(op=fails_at),
+                            Fault(op="signal_helper", kind="hang", times=None),
+                            Fault(op="delete_routes", kind="hang", times=None)])
+        fake.current.die(-9)
+        while "signal_helper" not in fake.ops:  # the failed restart's unwind hangs
+            await trio.sleep(0.01)
+        sup.stop("test")
+
+    out = run_supervisor(fake, [opts], driver)
+    assert out.stop_took <= opts.stop_timeout + last_chances * LAST_CHANCE, (
+        f"the stop took {out.stop_took:.1f} s")
+
+
 def test_a_reload_that_only_reorders_tunnels_rewrites_their_dns_in_the_new_order(
         fake: FakeHost, tmp_path: Path) -> None:
     """Two tunnels share resolv.conf in configuration order; a reload that

@@ -715,11 +715,22 @@ class Tunnel:
     async def _end_generation(self, ctx: EffectContext) -> None:
         """Unwind the current helper generation (shielded, bounded by
         ``stop_timeout``).  Raises :class:`HostError` if that was
-        incomplete: then the tunnel cannot be trusted to restart."""
+        incomplete: then the tunnel cannot be trusted to restart.
+
+        A stop that came meanwhile waited for this unwind: it was the
+        teardown's first step, and its time is paid from the teardown's
+        budget (``ctx.cleanup_seconds``), as an abort's is.  Not knowing
+        when during the unwind the stop came, the whole unwind is counted:
+        the stop then takes at most ``stop_timeout`` (each step of the
+        teardown still gets its last chance).  An unwind no stop waited
+        for costs a later stop nothing."""
         gen = ctx.generations.get(self.name)
         if gen is None:
             return
+        began = trio.current_time()
         report = await gen.unwind(self.options.stop_timeout)
+        if trio.current_effective_deadline() == -math.inf:  # a stop is waiting
+            ctx.cleanup_seconds += trio.current_time() - began
         self._generation_failures.extend(report.failures)
         if not report.complete:
             raise HostError("cleaning up after the helper failed: " + "; ".join(report.failures))

@@ -215,6 +215,7 @@ async def start_helper(
     spawner: Spawner = OS,
     on_spawn: Callable[[HelperProcess], None] | None = None,
     reaper: Reaper | None = None,
+    abort_within: float = SPAWN_ABORT_GRACE + 5.0,
 ) -> HelperProcess:
     """Spawn ``argv`` in its own session with captured output.
 
@@ -222,8 +223,9 @@ async def start_helper(
     :class:`HostError` when the program cannot be started.  Does not wait
     for anything besides the spawn itself.  All or nothing: cancelled (or
     failing) once the process exists, it stops the process (SIGTERM, up to
-    :data:`SPAWN_ABORT_GRACE` s, SIGKILL, reap; shielded, so at most that
-    plus 5 s) before the exception propagates.  ``spawner``: the OS (tests
+    :data:`SPAWN_ABORT_GRACE` s, SIGKILL, reap; shielded, all of it within
+    about ``abort_within`` seconds: a stop's budget) before the exception
+    propagates.  ``spawner``: the OS (tests
     pass a fake one).  ``on_spawn`` hears of the process the moment it
     exists: if it cannot be stopped (stuck in the kernel), the exception
     propagates all the same and only the caller that kept it can tell
@@ -261,8 +263,9 @@ async def start_helper(
     except BaseException:
         # Cancelled (a stop, a reload) or failed after the spawn: the caller
         # never gets the handle, so the helper must not outlive this call.
+        grace = min(SPAWN_ABORT_GRACE, abort_within / 2)
         with trio.CancelScope(shield=True):
-            if not await helper.stop(SPAWN_ABORT_GRACE):
+            if not await helper.stop(grace, kill_wait=max(abort_within - grace, 0.1)):
                 log.error("helper %s (pid %d) did not exit after SIGKILL", argv[0], helper.pid)
                 helper.close()
         raise

@@ -749,13 +749,15 @@ class FakeHost:
                            log: logging.Logger, env: dict[str, str] | None = None,
                            pass_fds: Sequence[int] = (),
                            on_spawn: Callable[[HelperProcess], None] | None = None,
-                           reaper: Reaper | None = None) -> HelperProcess:
+                           reaper: Reaper | None = None,
+                           abort_within: float = process.SPAWN_ABORT_GRACE + 5.0
+                           ) -> HelperProcess:
         """tunsup's own :func:`~tunsup.host.process.start_helper` over a fake
         process following ``plan`` (then ``default``).  Cancellation: as
         the real one (a fault before the spawn: nothing exists yet)."""
         return await process.start_helper(nursery, argv, log=log, env=env, pass_fds=pass_fds,
                                           spawner=_Spawner(self, nursery), on_spawn=on_spawn,
-                                          reaper=reaper)
+                                          reaper=reaper, abort_within=abort_within)
 
     @operation
     async def run_hook(self, command: str, log: logging.Logger, timeout: float, *,
