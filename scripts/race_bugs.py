@@ -195,6 +195,12 @@ BUGS: list[Bug] = [
     Bug("no kill switch for the default route", ROUTING,
         "    if kill_switch:\n        await stack.apply(KillSwitch(name, table, plan.defaults))",
         "    if False:\n        await stack.apply(KillSwitch(name, table, plan.defaults))"),
+    # --- the link while up ------------------------------------------------------
+    Bug("an owned TUN keeps the MTU its helper set", T,
+        "        if self.options.tun_mode == \"owned\":\n"
+        "            await gen.apply(Mtu(spec.name, index, self._mtu))",
+        "        if self.options.tun_mode == \"owned\":\n"
+        "            pass"),
 ]
 
 #: Hypothesis statistics of the test that failed: old ("N passing

@@ -344,7 +344,9 @@ def tunnel_spec(name: str, shift: int = 0) -> TunnelSpec:
         made = attrs.evolve(made, peers=tuple(attrs.evolve(p, allowed_ips=(DEFAULT4,))
                                               for p in made.peers))
     return attrs.evolve(made, listen_port=made.listen_port + shift, private_key=KEYS[name],
-                        dns_servers=servers, dns_search=search)
+                        dns_servers=servers, dns_search=search,
+                        # Not the MTU wireguard-go sets (nor the automatic one).
+                        mtu=1380 if name == "wgt1" else made.mtu)
 
 
 KEYS = {name: spec(name).private_key for name in NAMES}
@@ -753,6 +755,24 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                                 f"expected the DNS of {[t.name for t in ordered]}: "
                                 f"{expected!r}")
 
+        def check_links() -> None:
+            """While quiet: a running tunnel's link is up with the tunnel's
+            MTU (wgt1's is set in its configuration: wireguard-go resets
+            the MTU of the TUN it is handed, and the fake helper does
+            too)."""
+            known = quiet_tunnels()
+            if known is None:
+                return
+            for tunnel in known:
+                link = fake.net.by_name(tunnel.name)
+                if tunnel.state not in (TunnelState.UP, TunnelState.DEGRADED) or link is None:
+                    continue  # a helper-made link dies with its helper: noticed next
+                if not link.up or link.mtu != tunnel._mtu:
+                    failures.append(f"t={trio.current_time():.3f}: {tunnel.name} is "
+                                    f"{tunnel.state.value} but its link is "
+                                    f"{'up' if link.up else 'down'} with MTU {link.mtu}, "
+                                    f"expected up with MTU {tunnel._mtu}")
+
         async def act(step: Step) -> None:
             await trio.sleep(step.at)
             if "ended" in result:
@@ -763,6 +783,7 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                 if "ended" not in result:
                     check_dns()
                     check_policy()
+                    check_links()
 
         async def up(name: str, mode: str) -> None:
             # An `up` of a running name with another configuration
@@ -921,6 +942,7 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                     check_status(sup, fake, failures)
                     check_dns()
                     check_policy()
+                    check_links()
                     stopping()
                     sup.stop("end of schedule")
                     await trio.sleep_forever()

@@ -74,6 +74,9 @@ class FakeLink:
     persistent: bool = False
 
 
+#: The MTU wireguard-go gives the TUN it creates or is handed.
+WG_DEFAULT_MTU = 1420
+
 FaultKind = Literal["errno", "hang", "delay", "applied-hang", "applied-errno"]
 #: Fault kinds that fire after the operation took effect.
 AFTER = ("applied-hang", "applied-errno")
@@ -588,9 +591,14 @@ class FakeHelper:
         std = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             if self.owned_tun:
-                assert self.host.net.by_name(self.ifname) is not None, "no owned TUN to attach to"
+                link = self.host.net.by_name(self.ifname)
+                assert link is not None, "no owned TUN to attach to"
+                # wireguard-go sets the MTU of a TUN it is handed to its
+                # default (seen: 1300 -> 1420), as of one it creates.
+                link.mtu = WG_DEFAULT_MTU
             else:
                 self._link = self.host.net.create(self.ifname, persistent=False)
+                self.host.net.links[self._link].mtu = WG_DEFAULT_MTU
             std.bind(self.sock_path)
             std.listen(16)
         except OSError as exc:
