@@ -83,8 +83,8 @@ BUGS: list[Bug] = [
         "            record = await effect.apply(self._ctx)\n        except BaseException:",
         "            record = await effect.apply(self._ctx)\n        except Exception:"),
     Bug("abort of a failed apply not shielded", U,
-        "            with trio.CancelScope(shield=True) as scope:",
-        "            with trio.CancelScope(shield=False) as scope:"),
+        "            with ctx.cleaning_up(), trio.CancelScope(shield=True) as scope:",
+        "            with ctx.cleaning_up(), trio.CancelScope(shield=False) as scope:"),
     # --- restart policy -----------------------------------------------------------
     Bug("off-by-one in restart counting (>=)", R,
         "if len(self._failures) > self.policy.max_restarts:",

@@ -863,8 +863,9 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                     while helper_of(step.arg) is None:
                         await trio.sleep(0.1)
                 if helper_of(step.arg) is not None and "ended" not in result:
-                    fake.faults.append(Fault(op="start_time"))
-                    fake.faults.append(Fault(op="signal_helper", kind="hang"))
+                    # Its own restart's: not another tunnel's start.
+                    fake.faults.append(Fault(op="start_time", ifname=step.arg))
+                    fake.faults.append(Fault(op="signal_helper", kind="hang", ifname=step.arg))
                     await crash(step.arg)
             elif step.action == "slow-teardown":
                 helper = helper_of(step.arg)

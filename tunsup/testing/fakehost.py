@@ -161,13 +161,19 @@ class Fault:
     errno: int = errno_mod.EIO
     delay: float = 1.0
     times: int | None = 1
+    #: Only operations on this interface's helper ("start_time",
+    #: "signal_helper": the ones that tell), when set.
+    ifname: str | None = None
     #: How many operations matched so far, and how often it fired.
     seen: int = 0
     fired: int = 0
 
-    def matches(self, op: str) -> bool:
-        """Count ``op`` if it matches; whether the fault fires on it."""
+    def matches(self, op: str, ifname: str | None = None) -> bool:
+        """Count ``op`` (on ``ifname``'s helper, if it tells) if it
+        matches; whether the fault fires on it."""
         if self.op is not None and self.op != op:
+            return False
+        if self.ifname is not None and self.ifname != ifname:
             return False
         self.seen += 1
         if self.nth is not None and self.seen != self.nth:
@@ -213,13 +219,15 @@ class FakeNet:
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.applied_calls: list[int] = []
 
-    def fault_for(self, name: str, kinds: Sequence[str] | None = None) -> Fault | None:
-        """Record operation ``name``; the first matching fault that fires
-        (of ``kinds`` only, when the operation can do nothing else: the
-        others never see it, and never fire)."""
+    def fault_for(self, name: str, kinds: Sequence[str] | None = None, *,
+                  ifname: str | None = None) -> Fault | None:
+        """Record operation ``name`` (on ``ifname``'s helper, if it tells);
+        the first matching fault that fires (of ``kinds`` only, when the
+        operation can do nothing else: the others never see it, and never
+        fire)."""
         self.ops.append(name)
         fault = next((f for f in self.faults
-                      if (kinds is None or f.kind in kinds) and f.matches(name)), None)
+                      if (kinds is None or f.kind in kinds) and f.matches(name, ifname)), None)
         if fault is not None:
             self.fired.append((name, fault.kind))
         return fault
@@ -669,7 +677,7 @@ class _Spawner(process.Spawner):
         if helper.exited.is_set():
             helper.signal(sig)  # no process left to be stuck in the kernel: no fault
             return
-        fault = self.host.net.fault_for("signal_helper")
+        fault = self.host.net.fault_for("signal_helper", ifname=helper.ifname)
         if fault is not None:
             helper.unkillable = True
             if fault.kind == "delay":
@@ -699,8 +707,9 @@ class _Spawner(process.Spawner):
     async def start_time(self, pid: int) -> int | None:
         """Faults: operation "start_time" (e.g. a hang: the start is then
         cancelled after the spawn)."""
-        await self.host.net.op("start_time")
         assert self.helper is not None
+        fault = self.host.net.fault_for("start_time", ifname=self.helper.ifname)
+        await _fire(fault, "start_time")
         return self.helper.start_time
 
 
