@@ -190,11 +190,12 @@ def live_run(fake: FakeHost, state_dir: str, initial: list[tuple[str, str]],
     kind, when = crash
     real_fault_for = fake.net.fault_for
 
-    def fault_for(name: str, kinds: Sequence[str] | None = None) -> Fault | None:
+    def fault_for(name: str, kinds: Sequence[str] | None = None, *,
+                  ifname: str | None = None) -> Fault | None:
         if kind == "op" and len(fake.net.ops) + 1 == when and not crashed.is_set():
             take_snapshot()
             crashed.set()
-        return real_fault_for(name, kinds)
+        return real_fault_for(name, kinds, ifname=ifname)
 
     fake.net.fault_for = fault_for  # type: ignore[method-assign]
     writes = [0]
@@ -300,11 +301,12 @@ def restart_service(fake: FakeHost, state_dir: str, initial: list[tuple[str, str
     stopping = trio.Event()
     real_fault_for = fake.net.fault_for
 
-    def fault_for(name: str, kinds: Sequence[str] | None = None) -> Fault | None:
+    def fault_for(name: str, kinds: Sequence[str] | None = None, *,
+                  ifname: str | None = None) -> Fault | None:
         if held and not stopping.is_set() and not closed(fake):
             problems.append(f"the kill switch was open before {name} (operation "
                             f"{len(fake.net.ops) + 1} of the restart)")
-        return real_fault_for(name, kinds)
+        return real_fault_for(name, kinds, ifname=ifname)
 
     fake.net.fault_for = fault_for  # type: ignore[method-assign]
 
