@@ -925,29 +925,148 @@ def test_a_stop_during_a_start_pays_the_abort_from_the_teardown_budget(
 @pytest.mark.parametrize("tun_mode", ["owned", "helper"])
 def test_a_stop_during_a_failed_restarts_cleanup_pays_it_from_the_teardown_budget(
         fake: FakeHost, tun_mode: str, fails_at: str, last_chances: int) -> None:
-    """The helper dies; its restart fails, right after the spawn (the
-    spawn stops the new helper itself) or once the new helper runs
-    (setting the MTU fails: the generation is unwound in place), and the
-    new helper ignores every signal, so that clean-up takes its whole
-    bound.  A stop asked for meanwhile waits for it, which is then the
-    teardown's first step: the teardown, whose removal of the kill switch
-    hangs as well, gets only what is left of the same ``stop_timeout``,
-    not a second one."""
+    """The helper dies, and the new helper of its restart ignores every
+    signal.  ``start_time``: the restart's spawn hangs, and the stop that
+    ends it waits for the spawn to stop that helper.  ``set_mtu``: the
+    restart fails once the helper runs, and a stop comes while that
+    generation is unwound in place (its whole bound).  Either clean-up is
+    the teardown's first step: the teardown, whose removal of the kill
+    switch hangs as well, gets only what is left of the same
+    ``stop_timeout`` (not a second one), and the spawn's stop of its
+    helper no more than that budget."""
     opts = options(stop_timeout=2.0, tun_mode=tun_mode, kill_switch=True,
                    restart=RestartPolicy(max_restarts=3, backoff_initial=0.2))
 
     async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
-        fake.faults.extend([Fault(op=fails_at),
+        fake.faults.extend([Fault(op="start_time", kind="hang") if fails_at == "start_time"
+                            else Fault(op="set_mtu"),
                             Fault(op="signal_helper", kind="hang", times=None),
                             Fault(op="delete_routes", kind="hang", times=None)])
+        # The restart's spawn hangs, or the failed restart's unwind does.
+        waits_on = "start_time" if fails_at == "start_time" else "signal_helper"
+        before = fake.ops.count(waits_on)
         fake.current.die(-9)
-        while "signal_helper" not in fake.ops:  # the failed restart's unwind hangs
+        while fake.ops.count(waits_on) == before:
             await trio.sleep(0.01)
         sup.stop("test")
 
     out = run_supervisor(fake, [opts], driver)
     assert out.stop_took <= opts.stop_timeout + last_chances * LAST_CHANCE, (
         f"the stop took {out.stop_took:.1f} s")
+
+
+def test_a_stop_late_in_a_failed_restarts_cleanup_pays_only_its_wait(fake: FakeHost) -> None:
+    """A failed restart's generation takes 6.5 s to unwind (its new helper
+    leaves the kernel only then), and a stop comes 6.4 s into it: the stop
+    waited 0.1 s, so the teardown still has 9.9 s of its 10 and removes the
+    kill switch (5 s) in full: the tunnel stops cleanly, nothing left.
+    (Counting the whole unwind against the stop failed the teardown.)"""
+    opts = options(stop_timeout=10.0, kill_switch=True,
+                   restart=RestartPolicy(max_restarts=3, backoff_initial=0.2))
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        fake.faults.extend([Fault(op="set_mtu"),
+                            Fault(op="signal_helper", kind="delay", delay=6.5),
+                            Fault(op="delete_routes", kind="delay", delay=5.0)])
+        fake.current.die(-9)
+        while "signal_helper" not in fake.ops:
+            await trio.sleep(0.01)
+        await trio.sleep(6.4)
+        sup.stop("test")
+
+    out = run_supervisor(fake, [opts], driver)
+    assert out.code == ExitCode.OK, out.tunnels[0].report
+    assert out.tunnels[0].state is TunnelState.STOPPED
+    assert_host_restored(fake)
+
+
+def test_a_failed_spawn_no_stop_waits_for_keeps_its_own_bound(fake: FakeHost) -> None:
+    """With no stop asked for, a restart's spawn that fails stops its new
+    helper within the spawn's own bound, not a (small) ``stop_timeout``:
+    a helper that takes 1.2 s to leave the kernel is reaped, and the next
+    attempt brings the tunnel up again."""
+    opts = options(stop_timeout=1.0, restart=RestartPolicy(max_restarts=3, backoff_initial=0.2))
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        fake.faults.extend([Fault(op="start_time"),
+                            Fault(op="signal_helper", kind="delay", delay=1.2)])
+        fake.current.die(-9)
+        with trio.fail_after(60):
+            while tunnels[0].status.restarts < 1:
+                await trio.sleep(0.1)
+        assert tunnels[0].state is TunnelState.UP
+        sup.stop("test")
+
+    out = run_supervisor(fake, [opts], driver)
+    assert out.code == ExitCode.OK, out.tunnels[0].report
+    assert_host_restored(fake)
+
+
+def test_a_stop_during_the_backoff_does_not_pay_a_failed_attempts_cleanup(
+        fake: FakeHost) -> None:
+    """A restart attempt fails after the kernel took its routes, and their
+    removal (the abort) takes 3 s; a stop during the backoff that follows
+    waited for nothing, so its teardown has the whole ``stop_timeout`` (5 s)
+    and removes the kill switch (4 s) in full."""
+    opts = options(stop_timeout=5.0, tun_mode="helper", kill_switch=True,
+                   restart=RestartPolicy(max_restarts=3, backoff_initial=20.0,
+                                         backoff_max=20.0))
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        fake.faults.extend([Fault(op="add_routes", kind="applied-errno"),
+                            Fault(op="delete_routes", kind="delay", delay=3.0),
+                            Fault(op="delete_routes", kind="delay", delay=4.0)])
+        fake.current.die(-9)
+        def attempt_unwound() -> bool:
+            # The kill switch's routes, the first generation's, the
+            # attempt's; then the attempt's generation is unwound.
+            adds = [i for i, op in enumerate(fake.ops) if op == "add_routes"]
+            return len(adds) >= 3 and "delete_link" in fake.ops[adds[2]:]
+
+        with trio.fail_after(100):
+            while not attempt_unwound():
+                await trio.sleep(0.1)
+        await trio.sleep(1.0)  # into the next backoff
+        assert tunnels[0].state is TunnelState.RESTARTING
+        sup.stop("test")
+
+    out = run_supervisor(fake, [opts], driver)
+    assert out.tunnels[0].report is not None and out.tunnels[0].report.complete, (
+        out.tunnels[0].report)
+    assert_host_restored(fake)
+
+
+def test_a_stop_after_a_rolled_back_change_does_not_pay_its_cleanup(fake: FakeHost) -> None:
+    """An in-place change of the MTU fails after the kernel took it, and
+    putting the old MTU back (the abort) takes 3 s; the tunnel stays up.
+    A later stop waited for nothing, so its teardown has the whole
+    ``stop_timeout`` (5 s) and removes the kill switch (4 s) in full."""
+    opts = options(stop_timeout=5.0, kill_switch=True)
+    tunnel_spec = spec("wgt0")
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        fake.faults.extend([Fault(op="set_mtu", kind="applied-errno"),
+                            Fault(op="set_mtu", kind="delay", delay=3.0),
+                            Fault(op="delete_routes", kind="delay", delay=4.0)])
+        result = await sup.converge([(attrs.evolve(tunnel_spec, mtu=1300), opts)])
+        assert result.failed or not result.changed, result
+        assert tunnels[0].state is TunnelState.UP
+        await trio.sleep(1.0)
+        sup.stop("test")
+
+    tunnel = Tunnel(tunnel_spec, fake.host, opts)
+
+    async def main() -> None:
+        sup = Supervisor([tunnel], fake.host, handle_signals=False)
+        with trio.fail_after(HANG_LIMIT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sup.run)
+                await sup.ready.wait()
+                await driver(sup, [tunnel])
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert tunnel.report is not None and tunnel.report.complete, tunnel.report
+    assert_host_restored(fake)
 
 
 def test_a_reload_that_only_reorders_tunnels_rewrites_their_dns_in_the_new_order(

@@ -159,20 +159,15 @@ class StartHelper(Effect):
             env["WG_TUN_FD"] = str(fd)
             pass_fds = (fd,)
         spawned: list[HelperHandle] = []
-        began = trio.current_time()
         try:
-            # A failed start stops what it spawned (a stop waits for that)
-            # within what is left of the teardown's budget.
+            # A failed start stops what it spawned; a stop waiting for
+            # that gives it no more than what is left of its budget.
             handle = await ctx.host.start_helper(ctx.nursery, self.argv, log=_as_logger(ctx.log),
                                                  env=env, pass_fds=pass_fds,
                                                  on_spawn=spawned.append,
                                                  reaper=ctx.host.reaper,
-                                                 abort_within=max(ctx.budget_left(), LAST_CHANCE))
+                                                 abort_within=ctx.stop_budget)
         except BaseException:
-            if spawned and trio.current_effective_deadline() == -math.inf:
-                # A stop waited for that: its first step, paid from its
-                # budget (the spawn before it took next to nothing).
-                ctx.cleanup_seconds += trio.current_time() - began
             # start_helper stopped what it spawned, unless the process is
             # stuck in the kernel: then abort must say it is still running.
             for helper in spawned:

@@ -376,6 +376,7 @@ class Tunnel:
             )
             stack = EffectStack(ctx, log=self.log, observer=self._observer)
             self._stack, self._ctx = stack, ctx
+            nursery.start_soon(_note_stop, ctx)
             try:
                 await self._bring_up(stack, ctx)
                 self.timings["up"] = trio.current_time() - started
@@ -397,9 +398,10 @@ class Tunnel:
                 async with _gate(self.teardown_slots):
                     waited = trio.current_time() - stop_started
                     # Aborts and in-place unwinds since the tunnel was
-                    # last up were the teardown's first steps: they are
-                    # paid from the same budget.
-                    report = await stack.unwind(max(ctx.budget_left() - waited, 0.0))
+                    # last up were the teardown's first steps, and so was
+                    # whatever a stop had to wait for since it was asked
+                    # for: they are paid from the same budget.
+                    report = await stack.unwind(ctx.budget_left(waited=waited))
                 self.report = attrs.evolve(
                     report, failures=(*self._generation_failures, *report.failures))
                 self.helper_pid = None
@@ -687,6 +689,10 @@ class Tunnel:
                     f"(restart_max = {policy.max_restarts}); giving up")
             self.log.warning("restarting the helper in %.2f s (failure %d of at most %d "
                              "within %g s)", delay, failures, policy.max_restarts, policy.window)
+            # What a failed attempt cleaned up is done with: a stop during
+            # the backoff does not pay it (one that waited for it did, see
+            # EffectContext.stop_asked_at).
+            ctx.cleanup_seconds = 0.0
             await trio.sleep(delay)
             if (self.options.tun_mode == "owned"
                     and await self.host.net.link_name(self._tun_index) != self.name):
@@ -717,20 +723,13 @@ class Tunnel:
         ``stop_timeout``).  Raises :class:`HostError` if that was
         incomplete: then the tunnel cannot be trusted to restart.
 
-        A stop that came meanwhile waited for this unwind: it was the
-        teardown's first step, and its time is paid from the teardown's
-        budget (``ctx.cleanup_seconds``), as an abort's is.  Not knowing
-        when during the unwind the stop came, the whole unwind is counted:
-        the stop then takes at most ``stop_timeout`` (each step of the
-        teardown still gets its last chance).  An unwind no stop waited
-        for costs a later stop nothing."""
+        A stop that comes meanwhile waits for this unwind, and the
+        teardown after it gets what is left of ``stop_timeout`` since the
+        stop was asked for (:attr:`EffectContext.stop_asked_at`)."""
         gen = ctx.generations.get(self.name)
         if gen is None:
             return
-        began = trio.current_time()
         report = await gen.unwind(self.options.stop_timeout)
-        if trio.current_effective_deadline() == -math.inf:  # a stop is waiting
-            ctx.cleanup_seconds += trio.current_time() - began
         self._generation_failures.extend(report.failures)
         if not report.complete:
             raise HostError("cleaning up after the helper failed: " + "; ".join(report.failures))
@@ -825,7 +824,14 @@ class Tunnel:
         way (shielded, bounded by ``stop_timeout``), then propagates.
         """
         async with self._changing:
-            return await self._reconfigure(spec, options)
+            try:
+                return await self._reconfigure(spec, options)
+            finally:
+                if self._ctx is not None and self.state in (TunnelState.UP,
+                                                             TunnelState.DEGRADED):
+                    # Still up: a rolled-back change's clean-up is not a
+                    # later stop's to pay (one that waited for it did).
+                    self._ctx.cleanup_seconds = 0.0
 
     async def _reconfigure(self, spec: TunnelSpec, options: TunnelOptions) -> str:
         """:meth:`reconfigure` under ``_changing``."""
@@ -1189,6 +1195,19 @@ async def _in_process_group(pid: int, leader: int) -> bool:
     # thread (under MockClock one would let the clock jump meanwhile).
     await trio.lowlevel.checkpoint()
     return pgid() == leader
+
+
+async def _note_stop(ctx: EffectContext) -> None:
+    """Note in ``ctx`` when the tunnel's tasks are cancelled from outside
+    (a stop, a ``down``), at that moment: its main task may be in shielded
+    clean-up then, which the stop waits for (see
+    :attr:`EffectContext.stop_asked_at`).  Runs until cancelled; the
+    tunnel's own nursery cancels it once the teardown is done."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        if ctx.stop_asked_at is None:
+            ctx.stop_asked_at = trio.current_time()
 
 
 async def _last_resort_kill(handle: HelperHandle, log: logging.Logger) -> None:

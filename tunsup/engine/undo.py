@@ -48,10 +48,30 @@ class EffectContext:
     #: generation unwound in place.  A teardown that follows pays them
     #: from its ``stop_timeout``.
     cleanup_seconds: float = 0.0
+    #: When the tunnel was told to stop (its tasks cancelled from outside:
+    #: a stop, a ``down``), noted the moment it came; None until then.  A
+    #: stop that had to wait for clean-up already under way (a failed
+    #: restart's generation unwound in place, a spawn stopping the helper
+    #: it started) pays that wait from its ``stop_timeout``.
+    stop_asked_at: float | None = None
 
-    def budget_left(self) -> float:
-        """What is left of ``stop_timeout`` after the cleanup so far."""
-        return max(self.stop_timeout - self.cleanup_seconds, 0.0)
+    def budget_left(self, *, waited: float = 0.0) -> float:
+        """What is left of ``stop_timeout``: after the cleanup so far (and
+        ``waited`` seconds more, spent since), and since the stop was
+        asked for, whichever leaves less."""
+        left = self.stop_timeout - self.cleanup_seconds - waited
+        if self.stop_asked_at is not None:
+            left = min(left, self.stop_timeout - (trio.current_time() - self.stop_asked_at))
+        return max(left, 0.0)
+
+    def stop_budget(self) -> float | None:
+        """For shielded clean-up that a stop may be waiting for: what is
+        left of the stop's budget (its last second at least) if a stop is
+        asked for or pending here, else None (no stop waits: the
+        clean-up's own bound holds)."""
+        if self.stop_asked_at is None and trio.current_effective_deadline() != -math.inf:
+            return None
+        return max(self.budget_left(), LAST_CHANCE)
 
     @contextlib.contextmanager
     def cleaning_up(self) -> Iterator[None]:

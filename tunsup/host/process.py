@@ -30,6 +30,8 @@ TAIL_LINES = 20
 #: SIGTERM -> SIGKILL grace for a helper whose start was cancelled right
 #: after the spawn (it has not done anything worth waiting for).
 SPAWN_ABORT_GRACE = 0.5
+#: How long a failed spawn waits for its helper's reap after SIGKILL.
+SPAWN_KILL_WAIT = 5.0
 
 
 def describe_exit(program: str, pid: int, returncode: int | None,
@@ -215,7 +217,7 @@ async def start_helper(
     spawner: Spawner = OS,
     on_spawn: Callable[[HelperProcess], None] | None = None,
     reaper: Reaper | None = None,
-    abort_within: float = SPAWN_ABORT_GRACE + 5.0,
+    abort_within: Callable[[], float | None] | None = None,
 ) -> HelperProcess:
     """Spawn ``argv`` in its own session with captured output.
 
@@ -223,8 +225,9 @@ async def start_helper(
     :class:`HostError` when the program cannot be started.  Does not wait
     for anything besides the spawn itself.  All or nothing: cancelled (or
     failing) once the process exists, it stops the process (SIGTERM, up to
-    :data:`SPAWN_ABORT_GRACE` s, SIGKILL, reap; shielded, all of it within
-    about ``abort_within`` seconds: a stop's budget) before the exception
+    :data:`SPAWN_ABORT_GRACE` s, SIGKILL, reap; shielded, so at most that
+    plus :data:`SPAWN_KILL_WAIT` s, or what ``abort_within()`` returns
+    then if that is less: a waiting stop's budget) before the exception
     propagates.  ``spawner``: the OS (tests
     pass a fake one).  ``on_spawn`` hears of the process the moment it
     exists: if it cannot be stopped (stuck in the kernel), the exception
@@ -263,9 +266,13 @@ async def start_helper(
     except BaseException:
         # Cancelled (a stop, a reload) or failed after the spawn: the caller
         # never gets the handle, so the helper must not outlive this call.
-        grace = min(SPAWN_ABORT_GRACE, abort_within / 2)
+        bound = SPAWN_ABORT_GRACE + SPAWN_KILL_WAIT
+        budget = abort_within() if abort_within is not None else None
+        if budget is not None:
+            bound = max(min(bound, budget), 0.2)
+        grace = min(SPAWN_ABORT_GRACE, bound / 2)
         with trio.CancelScope(shield=True):
-            if not await helper.stop(grace, kill_wait=max(abort_within - grace, 0.1)):
+            if not await helper.stop(grace, kill_wait=bound - grace):
                 log.error("helper %s (pid %d) did not exit after SIGKILL", argv[0], helper.pid)
                 helper.close()
         raise

@@ -767,7 +767,7 @@ class FakeHost:
                            pass_fds: Sequence[int] = (),
                            on_spawn: Callable[[HelperProcess], None] | None = None,
                            reaper: Reaper | None = None,
-                           abort_within: float = process.SPAWN_ABORT_GRACE + 5.0
+                           abort_within: Callable[[], float | None] | None = None
                            ) -> HelperProcess:
         """tunsup's own :func:`~tunsup.host.process.start_helper` over a fake
         process following ``plan`` (then ``default``).  Cancellation: as
