@@ -1002,6 +1002,34 @@ def test_a_failed_spawn_no_stop_waits_for_keeps_its_own_bound(fake: FakeHost) ->
     assert_host_restored(fake)
 
 
+def test_one_side_of_a_bring_up_failing_is_not_a_stop_for_the_spawn(
+        fake: FakeHost, caplog: pytest.LogCaptureFixture) -> None:
+    """A tunnel started alone configures its link while its helper starts;
+    the routes fail while the spawn still waits (2 s), so that side
+    cancels the spawn.  That is no stop: the spawn stops its helper within
+    its own bound, not a (small) ``stop_timeout`` (a helper that takes
+    1.2 s to leave the kernel is reaped, and the start's clean-up is
+    complete).  (Taking any pending cancellation for a stop gave up on it.)"""
+    opts = options(stop_timeout=1.0, tun_mode="owned")
+    fake.faults.extend([Fault(op="start_time", kind="delay", delay=2.0),
+                        Fault(op="add_routes"),
+                        Fault(op="signal_helper", kind="delay", delay=1.2)])
+
+    async def main() -> Tunnel:
+        tunnel = Tunnel(spec("wgt0"), fake.host, opts)
+        with trio.fail_after(HANG_LIMIT):
+            async with trio.open_nursery() as nursery:
+                with pytest.raises(Exception):  # noqa: B017 (the start's own error)
+                    await nursery.start(tunnel.run)
+        return tunnel
+
+    with caplog.at_level(logging.INFO):
+        tunnel = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert "did not exit after SIGKILL" not in caplog.text
+    assert tunnel.report is not None and tunnel.report.complete, tunnel.report
+    assert_host_restored(fake)
+
+
 def test_a_stop_during_the_backoff_does_not_pay_a_failed_attempts_cleanup(
         fake: FakeHost) -> None:
     """A restart attempt fails after the kernel took its routes, and their

@@ -78,6 +78,7 @@ class FakeTunnel:
         #: When set, the teardown waits for it (shielded, as a real one runs).
         self.teardown_gate: trio.Event | None = None
         self.journal = journal
+        self.stops_asked = 0
 
     @property
     def was_up(self) -> bool:
@@ -89,6 +90,10 @@ class FakeTunnel:
 
     def held_routes(self) -> list[Any]:
         return []
+
+    def stop_asked(self) -> None:
+        """The supervisor is cancelling it (a stop, a ``down``)."""
+        self.stops_asked += 1
 
     def held_policy(self) -> None:
         return None

@@ -352,6 +352,9 @@ class Supervisor:
         if self._used and self.phase != "stopped":
             self.phase = "stopping"
         if self._cancel_scope is not None:
+            if not self._cancel_scope.cancel_called:
+                for slot in self._slots.values():
+                    slot.tunnel.stop_asked()
             self._cancel_scope.cancel()
 
     def slots(self) -> list[Slot]:
@@ -767,6 +770,7 @@ class Supervisor:
         """Cancel a tunnel and wait for its (shielded) teardown.  Cancelling
         the caller abandons the wait, never the teardown."""
         log.info("stopping tunnel %s", slot.tunnel.name)
+        slot.tunnel.stop_asked()
         slot.scope.cancel()
         await slot.done.wait()
 

@@ -231,6 +231,8 @@ class Tunnel:
         #: While it runs: its effect stack and context (for status).
         self._stack: EffectStack | None = None
         self._ctx: EffectContext | None = None
+        #: See :meth:`stop_asked`.
+        self._stop_asked_at: float | None = None
         #: Set by a supervisor: its teardown waits for a slot of this
         #: limiter (teardowns of many tunnels at once are bounded).  The
         #: wait counts against ``stop_timeout``.
@@ -348,6 +350,18 @@ class Tunnel:
         self._probed.set()
         self._probed = trio.Event()
 
+    def stop_asked(self) -> None:
+        """Note that this tunnel is being told to stop, now (its owner calls
+        this as it cancels the tunnel: a stop, a ``down``).  Its teardown
+        then gets what is left of ``stop_timeout`` from this moment, even if
+        clean-up already under way makes it wait (see
+        :attr:`EffectContext.stop_asked_at`).  Synchronous: noted before
+        any of the tunnel's tasks sees the cancellation."""
+        if self._stop_asked_at is None:
+            self._stop_asked_at = trio.current_time()
+        if self._ctx is not None and self._ctx.stop_asked_at is None:
+            self._ctx.stop_asked_at = self._stop_asked_at
+
     async def run(self, *, task_status: trio.TaskStatus[Tunnel] = trio.TASK_STATUS_IGNORED) -> None:
         """Bring the tunnel up, report started, supervise until cancelled.
 
@@ -373,6 +387,7 @@ class Tunnel:
                 on_hook=self._observer.hook_started
                 if isinstance(self._observer, HookRecorder) else None,
                 adopted=self.adopted,
+                stop_asked_at=self._stop_asked_at,
             )
             stack = EffectStack(ctx, log=self.log, observer=self._observer)
             self._stack, self._ctx = stack, ctx
@@ -1199,10 +1214,11 @@ async def _in_process_group(pid: int, leader: int) -> bool:
 
 async def _note_stop(ctx: EffectContext) -> None:
     """Note in ``ctx`` when the tunnel's tasks are cancelled from outside
-    (a stop, a ``down``), at that moment: its main task may be in shielded
-    clean-up then, which the stop waits for (see
-    :attr:`EffectContext.stop_asked_at`).  Runs until cancelled; the
-    tunnel's own nursery cancels it once the teardown is done."""
+    (a stop, a ``down``), if its owner did not say so first
+    (:meth:`Tunnel.stop_asked`): its main task may be in shielded clean-up
+    then, which the stop waits for (see :attr:`EffectContext.stop_asked_at`).
+    Runs until cancelled; the tunnel's own nursery cancels it once the
+    teardown is done."""
     try:
         await trio.sleep_forever()
     finally:

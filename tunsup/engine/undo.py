@@ -49,7 +49,8 @@ class EffectContext:
     #: from its ``stop_timeout``.
     cleanup_seconds: float = 0.0
     #: When the tunnel was told to stop (its tasks cancelled from outside:
-    #: a stop, a ``down``), noted the moment it came; None until then.  A
+    #: a stop, a ``down``), noted the moment it came (by the supervisor as
+    #: it cancels, else by a task of the tunnel's); None until then.  A
     #: stop that had to wait for clean-up already under way (a failed
     #: restart's generation unwound in place, a spawn stopping the helper
     #: it started) pays that wait from its ``stop_timeout``.
@@ -66,10 +67,11 @@ class EffectContext:
 
     def stop_budget(self) -> float | None:
         """For shielded clean-up that a stop may be waiting for: what is
-        left of the stop's budget (its last second at least) if a stop is
-        asked for or pending here, else None (no stop waits: the
-        clean-up's own bound holds)."""
-        if self.stop_asked_at is None and trio.current_effective_deadline() != -math.inf:
+        left of the stop's budget (its last second at least) once a stop
+        was asked for, else None (no stop waits: the clean-up's own bound
+        holds; a cancellation of tunsup's own, such as one side of a
+        bring-up stopping the other, is not a stop)."""
+        if self.stop_asked_at is None:
             return None
         return max(self.budget_left(), LAST_CHANCE)
 
