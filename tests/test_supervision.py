@@ -1030,6 +1030,29 @@ def test_one_side_of_a_bring_up_failing_is_not_a_stop_for_the_spawn(
     assert_host_restored(fake)
 
 
+def test_a_stop_during_a_spawns_own_cleanup_cuts_it_to_the_stop_budget(fake: FakeHost) -> None:
+    """A restart's spawn fails with no stop pending, so it stops its new
+    helper within its own bound (0.5 + 5 s); that helper stays in the
+    kernel for 5 s.  A stop 0.1 s into that clean-up cuts it to the
+    stop's budget (1 s): the stop does not wait out the spawn's bound, and
+    the helper, given up on, is reaped once it dies."""
+    opts = options(stop_timeout=1.0, restart=RestartPolicy(max_restarts=3, backoff_initial=0.2))
+
+    async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
+        fake.faults.extend([Fault(op="start_time"),
+                            Fault(op="signal_helper", kind="delay", delay=5.0)])
+        fake.current.die(-9)
+        with trio.fail_after(60):
+            while "signal_helper" not in fake.ops:
+                await trio.sleep(0.01)
+        await trio.sleep(0.1)
+        sup.stop("test")
+
+    out = run_supervisor(fake, [opts], driver)
+    assert out.stop_took <= opts.stop_timeout + 2 * LAST_CHANCE, (
+        f"the stop took {out.stop_took:.1f} s")
+
+
 def test_a_stop_during_the_backoff_does_not_pay_a_failed_attempts_cleanup(
         fake: FakeHost) -> None:
     """A restart attempt fails after the kernel took its routes, and their

@@ -166,7 +166,8 @@ class StartHelper(Effect):
                                                  env=env, pass_fds=pass_fds,
                                                  on_spawn=spawned.append,
                                                  reaper=ctx.host.reaper,
-                                                 abort_within=ctx.stop_budget)
+                                                 abort_within=ctx.stop_budget,
+                                                 stop_noted=ctx.stop_noted)
         except BaseException:
             # start_helper stopped what it spawned, unless the process is
             # stuck in the kernel: then abort must say it is still running.

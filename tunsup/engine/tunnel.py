@@ -359,8 +359,8 @@ class Tunnel:
         any of the tunnel's tasks sees the cancellation."""
         if self._stop_asked_at is None:
             self._stop_asked_at = trio.current_time()
-        if self._ctx is not None and self._ctx.stop_asked_at is None:
-            self._ctx.stop_asked_at = self._stop_asked_at
+        if self._ctx is not None:
+            self._ctx.note_stop(self._stop_asked_at)
 
     async def run(self, *, task_status: trio.TaskStatus[Tunnel] = trio.TASK_STATUS_IGNORED) -> None:
         """Bring the tunnel up, report started, supervise until cancelled.
@@ -387,8 +387,9 @@ class Tunnel:
                 on_hook=self._observer.hook_started
                 if isinstance(self._observer, HookRecorder) else None,
                 adopted=self.adopted,
-                stop_asked_at=self._stop_asked_at,
             )
+            if self._stop_asked_at is not None:
+                ctx.note_stop(self._stop_asked_at)
             stack = EffectStack(ctx, log=self.log, observer=self._observer)
             self._stack, self._ctx = stack, ctx
             nursery.start_soon(_note_stop, ctx)
@@ -1222,8 +1223,7 @@ async def _note_stop(ctx: EffectContext) -> None:
     try:
         await trio.sleep_forever()
     finally:
-        if ctx.stop_asked_at is None:
-            ctx.stop_asked_at = trio.current_time()
+        ctx.note_stop(trio.current_time())
 
 
 async def _last_resort_kill(handle: HelperHandle, log: logging.Logger) -> None:

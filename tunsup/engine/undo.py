@@ -55,6 +55,15 @@ class EffectContext:
     #: restart's generation unwound in place, a spawn stopping the helper
     #: it started) pays that wait from its ``stop_timeout``.
     stop_asked_at: float | None = None
+    #: Set once ``stop_asked_at`` is (see :meth:`note_stop`): clean-up
+    #: already under way may cut itself short to the stop's budget.
+    stop_noted: trio.Event = attrs.field(factory=trio.Event)
+
+    def note_stop(self, at: float) -> None:
+        """The tunnel was told to stop at ``at`` (the first time counts)."""
+        if self.stop_asked_at is None:
+            self.stop_asked_at = at
+        self.stop_noted.set()
 
     def budget_left(self, *, waited: float = 0.0) -> float:
         """What is left of ``stop_timeout``: after the cleanup so far (and

@@ -218,6 +218,7 @@ async def start_helper(
     on_spawn: Callable[[HelperProcess], None] | None = None,
     reaper: Reaper | None = None,
     abort_within: Callable[[], float | None] | None = None,
+    stop_noted: trio.Event | None = None,
 ) -> HelperProcess:
     """Spawn ``argv`` in its own session with captured output.
 
@@ -227,8 +228,9 @@ async def start_helper(
     failing) once the process exists, it stops the process (SIGTERM, up to
     :data:`SPAWN_ABORT_GRACE` s, SIGKILL, reap; shielded, so at most that
     plus :data:`SPAWN_KILL_WAIT` s, or what ``abort_within()`` returns
-    then if that is less: a waiting stop's budget) before the exception
-    propagates.  ``spawner``: the OS (tests
+    then if that is less: a waiting stop's budget; a stop noted while it
+    runs, ``stop_noted`` set, cuts it to what ``abort_within()`` returns
+    then: see :func:`_stop_spawned`) before the exception propagates.  ``spawner``: the OS (tests
     pass a fake one).  ``on_spawn`` hears of the process the moment it
     exists: if it cannot be stopped (stuck in the kernel), the exception
     propagates all the same and only the caller that kept it can tell
@@ -266,17 +268,58 @@ async def start_helper(
     except BaseException:
         # Cancelled (a stop, a reload) or failed after the spawn: the caller
         # never gets the handle, so the helper must not outlive this call.
-        bound = SPAWN_ABORT_GRACE + SPAWN_KILL_WAIT
-        budget = abort_within() if abort_within is not None else None
-        if budget is not None:
-            bound = max(min(bound, budget), 0.2)
-        grace = min(SPAWN_ABORT_GRACE, bound / 2)
         with trio.CancelScope(shield=True):
-            if not await helper.stop(grace, kill_wait=bound - grace):
+            if not await _stop_spawned(helper, abort_within, stop_noted):
                 log.error("helper %s (pid %d) did not exit after SIGKILL", argv[0], helper.pid)
                 helper.close()
         raise
     return helper
+
+
+#: The least a waiting stop's budget leaves a spawn's stop of its helper.
+SPAWN_ABORT_MIN = 0.2
+
+
+async def _stop_spawned(helper: HelperProcess, abort_within: Callable[[], float | None] | None,
+                        stop_noted: trio.Event | None) -> bool:
+    """Stop a helper whose spawn failed: SIGTERM, up to
+    :data:`SPAWN_ABORT_GRACE` s, SIGKILL, the reap; within
+    :data:`SPAWN_ABORT_GRACE` + :data:`SPAWN_KILL_WAIT` s, or what
+    ``abort_within()`` returns if less (a stop waiting for this: its
+    budget; None: no stop waits).  A stop noted once this has begun
+    (``stop_noted`` set) cuts it short: SIGKILL at once, and the reap
+    waited for no longer than what ``abort_within()`` returns then.
+    Returns whether the helper was reaped.  Not cancellable (callers run
+    it shielded)."""
+
+    def budget() -> float | None:
+        left = abort_within() if abort_within is not None else None
+        return None if left is None else max(left, SPAWN_ABORT_MIN)
+
+    limit = SPAWN_ABORT_GRACE + SPAWN_KILL_WAIT
+    first = budget()
+    if first is not None:
+        limit = min(limit, first)
+    grace = min(SPAWN_ABORT_GRACE, limit / 2)
+    waiting = trio.CancelScope()
+
+    async def cut_short(noted: trio.Event) -> None:
+        await noted.wait()
+        left = budget()
+        if left is None:
+            return
+        if not helper.exited.is_set():
+            helper.signal(signal.SIGKILL)
+        waiting.deadline = min(waiting.deadline, trio.current_time() + left)
+
+    reaped = False
+    async with trio.open_nursery() as nursery:
+        if stop_noted is not None and not stop_noted.is_set():
+            nursery.start_soon(cut_short, stop_noted)
+        with waiting:
+            reaped = await helper.stop(grace, kill_wait=limit - grace)
+        nursery.cancel_scope.cancel()
+    return reaped
 
 
 # --- helpers that are not our children (crash recovery) ----------------------

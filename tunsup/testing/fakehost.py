@@ -767,14 +767,15 @@ class FakeHost:
                            pass_fds: Sequence[int] = (),
                            on_spawn: Callable[[HelperProcess], None] | None = None,
                            reaper: Reaper | None = None,
-                           abort_within: Callable[[], float | None] | None = None
-                           ) -> HelperProcess:
+                           abort_within: Callable[[], float | None] | None = None,
+                           stop_noted: trio.Event | None = None) -> HelperProcess:
         """tunsup's own :func:`~tunsup.host.process.start_helper` over a fake
         process following ``plan`` (then ``default``).  Cancellation: as
         the real one (a fault before the spawn: nothing exists yet)."""
         return await process.start_helper(nursery, argv, log=log, env=env, pass_fds=pass_fds,
                                           spawner=_Spawner(self, nursery), on_spawn=on_spawn,
-                                          reaper=reaper, abort_within=abort_within)
+                                          reaper=reaper, abort_within=abort_within,
+                                          stop_noted=stop_noted)
 
     @operation
     async def run_hook(self, command: str, log: logging.Logger, timeout: float, *,
