@@ -980,6 +980,15 @@ def test_a_stop_late_in_a_failed_restarts_cleanup_pays_only_its_wait(fake: FakeH
     assert_host_restored(fake)
 
 
+def restart_spawn_fails(fake: FakeHost, *, helper_lingers: float) -> None:
+    """The helper dies; its restart's spawn then fails (its start time
+    cannot be read), and the new helper stays in the kernel for
+    ``helper_lingers`` seconds once signalled."""
+    fake.faults.extend([Fault(op="start_time"),
+                        Fault(op="signal_helper", kind="delay", delay=helper_lingers)])
+    fake.current.die(-9)
+
+
 def test_a_failed_spawn_no_stop_waits_for_keeps_its_own_bound(fake: FakeHost) -> None:
     """With no stop asked for, a restart's spawn that fails stops its new
     helper within the spawn's own bound, not a (small) ``stop_timeout``:
@@ -988,9 +997,7 @@ def test_a_failed_spawn_no_stop_waits_for_keeps_its_own_bound(fake: FakeHost) ->
     opts = options(stop_timeout=1.0, restart=RestartPolicy(max_restarts=3, backoff_initial=0.2))
 
     async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
-        fake.faults.extend([Fault(op="start_time"),
-                            Fault(op="signal_helper", kind="delay", delay=1.2)])
-        fake.current.die(-9)
+        restart_spawn_fails(fake, helper_lingers=1.2)
         with trio.fail_after(60):
             while tunnels[0].status.restarts < 1:
                 await trio.sleep(0.1)
@@ -1039,9 +1046,7 @@ def test_a_stop_during_a_spawns_own_cleanup_cuts_it_to_the_stop_budget(fake: Fak
     opts = options(stop_timeout=1.0, restart=RestartPolicy(max_restarts=3, backoff_initial=0.2))
 
     async def driver(sup: Supervisor, tunnels: list[Tunnel]) -> None:
-        fake.faults.extend([Fault(op="start_time"),
-                            Fault(op="signal_helper", kind="delay", delay=5.0)])
-        fake.current.die(-9)
+        restart_spawn_fails(fake, helper_lingers=5.0)
         with trio.fail_after(60):
             while "signal_helper" not in fake.ops:
                 await trio.sleep(0.01)
