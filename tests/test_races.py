@@ -765,8 +765,15 @@ def _run_schedule(initial: list[tuple[str, str]], schedule: list[Step], stop_at:
                 return
             for tunnel in known:
                 link = fake.net.by_name(tunnel.name)
-                if tunnel.state not in (TunnelState.UP, TunnelState.DEGRADED) or link is None:
-                    continue  # a helper-made link dies with its helper: noticed next
+                if tunnel.state not in (TunnelState.UP, TunnelState.DEGRADED):
+                    continue
+                if link is None:
+                    # A helper-made link dies with its helper (noticed
+                    # next); tunsup's own TUN lives as long as the tunnel.
+                    if tunnel.options.tun_mode == "owned":
+                        failures.append(f"t={trio.current_time():.3f}: {tunnel.name} is "
+                                        f"{tunnel.state.value} without its TUN device")
+                    continue
                 if not link.up or link.mtu != tunnel._mtu:
                     failures.append(f"t={trio.current_time():.3f}: {tunnel.name} is "
                                     f"{tunnel.state.value} but its link is "
