@@ -225,13 +225,12 @@ async def start_helper(
     The watcher and log-pump tasks run in ``nursery``.  Raises
     :class:`HostError` when the program cannot be started.  Does not wait
     for anything besides the spawn itself.  All or nothing: cancelled (or
-    failing) once the process exists, it stops the process (SIGTERM, up to
-    :data:`SPAWN_ABORT_GRACE` s, SIGKILL, reap; shielded, so at most that
-    plus :data:`SPAWN_KILL_WAIT` s, or what ``abort_within()`` returns
-    then if that is less: a waiting stop's budget; a stop noted while it
-    runs, ``stop_noted`` set, cuts it to what ``abort_within()`` returns
-    then: see :func:`_stop_spawned`) before the exception propagates.  ``spawner``: the OS (tests
-    pass a fake one).  ``on_spawn`` hears of the process the moment it
+    failing) once the process exists, it stops the process before the
+    exception propagates (SIGTERM, up to :data:`SPAWN_ABORT_GRACE` s,
+    SIGKILL, reap; shielded, and bounded by :data:`SPAWN_KILL_WAIT` s more
+    or by a waiting stop's budget, ``abort_within()``; a stop noted
+    meanwhile, ``stop_noted``, cuts it short: see :func:`_stop_spawned`).
+    ``spawner``: the OS (tests pass a fake one).  ``on_spawn`` hears of the process the moment it
     exists: if it cannot be stopped (stuck in the kernel), the exception
     propagates all the same and only the caller that kept it can tell
     that a helper was left running (its ``exited`` is not set).
