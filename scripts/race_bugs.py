@@ -201,6 +201,12 @@ BUGS: list[Bug] = [
         "            await gen.apply(Mtu(spec.name, index, self._mtu))",
         "        if self.options.tun_mode == \"owned\":\n"
         "            pass"),
+    Bug("an in-place MTU change is not made", T,
+        "        if mtu != self._mtu:\n",
+        "        if mtu != self._mtu and False:\n"),
+    Bug("a restart after an in-place MTU change sets the old MTU", T,
+        "self.spec, self._endpoints, self._plan, self._mtu, self._request = spec, *state",
+        "self.spec, self._endpoints, self._plan, _, self._request = spec, *state"),
 ]
 
 #: Hypothesis statistics of the test that failed: old ("N passing
