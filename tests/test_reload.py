@@ -555,3 +555,34 @@ def test_a_changed_restart_policy_keeps_the_seeded_jitter(fake: FakeHost) -> Non
     assert seen["backoff"] == pytest.approx(expected, abs=1e-9), \
         "the backoff after the policy change did not come from the tunnel's seeded jitter"
     assert_host_restored(fake)
+
+
+def test_the_tunnels_own_subnet_stays_routed_and_in_the_kill_switch(fake: FakeHost) -> None:
+    """AllowedIPs 10.9.0.0/24 with the tunnel's address 10.9.0.1/24 in it:
+    the tunnel's own subnet is no LAN.  An in-place change took it for one
+    (the address's route on the tunnel's own link): every change took the
+    prefix out of the kill switch, and moving the address out of it left
+    the prefix routed nowhere (its traffic went to the LAN).  Now the
+    prefix stays in the kill switch, and the address's route is replaced
+    by tunsup's, the prefix held unreachable in between."""
+    own = net("10.9.0.0/24")
+    base = with_allowed(spec(), "198.51.100.0/24", "10.9.0.0/24")
+    wider = with_allowed(base, "198.51.100.0/24", "10.9.0.0/24", "203.0.113.0/24")
+    moved = attrs.evolve(wider, addresses=(ipaddress.ip_interface("10.9.9.1/24"),))
+    async def ops_so_far(sup: Supervisor) -> list[str]:
+        return list(fake.ops)
+
+    code, seen = run_changes(fake, base, options(kill_switch=True), [wider, moved, ops_so_far])
+    assert code == ExitCode.OK
+    (first, routes1, _, state1), (second, routes2, _, state2), ops = seen
+    assert isinstance(first[1], Change) and first[1].in_place is not None, first
+    assert (254, own) in state1["#unreachable"], "the own subnet left the kill switch"
+    assert (254, own) not in routes1  # the address's route serves it
+    assert isinstance(second[1], Change) and second[1].in_place is not None, second
+    assert "addresses +1/-1" in second[1].in_place and "routes +1/-0" in second[1].in_place
+    assert (254, own) in routes2, "the prefix the old address covered is routed nowhere"
+    assert (254, own) in state2["#unreachable"]
+    # Held (unreachable) while the address's route gives way to tunsup's.
+    hold = [op for op in ops if op in ("add_routes", "delete_address", "delete_routes")]
+    assert hold[-4:] == ["add_routes", "delete_address", "add_routes", "delete_routes"], hold
+    assert_host_restored(fake)

@@ -102,7 +102,7 @@ ListenPort = 51821
 
 [Peer]
 PublicKey = {self.key_c.public_key().to_base64()}
-AllowedIPs = 10.200.0.0/24, 10.201.0.0/24
+AllowedIPs = 10.200.0.0/24, 10.201.0.0/24, 10.210.0.1/32
 """)
         path.chmod(0o600)
         return str(path)
@@ -230,8 +230,18 @@ STEPS: list[tuple[str, dict[str, Any], set[str], bool]] = [
     ("MTU", {"mtu": 1300}, {"10.210.0.0/24"}, True),
     ("address added", {"addresses": "10.200.0.1/24, 10.201.0.1/24"}, {"10.210.0.0/24"}, True),
     ("address removed", {"addresses": "10.200.0.1/24"}, {"10.210.0.0/24"}, True),
+    # The tunnel's own subnet is no LAN: the route tunsup added for the
+    # prefix stays when an address in it comes (it was taken out as
+    # "directly connected" and the prefix left the kill switch).
+    ("address inside AllowedIPs", {"addresses": "10.210.0.1/24"}, {"10.210.0.0/24"}, True),
     # DNS removed altogether: a rebuild (make-before-break, prefixes held).
-    ("forced rebuild", {"dns": None}, {"10.210.0.0/24"}, False),
+    # Started with that address, the tunnel has no route of its own for
+    # the prefix: the address's route serves it.
+    ("forced rebuild", {"dns": None}, set(), False),
+    # Out again: tunsup's route replaces the address's, which goes with
+    # the address (the kernel refuses the two side by side); it left the
+    # prefix to the LAN.
+    ("address outside AllowedIPs", {"addresses": "10.200.0.1/24"}, {"10.210.0.0/24"}, True),
 ]
 
 

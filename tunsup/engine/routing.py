@@ -79,9 +79,12 @@ class HeldPolicy:
 
 async def plan_routing(spec: TunnelSpec, net: NetOps, log: logging.Logger,
                        lan: str = "direct", held: HeldPolicy | None = None, *,
-                       claims: Claims | None = None, owner: object = None) -> RoutingPlan:
+                       claims: Claims | None = None, owner: object = None,
+                       link: int | None = None) -> RoutingPlan:
     """Decide tables, fwmark and which prefixes to route (before anything
     is applied).  ``held``: a rebuild holds this table for the tunnel.
+    ``link``: the tunnel's own link, when it exists already (an in-place
+    change): the networks of its own addresses are not a LAN.
     Reads the host only; a full tunnel's table is claimed in ``claims``
     for ``owner`` (free on the host and unclaimed: concurrent starts never
     share one).  Cancellable."""
@@ -90,7 +93,12 @@ async def plan_routing(spec: TunnelSpec, net: NetOps, log: logging.Logger,
     ordinary: tuple[IPNetwork, ...] = ()
     if spec.route_table is not None:
         wanted = tuple(n for n in spec.allowed_ips if n.prefixlen != 0 or not full)
-        connected = [(n, dev) for n, dev, _ in await net.connected_networks()]
+        # The tunnel's own subnets are not a LAN to keep out of it: taken
+        # for one, an in-place change would stop routing an AllowedIPs
+        # prefix its old address covered (that address's route goes with
+        # it) and take the prefix out of the kill switch.
+        connected = [(n, dev) for n, dev, index in await net.connected_networks()
+                     if link is None or index != link]
         # Pure computation, but O(AllowedIPs): kept off the trio thread when
         # large.  Small plans stay inline: a worker thread would also let a
         # MockClock (tunsup.testing.fakehost) jump past every deadline meanwhile.

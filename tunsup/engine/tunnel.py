@@ -42,10 +42,11 @@ from trio_util import AsyncValue
 from .._errors import HelperExited, HostError
 from ..config.keys import Key
 from ..config.settings import TunnelOptions as TunnelOptions
-from ..config.spec import IPAddress, IPInterface, IPNetwork, TunnelSpec
+from ..config.spec import RT_TABLE_MAIN, IPAddress, IPInterface, IPNetwork, TunnelSpec
 from ..host import UNREACHABLE, HelperHandle, Host, uapi
 from ..host import tun as tun_adapter
 from .effects import (
+    HOLD_METRIC,
     KILL_SWITCH_METRIC,
     Address,
     AddressRemoved,
@@ -55,6 +56,7 @@ from .effects import (
     Effect,
     EffectContext,
     Handover,
+    HeldRoutes,
     HelperGeneration,
     HookRecorder,
     Hooks,
@@ -928,7 +930,7 @@ class Tunnel:
         # routing did not change); planning anew would find it in use.
         planned = attrs.evolve(spec, fwmark=self._plan.fwmark) \
             if self._plan.full_tunnel and spec.fwmark is None else spec
-        plan = await plan_routing(planned, net, self.log, options.lan)
+        plan = await plan_routing(planned, net, self.log, options.lan, link=index)
         mtu = spec.mtu or await self._auto_mtu([ip for ip, _ in endpoints.values()])
         full_request = await cpu_bound(len(spec.allowed_ips), uapi.render_set,
                                         attrs.evolve(spec, fwmark=plan.fwmark), endpoints)
@@ -986,7 +988,14 @@ class Tunnel:
         for table, prefixes in _by_table(ks_wanted - ks_now):
             await work.apply(KillSwitch(name, table, prefixes))
         n_added = n_removed = 0
-        for table, prefixes in _by_table(wanted - current):
+        # A prefix that a removed address's own route (main table) serves
+        # now: the kernel refuses ours beside it (same metric) and deletes
+        # its own with the address, so ours goes in right after that, the
+        # prefix held (unreachable) in between: it must not fall through
+        # to another route (the LAN's default) for that instant.
+        after_addresses = {(t, n) for t, n in wanted - current
+                           if t == RT_TABLE_MAIN and n in gone_nets}
+        for table, prefixes in _by_table(wanted - current - after_addresses):
             record = await work.apply(Routes(name, index, table, prefixes))
             assert isinstance(record, Routes)
             n_added += len(record.prefixes)
@@ -996,8 +1005,7 @@ class Tunnel:
         for table, prefixes in _by_table(ks_now - ks_wanted):
             await work.apply(RoutesRemoved(name, UNREACHABLE, table, prefixes,
                                            metric=KILL_SWITCH_METRIC))
-        if n_added or n_removed:
-            parts.append(f"routes +{n_added}/-{n_removed}")
+        routes_at = len(parts)  # the routes' part, once all are in
 
         if ((old.dns_servers, old.dns_search) != (spec.dns_servers, spec.dns_search)
                 and options.dns_backend != "none"):
@@ -1009,8 +1017,21 @@ class Tunnel:
                                  previous_servers=old.dns_servers,
                                  previous_search=old.dns_search))
         # Last: an address in use until the new routes and DNS stand.
+        holds = [await work.apply(HeldRoutes(name, table, prefixes))
+                 for table, prefixes in _by_table(after_addresses)]
         for address in removed:
             await work.apply(AddressRemoved(name, index, address))
+        for hold in holds:
+            assert isinstance(hold, HeldRoutes)
+            record = await work.apply(Routes(name, index, hold.table,
+                                             _prefixes_of(after_addresses, hold.table)))
+            assert isinstance(record, Routes)
+            n_added += len(record.prefixes)
+            if hold.prefixes:  # (those it added: one already there is not its)
+                await work.apply(RoutesRemoved(name, UNREACHABLE, hold.table, hold.prefixes,
+                                               metric=HOLD_METRIC))
+        if n_added or n_removed:
+            parts.insert(routes_at, f"routes +{n_added}/-{n_removed}")
         if added or removed:
             parts.append(f"addresses +{len(added)}/-{len(removed)}")
         if any(isinstance(r, Dns) for r in work.records):
@@ -1170,6 +1191,10 @@ async def cpu_bound(size: int, fn: Callable[..., T], *args: Any) -> T:
     if size <= CPU_BOUND_PREFIXES:
         return fn(*args)
     return await trio.to_thread.run_sync(functools.partial(fn, *args), abandon_on_cancel=True)
+
+
+def _prefixes_of(routes: set[tuple[int, IPNetwork]], table: int) -> tuple[IPNetwork, ...]:
+    return next(prefixes for t, prefixes in _by_table(routes) if t == table)
 
 
 def _by_table(routes: set[tuple[int, IPNetwork]]) -> list[tuple[int, tuple[IPNetwork, ...]]]:

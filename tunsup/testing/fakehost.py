@@ -48,7 +48,14 @@ import trio
 
 from tunsup._errors import HostError
 from tunsup.config.keys import Key
-from tunsup.config.spec import IPAddress, IPInterface, IPNetwork, PeerSpec, TunnelSpec
+from tunsup.config.spec import (
+    RT_TABLE_MAIN,
+    IPAddress,
+    IPInterface,
+    IPNetwork,
+    PeerSpec,
+    TunnelSpec,
+)
 from tunsup.host import Host, PolicyRule, RouteBatchResult, dns, process
 from tunsup.host.process import HelperProcess, describe_exit
 from tunsup.host.reaper import Reaper
@@ -339,6 +346,9 @@ class FakeNet:
         # prefix here) through any link already is someone else's: left
         # alone, reported in ``existed``.
         taken = {r for other in self.links.values() for r in other.routes}
+        # The kernel's own route of each address of a link that is up (an
+        # IPv4 one has the same metric as ours; IPv6's is 256, not 1024).
+        taken |= {(RT_TABLE_MAIN, n) for n, _, _ in self._connected() if n.version == 4}
         existed = tuple(net for net in prefixes if (table, net) in taken)
         added = tuple(net for net in prefixes if (table, net) not in taken)
         link.routes |= {(table, net) for net in added}
@@ -374,7 +384,13 @@ class FakeNet:
 
     @operation
     async def connected_networks(self) -> list[tuple[IPNetwork, str, int]]:
-        return []
+        return self._connected()
+
+    def _connected(self) -> list[tuple[IPNetwork, str, int]]:
+        """As the kernel's routes for addresses: the network of each
+        address (not link-local) of each link that is up."""
+        return [(a.network, link.name, link.index) for link in self.links.values() if link.up
+                for a in sorted(link.addresses, key=str) if not a.network.is_link_local]
 
     @operation
     async def rules(self, family: int) -> list[PolicyRule]:
