@@ -6,7 +6,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import tempfile
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -324,3 +326,42 @@ def test_link_deletions_one_after_another_share_one_thread(
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"deleted": [True] * 3, "threads": 1, "on_shared": False}
+
+
+def test_rule_deletes_take_exactly_the_rule_they_describe(netns: Callable[[str], str]) -> None:
+    """A full tunnel's rule and a rebuild's hold of it, at one priority and
+    table, differ in the fwmark (T against 0) and the invert flag only.  On
+    a delete the kernel takes a fwmark of 0 for "any" and does not compare
+    the invert flag: without a protocol of their own, deleting the hold
+    took the tunnel's rule (listed first).  The fake host deletes as the
+    kernel does (the first match, the same wildcards): checked here too."""
+    from tunsup.host import HOLD_RULE_PROTOCOL, RULE_PROTOCOL, PolicyRule
+    from tunsup.testing import FakeHost
+
+    ns = netns("rul")
+    own = PolicyRule(4, 32765, 51820, fwmark=51820, invert=True, protocol=RULE_PROTOCOL)
+    hold = PolicyRule(4, 32765, 51820, fwmark=0, protocol=HOLD_RULE_PROTOCOL)
+    bare = [PolicyRule(4, 32765, 51820, fwmark=51820, invert=True),
+            PolicyRule(4, 32765, 51820, fwmark=0)]
+
+    async def delete_hold(host: Any, rules: list[PolicyRule]) -> list[PolicyRule]:
+        """Add both, delete the second (the hold), return what is left."""
+        for rule in rules:
+            assert await host.add_rule(rule)
+        assert await host.delete_rule(rules[1])
+        left = [r for r in await host.rules(4) if r.table == 51820]
+        for rule in left:
+            assert await host.delete_rule(rule)
+        return left
+
+    async def kernel(rules: list[PolicyRule]) -> list[PolicyRule]:
+        host = NetlinkHost()
+        try:
+            return await delete_hold(host, rules)
+        finally:
+            await host.close()
+
+    with tempfile.TemporaryDirectory() as path:
+        for rules, expected in (([own, hold], [own]), (bare, [bare[1]])):
+            assert _netns.run_in_netns(ns, lambda r=rules: trio.run(kernel, r)) == expected
+            assert trio.run(delete_hold, FakeHost(path).net, rules) == expected

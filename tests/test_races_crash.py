@@ -35,7 +35,7 @@ from typing import Any
 import attrs
 import trio
 import trio.testing
-from hypothesis import event, given, note, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunsup.engine.effects import Routes
@@ -279,10 +279,11 @@ def live_run(fake: FakeHost, state_dir: str, initial: list[tuple[str, str]],
 def closed(fake: FakeHost) -> bool:
     """Whether unmarked traffic cannot leave but through the full tunnel:
     a rule leads it to a policy table that holds an unreachable default
-    (the kill switch; the new tunnel may take another table than the
-    adopted one, whose rule comes first until it is dropped)."""
+    (the kill switch, or a rebuild's hold of it: ``fwmark 0``; the new
+    tunnel may take another table than the adopted one, whose rule comes
+    first until it is dropped)."""
     return any((rule.table, DEFAULT4) in fake.net.unreachable
-               for rule in fake.net.policy_rules if rule.invert)
+               for rule in fake.net.policy_rules if rule.invert or rule.fwmark == 0)
 
 
 #: The restarted service (its own journal): another dead-looking pid.
@@ -352,6 +353,36 @@ def test_a_crash_at_any_moment_then_recovery_restores_the_host(data: st.DataObje
     after_crash = data.draw(st.sampled_from(["cleanup", "keep", "restart"]),
                             label="after the crash: cleanup --all; recovery keeping the "
                                   "configured kill switches, then cleanup; or a new run")
+    crash_then_recover(initial, schedule, crash, after_crash)
+
+
+def test_a_crash_anywhere_in_a_full_tunnels_rebuild_then_recovery_restores_the_rules() -> None:
+    """Found from outside: a kill -9 right after a full tunnel's rebuild
+    added its holds (``fwmark 0`` copies of the tunnel's rules, at the same
+    priorities and tables) left the hold of ``not fwmark T lookup T``
+    behind: deleting the hold (fwmark 0, which the kernel takes as "any")
+    took the tunnel's own rule, listed first, and the tunnel's own delete
+    then found nothing.  The fake host deletes rules as the kernel does.
+    Every host operation of the rebuild, each way of carrying on."""
+    for at in range(1, 90):
+        for after_crash in ("cleanup", "keep", "restart"):
+            crash_then_recover([("wgt2", "owned")], [(1.0, "add", ("wgt2", "helper"))],
+                               ("op", at), after_crash, in_hypothesis=False)
+
+
+def crash_then_recover(initial: list[tuple[str, str]], schedule: list[tuple[float, str, Any]],
+                       crash: tuple[str, float], after_crash: str, *,
+                       in_hypothesis: bool = True) -> None:
+    """Run ``schedule``, crash at ``crash``, then carry on as ``after_crash``
+    says; the host must be as it was."""
+    if not in_hypothesis:
+        def event(value: str) -> None:
+            pass
+
+        def note(value: str) -> None:
+            pass
+    else:
+        from hypothesis import event, note
     restart = after_crash == "keep"
     with uapi_dir() as path:
         state_dir = os.path.join(path, "state")
@@ -401,7 +432,7 @@ def test_a_crash_at_any_moment_then_recovery_restores_the_host(data: st.DataObje
             # never stood, nothing was protected yet.)
             held = FULL in configured and any(
                 (rule.table, DEFAULT4) in snap.net["unreachable"]
-                for rule in snap.net["policy_rules"] if rule.invert)
+                for rule in snap.net["policy_rules"] if rule.invert or rule.fwmark == 0)
             problems = restart_service(after, state_dir, initial, held)
             assert not problems, problems
             assert_restored(after, state_dir, live, live_bytes, expected, resolv,

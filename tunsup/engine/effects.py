@@ -922,8 +922,14 @@ class HeldRoutes(KillSwitch):
     what: typing.ClassVar[str] = "hold"
     #: Not a protection the user asked for: recovery removes a hold a dead
     #: instance left (a tunnel without the kill switch must not stay
-    #: blackholed after a crash).
+    #: blackholed after a crash) ...
     protects: typing.ClassVar[bool] = False
+    #: ... unless the tunnel it holds has the kill switch: between the old
+    #: tunnel's kill switch and the new one's, the hold is all there is.
+    kill_switch: bool = False
+
+    def protection(self) -> bool:
+        return self.kill_switch
 
 
 @attrs.frozen
@@ -935,8 +941,13 @@ class HeldRule(Rule):
     instead of the main table's default route, while the helpers' own
     (marked) packets pass.  Never identical to a tunnel's own rule."""
 
-    #: Not a protection the user asked for: see :class:`HeldRoutes`.
+    #: Not a protection the user asked for: see :class:`HeldRoutes`,
+    #: unless the tunnel it holds has the kill switch.
     protects: ClassVar[bool] = False
+    kill_switch: bool = False
+
+    def protection(self) -> bool:
+        return self.kill_switch
 
     def describe(self) -> str:
         return f"hold {self.rule}"

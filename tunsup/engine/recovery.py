@@ -227,7 +227,7 @@ def _protections(pending: list[tuple[Step, Effect]],
         return {}
     closed = {s.tunnel for s, e in pending
               if isinstance(_base(e), KillSwitch) and keep(s.tunnel)}
-    return {id(e): (s, e) for s, e in pending if s.tunnel in closed and _base(e).protects}
+    return {id(e): (s, e) for s, e in pending if s.tunnel in closed and _base(e).protection()}
 
 
 def _base(effect: Effect) -> Effect:

@@ -30,7 +30,7 @@ import trio
 
 from .._errors import HostError
 from ..config.spec import RT_TABLE_MAIN, IPNetwork, TunnelSpec
-from ..host import NetOps, PolicyRule
+from ..host import RULE_PROTOCOL, NetOps, PolicyRule
 from ..host.claims import Claims
 from .effects import KillSwitch, Routes, Rule, Sysctl, select_routes, span
 from .undo import EffectStack
@@ -164,10 +164,11 @@ async def apply_policy(
             raise HostError(f"no free IPv{family} rule priority below {lowest}")
         claims.claim_priorities(family, (lowest - 1, lowest - 2), owner)
         await stack.apply(Rule(name, PolicyRule(family, lowest - 1, table, fwmark=table,
-                                                invert=True)))
+                                                invert=True, protocol=RULE_PROTOCOL)))
         if lan == "direct":
             await stack.apply(Rule(name, PolicyRule(family, lowest - 2, RT_TABLE_MAIN,
-                                                    suppress_prefixlength=0)))
+                                                    suppress_prefixlength=0,
+                                                    protocol=RULE_PROTOCOL)))
         else:
             log.info("lan = tunnel: directly connected IPv%d networks go through the tunnel",
                      family)

@@ -935,17 +935,21 @@ class Supervisor:
         observer = JournalObserver(self.journal, spec.name) if self.journal else None
         hold = EffectStack(ctx, log=old.log, observer=observer)
         policy = old.held_policy()
+        # A crash meanwhile: for a tunnel with the kill switch, the hold
+        # is what protects it (its own goes first), kept for a restart.
+        switch = old.options.kill_switch
         try:
             try:
                 for table, prefixes in old.held_routes():
-                    await hold.apply(HeldRoutes(spec.name, table, prefixes))
+                    await hold.apply(HeldRoutes(spec.name, table, prefixes, kill_switch=switch))
                 if policy is not None:
                     # A full tunnel: its default route lives in its table, which
                     # only its rules lead to.  The hold keeps both (for unmarked
                     # packets: the new helper's own still reach its endpoint).
-                    await hold.apply(HeldRoutes(spec.name, policy.table, policy.defaults))
+                    await hold.apply(HeldRoutes(spec.name, policy.table, policy.defaults,
+                                                kill_switch=switch))
                     for rule in policy.rules:
-                        await hold.apply(HeldRule(spec.name, rule))
+                        await hold.apply(HeldRule(spec.name, rule, kill_switch=switch))
                 await hold.flush()
             except Exception as exc:
                 # Nothing was stopped yet: the running tunnel is left as it

@@ -43,7 +43,7 @@ from .._errors import HelperExited, HostError
 from ..config.keys import Key
 from ..config.settings import TunnelOptions as TunnelOptions
 from ..config.spec import RT_TABLE_MAIN, IPAddress, IPInterface, IPNetwork, TunnelSpec
-from ..host import UNREACHABLE, HelperHandle, Host, uapi
+from ..host import HOLD_RULE_PROTOCOL, UNREACHABLE, HelperHandle, Host, uapi
 from ..host import tun as tun_adapter
 from .effects import (
     HOLD_METRIC,
@@ -319,8 +319,8 @@ class Tunnel:
         plan = self._plan
         if plan is None or plan.policy_table is None:
             return None
-        rules = tuple(attrs.evolve(r.rule, fwmark=0, invert=False) for r in self._records()
-                      if type(r) is Rule and r.owned)
+        rules = tuple(attrs.evolve(r.rule, fwmark=0, invert=False, protocol=HOLD_RULE_PROTOCOL)
+                      for r in self._records() if type(r) is Rule and r.owned)
         return HeldPolicy(plan.policy_table, rules, plan.defaults)
 
     def _owned_addresses(self, extra: tuple[Effect, ...] = ()) -> list[IPInterface]:

@@ -164,6 +164,11 @@ class Effect:
     def describe(self) -> str:
         raise NotImplementedError
 
+    def protection(self) -> bool:
+        """Whether this record is a protection (:attr:`protects`); a record
+        that stands in for one only sometimes says so itself."""
+        return self.protects
+
     async def prepare(self, ctx: EffectContext) -> Effect:
         return self
 

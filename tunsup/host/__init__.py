@@ -31,6 +31,14 @@ class RouteBatch(Protocol):
     def existed(self) -> tuple[IPNetwork, ...]: ...
 
 
+#: Protocol (``FRA_PROTOCOL``) of the policy rules tunsup adds for a full
+#: tunnel, and of the copies that hold its traffic while it is rebuilt.
+#: Values from 4 up are not interpreted by the kernel; these two are in no
+#: iproute2 ``rt_protos`` list.
+RULE_PROTOCOL = 0xF5
+HOLD_RULE_PROTOCOL = 0xF6
+
+
 @attrs.frozen
 class PolicyRule:
     """An ``ip rule``: ``[not] fwmark M`` (mask all ones: ``fwmark 0``
@@ -43,6 +51,14 @@ class PolicyRule:
     fwmark: int | None = None
     invert: bool = False
     suppress_prefixlength: int | None = None
+    #: The rule's protocol (0: none given).  On a delete the kernel takes
+    #: the first rule that matches what the request gives, and it compares
+    #: neither a fwmark of 0 nor the invert flag: a rebuild's hold
+    #: (``fwmark 0``) and a full tunnel's own rule (``not fwmark T``), at
+    #: one priority and table, differ only in those.  tunsup's rules carry
+    #: a protocol of their own (:data:`RULE_PROTOCOL`, holds
+    #: :data:`HOLD_RULE_PROTOCOL`), which the kernel does compare.
+    protocol: int = 0
 
     def __str__(self) -> str:
         parts = [f"ip -{self.family} rule {self.priority}:"]

@@ -488,6 +488,7 @@ class NetlinkHost:
                     invert=bool(r["flags"] & _FIB_RULE_INVERT),
                     suppress_prefixlength=None if suppress in (None, 0xFFFFFFFF)
                     else int(suppress),
+                    protocol=int(r.get_attr("FRA_PROTOCOL") or 0),
                 ))
             return sorted(out, key=lambda x: x.priority)
 
@@ -608,6 +609,8 @@ def _rule_args(rule: PolicyRule) -> dict[str, Any]:
         args["flags"] = _FIB_RULE_INVERT
     if rule.suppress_prefixlength is not None:
         args["suppress_prefixlen"] = rule.suppress_prefixlength
+    if rule.protocol:
+        args["protocol"] = rule.protocol
     return args
 
 

@@ -406,10 +406,23 @@ class FakeNet:
 
     @operation
     async def delete_rule(self, rule: PolicyRule) -> bool:
-        if rule not in self.policy_rules:
-            return False
-        self.policy_rules.remove(rule)
-        return True
+        """As the kernel: the first rule in priority order that matches
+        what the request gives.  A fwmark of 0 and a protocol of 0 match
+        any (of the rules with a fwmark mask), and the invert flag is not
+        compared at all, so a request can take another rule than the one
+        it describes."""
+        for i, r in sorted(enumerate(self.policy_rules), key=lambda x: (x[1].priority, x[0])):
+            if (r.family == rule.family and r.priority == rule.priority
+                    and r.table == rule.table
+                    and (not rule.fwmark or r.fwmark == rule.fwmark)
+                    # (a mask, all ones, goes with any fwmark given)
+                    and (rule.fwmark is None or r.fwmark is not None)
+                    and (rule.suppress_prefixlength is None
+                         or r.suppress_prefixlength == rule.suppress_prefixlength)
+                    and (not rule.protocol or r.protocol == rule.protocol)):
+                del self.policy_rules[i]
+                return True
+        return False
 
     @operation
     async def table_in_use(self, table: int) -> bool:
