@@ -586,3 +586,29 @@ def test_the_tunnels_own_subnet_stays_routed_and_in_the_kill_switch(fake: FakeHo
     hold = [op for op in ops if op in ("add_routes", "delete_address", "delete_routes")]
     assert hold[-4:] == ["add_routes", "delete_address", "add_routes", "delete_routes"], hold
     assert_host_restored(fake)
+
+
+def test_an_automatic_mtu_stays_unless_its_setting_or_endpoints_change(fake: FakeHost) -> None:
+    """Found from outside: a change of DNS alone changed an automatic MTU
+    (1420 -> 1340): asked again, the route to the endpoint went through a
+    full tunnel started meanwhile.  The MTU the start chose stays until
+    the MTU setting or the endpoints change."""
+    base = spec()
+    dns_only = attrs.evolve(base, dns_servers=(ipaddress.ip_address("10.9.0.53"),))
+    endpoint = attrs.evolve(dns_only, peers=(attrs.evolve(
+        dns_only.peers[0], endpoint=Endpoint("192.0.2.7", 51820)),))
+
+    async def full_tunnel_meanwhile(sup: Supervisor) -> None:
+        async def through_a_tunnel(dst: object) -> int:
+            return 1420
+
+        fake.net.route_mtu = through_a_tunnel  # type: ignore[method-assign,assignment]
+
+    code, seen = run_changes(fake, base, options(dns_backend="none"),
+                             [full_tunnel_meanwhile, dns_only, endpoint])
+    assert code == ExitCode.OK
+    _, (first, _, _, state1), (second, _, _, state2) = seen
+    assert isinstance(first[1], Change) and first[1].in_place is not None, first
+    assert "MTU" not in first[1].in_place and state1["wgt0"]["mtu"] == 1420, first[1]
+    assert isinstance(second[1], Change) and second[1].in_place is not None, second
+    assert "MTU 1420->1340" in second[1].in_place and state2["wgt0"]["mtu"] == 1340

@@ -931,7 +931,16 @@ class Tunnel:
         planned = attrs.evolve(spec, fwmark=self._plan.fwmark) \
             if self._plan.full_tunnel and spec.fwmark is None else spec
         plan = await plan_routing(planned, net, self.log, options.lan, link=index)
-        mtu = spec.mtu or await self._auto_mtu([ip for ip, _ in endpoints.values()])
+        if spec.mtu:
+            mtu = spec.mtu
+        elif not old.mtu and _ips(endpoints) == _ips(self._endpoints):
+            # Automatic before and after, from the same endpoints: as the
+            # start found it.  Asked again, the route to an endpoint may
+            # now go through another tunnel (a full one started meanwhile),
+            # and a change of DNS alone would change the MTU.
+            mtu = self._mtu
+        else:
+            mtu = await self._auto_mtu([ip for ip, _ in endpoints.values()])
         full_request = await cpu_bound(len(spec.allowed_ips), uapi.render_set,
                                         attrs.evolve(spec, fwmark=plan.fwmark), endpoints)
         parts: list[str] = []
@@ -1191,6 +1200,10 @@ async def cpu_bound(size: int, fn: Callable[..., T], *args: Any) -> T:
     if size <= CPU_BOUND_PREFIXES:
         return fn(*args)
     return await trio.to_thread.run_sync(functools.partial(fn, *args), abandon_on_cancel=True)
+
+
+def _ips(endpoints: dict[Key, tuple[str, int]]) -> set[str]:
+    return {ip for ip, _ in endpoints.values()}
 
 
 def _prefixes_of(routes: set[tuple[int, IPNetwork]], table: int) -> tuple[IPNetwork, ...]:
