@@ -228,6 +228,41 @@ def test_two_tunnels_stacks_unwound_in_either_order(tmp_path: Path,
     trio.run(main)
 
 
+def test_a_claim_on_someone_elses_file_says_its_dns_was_not_set(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found from outside: once someone else had rewritten the file, a new
+    tunnel's DNS was left out (as documented) but logged as "DNS set", and
+    from the second such tunnel on with no warning at all."""
+    path = tmp_path / "resolv.conf"
+    path.write_bytes(ORIGINAL)
+    host = host_for(path)
+    caplog.set_level(logging.INFO)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            log = logging.getLogger("test")
+            ctx = EffectContext(host=host, log=log, nursery=nursery)
+            stacks = {n: EffectStack(ctx, log=log) for n in ("wga", "wgb", "wgc")}
+            await stacks["wga"].apply(dns_effect("wga"))
+            path.write_bytes(b"nameserver 198.51.100.7\n")  # NetworkManager, say
+            for name in ("wgb", "wgc"):
+                record = await stacks[name].apply(dns_effect(name))
+                assert isinstance(record, Dns) and isinstance(record.state, FileDnsState)
+                assert record.state.left_alone
+            assert read(path) == b"nameserver 198.51.100.7\n"
+            for stack in stacks.values():
+                await stack.unwind(5)
+
+    trio.run(main)
+    said = [r.getMessage() for r in caplog.records]
+    not_set = [m for m in said if m.startswith("DNS not set:")]
+    assert len(not_set) == 2 and all(str(path) in m for m in not_set), said
+    for name in ("wgb", "wgc"):
+        assert sum(str(servers_of(name)[0]) in m for m in not_set) == 1, said
+    assert [m for m in said if m.startswith("DNS set via file")] == [
+        f"DNS set via file: {' '.join(map(str, [*servers_of('wga'), *search_of('wga')]))}"]
+
+
 @pytest.mark.parametrize("released", [(), ("wga",), ("wgb",)])
 def test_crash_while_tunnels_hold_dns_then_recovery_restores_the_original(
         tmp_path: Path, released: tuple[str, ...]) -> None:

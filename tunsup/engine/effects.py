@@ -698,8 +698,16 @@ class Dns(Effect):
         backend = await self._backend(ctx)
         state = await backend.apply(self.ifname, self.servers, self.search, timeout=self.timeout,
                                     layer=self.layered)
-        ctx.log.info("DNS %s via %s: %s", "changed" if self.layered else "set", backend.name,
-                     " ".join(map(str, [*self.servers, *self.search])))
+        what = " ".join(map(str, [*self.servers, *self.search]))
+        if isinstance(state, FileDnsState) and state.left_alone:
+            # Recorded all the same: once the file is tunsup's again (never
+            # overwritten by it), the claims say what it must hold.
+            ctx.log.warning("DNS not %s: %s was changed by someone else since tunsup wrote "
+                            "it, and is left alone (%s not added)",
+                            "changed" if self.layered else "set", state.path, what)
+        else:
+            ctx.log.info("DNS %s via %s: %s", "changed" if self.layered else "set",
+                         backend.name, what)
         # Record the backend actually used: "auto" could pick another one
         # at undo time if the machine changed meanwhile.
         return attrs.evolve(self, backend=backend.name, state=state)

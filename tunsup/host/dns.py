@@ -123,6 +123,9 @@ class FileDnsState:
     #: release drops every claim of the interface), n > 0 the n-th change
     #: of its DNS in place (its release goes back to claim n - 1).
     depth: int = 0
+    #: The claim was recorded but not written: the file had been changed
+    #: by someone else since tunsup wrote it, and is left alone.
+    left_alone: bool = attrs.field(default=False, eq=False)
 
 
 @attrs.frozen
@@ -511,7 +514,8 @@ class ResolvConfOwner:
 
     def _state(self, claim: ResolvClaim, written: bytes, depth: int) -> FileDnsState:
         return FileDnsState(path=self.path, original=self.original, written=written,
-                            mode=self.mode, ifname=claim.ifname, depth=depth)
+                            mode=self.mode, ifname=claim.ifname, depth=depth,
+                            left_alone=self.foreign)
 
     def _ours(self, current: bytes | None) -> bool:
         """Whether ``current`` is what tunsup wrote for (some of) the claims:
@@ -837,7 +841,8 @@ class FileBackend:
             job.abandon()
             raise
         assert state is not None  # only None when abandoned
-        log.info("%s via file %s", _describe(ifname, servers, search), state.path)
+        if not state.left_alone:
+            log.info("%s via file %s", _describe(ifname, servers, search), state.path)
         return state
 
     async def revert(self, state: DnsState, *, timeout: float) -> bool:
