@@ -130,6 +130,74 @@ def test_read_config_file_bounds(tmp_path: Path) -> None:
         read_config_file(str(tmp_path / "missing"))
 
 
+@pytest.mark.parametrize("what", ["fifo", "zero", "directory", "huge"])
+def test_files_others_may_replace_are_read_bounded_and_never_block(
+        tmp_path: Path, what: str) -> None:
+    """Found from outside: the pid file, a journal and resolv.conf were read
+    with a plain open() and read(): a FIFO put in their place hung every
+    client (and ``run``, deaf to SIGTERM in the open), /dev/zero grew a
+    client to gigabytes.  Each is now unreadable at once (the pid file:
+    no service; a journal: "cannot read"; resolv.conf: a DNS error), in a
+    subprocess bounded by CLI_TIMEOUT so that a hang fails."""
+    target = tmp_path / "target"
+    if what == "fifo":
+        os.mkfifo(target)
+    elif what == "zero":
+        target.symlink_to("/dev/zero")
+    elif what == "directory":
+        target.mkdir()
+    else:
+        target.write_bytes(b"1 2\n" + b"#" * (257 << 20))
+    runtime, state = tmp_path / "run", tmp_path / "state"
+    runtime.mkdir()
+    state.mkdir()
+    (runtime / "tunsup.pid").symlink_to(target)
+    journal = state / "journal-4000000-1.log"
+    journal.symlink_to(target)
+    script = textwrap.dedent(f"""
+        import sys, trio
+        from tunsup import pidfile
+        from tunsup.engine.journal import read_journal
+        from tunsup.host.dns import FileBackend, DnsError
+        assert pidfile.read({str(runtime)!r}) is None
+        read = read_journal({str(journal)!r})
+        assert read.steps == () and "cannot read" in read.damaged[0][1], read
+        try:
+            trio.run(lambda: FileBackend({str(target)!r}).apply(
+                "wgx", ("10.0.0.53",), (), timeout=5))
+        except DnsError as exc:
+            print("dns:", exc)
+        else:
+            sys.exit("resolv.conf: no error")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    reason = "larger than" if what == "huge" else "not a regular file"
+    assert reason in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("what", ["fifo", "zero", "directory"])
+def test_check_refuses_a_resolv_conf_that_is_no_regular_file(tmp_path: Path, what: str) -> None:
+    """It passed ``check``; ``run`` then hung in its read (a FIFO), grew
+    without bound (/dev/zero) or failed after changing the host."""
+    target = tmp_path / "resolv"
+    if what == "fifo":
+        os.mkfifo(target)
+    elif what == "zero":
+        target.symlink_to("/dev/zero")
+    else:
+        target.mkdir()
+    conf = tmp_path / conf_name()
+    conf.write_text(GOOD_CONF)
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'[dns]\nbackend = "file"\nresolv_conf = "{target}"\n'
+                    f'[[tunnel]]\nconfig = "{conf.name}"\n')
+    checked = tunsup("check", str(toml))
+    assert (checked.returncode, checked.stderr) == (
+        2, f"{toml}: [dns] resolv_conf {target}: not a regular file\n")
+
+
 def test_a_large_real_config_is_accepted(tmp_path: Path) -> None:
     """10,000 AllowedIPs lines (about 300 KB) stay far below the cap."""
     lines = [f"AllowedIPs = 10.{i // 256}.{i % 256}.0/24" for i in range(10_000)]

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import os
 
+from ._input import read_regular_file
+
 PID_NAME = "tunsup.pid"
+#: "PID START_TIME\n": two numbers.
+PID_FILE_LIMIT = 64
 
 
 def _stat_fields(pid: int) -> list[bytes] | None:
@@ -73,8 +77,9 @@ def pid_path(runtime_dir: str) -> str:
 def read(runtime_dir: str) -> ProcessId | None:
     """What the pid file says, or None when it is absent or unreadable."""
     try:
-        with open(pid_path(runtime_dir)) as f:
-            pid, start = f.read().split()
+        # Never blocking, bounded: a FIFO or /dev/zero put in its place is
+        # "unreadable", not a hang or a memory blow-up of every client.
+        pid, start = read_regular_file(pid_path(runtime_dir), PID_FILE_LIMIT).split()
         return ProcessId(int(pid), int(start))
     except (OSError, ValueError):
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from collections.abc import Mapping
 from typing import Any
 
@@ -129,10 +130,30 @@ def prepare(source: ConfigSource) -> Prepared:
     if cfg.dns.backend == "file" and not os.path.isdir(resolv_dir):
         errors.append(ConfigError(where, None, f"[dns] resolv_conf {cfg.dns.resolv_conf}: "
                                                f"its directory does not exist"))
+    elif cfg.dns.backend == "file":
+        problem = _not_a_resolv_conf(cfg.dns.resolv_conf)
+        if problem is not None:
+            errors.append(ConfigError(where, None,
+                                      f"[dns] resolv_conf {cfg.dns.resolv_conf}: {problem}"))
     error = config_errors(errors)
     if error is not None:
         raise error
     return Prepared(loaded, group)
+
+
+def _not_a_resolv_conf(path: str) -> str | None:
+    """Why ``path`` cannot be the file DNS backend's resolv.conf (a FIFO,
+    a device, a directory...), or None (also when it does not exist yet:
+    it is created).  A stat only: nothing is opened."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    return None
 
 
 def check_helper(entry: TunnelEntry, found: dict[str, bool] | None = None) -> None:

@@ -97,6 +97,7 @@ import attrs
 import trio
 
 from .._errors import HostError
+from .._input import read_regular_file
 from ..config.spec import IPAddress, IPInterface, IPNetwork, network_text
 from ..host.dns import DnsState, FileDnsState, ResolvconfDnsState, ResolvedDnsState
 from ..host.worker import CANCEL_GRACE, Abandoned, SerialWorker, raise_if_abandoned
@@ -117,6 +118,10 @@ APPEND_TIMEOUT = 10.0
 COMPACT_MIN = 64 * 1024
 #: Suffix of the file a compaction writes before renaming it over the journal.
 COMPACT_SUFFIX = ".compact"
+#: Largest journal read (anything else in its place, a FIFO or a device
+#: included, is "cannot read"): a route batch is one record, ~25 bytes a
+#: route, so this is millions of routes.
+MAX_JOURNAL_BYTES = 256 << 20
 
 # --- effects <-> JSON ---------------------------------------------------------
 
@@ -381,8 +386,7 @@ def read_journal(path: str) -> JournalContents:
     """Parse a journal (blocking).  Never raises for bad content: unreadable
     lines are reported in ``damaged``; an unreadable file gives no steps."""
     try:
-        with open(path, "rb") as f:
-            lines = f.readlines()
+        lines = read_regular_file(path, MAX_JOURNAL_BYTES).splitlines(keepends=True)
     except OSError as exc:
         return JournalContents(path, None, None, (), ((0, f"cannot read: {exc.strerror}"),))
     parsed = _parse(lines)

@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import socket
-import stat
 import subprocess
 import tempfile
 import threading
@@ -48,6 +47,7 @@ import trio
 
 from .._bounded import bounded, deadline
 from .._errors import HostError
+from .._input import read_regular_file_and_mode
 from ..config.ifname import is_valid_ifname
 from ..config.spec import IPAddress
 
@@ -323,15 +323,20 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+#: Largest resolv.conf read (glibc reads 3 nameservers and 6 search
+#: domains: a real one is well under a kilobyte).
+MAX_RESOLV_CONF = 1 << 20
+
+
 def _read(path: str) -> tuple[bytes | None, int]:
-    """Bytes and permission bits of ``path``; (None, NEW_FILE_MODE) if missing."""
+    """Bytes and permission bits of ``path``; (None, NEW_FILE_MODE) if missing.
+    Anything but a regular file of at most :data:`MAX_RESOLV_CONF` bytes
+    raises ``OSError`` (never blocks: a FIFO, ``/dev/zero``)."""
     try:
-        f = open(path, "rb")  # noqa: SIM115 - fstat needs the open file
+        data, mode = read_regular_file_and_mode(path, MAX_RESOLV_CONF)
     except FileNotFoundError:
         return None, NEW_FILE_MODE
-    with f:
-        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
-        return f.read(), mode
+    return data, mode
 
 
 def _replace_atomically(path: str, data: bytes, mode: int) -> bool:
