@@ -455,3 +455,22 @@ def test_every_part_applies_the_one_interface_name_rule(name: str) -> None:
 
         with pytest.raises(HostError, match="invalid interface name"):
             create_tun_sync(name)
+
+
+def test_a_huge_value_is_quoted_by_its_start(tmp_path: Path) -> None:
+    """Found from outside: a 4 MiB value was quoted whole (a 16 MB message:
+    ``up`` and ``reload`` failed on an oversized frame, and every reload
+    put 16 MB more in the service's log ring).  A long value is quoted by
+    its start, and any message is cut at ConfigError.MAX_MESSAGE."""
+    value = "." * (MAX_CONFIG_BYTES - 200)
+    conf = tmp_path / conf_name()
+    conf.write_text(GOOD_CONF.replace("[Interface]\n", f"[Interface]\nMTU = {value}\n", 1))
+    checked = tunsup("check", str(conf))
+    assert checked.returncode == 2
+    assert f"'{'.' * 256}'... ({len(value)} characters)" in checked.stderr
+    assert len(checked.stderr) < 500, len(checked.stderr)
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'[[tunnel]]\nconfig = "{conf.name}"\n{"k" * 100_000} = 1\n')
+    checked = tunsup("check", str(toml))
+    assert checked.returncode == 2 and "unknown key" in checked.stderr
+    assert "(cut: " in checked.stderr and len(checked.stderr) < 3000, len(checked.stderr)

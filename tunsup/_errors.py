@@ -94,10 +94,17 @@ class ConfigError(TunsupError):
     """A configuration file is invalid.
 
     ``str()`` gives ``FILE:LINE: message`` (or ``FILE: message`` when no line
-    applies).  The message never contains key material.
+    applies).  The message never contains key material, and is cut at
+    :data:`MAX_MESSAGE` characters: it may quote what the file holds, and
+    it travels in log lines, control frames and the service's log ring.
     """
 
+    MAX_MESSAGE = 1000
+
     def __init__(self, path: str, line: int | None, message: str) -> None:
+        if len(message) > self.MAX_MESSAGE:
+            message = (f"{message[:self.MAX_MESSAGE]}... (cut: {len(message)} characters "
+                       "in all)")
         self.path = path
         self.line = line
         self.message = message

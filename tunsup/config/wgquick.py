@@ -64,10 +64,17 @@ class _Invalid(Exception):
 # --- small value parsers ------------------------------------------------------
 
 
+#: Longest value quoted whole in a message (a domain name has at most 253).
+SHOWN_CHARS = 256
+
+
 def _show(value: str) -> str:
-    """Quote a user-supplied value for a message, unless it could be a key."""
+    """Quote a user-supplied value for a message, unless it could be a key;
+    a long one by its start (a 4 MiB line must not make a 16 MB message)."""
     if _KEYLIKE.search(value):
         return "<value hidden: it looks like key material>"
+    if len(value) > SHOWN_CHARS:
+        return f"{value[:SHOWN_CHARS]!r}... ({len(value)} characters)"
     return repr(value)
 
 
