@@ -162,5 +162,15 @@ def test_human_formats() -> None:
     assert client._bytes(5 * 1024**3) == "5.0 GiB"
 
 
-def test_stop_rejects_a_bad_timeout(tmp_path: Path) -> None:
-    assert main(["stop", "--runtime-dir", str(tmp_path), "--timeout", "0"]) == 2
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "1e400", "3000000"])
+def test_stop_rejects_a_bad_timeout(tmp_path: Path, timeout: str,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """NaN and infinity got past the check and crashed the wait (after the
+    service was signalled): found from outside."""
+    assert main(["stop", "--runtime-dir", str(tmp_path), "--timeout", timeout]) == 2
+    assert "--timeout must be a number of seconds above 0 and at most 1000000" in \
+        capsys.readouterr().err
+
+
+def test_logs_rejects_a_negative_count(tmp_path: Path) -> None:
+    assert main(["logs", "--runtime-dir", str(tmp_path), "-n", "-1"]) == 2

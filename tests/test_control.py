@@ -455,6 +455,21 @@ def test_logs_follow_ends_with_the_exit_in_the_chosen_format(
         assert [line.split(": ", 1)[1] for line in lines[:-1]] == ["before", "live"]
 
 
+def test_logs_without_lines_returns_at_once(sockdir: str) -> None:
+    """Found from outside: ``logs -n 0`` waited 10 s for a line that never
+    comes, then said the service did not answer (exit 4)."""
+    hub = LogHub()
+    hub.publish(_entry("before"))
+
+    async def main() -> None:
+        async with serving(sockdir, hub):
+            with trio.fail_after(5):
+                code = await trio.to_thread.run_sync(lambda: client.logs(sockdir, lines=0))
+            assert code == client.OK
+
+    run(main)
+
+
 def test_a_follower_that_does_not_read_is_dropped(sockdir: str) -> None:
     hub = LogHub()
 

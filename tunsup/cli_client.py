@@ -20,14 +20,21 @@ if TYPE_CHECKING:
     Args = argparse.Namespace | SimpleNamespace
 
 
+#: Longest ``stop --timeout`` (11.6 days; its waits count milliseconds in
+#: a C int, which ends at 24.8 days).
+MAX_STOP_TIMEOUT = 1e6
+
+
 def run_client_command(args: Args) -> int:
     """Run ``args.command``, one of :data:`tunsup.cli.CLIENT_COMMANDS`."""
     runtime_dir = client.runtime_dir_of(args.runtime_dir, args.config)
     if args.command == "status":
         return client.status(runtime_dir, as_json=args.json, debug=args.debug)
     if args.command == "stop":
-        if args.timeout <= 0:
-            print("tunsup stop: --timeout must be > 0", file=sys.stderr)
+        # (Written so that NaN fails it too.)
+        if not 0 < args.timeout <= MAX_STOP_TIMEOUT:
+            print(f"tunsup stop: --timeout must be a number of seconds above 0 and at most "
+                  f"{MAX_STOP_TIMEOUT:.0f}, not {args.timeout:g}", file=sys.stderr)
             return ExitCode.USAGE
         return client.stop(runtime_dir, timeout=args.timeout, force=args.force,
                            cleanup=_cleanup_command(args), debug=args.debug)
@@ -38,7 +45,10 @@ def run_client_command(args: Args) -> int:
     if args.command == "reload":
         return client.reload(runtime_dir, debug=args.debug)
     if args.command == "logs":
-        return client.logs(runtime_dir, lines=max(0, args.lines), follow=args.follow,
+        if args.lines < 0:
+            print(f"tunsup logs: -n must be 0 or more, not {args.lines}", file=sys.stderr)
+            return ExitCode.USAGE
+        return client.logs(runtime_dir, lines=args.lines, follow=args.follow,
                            as_json=args.json, debug=args.debug)
     raise AssertionError(args.command)
 

@@ -440,6 +440,8 @@ def logs(runtime_dir: str, *, lines: int = 100, follow: bool = False, as_json: b
             result = conn.response(rid, time.monotonic() + 10.0)
             count = int(result.get("backlog", 0))
             if not follow:
+                if count <= 0:  # nothing comes: no frame to wait for
+                    return OK
                 for frame in conn.frames(time.monotonic() + 10.0):
                     if "log" in frame:
                         show(frame["log"])
