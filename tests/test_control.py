@@ -471,25 +471,58 @@ def test_logs_without_lines_returns_at_once(sockdir: str) -> None:
 
 
 def test_a_follower_that_does_not_read_is_dropped(sockdir: str) -> None:
+    """Its queue stays bounded (what does not fit is skipped), and once a
+    frame cannot be sent within the send timeout it is dropped."""
     hub = LogHub()
 
     async def main() -> None:
-        async with serving(sockdir, hub, follow_buffer=8) as server:
+        async with serving(sockdir, hub, follow_buffer=8, send_timeout=0.3) as server:
             lazy = await Client.connect(server.path)
             await lazy.send({"id": 1, "op": "logs", "backlog": 0, "follow": True})
             with trio.fail_after(5):
                 while hub.subscribers != 1:
                     await trio.testing.wait_all_tasks_blocked()
-            for i in range(20000):  # far more than the socket buffers hold
-                hub.publish(_entry(f"{i:05d} " + "x" * 2000))
-                if hub.subscribers == 0:
-                    break
-                if i % 64 == 0:
-                    await trio.testing.wait_all_tasks_blocked()
-            await trio.testing.wait_all_tasks_blocked()
-            assert hub.subscribers == 0
+            follower = next(iter(server._followers))
+            with trio.fail_after(10):
+                i = 0
+                while hub.subscribers:
+                    hub.publish(_entry(f"{i:05d} " + "x" * 2000))
+                    i += 1
+                    assert follower.send.statistics().current_buffer_used <= 8
+                    if i % 64 == 0:
+                        await trio.sleep(0.01)
+            assert follower.skipped > 0
             other = await Client.connect(server.path)
             assert (await other.request("ping"))["ok"] is True
+
+    run(main)
+
+
+def test_a_burst_is_skipped_not_fatal_and_the_exit_event_always_comes(sockdir: str) -> None:
+    """Found from outside: a PreDown hook printing 5,000 lines at a stop
+    filled every follower's queue before it could send, so the follower
+    was dropped: ``tunsup stop`` then exited 3 ("exited without reporting
+    how its teardown ended") after a complete teardown, and ``logs -f``
+    ended as if the service had closed it.  Now the lines that do not fit
+    are counted and said where they were, and the exit event comes after
+    the rest of the queue."""
+    hub = LogHub()
+    event = {"type": "exit", "code": 0, "complete": True, "failures": []}
+
+    async def main() -> None:
+        async with serving(sockdir, hub, follow_buffer=8) as server:
+            c = await Client.connect(server.path)
+            frame = await c.request("logs", 1, backlog=0, follow=True)
+            assert frame["result"] == {"backlog": 0, "follow": True}
+            for i in range(100):  # in one go: the server's task cannot send meanwhile
+                hub.publish(_entry(f"line {i}"))
+            await server.finish(event)
+            frames = []
+            while (got := await c.frame()) is not None:
+                frames.append(got)
+            lines = [f["log"]["msg"] for f in frames if "log" in f]
+            assert lines == [f"line {i}" for i in range(8)], lines
+            assert frames[8:] == [{"skipped": 92}, {"event": event}], frames[8:]
 
     run(main)
 
@@ -668,3 +701,62 @@ def test_frame_encoder_refuses_what_json_dumps_refuses() -> None:
     looped["self"] = looped
     with pytest.raises(ValueError, match="Circular"):
         proto.encode(looped)
+
+
+@needs_root
+def test_the_group_cannot_take_every_connection_with_log_subscriptions(sockdir: str) -> None:
+    """Found from outside: a member of the group holding 128 ``logs -f``
+    (never idle, so never evicted) locked everyone out, root included:
+    ``status`` got no answer and ``stop`` exited 3 after a complete
+    teardown.  The group's subscriptions are capped (``max_group_followers``,
+    here 1); root's are not."""
+    follow = b'{"id": 1, "op": "logs", "backlog": 0, "follow": true}\n'
+
+    def hold_as_member(path: str) -> tuple[int, int, str]:
+        """A forked member that subscribes, writes the answer's first line
+        to a pipe and holds the stream until its other pipe closes:
+        (pid, that pipe's write end, the line)."""
+        out_r, out_w = os.pipe()
+        in_r, in_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            try:
+                os.close(out_r)
+                os.close(in_w)
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(path)
+                sock.sendall(follow)
+                os.write(out_w, sock.recv(65536).split(b"\n")[0] + b"\n")
+                os.read(in_r, 1)  # until the test closes it
+            finally:
+                os._exit(0)
+        os.close(out_w)
+        os.close(in_r)
+        with os.fdopen(out_r) as reader:
+            return pid, in_w, reader.readline()
+
+    async def main() -> None:
+        async with serving(sockdir, group=65534, max_group_followers=1) as server:
+            c = await Client.connect(server.path)  # root's: not counted
+            assert (await c.request("logs", 1, backlog=0, follow=True))["result"]["follow"]
+            pid, release, line = await trio.to_thread.run_sync(hold_as_member, server.path)
+            try:
+                assert json.loads(line)["result"]["follow"] is True, line
+                reply = await trio.to_thread.run_sync(
+                    exchange_as, 65534, 65534, server.path, follow)
+                refused = json.loads(str(reply["reply"]).splitlines()[0])
+                assert refused["error"]["code"] == proto.BUSY, refused
+                assert "too many log subscriptions of the group (1)" in \
+                    refused["error"]["message"]
+                # Root still gets another, and an answer.
+                d = await Client.connect(server.path)
+                assert (await d.request("logs", 2, backlog=0, follow=True))["result"]["follow"]
+                assert (await (await Client.connect(server.path)).request("ping", 3))["ok"]
+            finally:
+                os.close(release)
+                await trio.to_thread.run_sync(os.waitpid, pid, 0)
+
+    run(main)

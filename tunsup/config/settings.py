@@ -117,7 +117,13 @@ class ControlSettings:
     listen_backlog: int = socket.SOMAXCONN
     #: Largest request frame, in bytes (larger ones get ``too-large``).
     max_request: int = 64 * 1024
-    #: Entries a log subscriber may lag behind before it is dropped.
+    #: Entries a log subscriber may lag behind; past it entries are skipped
+    #: (it is told how many where they were), not queued.
     follow_buffer: int = 4096
+    #: Log subscriptions (``logs -f``) of members of the group at once: the
+    #: rest of ``max_connections`` stays free for requests and for root's
+    #: own (``tunsup stop`` follows the teardown).  Past it a member's new
+    #: subscription is refused (``busy``).
+    max_group_followers: int = 32
     #: Bound on delivering the exit event to subscribers.
     finish_timeout: float = 2.0

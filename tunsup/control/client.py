@@ -452,6 +452,8 @@ def logs(runtime_dir: str, *, lines: int = 100, follow: bool = False, as_json: b
             for frame in conn.frames(float("inf")):
                 if "log" in frame:
                     show(frame["log"])
+                elif "skipped" in frame:
+                    _show_skipped(as_json, frame["skipped"])
                 elif "event" in frame:
                     event = frame["event"]
                     _log_end(as_json, f"tunsup exited with code {event.get('code')}", event)
@@ -469,6 +471,17 @@ def _log_end(as_json: bool, message: str, event: dict[str, Any]) -> None:
     it is JSON too (every line is): ``{"event": {...}, "msg": "..."}``."""
     if as_json:
         print(_dumps({"event": event, "msg": message}, ensure_ascii=False), flush=True)
+    else:
+        print(f"-- {message} --", flush=True)
+
+
+def _show_skipped(as_json: bool, count: object) -> None:
+    """The service skipped ``count`` entries of this stream (it fell behind
+    a burst): said where they were.  ``tunsup logs`` shows the ones still
+    in the service's ring."""
+    message = f"{count} log line(s) skipped: this client fell behind"
+    if as_json:
+        print(_dumps({"skipped": count, "msg": message}, ensure_ascii=False), flush=True)
     else:
         print(f"-- {message} --", flush=True)
 
@@ -601,6 +614,8 @@ def _watch(conn: Connection | None, pidfd: int,
         for frame in frames:
             if "log" in frame:
                 show(frame["log"])
+            elif "skipped" in frame:
+                _show_skipped(False, frame["skipped"])
             elif "event" in frame and frame["event"].get("type") == "exit":
                 event = frame["event"]
 

@@ -19,10 +19,13 @@ none is idle is the newcomer refused, cheaply (a best-effort frame, no
 task).  A client that goes away, even mid-stream, is no error.
 
 Log subscriptions (``logs`` with ``follow``) are fed by the log hub of
-:mod:`tunsup._log` through a bounded memory channel; a subscriber that
-cannot keep up is dropped, never waited for.  :meth:`ControlServer.finish`
-sends the service's exit event to every subscriber before the process
-exits, so ``tunsup stop`` can report whether teardown completed.
+:mod:`tunsup._log` through a bounded memory channel, never waited for:
+entries that do not fit are skipped and counted (a ``{"skipped": N}``
+frame where they were), and a subscriber that does not read is dropped
+at the send timeout.  :meth:`ControlServer.finish` has the service's exit
+event sent to every subscriber after what is queued, before the process
+exits, so ``tunsup stop`` can report whether teardown completed.  The
+group's members hold at most ``max_group_followers`` subscriptions.
 """
 
 from __future__ import annotations
@@ -136,9 +139,13 @@ class _Reader:
 class _Follower:
     """One live log subscription."""
 
-    send: trio.MemorySendChannel[tuple[str, dict[str, Any]]]
+    send: trio.MemorySendChannel[tuple[str, Any]]
     scope: trio.CancelScope
-    overflowed: bool = False
+    privileged: bool = True
+    #: Entries not queued since the last one that was (the buffer was full).
+    skipped: int = 0
+    #: The service's exit event, sent once the queue is drained.
+    event: dict[str, Any] | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
 
 
@@ -288,10 +295,8 @@ class ControlServer:
         self._exit_event = event
         followers = list(self._followers)
         for follower in followers:
-            try:
-                follower.send.send_nowait(("event", event))
-            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-                follower.overflowed = True
+            # After what is queued (never lost to a full queue).
+            follower.event = event
             follower.send.close()
         with trio.move_on_after(self.settings.finish_timeout):
             for follower in followers:
@@ -490,18 +495,27 @@ class ControlServer:
         falls too far behind, or the service exits (after the exit event).
         The connection is dedicated to the stream: further input is
         discarded.  Cancellable."""
-        send, receive = trio.open_memory_channel[tuple[str, dict[str, Any]]](
-            self.settings.follow_buffer)
-        follower = _Follower(send, trio.CancelScope())
+        if not conn.privileged and sum(
+                not f.privileged for f in self._followers) >= self.settings.max_group_followers:
+            await conn.send(proto.error(rid, proto.BUSY, "too many log subscriptions of the "
+                                        f"group ({self.settings.max_group_followers})"))
+            return
+        send, receive = trio.open_memory_channel[tuple[str, Any]](self.settings.follow_buffer)
+        follower = _Follower(send, trio.CancelScope(), conn.privileged)
         trio_thread = threading.get_ident()
         token = trio.lowlevel.current_trio_token()
 
         def push(entry: Entry) -> None:
+            # A burst (thousands of hook lines at a stop) must not end the
+            # stream, nor queue without bound: what does not fit is
+            # counted, and the count goes where the entries were.
             try:
+                if follower.skipped:
+                    send.send_nowait(("skipped", follower.skipped))
+                    follower.skipped = 0
                 send.send_nowait(("log", entry))
             except trio.WouldBlock:
-                follower.overflowed = True
-                follower.scope.cancel()
+                follower.skipped += 1
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
 
@@ -524,9 +538,12 @@ class ControlServer:
                     nursery.start_soon(self._until_eof, conn, nursery.cancel_scope)
                     async for kind, item in receive:
                         await conn.send({kind: item})
+                    # Closed by finish(): the rest, then how the service ended.
+                    if follower.skipped:
+                        await conn.send({"skipped": follower.skipped})
+                    if follower.event is not None:
+                        await conn.send({"event": follower.event})
                     nursery.cancel_scope.cancel()
-            if follower.overflowed:
-                log.debug("control: dropped a log subscriber that fell behind")
         finally:
             unsubscribe()
             self._followers.discard(follower)
