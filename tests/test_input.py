@@ -474,3 +474,25 @@ def test_a_huge_value_is_quoted_by_its_start(tmp_path: Path) -> None:
     checked = tunsup("check", str(toml))
     assert checked.returncode == 2 and "unknown key" in checked.stderr
     assert "(cut: " in checked.stderr and len(checked.stderr) < 3000, len(checked.stderr)
+
+
+def test_clearer_messages_for_paths_and_a_toml_with_a_bom(tmp_path: Path) -> None:
+    """Found from outside: a helper given by a path that is no executable
+    was "not found in PATH"; a state or runtime directory that is a file
+    gave "cannot lock X: File exists"; a TOML starting with a byte order
+    mark was "invalid TOML" (a wg-quick file with one is accepted)."""
+    conf = tmp_path / conf_name()
+    conf.write_text(GOOD_CONF)
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    toml = tmp_path / "t.toml"
+    toml.write_bytes(b"\xef\xbb\xbf" + f'[[tunnel]]\nconfig = "{conf.name}"\n'
+                     f'helper = ["{plain}"]\n'.encode())
+    checked = tunsup("check", str(toml))
+    assert (checked.returncode, checked.stderr) == (
+        2, f"{conf}: helper '{plain}' is not an executable file\n")
+    toml.write_bytes(b"\xef\xbb\xbf" + f'state_dir = "{plain}"\n[[tunnel]]\n'
+                     f'config = "{conf.name}"\n'.encode())
+    checked = tunsup("check", str(toml))
+    assert (checked.returncode, checked.stderr) == (
+        2, f"{toml}: state_dir {plain}: not a directory\n")

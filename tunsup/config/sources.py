@@ -135,6 +135,9 @@ def prepare(source: ConfigSource) -> Prepared:
         if problem is not None:
             errors.append(ConfigError(where, None,
                                       f"[dns] resolv_conf {cfg.dns.resolv_conf}: {problem}"))
+    for key, directory in (("state_dir", cfg.state_dir), ("runtime_dir", cfg.runtime_dir)):
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            errors.append(ConfigError(where, None, f"{key} {directory}: not a directory"))
     error = config_errors(errors)
     if error is not None:
         raise error
@@ -164,9 +167,14 @@ def check_helper(entry: TunnelEntry, found: dict[str, bool] | None = None) -> No
     known = found if found is not None else {}
     if program not in known:
         known[program] = shutil.which(program) is not None
-    if not known[program]:
-        raise ConfigError(entry.config, None, f"helper {entry.helper[0]!r} not found in PATH "
-                          "(install it: apt-get install wireguard-go)")
+    if known[program]:
+        return
+    if "/" in program:  # a path: PATH is not searched
+        problem = ("is not an executable file" if os.path.exists(program)
+                   else "does not exist")
+        raise ConfigError(entry.config, None, f"helper {program!r} {problem}")
+    raise ConfigError(entry.config, None, f"helper {program!r} not found in PATH "
+                      "(install it: apt-get install wireguard-go)")
 
 
 

@@ -572,7 +572,8 @@ def from_dict(d: Mapping[str, Any], path: str | os.PathLike[str]) -> SupervisorC
 def load_supervisor_config(path: str | os.PathLike[str]) -> SupervisorConfig:
     """Read, parse and validate a supervisor TOML file; raises :class:`ConfigError`."""
     where = os.fspath(path)
-    text = read_config_text(where)
+    # A byte order mark, as some editors write (wg-quick files may have one too).
+    text = read_config_text(where).removeprefix("\ufeff")
     import tomllib
 
     try:

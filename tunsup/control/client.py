@@ -522,7 +522,8 @@ def stop(runtime_dir: str, *, timeout: float = 90.0, force: bool = False,
     if pidfd < 0 or not owner.alive():
         if pidfd >= 0:
             os.close(pidfd)
-        print(f"tunsup is not running (its pid file names pid {owner.pid}, which is gone; "
+        print(f"tunsup is not running (its pid file names pid {owner.pid}, which is gone "
+              "or another process now; "
               "if it crashed, 'tunsup cleanup' undoes what it left)")
         return OK
     try:
