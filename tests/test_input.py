@@ -496,3 +496,16 @@ def test_clearer_messages_for_paths_and_a_toml_with_a_bom(tmp_path: Path) -> Non
     checked = tunsup("check", str(toml))
     assert (checked.returncode, checked.stderr) == (
         2, f"{toml}: state_dir {plain}: not a directory\n")
+
+
+def test_check_refuses_an_endpoint_zone_naming_no_interface(tmp_path: Path) -> None:
+    conf = tmp_path / conf_name()
+    conf.write_text(GOOD_CONF.replace("[Peer]\n", "[Peer]\nEndpoint = [fe80::1%nosuch0]:51820\n",
+                                      1))
+    line = conf.read_text().splitlines().index("Endpoint = [fe80::1%nosuch0]:51820") + 1
+    checked = tunsup("check", str(conf))
+    assert (checked.returncode, checked.stderr) == (
+        2, f"{conf}:{line}: Endpoint [fe80::1%nosuch0]:51820: no network interface "
+           "'nosuch0' here\n")
+    conf.write_text(conf.read_text().replace("%nosuch0", "%lo"))
+    assert tunsup("check", str(conf)).returncode == 0

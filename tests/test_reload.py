@@ -612,3 +612,25 @@ def test_an_automatic_mtu_stays_unless_its_setting_or_endpoints_change(fake: Fak
     assert "MTU" not in first[1].in_place and state1["wgt0"]["mtu"] == 1420, first[1]
     assert isinstance(second[1], Change) and second[1].in_place is not None, second
     assert "MTU 1420->1340" in second[1].in_place and state2["wgt0"]["mtu"] == 1340
+
+
+def test_an_endpoint_zone_naming_no_interface_is_said_with_its_line(fake: FakeHost) -> None:
+    """Found from outside: ``Endpoint = [fe80::1%eth0]:51820`` where there
+    is no eth0 passed ``check`` and failed the start with wireguard-go's
+    bare EINVAL, after changes were made.  The start now fails first,
+    naming the file, line and interface (``check`` too: test_input)."""
+    base = spec()
+    zoned = attrs.evolve(base, peers=(attrs.evolve(
+        base.peers[0], endpoint=Endpoint("fe80::1%nosuch0", 51820), endpoint_line=7),))
+
+    async def main() -> tuple[ExitCode, str]:
+        tunnel = Tunnel(zoned, fake.host, options())
+        code = await Supervisor([tunnel], fake.host, handle_signals=False).run()
+        return code, str(tunnel.failure)
+
+    code, failure = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert code == ExitCode.FAILURE
+    assert f"{base.source}:7: endpoint [fe80::1%nosuch0]:51820: no network interface " \
+           "'nosuch0' here" in failure, failure
+    assert "start_helper" not in fake.ops  # nothing was started for it
+    assert_host_restored(fake)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import stat
 from collections.abc import Mapping
 from typing import Any
@@ -135,6 +136,8 @@ def prepare(source: ConfigSource) -> Prepared:
         if problem is not None:
             errors.append(ConfigError(where, None,
                                       f"[dns] resolv_conf {cfg.dns.resolv_conf}: {problem}"))
+    for spec, _ in loaded.entries():
+        errors.extend(_missing_zones(spec))
     for key, directory in (("state_dir", cfg.state_dir), ("runtime_dir", cfg.runtime_dir)):
         if os.path.exists(directory) and not os.path.isdir(directory):
             errors.append(ConfigError(where, None, f"{key} {directory}: not a directory"))
@@ -142,6 +145,24 @@ def prepare(source: ConfigSource) -> Prepared:
     if error is not None:
         raise error
     return Prepared(loaded, group)
+
+
+def _missing_zones(spec: TunnelSpec) -> list[ConfigError]:
+    """Endpoints with a zone (``[fe80::1%eth0]:51820``) naming no network
+    interface of this host (wireguard-go would refuse them with a bare
+    EINVAL)."""
+    errors = []
+    for peer in spec.peers:
+        host = peer.endpoint.host if peer.endpoint is not None else ""
+        zone = host.partition("%")[2]
+        if zone and not zone.isdigit():
+            try:
+                socket.if_nametoindex(zone)
+            except OSError:
+                errors.append(ConfigError(spec.source, peer.endpoint_line or peer.line,
+                                          f"Endpoint {peer.endpoint}: no network interface "
+                                          f"{zone!r} here"))
+    return errors
 
 
 def _not_a_resolv_conf(path: str) -> str | None:

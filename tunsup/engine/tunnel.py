@@ -1110,10 +1110,17 @@ class Tunnel:
             if ep is None:
                 continue
             try:
-                resolved[peer.public_key] = (str(ipaddress.ip_address(ep.host)), ep.port)
-                continue
+                ip = ipaddress.ip_address(ep.host)
             except ValueError:
                 pass
+            else:
+                zone = getattr(ip, "scope_id", None)
+                if zone and not zone.isdigit() and await self.host.net.link_index(zone) is None:
+                    # wireguard-go would answer EINVAL, naming nothing.
+                    raise HostError(f"{spec.source}:{peer.endpoint_line or peer.line}: "
+                                    f"endpoint {ep}: no network interface {zone!r} here")
+                resolved[peer.public_key] = (str(ip), ep.port)
+                continue
             try:
                 addr = await self._resolve(ep.host, ep.port)
             except (OSError, trio.TooSlowError) as exc:
