@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 import trio
@@ -122,12 +122,35 @@ def _log() -> logging.Logger:
 # --- item 5: crash recovery on a hung state disk ------------------------------
 
 
+#: The journal read as on a hung disk: tunsup opens a journal without
+#: waiting (a FIFO in its place is refused at once), so the hang is the
+#: read's own: it opens the file as a plain open() does, which waits for a
+#: FIFO's writer as a read from a hung NFS server waits.
+HUNG_READ = """
+import tunsup.engine.journal
+
+def read_on_a_hung_disk(path, limit):
+    with open(path, "rb") as f:
+        return f.read()
+"""
+#: The same in a ``tunsup run`` process.
+HUNG_RUN = HUNG_READ + """
+tunsup.engine.journal.read_regular_file = read_on_a_hung_disk
+from tunsup.cli import entry
+entry()
+"""
+
+
 @pytest.fixture
-def fifo_journal(tmp_path: Path) -> Iterator[Path]:
-    """A FIFO where a journal is expected: opening it blocks (no writer),
-    as a read from a hung disk does."""
+def fifo_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A journal whose read blocks (see HUNG_READ): a FIFO without a writer."""
+    from tunsup.engine import journal
+
     path = tmp_path / journal_name(999_999, 1)
     os.mkfifo(path)
+    scope: dict[str, Any] = {}
+    exec(HUNG_READ, scope)  # the subprocess test's function
+    monkeypatch.setattr(journal, "read_regular_file", scope["read_on_a_hung_disk"])
     valve = threading.Timer(SAFETY, _release, (path,))
     valve.start()
     yield path
@@ -241,8 +264,8 @@ AllowedIPs = 10.251.1.0/24
     # No safety valve: the test kills the service if SIGTERM does not end it.
     os.mkfifo(state / journal_name(999_999, 1))
     runtime = tmp_path / "rt"
-    argv = [sys.executable, "-m", "tunsup", "run", str(conf), "--state-dir",
-            str(state), "--runtime-dir", str(runtime), "--dns", "none"]
+    argv = [sys.executable, "-c", HUNG_RUN, "run", str(conf), "--state-dir", str(state),
+            "--runtime-dir", str(runtime), "--dns", "none"]
     proc = subprocess.Popen(_netns.ns_exec_argv(ns, argv), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
