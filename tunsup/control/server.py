@@ -537,6 +537,13 @@ class ControlServer:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._until_eof, conn, nursery.cancel_scope)
                     async for kind, item in receive:
+                        if follower.event is not None:
+                            # The service is exiting (finish() waits at most
+                            # finish_timeout): the last of what is queued,
+                            # then the event, without a slow reader holding
+                            # it behind thousands of lines.
+                            await self._send_last(conn, [(kind, item), *_drained(receive)])
+                            break
                         await conn.send({kind: item})
                     # Closed by finish(): the rest, then how the service ended.
                     if follower.skipped:
@@ -550,6 +557,16 @@ class ControlServer:
             follower.done.set()
             conn.open = False
 
+    async def _send_last(self, conn: _Connection, queued: list[tuple[str, Any]]) -> None:
+        """Send the last :data:`FINAL_ENTRIES` of ``queued``, the older ones
+        counted in one ``skipped`` frame before them.  Cancellable."""
+        older, last = queued[:-FINAL_ENTRIES], queued[-FINAL_ENTRIES:]
+        skipped = sum(item if kind == "skipped" else 1 for kind, item in older)
+        if skipped:
+            await conn.send({"skipped": skipped})
+        for kind, item in last:
+            await conn.send({kind: item})
+
     async def _until_eof(self, conn: _Connection, scope: trio.CancelScope) -> None:
         """Discard input until the client closes, then cancel ``scope``.
         Cancellable."""
@@ -559,6 +576,21 @@ class ControlServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         scope.cancel()
+
+
+#: Entries still queued for a follower when the service exits that are
+#: sent (the last ones: the end of the teardown); older ones are counted.
+FINAL_ENTRIES = 200
+
+
+def _drained(receive: trio.MemoryReceiveChannel[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """What ``receive`` holds now (it is closed: nothing more comes)."""
+    items = []
+    while True:
+        try:
+            items.append(receive.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return items
 
 
 def _parse(line: bytes) -> dict[str, Any]:

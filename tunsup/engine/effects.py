@@ -899,7 +899,8 @@ class KillSwitch(Effect):
         if ctx.adopted is not None and result.existed:
             # The dead instance's kill switch: it never went away, and now
             # this record owns those routes (no gap between the two).
-            taken = ctx.adopted.take_routes(self.ifname, self.table, result.existed)
+            taken = ctx.adopted.take_routes(self.ifname, self.table, result.existed,
+                                            self.metric)
         ctx.log.info("%s: %d unreachable route(s) in table %d%s", self.what, len(result.added),
                      self.table, f", {len(taken)} taken over" if taken else "")
         return attrs.evolve(self, prefixes=(*result.added, *taken))

@@ -226,7 +226,7 @@ def _protections(pending: list[tuple[Step, Effect]],
     if keep is None:
         return {}
     closed = {s.tunnel for s, e in pending
-              if isinstance(_base(e), KillSwitch) and keep(s.tunnel)}
+              if isinstance(_base(e), KillSwitch) and _base(e).protection() and keep(s.tunnel)}
     return {id(e): (s, e) for s, e in pending if s.tunnel in closed and _base(e).protection()}
 
 
@@ -263,11 +263,15 @@ class Adoption:
     def tunnels(self) -> set[str]:
         return {k.tunnel for k in self._kept}
 
-    def take_routes(self, tunnel: str, table: int, found: Sequence[Any]) -> tuple[Any, ...]:
+    def take_routes(self, tunnel: str, table: int, found: Sequence[Any],
+                    metric: int) -> tuple[Any, ...]:
         taken: dict[Any, None] = {}
         for kept in self._kept:
             base = _base(kept.effect)
-            if kept.tunnel != tunnel or not isinstance(base, KillSwitch) or base.table != table:
+            # Only routes of the same kind (metric): a kept hold's are not
+            # the restarted tunnel's kill switch's, and stay the hold's.
+            if (kept.tunnel != tunnel or not isinstance(base, KillSwitch)
+                    or base.table != table or base.metric != metric):
                 continue
             held = [p for p in found if p in base.prefixes]
             if not held:

@@ -46,7 +46,6 @@ from ..config.spec import RT_TABLE_MAIN, IPAddress, IPInterface, IPNetwork, Tunn
 from ..host import HOLD_RULE_PROTOCOL, UNREACHABLE, HelperHandle, Host, uapi
 from ..host import tun as tun_adapter
 from .effects import (
-    HOLD_METRIC,
     KILL_SWITCH_METRIC,
     Address,
     AddressRemoved,
@@ -1036,9 +1035,9 @@ class Tunnel:
                                              _prefixes_of(after_addresses, hold.table)))
             assert isinstance(record, Routes)
             n_added += len(record.prefixes)
-            if hold.prefixes:  # (those it added: one already there is not its)
-                await work.apply(RoutesRemoved(name, UNREACHABLE, hold.table, hold.prefixes,
-                                               metric=HOLD_METRIC))
+            # Its job is done: undone now and journaled so (no record of
+            # it stays with the tunnel, nothing for a recovery to redo).
+            await work.retire(hold)
         if n_added or n_removed:
             parts.insert(routes_at, f"routes +{n_added}/-{n_removed}")
         if added or removed:

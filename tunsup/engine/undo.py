@@ -122,9 +122,11 @@ class Handover(Protocol):
     object is handed over (the new record owns it; the adopted one no
     longer does), so dropping the adopted one later leaves it in place."""
 
-    def take_routes(self, tunnel: str, table: int, found: Sequence[Any]) -> tuple[Any, ...]:
-        """Of the unreachable routes ``found`` in ``table``, those an
-        adopted protection of ``tunnel`` holds: handed over to the caller."""
+    def take_routes(self, tunnel: str, table: int, found: Sequence[Any],
+                    metric: int) -> tuple[Any, ...]:
+        """Of the unreachable routes ``found`` in ``table`` at ``metric``,
+        those an adopted protection of ``tunnel`` holds: handed over to the
+        caller."""
         ...
 
 
@@ -283,6 +285,14 @@ class EffectStack:
         self._records = [r for r in self._records if r is not record]
         if self._observer is not None:
             await self._observer.undone(record)
+
+    async def retire(self, record: Effect) -> None:
+        """Undo ``record`` now, out of turn (it was needed for a while
+        only: a hold), then drop it as :meth:`settle` does.  If its undo
+        fails, it stays on the stack (the unwind tries again) and the error
+        propagates.  Cancellation: likewise."""
+        await record.undo(self._ctx)
+        await self.settle(record)
 
     async def apply(self, effect: Effect) -> Effect:
         """Apply ``effect`` and push the record of what it did.
