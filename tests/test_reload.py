@@ -634,3 +634,24 @@ def test_an_endpoint_zone_naming_no_interface_is_said_with_its_line(fake: FakeHo
            "'nosuch0' here" in failure, failure
     assert "start_helper" not in fake.ops  # nothing was started for it
     assert_host_restored(fake)
+
+
+def test_removing_the_last_ipv4_address_rebuilds(fake: FakeHost) -> None:
+    """Found by an independent review: with its last IPv4 address a link
+    loses every IPv4 route through it (the fake host does as the kernel),
+    so moving a tunnel with IPv4 AllowedIPs to IPv6 addresses only, in
+    place, left it up without its IPv4 routes: their traffic went to the
+    LAN.  Such a change is a rebuild (make-before-break, prefixes held)."""
+    v6 = ipaddress.ip_interface("fd00:9::1/64")
+    base = attrs.evolve(spec(), addresses=(*spec().addresses, v6))
+    only_v6 = attrs.evolve(base, addresses=(v6,))
+    assert rebuild_reason(base, options(), only_v6, options()) == (
+        "its last IPv4 address removed (the kernel takes every IPv4 route of the link with it)")
+    assert rebuild_reason(base, options(), with_allowed(only_v6, "2001:db8::/64"),
+                          options()) is None
+    code, seen = run_changes(fake, base, options(), [only_v6])
+    assert code == ExitCode.OK
+    ((_, got), routes, _, _), = seen
+    assert isinstance(got, Change) and got.rebuilt is not None, got
+    assert routes == {(254, net("198.51.100.0/24"))}, routes
+    assert_host_restored(fake)

@@ -11,11 +11,13 @@ the in-place path itself is :meth:`tunsup.engine.tunnel.Tunnel.reconfigure`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import attrs
 
 from .._errors import TunsupError
 from ..config.settings import TunnelOptions
-from ..config.spec import TunnelSpec
+from ..config.spec import IPNetwork, TunnelSpec
 
 #: Options that only a rebuild applies (they shape the helper, the
 #: interface or the routing policy).
@@ -74,7 +76,17 @@ def rebuild_reason(old: TunnelSpec, old_options: TunnelOptions,
     had_dns = bool(old.dns_servers or old.dns_search)
     if had_dns and not (new.dns_servers or new.dns_search):
         return "DNS removed"
+    if (_has_v4(a.network for a in old.addresses) and not _has_v4(a.network for a in new.addresses)
+            and new.route_table is not None and _has_v4(new.allowed_ips)):
+        # Removing it in place would take the tunnel's IPv4 routes away
+        # until they were put back: their traffic would leave by the LAN.
+        return "its last IPv4 address removed (the kernel takes every IPv4 route of the " \
+               "link with it)"
     return None
+
+
+def _has_v4(networks: Iterable[IPNetwork]) -> bool:
+    return any(n.version == 4 for n in networks)
 
 
 def hooks_changed(old: TunnelSpec, new: TunnelSpec) -> bool:

@@ -314,6 +314,10 @@ class FakeNet:
         if link is None or iface not in link.addresses:
             return False
         link.addresses.discard(iface)
+        if iface.version == 4 and not any(a.version == 4 for a in link.addresses):
+            # As the kernel: with its last IPv4 address a link loses every
+            # IPv4 route through it.
+            link.routes = {(t, n) for t, n in link.routes if n.version != 4}
         return True
 
     @operation
