@@ -791,3 +791,17 @@ def test_the_group_cannot_take_every_connection_with_log_subscriptions(sockdir: 
                 await trio.to_thread.run_sync(os.waitpid, pid, 0)
 
     run(main)
+
+
+@pytest.mark.parametrize(("usec", "interval"), [
+    ("1", 0.01), ("20000", 0.01), ("200000", 0.1), ("0", None), ("x", None)])
+def test_the_watchdog_interval_has_a_floor(monkeypatch: pytest.MonkeyPatch, usec: str,
+                                           interval: float | None) -> None:
+    """Found from outside: WATCHDOG_USEC=1 made the service ping 22,000
+    times a second, its event loop at 100 % CPU."""
+    from tunsup.host import sdnotify
+
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("WATCHDOG_USEC", usec)
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert sdnotify.watchdog_interval() == interval

@@ -258,8 +258,20 @@ def test_cleanup_never_removes_a_live_owners_runtime_files(crash: Crash,
         assert "removed" not in result.stdout
         assert (run_dir / "control.sock").exists() and (run_dir / "tunsup.pid").exists()
         # The same start time under another pid is someone else: that one
-        # is dead, so its files go.
+        # is dead.  Found from outside: its files went even when its
+        # journal was not in the state directory cleaned up (another one,
+        # named by mistake), which hid the crash: they stay, and it is said.
         (run_dir / "tunsup.pid").write_text(f"4000000 {me.start_time}\n")
+        result = crash.cleanup("--runtime-dir", str(run_dir))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "removed" not in result.stdout
+        assert f"left no journal in {crash.state_dir}" in result.stderr, result.stderr
+        assert (run_dir / "control.sock").exists() and (run_dir / "tunsup.pid").exists()
+        # With its journal there (recovered now), they go.
+        opened = {"op": "open", "pid": 4000000, "start_time": me.start_time, "version": 1,
+                  "created": 0}
+        (crash.state_dir / journal_name(4000000, me.start_time)).write_bytes(
+            encode_line(opened))
         result = crash.cleanup("--runtime-dir", str(run_dir))
         assert "removed" in result.stdout, result.stdout + result.stderr
         assert not (run_dir / "tunsup.pid").exists()

@@ -509,3 +509,41 @@ def test_check_refuses_an_endpoint_zone_naming_no_interface(tmp_path: Path) -> N
            "'nosuch0' here\n")
     conf.write_text(conf.read_text().replace("%nosuch0", "%lo"))
     assert tunsup("check", str(conf)).returncode == 0
+
+
+def test_a_pid_file_of_a_live_service_without_its_lock_is_said_so(
+        tmp_path: Path, netns: Callable[[str], str]) -> None:
+    """Found from outside: with the runtime directory's lock file removed
+    (a tmpfiles cleaner) and a live service's pid file there, a second
+    ``run`` said "cannot lock None: None"."""
+    from tunsup import pidfile
+
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    me = pidfile.myself()  # alive: this test
+    (runtime / "tunsup.pid").write_text(f"{me.pid} {me.start_time}\n")
+    conf = tmp_path / conf_name()
+    conf.write_text(GOOD_CONF)
+    ran = run(tmp_path, netns("tin"), str(conf))
+    assert (ran.returncode, ran.stderr) == (
+        2, f"tunsup run: tunsup (pid {me.pid}) already runs with runtime directory "
+           f"{runtime}\n")
+
+
+def test_cleanup_of_a_read_only_state_directory(tmp_path: Path) -> None:
+    """Found from outside: both printed an OSError traceback (the lock file
+    cannot be created).  A dry run reads what it can; a cleanup says it
+    cleaned up nothing (exit 3).  In a mount namespace of its own."""
+    state = tmp_path / "state"
+    state.mkdir()
+    argv = [sys.executable, "-m", "tunsup", "cleanup", "--state-dir", str(state),
+            "--runtime-dir", str(tmp_path / "rt")]
+    script = (f"mount -t tmpfs -o ro,size=64k tmpfs {state} && "
+              f"{' '.join(argv)} --dry-run; echo dry=$?; {' '.join(argv)}; echo real=$?")
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=REPO)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "dry=0" in done.stdout, done.stdout + done.stderr
+    assert "real=3" in done.stdout, done.stdout + done.stderr
+    assert f"tunsup cleanup: cannot lock {state}: Read-only file system; nothing was " \
+           "cleaned up" in done.stderr, done.stderr

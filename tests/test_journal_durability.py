@@ -306,10 +306,10 @@ def test_a_record_that_could_not_be_written_fails_the_next_change_before_it_is_m
                 await stack.apply(Address(IFNAME, index, ipaddress.ip_interface("10.61.0.1/24")))
                 # Its write has failed, alone, before the next intent's.
                 await trio.to_thread.run_sync(writes.tried.wait, 10)
-                with pytest.raises(OSError, match="No space"):
+                with pytest.raises(HostError, match="No space"):
                     await stack.apply(LinkUp(IFNAME, index))
                 assert not fake.net.links[index].up
-                with pytest.raises(OSError, match="No space"):
+                with pytest.raises(HostError, match="No space"):
                     await stack.flush()
                 assert (await stack.unwind(10)).complete
         await journal.close(remove=False)

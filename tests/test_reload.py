@@ -272,14 +272,19 @@ def test_a_helper_restarted_after_a_change_gets_the_new_configuration(fake: Fake
 def test_a_rebuild_whose_start_fails_removes_the_hold_and_reports_it(fake: FakeHost) -> None:
     """The new helper crashes at once: the change is a StartFailed naming
     the new tunnel (its host changes undone), the hold routes are gone, and
-    the host is as it was before the tunnel came up."""
+    the host is as it was before the tunnel came up.  The tunnel is listed
+    as failed (found from outside: it vanished from ``status``)."""
     base = spec()
 
     async def crash_next(sup: Supervisor) -> None:
         fake.plan.append(Behaviour.CRASH)
 
+    async def listed(sup: Supervisor) -> list[str]:
+        return [s.tunnel.name for s in sup.failed()]
+
     code, seen = run_changes(fake, base, options(),
-                             [crash_next, (base, options(helper=("fake-wg2",)))])
+                             [crash_next, (base, options(helper=("fake-wg2",))), listed])
+    assert seen[2] == ["wgt0"], seen[2]
     failed = seen[1][0]
     assert isinstance(failed, StartFailed), failed
     assert failed.tunnel.options.helper == ("fake-wg2",)

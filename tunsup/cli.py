@@ -470,7 +470,9 @@ def _run_service(args: argparse.Namespace | SimpleNamespace) -> int:
         print(f"tunsup run: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     except OSError as exc:
-        print(f"tunsup run: cannot lock {exc.filename}: {exc.strerror}", file=sys.stderr)
+        # (pidfile.write's FileExistsError names no file: its text says all.)
+        what = f"cannot lock {exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+        print(f"tunsup run: {what}", file=sys.stderr)
         return ExitCode.USAGE
 
     from . import _prefetch
@@ -568,10 +570,19 @@ def _cleanup(args: argparse.Namespace | SimpleNamespace) -> int:
     from .engine import lock as instance_lock
 
     try:
-        lock_fd = instance_lock.lock_state(state_dir)
+        lock_fd: int | None = instance_lock.lock_state(state_dir)
     except instance_lock.LockHeld as exc:
         print(f"tunsup cleanup: a live instance owns {state_dir}: {exc}", file=sys.stderr)
         return ExitCode.FAILURE
+    except OSError as exc:
+        if not args.dry_run:
+            # Recovery records what it undoes: without a writable state
+            # directory it could undo and forget to say so.
+            print(f"tunsup cleanup: cannot lock {state_dir}: {exc.strerror or exc}; nothing "
+                  "was cleaned up ('--dry-run' shows what is left)", file=sys.stderr)
+            return ExitCode.TEARDOWN_INCOMPLETE
+        # A dry run writes nothing: it may read a state it cannot lock.
+        lock_fd = None
 
     import trio
 
@@ -595,7 +606,8 @@ def _cleanup(args: argparse.Namespace | SimpleNamespace) -> int:
 
         report = trio.run(main)
     finally:
-        os.close(lock_fd)
+        if lock_fd is not None:
+            os.close(lock_fd)
         stop_logging()
     from .engine.recovery import RecoveryReport
 
@@ -629,7 +641,7 @@ def _cleanup(args: argparse.Namespace | SimpleNamespace) -> int:
             print(f"host restored ({len(report.undone)} object(s) undone)")
         else:
             print("nothing to clean up")
-    _stale_runtime_files(args)
+    _stale_runtime_files(args, state_dir, report.recovered)
     return ExitCode.OK
 
 
@@ -647,20 +659,38 @@ def _kept_tunnels(args: argparse.Namespace | SimpleNamespace,
     return names.__contains__
 
 
-def _stale_runtime_files(args: argparse.Namespace | SimpleNamespace) -> None:
+def _stale_runtime_files(args: argparse.Namespace | SimpleNamespace, state_dir: str,
+                         recovered: Sequence[str]) -> None:
     """Once the host is restored: the pid file and control socket of a dead
     service (pid and start time checked; a live one's are never touched),
-    which would make ``status`` keep saying the service died uncleanly."""
+    which would make ``status`` keep saying the service died uncleanly.
+    Only when that service's journal was among those just ``recovered``
+    from ``state_dir``: a cleanup of another state directory must not
+    remove the one sign that a crash left something on the host."""
+    from . import pidfile
     from ._paths import DEFAULT_RUNTIME_DIR
     from .config.toml import load_supervisor_config
     from .control import protocol as _protocol
     from .engine import lock as instance
+    from .engine.journal import journal_name
 
     runtime_dir = args.runtime_dir
     if runtime_dir is None:
         runtime_dir = (load_supervisor_config(args.config).runtime_dir if args.config
                        else DEFAULT_RUNTIME_DIR)
     sockets = [_protocol.socket_path(runtime_dir)]
+    owner = pidfile.read(runtime_dir)
+    if owner is None or owner.alive():
+        return
+    name = journal_name(owner.pid, owner.start_time)
+    # (A dry run recovers nothing: the journal it would recover is there.)
+    if name not in {os.path.basename(p) for p in recovered} and not (
+            args.dry_run and os.path.exists(os.path.join(state_dir, name))):
+        print(f"tunsup cleanup: the service named by {pidfile.pid_path(runtime_dir)} (pid "
+              f"{owner.pid}, gone) left no journal in {state_dir}: its pid file and socket "
+              "are left as they are (if it used another state directory, run cleanup with "
+              "that one; if it had changed nothing, remove them)", file=sys.stderr)
+        return
     if args.dry_run:
         for path in instance.stale_runtime_files(runtime_dir, sockets):
             print(f"would remove {path} (its service is gone)")

@@ -759,6 +759,13 @@ class Journal:
                     ticket.state = _QUEUED
                 self._queue[:0] = again
             raise
+        except OSError as exc:
+            # A full or read-only disk: said as a host error (one line, the
+            # journal named), not as an unexpected one.
+            error = HostError(f"cannot write the journal {self.path}: {exc.strerror or exc}")
+            error.__cause__ = exc
+            self._settle(encoded, error)
+            return
         except Exception as exc:
             self._settle(encoded, exc)
             return

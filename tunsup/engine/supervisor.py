@@ -965,6 +965,9 @@ class Supervisor:
             try:
                 await self._start(tunnel, slot.origin)
             except Exception as exc:
+                # The old tunnel is gone: listed as failed (status) until a
+                # reload, an `up` or a `down` of its name, not silently lost.
+                self._failed_slots[tunnel.name] = Slot(tunnel, slot.origin)
                 raise StartFailed(tunnel, describe_error(exc)) from exc
             return tunnel
         finally:

@@ -31,6 +31,10 @@ def notify(*lines: str) -> bool:
     return False
 
 
+#: Shortest time between two ``WATCHDOG=1`` pings, in seconds.
+MIN_WATCHDOG_INTERVAL = 0.01
+
+
 def watchdog_interval() -> float | None:
     """Seconds between ``WATCHDOG=1`` pings: half of ``WATCHDOG_USEC``, when
     systemd asks this process for them (``WATCHDOG_PID`` unset or ours)."""
@@ -44,4 +48,6 @@ def watchdog_interval() -> float | None:
         value = int(usec)
     except ValueError:
         return None
-    return value / 2e6 if value > 0 else None
+    # A floor: WATCHDOG_USEC=1 must not make the event loop spin (22,000
+    # pings a second were seen); systemd's own granularity is coarser.
+    return max(value / 2e6, MIN_WATCHDOG_INTERVAL) if value > 0 else None
