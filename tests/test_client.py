@@ -120,7 +120,11 @@ def test_stop_never_signals_a_process_whose_start_time_differs(
     me = pidfile.myself()
     Path(pidfile.pid_path(str(tmp_path))).write_text(f"{me.pid} {me.start_time - 1}\n")
     assert main(["stop", "--runtime-dir", str(tmp_path), "--timeout", "1"]) == 0
-    assert "is not running" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "is not running" in said and "which is gone or another process now" in said
+    # status says so too (found from outside: it said the pid "is gone").
+    assert main(["status", "--runtime-dir", str(tmp_path)]) == 1
+    assert f"pid {me.pid} is gone, or another process now" in capsys.readouterr().out
 
 
 def test_stop_and_status_without_a_service(tmp_path: Path,

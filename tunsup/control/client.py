@@ -297,7 +297,8 @@ def _not_running_status(runtime_dir: str, as_json: bool) -> int:
         code = STATUS_UNKNOWN
     elif owner is not None:
         message = (f"tunsup is not running, but its pid file remains (pid {owner.pid} is "
-                   "gone): it did not exit cleanly; 'tunsup cleanup' undoes what it left")
+                   "gone, or another process now): it did not exit cleanly; 'tunsup "
+                   "cleanup' undoes what it left")
         code = STATUS_DEAD
     else:
         message = "tunsup is not running"
