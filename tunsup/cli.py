@@ -429,6 +429,10 @@ def _run(args: argparse.Namespace | SimpleNamespace) -> int:
     sight and the collector runs again (see :func:`_run_service`)."""
     import gc
 
+    from . import _lazy
+
+    # Before the configuration's modules (shutil) and trio import them.
+    _lazy.defer()
     was = gc.isenabled()
     gc.disable()
     try:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
-import secrets
+import os
 import socket
 import struct
 import threading
@@ -118,13 +118,19 @@ def _delete_one(index: int, name: str) -> bool | OSError:
     return True
 
 
+def _random_group() -> int:
+    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF | 1 << 30
+
+
 def _delete_as_group(links: Sequence[tuple[int, str]]) -> bool:
     """Delete ``links`` in one request; False if that was not done (then
     nothing but their group numbers changed)."""
     try:
         used = {group for _i, _n, group in _rtnl.dump_links(check=raise_if_abandoned)}
-        group = next(g for g in iter(lambda: secrets.randbits(31) | 1 << 30, 0)
-                     if g not in used)
+        # A random group number in the upper half, clear of those in use
+        # (os.urandom, not secrets: that loads hashlib and libcrypto, ~3 ms
+        # of every start, for a number that needs no cryptography).
+        group = next(g for g in iter(lambda: _random_group(), 0) if g not in used)
         for index, _name in links:
             _rtnl.set_link(index, group=group, check=raise_if_abandoned)
         members = {(i, n) for i, n, g in _rtnl.dump_links(check=raise_if_abandoned)

@@ -1,0 +1,97 @@
+"""Modules imported on ``tunsup run``'s start and never used: run on first use.
+
+trio's package imports its TLS and DTLS layers whatever a program uses:
+``ssl`` (with ``_ssl`` and libssl), ``hmac`` (with ``_hashlib`` and
+libcrypto) and ``idna``.  On the cold start of ``tunsup run`` they cost
+~7 ms of ~165 (``-X importtime``; an A/B of 40 starts: ~10 ms of the
+imports' median), for code the service never calls: tunsup speaks netlink,
+UAPI and a Unix control socket, none of them over TLS, and resolves no
+host name.  ``shutil`` (for ``which``) imports ``bz2`` and ``lzma`` and
+their libraries only to learn whether it can make such archives; tunsup
+makes none.  (Deferred, they are taken as present: were their C parts
+missing, ``shutil`` would offer archive formats that fail when used.)
+
+:func:`defer` puts each such module in :data:`sys.modules` before trio is
+imported: the real module, found where ``import`` would find it, whose
+code has not run yet.  ``import ssl`` of it then only binds the name (the
+import system reads nothing of a module in :data:`sys.modules` but its
+``__spec__``); the first other attribute anyone reads runs the module's
+code in that same module object, so every holder of it sees the real
+module.  trio only binds these modules at import (``import ssl as
+_stdlib_ssl``, ``import hmac``, ``import idna as _idna``) and reads them
+inside the functions that use them, so a service never runs them, and a
+program that does use them (a test opening an SSLStream, say) gets what an
+eager import would have given it, a little later.
+
+Why not :class:`importlib.util.LazyLoader`, the standard library's lazy
+module: on this Python its module runs on *any* attribute read, including
+the ``__spec__`` that every later ``import`` of it reads, so trio's own
+``import ssl`` ran it at once.  Unlike it, a first use from several threads
+runs the module once (a lock), and a module whose code fails is left to
+run again at its next use, as a failed import is tried again.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+
+#: What ``tunsup run`` defers before its first import.
+UNUSED_AT_START = ("ssl", "hmac", "idna", "bz2", "lzma")
+
+
+class _Deferred(types.ModuleType):
+    """A module whose code has not run yet: the first attribute read (other
+    than ``__spec__``, which the import system reads on every ``import``
+    of it) runs it, in this very module object."""
+
+    def __getattribute__(self, attr: str) -> object:
+        if attr == "__spec__":
+            return types.ModuleType.__getattribute__(self, attr)
+        _load(self)
+        return getattr(self, attr)
+
+
+#: Reentrant: a deferred module's code may use another deferred module.
+_LOCK = threading.RLock()
+
+
+def _load(module: types.ModuleType) -> None:
+    """Run ``module``'s code once, in it.  Blocks while another thread runs
+    it (as a concurrent import of one module does)."""
+    with _LOCK:
+        if type(module) is not _Deferred:  # run meanwhile, or running here
+            return
+        spec = types.ModuleType.__getattribute__(module, "__spec__")
+        # The class first: the module's own code (a package importing its
+        # submodules) reads attributes of the module while it runs.
+        _become(module, types.ModuleType)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            _become(module, _Deferred)
+            raise
+
+
+def _become(module: types.ModuleType, cls: type[types.ModuleType]) -> None:
+    module.__class__ = cls
+
+
+def defer(names: tuple[str, ...] = UNUSED_AT_START) -> list[str]:
+    """Put each module of ``names`` not yet imported in :data:`sys.modules`
+    unexecuted, to run on first use; returns the names deferred."""
+    import importlib.util
+
+    deferred = []
+    for name in names:
+        if name in sys.modules:
+            continue
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            continue
+        module = importlib.util.module_from_spec(spec)
+        _become(module, _Deferred)
+        sys.modules[name] = module
+        deferred.append(name)
+    return deferred
