@@ -12,6 +12,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 
+from tunsup import _lazy
 from tunsup.testing.service_process import ServiceProcess
 
 from .conftest import needs_netns
@@ -34,8 +35,10 @@ def test_trio_imported_after_defer_runs_none_of_them_until_used(tmp_path: pathli
         from tunsup import _lazy
         out["deferred"] = _lazy.defer()
         import trio
-        out["loaded_early"] = sorted(m for m in ("_ssl", "_hashlib", "idna.core", "_bz2",
-                                                 "_lzma") if m in sys.modules)
+        out["loaded_early"] = sorted(
+            [m for m in ("_ssl", "_hashlib", "idna.core", "_bz2", "_lzma", "_locale")
+             if m in sys.modules]
+            + [m for m in out["deferred"] if type(sys.modules[m]) is not _lazy._Deferred])
         # Used through the names trio bound at its import: the real modules.
         import trio.testing
         ctx = trio._ssl._stdlib_ssl.create_default_context()
@@ -48,14 +51,21 @@ def test_trio_imported_after_defer_runs_none_of_them_until_used(tmp_path: pathli
         out["idna"] = trio._socket.encode_hostname("b\u00fccher.example").decode()
         import bz2
         out["bz2"] = bz2.decompress(bz2.compress(b"x")).decode()
+        import linecache  # as a traceback reads its source lines: tokenize.open
+        out["line"] = linecache.getline(_lazy.__file__, 1).strip()
+        import subprocess
+        out["text"] = subprocess.run(["echo", "x"], capture_output=True, text=True).stdout
     """)
-    assert out["deferred"] == ["ssl", "hmac", "idna", "bz2", "lzma"]
+    assert out["deferred"] == ["ssl", "hmac", "idna", "bz2", "lzma", "tokenize", "locale"]
     assert out["loaded_early"] == []
     assert out["stream"] == "SSLStream"
     assert out["same"] is True
     assert out["hmac"] == hmac.digest(b"k", b"m", "sha256").hex()
     assert out["idna"] == "xn--bcher-kva.example"
     assert out["bz2"] == "x"
+    # linecache read the line through tokenize; text mode used locale.
+    assert out["line"] == _lazy.__doc__.splitlines()[0].join(['"""', ""])
+    assert out["text"] == "x\n"
 
 
 def write_module(tmp_path: pathlib.Path, name: str, body: str) -> None:
@@ -114,9 +124,10 @@ def test_a_module_that_fails_runs_again_at_its_next_use(tmp_path: pathlib.Path) 
 
 def test_a_deferred_module_may_use_another_and_a_package_its_submodules(
         tmp_path: pathlib.Path) -> None:
-    """A deferred module whose code uses another deferred module (the lock
-    is reentrant: a plain one would deadlock here, hence the timeout), and a
-    deferred package importing its own submodule as it runs."""
+    """A deferred module whose code uses another deferred module, and a
+    deferred package importing its own submodule as it runs (one lock for
+    all, or a class changed after the code ran, would deadlock here, hence
+    the subprocess's timeout)."""
     write_module(tmp_path, "inner", "VALUE = 'inner'\n")
     write_module(tmp_path, "outer", "import inner\nVALUE = inner.VALUE + '+outer'\n")
     pkg = tmp_path / "pkg"

@@ -10,6 +10,11 @@ host name.  ``shutil`` (for ``which``) imports ``bz2`` and ``lzma`` and
 their libraries only to learn whether it can make such archives; tunsup
 makes none.  (Deferred, they are taken as present: were their C parts
 missing, ``shutil`` would offer archive formats that fail when used.)
+Two more are imported only for functions a start does not call:
+``tokenize`` (by ``linecache``, to read the source lines of a traceback)
+and ``locale`` (by ``subprocess``, for text-mode pipes): ~2 ms together.
+(Not ``textwrap``: ``sortedcontainers``, which trio needs, uses it at
+import.)
 
 :func:`defer` puts each such module in :data:`sys.modules` before trio is
 imported: the real module, found where ``import`` would find it, whose
@@ -38,7 +43,7 @@ import threading
 import types
 
 #: What ``tunsup run`` defers before its first import.
-UNUSED_AT_START = ("ssl", "hmac", "idna", "bz2", "lzma")
+UNUSED_AT_START = ("ssl", "hmac", "idna", "bz2", "lzma", "tokenize", "locale")
 
 
 class _Deferred(types.ModuleType):
@@ -53,17 +58,20 @@ class _Deferred(types.ModuleType):
         return getattr(self, attr)
 
 
-#: Reentrant: a deferred module's code may use another deferred module.
-_LOCK = threading.RLock()
+#: One lock per deferred module (by name), as the import system has one per
+#: module it imports.  Never taken twice by one thread: the module's class
+#: changes before its code runs, so a read of it from its own code (or of
+#: its package, by a submodule) no longer comes here.
+_LOCKS: dict[str, threading.Lock] = {}
 
 
 def _load(module: types.ModuleType) -> None:
     """Run ``module``'s code once, in it.  Blocks while another thread runs
     it (as a concurrent import of one module does)."""
-    with _LOCK:
+    spec = types.ModuleType.__getattribute__(module, "__spec__")
+    with _LOCKS[spec.name]:
         if type(module) is not _Deferred:  # run meanwhile, or running here
             return
-        spec = types.ModuleType.__getattribute__(module, "__spec__")
         # The class first: the module's own code (a package importing its
         # submodules) reads attributes of the module while it runs.
         _become(module, types.ModuleType)
@@ -91,6 +99,7 @@ def defer(names: tuple[str, ...] = UNUSED_AT_START) -> list[str]:
         if spec is None or spec.loader is None:
             continue
         module = importlib.util.module_from_spec(spec)
+        _LOCKS[name] = threading.Lock()
         _become(module, _Deferred)
         sys.modules[name] = module
         deferred.append(name)
