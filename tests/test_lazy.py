@@ -146,6 +146,76 @@ def test_a_deferred_module_may_use_another_and_a_package_its_submodules(
     assert out == {"outer": "inner+outer", "pkg": "pkg.core", "sub": "pkg.core"}
 
 
+def test_a_thread_reading_it_while_another_runs_it_waits_for_the_whole_module(
+        tmp_path: pathlib.Path) -> None:
+    """Thread A runs the module's code (held in it by an event); the main
+    thread reads the module meanwhile: it waits until the code has run and
+    gets the value, as with an eager import, not an AttributeError from a
+    module half made.  A third thread lets A go on once the main thread is
+    seen waiting inside tunsup._lazy (its frames, not a sleep)."""
+    write_module(tmp_path, "gated", """
+        import builtins
+        builtins.RUNS = getattr(builtins, "RUNS", 0) + 1
+        builtins.STARTED.set()
+        builtins.GO.wait(30)
+        VALUE = "whole"
+    """)
+    out = run_script(tmp_path, """
+        import builtins, threading, time
+        builtins.STARTED, builtins.GO = threading.Event(), threading.Event()
+        from tunsup import _lazy
+        _lazy.defer(("gated",))
+        import gated
+        got_a = []
+        a = threading.Thread(target=lambda: got_a.append(gated.VALUE))
+        a.start()
+        builtins.STARTED.wait(30)
+        main, done = threading.get_ident(), threading.Event()
+
+        def release():
+            while not done.is_set():
+                frame, names = sys._current_frames().get(main), []
+                while frame is not None:
+                    names.append((frame.f_code.co_filename, frame.f_code.co_name))
+                    frame = frame.f_back
+                if (_lazy.__file__, "_load") in names:
+                    break
+                time.sleep(0.001)  # polling the condition above
+            builtins.GO.set()
+
+        c = threading.Thread(target=release)
+        c.start()
+        try:
+            out["main"] = gated.VALUE
+        except AttributeError as exc:
+            out["main"] = repr(exc)
+        done.set()
+        builtins.GO.set()
+        a.join(30)
+        c.join(30)
+        out["a"] = got_a
+        out["runs"] = builtins.RUNS
+    """)
+    assert out == {"main": "whole", "a": ["whole"], "runs": 1}
+
+
+def test_a_module_whose_c_part_is_missing_is_not_deferred(tmp_path: pathlib.Path) -> None:
+    """As on a Python built without liblzma: lzma stays out, so its import
+    fails at once and shutil knows it cannot make such archives."""
+    out = run_script(tmp_path, """
+        sys.modules["_lzma"] = None  # what a missing extension looks like to find_spec
+        from tunsup import _lazy
+        out["deferred"] = _lazy.defer(("bz2", "lzma"))
+        import shutil
+        out["lzma_supported"] = shutil._LZMA_SUPPORTED
+        try:
+            import lzma
+        except ImportError:
+            out["import"] = "fails"
+    """)
+    assert out == {"deferred": ["bz2"], "lzma_supported": False, "import": "fails"}
+
+
 TLS_AND_FRIENDS = ("libssl", "libcrypto", "_ssl.", "_hashlib.", "libbz2", "liblzma")
 
 
