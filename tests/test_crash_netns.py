@@ -354,6 +354,8 @@ def test_live_instance_owns_the_state(crash: Crash) -> None:
     result = crash.cleanup()
     assert result.returncode == 1, result.stdout + result.stderr
     assert "a live instance owns" in result.stderr
+    # Named by its pid (found in /proc/locks: a state directory has no pid file).
+    assert f"pid {svc.proc.pid} already runs with this state" in result.stderr
     second = crash.run(conf, label="second")
     assert second.wait_exit(30) == 2
     assert "already runs with this state" in second.output()

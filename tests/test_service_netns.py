@@ -177,6 +177,13 @@ def test_notify_ready_status_watchdog_and_stopping(pair: Pair) -> None:
     lines = notifications(svc, "STOPPING=1")
     assert "STATUS=stopping (SIGTERM)" in lines
     assert svc.wait_exit(30) == 0
+    # Told once: the end of the teardown does not say it again.  (Exited:
+    # every datagram it sent is queued.)
+    svc.notify.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            lines += svc.notify.recv(65536).decode().split("\n")
+    assert lines.count("STOPPING=1") == 1, lines
 
 
 def test_two_concurrent_stops_both_report_the_outcome(pair: Pair) -> None:

@@ -27,11 +27,39 @@ LOCK_NAME = "tunsup.lock"
 class LockHeld(Exception):
     """Another live process holds the instance lock."""
 
-    def __init__(self, path: str, owner: pidfile.ProcessId | None) -> None:
+    def __init__(self, path: str, owner: pidfile.ProcessId | None,
+                 holder: int | None = None) -> None:
         self.path = path
         self.owner = owner
-        who = f"pid {owner.pid}" if owner else "another process"
+        pid = owner.pid if owner else holder
+        who = f"pid {pid}" if pid is not None else "another process"
         super().__init__(f"{who} already runs with this state (lock {path} is held)")
+
+
+#: Bound on the read of /proc/locks (one line per lock on the machine).
+_PROC_LOCKS_LIMIT = 4 << 20
+
+
+def lock_holder(fd: int) -> int | None:
+    """The pid holding a ``flock`` on the file open as ``fd``, as the kernel
+    lists it in /proc/locks (the process that took it); None when not found
+    or not readable.  For a message only: a state directory's lock has no
+    pid file beside it to name its owner."""
+    st = os.fstat(fd)
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", "rb") as f:
+            text = f.read(_PROC_LOCKS_LIMIT).decode("ascii", "replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:01:5678 0 EOF"
+        fields = line.split()
+        if "FLOCK" in fields and wanted in fields:
+            at = fields.index(wanted)
+            if fields[at - 1].isdigit():
+                return int(fields[at - 1])
+    return None
 
 
 def is_alive(pid: int, start_time: int) -> bool:
@@ -69,8 +97,12 @@ def _lock(directory: str, mode: int, runtime_dir: str | None) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
-        raise LockHeld(path, pidfile.running(runtime_dir) if runtime_dir else None) from None
+        try:
+            owner = pidfile.running(runtime_dir) if runtime_dir else None
+            holder = None if owner else lock_holder(fd)
+        finally:
+            os.close(fd)
+        raise LockHeld(path, owner, holder) from None
     return fd
 
 

@@ -315,6 +315,8 @@ class Supervisor:
         self._repeated: set[int] = set()
         self.ready = trio.Event()
         self.stop_reason: str | None = None
+        #: STOPPING=1 told to systemd (once: by the signal, or at the end).
+        self._stopping_notified = False
         #: "new", "starting", "running", "stopping", "stopped".
         self.phase = "new"
         #: Wall-clock time ``run`` started.
@@ -480,7 +482,9 @@ class Supervisor:
             self._release(initial)
             self._release_all()
             self.phase = "stopped"
-            sdnotify.notify("STOPPING=1")
+            if not self._stopping_notified:
+                self._stopping_notified = True
+                sdnotify.notify("STOPPING=1")
             with trio.CancelScope(shield=True):
                 await self._end_adoption()
                 await self._close_journal()
@@ -998,6 +1002,7 @@ class Supervisor:
                 self._hangup()
         elif self.stop_reason is None:
             log.info("received %s%s: stopping", name, " before the start" if early else "")
+            self._stopping_notified = True
             sdnotify.notify("STOPPING=1", f"STATUS=stopping ({name})")
             self.stop(f"received {name}")
         else:
