@@ -208,3 +208,26 @@ def test_a_helper_writing_a_huge_line_costs_bounded_memory(
     assert peak < 2_000_000, f"the pump held {peak} bytes for one {HUGE}-byte line"
     assert f"line truncated: longer than {MAX_LINE} bytes" in caplog.text
     assert "[bash out] after-the-huge-line" in caplog.text
+
+
+def test_a_hook_cancelled_while_it_runs_is_killed_and_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A stop (or a start given up) while a hook runs: its process group is
+    killed, and the log says the hook was interrupted, not just nothing."""
+    log = logging.getLogger("tunsup.test.hook")
+    seen: list[int] = []
+
+    async def main() -> None:
+        with trio.CancelScope() as scope:
+            async def started(pid: int, start_time: int) -> None:
+                seen.append(pid)
+                scope.cancel()
+
+            await hooks.run_hook("sleep 30", log, 30, started=started)
+
+    with caplog.at_level(logging.INFO, logger="tunsup.test.hook"):
+        trio.run(main)
+    assert seen
+    with pytest.raises(ProcessLookupError):
+        os.kill(seen[0], 0)
+    assert "hook 'sleep 30' interrupted: its process group was killed" in caplog.messages

@@ -35,7 +35,8 @@ async def run_hook(command: str, log: logging.Logger, timeout: float, *,
     its output is logged.  Raises :class:`HostError` on a non-zero exit or
     after ``timeout`` seconds (counted from the spawn, ``started``
     included), when its whole process group is killed.  On cancellation
-    the process group is killed too and ``trio.Cancelled`` propagates.
+    the process group is killed too (and a warning says so) and
+    ``trio.Cancelled`` propagates.
     """
     log.info("running hook: %s", command)
     try:
@@ -79,6 +80,9 @@ async def run_hook(command: str, log: logging.Logger, timeout: float, *,
     finally:
         if proc.returncode is None:
             _kill_group(proc.pid)
+            if not timed_out:  # (a timeout is the HostError below)
+                # Cancelled: a stop, or a start given up, while it ran.
+                log.warning("hook %r interrupted: its process group was killed", command)
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await proc.wait()
         await proc.stdout.aclose()
