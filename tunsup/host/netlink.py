@@ -130,7 +130,7 @@ def _delete_as_group(links: Sequence[tuple[int, str]]) -> bool:
         # A random group number in the upper half, clear of those in use
         # (os.urandom, not secrets: that loads hashlib and libcrypto, ~3 ms
         # of every start, for a number that needs no cryptography).
-        group = next(g for g in iter(lambda: _random_group(), 0) if g not in used)
+        group = next(g for g in iter(_random_group, 0) if g not in used)
         for index, _name in links:
             _rtnl.set_link(index, group=group, check=raise_if_abandoned)
         members = {(i, n) for i, n, g in _rtnl.dump_links(check=raise_if_abandoned)
