@@ -37,10 +37,11 @@ from __future__ import annotations
 import contextlib
 import marshal
 import os
-import stat
 import struct
 import sys
 import zlib
+
+from ._trusted import read_trusted
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class CodeCache:
     def _load(self) -> dict[_Key, CodeType]:
         assert self.path is not None
         try:
-            blob = _read_regular(self.path, _MAX_BYTES)
+            blob = read_trusted(self.path, _MAX_BYTES)
             # The checksum first: marshal trusts the lengths it reads (five
             # bytes can make it reserve gigabytes).
             payload = memoryview(blob)[_HEAD.size:]
@@ -160,31 +161,6 @@ def _remove_other_tags(directory: str, keep: str) -> None:
         if name != keep and name.startswith(prefix) and name.endswith(suffix):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(directory, name))
-
-
-def _read_regular(path: str, limit: int) -> bytes:
-    """The bytes of ``path`` if it is a regular file of at most ``limit``
-    bytes, owned by root or this user and writable by nobody else; OSError
-    otherwise.  Opened without blocking, so that a FIFO or
-    a device left at the path cannot hold up a start."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
-            raise OSError(f"{path}: not a regular file of at most {limit} bytes")
-        # Code is run from it: only as trusted as its writers (as a .pyc).
-        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
-            raise OSError(f"{path}: writable by others than root and this user")
-        chunks = []
-        left = st.st_size + 1  # a file that grew meanwhile is refused
-        while left > 0 and (chunk := os.read(fd, left)):
-            chunks.append(chunk)
-            left -= len(chunk)
-        if left <= 0:
-            raise OSError(f"{path}: changed while read")
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def _mark_salt(script: str) -> tuple[int | None, str]:

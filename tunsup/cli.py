@@ -316,7 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args is None:
         args = _parser().parse_args(argv)
     if args.command in _COMPILING_COMMANDS:
-        # Before anything defines an attrs class (see _codecache).
+        # Before their modules are imported (see _bundle), and before
+        # anything defines an attrs class (see _codecache).
+        from . import _bundle
+
+        _bundle.install()
         from . import _codecache
 
         _codecache.install()
@@ -501,7 +505,10 @@ def _start_service(args: argparse.Namespace | SimpleNamespace, loaded: Loaded,
     """The service's part of ``run``, once the configuration is checked and
     the instance lock held (released by the caller)."""
     cfg = loaded.config
-    import trio
+    from ._findlib import pthread_from_libc
+
+    with pthread_from_libc():  # trio's import runs no ldconfig (~2 ms)
+        import trio
 
     from ._log import HUB, setup_logging, stop_logging
     from .engine.journal import Journal, JournalObserver
@@ -511,6 +518,7 @@ def _start_service(args: argparse.Namespace | SimpleNamespace, loaded: Loaded,
 
     setup_logging(debug=args.debug, json_lines=args.json_logs)
     try:
+        _log_imports()
         journal = Journal(cfg.state_dir, lock.pid, lock.start_time)
         host = real_host(resolv_conf=cfg.dns.resolv_conf,
                          route_progress=lambda n: journal.fault.total("routes", n))
@@ -539,6 +547,18 @@ def _start_service(args: argparse.Namespace | SimpleNamespace, loaded: Loaded,
     finally:
         stop_logging()
     return int(code)
+
+
+def _log_imports() -> None:
+    """Say (at debug level) how many modules came from the bundle."""
+    from . import _bundle
+
+    finder = _bundle.installed()
+    if finder is not None:
+        import logging
+
+        logging.getLogger("tunsup").debug("imports: %d modules from the bundle %s",
+                                          finder.served, _bundle.bundle_path())
 
 
 def _cleanup(args: argparse.Namespace | SimpleNamespace) -> int:

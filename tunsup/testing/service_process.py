@@ -88,7 +88,9 @@ class ServiceProcess:
         label: str,
         *,
         env: Mapping[str, str] | None = None,
+        program: Sequence[str] | None = None,
     ) -> None:
+        """``program``: what runs ``tunsup`` (default ``python -m tunsup``)."""
         self.label = label
         # A second run with the same label (a restart) gets its own files.
         stem, n = label, 1
@@ -101,7 +103,7 @@ class ServiceProcess:
         self.log_path = os.path.join(workdir, f"{stem}.log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         full_env = dict(os.environ, NOTIFY_SOCKET=self.notify_path, **(env or {}))
-        argv = [sys.executable, "-m", "tunsup", "run", *run_args]
+        argv = [*(program or (sys.executable, "-m", "tunsup")), "run", *run_args]
         if ns is not None:
             argv = _netns.ns_exec_argv(ns, argv)
         self.started = time.monotonic()
