@@ -132,6 +132,26 @@ def test_a_module_added_beside_them_turns_the_bundle_off(
         "installed": False}
 
 
+def test_a_search_path_changed_after_the_start_is_obeyed(
+        module_bundle: tuple[pathlib.Path, pathlib.Path, pathlib.Path],
+        tmp_path: pathlib.Path) -> None:
+    """A directory put first on ``sys.path`` once the finder is installed
+    shadows a bundled module as it would without the bundle."""
+    pkgdir, cwd, path = module_bundle
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "bmod.py").write_text("VALUE = 4\n")
+    result = _py("""
+        import json, sys
+        from tunsup import _bundle
+        finder = _bundle.install(sys.argv[1])
+        sys.path.insert(0, sys.argv[2])
+        import bmod
+        print(json.dumps({"installed": finder is not None, "value": bmod.VALUE}))
+    """, cwd=cwd, pythonpath=pkgdir, args=(str(path), str(first)))
+    assert result == {"installed": True, "value": 4}
+
+
 def test_another_search_path_turns_the_bundle_off(
         module_bundle: tuple[pathlib.Path, pathlib.Path, pathlib.Path],
         tmp_path: pathlib.Path) -> None:

@@ -23,8 +23,9 @@ same, none of those directories changed (a module added, removed or
 shadowed there changes its directory's time) and the script's directory
 shadows no bundled top-level module: then a name resolves to the same file
 as the usual finders would find.  Otherwise nothing is installed and
-imports go as always.  The finder answers for a bundled module whose
-source file still has its size and time, with a spec whose loader is a
+imports go as always.  The finder answers, while ``sys.path`` stays as
+it was, for a bundled module whose source file still has its size and
+time, with a spec whose loader is a
 :class:`importlib.machinery.SourceFileLoader` in all but where the code
 comes from, so ``__file__``, ``__cached__``, tracebacks' source lines and
 resources are what they were; for anything else it says nothing and the
@@ -130,13 +131,16 @@ class BundleFinder:
 
     def __init__(self, index: dict[str, Entry], view: memoryview) -> None:
         self.index, self.view = index, view
+        #: ``sys.path`` as it was checked: once it changes (a program adds
+        #: a directory), the usual finders decide alone.
+        self.search_path = list(sys.path)
         #: Modules whose code came from the bundle.
         self.served = 0
 
     def find_spec(self, name: str, path: object = None,
                   target: ModuleType | None = None) -> ModuleSpec | None:
         entry = self.index.get(name)
-        if entry is None:
+        if entry is None or sys.path != self.search_path:
             return None
         origin, is_package, mtime_ns, size, start, length = entry
         try:
