@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 
 from tunsup import _bundle
-from tunsup.testing.service_process import ServiceProcess
+from tunsup.testing.service_process import ServiceProcess, ready_then_stopped
 
 from .conftest import needs_netns
 from .test_prefetch import run_args, write_conf
@@ -239,12 +239,7 @@ def test_the_installed_tunsup_runs_from_the_bundle(
     ns = netns("bundle")
     svc = ServiceProcess(ns, [*run_args(tmp_path, write_conf(tmp_path, "tbndl1")), "--debug"],
                          str(tmp_path), "bundle", program=[str(script)])
-    try:
-        svc.wait_ready(60)
-    finally:
-        code, _ = svc.stop()
-        svc.close()
-    assert code == 0, svc.output()
-    found = re.search(r"imports: (\d+) modules from the bundle", svc.output())
-    assert found, svc.output()
+    output = ready_then_stopped(svc)
+    found = re.search(r"imports: (\d+) modules from the bundle", output)
+    assert found, output
     assert int(found.group(1)) >= 100

@@ -21,7 +21,7 @@ from tunsup import _prefetch
 from tunsup._errors import HostError
 from tunsup.host import tun
 from tunsup.testing import netns as _netns
-from tunsup.testing.service_process import ServiceProcess
+from tunsup.testing.service_process import ServiceProcess, ready_then_stopped
 
 from .conftest import needs_netns
 from .test_tun import ask_together, fake_wireguard_go
@@ -227,15 +227,10 @@ def test_run_asks_wireguard_go_before_its_first_tunnel_starts(
     ns = netns("pre")
     svc = ServiceProcess(ns, run_args(tmp_path, write_conf(tmp_path, "tpre1")),
                          str(tmp_path), "pre", env=env)
-    try:
-        svc.wait_ready(60)
-    finally:
-        code, _ = svc.stop()
-        svc.close()
-    assert code == 0, svc.output()
+    output = ready_then_stopped(svc)
     times = [float(t) for t in asked.read_text().split()]
     assert len(times) == 1, "wireguard-go --version ran more than once"
-    line = next(ln for ln in svc.output().splitlines() if "starting tunnel tpre1" in ln)
+    line = next(ln for ln in output.splitlines() if "starting tunnel tpre1" in ln)
     clock = datetime.datetime.strptime(line[:12], "%H:%M:%S.%f").time()
     started = datetime.datetime.combine(datetime.date.fromtimestamp(times[0]), clock).timestamp()
     assert times[0] < started, "--version was asked only once the tunnel started"

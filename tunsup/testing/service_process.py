@@ -178,3 +178,15 @@ class ServiceProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def ready_then_stopped(svc: ServiceProcess, timeout: float = 60.0) -> str:
+    """Wait until ``svc`` is ready, stop it and close it (even when it never
+    got ready); returns its output.  AssertionError when it did not exit 0."""
+    try:
+        svc.wait_ready(timeout)
+    finally:
+        code, _ = svc.stop()
+        svc.close()
+    assert code == 0, svc.output()
+    return svc.output()
