@@ -5,12 +5,14 @@ Each check that imports runs in a fresh interpreter."""
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import pathlib
 import re
 import subprocess
 import sys
 import textwrap
+import zlib
 from collections.abc import Callable
 
 import pytest
@@ -124,6 +126,91 @@ def test_a_changed_source_is_imported_from_its_file(
     assert resized["value"] == 22 and resized["served"] == 0
 
 
+def test_a_module_the_builder_found_in_its_working_directory_is_not_bundled(
+        tmp_path: pathlib.Path) -> None:
+    """The builder's first path entry (its working directory) is not
+    recorded: what it found there would be served where the search path
+    finds another module, or none."""
+    pkgdir, cwd, builddir = tmp_path / "pkg", tmp_path / "cwd", tmp_path / "build"
+    for d in (pkgdir, cwd, builddir):
+        d.mkdir()
+    (builddir / "bmod.py").write_text("VALUE = 'from the build directory'\n")
+    (pkgdir / "bmod.py").write_text("VALUE = 1\n")
+    path = tmp_path / "bundle.marshal"
+    _py(_BUILD_MODULE, cwd=builddir, pythonpath=pkgdir, args=(str(path),))
+    result = _py(_IMPORT_MODULE, cwd=cwd, pythonpath=pkgdir, args=(str(path),))
+    assert result == {"installed": True, "value": 1, "served": 0,
+                      "file": str(pkgdir / "bmod.py")}
+
+
+def test_a_directory_named_like_a_module_that_becomes_a_package_turns_it_off(
+        tmp_path: pathlib.Path) -> None:
+    """``first/bmod/`` without an ``__init__`` is no module; once it gets
+    one, it is the package an import finds before ``second/bmod.py``."""
+    first, second, cwd = tmp_path / "first", tmp_path / "second", tmp_path / "cwd"
+    for d in (first / "bmod", second, cwd):
+        d.mkdir(parents=True)
+    (second / "bmod.py").write_text("VALUE = 1\n")
+    path = tmp_path / "bundle.marshal"
+    both = pathlib.Path(f"{first}:{second}")
+    _py(_BUILD_MODULE, cwd=cwd, pythonpath=both, args=(str(path),))
+    assert _py(_IMPORT_MODULE, cwd=cwd, pythonpath=both, args=(str(path),))["value"] == 1
+    (first / "bmod" / "__init__.py").write_text("VALUE = 2\n")
+    assert _py(_IMPORT_MODULE, cwd=cwd, pythonpath=both, args=(str(path),)) == {
+        "installed": False}
+
+
+def test_a_bundle_cut_short_while_in_use_is_read_as_usual(
+        module_bundle: tuple[pathlib.Path, pathlib.Path, pathlib.Path]) -> None:
+    """Truncated in place after it was installed (a copy over it, say): the
+    code it no longer holds is loaded from its file (a mapped file would
+    have killed the process with SIGBUS)."""
+    pkgdir, cwd, path = module_bundle
+    result = _py("""
+        import json, os, sys
+        from tunsup import _bundle
+        finder = _bundle.install(sys.argv[1])
+        os.truncate(sys.argv[1], finder._base)
+        import bmod
+        print(json.dumps({"value": bmod.VALUE, "served": finder.served}))
+    """, cwd=cwd, pythonpath=pkgdir, args=(str(path),))
+    assert result == {"value": 1, "served": 0}
+
+
+def test_installed_once_and_taken_off_for_good(
+        module_bundle: tuple[pathlib.Path, pathlib.Path, pathlib.Path]) -> None:
+    pkgdir, cwd, path = module_bundle
+    result = _py("""
+        import importlib, json, sys
+        from tunsup import _bundle
+        finder = _bundle.install(sys.argv[1])
+        again = _bundle.install(sys.argv[1])
+        ours = sum(1 for f in sys.meta_path if isinstance(f, _bundle.BundleFinder))
+        import bmod
+        off = _bundle.uninstall()
+        left = sum(1 for f in sys.meta_path if isinstance(f, _bundle.BundleFinder))
+        importlib.reload(bmod)
+        print(json.dumps({"same": again is finder and off is finder, "ours": ours,
+                          "left": left, "served": finder.served, "why": _bundle.why_not(),
+                          "value": bmod.VALUE}))
+    """, cwd=cwd, pythonpath=pkgdir, args=(str(path),))
+    assert result == {"same": True, "ours": 1, "left": 0, "served": 1, "value": 1,
+                      "why": "taken off once the start's imports were done"}
+
+
+def test_the_first_build_into_a_new_cache_directory_is_usable(tmp_path: pathlib.Path) -> None:
+    """Creating the bundle's directory changes its parent's time: a
+    bundle written into a new ``__pycache__`` of a directory it records
+    must still match it."""
+    pkgdir, cwd = tmp_path / "pkg", tmp_path / "cwd"
+    pkgdir.mkdir()
+    cwd.mkdir()
+    (pkgdir / "bmod.py").write_text("VALUE = 1\n")
+    path = pkgdir / "__pycache__" / "bundle.marshal"
+    _py(_BUILD_MODULE, cwd=cwd, pythonpath=pkgdir, args=(str(path),))
+    assert _py(_IMPORT_MODULE, cwd=cwd, pythonpath=pkgdir, args=(str(path),))["served"] == 1
+
+
 def test_a_module_added_beside_them_turns_the_bundle_off(
         module_bundle: tuple[pathlib.Path, pathlib.Path, pathlib.Path]) -> None:
     pkgdir, cwd, path = module_bundle
@@ -182,12 +269,21 @@ def test_the_scripts_directory_must_not_shadow_a_bundled_module(
         assert result["value"] == 1
 
 
+def test_a_script_directory_that_cannot_be_listed_counts_as_shadowing(
+        tmp_path: pathlib.Path) -> None:
+    app = tmp_path / "app.pyz"
+    app.write_bytes(b"PK\5\6" + b"\0" * 18)
+    assert _bundle._shadowed({"bmod"}, str(app))
+    assert not _bundle._shadowed({"bmod"}, str(tmp_path / "missing"))
+
+
 def test_code_that_does_not_unmarshal_is_loaded_from_its_file(
         module_bundle: tuple[pathlib.Path, pathlib.Path, pathlib.Path]) -> None:
     pkgdir, cwd, path = module_bundle
     data = bytearray(path.read_bytes())
-    index = (_bundle._load(str(path)) or pytest.fail("unreadable"))[0]
-    start, length = index["bmod"][4:6]
+    loaded = _bundle._load(str(path)) or pytest.fail("unreadable")
+    os.close(loaded[3])
+    start, length = loaded[0]["bmod"][4:6]
     _, _, head_length = _bundle._HEAD.unpack_from(data)
     at = _bundle._HEAD.size + head_length + start
     data[at:at + length] = b"\xff" * length
@@ -202,8 +298,29 @@ def test_a_hostile_or_broken_file_is_not_used(
         tmp_path: pathlib.Path) -> None:
     _, _, path = module_bundle
     good = path.read_bytes()
-    assert _bundle._load(str(path)) is not None
+    loaded = _bundle._load(str(path))
+    assert loaded is not None
+    os.close(loaded[3])
+    index, search_path, dir_times = loaded[0], loaded[1], loaded[2]
+    code_size = len(good) - loaded[4]
+
+    def with_index(new_index: object, new_dirs: object = None) -> bytes:
+        head = marshal.dumps((new_index, search_path,
+                              dir_times if new_dirs is None else new_dirs))
+        return (_bundle._HEAD.pack(_bundle._MAGIC, zlib.crc32(head), len(head)) + head
+                + good[loaded[4]:])
+
+    entry = index["bmod"]
     cases: dict[str, Callable[[pathlib.Path], object]] = {
+        # Checksummed, but not what build writes.
+        "entry too short": lambda p: p.write_bytes(with_index({"bmod": entry[:4]})),
+        "NUL in a path": lambda p: p.write_bytes(
+            with_index({"bmod": ("/x\0y", *entry[1:])})),
+        "name not a string": lambda p: p.write_bytes(with_index({1: entry})),
+        "directory not a string": lambda p: p.write_bytes(with_index(index, {None: 1})),
+        "code past the end": lambda p: p.write_bytes(
+            with_index({"bmod": (*entry[:4], code_size, 10)})),
+        "negative offset": lambda p: p.write_bytes(with_index({"bmod": (*entry[:4], -5, 10)})),
         "fifo": lambda p: os.mkfifo(p),
         "directory": lambda p: p.mkdir(),
         "empty": lambda p: p.write_bytes(b""),
@@ -234,8 +351,10 @@ def test_the_installed_tunsup_runs_from_the_bundle(
     script = pathlib.Path(sys.executable).with_name("tunsup")
     if not script.exists():
         pytest.skip(f"no installed tunsup script beside {sys.executable} (scripts/setup)")
+    # As scripts/setup builds it: from the project's root.
+    root = pathlib.Path(_bundle.__file__).parent.parent
     subprocess.run([sys.executable, "-m", "tunsup._bundle"], check=True, timeout=120,
-                   capture_output=True, cwd=tmp_path)
+                   capture_output=True, cwd=root)
     ns = netns("bundle")
     svc = ServiceProcess(ns, [*run_args(tmp_path, write_conf(tmp_path, "tbndl1")), "--debug"],
                          str(tmp_path), "bundle", program=[str(script)])

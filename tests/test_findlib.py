@@ -87,6 +87,18 @@ def test_other_names_and_later_calls_go_to_the_real_find_library() -> None:
     assert ctypes.util.find_library is real
 
 
+@needs_new_glibc
+def test_blocks_that_end_out_of_order_put_the_real_function_back() -> None:
+    real = ctypes.util.find_library
+    first, second = _findlib.pthread_from_libc(), _findlib.pthread_from_libc()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert ctypes.util.find_library("pthread") == _findlib.LIBC  # one block still open
+    second.__exit__(None, None, None)
+    assert ctypes.util.find_library is real
+
+
 def test_a_library_without_merged_pthread_changes_nothing(
         monkeypatch: pytest.MonkeyPatch) -> None:
     real = ctypes.util.find_library

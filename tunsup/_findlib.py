@@ -23,7 +23,7 @@ import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 #: The first glibc whose libc holds the pthread functions.
 MERGED = (2, 34)
@@ -46,25 +46,42 @@ def glibc_version() -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
+#: The blocks open now, and what they replaced ``find_library`` with and
+#: will put back once the last of them ends (in whatever order they end).
+_open = 0
+_swap: tuple[Callable[[str], str | None], Callable[[str], str | None]] | None = None
+
+
 @contextlib.contextmanager
 def pthread_from_libc() -> Iterator[None]:
     """Within the block, ``ctypes.util.find_library("pthread")`` answers
     :data:`LIBC` at once on glibc >= 2.34; nothing changes elsewhere.  The
-    real function is put back on exit (unless someone replaced it since)."""
+    real function is put back when the last block open ends (unless
+    someone replaced it since).  Meant for the main thread at a start:
+    another thread asking meanwhile gets the same answer, which is right
+    on such a glibc."""
+    global _open, _swap
     version = glibc_version()
     if version is None or version < MERGED:
         yield
         return
     import ctypes.util
 
-    real = ctypes.util.find_library
+    if _open == 0:
+        real = ctypes.util.find_library
 
-    def find_library(name: str) -> str | None:
-        return LIBC if name == "pthread" else real(name)
+        def find_library(name: str) -> str | None:
+            return LIBC if name == "pthread" else real(name)
 
-    ctypes.util.find_library = find_library
+        ctypes.util.find_library = find_library
+        _swap = (find_library, real)
+    _open += 1
     try:
         yield
     finally:
-        if ctypes.util.find_library is find_library:
-            ctypes.util.find_library = real
+        _open -= 1
+        if _open == 0 and _swap is not None:
+            ours, original = _swap
+            _swap = None
+            if ctypes.util.find_library is ours:
+                ctypes.util.find_library = original  # type: ignore[assignment]

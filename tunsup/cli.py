@@ -518,7 +518,6 @@ def _start_service(args: argparse.Namespace | SimpleNamespace, loaded: Loaded,
 
     setup_logging(debug=args.debug, json_lines=args.json_logs)
     try:
-        _log_imports()
         journal = Journal(cfg.state_dir, lock.pid, lock.start_time)
         host = real_host(resolv_conf=cfg.dns.resolv_conf,
                          route_progress=lambda n: journal.fault.total("routes", n))
@@ -540,6 +539,7 @@ def _start_service(args: argparse.Namespace | SimpleNamespace, loaded: Loaded,
         # tunnels' bring-up too: run_service gives it back once they are up.
         import gc
 
+        _bundle_done()
         gc.freeze()
         code = trio.run(service, instruments=[timer] if timer is not None else [])
         if timer is not None:
@@ -549,16 +549,21 @@ def _start_service(args: argparse.Namespace | SimpleNamespace, loaded: Loaded,
     return int(code)
 
 
-def _log_imports() -> None:
-    """Say (at debug level) how many modules came from the bundle."""
+def _bundle_done() -> None:
+    """The start's imports are done: take the bundle's finder off (what the
+    service imports later goes the usual way) and say (at debug level) how
+    many modules came from it, or why none did."""
+    import logging
+
     from . import _bundle
 
-    finder = _bundle.installed()
+    log = logging.getLogger("tunsup")
+    finder = _bundle.uninstall()
     if finder is not None:
-        import logging
-
-        logging.getLogger("tunsup").debug("imports: %d modules from the bundle %s",
-                                          finder.served, _bundle.bundle_path())
+        log.debug("imports: %d modules from the bundle %s", finder.served,
+                  _bundle.bundle_path())
+    else:
+        log.debug("imports: no module bundle (%s)", _bundle.why_not())
 
 
 def _cleanup(args: argparse.Namespace | SimpleNamespace) -> int:
