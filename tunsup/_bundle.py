@@ -70,7 +70,7 @@ from _frozen_importlib_external import (
     SourceFileLoader,
 )
 
-from ._trusted import open_trusted
+from ._trusted import open_trusted, remove_other_tags
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -402,13 +402,7 @@ def build(modules: Callable[[], None], path: str | None = None) -> int:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    # Bundles of other interpreters (each upgrade would leave one behind).
-    prefix, suffix = _FILE.split("{tag}")
-    directory = os.path.dirname(target)
-    for name in os.listdir(directory):
-        if name.startswith(prefix) and name.endswith(suffix) and name != os.path.basename(target):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(directory, name))
+    remove_other_tags(target, _FILE)
     return len(index)
 
 

@@ -41,7 +41,7 @@ import struct
 import sys
 import zlib
 
-from ._trusted import read_trusted
+from ._trusted import read_trusted, remove_other_tags
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ class CodeCache:
                 f.write(data)
             os.replace(tmp, self.path)
             created = False
-            _remove_other_tags(directory, os.path.basename(self.path))
+            remove_other_tags(self.path, _FILE)
         except (OSError, ValueError):
             if created:
                 with contextlib.suppress(OSError):
@@ -151,16 +151,6 @@ class CodeCache:
             return False
         self.entries, self.misses = entries, 0
         return True
-
-
-def _remove_other_tags(directory: str, keep: str) -> None:
-    """Remove the caches of other interpreters or attrs versions (each
-    upgrade would otherwise leave one behind)."""
-    prefix, suffix = _FILE.split("{tag}")
-    for name in os.listdir(directory):
-        if name != keep and name.startswith(prefix) and name.endswith(suffix):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(directory, name))
 
 
 def _mark_salt(script: str) -> tuple[int | None, str]:

@@ -42,3 +42,17 @@ def read_trusted(path: str, limit: int) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def remove_other_tags(path: str, pattern: str) -> None:
+    """Remove the files beside ``path`` named by ``pattern`` (with
+    ``{tag}`` in it) for another tag than ``path``'s own: those of other
+    interpreters or versions, which each upgrade would leave behind."""
+    directory, keep = os.path.split(path)
+    prefix, suffix = pattern.split("{tag}")
+    for name in os.listdir(directory):
+        if name != keep and name.startswith(prefix) and name.endswith(suffix):
+            try:  # noqa: SIM105 (contextlib: an import this module avoids)
+                os.unlink(os.path.join(directory, name))
+            except OSError:
+                pass
