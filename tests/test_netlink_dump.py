@@ -365,3 +365,95 @@ def test_rule_deletes_take_exactly_the_rule_they_describe(netns: Callable[[str],
         for rules, expected in (([own, hold], [own]), (bare, [bare[1]])):
             assert _netns.run_in_netns(ns, lambda r=rules: trio.run(kernel, r)) == expected
             assert trio.run(delete_hold, FakeHost(path).net, rules) == expected
+
+
+SETTLES_AT_ANNOUNCEMENT = r"""
+import json, socket, sys, threading
+import trio
+from tunsup.host import _rtnl
+from tunsup.host.netlink import NetlinkHost
+from tunsup.testing import netns as _netns
+
+NS, WATCH = sys.argv[1], sys.argv[2] == "watch"
+returned = threading.Event()  # set once delete_link has returned
+held = []
+real_request = _rtnl.request
+
+def request(mtype, body, **kwargs):
+    answer = real_request(mtype, body, **kwargs)
+    if mtype == _rtnl.RTM_DELLINK and not held:
+        # The link is deleted and announced; this request now stands for
+        # one still waiting in the kernel (RCU), until delete_link returns
+        # (bounded: 20 s, past the host's timeout of 3 s).
+        held.append(returned.wait(20))
+    return answer
+
+_rtnl.request = request
+if not WATCH:
+    def no_watch():
+        raise OSError(24, "Too many open files")
+    _rtnl.open_link_watch = no_watch
+
+async def main():
+    host = NetlinkHost(timeout=3)
+    out = {}
+    try:
+        try:
+            out["first"] = await host.delete_link(socket.if_nametoindex("t0"), "t0")
+        except Exception as exc:
+            out["first"] = f"{type(exc).__name__}: {exc}"
+        out["gone"] = "t0" not in {n for _i, n, _g in _rtnl.dump_links()}
+        returned.set()
+        # The held request's thread serves on: the next deletion runs on it.
+        out["second"] = await host.delete_link(socket.if_nametoindex("t1"), "t1")
+        out["replaced"] = host._delete_worker.replaced
+    finally:
+        returned.set()
+        await host.close()
+    out["held_released_by_return"] = held == [True]
+    out["left"] = sorted(n for _i, n, _g in _rtnl.dump_links())
+    return out
+
+print(json.dumps(_netns.run_in_netns(NS, lambda: trio.run(main))))
+"""
+
+
+def _settles(netns: Callable[[str], str], watch: str) -> dict[str, Any]:
+    import subprocess
+    import sys
+
+    ns = netns("nls")
+    for dev in ("t0", "t1"):
+        _netns.ip("tuntap", "add", dev, "mode", "tun", ns=ns)
+    done = subprocess.run([sys.executable, "-c", SETTLES_AT_ANNOUNCEMENT, ns, watch],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    out: dict[str, Any] = json.loads(done.stdout)
+    return out
+
+
+def test_link_deletion_done_when_the_kernel_announces_it(
+        netns: Callable[[str], str]) -> None:
+    """A link deletion is done once the kernel announces the link deleted
+    (unregistered: gone from the namespace with its routes and addresses),
+    not when its request returns: that waits ~15-50 ms more for RCU, which
+    every `tunsup down` paid.  Here the request is held until the deletion
+    has returned, which without the announcement never happens (the
+    deletion times out).  The held request's thread is not written off:
+    it serves the next deletion."""
+    out = _settles(netns, "watch")
+    assert out == {"first": True, "gone": True, "second": True, "replaced": 0,
+                   "held_released_by_return": True, "left": ["lo"]}
+
+
+def test_link_deletion_without_a_watch_waits_for_its_request(
+        netns: Callable[[str], str]) -> None:
+    """Without a socket to hear the kernel's announcement (no file
+    descriptor left), a deletion waits for its request, as before: here
+    the held request outlasts the call's timeout, and the deletion says
+    so instead of claiming success."""
+    out = _settles(netns, "none")
+    assert out["first"].startswith("HostError: delete link t0: no answer within"), out
+    assert out["gone"] is True  # the kernel did delete it, late
+    assert out["second"] is True and out["replaced"] == 1
+    assert out["left"] == ["lo"]

@@ -683,3 +683,35 @@ def test_only_the_last_request_of_a_chunk_asks_for_an_ack(
     assert len(result.existed) == 150 and len(result.added) == 150
     assert len(answers) == 150 + 2  # each EEXIST, and the last of the other two chunks
     assert s.run(lambda: delete_routes(s.idx, nets, table=254)) == 300
+
+
+def _link_message(mtype: int, family: int, index: int, name: str) -> bytes:
+    text = name.encode() + b"\0"
+    body = struct.pack("=BxHiII", family, 0, index, 0, 0)
+    body += pad4(struct.pack("=HH", 4 + len(text), 3) + text)  # IFLA_IFNAME
+    body += struct.pack("=HHI", 8, 27, 0)  # IFLA_GROUP, skipped
+    return NLMSGHDR.pack(16 + len(body), mtype, 0, 0, 0) + body
+
+
+def test_link_deletions_reads_only_deletions_of_links() -> None:
+    """What the link watch hears: a link's deletion (family AF_UNSPEC)
+    counts; a link's change (RTM_NEWLINK) and a bridge port's removal
+    (RTM_DELLINK of family AF_BRIDGE: the link stays) do not."""
+    af_bridge = 7
+    datagram = (_link_message(_rtnl.RTM_NEWLINK, 0, 4, "wg0")
+                + _link_message(_rtnl.RTM_DELLINK, af_bridge, 5, "port0")
+                + _link_message(_rtnl.RTM_DELLINK, 0, 6, "wg1")
+                + _link_message(_rtnl.RTM_DELLINK, 0, 7, "a-fifteen-chars"))
+    assert _rtnl.link_deletions(datagram) == [(6, "wg1"), (7, "a-fifteen-chars")]
+    assert _rtnl.link_deletions(memoryview(bytearray(datagram))) == [
+        (6, "wg1"), (7, "a-fifteen-chars")]
+    assert _rtnl.link_deletions(b"") == []
+
+
+def test_link_deletions_rejects_a_cut_message() -> None:
+    message = _link_message(_rtnl.RTM_DELLINK, 0, 6, "wg1")
+    with pytest.raises(OSError, match="bad message length"):
+        _rtnl.link_deletions(message[:-4])
+    # A header claiming less than a header is no message either.
+    with pytest.raises(OSError, match="bad message length"):
+        _rtnl.link_deletions(NLMSGHDR.pack(8, _rtnl.RTM_DELLINK, 0, 0, 0) + b"\0" * 8)

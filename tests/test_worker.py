@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from tunsup._errors import HostError
 from tunsup.host import PolicyRule
@@ -123,6 +125,149 @@ def test_cancelled_caller_skips_a_queued_job() -> None:
     trio.run(main)
     assert ran == []
     worker.close()
+
+
+# --- settled: the work is known done before the job returns ----------------
+
+
+def test_settled_first_detaches_the_running_job_and_the_thread_serves_on() -> None:
+    """When ``settled`` returns while the job still runs (a link deletion
+    the kernel has announced, its request still waiting), the call returns
+    ``settled``'s result at once.  The job is not written off: it finishes
+    on its thread, which then serves the next job; its failure is logged."""
+    worker = SerialWorker("t")
+    started, release = threading.Event(), threading.Event()
+    threads: list[int] = []
+
+    def job() -> str:
+        threads.append(threading.get_ident())
+        started.set()
+        release.wait(10)
+        raise OSError(16, "failed late")
+
+    async def settled() -> str:
+        await trio.to_thread.run_sync(started.wait)
+        return "settled"
+
+    async def main() -> list[str]:
+        got = [await worker.call(job, timeout=10, what="job", settled=settled)]
+        assert not release.is_set()  # the job still runs
+        release.set()
+        def next_job() -> str:
+            threads.append(threading.get_ident())
+            return "next"
+
+        got.append(await worker.call(next_job, timeout=10, what="next"))
+        return got
+
+    with _caught("tunsup.worker") as records:
+        assert trio.run(main) == ["settled", "next"]
+    assert len(threads) == 2 and threads[0] == threads[1]
+    assert worker.replaced == 0
+    assert any("failed late" in r for r in records), records
+    worker.close()
+
+
+def test_settled_skips_a_queued_job() -> None:
+    """Known done before the job even started (another process deleted
+    the link): the queued job is skipped, nothing runs behind the caller."""
+    worker = SerialWorker("t")
+    release = threading.Event()
+    ran: list[str] = []
+
+    async def main() -> str | None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: worker.call(release.wait, timeout=10, what="block"))
+            await trio.testing.wait_all_tasks_blocked()
+
+            async def at_once() -> None:
+                return None
+
+            def queued() -> None:
+                ran.append("queued")
+
+            got = await worker.call(queued, timeout=10, what="queued", settled=at_once)
+            release.set()
+        await worker.call(lambda: None, timeout=5, what="flush")
+        return got
+
+    assert trio.run(main) is None
+    assert ran == []
+    worker.close()
+
+
+def test_job_first_wins_over_settled_and_a_failed_settled_waits_for_the_job() -> None:
+    worker = SerialWorker("t")
+
+    async def never() -> str:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def broken() -> str:
+        raise OSError(9, "watch broke")
+
+    async def main() -> list[str]:
+        return [await worker.call(lambda: "job", timeout=10, what="a", settled=never),
+                await worker.call(lambda: "job too", timeout=10, what="b", settled=broken)]
+
+    with _caught("tunsup.worker") as records:
+        assert trio.run(main) == ["job", "job too"]
+    assert any("watch broke" in r for r in records), records
+    worker.close()
+
+
+def test_cancelled_caller_with_settled_still_waits_for_its_running_job() -> None:
+    """Cancelled while both wait, the caller is handled as any other: it
+    waits (shielded, a short grace) for its running job and gets its
+    outcome.  (Through a nursery the cancellation came in an exception
+    group that passed this handling by: the caller left at once, its job
+    running on unwatched.)"""
+    worker = SerialWorker("t")
+    started, release = threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    def job() -> str:
+        started.set()
+        release.wait(10)
+        return "created"
+
+    async def never() -> str:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def main() -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def caller() -> None:
+                    seen.append(await worker.call(job, timeout=10, what="job", settled=never))
+
+                nursery.start_soon(caller)
+                await trio.to_thread.run_sync(started.wait)
+                scope.cancel()  # the caller is rescheduled with Cancelled
+                release.set()  # and only then can its job finish
+
+    trio.run(main)
+    assert seen == ["created"]
+    assert worker.replaced == 0
+    worker.close()
+
+
+@contextlib.contextmanager
+def _caught(name: str) -> Iterator[list[str]]:
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger(name)
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 # --- wedged jobs: abandoned, the worker replaced (issue 10, item 4) ----------

@@ -947,6 +947,48 @@ def delete_group(group: int, *, check: Callable[[], None] | None = None) -> None
     request(RTM_DELLINK, body, check=check)
 
 
+#: The multicast group of link changes (``RTMGRP_LINK``, a bit mask).
+RTMGRP_LINK: Final = 1
+
+
+def open_link_watch() -> socket.socket:
+    """A non-blocking socket that receives the kernel's announcements of
+    link changes in this namespace.  The kernel announces a deleted link
+    (``RTM_DELLINK``) as soon as it has unregistered it (routes and
+    addresses gone with it, the name free), well before the request that
+    deleted it returns: that request then waits for the network stack to
+    let go of the device (RCU, ~15-50 ms).  See :func:`link_deletions`."""
+    sock = socket.socket(socket.AF_NETLINK,
+                         socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                         NETLINK_ROUTE)
+    try:
+        sock.bind((0, RTMGRP_LINK))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def link_deletions(buf: bytes | bytearray | memoryview) -> list[tuple[int, str]]:
+    """``(index, name)`` of each link deletion announced in one datagram
+    read from :func:`open_link_watch` (other messages are skipped; the
+    bridge's per-port messages, of family ``AF_BRIDGE``, too: the link
+    stays)."""
+    view = memoryview(buf)
+    out: list[tuple[int, str]] = []
+    off, end = 0, len(view)
+    while off + _HDR_LEN <= end:
+        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(view, off)
+        if length < _HDR_LEN or off + length > end:
+            raise OSError(errno.EPROTO, f"link announcement: bad message length {length}")
+        if (mtype == RTM_DELLINK and length >= _HDR_LEN + _IFINFOMSG.size
+                and view[off + _HDR_LEN] == socket.AF_UNSPEC):
+            index, name, _group = _link_entry(view, off + _HDR_LEN, off + length)
+            out.append((index, name))
+        off += _align4(length)
+    return out
+
+
 def dump_links(*, check: Callable[[], None] | None = None) -> list[tuple[int, str, int]]:
     """``(index, name, group)`` of every link (an ``RTM_GETLINK`` dump).
     Bounded by the socket's timeouts; ``check`` runs between datagrams."""

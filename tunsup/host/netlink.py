@@ -33,7 +33,8 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 import trio
@@ -145,6 +146,33 @@ def _delete_as_group(links: Sequence[tuple[int, str]]) -> bool:
     return True
 
 
+async def _announced_deleted(watch: socket.socket,
+                             links: Sequence[tuple[int, str]]) -> list[bool | OSError]:
+    """Wait until the kernel has announced on ``watch`` (see
+    :func:`._rtnl.open_link_watch`) that every link ``(index, name)`` of
+    ``links`` is deleted, then report them deleted.  The kernel announces
+    a deletion once the link is unregistered: no longer in the namespace,
+    its addresses and routes gone, its name free.  The request that
+    deleted it waits ~15-50 ms more (RCU) before it returns; nothing here
+    needs that wait.  Never returns when an announcement may have been
+    lost (the socket's buffer overflowed) or never comes (a link already
+    gone, a request that failed): the request's own answer decides then.
+    Cancellable."""
+    pending = set(links)
+    while pending:
+        await trio.lowlevel.wait_readable(watch)
+        try:
+            data = watch.recv(1 << 16)
+        except BlockingIOError:
+            continue
+        except OSError as exc:  # ENOBUFS: announcements lost
+            log.debug("watching link deletions: %s; waiting for the request", exc)
+            await trio.sleep_forever()
+        for link in _rtnl.link_deletions(data):
+            pending.discard(link)
+    return [True] * len(links)
+
+
 class NetlinkHost:
     """Real netlink operations for the namespace the process runs in."""
 
@@ -234,13 +262,15 @@ class NetlinkHost:
             self._delete_worker.close()
 
     async def _sys(self, what: str, fn: Callable[[], T], timeout: float | None = None, *,
-                   worker: SerialWorker | None = None) -> T:
+                   worker: SerialWorker | None = None,
+                   settled: Callable[[], Awaitable[T]] | None = None) -> T:
         """``fn`` on the worker thread without pyroute2: the calls of every
         bring-up and teardown speak netlink through :mod:`._rtnl` (or plain
         ``socket`` ioctls), so that ``import pyroute2`` (~0.1 s) stays off
         their path.  Bounded like :meth:`_call` (the socket's own timeouts
         in the thread, the budget on the trio side).  On ``worker`` if
-        given, else on the shared one."""
+        given, else on the shared one; ``settled`` as in
+        :meth:`SerialWorker.call`."""
         budget = self._budget(timeout)
 
         def job() -> T:
@@ -248,7 +278,8 @@ class NetlinkHost:
             return fn()
 
         try:
-            return await (worker or self._worker).call(job, timeout=budget + _SLACK, what=what)
+            return await (worker or self._worker).call(job, timeout=budget + _SLACK, what=what,
+                                                       settled=settled)
         except HostError:
             raise
         except OSError as exc:
@@ -290,8 +321,11 @@ class NetlinkHost:
         The name check guards against an index reused by another link.
         Returns False when the link is already gone.
 
-        The kernel takes ~20 ms to unregister a link, mostly waiting (an
-        RCU grace period), once per deletion request.  So deletions are
+        The deletion is done when the kernel *announces* it (see
+        :func:`_announced_deleted`): the link is unregistered within a
+        millisecond, but its request returns only after ~15-50 ms more of
+        waiting (for RCU), which nobody needs.  That wait then holds the
+        deletions' thread alone, once per request.  So deletions are
         *grouped*, as the journal groups its appends: one runs at once, on
         a worker thread of its own (not the one of every other call);
         those asked for meanwhile (many tunnels stopping) go together in
@@ -329,8 +363,20 @@ class NetlinkHost:
         self._doomed = []
         links = [(d.index, d.name) for d in group]
         what = f"delete link {mine.name}" + (f" and {len(group) - 1} more" if group[1:] else "")
-        outcomes = await self._sys(what, lambda: _delete_links(links),
-                                   worker=self._delete_worker)
+        # Subscribed before the request is made, so no announcement of it
+        # is missed.  A few syscalls, none of which waits.
+        try:
+            watch: socket.socket | None = _rtnl.open_link_watch()
+        except OSError as exc:
+            log.debug("no watch for link deletions (%s): waiting for the request", exc)
+            watch = None
+        try:
+            settled = None if watch is None else partial(_announced_deleted, watch, links)
+            outcomes = await self._sys(what, lambda: _delete_links(links),
+                                       worker=self._delete_worker, settled=settled)
+        finally:
+            if watch is not None:
+                watch.close()
         for doomed, outcome in zip(group, outcomes, strict=True):
             doomed.outcome = outcome
 

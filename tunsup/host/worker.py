@@ -20,6 +20,13 @@ again; a job can ask :func:`raise_if_abandoned` between steps, so that it
 stops instead of changing the host behind its caller's back.  State a job
 keeps per thread (a netlink socket, see ``on_exit``) is therefore never
 shared between the old thread and its replacement.
+
+A caller may also learn that its job's work is done before the job
+returns (``settled``, see :meth:`SerialWorker.call`): the kernel announces
+a deleted link at once, but the request deleting it returns only after
+~20 ms of waiting for RCU.  The running job is then *detached*: the
+caller goes on, the thread finishes the call and serves the jobs behind
+it, and the job's result is dropped (an exception is logged).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import logging
 import math
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import outcome
@@ -41,7 +48,7 @@ T = TypeVar("T")
 
 log = logging.getLogger("tunsup.worker")
 
-_QUEUED, _RUNNING, _DONE, _SKIPPED, _ABANDONED = range(5)
+_QUEUED, _RUNNING, _DONE, _SKIPPED, _ABANDONED, _DETACHED = range(6)
 
 #: Longest a cancelled caller waits for its running job to finish (within
 #: its own deadline and the job's timeout) before abandoning it.
@@ -83,6 +90,15 @@ class _Job(Generic[T]):
                 return True
             return False
 
+    def try_detach(self) -> bool:
+        """Stop waiting for a running job whose work is known to be done;
+        False if it is done (its result is there) or was never started."""
+        with self._lock:
+            if self._state == _RUNNING:
+                self._state = _DETACHED
+                return True
+            return False
+
     def try_abandon(self) -> bool:
         """Give up on a running job; False if it is done (its result is
         there) or was never started."""
@@ -103,6 +119,14 @@ class _Job(Generic[T]):
         with self._lock:
             if self._state == _ABANDONED:
                 return False  # the caller is gone; so is the result
+            if self._state == _DETACHED:
+                # The caller went on without the result: the thread is
+                # sound and serves on.
+                self._state = _DONE
+                if isinstance(result, outcome.Error):
+                    log.warning("a job finished after its caller went on, and failed: %s",
+                                result.error)
+                return True
             self.result = result
             self._state = _DONE
         with contextlib.suppress(trio.RunFinishedError):
@@ -126,6 +150,44 @@ class _Posted:
         except Exception as exc:
             log.warning("%s failed: %s", self.what, exc)
         return True
+
+
+async def _first_of(done: Callable[[], Awaitable[object]],
+                    settled: Callable[[], Awaitable[T]]) -> outcome.Value[T] | None:
+    """Wait for ``done()`` or ``settled()``, whichever returns first, and
+    cancel the other: None when ``done`` did, else ``settled``'s result.
+    An exception ``settled`` raises is logged, and ``done`` waited for.
+    Cancellation: both are cancelled."""
+    early: outcome.Value[T] | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal early
+                try:
+                    early = outcome.Value(await settled())
+                except Exception as exc:
+                    log.warning("watching for a job's work to be done failed: %s", exc)
+                    return
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            await done()
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Only Cancelled should get out (watch() keeps every other
+        # exception in).  Raised bare, as a plain wait raises it, so that
+        # the caller's handling of cancellation (wait, skip or abandon the
+        # job) applies; in a group it would pass that handling by.
+        if group.split(trio.Cancelled)[1] is not None:
+            raise
+        raise _first_leaf(group) from None
+    return early
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 class SerialWorker:
@@ -177,8 +239,16 @@ class SerialWorker:
         self._ensure_thread()
         return True
 
-    async def call(self, fn: Callable[[], T], *, timeout: float, what: str) -> T:
+    async def call(self, fn: Callable[[], T], *, timeout: float, what: str,
+                   settled: Callable[[], Awaitable[T]] | None = None) -> T:
         """Run ``fn()`` on the worker thread and return its result.
+
+        With ``settled``: it runs in the caller's task alongside the job,
+        and should return (a result standing for the job's) once the job's
+        work is known to be done on the host, or never.  If it returns
+        first, that is the call's result: a job still queued is skipped, a
+        running one detached (see the module docstring).  It is cancelled
+        when the job finishes first; if it raises, the job is waited for.
 
         Raises :class:`HostError` if it does not finish within ``timeout``
         seconds (a queued job is skipped, a running one abandoned).
@@ -195,7 +265,13 @@ class SerialWorker:
         self._queue.put(job)
         try:
             with trio.move_on_at(job_deadline) as scope:
-                await job.done.wait()
+                if settled is None:
+                    await job.done.wait()
+                else:
+                    early = await _first_of(job.done.wait, settled)
+                    if early is not None and (job.try_skip() or job.try_detach()):
+                        return early.unwrap()
+                    # Else the job finished just now: its own result counts.
             if scope.cancelled_caught and (job.try_skip() or self._abandon(job, what)):
                 raise HostError(f"{what}: no answer within {timeout:g} s") from None
         except trio.Cancelled:

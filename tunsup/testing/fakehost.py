@@ -900,8 +900,9 @@ def inline_threads(net: FakeNet) -> Iterator[None]:
         real_fsync(fd)
 
     async def serial_call(self: SerialWorker, fn: Callable[[], T], *, timeout: float,
-                          what: str) -> T:
-        # A queued job is skipped when its caller is cancelled first.
+                          what: str, settled: Callable[[], Awaitable[T]] | None = None) -> T:
+        # A queued job is skipped when its caller is cancelled first.  Run
+        # inline, the job is done before anything could settle it.
         await trio.lowlevel.checkpoint()
         return fn()
 
