@@ -457,3 +457,131 @@ def test_link_deletion_without_a_watch_waits_for_its_request(
     assert out["gone"] is True  # the kernel did delete it, late
     assert out["second"] is True and out["replaced"] == 1
     assert out["left"] == ["lo"]
+
+
+WATCH_DECOYS = r"""
+import json, socket, struct, subprocess, sys
+import trio
+from tunsup.host import _rtnl
+from tunsup.host.netlink import _announced_deleted
+from tunsup.testing import netns as _netns
+
+NS, OTHER = sys.argv[1], sys.argv[2]
+
+def ip(*args):
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+def dellink(index, name):
+    text = name.encode() + b"\0"
+    body = struct.pack("=BxHiII", 0, 0, index, 0, 0)
+    body += struct.pack("=HH", 4 + len(text), 3) + text + b"\0" * (-len(text) % 4)
+    return struct.pack("=IHHII", 16 + len(body), _rtnl.RTM_DELLINK, 0, 0, 0) + body
+
+def go():
+    watch = _rtnl.open_link_watch()
+    portid = watch.getsockname()[0]
+    # Decoys, all announced before the one deletion asked for: (77, "t5").
+    forger = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+    forger.sendto(dellink(77, "t5"), (portid, 0))  # not from the kernel
+    ip("link", "add", "d5", "index", "77", "type", "veth", "peer", "name", "d5p")
+    ip("link", "del", "d5")  # index 77, another name
+    ip("link", "add", "t5", "type", "veth", "peer", "name", "t5p")
+    ip("link", "del", "t5")  # the name, another index
+    ip("link", "add", "t5", "index", "77", "type", "veth", "peer", "name", "t5p")
+    ip("link", "set", "t5", "netns", OTHER)  # moved away, not deleted
+    ip("-n", OTHER, "link", "set", "t5", "netns", NS)  # back, index 77 kept
+    ip("link", "del", "t5")  # the deletion asked for
+    got = trio.run(_announced_deleted, watch, [(77, "t5")])
+    # What is left unread must not hold the deletion asked for: had a
+    # decoy settled it, the real announcement would still be there.
+    left = []
+    while True:
+        try:
+            left += _rtnl.read_link_deletions(watch)
+        except BlockingIOError:
+            break
+    watch.close()
+    forger.close()
+    return {"got": got, "left": left}
+
+print(json.dumps(_netns.run_in_netns(NS, go)))
+"""
+
+
+def test_link_watch_hears_only_the_deletion_asked_for(netns: Callable[[str], str]) -> None:
+    """A deletion is settled by the kernel's announcement of that very
+    link (index and name) only: not by a message another process sends
+    to the watch, nor the deletion of a link with the same index or the
+    same name, nor the link's move to another namespace (it lives on)."""
+    import subprocess
+    import sys
+
+    ns, other = netns("nlw"), netns("nlwo")
+    done = subprocess.run([sys.executable, "-c", WATCH_DECOYS, ns, other],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["got"] == [True]
+    assert [77, "t5"] not in out["left"], out
+
+
+DELETE_REFUSED = r"""
+import errno, json, socket, sys
+import trio
+from tunsup.host import _rtnl
+from tunsup.host.netlink import NetlinkHost
+from tunsup.testing import netns as _netns
+
+NS = sys.argv[1]
+real_request = _rtnl.request
+
+def request(mtype, body, **kwargs):
+    if mtype == _rtnl.RTM_DELLINK:
+        (index,) = _rtnl._IFINFOMSG.unpack_from(body)[2:3]
+        if index in (0, socket.if_nametoindex("t1")):  # 0: the group's
+            raise OSError(errno.EBUSY, "Device or resource busy")
+    return real_request(mtype, body, **kwargs)
+
+_rtnl.request = request
+
+async def main():
+    host = NetlinkHost(timeout=5)
+    out = {}
+
+    async def delete(name):
+        try:
+            out[name] = await host.delete_link(socket.if_nametoindex(name), name)
+        except Exception as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
+
+    try:
+        async with trio.open_nursery() as nursery:  # one group of three
+            for name in ("t0", "t1", "t2"):
+                nursery.start_soon(delete, name)
+    finally:
+        await host.close()
+    out["left"] = sorted(n for _i, n, _g in _rtnl.dump_links())
+    return out
+
+print(json.dumps(_netns.run_in_netns(NS, lambda: trio.run(main))))
+"""
+
+
+def test_a_refused_link_deletion_raises_its_own_error_with_the_watch_on(
+        netns: Callable[[str], str]) -> None:
+    """A deletion the kernel refuses is never announced: the caller gets
+    its request's error (not a success), and the links deleted with it
+    in one group each get their own answer."""
+    import subprocess
+    import sys
+
+    ns = netns("nlr")
+    for dev in ("t0", "t1", "t2"):
+        _netns.ip("tuntap", "add", dev, "mode", "tun", ns=ns)
+    done = subprocess.run([sys.executable, "-c", DELETE_REFUSED, ns], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["t1"] == "HostError: delete link t1: EBUSY (Device or resource busy)", out
+    assert out["t0"] is True and out["t2"] is True
+    assert out["left"] == ["lo", "t1"]

@@ -168,31 +168,77 @@ def test_settled_first_detaches_the_running_job_and_the_thread_serves_on() -> No
     worker.close()
 
 
-def test_settled_skips_a_queued_job() -> None:
-    """Known done before the job even started (another process deleted
-    the link): the queued job is skipped, nothing runs behind the caller."""
+def test_settled_while_queued_still_runs_the_job_and_takes_its_answer() -> None:
+    """Known done before the job even started: someone else did the work
+    (another process deleted the link).  The job still runs and its own
+    answer counts (the link "already gone", not "deleted"; a link made
+    again under the same index and name in between is still deleted)."""
     worker = SerialWorker("t")
     release = threading.Event()
     ran: list[str] = []
 
-    async def main() -> str | None:
+    async def main() -> str:
+        said = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: worker.call(release.wait, timeout=10, what="block"))
             await trio.testing.wait_all_tasks_blocked()
 
-            async def at_once() -> None:
-                return None
+            async def at_once() -> str:
+                said.set()
+                return "settled"
 
-            def queued() -> None:
+            async def release_once_said() -> None:
+                await said.wait()
+                release.set()
+
+            def queued() -> str:
                 ran.append("queued")
+                return "the job's"
 
+            nursery.start_soon(release_once_said)
             got = await worker.call(queued, timeout=10, what="queued", settled=at_once)
-            release.set()
-        await worker.call(lambda: None, timeout=5, what="flush")
         return got
 
-    assert trio.run(main) is None
-    assert ran == []
+    assert trio.run(main) == "the job's"
+    assert ran == ["queued"]
+    worker.close()
+
+
+def test_a_detached_job_wedged_past_its_deadline_is_written_off() -> None:
+    """A detached job still running at its deadline (a request wedged in
+    the kernel after the work was announced done) has its thread written
+    off as any wedged job: the job behind it runs on a fresh thread
+    instead of timing out behind it for the rest of the service's life."""
+    worker = SerialWorker("t")
+    started, release = threading.Event(), threading.Event()
+    threads: list[int] = []
+
+    def wedged() -> str:
+        threads.append(threading.get_ident())
+        started.set()
+        release.wait(30)
+        return "late"
+
+    async def settled() -> str:
+        await trio.to_thread.run_sync(started.wait)
+        return "settled"
+
+    def after() -> str:
+        threads.append(threading.get_ident())
+        return "after"
+
+    async def main() -> list[str]:
+        got = [await worker.call(wedged, timeout=0.3, what="wedged", settled=settled)]
+        # Queued behind the wedged job; runs once its thread is written off.
+        got.append(await worker.call(after, timeout=5, what="after"))
+        return got
+
+    try:
+        assert trio.run(main) == ["settled", "after"]
+    finally:
+        release.set()
+    assert worker.replaced == 1
+    assert len(threads) == 2 and threads[0] != threads[1]
     worker.close()
 
 
@@ -250,6 +296,27 @@ def test_cancelled_caller_with_settled_still_waits_for_its_running_job() -> None
     trio.run(main)
     assert seen == ["created"]
     assert worker.replaced == 0
+    worker.close()
+
+
+def test_keyboard_interrupt_while_settling_comes_out_bare() -> None:
+    """Ctrl-C delivered in the watch comes out as KeyboardInterrupt, as
+    from a plain wait, not inside an exception group that an ``except
+    KeyboardInterrupt`` would miss."""
+    worker = SerialWorker("t")
+    release = threading.Event()
+
+    async def interrupted() -> str:
+        raise KeyboardInterrupt
+
+    async def main() -> None:
+        await worker.call(lambda: release.wait(10), timeout=10, what="job", settled=interrupted)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trio.run(main)
+    finally:
+        release.set()
     worker.close()
 
 

@@ -969,11 +969,18 @@ def open_link_watch() -> socket.socket:
     return sock
 
 
+#: Attributes of an ``RTM_DELLINK`` that announces a move to another
+#: namespace (the link lives on there), not a deletion.
+IFLA_NEW_NETNSID: Final = 45
+IFLA_NEW_IFINDEX: Final = 49
+
+
 def link_deletions(buf: bytes | bytearray | memoryview) -> list[tuple[int, str]]:
     """``(index, name)`` of each link deletion announced in one datagram
-    read from :func:`open_link_watch` (other messages are skipped; the
-    bridge's per-port messages, of family ``AF_BRIDGE``, too: the link
-    stays)."""
+    read from :func:`open_link_watch`.  Other messages are skipped, and so
+    are the ``RTM_DELLINK`` that are no deletion: a bridge port's (family
+    ``AF_BRIDGE``) and a link's move to another namespace (it carries the
+    link's new namespace or index)."""
     view = memoryview(buf)
     out: list[tuple[int, str]] = []
     off, end = 0, len(view)
@@ -981,12 +988,36 @@ def link_deletions(buf: bytes | bytearray | memoryview) -> list[tuple[int, str]]
         length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(view, off)
         if length < _HDR_LEN or off + length > end:
             raise OSError(errno.EPROTO, f"link announcement: bad message length {length}")
+        body = off + _HDR_LEN
         if (mtype == RTM_DELLINK and length >= _HDR_LEN + _IFINFOMSG.size
-                and view[off + _HDR_LEN] == socket.AF_UNSPEC):
-            index, name, _group = _link_entry(view, off + _HDR_LEN, off + length)
+                and view[body] == socket.AF_UNSPEC
+                and not _has_attr(view, body + _IFINFOMSG.size, off + length,
+                                  (IFLA_NEW_NETNSID, IFLA_NEW_IFINDEX))):
+            index, name, _group = _link_entry(view, body, off + length)
             out.append((index, name))
         off += _align4(length)
     return out
+
+
+def read_link_deletions(sock: socket.socket) -> list[tuple[int, str]]:
+    """Read one datagram from a link watch (non-blocking: raises
+    ``BlockingIOError`` when there is none; ``ENOBUFS`` when announcements
+    were lost) and return the deletions it announces (:func:`link_deletions`)
+    — none unless the kernel sent it: a process with ``CAP_NET_ADMIN`` may
+    send any message to the socket."""
+    data, (sender, _groups) = sock.recvfrom(1 << 16)
+    return link_deletions(data) if sender == 0 else []
+
+
+def _has_attr(view: memoryview, pos: int, end: int, wanted: tuple[int, ...]) -> bool:
+    while pos + _RTATTR.size <= end:
+        alen, atype = _RTATTR.unpack_from(view, pos)
+        if alen < _RTATTR.size:
+            return False
+        if atype & NLA_TYPE_MASK in wanted:
+            return True
+        pos += _align4(alen)
+    return False
 
 
 def dump_links(*, check: Callable[[], None] | None = None) -> list[tuple[int, str, int]]:

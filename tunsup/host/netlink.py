@@ -156,20 +156,21 @@ async def _announced_deleted(watch: socket.socket,
     deleted it waits ~15-50 ms more (RCU) before it returns; nothing here
     needs that wait.  Never returns when an announcement may have been
     lost (the socket's buffer overflowed) or never comes (a link already
-    gone, a request that failed): the request's own answer decides then.
-    Cancellable."""
+    gone, a request that failed, a link moved to another namespace): the
+    request's own answer decides then.  Only the kernel's messages count
+    (see :func:`._rtnl.read_link_deletions`), and only for the very index
+    and name asked for.  Cancellable."""
     pending = set(links)
     while pending:
         await trio.lowlevel.wait_readable(watch)
         try:
-            data = watch.recv(1 << 16)
+            deleted = _rtnl.read_link_deletions(watch)
         except BlockingIOError:
             continue
-        except OSError as exc:  # ENOBUFS: announcements lost
+        except OSError as exc:  # ENOBUFS: announcements lost; or garbled
             log.debug("watching link deletions: %s; waiting for the request", exc)
             await trio.sleep_forever()
-        for link in _rtnl.link_deletions(data):
-            pending.discard(link)
+        pending.difference_update(deleted)
     return [True] * len(links)
 
 

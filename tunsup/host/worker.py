@@ -92,7 +92,7 @@ class _Job(Generic[T]):
 
     def try_detach(self) -> bool:
         """Stop waiting for a running job whose work is known to be done;
-        False if it is done (its result is there) or was never started."""
+        False if it is done (its result is there) or has not started."""
         with self._lock:
             if self._state == _RUNNING:
                 self._state = _DETACHED
@@ -100,10 +100,10 @@ class _Job(Generic[T]):
             return False
 
     def try_abandon(self) -> bool:
-        """Give up on a running job; False if it is done (its result is
-        there) or was never started."""
+        """Give up on a running (or detached) job; False if it is done (its
+        result is there) or was never started."""
         with self._lock:
-            if self._state == _RUNNING:
+            if self._state in (_RUNNING, _DETACHED):
                 self._state = _ABANDONED
                 return True
             return False
@@ -121,13 +121,12 @@ class _Job(Generic[T]):
                 return False  # the caller is gone; so is the result
             if self._state == _DETACHED:
                 # The caller went on without the result: the thread is
-                # sound and serves on.
-                self._state = _DONE
+                # sound and serves on (``done`` tells its watch).
                 if isinstance(result, outcome.Error):
                     log.warning("a job finished after its caller went on, and failed: %s",
                                 result.error)
-                return True
-            self.result = result
+            else:
+                self.result = result
             self._state = _DONE
         with contextlib.suppress(trio.RunFinishedError):
             self.token.run_sync_soon(self.done.set)
@@ -153,19 +152,20 @@ class _Posted:
 
 
 async def _first_of(done: Callable[[], Awaitable[object]],
-                    settled: Callable[[], Awaitable[T]]) -> outcome.Value[T] | None:
+                    settled: Callable[[], Awaitable[T]],
+                    early: list[outcome.Value[T]]) -> None:
     """Wait for ``done()`` or ``settled()``, whichever returns first, and
-    cancel the other: None when ``done`` did, else ``settled``'s result.
-    An exception ``settled`` raises is logged, and ``done`` waited for.
-    Cancellation: both are cancelled."""
-    early: outcome.Value[T] | None = None
+    cancel the other; ``settled``'s result goes into ``early`` (there even
+    when a cancellation ends the wait in the same tick).  An exception
+    ``settled`` raises is logged, and ``done`` waited for.  Cancellation:
+    both are cancelled, and ``Cancelled`` (or KeyboardInterrupt) comes out
+    bare, as from a plain wait, not in an exception group."""
     try:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
-                nonlocal early
                 try:
-                    early = outcome.Value(await settled())
+                    early.append(outcome.Value(await settled()))
                 except Exception as exc:
                     log.warning("watching for a job's work to be done failed: %s", exc)
                     return
@@ -175,19 +175,22 @@ async def _first_of(done: Callable[[], Awaitable[object]],
             await done()
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        # Only Cancelled should get out (watch() keeps every other
-        # exception in).  Raised bare, as a plain wait raises it, so that
-        # the caller's handling of cancellation (wait, skip or abandon the
-        # job) applies; in a group it would pass that handling by.
-        if group.split(trio.Cancelled)[1] is not None:
+        # The caller's handling of cancellation (wait, skip or abandon the
+        # job) must apply; a group would pass it by.  Only Cancelled (from
+        # either task) and what trio raises in a task (KeyboardInterrupt)
+        # can get out: watch() keeps every other exception in.
+        _cancelled, rest = group.split(trio.Cancelled)
+        leaves = _leaves(rest) if rest is not None else []
+        if len(leaves) > 1:
             raise
-        raise _first_leaf(group) from None
-    return early
+        raise (leaves[0] if leaves else _leaves(group)[0]) from None
 
 
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 class SerialWorker:
@@ -246,9 +249,11 @@ class SerialWorker:
         With ``settled``: it runs in the caller's task alongside the job,
         and should return (a result standing for the job's) once the job's
         work is known to be done on the host, or never.  If it returns
-        first, that is the call's result: a job still queued is skipped, a
-        running one detached (see the module docstring).  It is cancelled
-        when the job finishes first; if it raises, the job is waited for.
+        while the job runs, that is the call's result and the job is
+        detached (see the module docstring; still written off at its
+        deadline); while the job is queued (the work was done, but not by
+        this job), the job is waited for as usual.  It is cancelled when
+        the job finishes first; if it raises, the job is waited for.
 
         Raises :class:`HostError` if it does not finish within ``timeout``
         seconds (a queued job is skipped, a running one abandoned).
@@ -264,14 +269,22 @@ class SerialWorker:
         self._ensure_thread()
         self._queue.put(job)
         try:
+            early: list[outcome.Value[T]] = []
             with trio.move_on_at(job_deadline) as scope:
                 if settled is None:
                     await job.done.wait()
                 else:
-                    early = await _first_of(job.done.wait, settled)
-                    if early is not None and (job.try_skip() or job.try_detach()):
-                        return early.unwrap()
-                    # Else the job finished just now: its own result counts.
+                    await _first_of(job.done.wait, settled, early)
+            if early and job.try_detach():
+                # Watched until its own deadline: a job wedged in the
+                # kernel must not hold the thread for the jobs behind it.
+                trio.lowlevel.spawn_system_task(self._watch_detached, job, job_deadline, what)
+                return early[0].unwrap()
+            # Settled while still queued (another's work, not ours: the job
+            # finds that out itself) or just finished: the job decides.
+            if early and not scope.cancelled_caught:
+                with trio.move_on_at(job_deadline) as scope:
+                    await job.done.wait()
             if scope.cancelled_caught and (job.try_skip() or self._abandon(job, what)):
                 raise HostError(f"{what}: no answer within {timeout:g} s") from None
         except trio.Cancelled:
@@ -287,6 +300,18 @@ class SerialWorker:
             # Its scope is still cancelled, so the next checkpoint raises.
         assert job.result is not None
         return job.result.unwrap()
+
+    async def _watch_detached(self, job: _Job[Any], deadline: float, what: str) -> None:
+        """Write off the thread of a detached job still running at its
+        deadline (a fresh one serves the jobs behind it), as for a job
+        waited for.  Cancelled when the run ends."""
+        with trio.move_on_at(deadline):
+            await job.done.wait()
+            return
+        try:
+            self._abandon(job, what)
+        except Exception as exc:  # a system task must not raise
+            log.warning("%s: writing off a wedged worker thread failed: %s", what, exc)
 
     def post(self, fn: Callable[[], object], *, what: str) -> None:
         """Queue ``fn()`` to run after the jobs queued so far, with nobody
