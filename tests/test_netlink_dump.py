@@ -17,6 +17,21 @@ from tunsup.host.netlink import NetlinkHost
 from tunsup.testing import netns as _netns
 
 
+def _script(script: str, ns: str, *args: str, tuns: tuple[str, ...] = ()) -> Any:
+    """Run ``script`` (it enters namespace ``ns`` itself) in a fresh
+    interpreter, after creating the TUN links ``tuns`` in ``ns``; its
+    output, decoded from JSON."""
+    import subprocess
+    import sys
+
+    for dev in tuns:
+        _netns.ip("tuntap", "add", dev, "mode", "tun", ns=ns)
+    done = subprocess.run([sys.executable, "-c", script, ns, *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(text)
 
@@ -121,16 +136,9 @@ print(json.dumps(out))
 def test_link_and_address_calls_without_pyroute2(netns: Callable[[str], str]) -> None:
     """Links, MTU, addresses and route lookups of a bring-up and teardown
     work, with their ownership answers, and never import pyroute2."""
-    import subprocess
-    import sys
-
     ns = netns("nlo")
-    _netns.ip("tuntap", "add", "t0", "mode", "tun", ns=ns)
     _netns.ip("link", "set", "lo", "up", ns=ns)
-    done = subprocess.run([sys.executable, "-c", OPS, ns], capture_output=True, text=True,
-                          timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    out = _script(OPS, ns, tuns=("t0",))
     assert out == {
         "index": True, "name": "t0", "missing": [None, None], "up": True,
         "up_wrong_name": False, "add": [True, False, True], "mtu_via_link": 1333,
@@ -186,17 +194,10 @@ def test_concurrent_link_deletions_go_as_one_request(netns: Callable[[str], str]
     of one each), and each caller still gets its own link's answer: a link
     whose index no longer has the name asked for is left alone (False),
     and a link of another owner in a link group of its own stays."""
-    import subprocess
-    import sys
-
     ns = netns("nld")
-    for dev in ("t0", "t1", "t2", "t3", "t4", "t5", "f0"):
-        _netns.ip("tuntap", "add", dev, "mode", "tun", ns=ns)
+    _netns.ip("tuntap", "add", "f0", "mode", "tun", ns=ns)
     _netns.ip("link", "set", "f0", "group", "7", ns=ns)
-    done = subprocess.run([sys.executable, "-c", DELETE_MANY, ns], capture_output=True,
-                          text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    out = _script(DELETE_MANY, ns, tuns=("t0", "t1", "t2", "t3", "t4", "t5"))
     assert out["deleted"] == [True] * 5 + [False]
     assert out["left"] == [["f0", 7], ["lo", 0], ["t5", 0]]
     assert out["dellink_requests"] < 5, out
@@ -263,16 +264,7 @@ def test_link_deletions_of_a_group_cut_short_try_again(netns: Callable[[str], st
     """The deletion leading a group is cancelled while the kernel does not
     answer: the others of its group are not lost with it, each tries again
     and gets its own answer."""
-    import subprocess
-    import sys
-
-    ns = netns("nlc")
-    for dev in ("ta", "t0", "t1", "t2"):
-        _netns.ip("tuntap", "add", dev, "mode", "tun", ns=ns)
-    done = subprocess.run([sys.executable, "-c", CUT_SHORT, ns], capture_output=True,
-                          text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    out = _script(CUT_SHORT, netns("nlc"), tuns=("ta", "t0", "t1", "t2"))
     assert out["deleted"] == {"ta": True, "t1": True, "t2": True}
     assert out["left"] == ["lo", "t0"]
 
@@ -316,16 +308,8 @@ def test_link_deletions_one_after_another_share_one_thread(
     thread (each waits for the kernel's unregistering), and that thread
     serves every deletion of the service's life: one started per deletion
     cost every stop a thread start."""
-    import subprocess
-    import sys
-
-    ns = netns("nlt")
-    for dev in ("t0", "t1", "t2"):
-        _netns.ip("tuntap", "add", dev, "mode", "tun", ns=ns)
-    done = subprocess.run([sys.executable, "-c", DELETE_ONE_THREAD, ns], capture_output=True,
-                          text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"deleted": [True] * 3, "threads": 1, "on_shared": False}
+    out = _script(DELETE_ONE_THREAD, netns("nlt"), tuns=("t0", "t1", "t2"))
+    assert out == {"deleted": [True] * 3, "threads": 1, "on_shared": False}
 
 
 def test_rule_deletes_take_exactly_the_rule_they_describe(netns: Callable[[str], str]) -> None:
@@ -419,16 +403,8 @@ print(json.dumps(_netns.run_in_netns(NS, lambda: trio.run(main))))
 
 
 def _settles(netns: Callable[[str], str], watch: str) -> dict[str, Any]:
-    import subprocess
-    import sys
-
-    ns = netns("nls")
-    for dev in ("t0", "t1"):
-        _netns.ip("tuntap", "add", dev, "mode", "tun", ns=ns)
-    done = subprocess.run([sys.executable, "-c", SETTLES_AT_ANNOUNCEMENT, ns, watch],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    out: dict[str, Any] = json.loads(done.stdout)
+    out: dict[str, Any] = _script(SETTLES_AT_ANNOUNCEMENT, netns("nls"), watch,
+                                  tuns=("t0", "t1"))
     return out
 
 
@@ -513,14 +489,7 @@ def test_link_watch_hears_only_the_deletion_asked_for(netns: Callable[[str], str
     link (index and name) only: not by a message another process sends
     to the watch, nor the deletion of a link with the same index or the
     same name, nor the link's move to another namespace (it lives on)."""
-    import subprocess
-    import sys
-
-    ns, other = netns("nlw"), netns("nlwo")
-    done = subprocess.run([sys.executable, "-c", WATCH_DECOYS, ns, other],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    out = _script(WATCH_DECOYS, netns("nlw"), netns("nlwo"))
     assert out["got"] == [True]
     assert [77, "t5"] not in out["left"], out
 
@@ -572,16 +541,7 @@ def test_a_refused_link_deletion_raises_its_own_error_with_the_watch_on(
     """A deletion the kernel refuses is never announced: the caller gets
     its request's error (not a success), and the links deleted with it
     in one group each get their own answer."""
-    import subprocess
-    import sys
-
-    ns = netns("nlr")
-    for dev in ("t0", "t1", "t2"):
-        _netns.ip("tuntap", "add", dev, "mode", "tun", ns=ns)
-    done = subprocess.run([sys.executable, "-c", DELETE_REFUSED, ns], capture_output=True,
-                          text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    out = _script(DELETE_REFUSED, netns("nlr"), tuns=("t0", "t1", "t2"))
     assert out["t1"] == "HostError: delete link t1: EBUSY (Device or resource busy)", out
     assert out["t0"] is True and out["t2"] is True
     assert out["left"] == ["lo", "t1"]
