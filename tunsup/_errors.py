@@ -11,6 +11,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from enum import IntEnum as _Codes
+    from typing import TypeVar
+
+    _E = TypeVar("_E", bound=BaseException)
 else:
 
     class _Codes(int):
@@ -157,3 +160,11 @@ class HostError(TunsupError):
 
 class HelperExited(TunsupError):
     """A tunnel's data-plane helper exited while it should be running."""
+
+
+def leaves(group: BaseExceptionGroup[_E]) -> list[_E]:
+    """The exceptions in ``group`` and its nested groups, in order."""
+    out: list[_E] = []
+    for exc in group.exceptions:
+        out.extend(leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out

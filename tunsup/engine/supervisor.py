@@ -51,7 +51,7 @@ import outcome
 import trio
 
 from .. import _signals
-from .._errors import ConfigError, ExitCode, HostError, TunsupError, config_errors
+from .._errors import ConfigError, ExitCode, HostError, TunsupError, config_errors, leaves
 from .._log import tag_tunnel
 from ..config.conflicts import Tenant, find_conflicts
 from ..config.settings import DEFAULT_MAX_PARALLEL, OnFailure
@@ -475,7 +475,7 @@ class Supervisor:
         except* Exception as group:
             # Tunnels have already unwound; record why we ended.
             self._failed = True
-            for exc in _leaves(group):
+            for exc in leaves(group):
                 if not isinstance(exc, TunsupError):
                     log.error("unexpected error: %s", exc, exc_info=exc)
         finally:
@@ -1058,13 +1058,3 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(describe_error(e) for e in exc.exceptions)
     return str(exc) or type(exc).__name__
-
-
-def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
-    out: list[Exception] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            out.extend(_leaves(exc))
-        else:
-            out.append(exc)
-    return out

@@ -42,7 +42,7 @@ from typing import Any, Generic, TypeVar
 import outcome
 import trio
 
-from .._errors import HostError
+from .._errors import HostError, leaves
 
 T = TypeVar("T")
 
@@ -180,17 +180,10 @@ async def _first_of(done: Callable[[], Awaitable[object]],
         # either task) and what trio raises in a task (KeyboardInterrupt)
         # can get out: watch() keeps every other exception in.
         _cancelled, rest = group.split(trio.Cancelled)
-        leaves = _leaves(rest) if rest is not None else []
-        if len(leaves) > 1:
+        others = leaves(rest) if rest is not None else []
+        if len(others) > 1:
             raise
-        raise (leaves[0] if leaves else _leaves(group)[0]) from None
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
+        raise (others[0] if others else leaves(group)[0]) from None
 
 
 class SerialWorker:
